@@ -1,0 +1,1 @@
+"""Readers and writers: DICOM files, slides, Zarr stores, atomic outputs."""
