@@ -56,8 +56,8 @@ def open_image_store(path: str | os.PathLike) -> ImageStore:
             path=path,
             images=group["images"],
             labels=np.asarray(group["labels"][:]),
-            splits=np.asarray(group["splits"][:]).astype(str),
-            sample_ids=np.asarray(group["sample_ids"][:]).astype(str),
+            splits=np.asarray(group["splits"][:].tolist(), dtype=str),
+            sample_ids=np.asarray(group["sample_ids"][:].tolist(), dtype=str),
             attrs=dict(group.attrs),
         )
     except (FileNotFoundError, KeyError, ValueError) as error:
