@@ -1,0 +1,42 @@
+"""Registry of data sources: a config `source.type` names one fetcher.
+
+A fetcher takes the dataset's config section and the dataset folder
+(`resources/{dataset}/`), puts the raw files there and writes
+`manifest.csv` (see `medrobust.data.manifest`). It returns the manifest path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from medrobust.errors import ConfigError, unknown_name
+
+Fetcher = Callable[[Mapping[str, Any], Path], Path]
+SOURCES: dict[str, Fetcher] = {}
+
+
+def register_source(name: str) -> Callable[[Fetcher], Fetcher]:
+    def add(fetcher: Fetcher) -> Fetcher:
+        SOURCES[name] = fetcher
+        return fetcher
+
+    return add
+
+
+def fetch_dataset(dataset_config: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Fetch one dataset into `out_dir` and return its manifest path."""
+    _load_builtin_sources()
+    source = dataset_config.get("source")
+    if not isinstance(source, Mapping) or "type" not in source:
+        raise ConfigError("dataset config needs a `source` with a `type`")
+    try:
+        fetcher = SOURCES[source["type"]]
+    except KeyError:
+        raise unknown_name("data source", source["type"], SOURCES) from None
+    return fetcher(dataset_config, Path(out_dir))
+
+
+def _load_builtin_sources() -> None:
+    # importing the modules registers their sources
+    from medrobust.data import synthetic  # noqa: F401

@@ -1,0 +1,1 @@
+"""Metrics and predictions for classifiers on clean, adversarial and perturbed inputs."""

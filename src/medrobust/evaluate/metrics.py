@@ -1,0 +1,41 @@
+"""Accuracy, AUC and the per-sample prediction table shared by every evaluator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Accuracy and AUC (binary: P(class 1); multi-class: macro one-vs-rest).
+
+    AUC is None when the labels hold a single class, where it is undefined.
+    """
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    predictions = probabilities.argmax(axis=1)
+    accuracy = float((predictions == labels).mean()) if len(labels) else float("nan")
+    auc = None
+    if len(np.unique(labels)) > 1:
+        if probabilities.shape[1] == 2:
+            auc = float(roc_auc_score(labels, probabilities[:, 1]))
+        else:
+            auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
+                                      labels=np.arange(probabilities.shape[1])))
+    return {"n": int(len(labels)), "accuracy": accuracy, "auc": auc}
+
+
+def prediction_table(sample_ids, labels: np.ndarray, probabilities: np.ndarray,
+                     classes: list[str]) -> pd.DataFrame:
+    """One row per sample: id, label, prediction, correctness and class probabilities."""
+    predictions = np.asarray(probabilities).argmax(axis=1)
+    table = pd.DataFrame({
+        "sample_id": list(sample_ids),
+        "label": np.asarray(labels, dtype=np.int64),
+        "prediction": predictions,
+        "correct": predictions == np.asarray(labels),
+    })
+    for index, name in enumerate(classes):
+        table[f"prob_{name}"] = np.asarray(probabilities)[:, index]
+    return table
