@@ -1,0 +1,30 @@
+# medrobust: how robust is a medical image classifier, and does a defense help?
+# Stages: download -> preprocess -> features -> train -> attack / perturb
+#         -> evaluate -> report. Each stage's rules live in workflow/rules/.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/attack.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output.html,
+    default_target: True
+
+
+onsuccess:
+    print(f"medrobust report: {REPORT_HTML}")

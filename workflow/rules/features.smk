@@ -1,0 +1,21 @@
+# Tile embeddings per slide with a CNN backbone; on a GPU when one is free.
+
+
+rule extract_features:
+    input:
+        "results/tiles/{dataset}/{slide}.zarr",
+    output:
+        directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
+    params:
+        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        device=config["device"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    log:
+        "logs/extract_features/{dataset}/{backbone}/{slide}.log",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/extract_features.py"

@@ -1,0 +1,38 @@
+# Image datasets become one Zarr store of fixed-size images; slide datasets
+# become one Zarr store of tissue tiles per slide.
+
+
+rule preprocess_images:
+    input:
+        "resources/{dataset}",
+    output:
+        directory("results/preprocessed/{dataset}.zarr"),
+    params:
+        preprocess=lambda wildcards: DATASETS[wildcards.dataset]["preprocess"],
+        on_bad_input=config["on_bad_input"],
+    threads: 4
+    log:
+        "logs/preprocess_images/{dataset}.log",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/preprocess_images.py"
+
+
+rule tile_slide:
+    input:
+        "resources/{dataset}",
+    output:
+        directory("results/tiles/{dataset}/{slide}.zarr"),
+    params:
+        tiling=lambda wildcards: DATASETS[wildcards.dataset]["tiling"],
+        slide=slide_record,
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        "logs/tile_slide/{dataset}/{slide}.log",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/tile_slide.py"

@@ -1,0 +1,49 @@
+# Classifiers: image models (plain or with a defense) on the image stores,
+# attention-MIL slide models on the feature stores.
+
+
+rule train_image_classifier:
+    input:
+        "results/preprocessed/{dataset}.zarr",
+    output:
+        weights="results/models/{dataset}/{image_model}/model.safetensors",
+        config="results/models/{dataset}/{image_model}/config.json",
+        history="results/models/{dataset}/{image_model}/history.json",
+    params:
+        model=image_model_config,
+        device=config["device"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    log:
+        "logs/train_image_classifier/{dataset}/{image_model}.log",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/train_image_classifier.py"
+
+
+rule train_slide_classifier:
+    input:
+        slide_feature_stores,
+    output:
+        weights="results/models/{dataset}/{slide_model}/model.safetensors",
+        config="results/models/{dataset}/{slide_model}/config.json",
+        history="results/models/{dataset}/{slide_model}/history.json",
+    params:
+        model=lambda wildcards: {
+            **SLIDE_CLASSIFIERS[wildcards.slide_model],
+            "classes": DATASETS[wildcards.dataset].get("classes"),
+        },
+        device=config["device"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    log:
+        "logs/train_slide_classifier/{dataset}/{slide_model}.log",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/train_slide_classifier.py"

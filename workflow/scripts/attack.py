@@ -1,0 +1,16 @@
+from pathlib import Path
+
+from medrobust.attacks.run import craft_adversarial_store
+from medrobust.device import select_device
+from medrobust.logs import script_logging
+
+with script_logging(snakemake):
+    craft_adversarial_store(
+        Path(snakemake.input.model).parent,
+        snakemake.input.images,
+        snakemake.output[0],
+        attack_name=snakemake.wildcards.attack,
+        epsilon_255=int(snakemake.wildcards.eps),
+        attack_params=snakemake.params.settings,
+        device=select_device(snakemake.params.device),
+    )

@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from medrobust.device import select_device
+from medrobust.evaluate.image_classifier import evaluate_image_classifier
+from medrobust.logs import script_logging
+
+with script_logging(snakemake):
+    evaluate_image_classifier(
+        Path(snakemake.input.model).parent,
+        snakemake.input.images,
+        snakemake.output.predictions,
+        snakemake.output.metrics,
+        condition=snakemake.wildcards.condition,
+        device=select_device(snakemake.params.device),
+    )

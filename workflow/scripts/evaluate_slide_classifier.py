@@ -1,0 +1,14 @@
+from pathlib import Path
+
+from medrobust.device import select_device
+from medrobust.evaluate.slide_classifier import evaluate_slide_classifier
+from medrobust.logs import script_logging
+
+with script_logging(snakemake):
+    evaluate_slide_classifier(
+        Path(snakemake.input.model).parent,
+        list(snakemake.input.features),
+        snakemake.output.predictions,
+        snakemake.output.metrics,
+        device=select_device(snakemake.params.device),
+    )
