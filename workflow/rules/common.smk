@@ -10,7 +10,7 @@ from pathlib import Path
 # --use-conda environments, which hold only the dependencies).
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 from medrobust.config import validate_config
 from medrobust.errors import ConfigError
