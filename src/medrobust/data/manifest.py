@@ -1,0 +1,200 @@
+"""The raw-dataset contract: `manifest.csv` plus `dataset.json` in one folder.
+
+`manifest.csv` lists one sample per row (`MANIFEST_COLUMNS`, `path` relative
+to the folder); `dataset.json` holds the class names (their order fixes the
+integer labels downstream) and the dataset kind. `dataset.json` is written
+last, so a folder that has it is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medrobust.errors import ConfigError, InputError
+from medrobust.io.atomic import atomic_path, write_json
+
+MANIFEST_COLUMNS = ("sample_id", "path", "label", "split", "sha256")
+SPLITS = ("train", "val", "test")
+KINDS = ("images", "slides")
+MANIFEST_NAME = "manifest.csv"
+DATASET_NAME = "dataset.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest; `table` has the `MANIFEST_COLUMNS` as strings."""
+
+    path: Path
+    table: pd.DataFrame
+    classes: list[str]
+    kind: str
+
+    @property
+    def root(self) -> Path:
+        """The dataset folder that the `path` column is relative to."""
+        return self.path.parent
+
+    def label_index(self, label: str) -> int:
+        try:
+            return self.classes.index(label)
+        except ValueError:
+            raise InputError(f"{self.root / DATASET_NAME}: no class {label!r}; "
+                             f"classes are {self.classes}") from None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer labels (index into `classes`), one per row."""
+        return np.array([self.classes.index(label) for label in self.table["label"]],
+                        dtype=np.int64)
+
+    def absolute_path(self, row: Mapping[str, Any]) -> Path:
+        """The file of one table row (a row Series or a mapping with `path`)."""
+        return self.root / row["path"]
+
+
+def begin_dataset(out_dir: str | os.PathLike) -> Path:
+    """Create `out_dir` and drop an old `dataset.json` before raw files are rewritten.
+
+    An interrupted rewrite then never looks like a complete dataset.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DATASET_NAME).unlink(missing_ok=True)
+    return out_dir
+
+
+def write_dataset(out_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+                  classes: Sequence[str], kind: str) -> Path:
+    """Write `manifest.csv`, then `dataset.json`; return the manifest path.
+
+    Each row maps every name in `MANIFEST_COLUMNS` to its value.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"dataset kind must be one of {KINDS}, not {kind!r}")
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST_NAME
+    with atomic_path(manifest_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            missing = [column for column in MANIFEST_COLUMNS if column not in row]
+            if missing:
+                raise ValueError(f"{manifest_path}: row {dict(row)} lacks {', '.join(missing)}")
+            writer.writerow(row)
+    write_json(out_dir / DATASET_NAME, {"classes": list(classes), "kind": kind})
+    return manifest_path
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read `manifest.csv` and its `dataset.json`; raise InputError on any problem."""
+    path = Path(path)
+    classes, kind = _read_dataset_json(path.parent / DATASET_NAME)
+    try:
+        # all strings, and empty cells stay "" so that they can be reported
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{path}: not a readable CSV manifest ({error})") from error
+    missing = [column for column in MANIFEST_COLUMNS if column not in table.columns]
+    if missing:
+        raise InputError(f"{path}: line 1 (header) lacks column(s) {', '.join(missing)}; "
+                         f"expected {', '.join(MANIFEST_COLUMNS)}")
+    table = table[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+    _validate_rows(path, table, classes)
+    return Manifest(path=path, table=table, classes=classes, kind=kind)
+
+
+def _read_dataset_json(path: Path) -> tuple[list[str], str]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable dataset description ({error})") from error
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if (not isinstance(classes, list) or len(classes) < 2
+            or not all(isinstance(name, str) and name for name in classes)
+            or len(set(classes)) != len(classes)):
+        raise InputError(f"{path}: `classes` must list at least two distinct names, "
+                         f"not {classes!r}")
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise InputError(f"{path}: `kind` must be one of {', '.join(KINDS)}, not {kind!r}")
+    return classes, kind
+
+
+def _validate_rows(path: Path, table: pd.DataFrame, classes: list[str]) -> None:
+    first_line: dict[str, int] = {}
+    for index, row in enumerate(table.itertuples(index=False)):
+        line = index + 2  # line 1 is the header
+
+        def bad(what: str) -> InputError:
+            return InputError(f"{path}: line {line} (sample_id {row.sample_id!r}): {what}")
+
+        if not row.sample_id.strip():
+            raise bad("empty sample_id")
+        if row.sample_id in first_line:
+            raise bad(f"duplicate sample_id {row.sample_id!r} (first on line "
+                      f"{first_line[row.sample_id]})")
+        first_line[row.sample_id] = line
+        if not row.path.strip():
+            raise bad("empty path")
+        if row.split not in SPLITS:
+            raise bad(f"split {row.split!r} is not one of {', '.join(SPLITS)}")
+        if row.label not in classes:
+            raise bad(f"label {row.label!r} is not a class of {DATASET_NAME} "
+                      f"({', '.join(classes)})")
+
+
+def check_split_fractions(fractions: Mapping[str, Any]) -> dict[str, float]:
+    """The split fractions as floats; ConfigError unless they name known splits and sum to 1."""
+    if not isinstance(fractions, Mapping) or not fractions:
+        raise ConfigError(f"splits must map split names to fractions, not {fractions!r}")
+    checked = {}
+    for name, value in fractions.items():
+        if name not in SPLITS:
+            raise ConfigError(f"splits: unknown split {name!r}; known: {', '.join(SPLITS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"splits: fraction of {name!r} must be a number >= 0, not {value!r}")
+        checked[name] = float(value)
+    if not math.isclose(sum(checked.values()), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"splits: fractions must sum to 1, not {sum(checked.values()):g}")
+    return checked
+
+
+def stratified_split(labels: Sequence[Any], fractions: Mapping[str, float],
+                     seed: int) -> list[str]:
+    """Assign each sample a split so that every class is divided by `fractions`.
+
+    Within a class the counts follow the largest-remainder rule (they sum to
+    the class size and differ from the exact share by less than one); which
+    samples go where is a seeded shuffle, so the result depends only on
+    `labels`, `fractions` and `seed`.
+    """
+    fractions = check_split_fractions(fractions)
+    names = [name for name in SPLITS if name in fractions]  # fixed order, not dict order
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    assigned = [""] * len(labels)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        counts = _largest_remainder([fractions[name] * len(members) for name in names])
+        for member, name in zip(members, np.repeat(names, counts).tolist()):
+            assigned[member] = name
+    return assigned
+
+
+def _largest_remainder(shares: list[float]) -> list[int]:
+    counts = [math.floor(share) for share in shares]
+    left = round(sum(shares)) - sum(counts)
+    # stable sort: ties go to the earlier split (train before val before test)
+    order = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+    for i in order[:left]:
+        counts[i] += 1
+    return counts

@@ -1,0 +1,1 @@
+"""Multiple-instance (slide) classifiers; placeholder until ABMIL lands here."""
