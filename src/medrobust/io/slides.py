@@ -1,0 +1,115 @@
+"""Whole-slide images through OpenSlide, with errors that name the file.
+
+`Slide` wraps an OpenSlide handle with the slide's level-0 resolution and
+reads regions as RGB arrays, transparent areas (outside the scanned region)
+filled with the slide's background colour. OpenSlide handles are safe to
+share between threads, so tiles can be read in parallel from one `Slide`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from medrobust.errors import InputError
+
+# A level whose downsample exceeds the wanted one by less than this still
+# counts as matching, so float noise in mpp ratios doesn't skip a level.
+_LEVEL_TOLERANCE = 1e-3
+# Pixels per strip when a thumbnail is built from a large level.
+_STRIP_PIXELS = 1 << 24
+_WHITE = "ffffff"
+
+
+class Slide:
+    """An open slide (from `open_slide`); use as a context manager or call `close()`."""
+
+    def __init__(self, path: Path, handle: openslide.OpenSlide, mpp: float):
+        self.path = path
+        self.mpp = mpp
+        self._slide = handle
+        self.dimensions: tuple[int, int] = handle.dimensions
+        self.level_dimensions: tuple[tuple[int, int], ...] = handle.level_dimensions
+        self.level_downsamples: tuple[float, ...] = handle.level_downsamples
+        color = handle.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, _WHITE)
+        self._background = "#" + color
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed `downsample`, so reads
+        from it never upsample (within `_LEVEL_TOLERANCE`)."""
+        return self._slide.get_best_level_for_downsample(downsample * (1 + _LEVEL_TOLERANCE))
+
+    def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """`(height, width, 3)` uint8 of the region at `level`; `location` is level-0 (x, y)."""
+        try:
+            region = self._slide.read_region(location, level, size)
+        except openslide.OpenSlideError as error:
+            raise InputError(f"{self.path}: cannot read region at {location} level {level} "
+                             f"({error}); the slide file is corrupt") from error
+        rgb = Image.new("RGB", region.size, self._background)
+        rgb.paste(region, mask=region)  # non-premultiplied alpha marks unscanned areas
+        return np.asarray(rgb)
+
+    def thumbnail(self, downsample: float) -> tuple[np.ndarray, float]:
+        """An RGB overview about `downsample` times smaller than level 0, and its exact downsample.
+
+        Read strip by strip from the best level and block-averaged by an
+        integer factor, so a slide without a pyramid is never held whole.
+        """
+        level = self.best_level(downsample)
+        level_downsample = self.level_downsamples[level]
+        factor = max(1, int(downsample / level_downsample))
+        width, height = self.level_dimensions[level]
+        rows = max(factor, _STRIP_PIXELS // width // factor * factor)
+        strips = []
+        for top in range(0, height, rows):
+            strip = self.read_rgb((0, round(top * level_downsample)), level,
+                                  (width, min(rows, height - top)))
+            strips.append(np.asarray(Image.fromarray(strip).reduce(factor)))
+        return np.concatenate(strips), factor * level_downsample
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def open_slide(path: str | os.PathLike, fallback_mpp: float | None = None) -> Slide:
+    """Open a slide; InputError naming the file if OpenSlide can't, or if its mpp is unknown.
+
+    The level-0 mpp is `openslide.mpp-x`; `fallback_mpp` is used only when the
+    slide does not state one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: slide file not found")
+    try:
+        handle = openslide.OpenSlide(path)
+    except openslide.OpenSlideError as error:
+        raise InputError(f"{path}: OpenSlide cannot open it ({error}); not a supported "
+                         "whole-slide format, or the file is truncated") from error
+    try:
+        return Slide(path, handle, _level0_mpp(handle, path, fallback_mpp))
+    except InputError:
+        handle.close()
+        raise
+
+
+def _level0_mpp(handle: openslide.OpenSlide, path: Path, fallback_mpp: float | None) -> float:
+    value = handle.properties.get(openslide.PROPERTY_NAME_MPP_X)
+    try:
+        mpp = float(value) if value is not None else fallback_mpp
+    except ValueError:
+        mpp = fallback_mpp
+    if mpp is None or not mpp > 0:
+        raise InputError(f"{path}: the slide states no usable microns per pixel "
+                         f"(openslide.mpp-x = {value!r}); set tiling.fallback_mpp")
+    return float(mpp)

@@ -1,0 +1,165 @@
+"""One whole-slide image to a tile store (docs/architecture.md, "Tile store").
+
+The slide is cut into a grid of whole tiles of `tile_size` pixels at
+`target_mpp`; a tile is kept when the thumbnail's tissue mask covers at least
+`tissue_threshold` of it. Tiles are read one at a time from the pyramid level
+closest to (and not coarser than) the target resolution and resized when that
+level does not match exactly, so the slide is never held in memory; dask's
+threaded scheduler reads batches of tiles in parallel, each tile written to
+its own chunk.
+
+A slide without a single tissue tile gives an empty store (`n_tiles` 0) and
+a warning rather than an error: tiling runs one job per slide, and whether a
+cohort may go on without that slide is decided where the slides are
+assembled, not by aborting the other slides' jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import dask
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from medrobust.errors import ConfigError
+from medrobust.io.atomic import atomic_path
+from medrobust.io.checksums import sha256_file
+from medrobust.io.slide_stores import create_tile_store
+from medrobust.io.slides import Slide, open_slide
+from medrobust.logs import get_logger
+from medrobust.preprocess import config_from_mapping, positive_number
+from medrobust.preprocess.tissue import tissue_mask
+
+log = get_logger(__name__)
+MASK_PIXELS_PER_TILE = 8   # thumbnail resolution: a tile spans about 8x8 mask pixels
+_BATCH = 16                # tiles per dask task: enough to amortise scheduling
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    target_mpp: float
+    tile_size: int
+    tissue_threshold: float
+    fallback_mpp: float | None = None   # for slides that state no mpp
+
+    def __post_init__(self) -> None:
+        positive_number(self.target_mpp, "tiling.target_mpp")
+        positive_number(self.tile_size, "tiling.tile_size", integer=True)
+        if self.fallback_mpp is not None:
+            positive_number(self.fallback_mpp, "tiling.fallback_mpp")
+        threshold = self.tissue_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not 0 <= threshold <= 1:
+            raise ConfigError(f"tiling.tissue_threshold must be a number in [0, 1], "
+                              f"not {threshold!r}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "TilingConfig":
+        return config_from_mapping(cls, mapping, "tiling")
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one slide lie and how they are read."""
+
+    coords: np.ndarray          # (n, 2) level-0 (x, y) of every whole tile, row by row
+    tile_size_level0: int
+    level: int
+    level_downsample: float
+    read_size: int              # pixels read at `level` for one tile
+
+
+def plan_grid(slide: Slide, config: TilingConfig) -> TileGrid:
+    downsample = config.target_mpp / slide.mpp
+    if downsample < 1:
+        log.warning("%s: target_mpp %g is finer than the slide's %g; tiles are upsampled",
+                    slide.path, config.target_mpp, slide.mpp)
+    tile_size_level0 = max(1, round(config.tile_size * downsample))
+    level = slide.best_level(downsample)
+    level_downsample = float(slide.level_downsamples[level])
+    width, height = slide.dimensions
+    xs = np.arange(0, width - tile_size_level0 + 1, tile_size_level0, dtype=np.int64)
+    ys = np.arange(0, height - tile_size_level0 + 1, tile_size_level0, dtype=np.int64)
+    coords = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
+    return TileGrid(coords, tile_size_level0, level, level_downsample,
+                    read_size=max(1, round(tile_size_level0 / level_downsample)))
+
+
+def tissue_fractions(slide: Slide, grid: TileGrid) -> np.ndarray:
+    """Fraction of each grid tile that the thumbnail's tissue mask covers."""
+    thumbnail, downsample = slide.thumbnail(grid.tile_size_level0 / MASK_PIXELS_PER_TILE)
+    mask = tissue_mask(thumbnail)
+    height, width = mask.shape
+    # a summed-area table gives every tile's mask sum in O(1)
+    table = np.pad(mask.cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
+    start = np.floor(grid.coords / downsample).astype(np.int64)
+    stop = np.ceil((grid.coords + grid.tile_size_level0) / downsample).astype(np.int64)
+    x0, y0 = np.minimum(start[:, 0], width - 1), np.minimum(start[:, 1], height - 1)
+    x1 = np.clip(stop[:, 0], x0 + 1, width)
+    y1 = np.clip(stop[:, 1], y0 + 1, height)
+    covered = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    return (covered / ((y1 - y0) * (x1 - x0))).astype(np.float32)
+
+
+def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, config: TilingConfig,
+               slide_id: str, label: str, split: str, source_sha256: str | None = None,
+               workers: int = 1) -> int:
+    """Write the slide's tile store at `out_path` (atomically); return the number of tiles.
+
+    `label` is the slide's class name; `source_sha256` is the manifest's
+    checksum of the slide file, computed (streamed) when not given.
+    """
+    out_path = Path(out_path)
+    with open_slide(slide_path, config.fallback_mpp) as slide:
+        grid = plan_grid(slide, config)
+        fractions = tissue_fractions(slide, grid) if len(grid.coords) else np.zeros(0, np.float32)
+        keep = fractions >= config.tissue_threshold
+        coords, fractions = grid.coords[keep], fractions[keep]
+        attrs = {
+            "slide_id": slide_id, "label": label, "split": split,
+            "tile_size": config.tile_size, "tile_size_level0": grid.tile_size_level0,
+            "target_mpp": config.target_mpp, "level": grid.level,
+            "level_downsample": grid.level_downsample, "slide_mpp": slide.mpp,
+            "source_path": str(slide_path),
+            "source_sha256": source_sha256 or sha256_file(slide_path),
+            "tissue_threshold": config.tissue_threshold,
+        }
+        with atomic_path(out_path) as tmp:
+            tiles = create_tile_store(tmp, len(coords), config.tile_size, coords, fractions, attrs)
+            _read_tiles(slide, grid, coords, tiles, config.tile_size, workers, slide_id)
+    if len(coords) == 0:
+        log.warning("%s: no tile has tissue_fraction >= %g among %d grid tiles; "
+                    "wrote an empty tile store %s", slide_path, config.tissue_threshold,
+                    len(grid.coords), out_path)
+    else:
+        log.info("%s: kept %d of %d tiles -> %s", slide_path, len(coords), len(grid.coords),
+                 out_path)
+    return len(coords)
+
+
+def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_size: int,
+                workers: int, slide_id: str) -> None:
+    size = (grid.read_size, grid.read_size)
+    bar = tqdm(total=len(coords), desc=f"tile {slide_id}", unit="tile")
+    lock = threading.Lock()  # tqdm's counter is not safe to bump from several threads
+
+    def read_batch(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            tile = slide.read_rgb((int(coords[index, 0]), int(coords[index, 1])), grid.level, size)
+            if grid.read_size != tile_size:
+                tile = np.asarray(Image.fromarray(tile).resize((tile_size, tile_size),
+                                                               Image.Resampling.LANCZOS))
+            tiles[index] = tile
+            with lock:
+                bar.update()
+
+    with bar:
+        tasks = [dask.delayed(read_batch)(start, min(start + _BATCH, len(coords)))
+                 for start in range(0, len(coords), _BATCH)]
+        dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))

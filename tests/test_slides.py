@@ -1,0 +1,108 @@
+"""Opening and reading whole-slide images through OpenSlide."""
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+import medrobust.io.slides as slides
+from medrobust.errors import InputError
+from medrobust.io.slides import open_slide
+
+DATA = Path(__file__).parent / "data"
+CMU = DATA / "CMU-1-Small-Region.svs"
+BOXES = DATA / "boxes.tiff"
+
+
+def test_real_slides_open_with_their_resolution():
+    with open_slide(CMU) as slide:
+        assert slide.mpp == pytest.approx(0.499)
+        assert slide.dimensions == (2220, 2967)
+    with open_slide(DATA / "small.svs") as slide:
+        assert slide.dimensions == (16, 16)
+    with open_slide(BOXES) as slide:
+        assert slide.level_downsamples[:2] == (1.0, 2.0)
+
+
+def test_best_level_never_upsamples_but_tolerates_float_noise():
+    with open_slide(BOXES) as slide:  # downsamples 1, 2, 4.016, 8.086
+        assert slide.best_level(1.5) == 0
+        assert slide.best_level(2.0) == 1
+        assert slide.best_level(2.0 * (1 - 1e-6)) == 1
+        assert slide.best_level(4.0) == 1
+        assert slide.best_level(100.0) == 3
+
+
+def test_read_rgb_matches_openslide_and_fills_outside_with_background():
+    with open_slide(CMU) as slide:
+        tile = slide.read_rgb((1000, 1200), 0, (64, 48))
+        x_outside = slide.dimensions[0] - 10
+        edge = slide.read_rgb((x_outside, 0), 0, (20, 20))
+    reference = openslide.OpenSlide(CMU)
+    expected = np.asarray(reference.read_region((1000, 1200), 0, (64, 48)).convert("RGB"))
+    inside = np.asarray(reference.read_region((x_outside, 0), 0, (10, 20)).convert("RGB"))
+    assert tile.shape == (48, 64, 3) and tile.dtype == np.uint8
+    np.testing.assert_array_equal(tile, expected)
+    np.testing.assert_array_equal(edge[:, :10], inside)
+    assert (edge[:, 10:] == 255).all()  # beyond the slide: white, not black
+
+
+def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch):
+    with open_slide(CMU) as slide:
+        thumbnail, downsample = slide.thumbnail(8)
+        monkeypatch.setattr(slides, "_STRIP_PIXELS", 2220 * 50)  # many strips
+        stripped, _ = slide.thumbnail(8)
+        block = slide.read_rgb((160, 800), 0, (8, 8)).reshape(-1, 3).mean(axis=0)
+    assert downsample == 8.0
+    assert thumbnail.shape == (371, 278, 3)  # ceil(2967 / 8), ceil(2220 / 8)
+    np.testing.assert_array_equal(stripped, thumbnail)
+    np.testing.assert_allclose(thumbnail[100, 20], block, atol=1.0)
+
+
+def test_thumbnail_reads_a_coarser_pyramid_level():
+    with open_slide(BOXES) as slide:
+        thumbnail, downsample = slide.thumbnail(8.5)
+        assert downsample == pytest.approx(slide.level_downsamples[3])
+        assert thumbnail.shape[:2] == slide.level_dimensions[3][::-1]
+
+
+def test_missing_mpp_needs_a_fallback(write_tiff):
+    path = write_tiff("nores.tiff", np.full((64, 64, 3), 200, np.uint8), mpp=None)
+    with pytest.raises(InputError, match="fallback_mpp") as caught:
+        open_slide(path)
+    assert str(path) in str(caught.value)
+    with open_slide(path, fallback_mpp=0.25) as slide:
+        assert slide.mpp == 0.25
+    with open_slide(CMU, fallback_mpp=0.25) as slide:
+        assert slide.mpp == pytest.approx(0.499)  # a stated mpp wins
+
+
+def _text_as_svs(tmp_path: Path) -> Path:
+    path = tmp_path / "fake.svs"
+    path.write_text("not a slide\n")
+    return path
+
+
+def _truncated_tiff(tmp_path: Path) -> Path:
+    path = tmp_path / "cut.tiff"
+    path.write_bytes(BOXES.read_bytes()[:3000])
+    return path
+
+
+@pytest.mark.parametrize("make_path, message", [
+    (_text_as_svs, "OpenSlide cannot open it"),
+    (_truncated_tiff, "OpenSlide cannot open it"),
+    (lambda tmp: tmp / "missing.svs", "not found"),
+])
+def test_unopenable_slides_raise_input_errors_naming_them(tmp_path, make_path, message):
+    path = make_path(tmp_path)
+    with pytest.raises(InputError, match=message) as caught:
+        open_slide(path)
+    assert str(path) in str(caught.value)
+
+
+def test_corrupt_tile_data_raises_input_error_on_read(corrupt_tiff):
+    with open_slide(corrupt_tiff) as slide, pytest.raises(InputError, match="corrupt") as caught:
+        slide.read_rgb((0, 0), 0, (32, 32))
+    assert str(corrupt_tiff) in str(caught.value)
