@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +16,7 @@ from medrobust.features.backbones import Backbone, build_backbone
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import TileStore, open_tile_store, write_feature_store
 from medrobust.logs import get_logger
+from medrobust.models.registry import config_from_mapping
 
 log = get_logger(__name__)
 COPIED_ATTRS = ("slide_id", "label", "split")
@@ -28,18 +29,14 @@ class FeatureConfig:
     batch_size: int = 64
     seed: int = 0              # initialises `weights: random`
 
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"features.batch_size must be a positive integer, "
+                              f"not {self.batch_size!r}")
+
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "FeatureConfig":
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise ConfigError(f"features: unknown key(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
-        config = cls(**mapping)
-        if not isinstance(config.batch_size, int) or config.batch_size < 1:
-            raise ConfigError(f"features.batch_size must be a positive integer, "
-                              f"not {config.batch_size!r}")
-        return config
+        return config_from_mapping(cls, mapping, "features")
 
 
 def extract_slide_features(tile_store_path: str | os.PathLike, out_path: str | os.PathLike,

@@ -1,0 +1,60 @@
+"""Evaluate a saved slide classifier on one split of its dataset's feature stores.
+
+Writes the per-slide prediction table (CSV) and the metrics (JSON) of
+docs/architecture.md, "Evaluation"; slides have only the clean condition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate.image_classifier import METRIC_KEYS, describe_condition
+from medrobust.evaluate.metrics import classification_metrics, prediction_table
+from medrobust.io.atomic import atomic_path, write_json
+from medrobust.logs import get_logger
+from medrobust.models.registry import CONFIG_FILE, load_model
+from medrobust.train.slide_classifier import bag_logits, load_bags
+
+log = get_logger(__name__)
+
+
+def evaluate_slide_classifier(model_dir: str | os.PathLike,
+                              feature_paths: Sequence[str | os.PathLike],
+                              out_csv: str | os.PathLike, out_json: str | os.PathLike,
+                              split: str = "test", condition: str = "clean",
+                              device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Predict every slide of `split` and write predictions and metrics; returns the metrics."""
+    if condition != "clean":  # no stage yet attacks or perturbs slides
+        raise ConfigError(f"slide classifiers have only the clean condition, not {condition!r}")
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    model = load_model(model_dir, device)
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    classes = list(config["classes"])
+    bags, provenance = load_bags(feature_paths, classes)
+    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
+        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
+                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
+                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
+    bags = [bag for bag in bags if bag.split == split]
+    if not bags:
+        raise InputError(f"no slide with tiles in the {split!r} split among "
+                         f"{len(feature_paths)} feature stores")
+    probabilities = torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
+    labels = [bag.label for bag in bags]
+    table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    record = {**describe_condition({"dataset": config["dataset"]}, model_dir.name, condition),
+              **classification_metrics(labels, probabilities)}
+    metrics = {key: record[key] for key in METRIC_KEYS}
+    write_json(out_json, metrics)
+    log.info("%s on %s %s: accuracy %.3f over %d slides", model_dir.name, config["dataset"],
+             split, metrics["accuracy"], metrics["n"])
+    return metrics

@@ -1,0 +1,193 @@
+"""Train one image classifier (optionally with a defense) on an image store.
+
+The epoch with the best validation accuracy (ties: lower validation loss) is
+kept; without validation images, the last epoch. The same config and seed give
+the same weights on the CPU: initialisation and dropout draw from the seeded
+global generator inside `fork_rng`, batch order and flips from a CPU
+generator, and defense noise from a generator on the training device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from medrobust.errors import ConfigError, InputError, unknown_name
+from medrobust.io.image_store import open_image_store
+from medrobust.logs import get_logger
+from medrobust.models.registry import (
+    IMAGE_CLASSIFIERS, Defense, build_defense, build_model, config_from_mapping, defense_config,
+    save_model)
+
+log = get_logger(__name__)
+PRETRAINED = ("none", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageModelConfig:
+    """One entry of `image_classifiers` in config.yaml."""
+
+    dataset: str
+    arch: str
+    seed: int = 0
+    defense: Mapping[str, Any] | None = None
+    pretrained: str = "none"
+
+    def __post_init__(self):
+        if self.arch not in IMAGE_CLASSIFIERS:
+            raise unknown_name("image classifier", self.arch, IMAGE_CLASSIFIERS)
+        if self.pretrained not in PRETRAINED:
+            raise ConfigError(f"pretrained must be one of {', '.join(PRETRAINED)}, "
+                              f"not {self.pretrained!r}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "ImageModelConfig":
+        return config_from_mapping(cls, mapping, "image classifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """The `image_training` section of config.yaml."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    augment: bool = True  # random horizontal and vertical flips
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("image_training: epochs and batch_size must be >= 1")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ConfigError("image_training: learning_rate must be > 0, weight_decay >= 0")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "TrainingConfig":
+        return config_from_mapping(cls, mapping, "image_training")
+
+
+def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.PathLike,
+                           model_config: Mapping[str, Any], training_config: Mapping[str, Any],
+                           device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train, select the best epoch, save to `model_dir`; returns the history."""
+    spec = ImageModelConfig.from_mapping(model_config)
+    training = TrainingConfig.from_mapping(training_config)
+    defense = build_defense(spec.defense)
+    device = torch.device(device)
+    store = open_image_store(store_path)
+    train_images, train_labels = _tensors(store, "train")
+    val_images, val_labels = _tensors(store, "val")
+    if len(train_images) < 2:
+        raise InputError(f"{store.path}: the train split needs at least 2 images, "
+                         f"has {len(train_images)}")
+    labels = torch.cat([train_labels, val_labels])
+    if len(store.classes) < 2 or labels.min() < 0 or labels.max() >= len(store.classes):
+        raise InputError(f"{store.path}: labels do not fit the classes {store.classes}")
+    config = {
+        "family": "image", "arch": spec.arch, "pretrained": spec.pretrained,
+        "num_classes": len(store.classes), "in_channels": int(train_images.shape[1]),
+        "classes": store.classes, "image_size": list(train_images.shape[-2:]),
+        "defense": defense_config(defense), "training": dataclasses.asdict(training),
+        "seed": spec.seed, "dataset": spec.dataset,
+    }
+    name = Path(model_dir).name
+    log.info("training %s (%s, defense %s) on %d train / %d val images of %s, device %s",
+             name, spec.arch, config["defense"]["name"], len(train_images), len(val_images),
+             store.path, device)
+    started = time.perf_counter()
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(spec.seed)
+        model = build_model(config).to(device)
+        best_state, history = _fit(model, defense, training, spec.seed, device, name,
+                                   (train_images, train_labels), (val_images, val_labels))
+    model.load_state_dict(best_state)
+    save_model(model, model_dir, config, history)
+    log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
+             history["selected_by"], time.perf_counter() - started)
+    return history
+
+
+def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int,
+         device: torch.device, name: str, train: tuple[torch.Tensor, torch.Tensor],
+         val: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict[str, Any]]:
+    # AdamW: weight decay decoupled from the adaptive step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate,
+                                  weight_decay=training.weight_decay)
+    data_generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator(device=device).manual_seed(seed)
+    epochs, best, best_state = [], None, None
+    for epoch in range(1, training.epochs + 1):
+        model.train()
+        totals: dict[str, float] = {}
+        batches = _batches(len(train[0]), training.batch_size, data_generator)
+        for index in tqdm(batches, desc=f"{name} epoch {epoch}/{training.epochs}",
+                          unit="batch", leave=False):
+            images = train[0][index]
+            if training.augment:
+                images = _random_flips(images, data_generator)
+            images, labels = images.to(device), train[1][index].to(device)
+            loss, components = defense.loss(model, images, labels, noise_generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, value in {"loss": loss, **components}.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(index)
+        record = {"epoch": epoch, **{f"train_{key}": value / len(train[0])
+                                     for key, value in totals.items()}}
+        record.update(_validate(model, val, training.batch_size, device))
+        epochs.append(record)
+        log.info("%s epoch %d/%d: %s", name, epoch, training.epochs,
+                 ", ".join(f"{key} {value:.4f}" for key, value in record.items()
+                           if key != "epoch" and value is not None))
+        score = (record["val_accuracy"], -record["val_loss"]) if len(val[0]) else (epoch,)
+        if best is None or score > best[0]:
+            best = (score, epoch)
+            best_state = copy.deepcopy(model.state_dict())
+    return best_state, {"epochs": epochs, "best_epoch": best[1],
+                        "selected_by": "val_accuracy" if len(val[0]) else "last_epoch"}
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], batch_size: int,
+              device: torch.device) -> dict[str, float | None]:
+    if not len(val[0]):
+        return {"val_loss": None, "val_accuracy": None}
+    model.eval()
+    loss, correct = 0.0, 0
+    for index in torch.arange(len(val[0])).split(batch_size):
+        logits = model(val[0][index].to(device))
+        labels = val[1][index].to(device)
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+    return {"val_loss": loss / len(val[0]), "val_accuracy": correct / len(val[0])}
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()  # BatchNorm cannot train on a batch of one; reshuffled next epoch
+    return batches
+
+
+def _random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    for dim in (-1, -2):
+        flip = (torch.rand(len(images), generator=generator) < 0.5).view(-1, 1, 1, 1)
+        images = torch.where(flip, images.flip(dim), images)
+    return images
+
+
+def _tensors(store, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = store.load(split)
+    return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+            torch.from_numpy(np.asarray(labels, dtype=np.int64)))

@@ -1,0 +1,145 @@
+"""Image classifiers, the denoising defense, and saving/loading models."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from medrobust.errors import ConfigError, InputError
+from medrobust.models import build_model, load_model, save_model
+from medrobust.models.denoising import DenoisingClassifier, DenoisingDefense
+from medrobust.models.image_classifiers import adapt_first_conv, resnet18
+from medrobust.models.registry import build_defense
+
+DENOISING = {"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0, "noise_sigma": 0.05}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def image_config(**overrides):
+    return {"family": "image", "arch": "resnet18", "num_classes": 3, "in_channels": 1,
+            **overrides}
+
+
+@pytest.mark.parametrize("arch, last_shape", [("resnet18", (512, 1, 1)), ("vgg16", (512, 2, 2))])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_classifier_shapes(arch, last_shape, channels):
+    model = build_model(image_config(arch=arch, in_channels=channels)).eval()
+    images = torch.rand(2, channels, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model(images)
+    assert logits.shape == (2, 3)
+    assert features["low"].shape == (2, model.low_channels, 32 // model.low_stride,
+                                     32 // model.low_stride)
+    assert features["last"].shape == (2, *last_shape)
+
+
+def test_normalisation_is_inside_the_model():
+    model = resnet18(num_classes=2, in_channels=1).eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(2, 1, 32, 32)
+    model(images)
+    grey_mean, grey_std = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3
+    torch.testing.assert_close(seen[0], (images - grey_mean) / grey_std)
+    # the statistics travel with the weights
+    assert {"mean", "std"} <= set(model.state_dict())
+
+
+def test_adapted_first_conv_sees_grey_as_rgb_did():
+    rgb = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+    grey = adapt_first_conv(rgb, 1)
+    images = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(grey(images), rgb(images.expand(-1, 3, -1, -1)))
+    assert adapt_first_conv(rgb, 3) is rgb
+
+
+@pytest.mark.parametrize("defense", [None, DENOISING])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, defense):
+    config = image_config(defense=defense, classes=["a", "b", "c"])
+    model = build_model(config)
+    model.train()  # move the BatchNorm running statistics away from their defaults
+    model(torch.rand(4, 1, 32, 32))
+    model.eval()
+    images = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    save_model(model, tmp_path / "m", config, {"epochs": []})
+
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.training
+    assert isinstance(loaded, DenoisingClassifier) == (defense is not None)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), expected)
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == config
+    assert json.loads((tmp_path / "m" / "history.json").read_text()) == {"epochs": []}
+
+
+def test_load_model_names_missing_and_mismatched_files(tmp_path):
+    with pytest.raises(InputError, match="config.json"):
+        load_model(tmp_path)
+    config = image_config()
+    save_model(build_model(config), tmp_path, config, {})
+    (tmp_path / "config.json").write_text(json.dumps(image_config(in_channels=3)))
+    with pytest.raises(InputError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_unknown_names_raise_config_error_listing_known_ones():
+    with pytest.raises(ConfigError, match="resnet18, vgg16"):
+        build_model(image_config(arch="alexnet"))
+    with pytest.raises(ConfigError, match="family"):
+        build_model(image_config(family="video"))
+    with pytest.raises(ConfigError, match="denoising, none"):
+        build_defense({"name": "magic"})
+    with pytest.raises(ConfigError, match="lambda_x"):
+        build_defense({**DENOISING, "lambda_x": 1})
+    with pytest.raises(ConfigError, match="noise_sigma"):
+        build_defense({"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0})
+
+
+def denoising_losses(sigma, size=32):
+    model = DenoisingClassifier(resnet18(num_classes=2, in_channels=1)).train()
+    defense = DenoisingDefense(lambda_n=0.1, lambda_a=1.0, noise_sigma=sigma)
+    images, labels = torch.rand(4, 1, size, size), torch.tensor([0, 1, 0, 1])
+    total, parts = defense.loss(model, images, labels, torch.Generator().manual_seed(0))
+    return model, total, parts
+
+
+def test_denoising_loss_components():
+    _, total, parts = denoising_losses(sigma=0.05)
+    assert set(parts) == {"lc", "ln", "la"}
+    assert all(torch.isfinite(value) for value in parts.values())
+    assert parts["ln"] > 0 and parts["la"] > 0
+    torch.testing.assert_close(total, parts["lc"] + 0.1 * parts["ln"] + 1.0 * parts["la"])
+
+
+def test_feature_distance_vanishes_without_noise():
+    _, _, parts = denoising_losses(sigma=0.0)
+    assert parts["ln"] == 0
+
+
+def test_reconstruction_gradients_reach_decoder_and_shared_encoder():
+    model, _, parts = denoising_losses(sigma=0.05, size=36)  # not a multiple of the stride
+    parts["la"].backward()
+    decoder_grads = [p.grad for p in model.decoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in decoder_grads)
+    assert model.classifier.encoder.conv1.weight.grad.abs().sum() > 0
+    # the reconstruction branch does not touch the classifier's later layers
+    assert all(p.grad is None for p in model.classifier.body.parameters())
+
+
+def test_denoising_classifier_predicts_like_its_classifier():
+    model = DenoisingClassifier(resnet18(num_classes=2, in_channels=1)).eval()
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), model.classifier(images))

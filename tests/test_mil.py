@@ -1,0 +1,204 @@
+"""ABMIL, slide-classifier training and evaluation on tiny synthetic feature stores."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate.slide_classifier import evaluate_slide_classifier
+from medrobust.io.atomic import atomic_path
+from medrobust.io.slide_stores import write_feature_store
+from medrobust.models.mil import ABMIL, ABMILOptions
+from medrobust.models.registry import build_model, load_model, save_model
+from medrobust.train.slide_classifier import train_slide_classifier
+
+CLASSES = ["normal", "tumor"]
+PROVENANCE = {"backbone": "resnet18", "weights": "random", "weights_sha256": "ab" * 32}
+
+
+def _model(in_dim=8, num_classes=3):
+    torch.manual_seed(0)
+    return ABMIL(in_dim, num_classes, ABMILOptions(hidden_dim=16, attention_dim=8)).eval()
+
+
+def test_attention_is_a_distribution_over_the_bag():
+    with torch.no_grad():
+        logits, weights = _model()(torch.randn(7, 8))
+    assert logits.shape == (3,)
+    assert weights.shape == (7,)
+    assert (weights >= 0).all()
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bag_logits_do_not_depend_on_instance_order():
+    model, bag = _model(), torch.randn(9, 8)
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    logits, weights = model(bag)
+    shuffled_logits, shuffled_weights = model(bag[order])
+    torch.testing.assert_close(shuffled_logits, logits)
+    torch.testing.assert_close(shuffled_weights, weights[order])
+
+
+def test_stages_compose_to_forward():
+    """The parts a wrapper such as MHIM-MIL uses give the same bag logits."""
+    model, bag = _model(), torch.randn(5, 8)
+    embeddings = model.embed_instances(bag)
+    scores = model.attention(embeddings)
+    embedding = model.bag_embedding(embeddings, torch.softmax(scores, dim=0))
+    assert embeddings.shape == (5, 16) and scores.shape == (5,) and embedding.shape == (16,)
+    torch.testing.assert_close(model.classify(embedding), model(bag)[0])
+    assert model.classify(embeddings).shape == (5, 3)  # per-instance logits
+
+
+def test_empty_or_misshapen_bags_are_clear_errors():
+    with pytest.raises(InputError, match="empty bag"):
+        _model()(torch.zeros(0, 8))
+    with pytest.raises(InputError, match=r"\(n, 8\)"):
+        _model()(torch.zeros(4, 5))
+
+
+def test_registered_builder_reads_the_resolved_config():
+    config = {"family": "slide", "arch": "abmil", "feature_dim": 8, "num_classes": 2,
+              "arch_options": {"hidden_dim": 12}}
+    model = build_model(config)
+    assert isinstance(model, ABMIL)
+    assert model.options == ABMILOptions(hidden_dim=12)
+    assert model(torch.randn(3, 8))[0].shape == (2,)
+    with pytest.raises(ConfigError, match="hiden_dim"):
+        build_model({**config, "arch_options": {"hiden_dim": 12}})
+
+
+def _feature_store(path, slide_id, label, split, features):
+    features = np.asarray(features, dtype=np.float32)
+    attrs = {"slide_id": slide_id, "label": label, "split": split, **PROVENANCE}
+    with atomic_path(path) as tmp:
+        write_feature_store(tmp, features, np.zeros((len(features), 2), np.int64), attrs)
+    return path
+
+
+def _synthetic_slides(folder, counts={"train": 12, "val": 4, "test": 4}, dim=8):
+    """Negative bags: noise instances; positive bags: the same plus 2 instances of a key pattern."""
+    rng = np.random.default_rng(0)
+    key = np.zeros(dim)
+    key[0] = 4.0
+    paths = []
+    for split, count in counts.items():
+        for index in range(count):
+            tumor = index % 2 == 1
+            bag = rng.normal(0, 1, (int(rng.integers(6, 12)), dim))
+            if tumor:
+                bag[:2] = key + rng.normal(0, 0.3, (2, dim))
+            paths.append(_feature_store(folder / f"{split}{index}.zarr", f"{split}{index}",
+                                        CLASSES[tumor], split, bag))
+    return paths
+
+
+def _train(feature_paths, model_dir, **overrides):
+    config = {"dataset": "slides", "arch": "abmil", "seed": 0, "epochs": 12,
+              "learning_rate": 0.01, "weight_decay": 1e-4, "classes": CLASSES,
+              "arch_options": {"hidden_dim": 16, "attention_dim": 8}, **overrides}
+    return train_slide_classifier(feature_paths, model_dir, config, device="cpu")
+
+
+def test_training_learns_key_instances_and_is_reproducible(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    paths.append(_feature_store(tmp_path / "features/blank.zarr", "blank", "normal", "train",
+                                np.zeros((0, 8))))  # a slide without tissue is left out
+    history = _train(paths, tmp_path / "model")
+    assert len(history["epochs"]) == 12 and history["selected_by"] == "val_accuracy"
+    best = history["epochs"][history["best_epoch"] - 1]
+    assert best["val_accuracy"] == 1.0
+    tied = [epoch for epoch in history["epochs"] if epoch["val_accuracy"] == 1.0]
+    assert best == min(tied, key=lambda epoch: epoch["val_loss"])  # ties: lower val loss
+    assert len(tied) > 1
+    assert best["train_loss"] < history["epochs"][0]["train_loss"]
+
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    assert {key: config[key] for key in ("family", "arch", "num_classes", "classes",
+                                         "feature_dim", "backbone")} == \
+        {"family": "slide", "arch": "abmil", "num_classes": 2, "classes": CLASSES,
+         "feature_dim": 8, "backbone": "resnet18"}
+    assert config["arch_options"] == {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
+
+    metrics = evaluate_slide_classifier(tmp_path / "model", paths, tmp_path / "clean.csv",
+                                        tmp_path / "clean.json")
+    assert (metrics["n"], metrics["accuracy"], metrics["auc"]) == (4, 1.0, 1.0)
+
+    _train(paths, tmp_path / "again")
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("model", "again"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_training_rejects_unknown_keys_and_labels(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features", counts={"train": 2})
+    with pytest.raises(ConfigError, match="epoch"):
+        _train(paths, tmp_path / "model", epoch=3)
+    with pytest.raises(InputError, match="'tumor' is not one of"):
+        _train(paths, tmp_path / "model", classes=["normal", "cancer"])
+
+
+def _hand_model(model_dir):
+    """An ABMIL whose bag logits are the mean of relu(features): 2 features, 2 classes."""
+    model = ABMIL(2, 2, ABMILOptions(hidden_dim=2, attention_dim=1))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # attention scores all 0: uniform weights
+        model.embed[0].weight.copy_(torch.eye(2))
+        model.classifier.weight.copy_(torch.eye(2))
+    config = {"family": "slide", "arch": "abmil", "num_classes": 2, "classes": CLASSES,
+              "feature_dim": 2, "backbone": "resnet18", "backbone_weights": "random",
+              "backbone_weights_sha256": PROVENANCE["weights_sha256"], "dataset": "slides",
+              "arch_options": {"hidden_dim": 2, "attention_dim": 1, "dropout": 0.0}}
+    save_model(model, model_dir, config, history={})
+
+
+def test_evaluation_matches_a_hand_computation(tmp_path):
+    _hand_model(tmp_path / "hand")
+    slides = [  # id, label, split, features -> P(tumor) = sigmoid(mean[1] - mean[0])
+        ("s1", "normal", "test", [[2, 0], [0, 0]]),   # sigmoid(-1), right
+        ("s2", "tumor", "test", [[0, 3]]),            # sigmoid(3), right
+        ("s3", "tumor", "test", [[1, 0]]),            # sigmoid(-1), wrong
+        ("s4", "normal", "test", [[0, 1], [0, 1]]),   # sigmoid(1), wrong
+        ("s5", "tumor", "train", [[0, 9]]),           # other split: not evaluated
+        ("s6", "tumor", "test", np.zeros((0, 2))),    # no tiles: left out
+    ]
+    paths = [_feature_store(tmp_path / f"{slide}.zarr", slide, label, split, features)
+             for slide, label, split, features in slides]
+    metrics = evaluate_slide_classifier(tmp_path / "hand", paths, tmp_path / "out/clean.csv",
+                                        tmp_path / "out/clean.json")
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    table = pd.read_csv(tmp_path / "out/clean.csv")
+    assert list(table.columns) == ["sample_id", "label", "prediction", "correct",
+                                   "prob_normal", "prob_tumor"]
+    assert table["sample_id"].tolist() == ["s1", "s2", "s3", "s4"]
+    assert table["label"].tolist() == [0, 1, 1, 0]
+    assert table["prediction"].tolist() == [0, 1, 0, 1]
+    np.testing.assert_allclose(table["prob_tumor"], [sigmoid(-1), sigmoid(3), sigmoid(-1),
+                                                     sigmoid(1)], rtol=1e-6)
+    # AUC by pair counting: tumor probs {s2, s3} against normal {s1, s4}: 1 + 1 + 0.5 + 0
+    expected = {"model": "hand", "dataset": "slides", "condition": "clean", "kind": "clean",
+                "attack": None, "perturbation": None, "epsilon": None, "severity": None,
+                "source_model": None, "white_box": None, "n": 4, "accuracy": 0.5, "auc": 0.625}
+    assert json.loads((tmp_path / "out/clean.json").read_text()) == expected
+    assert metrics == expected
+
+
+def test_evaluation_refuses_features_from_other_weights(tmp_path):
+    _hand_model(tmp_path / "hand")
+    path = _feature_store(tmp_path / "s1.zarr", "s1", "normal", "test", [[1, 0]])
+    with atomic_path(path) as tmp:  # same slide, embedded with other weights
+        write_feature_store(tmp, np.ones((1, 2)), np.zeros((1, 2)),
+                            {"slide_id": "s1", "label": "normal", "split": "test",
+                             **PROVENANCE, "weights_sha256": "cd" * 32})
+    with pytest.raises(InputError, match="trained on resnet18 features"):
+        evaluate_slide_classifier(tmp_path / "hand", [path], tmp_path / "c.csv", tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()
+    assert isinstance(load_model(tmp_path / "hand"), ABMIL)

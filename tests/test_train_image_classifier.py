@@ -1,0 +1,115 @@
+"""Training image classifiers on a tiny store with an obvious signal."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medrobust.errors import ConfigError
+from medrobust.io.image_store import open_image_store, write_image_store
+from medrobust.models import load_model
+from medrobust.models.denoising import DenoisingClassifier
+from medrobust.train.image_classifier import train_image_classifier
+
+TRAINING = {"epochs": 4, "batch_size": 8, "learning_rate": 0.001, "weight_decay": 0.0001}
+MODEL = {"dataset": "squares", "arch": "resnet18", "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_store(path, n_train=32, n_val=16, size=32):
+    """Dim noise; class `square` adds a bright 12x12 square somewhere."""
+    rng = np.random.default_rng(0)
+    n = n_train + n_val
+    labels = np.arange(n) % 2
+    images = rng.uniform(0, 0.3, (n, 1, size, size)).astype(np.float32)
+    for image, label in zip(images, labels):
+        if label:
+            y, x = rng.integers(0, size - 12, 2)
+            image[0, y:y + 12, x:x + 12] = 1.0
+    splits = ["train"] * n_train + ["val"] * n_val
+    write_image_store(path, images, labels, splits, [f"s{i}" for i in range(n)],
+                      {"dataset": "squares", "classes": ["empty", "square"], "image_size": size,
+                       "channels": 1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "squares.zarr")
+
+
+def test_training_learns_the_squares_and_saves_a_loadable_model(store, tmp_path):
+    history = train_image_classifier(store, tmp_path / "baseline", MODEL, TRAINING, "cpu")
+
+    assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3, 4]
+    best = history["epochs"][history["best_epoch"] - 1]
+    assert best["val_accuracy"] >= 0.9
+    assert best["val_accuracy"] == max(record["val_accuracy"] for record in history["epochs"])
+    config = json.loads((tmp_path / "baseline" / "config.json").read_text())
+    assert config == {
+        "family": "image", "arch": "resnet18", "pretrained": "none", "num_classes": 2,
+        "in_channels": 1, "classes": ["empty", "square"], "image_size": [32, 32],
+        "defense": {"name": "none"}, "training": {**TRAINING, "augment": True},
+        "seed": 0, "dataset": "squares"}
+    saved_history = json.loads((tmp_path / "baseline" / "history.json").read_text())
+    assert saved_history == history
+    # the saved weights are the best epoch's: they reproduce its validation accuracy
+    images, labels = open_image_store(store).load("val")
+    with torch.no_grad():
+        predictions = load_model(tmp_path / "baseline")(torch.from_numpy(images)).argmax(1)
+    assert (predictions.numpy() == labels).mean() == best["val_accuracy"]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(store, tmp_path):
+    short = {**TRAINING, "epochs": 1}
+    for name, seed, global_seed in (("a", 3, 0), ("b", 3, 1), ("c", 4, 0)):
+        torch.manual_seed(global_seed)  # the global generator's state must not matter
+        train_image_classifier(store, tmp_path / name, {**MODEL, "seed": seed}, short, "cpu")
+    a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_denoising_training_records_loss_components(store, tmp_path):
+    defense = {"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0, "noise_sigma": 0.0314}
+    history = train_image_classifier(store, tmp_path / "denoising",
+                                     {**MODEL, "defense": defense},
+                                     {**TRAINING, "epochs": 1, "augment": False}, "cpu")
+    record = history["epochs"][0]
+    assert {"train_loss", "train_lc", "train_ln", "train_la", "val_loss", "val_accuracy"} \
+        <= set(record)
+    assert record["train_loss"] == pytest.approx(
+        record["train_lc"] + 0.1 * record["train_ln"] + record["train_la"])
+    assert isinstance(load_model(tmp_path / "denoising"), DenoisingClassifier)
+    config = json.loads((tmp_path / "denoising" / "config.json").read_text())
+    assert config["defense"] == defense
+
+
+def test_without_validation_images_the_last_epoch_is_kept(tmp_path):
+    store = make_store(tmp_path / "train_only.zarr", n_train=8, n_val=0, size=16)
+    history = train_image_classifier(store, tmp_path / "m", MODEL,
+                                     {**TRAINING, "epochs": 2}, "cpu")
+    assert history["best_epoch"] == 2 and history["selected_by"] == "last_epoch"
+    assert history["epochs"][-1]["val_accuracy"] is None
+
+
+@pytest.mark.parametrize("model, training, key", [
+    ({**MODEL, "depth": 3}, TRAINING, "depth"),
+    (MODEL, {**TRAINING, "momentum": 0.9}, "momentum"),
+    (MODEL, {"epochs": 1}, "batch_size"),
+    ({**MODEL, "arch": "alexnet"}, TRAINING, "alexnet"),
+    ({**MODEL, "pretrained": "radimagenet"}, TRAINING, "pretrained"),
+])
+def test_bad_config_is_refused_before_training(store, tmp_path, model, training, key):
+    with pytest.raises(ConfigError, match=key):
+        train_image_classifier(store, tmp_path / "m", model, training, "cpu")
+    assert not (tmp_path / "m").exists()
