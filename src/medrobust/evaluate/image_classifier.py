@@ -1,0 +1,112 @@
+"""Evaluate an image classifier on the test split of a clean, adversarial or perturbed store.
+
+What the inputs were (clean, which attack at which epsilon crafted on which
+model, which perturbation at which severity) is read from the store's attrs,
+so the metrics JSON describes itself (docs/architecture.md, "Evaluation").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medrobust.errors import InputError
+from medrobust.evaluate.metrics import classification_metrics, prediction_table
+from medrobust.io.atomic import atomic_path, write_json
+from medrobust.io.image_store import ImageStore, open_image_store
+from medrobust.logs import get_logger
+from medrobust.models import load_model
+from medrobust.models.registry import CONFIG_FILE
+from medrobust.perturbations.run import iter_test_batches
+
+log = get_logger(__name__)
+
+# the metrics JSON, key by key, in this order (also the summary's columns)
+METRIC_KEYS = ("model", "dataset", "condition", "kind", "attack", "perturbation", "epsilon",
+               "severity", "source_model", "white_box", "n", "accuracy", "auc")
+
+
+def predict_probabilities(model: nn.Module, store: ImageStore, device: torch.device,
+                          batch_size: int) -> np.ndarray:
+    """Softmax probabilities `(n_test, n_classes)` in store order."""
+    probabilities = []
+    with torch.inference_mode():
+        for images, _ in iter_test_batches(store, batch_size, desc=f"predict {store.path.name}"):
+            logits = model(torch.as_tensor(images, dtype=torch.float32, device=device))
+            probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return np.concatenate(probabilities)
+
+
+def describe_condition(store_attrs: dict[str, Any], model: str, condition: str) -> dict[str, Any]:
+    """The JSON's description of what the model was fed, from the store's attrs."""
+    kind = ("attack" if "attack" in store_attrs
+            else "perturbation" if "perturbation" in store_attrs else "clean")
+    source_model = store_attrs.get("source_model")
+    return {
+        "model": model,
+        "dataset": store_attrs.get("dataset"),
+        "condition": condition,
+        "kind": kind,
+        "attack": store_attrs.get("attack"),
+        "perturbation": store_attrs.get("perturbation"),
+        "epsilon": store_attrs.get("epsilon"),
+        "severity": store_attrs.get("severity"),
+        "source_model": source_model,
+        # white-box: the attack used this very model's gradients
+        "white_box": source_model == model if kind == "attack" else None,
+    }
+
+
+def evaluate_on_store(model: nn.Module, model_name: str, store: ImageStore, condition: str,
+                      device: torch.device, batch_size: int = 64) -> tuple[pd.DataFrame, dict]:
+    """Per-sample predictions and the metrics record of `model` on the store's test split."""
+    index = store.indices("test")
+    probabilities = predict_probabilities(model, store, device, batch_size)
+    labels = store.labels[index]
+    table = prediction_table(store.sample_ids[index], labels, probabilities, store.classes)
+    record = {**describe_condition(store.attrs, model_name, condition),
+              **classification_metrics(labels, probabilities)}
+    return table, {key: record[key] for key in METRIC_KEYS}
+
+
+def evaluate_image_classifier(model_dir: str | os.PathLike, store_path: str | os.PathLike,
+                              out_csv: str | os.PathLike, out_json: str | os.PathLike,
+                              condition: str, device: str | torch.device = "cpu",
+                              batch_size: int = 64) -> dict:
+    """Evaluate the saved model on the store's test split; write the CSV and JSON.
+
+    The model is named by its folder; `device` is where to run (the caller picks
+    it with `medrobust.device.select_device`).
+    Returns the metrics record written to `out_json`.
+    """
+    model_dir = Path(model_dir)
+    store = open_image_store(store_path)
+    _check_classes(model_dir, store)
+    device = torch.device(device)
+    table, record = evaluate_on_store(load_model(model_dir, device), model_dir.name, store,
+                                      condition, device, batch_size)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(out_json, record)
+    log.info("%s on %s: accuracy %.3f over %d test images", model_dir.name, condition,
+             record["accuracy"], record["n"])
+    return record
+
+
+def _check_classes(model_dir: Path, store: ImageStore) -> None:
+    # the class order fixes the integer labels; a mismatch would score silently wrong
+    config_path = model_dir / CONFIG_FILE
+    try:
+        model_classes = json.loads(config_path.read_text()).get("classes")
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{config_path}: unreadable model config ({error})") from error
+    if model_classes != store.classes:
+        raise InputError(f"{config_path}: model classes {model_classes} differ from the "
+                         f"classes {store.classes} of {store.path}")
