@@ -10,7 +10,8 @@ from torch import nn
 
 import medrobust.evaluate.image_classifier as evaluate
 from medrobust.errors import InputError
-from medrobust.evaluate.image_classifier import METRIC_KEYS, evaluate_image_classifier
+from medrobust.evaluate.image_classifier import evaluate_image_classifier
+from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.io.image_store import write_image_store
 
 CLASSES = ["benign", "malignant"]

@@ -9,18 +9,18 @@ import pandas as pd
 import pytest
 
 from medrobust.errors import InputError
-from medrobust.evaluate.image_classifier import METRIC_KEYS
+from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.io.image_store import write_image_store
 from medrobust.report.figures import accuracy_vs_epsilon, example_grid
 from medrobust.report.html import write_report
-from medrobust.report.summary import COLUMNS, summarize_metrics
+from medrobust.report.summary import summarize_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def metric(model, condition="clean", kind="clean", accuracy=0.9, auc=0.95, **fields):
     record = dict.fromkeys(METRIC_KEYS)
-    record.update(model=model, dataset="mammograms", condition=condition, kind=kind, n=8,
+    record.update(family="image", model=model, dataset="mammograms", condition=condition, kind=kind, n=8,
                   accuracy=accuracy, auc=auc, **fields)
     return record
 
@@ -40,7 +40,7 @@ RECORDS = [
     metric("denoising", accuracy=0.8125, auc=None),
     attack("denoising", "denoising", 4, 0.5625, 0.633),
     metric("surrogate", accuracy=0.6875, auc=0.777),
-    {**metric("abmil", accuracy=0.667, auc=0.891), "dataset": "slides", "n": 3},
+    {**metric("abmil", accuracy=0.667, auc=0.891), "family": "slide", "dataset": "slides", "n": 3},
 ]
 
 
@@ -51,14 +51,13 @@ def summary_files(tmp_path):
         paths.append(tmp_path / "metrics" / f"{index}.json")
         paths[-1].parent.mkdir(exist_ok=True)
         paths[-1].write_text(json.dumps(record))
-    table = summarize_metrics(paths, tmp_path / "robustness.csv", tmp_path / "robustness.json",
-                              slide_models=["abmil"])
+    table = summarize_metrics(paths, tmp_path / "robustness.csv", tmp_path / "robustness.json")
     return table, tmp_path / "robustness.csv", tmp_path / "robustness.json"
 
 
 def test_summary_is_one_tidy_sorted_table(summary_files):
     table, csv_path, json_path = summary_files
-    assert list(table.columns) == list(COLUMNS) and len(table) == len(RECORDS)
+    assert list(table.columns) == list(METRIC_KEYS) and len(table) == len(RECORDS)
     baseline = table[table["model"] == "baseline"]
     assert list(baseline["condition"]) == [
         "clean", "fgsm-eps4-from-baseline", "fgsm-eps4-from-surrogate", "fgsm-eps8-from-baseline",

@@ -8,13 +8,39 @@ problems are reported at once, each with the dotted path of its key.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import jsonschema
 import yaml
 
 from medrobust.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
+    """Build the frozen dataclass `cls` from a config section, naming bad keys.
+
+    Every stage's settings go through here, so an unknown or missing key gets
+    the same message wherever it is.
+    """
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{section}: expected a mapping, got {type(mapping).__name__}")
+    fields = dataclasses.fields(cls)
+    names = {field.name for field in fields}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    missing = [field.name for field in fields if field.name not in mapping
+               and field.default is dataclasses.MISSING
+               and field.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{section}: missing key(s) {', '.join(missing)}")
+    return cls(**mapping)
 
 
 def _with_defaults(validator_class):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medrobust.errors import ConfigError
-from medrobust.models.registry import config_from_mapping
+from medrobust.config import config_from_mapping
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from medrobust.errors import InputError
-from medrobust.evaluate.metrics import classification_metrics, prediction_table
+from medrobust.evaluate.metrics import (
+    METRIC_KEYS, classification_metrics, describe_condition, prediction_table)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
@@ -27,11 +28,6 @@ from medrobust.models.registry import CONFIG_FILE
 from medrobust.perturbations.run import iter_test_batches
 
 log = get_logger(__name__)
-
-# the metrics JSON, key by key, in this order (also the summary's columns)
-METRIC_KEYS = ("model", "dataset", "condition", "kind", "attack", "perturbation", "epsilon",
-               "severity", "source_model", "white_box", "n", "accuracy", "auc")
-
 
 def predict_probabilities(model: nn.Module, store: ImageStore, device: torch.device,
                           batch_size: int) -> np.ndarray:
@@ -44,26 +40,6 @@ def predict_probabilities(model: nn.Module, store: ImageStore, device: torch.dev
     return np.concatenate(probabilities)
 
 
-def describe_condition(store_attrs: dict[str, Any], model: str, condition: str) -> dict[str, Any]:
-    """The JSON's description of what the model was fed, from the store's attrs."""
-    kind = ("attack" if "attack" in store_attrs
-            else "perturbation" if "perturbation" in store_attrs else "clean")
-    source_model = store_attrs.get("source_model")
-    return {
-        "model": model,
-        "dataset": store_attrs.get("dataset"),
-        "condition": condition,
-        "kind": kind,
-        "attack": store_attrs.get("attack"),
-        "perturbation": store_attrs.get("perturbation"),
-        "epsilon": store_attrs.get("epsilon"),
-        "severity": store_attrs.get("severity"),
-        "source_model": source_model,
-        # white-box: the attack used this very model's gradients
-        "white_box": source_model == model if kind == "attack" else None,
-    }
-
-
 def evaluate_on_store(model: nn.Module, model_name: str, store: ImageStore, condition: str,
                       device: torch.device, batch_size: int = 64) -> tuple[pd.DataFrame, dict]:
     """Per-sample predictions and the metrics record of `model` on the store's test split."""
@@ -71,7 +47,7 @@ def evaluate_on_store(model: nn.Module, model_name: str, store: ImageStore, cond
     probabilities = predict_probabilities(model, store, device, batch_size)
     labels = store.labels[index]
     table = prediction_table(store.sample_ids[index], labels, probabilities, store.classes)
-    record = {**describe_condition(store.attrs, model_name, condition),
+    record = {**describe_condition(store.attrs, model_name, condition, family="image"),
               **classification_metrics(labels, probabilities)}
     return table, {key: record[key] for key in METRIC_KEYS}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
@@ -39,3 +41,30 @@ def prediction_table(sample_ids, labels: np.ndarray, probabilities: np.ndarray,
     for index, name in enumerate(classes):
         table[f"prob_{name}"] = np.asarray(probabilities)[:, index]
     return table
+
+
+# the metrics JSON, key by key, in this order (also the summary's columns)
+METRIC_KEYS = ("family", "model", "dataset", "condition", "kind", "attack", "perturbation",
+               "epsilon", "severity", "source_model", "white_box", "n", "accuracy", "auc")
+
+
+def describe_condition(store_attrs: dict[str, Any], model: str, condition: str,
+                       family: str) -> dict[str, Any]:
+    """The metrics JSON's description of what the model was fed, from the store's attrs."""
+    kind = ("attack" if "attack" in store_attrs
+            else "perturbation" if "perturbation" in store_attrs else "clean")
+    source_model = store_attrs.get("source_model")
+    return {
+        "family": family,
+        "model": model,
+        "dataset": store_attrs.get("dataset"),
+        "condition": condition,
+        "kind": kind,
+        "attack": store_attrs.get("attack"),
+        "perturbation": store_attrs.get("perturbation"),
+        "epsilon": store_attrs.get("epsilon"),
+        "severity": store_attrs.get("severity"),
+        "source_model": source_model,
+        # white-box: the attack used this very model's gradients
+        "white_box": source_model == model if kind == "attack" else None,
+    }

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from medrobust.errors import ConfigError, InputError
-from medrobust.evaluate.image_classifier import METRIC_KEYS, describe_condition
-from medrobust.evaluate.metrics import classification_metrics, prediction_table
+from medrobust.evaluate.metrics import (
+    METRIC_KEYS, classification_metrics, describe_condition, prediction_table)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, load_model
@@ -51,7 +51,8 @@ def evaluate_slide_classifier(model_dir: str | os.PathLike,
     table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
-    record = {**describe_condition({"dataset": config["dataset"]}, model_dir.name, condition),
+    record = {**describe_condition({"dataset": config["dataset"]}, model_dir.name, condition,
+                                  family="slide"),
               **classification_metrics(labels, probabilities)}
     metrics = {key: record[key] for key in METRIC_KEYS}
     write_json(out_json, metrics)

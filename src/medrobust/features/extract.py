@@ -16,7 +16,7 @@ from medrobust.features.backbones import Backbone, build_backbone
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import TileStore, open_tile_store, write_feature_store
 from medrobust.logs import get_logger
-from medrobust.models.registry import config_from_mapping
+from medrobust.config import config_from_mapping
 
 log = get_logger(__name__)
 COPIED_ATTRS = ("slide_id", "label", "split")

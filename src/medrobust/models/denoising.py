@@ -28,7 +28,8 @@ from torch import nn
 
 from medrobust.errors import ConfigError
 from medrobust.models.image_classifiers import ImageClassifier
-from medrobust.models.registry import config_from_mapping, register_defense
+from medrobust.config import config_from_mapping
+from medrobust.models.registry import register_defense
 
 
 class Decoder(nn.Sequential):

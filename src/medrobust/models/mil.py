@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from medrobust.errors import ConfigError, InputError
-from medrobust.models.registry import config_from_mapping, register_slide_classifier
+from medrobust.config import config_from_mapping
+from medrobust.models.registry import register_slide_classifier
 
 
 @dataclass(frozen=True)

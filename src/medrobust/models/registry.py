@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.atomic import atomic_path, write_json
 
@@ -65,24 +66,6 @@ def register_defense(name: str):
         return cls
 
     return add
-
-
-def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
-    """Build the frozen dataclass `cls` from a config section, naming bad keys."""
-    if not isinstance(mapping, Mapping):
-        raise ConfigError(f"{section}: expected a mapping, got {type(mapping).__name__}")
-    fields = dataclasses.fields(cls)
-    names = {field.name for field in fields}
-    unknown = sorted(set(mapping) - names)
-    if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; "
-                          f"allowed: {', '.join(sorted(names))}")
-    missing = [field.name for field in fields if field.name not in mapping
-               and field.default is dataclasses.MISSING
-               and field.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{section}: missing key(s) {', '.join(missing)}")
-    return cls(**mapping)
 
 
 class Defense(Protocol):

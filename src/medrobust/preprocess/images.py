@@ -28,7 +28,8 @@ from medrobust.io.checksums import sha256_file
 from medrobust.io.image_store import ImageStoreWriter
 from medrobust.io.images import read_image
 from medrobust.logs import get_logger
-from medrobust.preprocess import config_from_mapping, positive_number
+from medrobust.config import config_from_mapping
+from medrobust.preprocess import positive_number
 
 log = get_logger(__name__)
 ON_BAD_INPUT = ("fail", "skip")

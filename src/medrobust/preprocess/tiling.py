@@ -33,7 +33,8 @@ from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import create_tile_store
 from medrobust.io.slides import Slide, open_slide
 from medrobust.logs import get_logger
-from medrobust.preprocess import config_from_mapping, positive_number
+from medrobust.config import config_from_mapping
+from medrobust.preprocess import positive_number
 from medrobust.preprocess.tissue import tissue_mask
 
 log = get_logger(__name__)

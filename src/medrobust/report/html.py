@@ -21,7 +21,7 @@ from medrobust.errors import InputError
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
 from medrobust.report.figures import accuracy_vs_epsilon, accuracy_vs_severity, example_grid
-from medrobust.report.summary import COLUMNS
+from medrobust.evaluate.metrics import METRIC_KEYS
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222;
@@ -210,8 +210,8 @@ def _plain(column: str, value: Any) -> str:
 
 def metrics_table_html(summary: pd.DataFrame) -> str:
     """Every summary row and column, as in robustness.csv."""
-    head = "".join(f"<th>{column}</th>" for column in COLUMNS)
-    rows = "\n".join("<tr>" + "".join(f"<td>{_plain(column, row[column])}</td>" for column in COLUMNS)
+    head = "".join(f"<th>{column}</th>" for column in METRIC_KEYS)
+    rows = "\n".join("<tr>" + "".join(f"<td>{_plain(column, row[column])}</td>" for column in METRIC_KEYS)
                      + "</tr>" for _, row in summary.iterrows())
     return f'<table class="metrics">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
 

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
+from medrobust.config import config_from_mapping
 from medrobust.models.registry import (
-    IMAGE_CLASSIFIERS, Defense, build_defense, build_model, config_from_mapping, defense_config,
-    save_model)
+    IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
 
 log = get_logger(__name__)
 PRETRAINED = ("none", "imagenet")

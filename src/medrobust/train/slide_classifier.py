@@ -24,7 +24,8 @@ from tqdm import tqdm
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.slide_stores import open_feature_store
 from medrobust.logs import get_logger
-from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model, config_from_mapping, save_model
+from medrobust.config import config_from_mapping
+from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model, save_model
 
 log = get_logger(__name__)
 SPLITS = ("train", "val", "test")
