@@ -31,7 +31,7 @@ DATASET_NAME = "dataset.json"
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest; `table` has the `MANIFEST_COLUMNS` as strings."""
+    """A validated manifest; `table` holds every column of the CSV as strings."""
 
     path: Path
     table: pd.DataFrame
@@ -107,7 +107,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if missing:
         raise InputError(f"{path}: line 1 (header) lacks column(s) {', '.join(missing)}; "
                          f"expected {', '.join(MANIFEST_COLUMNS)}")
-    table = table[list(MANIFEST_COLUMNS)].reset_index(drop=True)
     _validate_rows(path, table, classes)
     return Manifest(path=path, table=table, classes=classes, kind=kind)
 

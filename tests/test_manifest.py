@@ -1,0 +1,147 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from medrobust.data import manifest as manifest_module
+from medrobust.data.manifest import (MANIFEST_COLUMNS, begin_dataset, read_manifest,
+                                     stratified_split, write_dataset)
+from medrobust.errors import ConfigError, InputError
+
+CLASSES = ["benign", "malignant"]
+
+
+def _rows():
+    return [
+        {"sample_id": sample_id, "path": f"img/{sample_id}.dcm", "label": label, "split": split,
+         "sha256": digit * 64}
+        for sample_id, label, split, digit in [("a", "benign", "train", "0"),
+                                               ("b", "malignant", "val", "1"),
+                                               ("c", "malignant", "test", "2")]
+    ]
+
+
+def test_round_trip(tmp_path):
+    path = write_dataset(tmp_path, _rows(), CLASSES, "images")
+    assert path == tmp_path / "manifest.csv"
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta == {"classes": CLASSES, "kind": "images"}
+
+    manifest = read_manifest(path)
+    assert list(manifest.table.columns) == list(MANIFEST_COLUMNS)
+    assert manifest.table["sample_id"].tolist() == ["a", "b", "c"]
+    assert manifest.classes == CLASSES and manifest.kind == "images"
+    assert manifest.root == tmp_path
+    assert manifest.labels.tolist() == [0, 1, 1] and manifest.labels.dtype == np.int64
+    assert manifest.label_index("malignant") == 1
+    with pytest.raises(InputError, match="no class 'cyst'"):
+        manifest.label_index("cyst")
+    assert manifest.absolute_path(manifest.table.iloc[1]) == tmp_path / "img" / "b.dcm"
+
+
+def test_dataset_json_is_written_after_the_manifest(tmp_path, monkeypatch):
+    real_write_json = manifest_module.write_json
+
+    def checking_write_json(path, data):
+        assert (tmp_path / "manifest.csv").exists()
+        real_write_json(path, data)
+
+    monkeypatch.setattr(manifest_module, "write_json", checking_write_json)
+    write_dataset(tmp_path, _rows(), CLASSES, "images")
+    assert (tmp_path / "dataset.json").exists()
+
+
+def test_write_dataset_rejects_incomplete_rows(tmp_path):
+    rows = _rows()
+    del rows[1]["sha256"]
+    with pytest.raises(ValueError, match="lacks sha256"):
+        write_dataset(tmp_path, rows, CLASSES, "images")
+    assert not (tmp_path / "dataset.json").exists()
+
+
+def test_begin_dataset_removes_the_completion_marker(tmp_path):
+    write_dataset(tmp_path, _rows(), CLASSES, "images")
+    assert begin_dataset(tmp_path) == tmp_path
+    assert not (tmp_path / "dataset.json").exists()
+
+
+def _write_csv(tmp_path, text, classes=CLASSES):
+    (tmp_path / "dataset.json").write_text(json.dumps({"classes": classes, "kind": "images"}))
+    path = tmp_path / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+HEADER = "sample_id,path,label,split,sha256\n"
+GOOD = "a,a.dcm,benign,train,x\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (HEADER + GOOD + "b,b.dcm,cyst,train,x\n", r"line 3 \(sample_id 'b'\): label 'cyst'"),
+    (HEADER + GOOD + "b,b.dcm,benign,training,x\n", r"line 3 \(sample_id 'b'\): split 'training'"),
+    (HEADER + GOOD + "b,b.dcm,benign,val,x\n" + "a,c.dcm,benign,test,x\n",
+     r"line 4 \(sample_id 'a'\): duplicate sample_id 'a' \(first on line 2\)"),
+    (HEADER + ",b.dcm,benign,val,x\n", r"line 2 \(sample_id ''\): empty sample_id"),
+    (HEADER + "b,,benign,val,x\n", r"line 2 \(sample_id 'b'\): empty path"),
+    ("sample_id,path,label,sha256\na,a.dcm,benign,x\n",
+     r"line 1 \(header\) lacks column\(s\) split"),
+])
+def test_read_manifest_names_the_bad_row(tmp_path, text, expected):
+    path = _write_csv(tmp_path, text)
+    with pytest.raises(InputError, match=expected) as error:
+        read_manifest(path)
+    assert str(path) in str(error.value)
+
+
+def test_sample_ids_that_look_like_missing_values_stay_strings(tmp_path):
+    path = _write_csv(tmp_path, HEADER + "NA,a.dcm,benign,train,x\n")
+    assert read_manifest(path).table["sample_id"].tolist() == ["NA"]
+
+
+@pytest.mark.parametrize("meta, expected", [
+    (None, "not a readable dataset description"),
+    ({"classes": ["only"], "kind": "images"}, "at least two distinct names"),
+    ({"classes": ["a", "b"], "kind": "videos"}, "`kind` must be one of"),
+])
+def test_read_manifest_checks_dataset_json(tmp_path, meta, expected):
+    path = tmp_path / "manifest.csv"
+    path.write_text(HEADER + GOOD)
+    if meta is not None:
+        (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=expected) as error:
+        read_manifest(path)
+    assert "dataset.json" in str(error.value)
+
+
+def test_stratified_split_divides_every_class():
+    labels = ["benign"] * 80 + ["malignant"] * 80
+    splits = stratified_split(labels, {"train": 0.6, "val": 0.15, "test": 0.25}, seed=0)
+    assert all(isinstance(split, str) for split in splits)
+    for label in ("benign", "malignant"):
+        counts = Counter(s for s, l in zip(splits, labels) if l == label)
+        assert counts == {"train": 48, "val": 12, "test": 20}
+
+
+def test_stratified_split_five_to_one_with_uneven_classes():
+    labels = np.array([0] * 13 + [1] * 7)
+    splits = np.array(stratified_split(labels, {"train": 5 / 6, "test": 1 / 6}, seed=3))
+    assert Counter(splits[labels == 0]) == {"train": 11, "test": 2}
+    assert Counter(splits[labels == 1]) == {"train": 6, "test": 1}
+
+
+def test_stratified_split_is_seeded():
+    labels = [i % 2 for i in range(40)]
+    fractions = {"train": 0.5, "val": 0.25, "test": 0.25}
+    assert stratified_split(labels, fractions, 7) == stratified_split(labels, fractions, 7)
+    assert stratified_split(labels, fractions, 7) != stratified_split(labels, fractions, 8)
+
+
+@pytest.mark.parametrize("fractions, expected", [
+    ({"train": 0.5, "test": 0.4}, "sum to 1"),
+    ({"train": 0.5, "holdout": 0.5}, "unknown split 'holdout'"),
+    ({"train": 1.5, "test": -0.5}, "must be a number >= 0"),
+])
+def test_stratified_split_rejects_bad_fractions(fractions, expected):
+    with pytest.raises(ConfigError, match=expected):
+        stratified_split([0, 1], fractions, 0)
