@@ -145,6 +145,7 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(index)
         record = {"epoch": epoch, **{f"train_{key}": value / len(train[0])
                                      for key, value in totals.items()}}
+        _recalibrate_batchnorm(model, train[0], training.batch_size, device)
         record.update(_validate(model, val, training.batch_size, device))
         epochs.append(record)
         log.info("%s epoch %d/%d: %s", name, epoch, training.epochs,
@@ -156,6 +157,27 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
             best_state = copy.deepcopy(model.state_dict())
     return best_state, {"epochs": epochs, "best_epoch": best[1],
                         "selected_by": "val_accuracy" if len(val[0]) else "last_epoch"}
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
+                           device: torch.device) -> None:
+    """Re-estimate BatchNorm statistics on the training images with the current weights.
+
+    With a few steps per epoch the running averages still mostly hold the
+    statistics of early weights, and eval-mode predictions collapse to one
+    class; a plain average over one pass fixes that ("precise BN").
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over this pass
+    model.train()
+    for index in torch.arange(len(images)).split(batch_size):
+        model(images[index].to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 @torch.no_grad()

@@ -1,0 +1,90 @@
+"""The whole workflow, run by the real Snakemake on the tiny config.
+
+One run (module fixture) feeds every check; the checks read the outputs'
+contents against the data contracts in docs/architecture.md.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import zarr
+
+from medrobust.io.image_store import open_image_store
+from medrobust.io.slide_stores import open_feature_store, open_tile_store
+from workflow_runner import ROOT, run_snakemake
+
+pytestmark = pytest.mark.workflow
+TINY = ROOT / "tests/configs/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    result = run_snakemake(workdir, TINY, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-6000:]
+    return workdir
+
+
+def test_image_store_matches_the_contract(workdir):
+    store = open_image_store(workdir / "results/preprocessed/mammograms.zarr")
+    manifest = pd.read_csv(workdir / "resources/mammograms/manifest.csv")
+    assert store.images.shape == (len(manifest), 1, 32, 32)
+    assert store.classes == ["benign", "malignant"]
+    assert list(store.sample_ids) == list(manifest["sample_id"])
+    assert set(store.splits) == {"train", "val", "test"}
+    images, _ = store.load("test")
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
+
+
+def test_tile_and_feature_stores_match_the_contract(workdir):
+    manifest = pd.read_csv(workdir / "resources/slides/manifest.csv")
+    assert len(manifest) == 6
+    for slide_id, label in zip(manifest["sample_id"], manifest["label"]):
+        tiles = open_tile_store(workdir / f"results/tiles/slides/{slide_id}.zarr")
+        assert tiles.attrs["slide_id"] == slide_id and tiles.attrs["label"] == label
+        assert tiles.attrs["target_mpp"] == 2.0 and tiles.attrs["tile_size"] == 32
+        assert tiles.tiles.shape[1:] == (32, 32, 3) and len(tiles) == len(tiles.coords) > 0
+        assert (tiles.tissue_fraction >= 0.5).all()
+        # tiles sit on a grid of tile_size_level0 level-0 pixels
+        assert (tiles.coords % tiles.attrs["tile_size_level0"] == 0).all()
+        features = open_feature_store(workdir / f"results/features/slides/resnet18/{slide_id}.zarr")
+        assert features.features.shape == (len(tiles), 512)
+        assert features.attrs["backbone"] == "resnet18" and len(features.attrs["weights_sha256"]) == 64
+
+
+def test_fgsm_lowers_the_baseline_accuracy(workdir):
+    metrics = {
+        path.stem: json.loads(path.read_text())
+        for path in (workdir / "results/evaluate/mammograms/baseline").glob("*.json")
+    }
+    clean = metrics["clean"]["accuracy"]
+    white_box = metrics["fgsm-eps8-from-baseline"]
+    assert white_box["white_box"] is True and white_box["epsilon"] == 8
+    assert white_box["accuracy"] < clean
+    assert metrics["fgsm-eps4-from-baseline"]["accuracy"] < clean
+
+
+def test_adversarial_store_stays_in_the_epsilon_ball(workdir):
+    clean = open_image_store(workdir / "results/preprocessed/mammograms.zarr")
+    adversarial = open_image_store(workdir / "results/attacks/mammograms/fgsm/eps4/from_surrogate.zarr")
+    images, _ = clean.load("test")
+    assert list(adversarial.sample_ids) == list(clean.sample_ids[clean.indices("test")])
+    difference = abs(adversarial.images[:] - images)
+    assert difference.max() <= 4 / 255 + 1e-6 and difference.max() > 3.9 / 255
+
+
+def test_report_holds_the_table_numbers(workdir):
+    summary = pd.read_csv(workdir / "results/report/robustness.csv")
+    html = (workdir / "results/report/index.html").read_text()
+    assert len(summary) == 2 * 8 + 1 + 1  # 2 targets x 8 conditions, surrogate clean, abmil clean
+    for accuracy in summary["accuracy"]:
+        assert f"{accuracy:.3f}" in html
+    assert "<img" in html and "http://" not in html and "https://" not in html
+
+
+def test_second_run_has_nothing_to_do(workdir):
+    result = run_snakemake(workdir, TINY, "--cores", "2", "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
