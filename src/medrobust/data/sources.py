@@ -39,4 +39,4 @@ def fetch_dataset(dataset_config: Mapping[str, Any], out_dir: str | Path) -> Pat
 
 def _load_builtin_sources() -> None:
     # importing the modules registers their sources
-    from medrobust.data import synthetic  # noqa: F401
+    from medrobust.data import http, local, recipes, synthetic  # noqa: F401

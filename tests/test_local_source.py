@@ -1,0 +1,126 @@
+"""The `local` source: an existing folder plus a labels table."""
+
+import hashlib
+
+import pytest
+
+from medrobust.data.manifest import read_manifest
+from medrobust.data.sources import fetch_dataset
+from medrobust.errors import ConfigError, InputError
+
+
+def make_folder(root, rows, header="filename,finding", table="labels.csv", sep=","):
+    """Files images/<name> with distinct bytes, and a labels table listing `rows`."""
+    (root / "images").mkdir(parents=True)
+    lines = [header]
+    for index, row in enumerate(rows):
+        name = row[0]
+        (root / "images" / name).write_bytes(f"image {index}".encode())
+        lines.append(sep.join(row))
+    (root / table).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def dataset(root, classes=("normal", "pneumonia"), **labels):
+    labels = {"table": "labels.csv", "path_column": "filename", "label_column": "finding",
+              "path_template": "images/{}", **labels}
+    return {"kind": "images", "classes": list(classes),
+            "source": {"type": "local", "root": str(root), "labels": labels,
+                       "splits": {"train": 0.5, "test": 0.5}, "seed": 3}}
+
+
+ROWS = [("a.png", "NORMAL"), ("b.png", "NORMAL"), ("c.png", "PNEUMONIA"),
+        ("d.png", "PNEUMONIA"), ("e.png", "UNSURE")]
+LABEL_MAP = {"NORMAL": "normal", "PNEUMONIA": "pneumonia", "UNSURE": None}
+
+
+def test_local_folder_becomes_a_manifest(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS)
+    path = fetch_dataset(dataset(root, label_map=LABEL_MAP), tmp_path / "resources" / "xray")
+    manifest = read_manifest(path)
+    table = manifest.table.set_index("sample_id")
+    assert list(table.index) == ["a", "b", "c", "d"]          # UNSURE was dropped
+    assert table.loc["c", "label"] == "pneumonia"
+    assert table.loc["a", "path"] == "data/images/a.png"      # through the link, not a copy
+    assert (manifest.root / "data").is_symlink()
+    assert table.loc["a", "sha256"] == hashlib.sha256(b"image 0").hexdigest()
+    # stratified: one of each class in each split
+    assert sorted(table.groupby("split")["label"].apply(sorted).tolist()) \
+        == [["normal", "pneumonia"]] * 2
+    assert manifest.classes == ["normal", "pneumonia"] and manifest.kind == "images"
+
+
+def test_same_seed_same_splits(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS)
+    config = dataset(root, label_map=LABEL_MAP)
+    first = read_manifest(fetch_dataset(config, tmp_path / "one")).table
+    second = read_manifest(fetch_dataset(config, tmp_path / "two")).table
+    assert first["split"].tolist() == second["split"].tolist()
+
+
+def test_split_column_and_id_column_and_tsv(tmp_path):
+    rows = [("a.png", "0", "train", "p1"), ("b.png", "1", "val", "p2"),
+            ("c.png", "1", "test", "p3")]
+    root = make_folder(tmp_path / "x", rows, header="filename\tfinding\tsplit\tid",
+                       table="labels.tsv", sep="\t")
+    config = dataset(root, table="labels.tsv", split_column="split", id_column="id",
+                     label_map={0: "normal", 1: "pneumonia"})   # YAML reads these keys as ints
+    table = read_manifest(fetch_dataset(config, tmp_path / "out")).table
+    assert table[["sample_id", "label", "split"]].values.tolist() == [
+        ["p1", "normal", "train"], ["p2", "pneumonia", "val"], ["p3", "pneumonia", "test"]]
+
+
+def test_unknown_label_names_the_row(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS)
+    with pytest.raises(InputError) as error:
+        fetch_dataset(dataset(root, label_map={"NORMAL": "normal", "PNEUMONIA": "pneumonia"}),
+                      tmp_path / "out")
+    message = str(error.value)
+    assert "labels.csv: line 6" in message and "'e.png'" in message and "'UNSURE'" in message
+    assert "label_map" in message
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_label_mapped_to_a_missing_class_is_reported(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS[:2])
+    with pytest.raises(InputError, match="line 2.*'NORMAL'.*maps to 'healthy'"):
+        fetch_dataset(dataset(root, label_map={"NORMAL": "healthy"}), tmp_path / "out")
+
+
+def test_missing_file_names_the_row(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS[:4])
+    (root / "images" / "c.png").unlink()
+    with pytest.raises(InputError, match="line 4 \\(filename 'c.png'\\): no file"):
+        fetch_dataset(dataset(root, label_map=LABEL_MAP), tmp_path / "out")
+
+
+def test_bad_split_value_names_the_row(tmp_path):
+    root = make_folder(tmp_path / "x", [("a.png", "normal", "training")],
+                       header="filename,finding,split")
+    with pytest.raises(InputError, match="line 2.*split 'training'"):
+        fetch_dataset(dataset(root, split_column="split"), tmp_path / "out")
+
+
+def test_missing_column_lists_the_header(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS)
+    with pytest.raises(InputError, match="no column\\(s\\) diagnosis; it has: filename, finding"):
+        fetch_dataset(dataset(root, label_column="diagnosis"), tmp_path / "out")
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    config = dataset(tmp_path)
+    config["source"]["roots"] = "typo"
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) roots"):
+        fetch_dataset(config, tmp_path / "out")
+    config = dataset(tmp_path, columns="x")
+    with pytest.raises(ConfigError, match="source.labels: unknown key\\(s\\) columns"):
+        fetch_dataset(config, tmp_path / "out")
+
+
+def test_missing_folder_and_missing_classes(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        fetch_dataset(dataset(tmp_path / "nowhere"), tmp_path / "out")
+    config = dataset(make_folder(tmp_path / "xray", ROWS))
+    del config["classes"]
+    with pytest.raises(ConfigError, match="classes"):
+        fetch_dataset(config, tmp_path / "out")
