@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from fixtures_http import http_server  # noqa: F401 (the local HTTP server fixture)
 
 DATA = Path(__file__).parent / "data"
 

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from fixtures_http import http_server, refused_url  # noqa: F401 (fixture)
+from fixtures_http import refused_url
 from medrobust.data.download import (
     Checksum,
     ChecksumMismatch,

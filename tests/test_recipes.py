@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from fixtures_http import http_server, write_medmnist_npz  # noqa: F401 (fixture)
+from fixtures_http import write_medmnist_npz
 from medrobust.data.download import ChecksumMismatch, DownloadError
 from medrobust.data.manifest import read_manifest
 from medrobust.data.recipes import RECIPES, camelyon16, cbis_ddsm, medmnist

@@ -5,11 +5,9 @@ contents against the data contracts in docs/architecture.md.
 """
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import zarr
 
 from medrobust.io.image_store import open_image_store
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
