@@ -12,7 +12,7 @@ from medrobust.errors import InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.io.image_store import write_image_store
 from medrobust.report.figures import accuracy_vs_epsilon, example_grid
-from medrobust.report.html import write_report
+from medrobust.report.html import at_a_glance, write_report
 from medrobust.report.summary import summarize_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -155,3 +155,17 @@ def test_report_pairs_each_adversarial_store_with_its_datasets_clean_store(tmp_p
     assert not (tmp_path / "index.html").exists()
     write_report(csv_path, tmp_path / "index.html", [clean], [adversarial], n_examples=0)
     assert "Example images" not in (tmp_path / "index.html").read_text()
+
+
+def test_at_a_glance_compares_each_defense_with_each_undefended_model(summary_files):
+    table = summary_files[0]
+    images = table[table["family"] == "image"]
+    config = {"image_classifiers": {"baseline": {}, "surrogate": {},
+                                    "denoising": {"defense": {"name": "denoising"}}}}
+    text = re.sub(r"<[^>]+>", "", at_a_glance(images, config))
+    # baseline white-box: mean(0.375, 0.125) = 0.25; denoising white-box: 0.5625
+    assert "white-box +0.312" in text and "the defense helped" in text
+    assert "clean -0.062" in text  # 0.8125 - 0.875
+    assert "surrogate" not in text  # never attacked, so not summarised
+    worse = images.assign(accuracy=images["accuracy"].where(images["model"] != "denoising", 0.0))
+    assert "did not help" in at_a_glance(worse, config)

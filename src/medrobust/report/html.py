@@ -20,8 +20,8 @@ from medrobust import __version__
 from medrobust.errors import InputError
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
-from medrobust.report.figures import accuracy_vs_epsilon, accuracy_vs_severity, example_grid
 from medrobust.evaluate.metrics import METRIC_KEYS
+from medrobust.report.figures import accuracy_vs_epsilon, accuracy_vs_severity, example_grid
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222;
@@ -98,6 +98,8 @@ def render_report(summary: pd.DataFrame, grids: list[bytes],
     images = summary[summary["family"] != "slide"]
     slides = summary[summary["family"] == "slide"]
     sections = [("How to read this", _HOW_TO_READ)]
+    if (images["kind"] == "attack").any():
+        sections.append(("At a glance", at_a_glance(images, config or {})))
     if not images.empty:
         sections.append(("Image classifiers: accuracy under attack and perturbation",
                          robustness_table(images)))
@@ -124,6 +126,62 @@ def render_report(summary: pd.DataFrame, grids: list[bytes],
             f"<title>medrobust robustness report</title>\n<style>\n{_CSS}\n</style>\n</head>\n"
             f"<body>\n<h1>medrobust robustness report</h1>\n"
             f"<p>medrobust {html.escape(__version__)}</p>\n{body}\n</body>\n</html>\n")
+
+
+def _defense_name(model: str, config: Mapping[str, Any]) -> str:
+    settings = config.get("image_classifiers", {}).get(model, {})
+    return (settings.get("defense") or {}).get("name", "none")
+
+
+def at_a_glance(images: pd.DataFrame, config: Mapping[str, Any]) -> str:
+    """How fragile each attacked model is, and whether each defense beat each undefended model.
+
+    Means are over every epsilon (and every transfer source) in the table, so
+    models are compared on the same conditions.
+    """
+    def mean_accuracy(group: pd.DataFrame, kind: str, white_box: bool | None = None) -> float:
+        rows = group[group["kind"] == kind]
+        if white_box is not None:
+            rows = rows[rows["white_box"].astype(str) == str(white_box)]
+        return float(rows["accuracy"].mean()) if len(rows) else float("nan")
+
+    summary = []
+    for (dataset, model), group in images.groupby(["dataset", "model"], sort=False):
+        if not (group["kind"] == "attack").any():
+            continue
+        summary.append({
+            "dataset": dataset, "model": model, "defense": _defense_name(model, config),
+            "n": int(group["n"].max()),
+            "clean": mean_accuracy(group, "clean"),
+            "white-box": mean_accuracy(group, "attack", True),
+            "transfer": mean_accuracy(group, "attack", False),
+            "perturbed": mean_accuracy(group, "perturbation"),
+        })
+    columns = ("clean", "white-box", "transfer", "perturbed")
+    head = "".join(f"<th>{name}</th>" for name in ("dataset", "model", "defense", *columns))
+    body = "\n".join(
+        f'<tr><td class="name">{html.escape(row["dataset"])}</td>'
+        f'<td class="name">{html.escape(row["model"])}</td><td>{html.escape(row["defense"])}</td>'
+        + "".join(f"<td>{_number(row[column])}</td>" for column in columns) + "</tr>"
+        for row in summary)
+    verdicts = []
+    for defended in (row for row in summary if row["defense"] != "none"):
+        for plain in (row for row in summary
+                      if row["defense"] == "none" and row["dataset"] == defended["dataset"]):
+            changes = ", ".join(
+                f"{column} {defended[column] - plain[column]:+.3f}" for column in columns
+                if not (_missing(defended[column]) or _missing(plain[column])))
+            helped = defended["transfer"] > plain["transfer"] or (
+                _missing(defended["transfer"]) and defended["white-box"] > plain["white-box"])
+            verdicts.append(
+                f"<li><b>{html.escape(defended['model'])}</b> ({html.escape(defended['defense'])})"
+                f" against <b>{html.escape(plain['model'])}</b>: {changes} &rarr; the defense "
+                f"{'helped' if helped else 'did not help'} here (on {defended['n']} test "
+                f"images; small test sets make small differences noise).</li>")
+    return (f"<p>Mean accuracy of each attacked model over all epsilons per threat model, and "
+            f"over all perturbation severities.</p>\n<table><thead><tr>{head}</tr></thead>"
+            f"<tbody>\n{body}\n</tbody></table>"
+            + (f"<ul>\n{chr(10).join(verdicts)}\n</ul>" if verdicts else ""))
 
 
 def _missing(value: Any) -> bool:
