@@ -67,3 +67,17 @@ def test_bad_config_stops_snakemake_before_any_job(config, tmp_path):
     assert result.returncode != 0
     assert "datasets.mammograms.preprocess: unknown key(s): 'image_sise'" in result.stderr + result.stdout
     assert not (tmp_path / "resources").exists()
+
+
+def test_a_configfile_replaces_the_default_config():
+    """From the clone's root, config.yaml's datasets and models must not leak in."""
+    import subprocess
+
+    from workflow_runner import SNAKEMAKE
+
+    result = subprocess.run(
+        [*SNAKEMAKE, "--dry-run", "--configfile", str(ROOT / "tests/configs/dry_run/medmnist.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dataset=chest" in result.stdout
+    assert "mammograms" not in result.stdout and "train_slide_classifier" not in result.stdout
