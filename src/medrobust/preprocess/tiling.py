@@ -30,7 +30,7 @@ from tqdm import tqdm
 from medrobust.errors import ConfigError
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
-from medrobust.io.slide_stores import create_tile_store
+from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store
 from medrobust.io.slides import Slide, open_slide
 from medrobust.logs import get_logger
 from medrobust.config import config_from_mapping
@@ -39,7 +39,7 @@ from medrobust.preprocess.tissue import tissue_mask
 
 log = get_logger(__name__)
 MASK_PIXELS_PER_TILE = 8   # thumbnail resolution: a tile spans about 8x8 mask pixels
-_BATCH = 16                # tiles per dask task: enough to amortise scheduling
+_BATCH = TILES_PER_SHARD   # tiles per dask task: each task writes one whole shard
 
 
 @dataclass(frozen=True)
@@ -151,14 +151,16 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_si
     lock = threading.Lock()  # tqdm's counter is not safe to bump from several threads
 
     def read_batch(start: int, stop: int) -> None:
-        for index in range(start, stop):
+        batch = np.empty((stop - start, tile_size, tile_size, 3), dtype=np.uint8)
+        for offset, index in enumerate(range(start, stop)):
             tile = slide.read_rgb((int(coords[index, 0]), int(coords[index, 1])), grid.level, size)
             if grid.read_size != tile_size:
                 tile = np.asarray(Image.fromarray(tile).resize((tile_size, tile_size),
                                                                Image.Resampling.LANCZOS))
-            tiles[index] = tile
-            with lock:
-                bar.update()
+            batch[offset] = tile
+        tiles[start:stop] = batch  # one whole shard, one file write
+        with lock:
+            bar.update(stop - start)
 
     with bar:
         tasks = [dask.delayed(read_batch)(start, min(start + _BATCH, len(coords)))
