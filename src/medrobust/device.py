@@ -52,12 +52,18 @@ def claim_gpu(n_gpus: int | None = None, lock_dir: Path = _LOCK_DIR) -> int | No
     return None
 
 
-def select_device(preference: str = "auto"):
-    """`auto` takes a GPU when one is present, else the CPU."""
+def select_device(preference: str = "auto", threads: int | None = None):
+    """`auto` takes a GPU when one is present, else the CPU.
+
+    `threads` (a job's Snakemake `threads`) caps torch's CPU thread pool: by
+    default torch takes every core, so concurrent jobs would oversubscribe them.
+    """
     import torch
 
     if preference not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not {preference!r}")
+    if threads:
+        torch.set_num_threads(threads)
     if preference == "cpu":
         return torch.device("cpu")
     claim_gpu()

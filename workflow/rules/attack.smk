@@ -12,7 +12,7 @@ rule attack:
     params:
         settings=attack_settings,
         device=config["device"],
-    threads: 2
+    threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
         mem_mb=4000,

@@ -11,7 +11,7 @@ rule evaluate_image_classifier:
         metrics="results/evaluate/{dataset}/{image_model}/{condition}.json",
     params:
         device=config["device"],
-    threads: 2
+    threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
     log:

@@ -9,7 +9,7 @@ rule extract_features:
     params:
         features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
         device=config["device"],
-    threads: 2
+    threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
         mem_mb=4000,

@@ -37,7 +37,7 @@ rule train_slide_classifier:
             "classes": DATASETS[wildcards.dataset].get("classes"),
         },
         device=config["device"],
-    threads: 2
+    threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
         mem_mb=4000,

@@ -12,5 +12,5 @@ with script_logging(snakemake):
         attack_name=snakemake.wildcards.attack,
         epsilon_255=int(snakemake.wildcards.eps),
         attack_params=snakemake.params.settings,
-        device=select_device(snakemake.params.device),
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

@@ -11,5 +11,5 @@ with script_logging(snakemake):
         snakemake.output.predictions,
         snakemake.output.metrics,
         condition=snakemake.wildcards.condition,
-        device=select_device(snakemake.params.device),
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

@@ -10,5 +10,5 @@ with script_logging(snakemake):
         list(snakemake.input.features),
         snakemake.output.predictions,
         snakemake.output.metrics,
-        device=select_device(snakemake.params.device),
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

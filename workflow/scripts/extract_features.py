@@ -7,5 +7,5 @@ with script_logging(snakemake):
         snakemake.input[0],
         snakemake.output[0],
         FeatureConfig.from_mapping(snakemake.params.features),
-        device=select_device(snakemake.params.device),
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

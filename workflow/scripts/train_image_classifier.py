@@ -11,5 +11,5 @@ with script_logging(snakemake):
         Path(snakemake.output.weights).parent,
         model_config=model,
         training_config=model.pop("training"),
-        device=select_device(snakemake.params.device),
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

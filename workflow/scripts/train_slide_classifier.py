@@ -9,5 +9,5 @@ with script_logging(snakemake):
         list(snakemake.input),
         Path(snakemake.output.weights).parent,
         model_config=snakemake.params.model,
-        device=select_device(snakemake.params.device),
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )
