@@ -164,8 +164,21 @@ def test_at_a_glance_compares_each_defense_with_each_undefended_model(summary_fi
                                     "denoising": {"defense": {"name": "denoising"}}}}
     text = re.sub(r"<[^>]+>", "", at_a_glance(images, config))
     # baseline white-box: mean(0.375, 0.125) = 0.25; denoising white-box: 0.5625
-    assert "white-box +0.312" in text and "the defense helped" in text
+    assert "white-box +0.312" in text and "under white-box attacks the defense helped" in text
     assert "clean -0.062" in text  # 0.8125 - 0.875
     assert "surrogate" not in text  # never attacked, so not summarised
     worse = images.assign(accuracy=images["accuracy"].where(images["model"] != "denoising", 0.0))
     assert "did not help" in at_a_glance(worse, config)
+
+
+def test_at_a_glance_judges_a_defense_on_transfer_attacks_when_there_are_any(summary_files):
+    """Xue et al.'s setting is black-box: a defense that gains white-box but loses
+    under transfer did not help."""
+    images = summary_files[0]
+    images = images[images["family"] == "image"]
+    transfer = pd.DataFrame([attack("denoising", "surrogate", 4, 0.5, 0.6)])
+    config = {"image_classifiers": {"denoising": {"defense": {"name": "denoising"}}}}
+    text = re.sub(r"<[^>]+>", "", at_a_glance(pd.concat([images, transfer]), config))
+    # white-box: denoising 0.5625 vs baseline 0.25; transfer: 0.5 vs 0.625
+    assert "white-box +0.312" in text and "transfer -0.125" in text
+    assert "under transfer attacks the defense did not help" in text

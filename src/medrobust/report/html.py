@@ -171,11 +171,13 @@ def at_a_glance(images: pd.DataFrame, config: Mapping[str, Any]) -> str:
             changes = ", ".join(
                 f"{column} {defended[column] - plain[column]:+.3f}" for column in columns
                 if not (_missing(defended[column]) or _missing(plain[column])))
-            helped = defended["transfer"] > plain["transfer"] or (
-                _missing(defended["transfer"]) and defended["white-box"] > plain["white-box"])
+            # judged on transfer attacks (the studies' black-box setting) where there are any
+            judged_on = "white-box" if _missing(defended["transfer"]) else "transfer"
+            helped = defended[judged_on] > plain[judged_on]
             verdicts.append(
                 f"<li><b>{html.escape(defended['model'])}</b> ({html.escape(defended['defense'])})"
-                f" against <b>{html.escape(plain['model'])}</b>: {changes} &rarr; the defense "
+                f" against <b>{html.escape(plain['model'])}</b>: {changes} &rarr; under "
+                f"{judged_on} attacks the defense "
                 f"{'helped' if helped else 'did not help'} here (on {defended['n']} test "
                 f"images; small test sets make small differences noise).</li>")
     return (f"<p>Mean accuracy of each attacked model over all epsilons per threat model, and "
