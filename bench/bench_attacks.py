@@ -20,35 +20,14 @@ model, clone, sign, projection and clipping), which should be close to 1.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from medrobust.attacks import build_attack
 from medrobust.models.image_classifiers import resnet18
-
-
-def machine_line() -> str:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"machine: {platform.machine()} {platform.system()}, {cpus} usable CPU cores "
-            f"(os.cpu_count {os.cpu_count()}), torch threads {torch.get_num_threads()}, {gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}")
-
-
-def interleaved_medians(functions, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+from timing import interleaved_medians, machine_line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(machine_line())
+    print(machine_line(f"torch {torch.__version__}"))
 
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -88,8 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         "fgsm": lambda: fgsm(images, labels),
         "ifgsm": lambda: ifgsm(images, labels),
     }
-    for function in functions.values():  # warm-up
-        function()
     medians = interleaved_medians(functions, args.repeats)
 
     print(f"\nResNet18 (medrobust image classifier, random weights), batch "

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would only add noise here
@@ -36,27 +33,10 @@ from medrobust.features.backbones import build_backbone
 from medrobust.features.extract import FeatureConfig, extract_slide_features
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.preprocess.tiling import TilingConfig, tile_slide
+from timing import interleaved_medians, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"
-
-
-def machine_line() -> str:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"machine: {platform.machine()} {platform.system()}, {cpus} usable CPU cores "
-            f"(os.cpu_count {os.cpu_count()}), torch threads {torch.get_num_threads()}, {gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}")
-
-
-def interleaved_medians(functions: dict[str, callable], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(machine_line())
+    print(machine_line(f"torch {torch.__version__}"))
 
     with tempfile.TemporaryDirectory(prefix="medrobust-bench-") as tmp:
         work = Path(tmp)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -39,33 +37,10 @@ from PIL import Image
 from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store
 from medrobust.io.slides import open_slide
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_fractions
+from timing import interleaved_medians, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"
-
-
-def machine_line() -> str:
-    import torch
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"machine: {platform.machine()} {platform.system()}, {cpus} usable CPU cores "
-            f"(os.cpu_count {os.cpu_count()}), torch threads {torch.get_num_threads()}, {gpu}; "
-            f"python {platform.python_version()}, openslide {openslide.__library_version__} "
-            f"(openslide-python {openslide.__version__})")
-
-
-def interleaved_medians(functions, repeats: int) -> list[float]:
-    """Median seconds of each function; rounds run every function once, in turn, so a
-    busy shared machine slows all of them alike."""
-    for function in functions:  # warm-up: file cache, first-call allocations
-        function()
-    times: list[list[float]] = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, record in zip(functions, times):
-            start = time.perf_counter()
-            function()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
 
 
 def baseline_reader(path: Path, coords: np.ndarray, level: int, read_size: int,
@@ -181,8 +156,8 @@ def bench_slide(path: Path, args, work: Path) -> None:
 
         setups.append((f"medrobust tile_slide, workers={workers}", run_tiling, workers))
 
-    medians = interleaved_medians([function for _, function, _ in setups], args.repeats)
-    rows = [(name, seconds, threads) for (name, _, threads), seconds in zip(setups, medians)]
+    medians = interleaved_medians({name: function for name, function, _ in setups}, args.repeats)
+    rows = [(name, medians[name], threads) for name, _, threads in setups]
     setup = next(seconds for name, seconds, _ in rows if name.startswith("medrobust setup"))
     for workers in args.workers:
         total = next(seconds for name, seconds, threads in rows
@@ -222,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    print(machine_line())
+    print(machine_line(f"openslide {openslide.__library_version__} "
+                       f"(openslide-python {openslide.__version__})"))
     with tempfile.TemporaryDirectory(prefix="medrobust-bench-") as tmp:
         work = Path(tmp)
         slides = [] if args.no_slide else [args.slide]
