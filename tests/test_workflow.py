@@ -5,6 +5,7 @@ contents against the data contracts in docs/architecture.md.
 """
 
 import json
+import zipfile
 
 import pandas as pd
 import pytest
@@ -87,3 +88,18 @@ def test_second_run_has_nothing_to_do(workdir):
     result = run_snakemake(workdir, TINY, "--cores", "2", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_snakemake_report_packs_the_marked_outputs(workdir):
+    """`snakemake --report` (the rules' report() outputs) works on a finished run."""
+    result = run_snakemake(workdir, TINY, "--report", "snakemake-report.zip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = zipfile.ZipFile(workdir / "snakemake-report.zip").namelist()
+    assert {name.rsplit("/", 1)[-1] for name in names} >= {"index.html", "robustness.csv"}
+
+
+def test_lint_is_clean(tmp_path):
+    """`snakemake --lint` exits 1 on any lint; the default config is the one linted."""
+    result = run_snakemake(tmp_path, ROOT / "config.yaml", "--lint", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Congratulations, your workflow is in a good condition" in result.stderr + result.stdout
