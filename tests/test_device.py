@@ -53,3 +53,12 @@ def test_device_preferences():
             select_device("cuda")
     with pytest.raises(ConfigError, match="auto, cpu or cuda"):
         select_device("gpu")
+
+
+def test_job_threads_cap_torch_threads():
+    """A job's Snakemake threads become torch's CPU thread pool (in a fresh
+    process: the pool size is process-wide)."""
+    probe = ("import torch; from medrobust.device import select_device; "
+             "select_device('cpu', threads=1); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1"]
