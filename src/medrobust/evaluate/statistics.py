@@ -1,0 +1,538 @@
+"""Confidence intervals and paired tests for classifier metrics.
+
+Test sets in medical imaging are small, so a metric without its uncertainty
+invites reading noise as an effect. Counts (accuracy, sensitivity,
+specificity) get exact binomial (Clopper-Pearson) intervals; metrics that
+are not a single proportion (balanced accuracy, AUC, macro averages) get a
+percentile bootstrap that resamples within each true class, so every
+resample keeps the test set's class counts and AUC stays defined. Two models
+scored on the same samples are compared pairwise: McNemar's exact test on
+the discordant pairs and a paired bootstrap of the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import beta, binomtest
+
+from medrobust.errors import InputError
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 1000
+
+EXACT = "exact binomial (Clopper-Pearson)"
+STRATIFIED = "stratified bootstrap (percentile)"
+PAIRED = "paired bootstrap (percentile)"
+
+# resample index matrices are built this many entries at a time, bounding memory for large n
+_CHUNK_ENTRIES = 2_000_000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its confidence interval and how the interval was made.
+
+    All three numbers are None where the statistic is undefined (an AUC with a
+    single class present, a proportion of zero trials).
+    """
+
+    estimate: float | None
+    low: float | None
+    high: float | None
+    method: str
+
+    def as_dict(self) -> dict:
+        """The interval as a JSON-ready dict."""
+        return {"estimate": self.estimate, "low": self.low, "high": self.high,
+                "method": self.method}
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with every Interval inside dicts and lists replaced by its dict."""
+    if isinstance(value, Interval):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------- input checks
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise InputError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
+def _check_resamples(n_resamples: int) -> None:
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise InputError(f"n_resamples must be a positive integer, got {n_resamples}")
+
+
+def _integer_labels(labels: Any, name: str = "labels") -> np.ndarray:
+    """`labels` as a 1-D int64 array; non-integral values are an error."""
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.int64, copy=False)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{name} must be integers, got dtype {array.dtype}")
+    if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+        raise InputError(f"{name} must be integers")
+    return array.astype(np.int64)
+
+
+def _check_probabilities(probabilities: Any, n: int, n_classes: int | None = None,
+                         name: str = "probabilities") -> np.ndarray:
+    """`probabilities` as a finite float64 `(n, k)` array, k >= 2 (and == n_classes if given)."""
+    array = np.asarray(probabilities, dtype=np.float64)
+    if array.ndim != 2:
+        raise InputError(f"{name} must be 2-D (samples, classes), got shape {array.shape}")
+    if array.shape[0] != n:
+        raise InputError(f"{name} has {array.shape[0]} rows but there are {n} labels")
+    if n_classes is not None and array.shape[1] != n_classes:
+        raise InputError(f"{name} has {array.shape[1]} columns but there are "
+                         f"{n_classes} classes")
+    if array.shape[1] < 2:
+        raise InputError(f"{name} needs at least 2 class columns, got {array.shape[1]}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _check_label_range(labels: np.ndarray, n_classes: int) -> None:
+    outside = (labels < 0) | (labels >= n_classes)
+    if outside.any():
+        raise InputError(f"labels must lie in 0..{n_classes - 1} for {n_classes} classes; "
+                         f"found {sorted(set(labels[outside].tolist()))[:5]}")
+
+
+def _boolean_vector(values: Any, name: str) -> np.ndarray:
+    """A 1-D array of 0/1 (or bool) values as bool."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype != bool and not ((array == 0) | (array == 1)).all():
+        raise InputError(f"{name} must hold only True/False (or 0/1)")
+    return array.astype(bool)
+
+
+# ---------------------------------------------------------------- exact binomial
+
+def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE) -> Interval:
+    """The proportion successes/trials with its exact (Clopper-Pearson) interval.
+
+    Exact rather than normal-approximation because test sets are small and
+    proportions often sit at 0 or 1, where the approximation collapses.
+    Zero trials give an all-None interval.
+    """
+    _check_confidence(confidence)
+    if int(successes) != successes or int(trials) != trials:
+        raise InputError(f"successes and trials must be integers, got {successes}, {trials}")
+    successes, trials = int(successes), int(trials)
+    if trials < 0 or not 0 <= successes <= trials:
+        raise InputError(f"need 0 <= successes <= trials, got {successes} of {trials}")
+    if trials == 0:
+        return Interval(None, None, None, EXACT)
+    tail = (1.0 - confidence) / 2.0
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(
+        beta.ppf(1.0 - tail, successes + 1, trials - successes))
+    return Interval(successes / trials, low, high, EXACT)
+
+
+# ---------------------------------------------------------------- AUC
+
+def _value_ids(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each score's rank among the distinct scores, and how many distinct scores there are."""
+    distinct, ids = np.unique(scores, return_inverse=True)
+    return ids.reshape(-1), len(distinct)
+
+
+def _batched_auc(positive: np.ndarray, value_ids: np.ndarray, n_values: int,
+                 index: np.ndarray) -> np.ndarray:
+    """AUC of each resample (row of `index`), ties counted half.
+
+    Stratified resampling keeps positives at the positions of positives, so
+    `positive` (by position) holds for every row. Counting each resample's
+    positives and negatives per distinct score (one bincount, no sorting)
+    gives the Mann-Whitney statistic in O(n) per resample, exactly.
+    """
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    rows = index.shape[0]
+    if n_pos == 0 or n_neg == 0:
+        return np.full(rows, np.nan)
+    # one key per (row, distinct score, positive?) so a single bincount counts everything
+    keys = (2 * value_ids + positive)[index]
+    keys += (np.arange(rows) * 2 * n_values)[:, None]
+    counts = np.bincount(keys.ravel(), minlength=rows * 2 * n_values).reshape(rows, n_values, 2)
+    negatives, positives = counts[..., 0], counts[..., 1]
+    negatives_below = np.cumsum(negatives, axis=1) - negatives
+    # twice the wins (a tie is half a win) is an integer, so the ratio is exact
+    twice_wins = (positives * (2 * negatives_below + negatives)).sum(axis=1)
+    return twice_wins / (2 * n_pos * n_neg)
+
+
+def auc_score(labels01: np.ndarray, scores: np.ndarray) -> float | None:
+    """Binary ROC AUC of `scores` for labels 0/1 (ties count half); None if one class only.
+
+    Equal to sklearn.metrics.roc_auc_score, computed as the Mann-Whitney U so
+    that the bootstrap can share the same code.
+    """
+    labels = _integer_labels(labels01, "labels01")
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or len(scores) != len(labels):
+        raise InputError(f"scores must be 1-D with one score per label; got shape "
+                         f"{scores.shape} for {len(labels)} labels")
+    if not ((labels == 0) | (labels == 1)).all():
+        raise InputError("labels01 must hold only 0 and 1")
+    if not np.all(np.isfinite(scores)):
+        raise InputError("scores contain NaN or infinite values")
+    positive = labels == 1
+    if positive.all() or not positive.any():
+        return None
+    ids, n_values = _value_ids(scores)
+    return float(_batched_auc(positive, ids, n_values, np.arange(len(labels))[None, :])[0])
+
+
+# ---------------------------------------------------------------- bootstrap machinery
+
+def _stratified_resamples(strata: np.ndarray, n_resamples: int, seed: int,
+                          ) -> Iterator[np.ndarray]:
+    """Blocks of resample index rows, each row drawn with replacement within each stratum.
+
+    Row r, position i holds a sample of the same stratum as sample i, so every
+    resample keeps the stratum counts, and labels taken through the indices
+    equal the original labels. Blocks bound memory; the random stream depends
+    only on the seed, the strata and the block size (which depends only on n).
+    """
+    rng = np.random.default_rng(seed)
+    n = len(strata)
+    groups = [np.flatnonzero(strata == value) for value in np.unique(strata)]
+    block = max(1, _CHUNK_ENTRIES // max(n, 1))
+    for start in range(0, n_resamples, block):
+        rows = min(block, n_resamples - start)
+        index = np.empty((rows, n), dtype=np.intp)
+        for members in groups:
+            index[:, members] = members[rng.integers(0, len(members), size=(rows, len(members)))]
+        yield index
+
+
+def _percentile_interval(estimate: float, samples: np.ndarray, confidence: float,
+                         method: str) -> Interval:
+    """Percentile interval of the finite bootstrap samples around `estimate` (None if NaN)."""
+    samples = samples[np.isfinite(samples)]
+    if not np.isfinite(estimate) or len(samples) == 0:
+        return Interval(None, None, None, method)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(samples, [tail, 1.0 - tail])
+    return Interval(float(estimate), float(low), float(high), method)
+
+
+def _bootstrap(statistics: Callable[[np.ndarray], dict[str, np.ndarray]], strata: np.ndarray,
+               n_resamples: int, seed: int, confidence: float, method: str,
+               ) -> dict[str, Interval]:
+    """Intervals for several statistics computed on one shared set of resamples.
+
+    `statistics(index)` maps an `(r, n)` index block to per-row values by name;
+    the identity index gives the estimates.
+    """
+    estimates = statistics(np.arange(len(strata))[None, :])
+    blocks = [statistics(index) for index in _stratified_resamples(strata, n_resamples, seed)]
+    return {name: _percentile_interval(float(estimates[name][0]),
+                                       np.concatenate([block[name] for block in blocks]),
+                                       confidence, method)
+            for name in estimates}
+
+
+def _mean_over_classes(columns: list[np.ndarray], rows: int) -> np.ndarray:
+    """Row-wise mean of per-class columns, NaN where there are none."""
+    if not columns:
+        return np.full(rows, np.nan)
+    return np.mean(np.stack(columns, axis=1), axis=1)
+
+
+class _Scorer:
+    """Per-resample metrics of one model's probabilities on fixed (stratified) labels."""
+
+    def __init__(self, labels: np.ndarray, probabilities: np.ndarray):
+        self.labels = labels
+        self.n_classes = probabilities.shape[1]
+        self.predictions = probabilities.argmax(axis=1)
+        self.present = [c for c in range(self.n_classes) if (labels == c).any()]
+        self.value_ids = [_value_ids(probabilities[:, c]) for c in range(self.n_classes)]
+
+    def class_auc(self, c: int, index: np.ndarray) -> np.ndarray:
+        """One-vs-rest AUC of class c with score P(c)."""
+        ids, n_values = self.value_ids[c]
+        return _batched_auc(self.labels == c, ids, n_values, index)
+
+    def auc(self, index: np.ndarray, class_aucs: dict[int, np.ndarray] | None = None,
+            ) -> np.ndarray:
+        """Binary: AUC of P(class 1); more classes: macro one-vs-rest over classes present."""
+        class_aucs = class_aucs or {}
+        if self.n_classes == 2:
+            return class_aucs[1] if 1 in class_aucs else self.class_auc(1, index)
+        if len(self.present) < 2:
+            return np.full(index.shape[0], np.nan)
+        return _mean_over_classes([class_aucs[c] if c in class_aucs else self.class_auc(c, index)
+                              for c in self.present], index.shape[0])
+
+    def recalls(self, index: np.ndarray) -> list[np.ndarray]:
+        """Per-class sensitivity of each resample, for the classes present."""
+        predictions = self.predictions[index]
+        return [(predictions[:, self.labels == c] == c).mean(axis=1) for c in self.present]
+
+    def specificities(self, index: np.ndarray) -> list[np.ndarray]:
+        """Per-class one-vs-rest specificity of each resample (classes present with negatives)."""
+        predictions = self.predictions[index]
+        return [(predictions[:, self.labels != c] != c).mean(axis=1)
+                for c in self.present if (self.labels != c).any()]
+
+    def correct(self, index: np.ndarray) -> np.ndarray:
+        """Accuracy of each resample (NaN without samples)."""
+        if len(self.labels) == 0:
+            return np.full(index.shape[0], np.nan)
+        return (self.predictions[index] == self.labels).mean(axis=1)
+
+
+# ---------------------------------------------------------------- one model
+
+def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                              n_resamples: int = N_RESAMPLES, seed: int = 0,
+                              confidence: float = CONFIDENCE) -> dict:
+    """Accuracy, balanced accuracy, AUC, sensitivity and specificity with intervals.
+
+    The prediction is the argmax class. Accuracy and binary sensitivity
+    (positive class = classes[1]) and specificity are exact binomial; balanced
+    accuracy, AUC and (k > 2) macro sensitivity and specificity come from one
+    shared stratified bootstrap. Macro averages run over the classes present in
+    the labels; per-class statistics of a class with no samples are None.
+    """
+    labels = _integer_labels(labels)
+    classes = list(classes)
+    if len(set(classes)) != len(classes):
+        raise InputError(f"class names must be distinct, got {classes}")
+    probabilities = _check_probabilities(probabilities, len(labels), len(classes))
+    _check_label_range(labels, len(classes))
+    _check_resamples(n_resamples)
+    _check_confidence(confidence)
+
+    k = len(classes)
+    scorer = _Scorer(labels, probabilities)
+    predictions = scorer.predictions
+
+    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
+        rows = index.shape[0]
+        class_aucs = {c: scorer.class_auc(c, index) for c in range(k)}
+        recalls = scorer.recalls(index)
+        values = {"balanced_accuracy": _mean_over_classes(recalls, rows),
+                  "auc": scorer.auc(index, class_aucs)}
+        if k > 2:
+            values["sensitivity"] = values["balanced_accuracy"]
+            values["specificity"] = _mean_over_classes(scorer.specificities(index), rows)
+        values.update({f"auc/{c}": class_aucs[c] for c in range(k)})
+        return values
+
+    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED)
+
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    n = len(labels)
+    per_class = {}
+    for c, name in enumerate(classes):
+        true_negatives = n - support[c] - predicted[c] + confusion[c, c]
+        per_class[name] = {
+            "support": int(support[c]),
+            "sensitivity": clopper_pearson(int(confusion[c, c]), int(support[c]), confidence),
+            "specificity": clopper_pearson(int(true_negatives), int(n - support[c]), confidence),
+            "auc": boot[f"auc/{c}"],
+        }
+    if k == 2:
+        sensitivity = per_class[classes[1]]["sensitivity"]
+        specificity = per_class[classes[1]]["specificity"]
+    else:
+        sensitivity, specificity = boot["sensitivity"], boot["specificity"]
+    return {
+        "n": n,
+        "accuracy": clopper_pearson(int(np.trace(confusion)), n, confidence),
+        "balanced_accuracy": boot["balanced_accuracy"],
+        "auc": boot["auc"],
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def bootstrap_mean(values: np.ndarray, labels: np.ndarray, n_resamples: int = N_RESAMPLES,
+                   seed: int = 0, confidence: float = CONFIDENCE) -> Interval:
+    """Mean of per-sample values with a bootstrap interval stratified by label.
+
+    For per-image quantities such as the fraction of perturbations an image
+    survives, whose mean is not a single binomial proportion.
+    """
+    labels = _integer_labels(labels)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) != len(labels):
+        raise InputError(f"values must be 1-D with one value per label; got shape "
+                         f"{values.shape} for {len(labels)} labels")
+    if not np.all(np.isfinite(values)):
+        raise InputError("values contain NaN or infinite values")
+    _check_resamples(n_resamples)
+    _check_confidence(confidence)
+
+    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
+        means = values[index].mean(axis=1) if len(values) else np.full(index.shape[0], np.nan)
+        return {"mean": means}
+
+    return _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED)["mean"]
+
+
+# ---------------------------------------------------------------- two models
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar's exact test of two models' per-sample correctness on the same samples.
+
+    Only discordant pairs carry information about which model is better; under
+    the null each is equally likely to favour either, so the p-value is the
+    exact two-sided binomial test of the split (1.0 when there are none).
+    """
+    a = _boolean_vector(correct_a, "correct_a")
+    b = _boolean_vector(correct_b, "correct_b")
+    if len(a) != len(b):
+        raise InputError(f"correct_a and correct_b must be paired; lengths {len(a)} and {len(b)}")
+    only_a = int((a & ~b).sum())
+    only_b = int((b & ~a).sum())
+    discordant = only_a + only_b
+    p_value = 1.0 if discordant == 0 else float(binomtest(only_b, discordant, 0.5).pvalue)
+    return {"n": len(a), "only_a_correct": only_a, "only_b_correct": only_b,
+            "p_value": min(1.0, p_value)}
+
+
+def _paired_interval(strata: np.ndarray, statistic_a: Callable[[np.ndarray], np.ndarray],
+                     statistic_b: Callable[[np.ndarray], np.ndarray], n_resamples: int,
+                     seed: int, confidence: float) -> Interval:
+    """Interval of statistic_b - statistic_a, both evaluated on the same resample rows."""
+    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
+        return {"difference": statistic_b(index) - statistic_a(index)}
+
+    return _bootstrap(statistics, strata, n_resamples, seed, confidence, PAIRED)["difference"]
+
+
+def _check_paired_scores(labels: np.ndarray, scores_a: Any, scores_b: Any,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(scores_a), np.asarray(scores_b)
+    if a.shape != b.shape:
+        raise InputError(f"scores_a and scores_b must have the same shape; got {a.shape} "
+                         f"and {b.shape}")
+    if a.ndim not in (1, 2) or a.shape[0] != len(labels):
+        raise InputError(f"scores must be 1-D or 2-D with one row per label; got shape "
+                         f"{a.shape} for {len(labels)} labels")
+    return a, b
+
+
+def paired_bootstrap_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                                statistic: Callable[[np.ndarray, np.ndarray], np.ndarray | float],
+                                n_resamples: int = N_RESAMPLES, seed: int = 0,
+                                confidence: float = CONFIDENCE) -> Interval:
+    """`statistic(labels, scores_b) - statistic(labels, scores_a)` with a paired bootstrap interval.
+
+    Each resample (stratified by label) draws the same samples for both
+    models, so the difference's interval reflects only how the models differ
+    on the samples, not the sampling of the test set twice. `statistic` may
+    return None (or NaN) where undefined; the estimate is then None.
+    """
+    labels = _integer_labels(labels)
+    a, b = _check_paired_scores(labels, scores_a, scores_b)
+    _check_resamples(n_resamples)
+    _check_confidence(confidence)
+
+    def per_row(scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        def evaluate(index: np.ndarray) -> np.ndarray:
+            values = (statistic(labels[row], scores[row]) for row in index)
+            return np.array([np.nan if value is None else float(value) for value in values])
+        return evaluate
+
+    return _paired_interval(labels, per_row(a), per_row(b), n_resamples, seed, confidence)
+
+
+def smallest_detectable_difference(n: int, alpha: float = 0.05) -> float | None:
+    """The smallest accuracy difference McNemar's exact test could call significant with n pairs.
+
+    Even when all k discordant pairs favour one model the two-sided p-value is
+    2 * 0.5**k, so fewer than the smallest k with 2 * 0.5**k < alpha can never
+    be significant; as a fraction of n that bounds what a test set can resolve.
+    None when k exceeds n.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    if int(n) != n or n < 0:
+        raise InputError(f"n must be a non-negative integer, got {n}")
+    k = 1
+    while 2.0 * 0.5 ** k >= alpha:
+        k += 1
+    return None if k > n else k / int(n)
+
+
+def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
+                      probabilities_b: np.ndarray, n_resamples: int = N_RESAMPLES,
+                      seed: int = 0, confidence: float = CONFIDENCE,
+                      alpha: float = 0.05) -> dict:
+    """Model b (e.g. a defense) against model a (e.g. the baseline) on the same samples.
+
+    Accuracies are exact binomial intervals; the accuracy and AUC differences
+    (b minus a) come from one shared paired, stratified bootstrap; the verdict
+    rests on McNemar's exact test at level alpha, and
+    `smallest_detectable_difference` says how large a difference this many
+    samples could have shown at all.
+    """
+    labels = _integer_labels(labels)
+    probabilities_a = _check_probabilities(probabilities_a, len(labels), name="probabilities_a")
+    probabilities_b = _check_probabilities(probabilities_b, len(labels), name="probabilities_b")
+    if probabilities_a.shape != probabilities_b.shape:
+        raise InputError(f"probabilities_a and probabilities_b must have the same shape; got "
+                         f"{probabilities_a.shape} and {probabilities_b.shape}")
+    _check_label_range(labels, probabilities_a.shape[1])
+    _check_resamples(n_resamples)
+    _check_confidence(confidence)
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+
+    scorer_a, scorer_b = _Scorer(labels, probabilities_a), _Scorer(labels, probabilities_b)
+
+    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
+        return {"accuracy": scorer_b.correct(index) - scorer_a.correct(index),
+                "auc": scorer_b.auc(index) - scorer_a.auc(index)}
+
+    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, PAIRED)
+    correct_a = scorer_a.predictions == labels
+    correct_b = scorer_b.predictions == labels
+    mcnemar = mcnemar_exact(correct_a, correct_b)
+    n = len(labels)
+    return {
+        "n": n,
+        "accuracy_a": clopper_pearson(int(correct_a.sum()), n, confidence),
+        "accuracy_b": clopper_pearson(int(correct_b.sum()), n, confidence),
+        "accuracy_difference": boot["accuracy"],
+        "auc_difference": boot["auc"],
+        "mcnemar": mcnemar,
+        "verdict": _verdict(mcnemar, alpha),
+        "smallest_detectable_difference": smallest_detectable_difference(n, alpha),
+    }
+
+
+def _verdict(mcnemar: dict, alpha: float) -> str:
+    """Whether b helped or hurt by McNemar's test, or no difference could be detected."""
+    if mcnemar["p_value"] < alpha and mcnemar["only_b_correct"] != mcnemar["only_a_correct"]:
+        return "helped" if mcnemar["only_b_correct"] > mcnemar["only_a_correct"] else "hurt"
+    return "no detectable difference"

@@ -1,0 +1,399 @@
+"""Confidence intervals, the stratified and paired bootstrap, and McNemar's test."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from medrobust.errors import InputError
+from medrobust.evaluate.statistics import (
+    EXACT, PAIRED, STRATIFIED, Interval, auc_score, bootstrap_mean, classification_statistics,
+    clopper_pearson, jsonable, mcnemar_exact, paired_bootstrap_difference, paired_comparison,
+    smallest_detectable_difference)
+
+
+def noisy_classifier(n: int, n_classes: int = 2, signal: float = 1.0, seed: int = 0,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities of a classifier that is right more often than not."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), labels] += signal
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return labels, probabilities
+
+
+def one_hot(predictions: np.ndarray, n_classes: int = 2) -> np.ndarray:
+    """Probabilities that put 0.9 on the predicted class."""
+    probabilities = np.full((len(predictions), n_classes), 0.1 / (n_classes - 1))
+    probabilities[np.arange(len(predictions)), predictions] = 0.9
+    return probabilities
+
+
+# ---------------------------------------------------------------- Clopper-Pearson
+
+@pytest.mark.parametrize("successes, trials, low, high", [
+    (0, 10, 0.0, 0.3085),
+    (10, 10, 0.6915, 1.0),
+    (5, 10, 0.1871, 0.8129),
+    (1, 20, 0.0013, 0.2487),
+])
+def test_clopper_pearson_known_values(successes, trials, low, high):
+    interval = clopper_pearson(successes, trials)
+    assert interval.estimate == successes / trials
+    assert interval.low == pytest.approx(low, abs=5e-5)
+    assert interval.high == pytest.approx(high, abs=5e-5)
+    assert interval.method == EXACT
+
+
+def test_clopper_pearson_widens_with_confidence():
+    narrow, wide = clopper_pearson(5, 10, 0.8), clopper_pearson(5, 10, 0.99)
+    assert wide.low < narrow.low < 0.5 < narrow.high < wide.high
+
+
+def test_clopper_pearson_of_no_trials_is_undefined():
+    assert clopper_pearson(0, 0) == Interval(None, None, None, EXACT)
+
+
+@pytest.mark.parametrize("successes, trials, message", [
+    (11, 10, "successes <= trials"), (-1, 10, "successes <= trials"), (1.5, 10, "integers")])
+def test_clopper_pearson_rejects_bad_counts(successes, trials, message):
+    with pytest.raises(InputError, match=message):
+        clopper_pearson(successes, trials)
+
+
+def test_interval_as_dict_and_jsonable():
+    interval = Interval(0.5, 0.25, 0.75, EXACT)
+    assert interval.as_dict() == {"estimate": 0.5, "low": 0.25, "high": 0.75, "method": EXACT}
+    assert jsonable({"a": [interval], "b": 1}) == {"a": [interval.as_dict()], "b": 1}
+
+
+# ---------------------------------------------------------------- AUC
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) + 0.3 * labels, 1)  # few distinct values: many ties
+    assert len(np.unique(scores)) < 20
+    assert auc_score(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auc_of_all_ties_is_one_half_and_of_perfect_separation_is_one():
+    labels = np.array([0, 0, 1, 1])
+    assert auc_score(labels, np.ones(4)) == 0.5
+    assert auc_score(labels, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert auc_score(labels, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+
+
+def test_auc_with_one_class_is_undefined():
+    assert auc_score(np.ones(5, dtype=int), np.linspace(0, 1, 5)) is None
+
+
+def test_auc_rejects_bad_input():
+    with pytest.raises(InputError, match="one score per label"):
+        auc_score(np.array([0, 1, 1]), np.array([0.1, 0.2]))
+    with pytest.raises(InputError, match="only 0 and 1"):
+        auc_score(np.array([0, 1, 2]), np.array([0.1, 0.2, 0.3]))
+
+
+# ---------------------------------------------------------------- stratified bootstrap
+
+def test_stratified_resamples_keep_class_counts_and_draw_within_class():
+    labels = np.array([0] * 7 + [1] * 3 + [2] * 12)
+    rng = np.random.default_rng(3)
+    labels = labels[rng.permutation(len(labels))]
+    sample_ids = np.arange(len(labels))
+    seen = []
+
+    def record(resampled_labels: np.ndarray, drawn: np.ndarray) -> float:
+        seen.append(drawn.copy())
+        assert np.array_equal(np.bincount(resampled_labels, minlength=3), [7, 3, 12])
+        return 0.0
+
+    paired_bootstrap_difference(labels, sample_ids, sample_ids, record, n_resamples=50)
+    draws = np.array(seen[2:])  # the first two calls are the full-sample estimates
+    assert len(draws) == 2 * 50
+    # every drawn sample has the label of the position it fills: counts stay fixed
+    assert np.array_equal(labels[draws], np.broadcast_to(labels, draws.shape))
+    # and it is a resample with replacement, not the identity
+    assert any(len(np.unique(row)) < len(labels) for row in draws)
+
+
+def test_intervals_contain_the_estimate_and_narrow_as_n_grows():
+    widths = {}
+    for n in (100, 2000):
+        labels, probabilities = noisy_classifier(n, seed=n)
+        stats = classification_statistics(labels, probabilities, ["benign", "malignant"],
+                                          n_resamples=300)
+        for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
+            interval = stats[key]
+            assert interval.low <= interval.estimate <= interval.high, key
+        widths[n] = {key: stats[key].high - stats[key].low
+                     for key in ("accuracy", "balanced_accuracy", "auc")}
+    for key, width in widths[2000].items():
+        assert width < 0.5 * widths[100][key], key
+
+
+def test_binary_statistics_estimates_match_counts_and_sklearn():
+    labels, probabilities = noisy_classifier(400, seed=7)
+    stats = classification_statistics(labels, probabilities, ["neg", "pos"], n_resamples=200)
+    predictions = probabilities.argmax(axis=1)
+    assert stats["n"] == 400
+    assert stats["accuracy"] == clopper_pearson(int((predictions == labels).sum()), 400)
+    true_positives = int(((predictions == 1) & (labels == 1)).sum())
+    true_negatives = int(((predictions == 0) & (labels == 0)).sum())
+    assert stats["sensitivity"] == clopper_pearson(true_positives, int((labels == 1).sum()))
+    assert stats["specificity"] == clopper_pearson(true_negatives, int((labels == 0).sum()))
+    assert stats["balanced_accuracy"].estimate == pytest.approx(
+        balanced_accuracy_score(labels, predictions))
+    assert stats["auc"].estimate == pytest.approx(roc_auc_score(labels, probabilities[:, 1]))
+    assert stats["auc"].method == STRATIFIED
+    assert stats["per_class"]["pos"]["sensitivity"] == stats["sensitivity"]
+    assert stats["per_class"]["neg"]["sensitivity"] == stats["specificity"]
+
+
+def test_perfect_classifier_on_few_samples_is_not_certain():
+    labels = np.array([0, 1] * 10)
+    stats = classification_statistics(labels, one_hot(labels), ["a", "b"], n_resamples=200)
+    accuracy = stats["accuracy"]
+    assert accuracy.estimate == 1.0 and accuracy.high == 1.0
+    assert accuracy.low == pytest.approx(0.8316, abs=5e-5)  # 0.025 ** (1 / 20)
+    assert stats["sensitivity"].estimate == 1.0 and stats["sensitivity"].low < 0.75
+    assert stats["auc"] == Interval(1.0, 1.0, 1.0, STRATIFIED)
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predictions = np.array([0, 1, 2, 1, 1, 2, 2, 0, 2])
+    stats = classification_statistics(labels, one_hot(predictions, 3), ["x", "y", "z"],
+                                      n_resamples=50)
+    assert stats["confusion_matrix"] == [[1, 1, 1], [0, 2, 0], [1, 0, 3]]
+    assert stats["per_class"]["z"]["support"] == 4
+    assert stats["per_class"]["z"]["sensitivity"].estimate == 3 / 4
+    # z predicted for one of the 5 non-z samples
+    assert stats["per_class"]["z"]["specificity"] == clopper_pearson(4, 5)
+
+
+def test_three_classes_per_class_and_macro_statistics():
+    labels, probabilities = noisy_classifier(600, n_classes=3, seed=11)
+    classes = ["normal", "benign", "malignant"]
+    stats = classification_statistics(labels, probabilities, classes, n_resamples=200)
+    predictions = probabilities.argmax(axis=1)
+    assert set(stats["per_class"]) == set(classes)
+    for c, name in enumerate(classes):
+        entry = stats["per_class"][name]
+        assert entry["support"] == int((labels == c).sum())
+        assert entry["sensitivity"].method == EXACT
+        assert entry["sensitivity"].estimate == pytest.approx(
+            ((predictions == c) & (labels == c)).sum() / (labels == c).sum())
+        assert entry["specificity"].estimate == pytest.approx(
+            ((predictions != c) & (labels != c)).sum() / (labels != c).sum())
+        assert entry["auc"].estimate == pytest.approx(
+            roc_auc_score(labels == c, probabilities[:, c]))
+        assert entry["auc"].low < entry["auc"].estimate < entry["auc"].high
+    assert stats["auc"].estimate == pytest.approx(
+        roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+    per_class = stats["per_class"].values()
+    assert stats["sensitivity"].estimate == pytest.approx(
+        np.mean([entry["sensitivity"].estimate for entry in per_class]))
+    assert stats["specificity"].estimate == pytest.approx(
+        np.mean([entry["specificity"].estimate for entry in per_class]))
+    assert stats["sensitivity"].method == STRATIFIED
+    assert stats["balanced_accuracy"].estimate == pytest.approx(
+        balanced_accuracy_score(labels, predictions))
+    assert np.array(stats["confusion_matrix"]).sum() == 600
+
+
+def test_class_without_samples_is_left_out():
+    labels, probabilities = noisy_classifier(300, n_classes=3, seed=5)
+    keep = labels != 2
+    labels, probabilities = labels[keep], probabilities[keep]
+    stats = classification_statistics(labels, probabilities, ["a", "b", "c"], n_resamples=100)
+    absent = stats["per_class"]["c"]
+    assert absent["support"] == 0
+    assert absent["sensitivity"].estimate is None and absent["auc"].estimate is None
+    # the macro AUC averages the classes present
+    present = [stats["per_class"][name]["auc"].estimate for name in ("a", "b")]
+    assert stats["auc"].estimate == pytest.approx(np.mean(present))
+
+
+def test_same_seed_same_interval_different_seed_different():
+    labels, probabilities = noisy_classifier(200, seed=2)
+    first = classification_statistics(labels, probabilities, ["a", "b"], n_resamples=200, seed=1)
+    again = classification_statistics(labels, probabilities, ["a", "b"], n_resamples=200, seed=1)
+    other = classification_statistics(labels, probabilities, ["a", "b"], n_resamples=200, seed=2)
+    assert first["auc"] == again["auc"]
+    assert first["balanced_accuracy"] == again["balanced_accuracy"]
+    assert first["auc"].estimate == other["auc"].estimate
+    assert (first["auc"].low, first["auc"].high) != (other["auc"].low, other["auc"].high)
+
+
+def test_bootstrap_is_fast_enough_for_a_test_set_of_thousands():
+    labels, probabilities = noisy_classifier(3000, seed=4)
+    start = time.perf_counter()
+    classification_statistics(labels, probabilities, ["a", "b"], n_resamples=1000)
+    # vectorised: about 0.15 s here; a generous bound that a per-resample sklearn loop would miss
+    assert time.perf_counter() - start < 3.0
+
+
+def test_bootstrap_mean():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    values = rng.random(500)
+    interval = bootstrap_mean(values, labels, n_resamples=300)
+    assert interval.estimate == pytest.approx(values.mean())
+    assert interval.low < interval.estimate < interval.high
+    assert interval.method == STRATIFIED
+    assert bootstrap_mean(np.full(10, 0.25), np.arange(10) % 2) == Interval(
+        0.25, 0.25, 0.25, STRATIFIED)
+
+
+# ---------------------------------------------------------------- paired comparison
+
+@pytest.mark.parametrize("only_a, only_b, expected", [
+    (0, 6, 0.03125), (0, 5, 0.0625), (6, 0, 0.03125), (3, 12, None), (0, 0, 1.0)])
+def test_mcnemar_exact_p_values(only_a, only_b, expected):
+    both, neither = 20, 4
+    correct_a = np.array([True] * only_a + [False] * only_b + [True] * both + [False] * neither)
+    correct_b = np.array([False] * only_a + [True] * only_b + [True] * both + [False] * neither)
+    result = mcnemar_exact(correct_a, correct_b)
+    if expected is None:
+        expected = binomtest(only_b, only_a + only_b, 0.5).pvalue
+    assert result == {"n": only_a + only_b + both + neither, "only_a_correct": only_a,
+                      "only_b_correct": only_b, "p_value": pytest.approx(expected)}
+
+
+def test_mcnemar_rejects_unpaired_input():
+    with pytest.raises(InputError, match="paired"):
+        mcnemar_exact(np.ones(3, bool), np.ones(4, bool))
+    with pytest.raises(InputError, match="True/False"):
+        mcnemar_exact(np.array([0, 2]), np.array([0, 1]))
+
+
+def test_smallest_detectable_difference():
+    assert smallest_detectable_difference(40) == 6 / 40
+    assert smallest_detectable_difference(6) == 1.0
+    assert smallest_detectable_difference(5) is None
+    assert smallest_detectable_difference(100, alpha=0.01) == 8 / 100
+
+
+def paired_models(only_a: int, only_b: int, both: int = 30, neither: int = 10,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and two models' probabilities with the given discordant counts."""
+    correct_a = np.array([1] * only_a + [0] * only_b + [1] * both + [0] * neither, bool)
+    correct_b = np.array([0] * only_a + [1] * only_b + [1] * both + [0] * neither, bool)
+    labels = np.arange(len(correct_a)) % 2
+    prediction_a = np.where(correct_a, labels, 1 - labels)
+    prediction_b = np.where(correct_b, labels, 1 - labels)
+    return labels, one_hot(prediction_a), one_hot(prediction_b)
+
+
+@pytest.mark.parametrize("only_a, only_b, verdict", [
+    (0, 8, "helped"), (9, 1, "hurt"), (2, 5, "no detectable difference"),
+    (0, 5, "no detectable difference")])
+def test_paired_comparison_verdict(only_a, only_b, verdict):
+    labels, probabilities_a, probabilities_b = paired_models(only_a, only_b)
+    result = paired_comparison(labels, probabilities_a, probabilities_b, n_resamples=200)
+    assert result["verdict"] == verdict
+    assert result["mcnemar"]["only_a_correct"] == only_a
+    assert result["mcnemar"]["only_b_correct"] == only_b
+    n = len(labels)
+    assert result["n"] == n
+    assert result["accuracy_difference"].estimate == pytest.approx((only_b - only_a) / n)
+    assert result["accuracy_difference"].method == PAIRED
+    assert result["accuracy_b"].estimate - result["accuracy_a"].estimate == pytest.approx(
+        (only_b - only_a) / n)
+    assert result["smallest_detectable_difference"] == 6 / n
+
+
+def test_identical_models_differ_by_exactly_zero():
+    labels, probabilities = noisy_classifier(300, seed=9)
+    result = paired_comparison(labels, probabilities, probabilities.copy(), n_resamples=200)
+    zero = Interval(0.0, 0.0, 0.0, PAIRED)
+    assert result["accuracy_difference"] == zero
+    assert result["auc_difference"] == zero
+    assert result["mcnemar"]["p_value"] == 1.0
+    assert result["verdict"] == "no detectable difference"
+    difference = paired_bootstrap_difference(labels, probabilities[:, 1], probabilities[:, 1],
+                                             auc_score, n_resamples=100)
+    assert difference == zero
+
+
+def test_paired_bootstrap_difference_is_b_minus_a_and_matches_paired_comparison():
+    labels, probabilities_a = noisy_classifier(400, seed=1)
+    _, noise = noisy_classifier(400, seed=2)
+    probabilities_b = 0.6 * probabilities_a + 0.4 * noise  # a worse model of the same samples
+    result = paired_comparison(labels, probabilities_a, probabilities_b, n_resamples=300, seed=4)
+    auc_a = roc_auc_score(labels, probabilities_a[:, 1])
+    auc_b = roc_auc_score(labels, probabilities_b[:, 1])
+    assert result["auc_difference"].estimate == pytest.approx(auc_b - auc_a)
+    assert result["auc_difference"].high < 0  # b is clearly worse
+    generic = paired_bootstrap_difference(labels, probabilities_a[:, 1], probabilities_b[:, 1],
+                                          auc_score, n_resamples=300, seed=4)
+    assert generic.estimate == pytest.approx(result["auc_difference"].estimate)
+    assert generic.low == pytest.approx(result["auc_difference"].low)
+    assert generic.high == pytest.approx(result["auc_difference"].high)
+    correct_a = probabilities_a.argmax(axis=1) == labels
+    correct_b = probabilities_b.argmax(axis=1) == labels
+    accuracy = paired_bootstrap_difference(labels, correct_a, correct_b,
+                                           lambda _, correct: correct.mean(),
+                                           n_resamples=300, seed=4)
+    assert accuracy.estimate == pytest.approx(result["accuracy_difference"].estimate)
+    assert accuracy.low == pytest.approx(result["accuracy_difference"].low)
+    assert accuracy.high == pytest.approx(result["accuracy_difference"].high)
+
+
+def test_paired_comparison_three_classes_uses_macro_auc():
+    labels, probabilities_a = noisy_classifier(300, n_classes=3, seed=3)
+    _, probabilities_b = noisy_classifier(300, n_classes=3, signal=0.0, seed=4)
+    result = paired_comparison(labels, probabilities_a, probabilities_b, n_resamples=100)
+    macro = [roc_auc_score(labels, p, multi_class="ovr") for p in (probabilities_a,
+                                                                    probabilities_b)]
+    assert result["auc_difference"].estimate == pytest.approx(macro[1] - macro[0])
+
+
+def test_undefined_auc_difference_is_none():
+    labels = np.zeros(20, dtype=int)
+    _, probabilities = noisy_classifier(20, seed=0)
+    result = paired_comparison(labels, probabilities, probabilities[::-1].copy(), n_resamples=50)
+    assert result["auc_difference"] == Interval(None, None, None, PAIRED)
+    assert result["accuracy_difference"].estimate is not None
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("labels, probabilities, classes, message", [
+    (np.array([0, 1, 1]), np.full((2, 2), 0.5), ["a", "b"], "2 rows but there are 3 labels"),
+    (np.array([0, 1]), np.full((2, 3), 1 / 3), ["a", "b"], "3 columns but there are 2 classes"),
+    (np.array([0, 2]), np.full((2, 2), 0.5), ["a", "b"], r"labels must lie in 0\.\.1"),
+    (np.array([0, -1]), np.full((2, 2), 0.5), ["a", "b"], r"labels must lie in 0\.\.1"),
+    (np.array([0, 1]), np.full(2, 0.5), ["a", "b"], "must be 2-D"),
+    (np.array([[0, 1]]), np.full((2, 2), 0.5), ["a", "b"], "labels must be 1-D"),
+    (np.array([0.0, 0.5]), np.full((2, 2), 0.5), ["a", "b"], "labels must be integers"),
+    (np.array([0, 1]), np.array([[0.5, np.nan], [0.5, 0.5]]), ["a", "b"], "NaN"),
+    (np.array([0, 1]), np.full((2, 2), 0.5), ["a", "a"], "distinct"),
+])
+def test_classification_statistics_rejects_bad_input(labels, probabilities, classes, message):
+    with pytest.raises(InputError, match=message):
+        classification_statistics(labels, probabilities, classes, n_resamples=10)
+
+
+def test_bad_bootstrap_settings_and_paired_shapes_are_rejected():
+    labels, probabilities = noisy_classifier(10)
+    with pytest.raises(InputError, match="n_resamples"):
+        classification_statistics(labels, probabilities, ["a", "b"], n_resamples=0)
+    with pytest.raises(InputError, match="confidence"):
+        classification_statistics(labels, probabilities, ["a", "b"], confidence=95)
+    with pytest.raises(InputError, match="same shape"):
+        paired_comparison(labels, probabilities, np.full((10, 3), 1 / 3))
+    with pytest.raises(InputError, match="same shape"):
+        paired_bootstrap_difference(labels, np.ones(10), np.ones(9), lambda y, s: s.mean())
+    with pytest.raises(InputError, match="one value per label"):
+        bootstrap_mean(np.ones(9), labels)
+    with pytest.raises(InputError, match="alpha"):
+        smallest_detectable_difference(10, alpha=0)
