@@ -21,7 +21,14 @@ def config():
 def test_default_config_is_valid_and_defaults_are_filled(config):
     del config["report"]
     validate_config(config, SCHEMA)
-    assert config["report"] == {"n_examples": 4}
+    assert config["report"] == {"n_examples": 4, "bootstrap_resamples": 1000, "confidence": 0.95,
+                                "alpha": 0.05, "small_test_set": 200}
+
+
+def test_bootstrap_with_fewer_than_1000_resamples_is_refused(config):
+    config["report"]["bootstrap_resamples"] = 200
+    with pytest.raises(ConfigError, match="report.bootstrap_resamples"):
+        validate_config(config, SCHEMA)
 
 
 @pytest.mark.parametrize(

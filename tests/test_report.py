@@ -1,4 +1,9 @@
-"""The metrics summary, the figures and the self-contained HTML report."""
+"""The summary tables (intervals, worst cases, paired verdicts), the figures and the page.
+
+A miniature result tree (dataset folder, image stores, predictions, metrics,
+trained-model folders) is written with known per-image correctness, so every
+number the summary and the page state can be checked against a hand count.
+"""
 
 import base64
 import json
@@ -8,177 +13,305 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medrobust.errors import InputError
+from medrobust.data.manifest import write_dataset
+from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
+from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.image_store import write_image_store
-from medrobust.report.figures import accuracy_vs_epsilon, example_grid
-from medrobust.report.html import at_a_glance, write_report
-from medrobust.report.summary import summarize_metrics
+from medrobust.report import figures
+from medrobust.report.page import write_report
+from medrobust.report.provenance import applicable_config
+from medrobust.report.summary import SUMMARY_COLUMNS, summarize_evaluations
 
 PNG = b"\x89PNG\r\n\x1a\n"
+CLASSES = ["benign", "malignant"]
+N_TEST = 40
+LABELS = np.array([0, 1] * (N_TEST // 2))
+IDS = [f"m{i:03d}" for i in range(N_TEST)]
+STATISTICS = {"bootstrap_resamples": 1000, "confidence": 0.95, "alpha": 0.05, "seed": 0}
 
 
-def metric(model, condition="clean", kind="clean", accuracy=0.9, auc=0.95, **fields):
-    record = dict.fromkeys(METRIC_KEYS)
-    record.update(family="image", model=model, dataset="mammograms", condition=condition, kind=kind, n=8,
-                  accuracy=accuracy, auc=auc, **fields)
-    return record
+def correct_on(*ranges):
+    mask = np.zeros(N_TEST, bool)
+    for start, stop in ranges:
+        mask[start:stop] = True
+    return mask
 
 
-def attack(model, source, epsilon, accuracy, auc):
-    return metric(model, f"fgsm-eps{epsilon}-from-{source}", "attack", accuracy, auc, attack="fgsm",
-                  epsilon=epsilon, source_model=source, white_box=model == source)
+# per (model, condition): which test images the model gets right
+OUTCOMES = {
+    ("baseline", "clean"): correct_on((0, 34)),
+    ("baseline", "fgsm-eps8-from-surrogate"): correct_on((0, 20)),
+    ("baseline", "ifgsm-eps8-from-surrogate"): correct_on((10, 30)),
+    ("baseline", "fgsm-eps2.5-from-surrogate"): correct_on((0, 30)),
+    ("baseline", "fgsm-eps8-from-baseline"): correct_on((0, 2)),
+    ("baseline", "gaussian_noise-severity0.05"): correct_on((0, 30)),
+    ("baseline", "gaussian_noise-severity0.1"): correct_on((0, 20)),
+    ("denoising", "clean"): correct_on((0, 33)),
+    ("denoising", "fgsm-eps8-from-surrogate"): correct_on((0, 38)),
+    ("denoising", "ifgsm-eps8-from-surrogate"): correct_on((0, 37)),
+    ("denoising", "fgsm-eps2.5-from-surrogate"): correct_on((0, 31)),
+    ("denoising", "fgsm-eps8-from-denoising"): correct_on((0, 3)),
+    ("denoising", "gaussian_noise-severity0.05"): correct_on((0, 30)),
+    ("denoising", "gaussian_noise-severity0.1"): correct_on((0, 21)),
+    ("surrogate", "clean"): correct_on((0, 30)),
+}
 
 
-RECORDS = [
-    attack("baseline", "baseline", 8, 0.125, 0.214),
-    metric("baseline", accuracy=0.875, auc=0.938),
-    attack("baseline", "surrogate", 4, 0.625, 0.711),
-    attack("baseline", "baseline", 4, 0.375, 0.402),
-    metric("baseline", "gaussian_noise-severity0.05", "perturbation", 0.75, 0.812,
-           perturbation="gaussian_noise", severity=0.05),
-    metric("denoising", accuracy=0.8125, auc=None),
-    attack("denoising", "denoising", 4, 0.5625, 0.633),
-    metric("surrogate", accuracy=0.6875, auc=0.777),
-    {**metric("abmil", accuracy=0.667, auc=0.891), "family": "slide", "dataset": "slides", "n": 3},
-]
+def describe(model, condition):
+    """The metrics JSON's description of a condition named as the workflow names it."""
+    fields = dict.fromkeys(METRIC_KEYS)
+    fields.update(family="image", model=model, dataset="mammograms", condition=condition,
+                  kind="clean")
+    match = re.fullmatch(r"(\w+)-eps([\d.]+)-from-(\w+)", condition)
+    if match:
+        fields.update(kind="attack", attack=match[1], epsilon=float(match[2]),
+                      source_model=match[3], white_box=match[3] == model)
+    match = re.fullmatch(r"(\w+)-severity([\d.]+)", condition)
+    if match:
+        fields.update(kind="perturbation", perturbation=match[1], severity=float(match[2]))
+    return fields
 
 
-@pytest.fixture
-def summary_files(tmp_path):
-    paths = []
-    for index, record in enumerate(RECORDS):
-        paths.append(tmp_path / "metrics" / f"{index}.json")
-        paths[-1].parent.mkdir(exist_ok=True)
-        paths[-1].write_text(json.dumps(record))
-    table = summarize_metrics(paths, tmp_path / "robustness.csv", tmp_path / "robustness.json")
-    return table, tmp_path / "robustness.csv", tmp_path / "robustness.json"
+def store_path(root, condition):
+    return str(root / "stores" / f"{condition.replace('-from-' , '_from_')}.zarr")
 
 
-def test_summary_is_one_tidy_sorted_table(summary_files):
-    table, csv_path, json_path = summary_files
-    assert list(table.columns) == list(METRIC_KEYS) and len(table) == len(RECORDS)
-    baseline = table[table["model"] == "baseline"]
-    assert list(baseline["condition"]) == [
-        "clean", "fgsm-eps4-from-baseline", "fgsm-eps4-from-surrogate", "fgsm-eps8-from-baseline",
-        "gaussian_noise-severity0.05"]
-    assert table.loc[table["model"] == "abmil", "family"].item() == "slide"
-    assert set(table.loc[table["model"] != "abmil", "family"]) == {"image"}
-    pd.testing.assert_frame_equal(pd.read_csv(csv_path)[["model", "accuracy"]],
-                                  table[["model", "accuracy"]])
-    records = json.loads(json_path.read_text())
-    denoising_clean = next(r for r in records if r["model"] == "denoising" and r["kind"] == "clean")
-    assert denoising_clean["auc"] is None and denoising_clean["attack"] is None
-
-
-def test_summary_rejects_a_metrics_file_without_the_keys(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"model": "baseline", "accuracy": 0.5}))
-    with pytest.raises(InputError, match="bad.json.*condition"):
-        summarize_metrics([path], tmp_path / "s.csv", tmp_path / "s.json")
-    assert not (tmp_path / "s.csv").exists()
-
-
-def write_stores(tmp_path):
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """The miniature result tree and the summary written from it."""
+    root = tmp_path_factory.mktemp("results")
     rng = np.random.default_rng(0)
-    clean = rng.uniform(0, 1, (5, 1, 8, 8)).astype(np.float32)
-    ids = [f"s{i}" for i in range(5)]
-    attrs = {"dataset": "mammograms", "classes": ["benign", "malignant"]}
-    write_image_store(tmp_path / "clean.zarr", clean, [0, 1, 0, 1, 0],
-                      ["train", "test", "test", "test", "val"], ids, attrs)
-    adversarial = np.clip(clean[1:4] + rng.choice([-4 / 255, 4 / 255], clean[1:4].shape), 0, 1)
-    write_image_store(tmp_path / "adv.zarr", adversarial, [1, 0, 1], ["test"] * 3, ids[1:4],
-                      {**attrs, "attack": "fgsm", "epsilon": 4, "source_model": "surrogate"})
-    return tmp_path / "clean.zarr", tmp_path / "adv.zarr"
+    # the raw dataset: 20 train, 40 test
+    dataset = root / "resources" / "mammograms"
+    dataset.mkdir(parents=True)
+    rows = [{"sample_id": sample, "path": f"{sample}.dcm", "label": CLASSES[label],
+             "split": "test", "sha256": "0" * 64} for sample, label in zip(IDS, LABELS)]
+    rows += [{"sample_id": f"t{i}", "path": f"t{i}.dcm", "label": CLASSES[i % 2],
+              "split": "train", "sha256": "0" * 64} for i in range(20)]
+    write_dataset(dataset, rows, CLASSES, "images")
+    clean = rng.uniform(0, 1, (N_TEST, 1, 8, 8)).astype(np.float32)
+    attrs = {"dataset": "mammograms", "classes": CLASSES,
+             "rejected": [{"sample_id": "m999", "path": "m999.dcm",
+                           "reason": "m999.dcm: truncated DICOM"}]}
+    write_image_store(store_path(root, "clean"), clean, LABELS, ["test"] * N_TEST, IDS, attrs)
+    evaluations = []
+    for (model, condition), correct in OUTCOMES.items():
+        description = describe(model, condition)
+        if condition != "clean" and not (root / store_path(root, condition)).exists():
+            extra = {key: description[key] for key in ("attack", "epsilon", "source_model",
+                                                        "perturbation", "severity")
+                     if description[key] is not None}
+            changed = np.clip(clean + rng.choice([-2 / 255, 2 / 255], clean.shape), 0, 1)
+            write_image_store(store_path(root, condition), changed, LABELS, ["test"] * N_TEST,
+                              IDS, {**attrs, **extra})
+        true_probability = np.where(correct, 0.8, 0.3) + rng.uniform(-0.05, 0.05, N_TEST)
+        probabilities = np.zeros((N_TEST, 2))
+        probabilities[np.arange(N_TEST), LABELS] = true_probability
+        probabilities[np.arange(N_TEST), 1 - LABELS] = 1 - true_probability
+        stem = root / "evaluate" / model / condition
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"sample_id": IDS, "label": LABELS, "prediction": probabilities.argmax(1),
+                      "correct": correct, "prob_benign": probabilities[:, 0],
+                      "prob_malignant": probabilities[:, 1]}).to_csv(f"{stem}.csv", index=False)
+        (stem.parent / f"{condition}.json").write_text(json.dumps(
+            {**description, "n": N_TEST, "accuracy": float(correct.mean()), "auc": 0.5}))
+        evaluations.append({"family": "image", "model": model, "dataset": "mammograms",
+                            "condition": condition, "store": store_path(root, condition),
+                            "metrics": f"{stem}.json", "predictions": f"{stem}.csv"})
+    models = {}
+    for model in ("baseline", "denoising", "surrogate"):
+        folder = root / "models" / model
+        folder.mkdir(parents=True)
+        defense = ({"name": "denoising", "lambda_n": 1.0} if model == "denoising"
+                   else {"name": "none"})
+        (folder / "config.json").write_text(json.dumps(
+            {"family": "image", "arch": "resnet18", "dataset": "mammograms", "seed": 0,
+             "defense": defense}))
+        (folder / "history.json").write_text(json.dumps({
+            "epochs": [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e,
+                        "val_accuracy": 0.5 + e / 10} for e in (1, 2, 3)],
+            "best_epoch": 2, "selected_by": "val_accuracy", "device": "cpu",
+            "recipe": {"optimizer": "AdamW", "learning_rate": 0.001, "weight_decay": 0.0001,
+                       "schedule": "constant", "batch_size": 16, "epochs": 3,
+                       "augmentation": "random horizontal and vertical flips",
+                       "defense": defense}}))
+        models[model] = str(folder)
+    out = root / "report"
+    summarize_evaluations(evaluations, {"baseline": "none", "denoising": "denoising",
+                                        "surrogate": "none"}, STATISTICS,
+                          out / "robustness.csv", out / "robustness.json",
+                          out / "per_class.csv", out / "comparisons.csv")
+    config = {
+        "device": "cpu", "seed": 0,
+        "datasets": {"mammograms": {"kind": "images", "classes": CLASSES,
+                                    "source": {"type": "local", "root": "/data/<script>x</script>"},
+                                    "preprocess": {"image_size": 8},
+                                    "tiling": {"tile_size": 224}},
+                     "unused": {"kind": "images", "source": {"type": "synthetic"}}},
+        "image_classifiers": {m: {"dataset": "mammograms", "arch": "resnet18"} for m in models},
+        "slide_classifiers": {}, "features": {"backbone": "resnet18"},
+        "attacks": {"fgsm": {"epsilons": [2.5, 8]}}, "robustness": {"targets": ["baseline"]},
+    }
+    config["image_classifiers"]["denoising"]["defense"] = {"name": "denoising"}
+    write_report(out / "robustness.json", out / "index.html", out / "figures",
+                 evaluations=evaluations, models=models, datasets=[str(dataset)],
+                 settings={"n_examples": 2, "small_test_set": 200}, config=config,
+                 repository=str(root))
+    return {"root": root, "out": out, "evaluations": evaluations}
 
 
-def test_figures_are_png(tmp_path, summary_files):
-    table, _, _ = summary_files
-    clean, adversarial = write_stores(tmp_path)
-    assert accuracy_vs_epsilon(table[table["family"] == "image"]).startswith(PNG)
-    assert example_grid(clean, adversarial, n_examples=2).startswith(PNG)
-    write_image_store(tmp_path / "other.zarr", np.zeros((1, 1, 8, 8), np.float32), [0], ["test"],
-                      ["elsewhere"], {"classes": ["benign", "malignant"]})
-    with pytest.raises(InputError, match="elsewhere"):
-        example_grid(clean, tmp_path / "other.zarr", n_examples=1)
+def table(results, name):
+    return pd.read_csv(results["out"] / f"{name}.csv", dtype={"epsilon": str, "severity": str})
 
 
-def section(page, table_class):
-    start = page.index(f'<table class="{table_class}">')
-    return page[start:page.index("</table>", start)]
+def row(frame, model, condition):
+    rows = frame[(frame["model"] == model) & (frame["condition"] == condition)]
+    assert len(rows) == 1, (model, condition)
+    return rows.iloc[0]
 
 
-def test_report_is_self_contained_and_shows_the_summary_numbers(tmp_path, summary_files):
-    _, csv_path, _ = summary_files
-    clean, adversarial = write_stores(tmp_path)
-    out = tmp_path / "report" / "index.html"
+def test_every_number_has_its_interval(results):
+    robustness = table(results, "robustness")
+    assert list(robustness.columns) == list(SUMMARY_COLUMNS)
+    for metric in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"):
+        values = robustness.dropna(subset=[metric])
+        assert len(values) > 0
+        assert (values[f"{metric}_low"] <= values[metric] + 1e-9).all()
+        assert (values[metric] <= values[f"{metric}_high"] + 1e-9).all()
+    clean = row(robustness, "baseline", "clean")
+    exact = clopper_pearson(34, N_TEST)
+    assert clean["accuracy"] == pytest.approx(34 / N_TEST)
+    assert (clean["accuracy_low"], clean["accuracy_high"]) == pytest.approx(
+        (exact.low, exact.high), abs=1e-4)
+    assert clean["positive_class"] == "malignant"
+    # sensitivity of malignant: the odd indices below 34 are right, 17 of 20
+    assert clean["sensitivity"] == pytest.approx(17 / 20)
 
-    write_report(csv_path, out, [clean], [adversarial], n_examples=2,
-                 config={"attacks": {"fgsm": {"epsilons": [4, 8]}}, "robustness": {"white_box": True}})
 
-    page = out.read_text()
+def test_epsilon_and_severity_are_written_as_given(results):
+    robustness = table(results, "robustness")
+    assert set(robustness["epsilon"].dropna()) == {"2.5", "8"}
+    assert set(robustness["severity"].dropna()) == {"0.05", "0.1"}
+    assert "worst-case-eps2.5-transfer" in set(robustness["condition"])
+
+
+def test_worst_case_counts_an_image_only_if_it_survives_every_attack(results):
+    robustness = table(results, "robustness")
+    worst = row(robustness, "baseline", "worst-case-eps8-transfer")
+    # fgsm keeps images 0-19, ifgsm 10-29: both only 10-19
+    assert worst["accuracy"] == pytest.approx(10 / N_TEST)
+    assert worst["kind"] == "worst_case" and worst["attack"] == "fgsm+ifgsm"
+    assert pd.isna(worst["auc"])
+    assert row(robustness, "baseline", "worst-case-eps8-white-box")["accuracy"] == pytest.approx(
+        2 / N_TEST)
+    mean = row(robustness, "baseline", "mean-perturbation")
+    assert mean["accuracy"] == pytest.approx((30 + 20) / (2 * N_TEST))
+    assert mean["accuracy_low"] < mean["accuracy"] < mean["accuracy_high"]
+
+
+def test_defense_is_judged_by_a_paired_test_on_the_same_images(results):
+    comparisons = table(results, "comparisons")
+    assert set(comparisons["reference_model"]) == {"baseline"}  # the surrogate is not attacked
+    worst = row(comparisons, "denoising", "worst-case-eps8-transfer")
+    # denoising survives both attacks on 0-36, baseline on 10-19
+    assert (worst["only_model_correct"], worst["only_reference_correct"]) == (27, 0)
+    assert worst["verdict"] == "helped" and worst["p_value"] < 0.001
+    assert worst["accuracy_difference"] == pytest.approx((37 - 10) / N_TEST)
+    assert worst["accuracy_difference_low"] > 0
+    clean = row(comparisons, "denoising", "clean")
+    assert (clean["only_reference_correct"], clean["only_model_correct"]) == (1, 0)
+    assert clean["verdict"] == "no detectable difference"
+    assert clean["accuracy_difference_low"] < 0 <= clean["accuracy_difference_high"]
+    assert clean["smallest_detectable_difference"] == pytest.approx(6 / N_TEST)
+    white_box = row(comparisons, "denoising", "fgsm-eps8-from-denoising")
+    assert white_box["threat_model"] == "white-box"  # paired with the baseline's own white-box
+
+
+def test_per_class_numbers_and_confusion_matrices(results):
+    per_class = table(results, "per_class")
+    clean = per_class[(per_class["model"] == "baseline") & (per_class["condition"] == "clean")]
+    assert list(clean["class"]) == CLASSES and list(clean["support"]) == [20, 20]
+    summary = json.loads((results["out"] / "robustness.json").read_text())
+    matrix = next(item for item in summary["confusion_matrices"]
+                  if item["model"] == "baseline" and item["condition"] == "clean")
+    assert matrix["matrix"] == [[17, 3], [3, 17]]
+    assert summary["settings"]["n_resamples"] == 1000
+
+
+def test_a_prediction_table_that_disagrees_with_its_metrics_is_refused(results, tmp_path):
+    record = dict(results["evaluations"][0])
+    metrics = json.loads(open(record["metrics"]).read())
+    (tmp_path / "m.json").write_text(json.dumps({**metrics, "n": 39}))
+    record["metrics"] = str(tmp_path / "m.json")
+    with pytest.raises(InputError, match=r"clean\.csv: 40 rows.*n = 39"):
+        summarize_evaluations([record], {}, STATISTICS, *(tmp_path / f"{name}" for name in
+                                                          ("a.csv", "a.json", "b.csv", "c.csv")))
+    assert not list(tmp_path.glob("a.*"))
+
+
+def test_too_few_bootstrap_resamples_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="bootstrap_resamples"):
+        summarize_evaluations([], {}, {**STATISTICS, "bootstrap_resamples": 100},
+                              *(tmp_path / name for name in ("a.csv", "a.json", "b.csv", "c.csv")))
+
+
+def test_curves_have_bands_unit_labels_and_legends_clear_of_the_data(results):
+    summary = json.loads((results["out"] / "robustness.json").read_text())
+    robustness = pd.DataFrame(summary["robustness"])
+    robustness["epsilon"] = pd.to_numeric(robustness["epsilon"])
+    figure = figures.attack_curves(robustness)
+    figure.draw_without_rendering()
+    axes = figure.axes
+    assert [panel.get_title() for panel in axes] == ["fgsm", "ifgsm", "worst case over attacks"]
+    assert all("1/255" in panel.get_xlabel() for panel in axes)
+    assert "fraction of test images" in axes[0].get_ylabel()
+    assert all(panel.collections for panel in axes)  # the interval bands
+    legend = figure.legends[0].get_window_extent()
+    assert not any(legend.overlaps(panel.get_window_extent()) for panel in axes)
+    assert figures.png(figure).startswith(PNG)
+
+
+def test_figures_are_written_as_files_and_inlined(results):
+    files = {path.stem: path.read_bytes() for path in (results["out"] / "figures").glob("*.png")}
+    assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",
+            "perturbation_strip_mammograms_gaussian_noise"} <= set(files)
+    assert {"examples_mammograms_fgsm_eps8_from_surrogate", "examples_mammograms_ifgsm_eps8_from_surrogate",
+            "examples_mammograms_fgsm_eps8_from_baseline"} <= set(files)
+    page = (results["out"] / "index.html").read_text()
+    inlined = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert sorted(base64.b64decode(data) for data in inlined) == sorted(files.values())
+
+
+def test_page_states_intervals_verdicts_warnings_and_provenance(results):
+    page = (results["out"] / "index.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
-    assert "<link" not in page and "<script" not in page
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 3  # epsilon curves, severity curves, one example grid
-    assert all(base64.b64decode(image).startswith(PNG) for image in images)
-
-    robustness = section(page, "robustness")
-    summary = pd.read_csv(csv_path)
-    for row in summary[summary["family"] == "image"].itertuples():
-        assert f"{row.accuracy:.3f}" in robustness
-        if not pd.isna(row.auc):
-            assert f"AUC {row.auc:.3f}" in robustness
-    assert "white-box" in robustness and "black-box from surrogate" in robustness
-    assert "FGSM &epsilon;=4/255" in robustness and "abmil" not in robustness
-    # the baseline row in column order: clean, eps 4 white-box, eps 4 transfer, eps 8, noise
-    baseline = robustness[robustness.index(">baseline<"):]
-    baseline = baseline[:baseline.index("</tr>")]
-    assert re.findall(r'class="acc">([0-9.]+)<', baseline) == ["0.875", "0.375", "0.625", "0.125",
-                                                                "0.750"]
-    slides = section(page, "slides")
-    assert "abmil" in slides and "0.667" in slides and "0.891" in slides
-    metrics = section(page, "metrics")
-    for row in summary.itertuples():
-        assert f"{row.accuracy:.3f}" in metrics
-    assert "How to read this" in page and "&quot;epsilons&quot;" in page
+    assert "<script" not in page and "&lt;script&gt;" in page  # the config's value, escaped
+    glance = page[page.index('id="glance"'):page.index('id="attacks"')]
+    assert "Small test set: mammograms has only 40 test images" in glance
+    assert "smaller than 0.150 (6 images)" in glance
+    exact = clopper_pearson(34, N_TEST)  # the baseline's clean accuracy
+    assert f"0.850</span><span class=\"interval\">[{exact.low:.3f}, {exact.high:.3f}]" in glance
+    assert re.search(r"worst case ε=8/255, transfer: <span class=\"verdict helped\">helped", glance)
+    assert "no detectable difference at n = 40" in glance
+    assert "true \\ predicted" in page and "m999.dcm: truncated DICOM" in page
+    assert "AdamW, lr 0.001" in page and "2 (val_accuracy)" in page
+    for field in ("git commit", "torch", "CUDA (torch build)", "manifest.csv sha256"):
+        assert field in page
+    assert "not a git checkout" in page  # the fixture's repository folder is none
 
 
-def test_report_pairs_each_adversarial_store_with_its_datasets_clean_store(tmp_path, summary_files):
-    _, csv_path, _ = summary_files
-    clean, adversarial = write_stores(tmp_path)
-    write_image_store(tmp_path / "other.zarr", np.zeros((1, 1, 8, 8), np.float32), [0], ["test"],
-                      ["s0"], {"dataset": "chest", "classes": ["normal", "pneumonia"]})
-    with pytest.raises(InputError, match="chest"):
-        write_report(csv_path, tmp_path / "index.html", [clean],
-                     [adversarial, tmp_path / "other.zarr"], n_examples=1)
-    assert not (tmp_path / "index.html").exists()
-    write_report(csv_path, tmp_path / "index.html", [clean], [adversarial], n_examples=0)
-    assert "Example images" not in (tmp_path / "index.html").read_text()
-
-
-def test_at_a_glance_compares_each_defense_with_each_undefended_model(summary_files):
-    table = summary_files[0]
-    images = table[table["family"] == "image"]
-    config = {"image_classifiers": {"baseline": {}, "surrogate": {},
-                                    "denoising": {"defense": {"name": "denoising"}}}}
-    text = re.sub(r"<[^>]+>", "", at_a_glance(images, config))
-    # baseline white-box: mean(0.375, 0.125) = 0.25; denoising white-box: 0.5625
-    assert "white-box +0.312" in text and "under white-box attacks the defense helped" in text
-    assert "clean -0.062" in text  # 0.8125 - 0.875
-    assert "surrogate" not in text  # never attacked, so not summarised
-    worse = images.assign(accuracy=images["accuracy"].where(images["model"] != "denoising", 0.0))
-    assert "did not help" in at_a_glance(worse, config)
-
-
-def test_at_a_glance_judges_a_defense_on_transfer_attacks_when_there_are_any(summary_files):
-    """Xue et al.'s setting is black-box: a defense that gains white-box but loses
-    under transfer did not help."""
-    images = summary_files[0]
-    images = images[images["family"] == "image"]
-    transfer = pd.DataFrame([attack("denoising", "surrogate", 4, 0.5, 0.6)])
-    config = {"image_classifiers": {"denoising": {"defense": {"name": "denoising"}}}}
-    text = re.sub(r"<[^>]+>", "", at_a_glance(pd.concat([images, transfer]), config))
-    # white-box: denoising 0.5625 vs baseline 0.25; transfer: 0.5 vs 0.625
-    assert "white-box +0.312" in text and "transfer -0.125" in text
-    assert "under transfer attacks the defense did not help" in text
+def test_config_shows_only_the_keys_that_acted():
+    config = {
+        "device": "cpu",
+        "datasets": {"a": {"kind": "images", "preprocess": {}, "tiling": {"tile_size": 224}},
+                     "b": {"kind": "slides", "tiling": {}}},
+        "image_classifiers": {"m": {"dataset": "a"}}, "image_training": {"epochs": 1},
+        "slide_classifiers": {}, "features": {"backbone": "resnet18"},
+        "attacks": {"fgsm": {}}, "perturbations": {}, "robustness": {"targets": []},
+    }
+    shown = applicable_config(config)
+    assert shown["datasets"] == {"a": {"kind": "images", "preprocess": {}}}
+    assert "features" not in shown and "slide_classifiers" not in shown
+    assert "attacks" not in shown and "robustness" not in shown
+    assert shown["image_training"] == {"epochs": 1} and shown["device"] == "cpu"

@@ -158,8 +158,9 @@ def test_the_workflow_completes_under_slurm(slurm_run):
     workdir, _ = slurm_run
     assert (workdir / "results/report/index.html").stat().st_size > 0
     summary = pd.read_csv(workdir / "results/report/robustness.csv")
-    # 2 targets x (clean + 2 epsilons x 2 sources + 1 noise level), surrogate clean, abmil clean
-    assert len(summary) == 2 * 6 + 1 + 1
+    # 2 targets x (clean, 4 attacks, 4 worst cases, 1 noise level, the mean over perturbations),
+    # surrogate clean, abmil clean
+    assert len(summary) == 2 * 11 + 1 + 1
 
 
 def test_download_runs_on_the_submit_host(slurm_run):

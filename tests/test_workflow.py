@@ -5,6 +5,7 @@ contents against the data contracts in docs/architecture.md.
 """
 
 import json
+import re
 import zipfile
 
 import pandas as pd
@@ -12,6 +13,10 @@ import pytest
 
 from medrobust.io.image_store import open_image_store
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
+from browser import (  # noqa: F401 (browser, chromium: fixtures)
+    broken_images, browser, chromium, covering_element, horizontal_overflow, is_visible,
+    open_file, screenshot, table_rows, too_wide_elements, visible_text)
+from selenium.webdriver.common.by import By
 from workflow_runner import ROOT, run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -74,14 +79,66 @@ def test_adversarial_store_stays_in_the_epsilon_ball(workdir):
     assert difference.max() <= 4 / 255 + 1e-6 and difference.max() > 3.9 / 255
 
 
-def test_report_holds_the_table_numbers(workdir):
+# 2 targets x (clean + 2 epsilons x 2 threat models (attack and worst case) x 2 + 1 noise level
+# + the mean over perturbations), surrogate clean, abmil clean
+SUMMARY_ROWS = 2 * (1 + 4 + 4 + 1 + 1) + 1 + 1
+
+
+def test_report_holds_the_table_numbers_with_their_intervals(workdir):
     summary = pd.read_csv(workdir / "results/report/robustness.csv")
     html = (workdir / "results/report/index.html").read_text()
-    # 2 targets x (clean + 2 epsilons x 2 sources + 1 noise level), surrogate clean, abmil clean
-    assert len(summary) == 2 * 6 + 1 + 1
-    for accuracy in summary["accuracy"]:
-        assert f"{accuracy:.3f}" in html
+    assert len(summary) == SUMMARY_ROWS
+    for row in summary.itertuples():
+        assert f"{row.accuracy:.3f}" in html
+        assert row.accuracy_low <= row.accuracy <= row.accuracy_high
+        assert f"[{row.accuracy_low:.3f}, {row.accuracy_high:.3f}]" in html
+    comparisons = pd.read_csv(workdir / "results/report/comparisons.csv")
+    assert set(comparisons["model"]) == {"denoising"}
+    assert set(comparisons["reference_model"]) == {"baseline"}
+    assert comparisons["verdict"].isin(["helped", "hurt", "no detectable difference"]).all()
     assert "<img" in html and "http://" not in html and "https://" not in html
+    figures = {path.stem for path in (workdir / "results/report/figures").glob("*.png")}
+    assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",
+            "training_curves_slide", "perturbation_strip_mammograms_gaussian_noise"} <= figures
+
+
+def test_report_reads_right_in_a_browser(workdir, browser):
+    """What a reader sees in headless Chromium, not only what the HTML holds."""
+    open_file(browser, workdir / "results/report/index.html")
+    screenshot(browser, workdir / "report.png")
+    assert broken_images(browser) == []
+    assert horizontal_overflow(browser) == 0, too_wide_elements(browser)
+    text = visible_text(browser)
+    headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h2")]
+    assert headings[:5] == ["At a glance", "Study 1: adversarial attacks and defenses",
+                            "Study 2: perturbation sweeps", "Study 3: slide classifiers",
+                            "Every condition: sensitivity, specificity, balanced accuracy"]
+    assert headings[-3:] == ["Data", "Provenance", "Configuration"]
+    # the small-test-set warnings are on screen, before the tables
+    warnings = browser.find_elements(By.CSS_SELECTOR, "#glance .warning")
+    assert len(warnings) == 2 and all(is_visible(warning) for warning in warnings)
+    assert "mammograms has only 20 test images" in warnings[0].text
+    assert "slides has only 2 test slides" in warnings[1].text
+    # at a glance: every model, each number with its interval beneath it
+    glance = table_rows(browser.find_element(By.CSS_SELECTOR, "table.glance"))
+    assert glance[0][:5] == ["dataset", "model", "defense", "test n", "clean"]
+    assert "mean over perturbations" in glance[0][-1]
+    models = {row[1]: row for row in glance[1:]}
+    assert set(models) == {"baseline", "denoising", "surrogate", "abmil"}
+    assert all(re.fullmatch(r"\d\.\d{3}\n\[\d\.\d{3}, \d\.\d{3}\]", cell)
+               for cell in models["baseline"][4:])
+    assert re.search(r"worst case ε=8/255, transfer: (helped|hurt|no detectable difference at "
+                     r"n = 20) \(difference [+-]\d\.\d{3} \[", text)
+    # every figure is drawn, on screen at a readable size, nothing overlapping it
+    images = browser.find_elements(By.CSS_SELECTOR, "figure img")
+    assert len(images) == len(list((workdir / "results/report/figures").glob("*.png")))
+    for image in images:
+        assert is_visible(image) and image.size["width"] >= 300, image.get_attribute("alt")
+        assert covering_element(image) is None
+    # the per-class details stay collapsed until opened
+    assert "Per-class sensitivity" in text and "one-vs-rest) and AUC" in text
+    assert "specificity (one-vs-rest)</th>" not in text
+    assert "git commit" in text and "manifest.csv sha256" in text
 
 
 def test_second_run_has_nothing_to_do(workdir):

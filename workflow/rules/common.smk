@@ -135,25 +135,72 @@ def condition_store(dataset, condition):
     raise WorkflowError(f"unknown evaluation condition {condition!r}")
 
 
-def all_metrics(wildcards=None):
-    """Every metrics JSON the report summarises."""
-    paths = []
+def evaluations():
+    """Every (model, condition) the report summarises, as records with their files.
+
+    Built from the config alone; summarize and report read paths from here,
+    never by re-deriving them.
+    """
+    records = []
     targets = set(ROBUSTNESS["targets"])
     for model, settings in IMAGE_CLASSIFIERS.items():
+        dataset = settings["dataset"]
         conditions = robustness_conditions(model) if model in targets else ["clean"]
-        paths += [f"results/evaluate/{settings['dataset']}/{model}/{c}.json" for c in conditions]
+        records += [{"family": "image", "model": model, "dataset": dataset, "condition": c,
+                     "store": condition_store(dataset, c),
+                     **evaluation_files(dataset, model, c)} for c in conditions]
     for model, settings in SLIDE_CLASSIFIERS.items():
-        paths.append(f"results/evaluate/{settings['dataset']}/{model}/clean.json")
-    return paths
+        records.append({"family": "slide", "model": model, "dataset": settings["dataset"],
+                        "condition": "clean", "store": None,
+                        **evaluation_files(settings["dataset"], model, "clean")})
+    return records
 
 
-def report_images(wildcards=None):
-    """Stores shown as pictures: the first target's test images, clean and attacked."""
-    if not ROBUSTNESS["targets"]:
-        return {"clean": [], "adversarial": []}
-    target = ROBUSTNESS["targets"][0]
-    dataset = IMAGE_CLASSIFIERS[target]["dataset"]
+def evaluation_files(dataset, model, condition):
+    stem = f"results/evaluate/{dataset}/{model}/{condition}"
+    return {"metrics": f"{stem}.json", "predictions": f"{stem}.csv"}
+
+
+def all_metrics(wildcards=None):
+    """Every metrics JSON and prediction table the summary reads."""
+    return {"metrics": [record["metrics"] for record in evaluations()],
+            "predictions": [record["predictions"] for record in evaluations()]}
+
+
+def trained_models(wildcards=None):
+    """Every trained model's folder, by name: its config and history feed the report."""
+    return {name: f"results/models/{settings['dataset']}/{name}"
+            for name, settings in {**IMAGE_CLASSIFIERS, **SLIDE_CLASSIFIERS}.items()}
+
+
+def model_histories(wildcards=None):
+    return [f"{folder}/history.json" for folder in trained_models().values()]
+
+
+def dataset_folders(wildcards=None):
+    """Raw dataset folders (manifest and source, for provenance) of every dataset a model uses."""
+    used = {settings["dataset"] for settings in {**IMAGE_CLASSIFIERS, **SLIDE_CLASSIFIERS}.values()}
+    return [f"resources/{dataset}" for dataset in sorted(used)]
+
+
+def image_stores(wildcards=None):
+    """Clean image stores of every image dataset a model uses (class counts, left-out inputs)."""
+    used = {settings["dataset"] for settings in IMAGE_CLASSIFIERS.values()}
+    return [condition_store(dataset, "clean") for dataset in sorted(used)]
+
+
+def defenses():
+    """Each image model's defense ("none" when undefended), for the paired comparisons."""
+    return {name: (settings.get("defense") or {}).get("name", "none")
+            for name, settings in IMAGE_CLASSIFIERS.items()}
+
+
+def report_inputs(wildcards=None):
+    """Everything the report page reads besides the summary."""
+    records = evaluations()
     return {
-        "clean": [condition_store(dataset, "clean")],
-        "adversarial": [condition_store(dataset, c) for c in attack_conditions(target)],
+        "predictions": [record["predictions"] for record in records],
+        "stores": sorted({record["store"] for record in records if record["store"]}),
+        "histories": model_histories(),
+        "datasets": dataset_folders(),
     }

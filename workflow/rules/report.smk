@@ -1,12 +1,24 @@
-# All metrics in one table, and one self-contained HTML page.
+# Every evaluation in tables with 95% intervals and paired comparisons, then
+# one self-contained HTML page with the same numbers and figures.
 
 
 rule summarize:
     input:
-        all_metrics,
+        unpack(all_metrics),
     output:
-        csv=report("results/report/robustness.csv", caption="../report/robustness.rst", category="Robustness"),
+        csv=report("results/report/robustness.csv", caption="../report/robustness.rst", category="Tables"),
+        per_class=report("results/report/per_class.csv", caption="../report/per_class.rst", category="Tables"),
+        comparisons=report("results/report/comparisons.csv", caption="../report/comparisons.rst", category="Tables"),
         json="results/report/robustness.json",
+    params:
+        evaluations=evaluations(),
+        defenses=defenses(),
+        statistics={
+            "bootstrap_resamples": config["report"]["bootstrap_resamples"],
+            "confidence": config["report"]["confidence"],
+            "alpha": config["report"]["alpha"],
+            "seed": config["seed"],
+        },
     log:
         "logs/summarize.log",
     conda:
@@ -17,13 +29,26 @@ rule summarize:
 
 rule report:
     input:
-        unpack(report_images),
-        summary=rules.summarize.output.csv,
+        unpack(report_inputs),
+        summary=rules.summarize.output.json,
     output:
-        html=report("results/report/index.html", caption="../report/index.rst", category="Robustness"),
+        html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
+        figures=report(
+            directory("results/report/figures"),
+            patterns=["{figure}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+            labels={"figure": "{figure}"},
+        ),
     params:
-        n_examples=config["report"]["n_examples"],
+        evaluations=evaluations(),
+        models=trained_models(),
+        settings={
+            "n_examples": config["report"]["n_examples"],
+            "small_test_set": config["report"]["small_test_set"],
+        },
         config=config,
+        repository=workflow.basedir,
     log:
         "logs/report.log",
     conda:

@@ -1,12 +1,15 @@
 from medrobust.logs import script_logging
-from medrobust.report.html import write_report
+from medrobust.report.page import write_report
 
 with script_logging(snakemake):
     write_report(
         snakemake.input.summary,
         snakemake.output.html,
-        clean_stores=list(snakemake.input.clean),
-        adversarial_stores=list(snakemake.input.adversarial),
-        n_examples=snakemake.params.n_examples,
+        snakemake.output.figures,
+        evaluations=snakemake.params.evaluations,
+        models=snakemake.params.models,
+        datasets=list(snakemake.input.datasets),
+        settings=snakemake.params.settings,
         config=snakemake.params.config,
+        repository=snakemake.params.repository,
     )

@@ -1,5 +1,13 @@
 from medrobust.logs import script_logging
-from medrobust.report.summary import summarize_metrics
+from medrobust.report.summary import summarize_evaluations
 
 with script_logging(snakemake):
-    summarize_metrics(list(snakemake.input), snakemake.output.csv, snakemake.output.json)
+    summarize_evaluations(
+        snakemake.params.evaluations,
+        snakemake.params.defenses,
+        snakemake.params.statistics,
+        out_csv=snakemake.output.csv,
+        out_json=snakemake.output.json,
+        per_class_csv=snakemake.output.per_class,
+        comparisons_csv=snakemake.output.comparisons,
+    )

@@ -18,6 +18,9 @@ from medrobust.errors import ConfigError
 class Perturbation(ABC):
     """A perturbation of strength `severity` (its meaning is the subclass's)."""
 
+    # what the severity measures, in its units, as the report's axes name it
+    severity_unit: str = "severity"
+
     def __init__(self, severity: float):
         if not (math.isfinite(severity) and severity >= 0):
             raise ConfigError(f"{type(self).__name__}: severity must be a finite number >= 0, "

@@ -35,6 +35,8 @@ def gaussian_lowpass_mask(height: int, width: int, radius: float) -> np.ndarray:
 class FourierFilter(Perturbation):
     """Multiply each channel's spectrum by a real, symmetric mask."""
 
+    severity_unit = "radius of the Gaussian mask (cycles per image)"
+
     def __init__(self, severity: float):
         super().__init__(severity)
         if self.severity <= 0:

@@ -1,127 +1,181 @@
-"""Report figures, rendered off-screen (Agg) and returned as PNG bytes.
+"""Report figures, rendered off-screen (Agg).
 
-Figures are built on `matplotlib.figure.Figure` directly, not pyplot, so no
-global state or display backend is involved.
+Each function returns a `matplotlib.figure.Figure` (tests inspect its
+layout); `png` renders it. Figures are built on `Figure` directly, not pyplot, so no
+global state or display backend is involved. Every figure uses constrained
+layout with its legend outside the axes, so a legend never covers data, and
+every curve carries its interval as a band.
 """
 
 from __future__ import annotations
 
 import io
-import os
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from medrobust.errors import InputError
-from medrobust.io.image_store import open_image_store
+from medrobust.perturbations import PERTURBATIONS
 
 _DPI = 100
+EPSILON_LABEL = "ε (L∞ budget, 1/255 of the intensity range)"
+ACCURACY_LABEL = "accuracy (fraction of test images)"
 
 
-def _png(figure: Figure) -> bytes:
+def png(figure: Figure) -> bytes:
+    """The figure as PNG bytes."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=_DPI)
     return buffer.getvalue()
 
 
-def _model_colours(summary: pd.DataFrame) -> dict[str, str]:
-    # one colour per model across every panel
-    return {model: f"C{index % 10}" for index, model in enumerate(sorted(summary["model"].unique()))}
+def _new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
 
 
-def _clean_accuracy(summary: pd.DataFrame) -> dict[str, float]:
-    clean = summary[summary["kind"] == "clean"]
-    return dict(zip(clean["model"], clean["accuracy"]))
+def _legend_outside(figure: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for all panels, right of them, with each label once."""
+    entries: dict[str, object] = {}
+    for panel in axes:
+        for handle, label in zip(*panel.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        figure.legend(list(entries.values()), list(entries), loc="outside right upper",
+                      fontsize="small")
 
 
-def _plot_sweep(axes: Axes, rows: pd.DataFrame, level: str, clean: float | None, **style) -> None:
-    """Accuracy against `level`, starting from the clean accuracy at level 0."""
+def model_colours(models: Sequence[str]) -> dict[str, str]:
+    """One colour per model across every figure."""
+    return {model: f"C{index % 10}" for index, model in enumerate(sorted(set(models)))}
+
+
+def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, **style) -> None:
+    """Accuracy with its interval band against `levels`."""
+    axes.plot(levels, rows["accuracy"], marker="o", **style)
+    axes.fill_between(levels, rows["accuracy_low"], rows["accuracy_high"],
+                      color=style.get("color"), alpha=0.15, linewidth=0)
+
+
+def _from_clean(rows: pd.DataFrame, level: str,
+                clean: pd.DataFrame) -> tuple[list[float], pd.DataFrame]:
+    """The sweep's rows by level, starting at level 0 with the clean images."""
     rows = rows.sort_values(level)
-    levels, accuracy = list(rows[level]), list(rows["accuracy"])
-    if clean is not None:
-        levels, accuracy = [0.0, *levels], [clean, *accuracy]
-    axes.plot(levels, accuracy, marker="o", **style)
+    levels = [float(value) for value in rows[level]]
+    if not clean.empty:
+        rows, levels = pd.concat([clean.iloc[:1], rows]), [0.0, *levels]
+    return levels, rows
 
 
-def _sweep_figure(summary: pd.DataFrame, kind: str, name_column: str, level: str, xlabel: str,
-                  line_groups: list[str]) -> bytes:
-    """One panel per attack / perturbation name, one line per model (and line group)."""
-    rows = summary[summary["kind"] == kind]
-    names = sorted(rows[name_column].unique())
-    colours, clean = _model_colours(summary), _clean_accuracy(summary)
-    figure = Figure(figsize=(4.2 * len(names), 3.4))
-    for axes, name in zip(figure.subplots(1, len(names), squeeze=False)[0], names):
-        for keys, group in rows[rows[name_column] == name].groupby(line_groups, sort=True):
-            model, source = (keys + (None,))[:2]
-            transfer = source is not None and source != model
-            label = model if source is None else f"{model}, {'from ' + source if transfer else 'white-box'}"
-            _plot_sweep(axes, group, level, clean.get(model), color=colours[model], label=label,
-                        linestyle="--" if transfer else "-")
-        axes.set(title=name, xlabel=xlabel, ylabel="accuracy", ylim=(-0.02, 1.02))
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
-    return _png(figure)
+def attack_curves(robustness: pd.DataFrame) -> Figure:
+    """Accuracy against ε: one panel per attack and one for the worst case over attacks.
+
+    Solid lines are white-box, dashed transfer; bands are 95% intervals.
+    """
+    attacked = robustness[robustness["kind"].isin(["attack", "worst_case"])]
+    panels = sorted(attacked.loc[attacked["kind"] == "attack", "attack"].unique())
+    if len(panels) > 1 and (attacked["kind"] == "worst_case").any():
+        panels.append("worst case over attacks")  # with one attack it repeats that panel
+    colours = model_colours(robustness["model"])
+    figure = _new_figure(3.6 * len(panels) + 2.4, 3.4)
+    axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for panel, name in zip(axes, panels):
+        rows = (attacked[attacked["kind"] == "worst_case"] if name == "worst case over attacks"
+                else attacked[attacked["attack"] == name])
+        for (model, threat, source), group in rows.groupby(
+                ["model", "threat_model", "source_model"], sort=True, dropna=False):
+            clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
+            levels, group = _from_clean(group, "epsilon", clean)
+            label = (f"{model}, white-box" if threat == "white-box"
+                     else f"{model}, transfer from {source}")
+            _line(panel, levels, group, color=colours[model], label=label,
+                  linestyle="-" if threat == "white-box" else "--")
+        panel.set(title=name, xlabel=EPSILON_LABEL, ylim=(-0.02, 1.02))
+        panel.grid(alpha=0.3)
+    axes[0].set_ylabel(ACCURACY_LABEL)
+    _legend_outside(figure, axes)
+    return figure
 
 
-def accuracy_vs_epsilon(summary: pd.DataFrame) -> bytes:
-    """Per attack: accuracy against epsilon for each model, white-box solid, transfer dashed."""
-    return _sweep_figure(summary, "attack", "attack", "epsilon", "epsilon (1/255)",
-                         ["model", "source_model"])
+def perturbation_curves(robustness: pd.DataFrame) -> Figure:
+    """Accuracy against severity, one panel per perturbation, in its own units."""
+    perturbed = robustness[robustness["kind"] == "perturbation"]
+    names = sorted(perturbed["perturbation"].unique())
+    colours = model_colours(robustness["model"])
+    figure = _new_figure(3.8 * len(names) + 2.0, 3.4)
+    axes = figure.subplots(1, len(names), squeeze=False, sharey=True)[0]
+    for panel, name in zip(axes, names):
+        for model, group in perturbed[perturbed["perturbation"] == name].groupby("model"):
+            clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
+            levels, group = _from_clean(group, "severity", clean)
+            _line(panel, levels, group, color=colours[model], label=model)
+        unit = getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
+        panel.set(title=name, xlabel=unit, ylim=(-0.02, 1.02))
+        panel.grid(alpha=0.3)
+    axes[0].set_ylabel(ACCURACY_LABEL)
+    _legend_outside(figure, axes)
+    return figure
 
 
-def accuracy_vs_severity(summary: pd.DataFrame) -> bytes:
-    """Per perturbation: accuracy against severity for each model."""
-    return _sweep_figure(summary, "perturbation", "perturbation", "severity", "severity",
-                         ["model"])
+def training_curves(histories: Mapping[str, Mapping]) -> Figure:
+    """Loss and validation accuracy per epoch for each model; a star marks the epoch kept."""
+    colours = model_colours(list(histories))
+    figure = _new_figure(12.0, 3.2)
+    axes = figure.subplots(1, 3)
+    panels = (("train_loss", "training loss (with any defense terms)"), ("val_loss", "validation loss (cross-entropy)"),
+              ("val_accuracy", "validation accuracy"))
+    for panel, (key, title) in zip(axes, panels):
+        for model, history in sorted(histories.items()):
+            epochs = [record["epoch"] for record in history["epochs"]
+                      if record.get(key) is not None]
+            values = [record[key] for record in history["epochs"] if record.get(key) is not None]
+            if not values:
+                continue
+            panel.plot(epochs, values, color=colours[model], label=model)
+            if history["best_epoch"] in epochs:
+                kept = epochs.index(history["best_epoch"])
+                panel.plot(epochs[kept], values[kept], marker="*", markersize=12,
+                           color=colours[model], linestyle="none")
+        panel.set(title=title, xlabel="epoch")
+        panel.grid(alpha=0.3)
+    axes[2].set_ylim(-0.02, 1.02)
+    _legend_outside(figure, axes)
+    return figure
 
 
-def _show(axes: Axes, image: np.ndarray, title: str | None) -> None:
+def _show(axes: Axes, image: np.ndarray) -> None:
     """One (C, H, W) image in [0, 1]: grey for one channel, RGB for three."""
     picture = image[0] if image.shape[0] == 1 else np.moveaxis(image[:3], 0, -1)
     axes.imshow(np.clip(picture, 0.0, 1.0), cmap="gray", vmin=0.0, vmax=1.0)
-    axes.set_axis_off()
-    if title:
-        axes.set_title(title, fontsize="small")
+    axes.set_xticks([])
+    axes.set_yticks([])
 
 
-def store_title(attrs: dict) -> str:
-    """What a derived store holds, in words."""
-    if "attack" in attrs:
-        return (f"{attrs['attack']} eps {attrs['epsilon']:g}/255, "
-                f"crafted on {attrs.get('source_model')}")
-    if "perturbation" in attrs:
-        return f"{attrs['perturbation']} severity {attrs['severity']:g}"
-    return "clean"
+def prediction_lines(predictions: Mapping[str, tuple[str, float, bool]]) -> str:
+    """"model: class 0.83 ✓" per model, as printed under a picture."""
+    return "\n".join(f"{model}: {name} {confidence:.2f} {'✓' if correct else '✗'}"
+                     for model, (name, confidence, correct) in predictions.items())
 
 
-def example_grid(clean_store_path: str | os.PathLike, derived_store_path: str | os.PathLike,
-                 n_examples: int) -> bytes:
-    """Rows of test samples: clean, adversarial (or perturbed), and their difference amplified.
+def image_panel_grid(rows: Sequence[Sequence[tuple[np.ndarray, str, str]]],
+                     row_labels: Sequence[str], title: str) -> Figure:
+    """A grid of images; each cell is (image (C, H, W), title, text under the picture).
 
-    The difference is shown around mid-grey, scaled so the largest change spans
-    the full range; the title says by how much it was amplified.
+    Used for both the example images (clean / attacked / difference, with each
+    model's prediction under each picture) and the perturbation strips (one
+    image at every severity).
     """
-    clean, derived = open_image_store(clean_store_path), open_image_store(derived_store_path)
-    n = min(n_examples, len(derived.sample_ids))
-    if n < 1:
-        raise InputError(f"{derived_store_path}: no images to show")
-    position = {sample_id: index for index, sample_id in enumerate(clean.sample_ids)}
-    missing = [s for s in derived.sample_ids[:n] if s not in position]
-    if missing:
-        raise InputError(f"{clean_store_path}: lacks samples {missing} of {derived_store_path}")
-    changed = np.asarray(derived.images[:n])
-    original = np.asarray(clean.images.get_orthogonal_selection(
-        (np.array([position[s] for s in derived.sample_ids[:n]]),)))
-    difference = changed - original
-    largest = float(np.abs(difference).max())
-    gain = 0.5 / largest if largest > 0 else 1.0
-    titles = ["clean", "attacked" if "attack" in derived.attrs else "perturbed",
-              f"difference x{gain:.0f}"]
-    figure = Figure(figsize=(3 * 1.7, n * 1.7 + 0.4))
-    for row, axes in enumerate(figure.subplots(n, 3, squeeze=False)):
-        for column, image in enumerate((original[row], changed[row], 0.5 + gain * difference[row])):
-            _show(axes[column], image, titles[column] if row == 0 else None)
-    figure.suptitle(store_title(derived.attrs), fontsize="medium")
-    return _png(figure)
+    n_rows, n_columns = len(rows), max(len(row) for row in rows)
+    figure = _new_figure(2.3 * n_columns + 0.6, 2.75 * n_rows + 0.4)
+    axes = figure.subplots(n_rows, n_columns, squeeze=False)
+    for row_axes, cells, row_label in zip(axes, rows, row_labels):
+        for panel, (image, cell_title, text) in zip(row_axes, cells):
+            _show(panel, image)
+            panel.set_title(cell_title, fontsize="small")
+            panel.set_xlabel(text, fontsize="x-small", loc="left")
+        for panel in row_axes[len(cells):]:
+            panel.set_axis_off()
+        row_axes[0].set_ylabel(row_label, fontsize="small")
+    figure.suptitle(title, fontsize="medium")
+    return figure

@@ -1,57 +1,425 @@
-"""Gather every metrics JSON into one tidy table: one row per (model, condition).
+"""Every evaluation in one set of tables, each number with its 95% interval.
 
-The evaluators' JSON keys (`evaluate.metrics.METRIC_KEYS`) are the columns;
-`family` (`image` or `slide`) tells the report which table a row belongs in.
+Inputs are the evaluators' outputs: per (model, condition) a metrics JSON (what
+the model was fed) and a prediction table (per-sample labels and
+probabilities). From the predictions this module computes, with
+`medrobust.evaluate.statistics`:
+
+- one row per (model, condition) with intervals for accuracy, balanced
+  accuracy, AUC, sensitivity and specificity (robustness.csv);
+- derived rows per attacked model: the *worst case* at each epsilon and
+  threat model (an image counts as robust only if it survives every attack run
+  there, as RobustBench counts) and the *mean over perturbations*;
+- per-class numbers and confusion matrices (per_class.csv);
+- paired comparisons of every defended model against every undefended target
+  of its dataset on the same test images (comparisons.csv): McNemar's exact
+  test, paired-bootstrap intervals of the accuracy and AUC differences, and
+  a verdict.
+
+docs/report.md documents every column.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
-from medrobust.errors import InputError
+from medrobust.config import config_from_mapping
+from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
+from medrobust.evaluate.statistics import (
+    CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, classification_statistics,
+    paired_bootstrap_difference, paired_comparison,
+    smallest_detectable_difference)
 from medrobust.io.atomic import atomic_path, write_json
+from medrobust.logs import get_logger
 
-_KIND_ORDER = {"clean": 0, "attack": 1, "perturbation": 2}
+log = get_logger(__name__)
+
+# metrics with an interval, in column order; each gives <name>, <name>_low, <name>_high
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+DESCRIPTION_KEYS = tuple(key for key in METRIC_KEYS if key not in ("n", "accuracy", "auc"))
+SUMMARY_COLUMNS = (*DESCRIPTION_KEYS, "threat_model", "n", "positive_class",
+                   *(f"{metric}{suffix}" for metric in INTERVAL_METRICS
+                     for suffix in ("", "_low", "_high")))
+PER_CLASS_COLUMNS = ("family", "model", "dataset", "condition", "class", "support",
+                     *(f"{metric}{suffix}" for metric in ("sensitivity", "specificity", "auc")
+                       for suffix in ("", "_low", "_high")))
+COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "condition", "kind",
+                      "attack", "epsilon", "threat_model", "source_model", "perturbation",
+                      "severity", "n", "reference_accuracy", "accuracy",
+                      "accuracy_difference", "accuracy_difference_low",
+                      "accuracy_difference_high", "auc_difference", "auc_difference_low",
+                      "auc_difference_high", "only_reference_correct", "only_model_correct",
+                      "p_value", "test", "verdict", "smallest_detectable_difference")
+_KIND_ORDER = {"clean": 0, "attack": 1, "worst_case": 2, "perturbation": 3,
+               "mean_perturbation": 4}
+_DECIMALS = 4
 
 
-def read_metrics(path: str | os.PathLike) -> dict:
-    """One metrics record, checked for the evaluators' keys."""
-    path = Path(path)
+@dataclasses.dataclass(frozen=True)
+class StatisticsConfig:
+    """How intervals and tests are computed (the `report` section's statistics keys)."""
+
+    bootstrap_resamples: int = N_RESAMPLES
+    confidence: float = CONFIDENCE
+    alpha: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bootstrap_resamples < 1000:
+            raise ConfigError("report.bootstrap_resamples must be at least 1000, "
+                             f"not {self.bootstrap_resamples}")
+        if not 0.5 < self.confidence < 1 or not 0 < self.alpha < 0.5:
+            raise ConfigError("report.confidence must lie in (0.5, 1) and alpha in (0, 0.5)")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "StatisticsConfig":
+        return config_from_mapping(cls, mapping, "report statistics")
+
+    def sampling(self) -> dict[str, Any]:
+        return {"n_resamples": self.bootstrap_resamples, "seed": self.seed,
+                "confidence": self.confidence}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One model's predictions under one condition, as the evaluators wrote them."""
+
+    description: dict[str, Any]
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+    classes: list[str]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1) == self.labels
+
+    def aligned(self, sample_ids: np.ndarray) -> "Evaluation":
+        """The same evaluation in the order of `sample_ids` (which must be the same set)."""
+        if np.array_equal(sample_ids, self.sample_ids):
+            return self
+        position = {sample: index for index, sample in enumerate(self.sample_ids)}
+        if len(sample_ids) != len(position) or any(s not in position for s in sample_ids):
+            raise InputError(f"{self.description['model']} on {self.description['condition']}: "
+                             "its test samples differ from those of the condition it is "
+                             "paired with")
+        order = np.array([position[s] for s in sample_ids])
+        return dataclasses.replace(self, sample_ids=sample_ids, labels=self.labels[order],
+                                   probabilities=self.probabilities[order])
+
+
+def read_evaluation(metrics_path: str | os.PathLike,
+                    predictions_path: str | os.PathLike) -> Evaluation:
+    """A metrics JSON and its prediction table, checked against each other."""
+    metrics_path, predictions_path = Path(metrics_path), Path(predictions_path)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(metrics_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: unreadable metrics JSON ({error})") from error
+        raise InputError(f"{metrics_path}: unreadable metrics JSON ({error})") from error
     if not isinstance(record, dict):
-        raise InputError(f"{path}: a metrics JSON must hold one object")
+        raise InputError(f"{metrics_path}: a metrics JSON must hold one object")
     missing = [key for key in METRIC_KEYS if key not in record]
     if missing:
-        raise InputError(f"{path}: metrics JSON lacks {', '.join(missing)}")
-    return {key: record[key] for key in METRIC_KEYS}
+        raise InputError(f"{metrics_path}: metrics JSON lacks {', '.join(missing)}")
+    try:
+        table = pd.read_csv(predictions_path, dtype={"sample_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{predictions_path}: unreadable prediction table ({error})") from error
+    probability_columns = [column for column in table.columns if column.startswith("prob_")]
+    if "label" not in table or "sample_id" not in table or len(probability_columns) < 2:
+        raise InputError(f"{predictions_path}: a prediction table needs sample_id, label and "
+                         "one prob_<class> column per class")
+    if len(table) != record["n"]:
+        raise InputError(f"{predictions_path}: {len(table)} rows, but {metrics_path} counts "
+                         f"n = {record['n']}")
+    return Evaluation(
+        description={key: record[key] for key in DESCRIPTION_KEYS},
+        sample_ids=table["sample_id"].to_numpy(dtype=str),
+        labels=table["label"].to_numpy(dtype=np.int64),
+        probabilities=table[probability_columns].to_numpy(dtype=np.float64),
+        classes=[column[len("prob_"):] for column in probability_columns])
 
 
-def metrics_table(records: Iterable[dict]) -> pd.DataFrame:
-    """The records as a table in a stable order: model, then clean, attacks, perturbations."""
-    table = pd.DataFrame(list(records), columns=list(METRIC_KEYS))
+def threat_model(description: Mapping[str, Any]) -> str | None:
+    if description["kind"] != "attack":
+        return None
+    return "white-box" if description["white_box"] else "transfer"
+
+
+def _interval_columns(name: str, interval: Interval | None) -> dict[str, float | None]:
+    interval = interval or Interval(None, None, None, "")
+    return {name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high}
+
+
+def _row(description: Mapping[str, Any], statistics: Mapping[str, Any],
+         classes: Sequence[str]) -> dict[str, Any]:
+    row = {**description, "threat_model": description.get("threat_model") or threat_model(description),
+           "n": statistics["n"],
+           "positive_class": classes[1] if len(classes) == 2 else None}
+    for metric in INTERVAL_METRICS:
+        row.update(_interval_columns(metric, statistics.get(metric)))
+    return row
+
+
+def _per_class_rows(description: Mapping[str, Any], statistics: Mapping[str, Any]) -> list[dict]:
+    rows = []
+    for name, numbers in statistics["per_class"].items():
+        row = {key: description[key] for key in ("family", "model", "dataset", "condition")}
+        row.update({"class": name, "support": numbers["support"]})
+        for metric in ("sensitivity", "specificity", "auc"):
+            row.update(_interval_columns(metric, numbers.get(metric)))
+        rows.append(row)
+    return rows
+
+
+def worst_case(evaluations: Sequence[Evaluation]) -> Evaluation:
+    """Per image, the attack's outcome that is worst for the model.
+
+    An image is robust only if every attack left it correct; among equals the
+    lowest probability of the true class is kept, so the probabilities stay
+    those of one real adversarial image each.
+    """
+    first = evaluations[0]
+    aligned = [evaluation.aligned(first.sample_ids) for evaluation in evaluations]
+    rows = np.arange(len(first.labels))
+    # sort key per attack: (still correct, probability of the true class)
+    keys = np.stack([evaluation.correct * 2.0 + evaluation.probabilities[rows, first.labels]
+                     for evaluation in aligned])
+    chosen = keys.argmin(axis=0)
+    probabilities = np.stack([evaluation.probabilities for evaluation in aligned])[chosen, rows]
+    return dataclasses.replace(first, probabilities=probabilities)
+
+
+def _condition_key(description: Mapping[str, Any]) -> tuple:
+    """What makes two models' conditions the same test for a paired comparison."""
+    kind = description["kind"]
+    if kind == "attack":
+        source = None if description["white_box"] else description["source_model"]
+        return (kind, description["attack"], float(description["epsilon"]),
+                threat_model(description), source)
+    if kind == "perturbation":
+        return (kind, description["perturbation"], float(description["severity"]))
+    if kind == "worst_case":
+        return (kind, float(description["epsilon"]), description["threat_model"])
+    return (kind,)
+
+
+@dataclasses.dataclass
+class Summary:
+    """The tables summarize() writes."""
+
+    robustness: pd.DataFrame
+    per_class: pd.DataFrame
+    comparisons: pd.DataFrame
+    confusion_matrices: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+
+def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
+              statistics: StatisticsConfig = StatisticsConfig()) -> Summary:
+    """All tables from the evaluations; `defenses` maps each model to its defense or "none"."""
+    by_model: dict[tuple[str, str], list[Evaluation]] = {}
+    for evaluation in evaluations:
+        key = (evaluation.description["dataset"], evaluation.description["model"])
+        by_model.setdefault(key, []).append(evaluation)
+    sampling = statistics.sampling()
+    rows, per_class, matrices = [], [], []
+    paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | np.ndarray]]] = {}
+    for key, model_evaluations in by_model.items():
+        for evaluation in model_evaluations:
+            stats = classification_statistics(evaluation.labels, evaluation.probabilities,
+                                              evaluation.classes, **sampling)
+            rows.append(_row(evaluation.description, stats, evaluation.classes))
+            per_class += _per_class_rows(evaluation.description, stats)
+            matrices.append({**{k: evaluation.description[k] for k in
+                                ("family", "model", "dataset", "condition")},
+                             "classes": evaluation.classes,
+                             "matrix": stats["confusion_matrix"]})
+            paired.setdefault(key, {})[_condition_key(evaluation.description)] = (
+                {**evaluation.description, "threat_model": threat_model(evaluation.description)},
+                evaluation)
+        for description, outcome in _derived(model_evaluations):
+            if isinstance(outcome, Evaluation):
+                stats = classification_statistics(outcome.labels, outcome.probabilities,
+                                                  outcome.classes, **sampling)
+                stats["auc"] = None  # images of different attacks: no one ranking to score
+                rows.append(_row(description, stats, outcome.classes))
+            else:
+                labels = model_evaluations[0].labels
+                rows.append({**description, "threat_model": None, "n": len(outcome),
+                             **_interval_columns("accuracy",
+                                                 bootstrap_mean(outcome, labels, **sampling))})
+            paired[key][_condition_key(description)] = (description, outcome)
+    comparisons = _comparisons(paired, by_model, defenses, statistics)
+    settings = {**sampling, "alpha": statistics.alpha,
+                "interval_methods": {
+                    "accuracy, sensitivity and specificity (two classes)":
+                        "exact binomial (Clopper-Pearson)",
+                    "balanced accuracy, AUC, macro sensitivity and specificity (more classes)":
+                        "stratified bootstrap over test samples (percentile)",
+                    "mean over perturbations": "stratified bootstrap (percentile)",
+                    "differences between two models":
+                        "paired stratified bootstrap (percentile); McNemar's exact test"}}
+    return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
+                   per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
+                   comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
+                   confusion_matrices=matrices, settings=settings)
+
+
+def _derived(evaluations: Sequence[Evaluation]) -> list[tuple[dict, Evaluation | np.ndarray]]:
+    """Worst case per (epsilon, threat model), and the per-image mean over perturbations."""
+    first = evaluations[0].description
+    base = {key: None for key in DESCRIPTION_KEYS}
+    base.update({key: first[key] for key in ("family", "model", "dataset")})
+    attacks: dict[tuple[float, str], list[Evaluation]] = {}
+    for evaluation in evaluations:
+        if evaluation.description["kind"] == "attack":
+            key = (float(evaluation.description["epsilon"]), threat_model(evaluation.description))
+            attacks.setdefault(key, []).append(evaluation)
+    derived = []
+    for (epsilon, threat), group in sorted(attacks.items()):
+        names = sorted({evaluation.description["attack"] for evaluation in group})
+        sources = sorted({evaluation.description["source_model"] for evaluation in group})
+        derived.append(({**base, "condition": f"worst-case-eps{epsilon:g}-{threat}",
+                         "kind": "worst_case", "attack": "+".join(names), "epsilon": epsilon,
+                         "source_model": "+".join(sources), "white_box": threat == "white-box",
+                         "threat_model": threat}, worst_case(group)))
+    perturbed = [e for e in evaluations if e.description["kind"] == "perturbation"]
+    if perturbed:
+        reference = perturbed[0].sample_ids
+        survived = np.mean([e.aligned(reference).correct for e in perturbed], axis=0)
+        derived.append(({**base, "condition": "mean-perturbation", "kind": "mean_perturbation",
+                         "perturbation": "+".join(sorted({e.description["perturbation"]
+                                                          for e in perturbed}))}, survived))
+    return derived
+
+
+def _comparisons(paired, by_model, defenses: Mapping[str, str],
+                 statistics: StatisticsConfig) -> list[dict[str, Any]]:
+    """Each defended model against each undefended model of its dataset, condition by condition."""
+    rows = []
+    sampling = statistics.sampling()
+    for (dataset, model), conditions in paired.items():
+        if defenses.get(model, "none") == "none":
+            continue
+        for (other_dataset, reference), reference_conditions in paired.items():
+            if (other_dataset != dataset or defenses.get(reference, "none") != "none"
+                    or not any(key[0] != "clean" for key in reference_conditions)):
+                continue
+            for key, (description, outcome) in conditions.items():
+                if key not in reference_conditions:
+                    continue
+                reference_outcome = reference_conditions[key][1]
+                labels = by_model[(dataset, model)][0].labels
+                row = {"dataset": dataset, "reference_model": reference, "model": model,
+                       "defense": defenses[model],
+                       **{column: description.get(column) for column in
+                          ("condition", "kind", "attack", "epsilon", "threat_model",
+                           "source_model", "perturbation", "severity")}}
+                if isinstance(outcome, Evaluation):
+                    reference_outcome = reference_outcome.aligned(outcome.sample_ids)
+                    result = paired_comparison(outcome.labels, reference_outcome.probabilities,
+                                               outcome.probabilities, alpha=statistics.alpha,
+                                               **sampling)
+                    auc = None if key[0] == "worst_case" else result["auc_difference"]
+                    row.update({"n": result["n"],
+                                "reference_accuracy": result["accuracy_a"].estimate,
+                                "accuracy": result["accuracy_b"].estimate,
+                                **_interval_columns("accuracy_difference",
+                                                    result["accuracy_difference"]),
+                                **_interval_columns("auc_difference", auc),
+                                "only_reference_correct": result["mcnemar"]["only_a_correct"],
+                                "only_model_correct": result["mcnemar"]["only_b_correct"],
+                                "p_value": result["mcnemar"]["p_value"],
+                                "test": "McNemar exact", "verdict": result["verdict"],
+                                "smallest_detectable_difference":
+                                    result["smallest_detectable_difference"]})
+                else:
+                    difference = paired_bootstrap_difference(
+                        labels, reference_outcome, outcome, _mean_statistic, **sampling)
+                    excludes_zero = difference.low > 0 or difference.high < 0
+                    row.update({"n": len(outcome), "reference_accuracy": float(np.mean(
+                        reference_outcome)), "accuracy": float(np.mean(outcome)),
+                        **_interval_columns("accuracy_difference", difference),
+                        **_interval_columns("auc_difference", None),
+                        "test": "paired bootstrap interval",
+                        "verdict": ("no detectable difference" if not excludes_zero
+                                    else "helped" if difference.estimate > 0 else "hurt"),
+                        "smallest_detectable_difference":
+                            smallest_detectable_difference(len(outcome), statistics.alpha)})
+                rows.append(row)
+    return rows
+
+
+def _mean_statistic(labels: np.ndarray, values: np.ndarray) -> float:
+    return float(np.mean(values))
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """Stable order: family, dataset, model, then clean, attacks, worst cases, perturbations."""
     order = table.assign(_kind=table["kind"].map(_KIND_ORDER))
     order = order.sort_values(["family", "dataset", "model", "_kind", "attack", "epsilon",
-                               "source_model", "perturbation", "severity"],
+                               "threat_model", "source_model", "perturbation", "severity"],
                               na_position="first", kind="stable")
     return table.loc[order.index].reset_index(drop=True)
 
 
-def summarize_metrics(metric_json_paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike,
-                      out_json: str | os.PathLike) -> pd.DataFrame:
-    """Write all metrics rows as CSV and as a JSON list of records; return the table."""
-    table = metrics_table(map(read_metrics, metric_json_paths))
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    # missing values (no attack on a clean row, undefined AUC) become null
-    records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    write_json(out_json, records)
+def _rounded(table: pd.DataFrame) -> pd.DataFrame:
+    """Floats to a sensible precision; epsilon and severity as given in the config."""
+    table = table.copy()
+    for column in table.columns:
+        if column in ("epsilon", "severity"):
+            table[column] = table[column].map(
+                lambda value: None if _missing(value) else f"{float(value):g}")
+        elif pd.api.types.is_float_dtype(table[column]):
+            table[column] = table[column].round(_DECIMALS)
     return table
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    return table.astype(object).where(table.notna(), None).to_dict(orient="records")
+
+
+def write_summary(summary: Summary, out_csv: str | os.PathLike, out_json: str | os.PathLike,
+                  per_class_csv: str | os.PathLike, comparisons_csv: str | os.PathLike) -> None:
+    """robustness.csv, per_class.csv, comparisons.csv, and all of it in robustness.json."""
+    tables = {"robustness": _rounded(summary.robustness), "per_class": _rounded(summary.per_class),
+              "comparisons": _rounded(summary.comparisons)}
+    for path, table in zip((out_csv, per_class_csv, comparisons_csv), tables.values()):
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+    write_json(out_json, {"settings": summary.settings,
+                          **{name: _records(table) for name, table in tables.items()},
+                          "confusion_matrices": summary.confusion_matrices})
+
+
+def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mapping[str, str],
+                          statistics: Mapping[str, Any], out_csv: str | os.PathLike,
+                          out_json: str | os.PathLike, per_class_csv: str | os.PathLike,
+                          comparisons_csv: str | os.PathLike) -> Summary:
+    """Read every evaluation record ({metrics, predictions} paths) and write the tables."""
+    settings = StatisticsConfig.from_mapping(statistics)
+    evaluations = [read_evaluation(record["metrics"], record["predictions"])
+                   for record in records]
+    summary = summarize(evaluations, defenses, settings)
+    write_summary(summary, out_csv, out_json, per_class_csv, comparisons_csv)
+    log.info("summarised %d evaluations into %d rows and %d paired comparisons",
+             len(evaluations), len(summary.robustness), len(summary.comparisons))
+    return summary
+
+
+__all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
+           "StatisticsConfig", "Summary", "read_evaluation", "summarize",
+           "summarize_evaluations", "write_summary"]

@@ -155,8 +155,14 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
         if best is None or score > best[0]:
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
+    recipe = {"optimizer": "AdamW", "learning_rate": training.learning_rate,
+              "weight_decay": training.weight_decay, "schedule": "constant",
+              "batch_size": training.batch_size, "epochs": training.epochs,
+              "augmentation": "random horizontal and vertical flips" if training.augment
+              else "none", "defense": defense_config(defense)}
     return best_state, {"epochs": epochs, "best_epoch": best[1],
-                        "selected_by": "val_accuracy" if len(val[0]) else "last_epoch"}
+                        "selected_by": "val_accuracy" if len(val[0]) else "last_epoch",
+                        "recipe": recipe, "device": str(device)}
 
 
 @torch.no_grad()

@@ -181,8 +181,13 @@ def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: s
         if best is None or score > best[0]:
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
+    recipe = {"optimizer": "Adam", "learning_rate": spec.learning_rate,
+              "weight_decay": spec.weight_decay, "schedule": "constant", "batch_size": 1,
+              "epochs": spec.epochs, "augmentation": "none (bag order shuffled)",
+              "defense": {"name": "none"}}
     return best_state, {"epochs": epochs, "best_epoch": best[1],
-                        "selected_by": "val_accuracy" if val else "last_epoch"}
+                        "selected_by": "val_accuracy" if val else "last_epoch",
+                        "recipe": recipe, "device": str(device)}
 
 
 def _validate(model: nn.Module, val: list[SlideBag], device: torch.device) -> dict[str, float | None]:

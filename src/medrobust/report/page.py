@@ -1,0 +1,509 @@
+"""The report: one self-contained HTML page from Jinja2 templates, and its figures as files.
+
+`write_report` gathers what the page shows (the summary tables with their
+intervals, the paired verdicts, figures, training recipes, data and
+provenance) into plain values and renders `templates/report.html.j2`;
+the template escapes every inserted value. The same PNGs the page inlines
+are written to a folder so `snakemake --report` can show them too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import numpy as np
+import pandas as pd
+import yaml
+
+from medrobust import __version__
+from medrobust.data.manifest import MANIFEST_NAME, read_manifest
+from medrobust.errors import InputError
+from medrobust.evaluate.statistics import smallest_detectable_difference
+from medrobust.io.atomic import atomic_path
+from medrobust.io.image_store import ImageStore, open_image_store
+from medrobust.logs import get_logger
+from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
+from medrobust.perturbations import PERTURBATIONS
+from medrobust.report import figures
+from medrobust.report.provenance import applicable_config, class_counts, provenance
+
+log = get_logger(__name__)
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment.filters["num"] = format_number
+    environment.filters["signed"] = lambda value: format_number(value, signed=True)
+    environment.filters["pvalue"] = format_p_value
+    return environment
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def format_number(value: Any, signed: bool = False) -> str:
+    """Three decimals, as in the tables; an en dash where undefined."""
+    if _missing(value):
+        return "–"
+    return f"{float(value):+.3f}" if signed else f"{float(value):.3f}"
+
+
+def format_p_value(value: Any) -> str:
+    if _missing(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def load_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """robustness.json as tables (epsilon and severity back to numbers)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable summary ({error})") from error
+    tables = {}
+    for name in ("robustness", "per_class", "comparisons"):
+        table = pd.DataFrame(data[name])
+        for column in ("epsilon", "severity"):
+            if column in table:
+                table[column] = pd.to_numeric(table[column])
+        tables[name] = table
+    return {**tables, "settings": data["settings"],
+            "confusion_matrices": data["confusion_matrices"]}
+
+
+# ---------------------------------------------------------------------------
+# what the page shows, as plain values
+
+def condition_label(row: Mapping[str, Any]) -> str:
+    """A condition in words, as headers and figures name it."""
+    kind = row["kind"]
+    if kind == "clean":
+        return "clean"
+    if kind == "attack":
+        threat = ("white-box" if row["threat_model"] == "white-box"
+                  else f"transfer from {row['source_model']}")
+        return f"{row['attack']} ε={row['epsilon']:g}/255, {threat}"
+    if kind == "worst_case":
+        return f"worst case ε={row['epsilon']:g}/255, {row['threat_model']}"
+    if kind == "perturbation":
+        return f"{row['perturbation']} severity {row['severity']:g}"
+    return "mean over perturbations"
+
+
+def _value(row: Mapping[str, Any], key: str) -> Any:
+    value = row.get(key)
+    return None if _missing(value) else value
+
+
+def _interval(row: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    return {"estimate": _value(row, metric), "low": _value(row, f"{metric}_low"),
+            "high": _value(row, f"{metric}_high")}
+
+
+def column_key(row: Mapping[str, Any]) -> tuple:
+    """Conditions that share a column: white-box attacks on different models are one column."""
+    source = None if row["threat_model"] == "white-box" else _value(row, "source_model")
+    return tuple(_value(row, key) for key in ("kind", "attack", "epsilon", "threat_model",
+                                              "perturbation", "severity")) + (source,)
+
+
+def glance_rows(robustness: pd.DataFrame, defenses: Mapping[str, str]) -> tuple[list, list]:
+    """Per model: clean, the worst case at each (ε, threat model), mean over perturbations."""
+    columns = [("clean", "clean")]
+    worst = robustness[robustness["kind"] == "worst_case"].sort_values(
+        ["threat_model", "epsilon"])
+    columns += [(row["condition"], condition_label(row))
+                for _, row in worst.drop_duplicates("condition").iterrows()]
+    if (robustness["kind"] == "mean_perturbation").any():
+        columns.append(("mean-perturbation", "mean over perturbations"))
+    rows = []
+    for (family, dataset, model), group in robustness.groupby(["family", "dataset", "model"],
+                                                              sort=False):
+        by_condition = {row["condition"]: row for _, row in group.iterrows()}
+        rows.append({"family": family, "dataset": dataset, "model": model,
+                     "defense": defenses.get(model, "none"), "n": int(group["n"].max()),
+                     "cells": [_interval(by_condition[c], "accuracy") if c in by_condition
+                               else None for c, _ in columns]})
+    return [label for _, label in columns], rows
+
+
+def verdicts(comparisons: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per (defended, reference) pair: the headline rows (clean, worst cases, perturbations)."""
+    pairs = []
+    headline = comparisons[comparisons["kind"].isin(["clean", "worst_case", "mean_perturbation"])]
+    for (dataset, reference, model), group in headline.groupby(
+            ["dataset", "reference_model", "model"], sort=False):
+        pairs.append({"dataset": dataset, "reference": reference, "model": model,
+                      "defense": group["defense"].iloc[0],
+                      "rows": [comparison_row(row) for _, row in group.iterrows()]})
+    return pairs
+
+
+def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A table row with missing numbers as None, as the template tests them."""
+    return {key: _value(row, key) for key in row.keys()}
+
+
+def comparison_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    row = _plain(row)
+    verdict = row["verdict"]
+    if verdict == "no detectable difference":
+        verdict = f"no detectable difference at n = {int(row['n'])}"
+    return {**row, "label": condition_label(row), "verdict_text": verdict,
+            "difference": _interval(row, "accuracy_difference"),
+            "auc_difference": _interval(row, "auc_difference")}
+
+
+def small_test_sets(robustness: pd.DataFrame, threshold: int, alpha: float) -> list[dict]:
+    """A warning per dataset whose test set is below `threshold`."""
+    warnings = []
+    for (family, dataset), group in robustness.groupby(["family", "dataset"], sort=False):
+        n = int(group["n"].max())
+        if n >= threshold:
+            continue
+        clean = group[group["kind"] == "clean"]
+        widths = (clean["accuracy_high"] - clean["accuracy_low"]).dropna()
+        detectable = smallest_detectable_difference(n, alpha)
+        warnings.append({"dataset": dataset, "n": n,
+                         "unit": "slides" if family == "slide" else "images",
+                         "width": float(widths.max()) if len(widths) else None,
+                         "detectable": detectable,
+                         "detectable_count": None if detectable is None
+                         else round(detectable * n)})
+    return warnings
+
+
+def study_table(robustness: pd.DataFrame, kinds: Sequence[str]) -> dict[str, Any]:
+    """Rows = models, columns = conditions of `kinds` (clean first); accuracy and AUC cells."""
+    rows = robustness[robustness["kind"].isin(["clean", *kinds])]
+    order = {kind: index for index, kind in enumerate(["clean", *kinds])}
+    conditions = rows.assign(_order=rows["kind"].map(order)).sort_values(
+        ["_order", "attack", "perturbation", "epsilon", "severity", "threat_model",
+         "source_model"], na_position="first")
+    conditions = conditions[~conditions.apply(column_key, axis=1).duplicated()]
+    headers = [condition_label(row) for _, row in conditions.iterrows()]
+    keys = [column_key(row) for _, row in conditions.iterrows()]
+    table = []
+    for (dataset, model), group in rows.groupby(["dataset", "model"], sort=False):
+        if set(group["kind"]) == {"clean"} and kinds:
+            continue  # models only evaluated clean (surrogates) have their own row at a glance
+        by_key = {column_key(row): row for _, row in group.iterrows()}
+        table.append({"dataset": dataset, "model": model, "cells": [
+            {"accuracy": _interval(by_key[key], "accuracy"),
+             "auc": _interval(by_key[key], "auc")} if key in by_key else None
+            for key in keys]})
+    return {"headers": headers, "rows": table}
+
+
+def metric_rows(robustness: pd.DataFrame) -> list[dict[str, Any]]:
+    """Every (model, condition) with all five metrics and their intervals."""
+    return [{**_plain(row), "label": condition_label(row),
+             "metrics": {metric: _interval(row, metric) for metric in
+                         ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")}}
+            for _, row in robustness.iterrows()]
+
+
+def per_class_rows(per_class: pd.DataFrame, robustness: pd.DataFrame) -> list[dict[str, Any]]:
+    labels = {(row["model"], row["condition"]): condition_label(row)
+              for _, row in robustness.iterrows()}
+    return [{**_plain(row), "label": labels.get((row["model"], row["condition"]), row["condition"]),
+             "metrics": {metric: _interval(row, metric)
+                         for metric in ("sensitivity", "specificity", "auc")}}
+            for _, row in per_class.iterrows()]
+
+
+# ---------------------------------------------------------------------------
+# pictures of test images, labelled with each model's prediction
+
+class Predictions:
+    """Each evaluation's per-sample predictions, looked up by (model, condition)."""
+
+    def __init__(self, evaluations: Sequence[Mapping[str, Any]]):
+        self._paths = {(record["model"], record["condition"]): record["predictions"]
+                       for record in evaluations}
+        self._tables: dict[tuple[str, str], pd.DataFrame] = {}
+
+    def models_on(self, evaluations: Sequence[Mapping[str, Any]], store: str) -> list[tuple]:
+        return [(record["model"], record["condition"]) for record in evaluations
+                if record["store"] == store]
+
+    def lookup(self, model: str, condition: str, sample_id: str) -> tuple[str, float, bool]:
+        """(predicted class, its probability, correct) of one sample."""
+        key = (model, condition)
+        if key not in self._tables:
+            table = pd.read_csv(self._paths[key], dtype={"sample_id": str})
+            self._tables[key] = table.set_index("sample_id")
+        row = self._tables[key].loc[sample_id]
+        probabilities = row[[c for c in row.index if c.startswith("prob_")]]
+        best = probabilities.astype(float).idxmax()
+        return best[len("prob_"):], float(probabilities[best]), bool(row["correct"])
+
+
+def example_samples(store: ImageStore, n: int) -> list[int]:
+    """Up to `n` test samples, alternating between classes so each class is seen."""
+    index = store.indices("test")
+    by_class = [list(index[store.labels[index] == label]) for label in np.unique(store.labels[index])]
+    chosen = []
+    while len(chosen) < n and any(by_class):
+        for members in by_class:
+            if members and len(chosen) < n:
+                chosen.append(members.pop(0))
+    return chosen
+
+
+def _images(store: ImageStore, sample_ids: Sequence[str]) -> np.ndarray:
+    position = {sample: index for index, sample in enumerate(store.sample_ids)}
+    missing = [sample for sample in sample_ids if sample not in position]
+    if missing:
+        raise InputError(f"{store.path}: lacks samples {missing}")
+    return np.asarray(store.images.get_orthogonal_selection(
+        (np.array([position[sample] for sample in sample_ids]),)))
+
+
+def example_figure(clean: ImageStore, attacked: ImageStore, label: str,
+                   clean_models: Sequence[tuple], attacked_models: Sequence[tuple],
+                   predictions: Predictions, n: int) -> bytes:
+    """Clean, attacked and amplified difference per sample, each model's prediction under each."""
+    chosen = example_samples(clean, n)
+    sample_ids = [str(clean.sample_ids[i]) for i in chosen]
+    original, changed = _images(clean, sample_ids), _images(attacked, sample_ids)
+    difference = changed - original
+    largest = float(np.abs(difference).max())
+    gain = 0.5 / largest if largest > 0 else 1.0
+    rows, row_labels = [], []
+    for i, sample in enumerate(sample_ids):
+        rows.append([
+            (original[i], "clean", figures.prediction_lines(
+                {m: predictions.lookup(m, c, sample) for m, c in clean_models})),
+            (changed[i], "attacked", figures.prediction_lines(
+                {m: predictions.lookup(m, c, sample) for m, c in attacked_models})),
+            (0.5 + gain * difference[i], f"difference ×{gain:.0f}", "mid-grey = unchanged"),
+        ])
+        row_labels.append(f"{sample}\ntrue: {clean.classes[clean.labels[chosen[i]]]}")
+    return figures.png(figures.image_panel_grid(rows, row_labels, label))
+
+
+def perturbation_strip(clean: ImageStore, stores: Sequence[tuple[float, ImageStore, list]],
+                       name: str, clean_models: Sequence[tuple], predictions: Predictions,
+                       n: int) -> bytes:
+    """One row per sample: the clean image and the image at every severity."""
+    chosen = example_samples(clean, n)
+    sample_ids = [str(clean.sample_ids[i]) for i in chosen]
+    unit = getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
+    columns = [(_images(clean, sample_ids), "clean", clean_models)]
+    columns += [(_images(store, sample_ids), f"{severity:g}", models)
+                for severity, store, models in stores]
+    rows = [[(images[i], title, figures.prediction_lines(
+        {m: predictions.lookup(m, c, sample) for m, c in models}))
+        for images, title, models in columns] for i, sample in enumerate(sample_ids)]
+    labels = [f"{sample}\ntrue: {clean.classes[clean.labels[chosen[i]]]}"
+              for i, sample in enumerate(sample_ids)]
+    return figures.png(figures.image_panel_grid(rows, labels, f"{name}: {unit}"))
+
+
+def image_figures(robustness: pd.DataFrame, evaluations: Sequence[Mapping[str, Any]],
+                  n_examples: int) -> dict[str, tuple[bytes, str]]:
+    """Example and perturbation-strip figures per image dataset, by file name with captions."""
+    found: dict[str, tuple[bytes, str]] = {}
+    if n_examples < 1:
+        return found
+    predictions = Predictions(evaluations)
+    kinds = {(row["model"], row["condition"]): row for _, row in robustness.iterrows()}
+    image_records = [r for r in evaluations if r["family"] == "image"]
+    for dataset in sorted({r["dataset"] for r in image_records}):
+        records = [r for r in image_records if r["dataset"] == dataset]
+        clean_path = next(r["store"] for r in records if r["condition"] == "clean")
+        clean = open_image_store(clean_path)
+        stores: dict[str, dict[str, Any]] = {}
+        for record in records:
+            row = kinds.get((record["model"], record["condition"]))
+            if row is None or row["kind"] not in ("attack", "perturbation"):
+                continue
+            entry = stores.setdefault(record["store"], {"row": row, "models": []})
+            entry["models"].append((record["model"], record["condition"]))
+        attacked_models = {m for entry in stores.values() for m, _ in entry["models"]}
+        clean_models = [(m, "clean") for m in sorted(attacked_models)]
+        attacks = {path: entry for path, entry in stores.items() if entry["row"]["kind"] == "attack"}
+        # the largest budget of each attack: the pictures where the change is visible
+        largest = {}
+        for entry in attacks.values():
+            row = entry["row"]
+            largest[row["attack"]] = max(largest.get(row["attack"], 0.0), float(row["epsilon"]))
+        for path, entry in sorted(attacks.items()):
+            row = entry["row"]
+            if float(row["epsilon"]) != largest[row["attack"]]:
+                continue
+            label = condition_label(row)
+            if row["threat_model"] == "white-box":
+                label = f"{row['attack']} ε={row['epsilon']:g}/255, white-box on {row['source_model']}"
+            name = f"examples_{dataset}_{row['attack']}_eps{row['epsilon']:g}_from_{row['source_model']}"
+            found[name] = (example_figure(clean, open_image_store(path), f"{dataset}: {label}",
+                                          [(m, c) for m, c in clean_models
+                                           if m in {x for x, _ in entry["models"]}],
+                                          entry["models"], predictions, n_examples),
+                           f"{dataset}: {label}. Predictions of every model evaluated on "
+                           "these images, with the probability of the predicted class.")
+        perturbed: dict[str, list] = {}
+        for path, entry in stores.items():
+            if entry["row"]["kind"] == "perturbation":
+                perturbed.setdefault(entry["row"]["perturbation"], []).append(
+                    (float(entry["row"]["severity"]), open_image_store(path), entry["models"]))
+        for name, members in sorted(perturbed.items()):
+            members.sort(key=lambda member: member[0])
+            found[f"perturbation_strip_{dataset}_{name}"] = (
+                perturbation_strip(clean, members, name, clean_models, predictions,
+                                   min(n_examples, 2)),
+                f"{dataset}: {name} at every severity, with each model's prediction.")
+    return found
+
+
+# ---------------------------------------------------------------------------
+# training and data
+
+def read_histories(models: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Each model's saved config and history, by name."""
+    found = {}
+    for name, folder in models.items():
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            history = json.loads((folder / HISTORY_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"{folder}: unreadable model config or history ({error})") from error
+        found[name] = {"config": config, "history": history}
+    return found
+
+
+def describe_defense(defense: Mapping[str, Any]) -> str:
+    """"denoising (lambda_n 1, ...)" or "none"."""
+    settings = ", ".join(f"{key} {value}" for key, value in defense.items() if key != "name")
+    name = defense.get("name", "none")
+    return f"{name} ({settings})" if settings else name
+
+
+def recipe_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, model in models.items():
+        history, config = model["history"], model["config"]
+        recipe = dict(history.get("recipe") or {})
+        defense = recipe.pop("defense", None) or config.get("defense") or {"name": "none"}
+        rows.append({"model": name, "family": config.get("family"), "arch": config.get("arch"),
+                     "dataset": config.get("dataset"), "seed": config.get("seed"),
+                     "defense": describe_defense(defense),
+                     "recipe": recipe, "epochs_run": len(history.get("epochs", [])),
+                     "best_epoch": history.get("best_epoch"),
+                     "selected_by": history.get("selected_by"),
+                     "device": history.get("device", "not recorded")})
+    return rows
+
+
+def dataset_rows(folders: Sequence[str | os.PathLike],
+                 evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Class counts per split, and the inputs preprocessing left out with the reason."""
+    clean_stores = {r["dataset"]: r["store"] for r in evaluations
+                    if r["family"] == "image" and r["condition"] == "clean"}
+    rows = []
+    for folder in folders:
+        folder = Path(folder)
+        manifest = read_manifest(folder / MANIFEST_NAME)
+        counts = class_counts(manifest.table["label"], manifest.table["split"])
+        left_out = []
+        if folder.name in clean_stores:
+            left_out = list(open_image_store(clean_stores[folder.name]).attrs.get("rejected", []))
+        rows.append({"dataset": folder.name, "kind": manifest.kind,
+                     "splits": list(counts.columns),
+                     "counts": [(name, [int(v) for v in values])
+                                for name, values in counts.iterrows()],
+                     "left_out": left_out})
+    return rows
+
+
+# ---------------------------------------------------------------------------
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
+                 figures_dir: str | os.PathLike, evaluations: Sequence[Mapping[str, Any]],
+                 models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
+                 settings: Mapping[str, Any], config: Mapping[str, Any],
+                 repository: str | os.PathLike) -> None:
+    """Render the page and write it with its figures; nothing is written on error."""
+    summary = load_summary(summary_json)
+    robustness, comparisons = summary["robustness"], summary["comparisons"]
+    defenses = {name: (model.get("defense") or {}).get("name", "none")
+                for name, model in (config.get("image_classifiers") or {}).items()}
+    trained = read_histories(models)
+    figure_files: dict[str, tuple[bytes, str]] = {}
+    images = robustness[robustness["family"] == "image"]
+    if (images["kind"] == "attack").any():
+        figure_files["accuracy_vs_epsilon"] = (
+            figures.png(figures.attack_curves(images)), "Accuracy against ε per attack, and the worst case "
+            "over attacks; bands are 95% intervals; ε = 0 is the clean accuracy.")
+    if (images["kind"] == "perturbation").any():
+        figure_files["accuracy_vs_severity"] = (
+            figures.png(figures.perturbation_curves(images)), "Accuracy against severity per perturbation, "
+            "in its own units; bands are 95% intervals.")
+    for family in ("image", "slide"):
+        histories = {name: model["history"] for name, model in trained.items()
+                     if model["config"].get("family") == family}
+        if histories:
+            figure_files[f"training_curves_{family}"] = (
+                figures.png(figures.training_curves(histories)),
+                f"Training of the {family} classifiers; a star marks the epoch kept.")
+    figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
+
+    glance_headers, glance = glance_rows(robustness, defenses)
+    labels = {(row["model"], row["condition"]): condition_label(row)
+              for _, row in robustness.iterrows()}
+    context = {
+        "version": __version__,
+        "settings": summary["settings"],
+        "warnings": small_test_sets(robustness, int(settings["small_test_set"]),
+                                    summary["settings"]["alpha"]),
+        "glance_headers": glance_headers, "glance": glance,
+        "verdicts": verdicts(comparisons),
+        "attack_table": study_table(images, ["attack", "worst_case"]),
+        "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
+        "has_attacks": bool((images["kind"] == "attack").any()),
+        "has_perturbations": bool((images["kind"] == "perturbation").any()),
+        "comparisons": [comparison_row(row) for _, row in comparisons.iterrows()],
+        "slides": metric_rows(robustness[robustness["family"] == "slide"]),
+        "metrics": metric_rows(robustness),
+        "per_class": per_class_rows(summary["per_class"], robustness),
+        "confusion_matrices": [{**item, "label": labels.get((item["model"], item["condition"]),
+                                                          item["condition"])}
+                               for item in summary["confusion_matrices"]],
+        "positive_classes": {row["dataset"]: row["positive_class"]
+                             for _, row in robustness.iterrows()
+                             if isinstance(row.get("positive_class"), str)},
+        "figures": {name: {"src": _data_uri(png), "caption": caption}
+                    for name, (png, caption) in figure_files.items()},
+        "recipes": recipe_rows(trained),
+        "datasets": dataset_rows(datasets, evaluations),
+        "provenance": provenance(repository, datasets, config,
+                                 {name: model["history"].get("device", "not recorded")
+                                  for name, model in trained.items()}),
+        "config_yaml": yaml.safe_dump(applicable_config(config), sort_keys=False,
+                                      default_flow_style=None, width=100),
+    }
+    page = _environment().get_template("report.html.j2").render(**context)
+    with atomic_path(figures_dir) as tmp:
+        tmp.mkdir()
+        for name, (png, _) in figure_files.items():
+            (tmp / f"{name}.png").write_bytes(png)
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    log.info("report: %d figures, %d summary rows, %d comparisons", len(figure_files),
+             len(robustness), len(comparisons))
