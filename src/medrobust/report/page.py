@@ -31,6 +31,7 @@ from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
 from medrobust.perturbations import PERTURBATIONS
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.summary import COMPARISON_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS
 
 log = get_logger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
@@ -71,8 +72,9 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: unreadable summary ({error})") from error
     tables = {}
-    for name in ("robustness", "per_class", "comparisons"):
-        table = pd.DataFrame(data[name])
+    for name, columns in (("robustness", SUMMARY_COLUMNS), ("per_class", PER_CLASS_COLUMNS),
+                          ("comparisons", COMPARISON_COLUMNS)):
+        table = pd.DataFrame(data[name], columns=list(columns))
         for column in ("epsilon", "severity"):
             if column in table:
                 table[column] = pd.to_numeric(table[column])
