@@ -10,7 +10,7 @@ with script_logging(snakemake):
         snakemake.input.images,
         snakemake.output[0],
         attack_name=snakemake.wildcards.attack,
-        epsilon_255=int(snakemake.wildcards.eps),
+        epsilon=snakemake.params.epsilon,
         attack_params=snakemake.params.settings,
         device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

@@ -7,32 +7,52 @@ from dataclasses import dataclass
 import torch
 
 from medrobust.attacks.base import Attack, AttackParams
-from medrobust.errors import ConfigError
 
 
 class FGSM(Attack):
-    """One step of size epsilon along the sign of the loss gradient."""
+    """One step of size epsilon along the sign of the loss gradient (L-infinity)."""
+
+    norm = "linf"
+    budget_unit = "1/255"
+    title = "FGSM (L∞)"
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.signed_step(images, images, labels, self.epsilon)
+        # a step of exactly epsilon per pixel cannot leave the eps ball: only clip to [0, 1]
+        stepped = images + self.epsilon * self.loss_gradient(images, labels).sign()
+        return torch.clamp(stepped, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class IFGSMParams(AttackParams):
     steps: int = 10
+    step_size: float | None = None  # 1/255 units; None: epsilon / steps
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"ifgsm: steps must be a positive integer, got {self.steps!r}")
+        self._check_int("steps")
+        self._check_number("step_size", optional=True)
 
 
 class IFGSM(Attack):
-    """`steps` FGSM steps of size epsilon / steps, each projected into the eps ball."""
+    """`steps` FGSM steps from the clean image, each projected into the eps ball (no random start).
+
+    Step size `step_size`/255, or epsilon / steps when not given.
+    """
 
     Params = IFGSMParams
+    norm = "linf"
+    budget_unit = "1/255"
+    title = "I-FGSM (L∞)"
+
+    def step_size(self) -> float:
+        if self.params.step_size is None:
+            return self.epsilon / self.params.steps
+        return self.to_image_units(self.params.step_size)
+
+    def details(self) -> str:
+        return f"{self.params.steps} steps, step {self.step_size() * 255:g}/255"
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        step_size = self.epsilon / self.params.steps
+        step_size = self.step_size()
         adversarial = images
         for _ in range(self.params.steps):
             adversarial = self.signed_step(adversarial, images, labels, step_size)

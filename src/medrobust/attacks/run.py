@@ -12,35 +12,43 @@ from medrobust.attacks import build_attack
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.models import load_model
-from medrobust.perturbations.run import iter_test_batches, write_test_store
+from medrobust.io.test_split import iter_test_batches, write_test_store
 
 log = get_logger(__name__)
 
 
 def craft_adversarial_store(source_model_dir: str | os.PathLike,
                             clean_store_path: str | os.PathLike,
-                            out_path: str | os.PathLike, attack_name: str, epsilon_255: float,
+                            out_path: str | os.PathLike, attack_name: str, epsilon: float,
                             attack_params: Mapping[str, Any] | None = None,
                             device: str | torch.device = "cpu", batch_size: int = 32) -> None:
     """Attack every test image with gradients of the source model; write a test-only store.
 
-    `epsilon_255` is in 1/255 units; `device` is where to run (the caller picks
-    it with `medrobust.device.select_device`).
-    The store's attrs add `attack`, `epsilon` (1/255 units), `attack_params` and
-    `source_model` (the model folder's name) to the clean store's attrs.
+    `epsilon` is in the attack's own units, as in config (1/255 for L-infinity
+    attacks, an L2 radius in image units for L2 attacks); `device` is where to
+    run (the caller picks it with `medrobust.device.select_device`).
+    The store's attrs add to the clean store's attrs: `attack` (the config
+    name), `epsilon` (as given), `norm` ("linf" / "l2"), `budget_unit`
+    ("1/255" / "image"), `attack_params` (every setting, defaults included),
+    `attack_description` (one line for reports) and `source_model` (the model
+    folder's name).
     """
     device = torch.device(device)
+    if isinstance(epsilon, float) and epsilon.is_integer():
+        epsilon = int(epsilon)  # 4.0 -> 4, as config writes it
     model = load_model(source_model_dir, device)
-    attack = build_attack(attack_name, model, epsilon_255, attack_params)
+    attack = build_attack(attack_name, model, epsilon, attack_params)
     store = open_image_store(clean_store_path)
     source_model = Path(source_model_dir).name
     batches = iter_test_batches(store, batch_size,
-                                desc=f"{attack_name} eps {epsilon_255:g}/255 on {source_model}")
+                                desc=f"{attack_name} {attack.budget()} on {source_model}")
     write_test_store(store, out_path, attack.generate(batches, device), {
         "attack": attack_name,
-        "epsilon": epsilon_255,
-        "attack_params": dict(attack_params or {}),
+        "epsilon": epsilon,
+        "norm": attack.norm,
+        "budget_unit": attack.budget_unit,
+        "attack_params": attack.resolved_params(),
+        "attack_description": attack.describe(),
         "source_model": source_model,
     })
-    log.info("wrote %s (%s, eps %g/255, crafted on %s)", out_path, attack_name, epsilon_255,
-             source_model)
+    log.info("wrote %s (%s, crafted on %s)", out_path, attack.describe(), source_model)
