@@ -7,10 +7,15 @@ A fetcher takes the dataset's config section and the dataset folder
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from medrobust.data.manifest import SPLITS, read_manifest
 from medrobust.errors import ConfigError, unknown_name
+from medrobust.logs import get_logger
+
+log = get_logger(__name__)
 
 Fetcher = Callable[[Mapping[str, Any], Path], Path]
 SOURCES: dict[str, Fetcher] = {}
@@ -34,7 +39,19 @@ def fetch_dataset(dataset_config: Mapping[str, Any], out_dir: str | Path) -> Pat
         fetcher = SOURCES[source["type"]]
     except KeyError:
         raise unknown_name("data source", source["type"], SOURCES) from None
-    return fetcher(dataset_config, Path(out_dir))
+    started = time.perf_counter()
+    manifest_path = fetcher(dataset_config, Path(out_dir))
+    _log_fetched(source["type"], manifest_path, time.perf_counter() - started)
+    return manifest_path
+
+
+def _log_fetched(source_type: str, manifest_path: Path, seconds: float) -> None:
+    manifest = read_manifest(manifest_path)
+    splits = manifest.table["split"].value_counts()
+    log.info("%s: %d %s from source %r (%s; classes %s) in %.1f s", manifest_path.parent,
+             len(manifest.table), manifest.kind, source_type,
+             ", ".join(f"{split} {splits.get(split, 0)}" for split in SPLITS),
+             ", ".join(manifest.classes), seconds)
 
 
 def _load_builtin_sources() -> None:

@@ -9,13 +9,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.features.backbones import Backbone, build_backbone
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import TileStore, open_tile_store, write_feature_store
 from medrobust.logs import get_logger
+from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 
 log = get_logger(__name__)
@@ -73,7 +73,7 @@ def embed_tiles(store: TileStore, backbone: Backbone, batch_size: int,
     features = np.zeros((len(store), backbone.dim), dtype=np.float32)
     starts = range(0, len(store), batch_size)
     with torch.inference_mode():
-        for start in tqdm(starts, desc=f"embed {store.path.name}", unit="batch"):
+        for start in progress(starts, desc=f"embed {store.path.name}", unit="batch"):
             batch = np.asarray(store.tiles[start:start + batch_size])
             # move uint8 (4x smaller than float) and scale on the device
             images = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255)

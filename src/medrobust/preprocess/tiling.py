@@ -25,7 +25,6 @@ from typing import Any, Mapping
 import dask
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from medrobust.errors import ConfigError
 from medrobust.io.atomic import atomic_path
@@ -33,6 +32,7 @@ from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store
 from medrobust.io.slides import Slide, open_slide
 from medrobust.logs import get_logger
+from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.preprocess import positive_number
 from medrobust.preprocess.tissue import tissue_mask
@@ -147,8 +147,8 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
 def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_size: int,
                 workers: int, slide_id: str) -> None:
     size = (grid.read_size, grid.read_size)
-    bar = tqdm(total=len(coords), desc=f"tile {slide_id}", unit="tile")
-    lock = threading.Lock()  # tqdm's counter is not safe to bump from several threads
+    bar = progress(total=len(coords), desc=f"tile {slide_id}", unit="tile")
+    lock = threading.Lock()  # the bar's counter is not safe to bump from several threads
 
     def read_batch(start: int, stop: int) -> None:
         batch = np.empty((stop - start, tile_size, tile_size, 3), dtype=np.uint8)
