@@ -2,9 +2,15 @@
 
 `LocalServer` serves byte strings from 127.0.0.1 with the behaviours real
 hosts show: Range requests (206), servers that ignore Range, transfers cut
-off halfway, transient 503s, 404 and basic auth. `refused_url()` names a port
+off halfway, transient 503s, 404 and basic auth; and hostile ones: a server
+that trickles the body a byte at a time, one that stalls after some bytes,
+one that takes the request and never answers. `refused_url()` names a port
 where nothing listens. `write_medmnist_npz` writes a tiny npz with the keys,
 dtypes and shapes of the official MedMNIST files.
+
+Hostile archives, as bytes to serve or write: `symlink_chain_zip` /
+`symlink_chain_tar` (links that each climb one more level, then a file written
+through them) and `zip_bomb` (zeros that deflate about 230:1).
 
 Use in a test module: `from fixtures_http import http_server  # noqa: F401`.
 """
@@ -12,8 +18,13 @@ Use in a test module: `from fixtures_http import http_server  # noqa: F401`.
 from __future__ import annotations
 
 import base64
+import functools
+import io
 import socket
+import stat
+import tarfile
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +41,9 @@ class Served:
     fail_first: int = 0          # this many responses are 503
     status: int | None = None    # always answer this error status
     auth: tuple[str, str] | None = None
+    trickle_s: float = 0.0       # send the body one byte at a time, this many seconds apart
+    stall_after: int | None = None  # send the headers and this many bytes, then go silent
+    silent: bool = False         # take the request and never answer
     requests: list[dict[str, str]] = field(default_factory=list)  # headers of each request
 
 
@@ -39,6 +53,7 @@ class LocalServer:
     def __init__(self):
         self.files: dict[str, Served] = {}
         self.log: list[str] = []  # request paths, in order
+        self.closing = threading.Event()  # wakes stalled handlers when the server stops
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +72,9 @@ class LocalServer:
                 if served.fail_first:
                     served.fail_first -= 1
                     return self._plain(503, b"try later")
+                if served.silent:
+                    server.closing.wait()
+                    return
                 body, status, extra = served.body, 200, {}
                 wanted = self.headers.get("Range")
                 if wanted and not served.ignore_range:
@@ -72,6 +90,8 @@ class LocalServer:
                 for name, value in extra.items():
                     self.send_header(name, value)
                 self.end_headers()
+                if served.trickle_s or served.stall_after is not None:
+                    return self._hostile(served, body)
                 if served.cut_first:
                     served.cut_first -= 1
                     self.wfile.write(body[: len(body) // 2])
@@ -80,6 +100,23 @@ class LocalServer:
                     self.close_connection = True
                     return
                 self.wfile.write(body)
+
+            def _hostile(self, served: Served, body: bytes):
+                try:
+                    if served.stall_after is not None:
+                        self.wfile.write(body[:served.stall_after])
+                        self.wfile.flush()
+                        server.closing.wait()
+                        return
+                    for index in range(len(body)):
+                        if server.closing.wait(served.trickle_s):
+                            return
+                        self.wfile.write(body[index:index + 1])
+                        self.wfile.flush()
+                except OSError:  # the client gave up and closed the connection
+                    pass
+                finally:
+                    self.close_connection = True
 
             def _authorised(self, auth: tuple[str, str]) -> bool:
                 token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
@@ -116,6 +153,7 @@ class LocalServer:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -154,3 +192,64 @@ def write_medmnist_npz(path: str | Path, n_classes: int = 2, size: int = 28,
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     return path
+
+
+# --- hostile archives ---------------------------------------------------------------------
+
+def symlink_chain(levels: int = 4) -> list[tuple[str, str]]:
+    """(name, link target) of links that climb `levels` folders above the target folder,
+    each of which looks harmless on its own: `c/up0 -> ..` lands at the top,
+    `c/up0/up1 -> ..` therefore one level above it, and so on. A file written at
+    `chain_path(levels, then)` lands `levels` folders above the target folder."""
+    names = ["c", "up0"]
+    links = [("c/up0", "..")]
+    for level in range(1, levels + 1):
+        names.append(f"up{level}")
+        links.append(("/".join(names), ".."))
+    return links
+
+
+def chain_path(levels: int = 4, then: str = "escaped.txt") -> str:
+    return "/".join(["c", *(f"up{level}" for level in range(levels + 1)), then])
+
+
+def symlink_chain_zip(levels: int = 4, then: str = "escaped.txt",
+                      data: bytes = b"written through the links\n") -> bytes:
+    """A zip whose links (Unix mode S_IFLNK, as `zip --symlinks` stores them) climb
+    `levels` folders, then a file written through them."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("readme.txt", "a harmless first member\n")
+        for name, target in symlink_chain(levels):
+            info = zipfile.ZipInfo(name)
+            info.create_system = 3  # Unix, so the mode bits count
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+        zf.writestr(chain_path(levels, then), data)
+    return buffer.getvalue()
+
+
+def symlink_chain_tar(levels: int = 4, then: str = "escaped.txt",
+                      data: bytes = b"written through the links\n", mode: str = "w:gz") -> bytes:
+    """The same chain as a tar archive (symbolic link members, then a file)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, target in symlink_chain(levels):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+        info = tarfile.TarInfo(chain_path(levels, then))
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def zip_bomb(unpacked_mib: int = 100) -> bytes:
+    """A zip of one member, `unpacked_mib` MiB of zeros, deflated at level 1: about
+    230:1 (100 MiB in 458 kB); built once per size."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("labels.csv", "file,label\n")
+        zf.writestr("zeros.bin", bytes(unpacked_mib << 20))
+    return buffer.getvalue()

@@ -2,10 +2,19 @@
 
 import hashlib
 import logging
+import re
+import socket
+import time
 
 import pytest
 
-from fixtures_http import refused_url
+from fixtures_http import (
+    refused_url,
+    symlink_chain_tar,
+    symlink_chain_zip,
+    zip_bomb,
+)
+from medrobust.data.archives import UnsafeArchiveError
 from medrobust.data.download import (
     Checksum,
     ChecksumMismatch,
@@ -152,6 +161,111 @@ def test_retry_policy_rejects_unknown_keys():
     assert RetryPolicy.from_mapping({"attempts": 2}).attempts == 2
 
 
+def test_download_settings_defaults_and_checks():
+    policy = RetryPolicy.from_mapping({})
+    assert (policy.timeout_s, policy.min_rate_bytes_s, policy.rate_window_s) == (60, 1024, 60)
+    assert policy.archive_limits.max_bytes == 200 * 10 ** 9
+    assert policy.archive_limits.max_ratio == 100
+    limits = RetryPolicy.from_mapping({"max_unpacked_gb": 1.5,
+                                       "max_compression_ratio": 500}).archive_limits
+    assert (limits.max_bytes, limits.max_ratio) == (1_500_000_000, 500)
+    for key, value in [("rate_window_s", 0), ("max_unpacked_gb", -1),
+                       ("max_compression_ratio", "high"), ("min_rate_bytes_s", -5)]:
+        with pytest.raises(ConfigError, match=f"source.download.{key} must be a number"):
+            RetryPolicy.from_mapping({key: value})
+
+
+# --- hostile servers: trickle, stall, silence; failures in words ----------------------------
+
+def timed_download(url, tmp_path, policy):
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as error:
+        download_file(url, tmp_path / "data.bin", SHA256, policy=policy)
+    return str(error.value), time.monotonic() - start
+
+
+def test_trickling_server_times_out_on_its_average_rate(http_server, tmp_path):
+    # one byte every 0.05 s: never silent for the 2 s read timeout, but ~20 bytes/s
+    url = http_server.serve("/slow.bin", BODY[:2000], trickle_s=0.05)
+    policy = RetryPolicy(attempts=1, timeout_s=2.0, min_rate_bytes_s=200, rate_window_s=0.6)
+    message, took = timed_download(url, tmp_path, policy)
+    assert re.match(f"could not download {re.escape(url)}: timed out after [0-9.]+ s "
+                    f"\\([0-9.]+ bytes/s", message), message
+    assert "bytes/s over the last 0.6" in message
+    assert "below the minimum 200 bytes/s" in message
+    assert took < 3
+    assert not (tmp_path / "data.bin").exists()
+
+
+def test_trickle_resumes_on_the_next_attempt(http_server, tmp_path):
+    url = http_server.serve("/slow.bin", BODY[:3000], trickle_s=0.02)
+    policy = RetryPolicy(attempts=2, backoff_s=0, timeout_s=2.0, min_rate_bytes_s=200,
+                         rate_window_s=0.3)
+    message, _ = timed_download(url, tmp_path, policy)
+    assert "gave up after 2 attempts" in message
+    first, second = http_server.files["/slow.bin"].requests
+    assert "Range" not in first and second["Range"].startswith("bytes=")  # kept what came
+
+
+def test_rate_check_can_be_switched_off(http_server, tmp_path):
+    body = BODY[:40]
+    url = http_server.serve("/slow.bin", body, trickle_s=0.02)
+    policy = RetryPolicy(attempts=1, timeout_s=2.0, min_rate_bytes_s=0, rate_window_s=0.1)
+    got = download_file(url, tmp_path / "slow.bin",
+                        Checksum("sha256", hashlib.sha256(body).hexdigest()), policy=policy)
+    assert got.path.read_bytes() == body
+
+
+def test_server_stalling_mid_transfer_times_out(http_server, tmp_path):
+    url = http_server.serve("/stall.bin", BODY, stall_after=1000)
+    policy = RetryPolicy(attempts=1, timeout_s=0.5)
+    message, took = timed_download(url, tmp_path, policy)
+    assert message == (f"could not download {url}: no data for 0.5 s (the server went silent "
+                       f"after 1000 bytes) (gave up after 1 attempt)")
+    assert took < 3
+    assert (tmp_path / "data.bin.part").stat().st_size == 1000  # kept, to resume
+
+
+def test_server_that_never_answers_times_out(http_server, tmp_path):
+    url = http_server.serve("/silent.bin", BODY, silent=True)
+    message, took = timed_download(url, tmp_path, RetryPolicy(attempts=1, timeout_s=0.5))
+    assert message == (f"could not download {url}: no data for 0.5 s (the server took the "
+                       f"request but sent no answer) (gave up after 1 attempt)")
+    assert took < 3
+
+
+def test_refused_connection_names_url_and_cause(tmp_path):
+    url = refused_url("/x.bin")
+    message, _ = timed_download(url, tmp_path, RetryPolicy(attempts=1))
+    port = url.split(":")[2].split("/")[0]
+    assert message == (f"could not download {url}: connection refused by 127.0.0.1:{port} "
+                       f"(nothing listens at that address and port) (gave up after 1 attempt)")
+
+
+def test_failed_dns_lookup_names_url_and_cause(tmp_path, monkeypatch):
+    real = socket.getaddrinfo
+
+    def lookup(host, *args, **kwargs):
+        if host == "no-such-host.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    url = "https://no-such-host.invalid/data/x.zip"
+    message, _ = timed_download(url + "?token=secret", tmp_path, RetryPolicy(attempts=1))
+    assert message == (f"could not download {url}: DNS lookup failed: the host name "
+                       f"no-such-host.invalid could not be resolved (Name or service not "
+                       f"known) (gave up after 1 attempt)")
+
+
+def test_checksum_mismatch_carries_what_arrived(http_server, tmp_path):
+    url = http_server.serve("/data.bin", BODY)
+    with pytest.raises(ChecksumMismatch) as error:
+        download_file(url, tmp_path / "data.bin", Checksum("sha256", "0" * 64), policy=FAST)
+    assert error.value.digests == {"sha256": SHA256.hexdigest, "md5": MD5.hexdigest}
+    assert error.value.name == "data.bin" and error.value.url == url
+
+
 # --- the `http` source: files by URL, then a labels table inside them ---------------
 
 def zip_bytes(members):
@@ -217,5 +331,51 @@ def test_http_source_rejects_bad_entries(tmp_path):
 
 
 def test_malformed_url_fails_without_retrying(tmp_path):
-    with pytest.raises(DownloadError, match="check the URL"):
+    with pytest.raises(DownloadError, match="only http:// and https:// URLs can be downloaded; "
+                                            "check the URL"):
         download_file("htp://example.org/x.bin", tmp_path / "x.bin", SHA256, policy=FAST)
+
+
+# --- the `http` source and hostile archives: nothing lands, medrobust says why -------------
+
+def assert_nothing_landed(tmp_path, dataset="skin"):
+    """The dataset folder holds nothing of the archive, and nothing escaped anywhere."""
+    assert not any(path.name == "escaped.txt" for path in tmp_path.rglob("*"))
+    assert sorted(p.name for p in (tmp_path / dataset).iterdir()) == []
+    staging = tmp_path / ".downloads" / dataset
+    assert not [p for p in staging.iterdir() if "unpacked" in p.name]
+
+
+@pytest.mark.parametrize("name, body", [("chain.zip", symlink_chain_zip()),
+                                        ("chain.tar.gz", symlink_chain_tar())])
+def test_http_source_refuses_symlink_chains(http_server, tmp_path, name, body):
+    """Four links up from the staging folder is `resources/` itself (here tmp_path)."""
+    from medrobust.data.sources import fetch_dataset
+    url = http_server.serve(f"/{name}", body)
+    config = http_dataset([{"url": url, "sha256": hashlib.sha256(body).hexdigest(),
+                            "extract": True}])
+    with pytest.raises(UnsafeArchiveError) as error:
+        fetch_dataset(config, tmp_path / "skin")
+    message = str(error.value)
+    assert str(tmp_path / ".downloads" / "skin" / name) in message
+    assert "'c/up0" in message and "refusing the archive" in message
+    assert_nothing_landed(tmp_path)
+
+
+def test_http_source_refuses_a_zip_bomb_unless_the_limit_is_raised(http_server, tmp_path):
+    from medrobust.data.sources import fetch_dataset
+    bomb = zip_bomb()
+    url = http_server.serve("/skin.zip", bomb)
+    entry = {"url": url, "sha256": hashlib.sha256(bomb).hexdigest(), "extract": True}
+    with pytest.raises(UnsafeArchiveError, match="skin.zip: would unpack .* by member "
+                                                 "'zeros.bin', a compression ratio of"):
+        fetch_dataset(http_dataset([entry]), tmp_path / "skin")
+    assert_nothing_landed(tmp_path)
+    config = http_dataset([entry])
+    config["source"]["download"]["max_unpacked_gb"] = 0.01   # 10 MB: still refused
+    config["source"]["download"]["max_compression_ratio"] = 1000
+    with pytest.raises(UnsafeArchiveError, match="more than 10 MB \\(the limit, "
+                                                 "`download.max_unpacked_gb`"):
+        fetch_dataset(config, tmp_path / "skin")
+    assert http_server.log == ["/skin.zip"]   # the verified archive stayed staged
+

@@ -617,3 +617,82 @@ def test_incomplete_local_copy_says_where_the_table_comes_from(tmp_path):
                                          "collection's page"):
         fetch_dataset({"source": {"type": "cbis_ddsm", "root": str(tmp_path / "copy")}},
                       tmp_path / "out")
+
+
+# --- mirrors: checksum advice; split sizes against the official dataset's ----------------
+
+def test_medmnist_mirror_mismatch_says_how_to_pin_its_own_file(http_server, tmp_path):
+    npz = write_medmnist_npz(tmp_path / "pneumoniamnist.npz").read_bytes()
+    url = http_server.serve("/mirror/pneumoniamnist.npz", npz)
+    with pytest.raises(ChecksumMismatch) as error:
+        fetch_dataset(medmnist_config(url), tmp_path / "out")
+    message = str(error.value)
+    assert "28209eda62fecd6e6a2d98b1501bb15f" in message               # what was expected
+    assert f"came from `url: {url}`, a mirror you set in place of the official " \
+           f"https://zenodo.org/records/10519652/files/pneumoniamnist.npz" in message
+    assert f"`sha256: {sha256(npz)}` (or `md5: {md5(npz)}`) beside `url`" in message
+    # following the advice works
+    manifest = read_manifest(fetch_dataset(medmnist_config(url, sha256=sha256(npz)),
+                                           tmp_path / "out"))
+    assert len(manifest.table) == 16
+
+
+def test_checksum_mismatch_from_the_official_url_gives_no_mirror_advice(http_server,
+                                                                        tmp_path):
+    from medrobust.data.download import Checksum, download_file
+    from medrobust.data.http import mirror_advice
+    url = http_server.serve("/data.bin", b"data")
+    folder = url.rsplit("/", 1)[0]
+    for chosen in (None, folder + "/"):   # not set, or set to the official URL itself
+        with pytest.raises(ChecksumMismatch) as error, \
+                mirror_advice("base_url", chosen, folder):
+            download_file(url, tmp_path / "data.bin", Checksum("md5", "0" * 32))
+        assert "mirror" not in str(error.value)
+
+
+def test_isic_mirror_mismatch_says_how_to_pin_in_checksums(http_server, tmp_path):
+    archives = isic_archives(tmp_path)
+    for name, data in archives.items():
+        http_server.serve(f"/mirror/{name}", data)
+    pinned = {name: {"sha256": "0" * 64} for name in archives}   # the official ones, say
+    source = {"type": "isic2018", "base_url": http_server.base_url + "/mirror",
+              "download": FAST, "checksums": pinned}
+    with pytest.raises(ChecksumMismatch) as error:
+        fetch_dataset({"source": source}, tmp_path / "out")
+    name = "ISIC2018_Task3_Training_Input.zip"
+    data = archives[name]
+    assert (f"`checksums: {{{name}: {{sha256: {sha256(data)}}}}}` (or `md5: {md5(data)}`)"
+            in str(error.value))
+    assert "`base_url: http://127.0.0.1:" in str(error.value)
+
+
+def test_medmnist_split_sizes_other_than_the_official_ones_are_a_warning(tmp_path, caplog):
+    npz = write_medmnist_npz(tmp_path / "breastmnist.npz")
+    config = {"source": {"type": "medmnist", "flag": "breastmnist", "path": str(npz),
+                         "md5": md5(npz.read_bytes())}}
+    with caplog.at_level(logging.WARNING):
+        fetch_dataset(config, tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert ["breastmnist (28 px): the data has train 8 / val 4 / test 4 samples, but the "
+            "official dataset has train 546 / val 78 / test 156 (n_samples in medmnist "
+            "3.0.2); this is not the official copy, and results on it are not comparable "
+            "with published ones"] == [w for w in warnings if "official dataset" in w]
+
+
+def test_split_sizes_equal_to_the_official_ones_give_no_warning(caplog):
+    from medrobust.data.http import warn_if_splits_differ
+    official = dict(zip(("train", "val", "test"), medmnist.OFFICIAL_SPLITS["retinamnist"]))
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_splits_differ("retinamnist", dict(official), official, "x")
+        assert warn_if_splits_differ("retinamnist", {**official, "val": 119}, official, "x")
+    assert len(caplog.records) == 1 and "val 119" in caplog.records[0].getMessage()
+    assert medmnist.OFFICIAL_SPLITS["pneumoniamnist"] == (4708, 524, 624)
+    assert set(medmnist.OFFICIAL_SPLITS) == set(medmnist.FLAGS)
+
+
+def test_isic_table_with_other_than_10015_images_is_a_warning(tmp_path, caplog):
+    root = isic_copy(tmp_path / "isic")
+    with caplog.at_level(logging.WARNING):
+        fetch_dataset({"source": {"type": "isic2018", "root": str(root)}}, tmp_path / "out")
+    assert "ISIC 2018 Task 3: the data has training 21 samples, but the official dataset " \
+           "has training 10,015 (HAM10000)" in caplog.text

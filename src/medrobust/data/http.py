@@ -18,16 +18,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import requests
 
-from medrobust.data.archives import extract_archive, is_archive
-from medrobust.data.download import Checksum, RetryPolicy, download_file, public_url
-from medrobust.data.local import (
+from medrobust.data.archives import ArchiveLimits, extract_archive, is_archive
+from medrobust.data.download import (
+    Checksum,
+    ChecksumMismatch,
+    RetryPolicy,
+    download_file,
+    public_url,
+)
+from medrobust.data.assemble import (
     DEFAULT_SPLITS,
     LabelsTable,
     assign_splits,
@@ -167,7 +174,7 @@ def fetch_files(files: Sequence[RemoteFile], out_dir: Path, policy: RetryPolicy,
         got = download_file(remote.url, staging_dir(out_dir) / name, remote.checksum,
                             auth=auth, policy=policy, session=session)
         if remote.extract:
-            provenance["unpacked"] = _unpack(got.path, out_dir)
+            provenance["unpacked"] = _unpack(got.path, out_dir, policy.archive_limits)
             placed[name] = Fetched(out_dir, got.sha256)
         else:
             placed[name] = Fetched(_place(got.path, out_dir / name), got.sha256)
@@ -187,9 +194,15 @@ def _place(staged: Path, dest: Path) -> Path:
     return dest
 
 
-def _unpack(archive: Path, out_dir: Path) -> list[str]:
-    """Extract `archive` beside it, then move each top-level entry into `out_dir`."""
-    unpacked = extract_archive(archive, archive.with_name(archive.name + ".unpacked"))
+def _unpack(archive: Path, out_dir: Path, limits: ArchiveLimits) -> list[str]:
+    """Extract `archive` beside it, then move each top-level entry into `out_dir`.
+
+    Extraction happens in the staging folder: an archive refused half-way
+    (extract_archive refuses before writing anything anyway) leaves nothing in
+    the dataset folder.
+    """
+    unpacked = extract_archive(archive, archive.with_name(archive.name + ".unpacked"),
+                               limits=limits)
     try:
         entries = sorted(entry.name for entry in unpacked.iterdir())
         clash = sorted(set(entries) & RESERVED)
@@ -261,3 +274,53 @@ def obtain_data(root: str | None, files: Sequence[RemoteFile], out_dir: Path,
         return link_folder(root, out_dir / "data")
     fetch_files(files, out_dir, RetryPolicy.from_mapping(download), auth=auth)
     return out_dir
+
+
+@contextmanager
+def mirror_advice(setting: str, chosen: str | None, official: str,
+                  pin: str = "checksums") -> Iterator[None]:
+    """Say how to pin a mirror's own file when its checksum does not match.
+
+    Wraps a recipe's downloads from `chosen`, the URL the user set with
+    `setting` in place of `official`. A ChecksumMismatch there gains the
+    sha256 and md5 of the file that arrived and where to put one: `pin` is
+    "checksums" (`checksums: {<file>: {sha256: ...}}`) or "source" (`sha256:`
+    beside the URL, as medmnist takes it).
+    """
+    try:
+        yield
+    except ChecksumMismatch as error:
+        if not chosen or chosen.rstrip("/") == official.rstrip("/") or not error.digests:
+            raise
+        sha256, md5 = error.digests.get("sha256"), error.digests.get("md5")
+        name = error.name or "the file"
+        if pin == "source":
+            how = f"`sha256: {sha256}` (or `md5: {md5}`) beside `{setting}`"
+        else:
+            how = f"`checksums: {{{name}: {{sha256: {sha256}}}}}` (or `md5: {md5}`)"
+        raise ChecksumMismatch(
+            f"{error} {name} came from `{setting}: {public_url(chosen)}`, a mirror you set in "
+            f"place of the official {public_url(official)}. If the mirror serves a different "
+            f"copy on purpose and you trust it, pin that copy's own checksum in the source: "
+            f"{how}.", error.status, url=error.url, name=error.name,
+            digests=error.digests) from None
+
+
+def warn_if_splits_differ(what: str, counts: Mapping[str, int], official: Mapping[str, int],
+                          reference: str) -> bool:
+    """Warn (and return True) when the samples per split differ from the official dataset's.
+
+    `what` names the data (e.g. "pneumoniamnist (28 px)"), `reference` where
+    the official numbers come from.
+    """
+    got = {split: int(counts.get(split, 0)) for split in official}
+    if got == {split: int(count) for split, count in official.items()}:
+        return False
+
+    def listed(numbers: Mapping[str, int]) -> str:
+        return " / ".join(f"{split} {count:,}" for split, count in numbers.items())
+
+    log.warning("%s: the data has %s samples, but the official dataset has %s (%s); this is "
+                "not the official copy, and results on it are not comparable with published "
+                "ones", what, listed(got), listed(official), reference)
+    return True

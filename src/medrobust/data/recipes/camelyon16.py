@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 from medrobust.data.archives import extract_archive
 from medrobust.data.download import Checksum, RetryPolicy, download_file
-from medrobust.data.http import RemoteFile, checksum_for, fetch_files
-from medrobust.data.local import (
+from medrobust.data.http import RemoteFile, checksum_for, fetch_files, mirror_advice
+from medrobust.data.assemble import (
     Sample,
     assign_splits,
     find_one,
@@ -88,8 +88,9 @@ def fetch_camelyon16(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = Camelyon16Source.from_mapping(source_section(dataset_config))
     classes = recipe_classes(dataset_config, CLASSES, "camelyon16", kind="slides")
     out_dir = begin_dataset(out_dir)
-    slides = (local_slides(link_folder(options.root, out_dir / "data"), out_dir)
-              if options.root is not None else download_slides(options, out_dir))
+    with mirror_advice("mirror", options.mirror, MIRROR):
+        slides = (local_slides(link_folder(options.root, out_dir / "data"), out_dir)
+                  if options.root is not None else download_slides(options, out_dir))
     wanted = set(options.slides) if options.slides else set(slides.images)
     missing = sorted(wanted - set(slides.images))
     if missing:

@@ -25,12 +25,17 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pydicom
-from tqdm import tqdm
 
 from medrobust.data.archives import extract_archive
 from medrobust.data.download import ChecksumMismatch, RetryPolicy, download_file
-from medrobust.data.http import RemoteFile, checksum_for, fetch_files, staging_dir
-from medrobust.data.local import (
+from medrobust.data.http import (
+    RemoteFile,
+    checksum_for,
+    fetch_files,
+    mirror_advice,
+    staging_dir,
+)
+from medrobust.data.assemble import (
     Sample,
     find_one,
     link_folder,
@@ -46,6 +51,7 @@ from medrobust.data.sources import register_source
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import file_digest
 from medrobust.logs import get_logger
+from medrobust.progress import progress
 
 log = get_logger(__name__)
 
@@ -209,8 +215,8 @@ def images_and_rois(rows: Iterable[Abnormality], locator: DicomLocator, out_dir:
     for row in rows:
         by_image.setdefault(row.sample_id, []).append(row)
     samples, rois, unmatched = [], [], 0
-    for sample_id, group in tqdm(sorted(by_image.items()), desc="mammograms", unit="image",
-                                 disable=None, mininterval=1.0):
+    for sample_id, group in progress(sorted(by_image.items()), desc="mammograms",
+                                     unit="image"):
         first = group[0]
         images = locator.files(first.paths["image file path"])
         if len(images) != 1:
@@ -270,7 +276,8 @@ def _download_tables(options: CBISDDSMSource, out_dir: Path) -> dict[tuple[str, 
                                 "source (cbis_ddsm)")
         files.append(RemoteFile.of(f"{options.tables_url.rstrip('/')}/{name}?{query}", checksum,
                                    name=name))
-    placed = fetch_files(files, out_dir, RetryPolicy.from_mapping(options.download))
+    with mirror_advice("tables_url", options.tables_url, WIKI):
+        placed = fetch_files(files, out_dir, RetryPolicy.from_mapping(options.download))
     return {key: placed[DESCRIPTIONS[key][0]].path for key in options.tables}
 
 
@@ -289,7 +296,7 @@ def _download_series(rows: list[Abnormality], options: CBISDDSMSource, out_dir: 
                  options.tcia_manifest, len(kept), len(rows))
         rows = kept
     policy = RetryPolicy.from_mapping(options.download)
-    for uid in tqdm(sorted(needed), desc="TCIA series", unit="series", disable=None):
+    for uid in progress(sorted(needed), desc="TCIA series", unit="series"):
         dest = out_dir / "series" / uid
         if dest.is_dir():
             continue  # extraction is atomic: a folder that exists is complete and verified

@@ -16,8 +16,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from medrobust.data.http import RemoteFile, checksum_for, obtain_data
-from medrobust.data.local import (
+from medrobust.data.http import (
+    RemoteFile,
+    checksum_for,
+    mirror_advice,
+    obtain_data,
+    warn_if_splits_differ,
+)
+from medrobust.data.assemble import (
     DEFAULT_SPLITS,
     Sample,
     assign_splits,
@@ -35,6 +41,7 @@ from medrobust.errors import ConfigError, InputError
 BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2018"
 IMAGES = "ISIC2018_Task3_Training_Input.zip"
 GROUND_TRUTH = "ISIC2018_Task3_Training_GroundTruth.zip"
+OFFICIAL_IMAGES = 10015   # the Task 3 training set: HAM10000
 TABLE = "ISIC2018_Task3_Training_GroundTruth.csv"
 CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")   # the CSV's column order
 SKIN4 = ("MEL", "NV", "BCC", "BKL")
@@ -92,9 +99,12 @@ def fetch_isic2018(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     classes = recipe_classes(dataset_config, SELECTIONS[options.selection], "isic2018")
     files = [] if options.root is not None else options.remote_files()
     out_dir = begin_dataset(out_dir)
-    data = obtain_data(options.root, files, out_dir, options.download)
+    with mirror_advice("base_url", options.base_url, BASE_URL):
+        data = obtain_data(options.root, files, out_dir, options.download)
     table = find_one(data, TABLE, "it is in ISIC2018_Task3_Training_GroundTruth.zip, at "
                      "https://challenge.isic-archive.com/data/#2018")
+    warn_if_splits_differ("ISIC 2018 Task 3", {"training": len(read_table(table))},
+                          {"training": OFFICIAL_IMAGES}, "HAM10000")
     samples = read_ground_truth(table, data, classes)
     samples = cap_class(samples, "NV", options.cap, options.seed)
     samples = assign_splits(samples, options.fractions, options.seed)

@@ -20,16 +20,16 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from medrobust.data.download import Checksum, ChecksumMismatch, RetryPolicy, download_file
-from medrobust.data.local import Sample, recipe_classes, source_section, write_samples
-from medrobust.data.http import staging_dir
+from medrobust.data.assemble import Sample, recipe_classes, source_section, write_samples
+from medrobust.data.http import mirror_advice, staging_dir, warn_if_splits_differ
 from medrobust.data.manifest import SPLITS, begin_dataset
 from medrobust.config import config_from_mapping
 from medrobust.data.sources import register_source
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.checksums import file_digest
+from medrobust.progress import progress
 
 RECORD = "https://zenodo.org/records/10519652/files"
 SIZES = (28, 64, 128, 224)
@@ -119,6 +119,18 @@ FLAGS: dict[str, Flag] = {
 }
 
 
+# samples per split (train, val, test): `n_samples` of medmnist 3.0.2's INFO, the same
+# at every size
+OFFICIAL_SPLITS: dict[str, tuple[int, int, int]] = {
+    "pathmnist": (89996, 10004, 7180), "chestmnist": (78468, 11219, 22433),
+    "dermamnist": (7007, 1003, 2005), "octmnist": (97477, 10832, 1000),
+    "pneumoniamnist": (4708, 524, 624), "retinamnist": (1080, 120, 400),
+    "breastmnist": (546, 78, 156), "bloodmnist": (11959, 1712, 3421),
+    "tissuemnist": (165466, 23640, 47280), "organamnist": (34561, 6491, 17778),
+    "organcmnist": (12975, 2392, 8216), "organsmnist": (13932, 2452, 8827),
+}
+
+
 def file_name(flag: str, size: int) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
@@ -137,6 +149,7 @@ class MedMNISTSource:
     sha256: str | None = None
     finding: str | None = None   # chestmnist only: positive class = this finding present
     download: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0                # unused (official splits, nothing drawn); the workflow passes every source its seed
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "MedMNISTSource":
@@ -181,8 +194,8 @@ def fetch_medmnist(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
         labels = _labels(npz, split, options)
         folder = out_dir / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
-        rows = tqdm(_rows(npz, f"{split}_images", len(labels)), total=len(labels),
-                    desc=f"{split} images", unit="image", disable=None, mininterval=1.0)
+        rows = progress(_rows(npz, f"{split}_images", len(labels)), total=len(labels),
+                        desc=f"{split} images", unit="image")
         for index, (image, label) in enumerate(zip(rows, labels, strict=True)):
             sample_id = f"{split}_{index:06d}"
             png = _png_bytes(image)
@@ -190,15 +203,21 @@ def fetch_medmnist(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
             path.write_bytes(png)
             samples.append(Sample(sample_id, path, classes[label], split,
                                   hashlib.sha256(png).hexdigest()))
+    warn_if_splits_differ(f"{options.flag} ({options.size} px)",
+                          {split: sum(s.split == split for s in samples) for split in SPLITS},
+                          dict(zip(SPLITS, OFFICIAL_SPLITS[options.flag])),
+                          "n_samples in medmnist 3.0.2")
     return write_samples(out_dir, samples, classes, "images")
 
 
 def _obtain(options: MedMNISTSource, out_dir: Path) -> Path:
     name = file_name(options.flag, options.size)
     if options.path is None:
-        return download_file(options.url or official_url(options.flag, options.size),
-                             staging_dir(out_dir) / name, options.checksum,
-                             policy=RetryPolicy.from_mapping(options.download)).path
+        with mirror_advice("url", options.url, official_url(options.flag, options.size),
+                           pin="source"):
+            return download_file(options.url or official_url(options.flag, options.size),
+                                 staging_dir(out_dir) / name, options.checksum,
+                                 policy=RetryPolicy.from_mapping(options.download)).path
     path, checksum = Path(options.path).expanduser(), options.checksum
     if not path.is_file():
         raise InputError(f"source (medmnist): path {path} does not exist")

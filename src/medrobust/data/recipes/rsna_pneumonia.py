@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from medrobust.data.download import DownloadError
-from medrobust.data.http import RemoteFile, checksum_for, obtain_data
-from medrobust.data.local import (
+from medrobust.data.http import RemoteFile, checksum_for, mirror_advice, obtain_data
+from medrobust.data.assemble import (
     DEFAULT_SPLITS,
     Sample,
     assign_splits,
@@ -74,7 +74,8 @@ def fetch_rsna_pneumonia(dataset_config: Mapping[str, Any], out_dir: Path) -> Pa
         auth = kaggle_credentials(options.kaggle_config)
     out_dir = begin_dataset(out_dir)
     try:
-        data = obtain_data(options.root, files, out_dir, options.download, auth=auth)
+        with mirror_advice("kaggle_api", options.kaggle_api, KAGGLE_API):
+            data = obtain_data(options.root, files, out_dir, options.download, auth=auth)
     except DownloadError as error:
         raise _explained(error) from None
     table = find_one(data, TABLE, f"it is part of the competition data, {COMPETITION_URL}/data")
