@@ -1,12 +1,14 @@
 """Image classifiers, the denoising defense, and saving/loading models."""
 
 import json
+import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import ConfigError, InputError, MedrobustError
 from medrobust.models import build_model, load_model, save_model
 from medrobust.models.denoising import DenoisingClassifier, DenoisingDefense
 from medrobust.models.image_classifiers import adapt_first_conv, resnet18
@@ -92,6 +94,41 @@ def test_load_model_names_missing_and_mismatched_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(image_config(in_channels=3)))
     with pytest.raises(InputError, match="model.safetensors"):
         load_model(tmp_path)
+
+
+def test_weights_with_non_finite_values_are_refused_naming_the_file(tmp_path):
+    config = image_config()
+    model = build_model(config)
+    save_model(model, tmp_path / "m", config, {})
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state["head.fc.weight"][0, :3] = float("nan")
+    state["head.fc.bias"][1] = float("inf")
+    save_file(state, weights)
+    with pytest.raises(InputError) as error:
+        load_model(tmp_path / "m")
+    message = str(error.value)
+    assert message.startswith(f"{weights}: the weights hold NaN or infinite values")
+    assert "head.fc.weight: 3 values" in message and "head.fc.bias: 1 value" in message
+    assert f"delete {tmp_path / 'm'} and retrain it" in message
+
+    with torch.no_grad():
+        model.head.fc.weight[0, 0] = float("nan")
+    with pytest.raises(MedrobustError, match="training diverged.*nothing was saved"):
+        save_model(model, tmp_path / "diverged", config, {})
+    assert not (tmp_path / "diverged").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_saved_model_files_follow_the_umask(tmp_path, umask, mode):
+    """Not owner-only (safetensors' 0600): a team on a shared cluster reads the weights."""
+    previous = os.umask(umask)
+    try:
+        save_model(build_model(image_config()), tmp_path / "m", image_config(), {})
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json", "history.json"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
 
 
 def test_unknown_names_raise_config_error_listing_known_ones():

@@ -2,7 +2,11 @@
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from medrobust.io.images import read_image, read_photo
 from medrobust.preprocess.images import ImagePreprocessConfig, build_image_store, prepare_image
 
 CT = Path(get_testdata_file("CT_small.dcm"))
+SRC = Path(__file__).resolve().parents[1] / "src"
 SIZE = ImagePreprocessConfig(image_size=16)
 
 
@@ -219,3 +224,30 @@ def test_config_and_policy_are_checked(tmp_path):
     slides = write_dataset(tmp_path / "slides", {"a": _gray(8, 8, 0)}, kind="slides")
     with pytest.raises(InputError, match="kind 'images'"):
         build_image_store(slides, tmp_path / "y.zarr", SIZE)
+
+
+def test_a_rerun_removes_the_scratch_copy_a_killed_run_left(tmp_path):
+    """Killed while resizing, a run leaves its float32 scratch copy; the next run removes it."""
+    manifest = write_dataset(tmp_path / "ds", {f"s{i}": _gray(20, 30, i) for i in range(4)})
+    out = tmp_path / "preprocessed" / "ds.zarr"
+    script = (
+        "import os, signal, sys\n"
+        "import medrobust.preprocess.images as images\n"
+        "from medrobust.preprocess.images import ImagePreprocessConfig, build_image_store\n"
+        "prepare, calls = images.prepare_image, []\n"
+        "def prepare_then_die(*args):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return prepare(*args)\n"
+        "images.prepare_image = prepare_then_die\n"
+        "build_image_store(sys.argv[1], sys.argv[2], ImagePreprocessConfig(image_size=16))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(manifest), str(out)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    left = [path for path in out.parent.iterdir() if path.name.endswith(".scratch")]
+    assert len(left) == 1 and (left[0] / "images.npy").exists() and not out.exists()
+
+    build_image_store(manifest, out, SIZE)
+    assert sorted(path.name for path in out.parent.iterdir()) == ["ds.zarr"]

@@ -1,100 +1,32 @@
-"""The `local` source, and the labels-table parsing every source shares.
+"""The `local` source: a folder the user already has plus a labels table.
 
-A `local` dataset is a folder the user already has plus a labels table (CSV or
-TSV) naming each file and its label. The folder is linked, not copied, into
+The labels table (CSV or TSV) names each file and its label. The folder is linked, not copied, into
 `resources/{dataset}/data`, so the manifest's relative paths resolve without
 duplicating gigabytes. Labels pass through `label_map` and must then name one
 of the dataset's classes; anything else is an InputError naming the table row.
+The table parsing and manifest writing it shares with the other sources live
+in `medrobust.data.assemble`.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
-from tqdm import tqdm
-
-from medrobust.data.manifest import (
-    KINDS,
-    SPLITS,
-    begin_dataset,
-    check_split_fractions,
-    stratified_split,
-    write_dataset,
-)
 from medrobust.config import config_from_mapping
+from medrobust.data.assemble import (
+    DEFAULT_SPLITS,
+    LabelsTable,
+    assign_splits,
+    config_classes,
+    config_kind,
+    link_folder,
+    source_section,
+    write_samples,
+)
+from medrobust.data.manifest import begin_dataset
 from medrobust.data.sources import register_source
-from medrobust.errors import ConfigError, InputError
-from medrobust.io.atomic import atomic_path
-from medrobust.io.checksums import sha256_file
-from medrobust.logs import get_logger
-
-log = get_logger(__name__)
-
-DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One row of the manifest to be; `path` is absolute (or relative to the cwd)."""
-
-    sample_id: str
-    path: Path
-    label: str
-    split: str | None = None          # None: assigned by a stratified split later
-    sha256: str | None = None         # None: computed when the manifest is written
-
-
-@dataclass(frozen=True)
-class LabelsTable:
-    """Where the labels are and how to read them (`labels:` in a source config)."""
-
-    table: str                        # the CSV/TSV, relative to the data folder
-    path_column: str = "path"
-    label_column: str = "label"
-    id_column: str | None = None      # default: the path without its extension
-    split_column: str | None = None   # values train/val/test; default: stratified split
-    path_template: str = "{}"         # file of a row, from its path cell: "images/{}.jpg"
-    label_map: Mapping[str, str | None] = field(default_factory=dict)  # None drops the row
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "LabelsTable":
-        labels = config_from_mapping(cls, mapping, "source.labels")
-        if "{}" not in labels.path_template:
-            raise ConfigError(f"source.labels.path_template must contain '{{}}' where the "
-                              f"path cell goes, not {labels.path_template!r}")
-        if not isinstance(labels.label_map, Mapping):
-            raise ConfigError("source.labels.label_map must map table values to class names")
-        # YAML reads `0: normal` with an int key; table cells are always strings
-        label_map = {str(key): None if value is None else str(value)
-                     for key, value in labels.label_map.items()}
-        return replace(labels, label_map=label_map)
-
-    def read(self, data_root: Path, classes: Sequence[str]) -> list[Sample]:
-        """The table's rows as samples, every file checked to exist."""
-        table = data_root / self.table
-        columns = [self.path_column, self.label_column, self.id_column, self.split_column]
-        samples = []
-        for line, row in read_table(table, [column for column in columns if column]):
-            where = f"{table}: line {line} ({self.path_column} {row[self.path_column]!r})"
-            label = map_label(row[self.label_column], self.label_map, classes, where)
-            if label is None:
-                continue
-            path = data_root / self.path_template.format(row[self.path_column])
-            if not path.is_file():
-                raise InputError(f"{where}: no file {path}")
-            sample_id = (row[self.id_column] if self.id_column
-                         else Path(row[self.path_column]).with_suffix("").as_posix())
-            split = row[self.split_column] if self.split_column else None
-            if split is not None and split not in SPLITS:
-                raise InputError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
-            samples.append(Sample(sample_id, path, label, split))
-        if not samples:
-            raise InputError(f"{table}: no rows left after label_map")
-        return samples
 
 
 @dataclass(frozen=True)
@@ -115,148 +47,3 @@ def fetch_local(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     samples = labels.read(data_root, classes)
     samples = assign_splits(samples, options.splits, options.seed)
     return write_samples(out_dir, samples, classes, kind)
-
-
-def source_section(dataset_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The dataset's `source` mapping without its `type`."""
-    return {key: value for key, value in dataset_config["source"].items() if key != "type"}
-
-
-def config_classes(dataset_config: Mapping[str, Any]) -> list[str]:
-    classes = dataset_config.get("classes")
-    if not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ConfigError(f"this source takes its classes from the dataset's `classes`: list "
-                          f"at least two distinct names (got {classes!r})")
-    return [str(name) for name in classes]
-
-
-def config_kind(dataset_config: Mapping[str, Any], default: str = "images") -> str:
-    kind = dataset_config.get("kind", default)
-    if kind not in KINDS:
-        raise ConfigError(f"dataset kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    return kind
-
-
-def recipe_classes(dataset_config: Mapping[str, Any], classes: Sequence[str], recipe: str,
-                   kind: str = "images") -> list[str]:
-    """The classes a recipe defines; `classes` and `kind` in config must agree with it."""
-    given = dataset_config.get("classes")
-    if given is not None and list(given) != list(classes):
-        raise ConfigError(f"{recipe}: this recipe's classes are {list(classes)} (in that "
-                          f"order); drop `classes` from the dataset config or write exactly "
-                          f"these, not {given!r}")
-    if dataset_config.get("kind", kind) != kind:
-        raise ConfigError(f"{recipe}: this recipe's datasets are of kind {kind!r}, not "
-                          f"{dataset_config['kind']!r}")
-    return list(classes)
-
-
-def read_table(path: Path, required: Iterable[str] = ()) -> list[tuple[int, dict[str, str]]]:
-    """A CSV (or TSV, by suffix) as (line, row) pairs, cells stripped, keyed by header.
-
-    `line` is where the row starts in the file (quoted cells may span lines);
-    InputError when a `required` column is missing.
-    """
-    if not path.is_file():
-        raise InputError(f"table {path} does not exist")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    rows = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        header = [name.strip() for name in reader.fieldnames or []]
-        line = reader.line_num + 1
-        for row in reader:
-            rows.append((line, {(key or "").strip(): (value or "").strip()
-                                for key, value in row.items()}))
-            line = reader.line_num + 1
-    if not header:
-        raise InputError(f"{path}: empty table")
-    missing = [column for column in required if column not in header]
-    if missing:
-        raise InputError(f"{path}: line 1 (header) has no column(s) {', '.join(missing)}; "
-                         f"it has: {', '.join(header)}")
-    if not rows:
-        raise InputError(f"{path}: the table has a header but no rows")
-    return rows
-
-
-def map_label(value: str, label_map: Mapping[str, str | None], classes: Sequence[str],
-              where: str) -> str | None:
-    """A table value as a class name (None: the row is dropped); InputError names `where`."""
-    label = label_map[value] if value in label_map else value
-    if label is not None and label not in classes:
-        raise InputError(f"{where}: label {value!r} is not one of the classes "
-                         f"({', '.join(classes)}); map it to one with `label_map`"
-                         + (f" (it maps to {label!r})" if label != value else ""))
-    return label
-
-
-def assign_splits(samples: list[Sample], fractions: Mapping[str, float],
-                  seed: int) -> list[Sample]:
-    """Samples without a split get one from a stratified split of their own labels."""
-    open_ = [index for index, sample in enumerate(samples) if sample.split is None]
-    if not open_:
-        return samples
-    check_split_fractions(fractions)
-    splits = stratified_split([samples[index].label for index in open_], fractions, seed)
-    out = list(samples)
-    for index, split in zip(open_, splits, strict=True):
-        out[index] = replace(samples[index], split=split)
-    return out
-
-
-def link_folder(root: str | os.PathLike, link: Path) -> Path:
-    """Make `link` a symlink to the existing folder `root`; return the link."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise InputError(f"local data folder {root} does not exist (source.root)")
-    root = root.resolve()
-    if link.is_symlink() and link.resolve() == root:
-        return link
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.exists():
-        raise InputError(f"{link} is a folder; remove it so that it can link to {root}")
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(root, target_is_directory=True)
-    return link
-
-
-def write_samples(out_dir: Path, samples: Sequence[Sample], classes: Sequence[str],
-                  kind: str) -> Path:
-    """Hash what needs it and write `manifest.csv` + `dataset.json` (paths made relative)."""
-    rows = []
-    for sample in tqdm(samples, desc="checksums", unit="file", disable=None, mininterval=1.0):
-        if sample.split not in SPLITS:
-            raise ValueError(f"sample {sample.sample_id!r} has no split")
-        rows.append({
-            "sample_id": sample.sample_id,
-            "path": os.path.relpath(sample.path, out_dir),
-            "label": sample.label,
-            "split": sample.split,
-            "sha256": sample.sha256 or sha256_file(sample.path),
-        })
-    manifest = write_dataset(out_dir, rows, classes, kind)
-    counts = {split: sum(row["split"] == split for row in rows) for split in SPLITS}
-    log.info("%s: %d samples (%s)", manifest, len(rows),
-             ", ".join(f"{split} {count}" for split, count in counts.items()))
-    return manifest
-
-
-def write_table(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
-    """A side table of a dataset (ROI masks, annotations), written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def find_one(root: Path, name: str, where_to_get: str = "") -> Path:
-    """The single file called `name` anywhere under `root`; InputError otherwise."""
-    found = sorted(path for path in root.rglob(name) if path.is_file())
-    if len(found) != 1:
-        what = "no file" if not found else f"{len(found)} files ({', '.join(map(str, found[:3]))})"
-        hint = f"; {where_to_get}" if where_to_get and not found else ""
-        raise InputError(f"{root}: expected one {name}, found {what}{hint}")
-    return found[0]

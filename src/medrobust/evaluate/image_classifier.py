@@ -24,7 +24,7 @@ from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
 from medrobust.models import load_model
 from medrobust.models.registry import CONFIG_FILE
-from medrobust.perturbations.run import iter_test_batches
+from medrobust.io.test_split import iter_test_batches
 
 log = get_logger(__name__)
 

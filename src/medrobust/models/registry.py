@@ -12,6 +12,8 @@ Builders register under the name a config uses for them (as timm does):
 
 A saved model is a folder holding `model.safetensors`, `config.json` (the
 resolved config, enough to rebuild the architecture) and `history.json`.
+Weights with non-finite values (a run that diverged) are refused on both
+ends, and files get the user's umask (a team on a shared cluster reads them).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medrobust.config import config_from_mapping
-from medrobust.errors import ConfigError, InputError, unknown_name
-from medrobust.io.atomic import atomic_path, write_json
+from medrobust.errors import ConfigError, InputError, MedrobustError, unknown_name
+from medrobust.io.atomic import atomic_path, set_default_mode, write_json
 
 IMAGE_CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {}
 SLIDE_CLASSIFIERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {}
@@ -132,13 +134,23 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> n
 
 def save_model(model: nn.Module, model_dir: str | os.PathLike, config: Mapping[str, Any],
                history: Any) -> None:
-    """Write weights, resolved config and history; config.json goes last."""
+    """Write weights, resolved config and history; config.json goes last.
+
+    Refuses weights with non-finite values: no later stage could use them.
+    """
     model_dir = Path(model_dir)
     # safetensors wants contiguous CPU tensors that share no memory
     state = {key: value.detach().cpu().contiguous().clone()
              for key, value in model.state_dict().items()}
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise MedrobustError(
+            f"{model_dir}: the trained weights hold NaN or infinite values "
+            f"({describe_nonfinite(bad)}); training diverged. Lower the learning rate (or "
+            f"change the config) and rerun; nothing was saved")
     with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
+        set_default_mode(tmp)  # safetensors creates the file owner-only (0600)
     write_json(model_dir / HISTORY_FILE, history)
     write_json(model_dir / CONFIG_FILE, dict(config))
 
@@ -156,11 +168,37 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
         raise InputError(f"{config_path}: not valid JSON ({error})") from error
     model = build_model(config, load_pretrained=False)
     try:
-        model.load_state_dict(load_file(str(weights_path)))
-    except (SafetensorError, RuntimeError) as error:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{weights_path}: not a readable safetensors file ({error})") from error
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise InputError(f"{weights_path}: the weights hold NaN or infinite values "
+                         f"({describe_nonfinite(bad)}); the model cannot make predictions. "
+                         f"Its training diverged or the file is damaged: delete {model_dir} "
+                         f"and retrain it")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
         raise InputError(f"{weights_path}: weights do not fit the model in {config_path} "
                          f"({error})") from error
     return model.to(device).eval()
+
+
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Floating-point tensors with NaN or infinite entries, and how many each has."""
+    counts = {key: int((~torch.isfinite(value)).sum()) for key, value in state.items()
+              if value.is_floating_point()}
+    return {key: count for key, count in counts.items() if count}
+
+
+def describe_nonfinite(bad: Mapping[str, int], limit: int = 3) -> str:
+    """E.g. 'head.fc.weight: 3 values, head.fc.bias: 1 value and 2 more tensors'."""
+    shown = [f"{key}: {count} value{'s' if count != 1 else ''}"
+             for key, count in list(bad.items())[:limit]]
+    more = len(bad) - limit
+    return ", ".join(shown) + (f" and {more} more tensor{'s' if more != 1 else ''}"
+                               if more > 0 else "")
 
 
 def _require(config: Mapping[str, Any], key: str) -> Any:

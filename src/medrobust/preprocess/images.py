@@ -10,7 +10,6 @@ or are left out of it and listed in its attrs.
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from skimage.color import rgb2gray
-from tqdm import tqdm
 
 from medrobust.data.manifest import Manifest, read_manifest
 from medrobust.errors import ConfigError, InputError
+from medrobust.io.atomic import SCRATCH, temporary_sibling
 from medrobust.io.checksums import sha256_file
 from medrobust.io.image_store import ImageStoreWriter
 from medrobust.io.images import read_image
 from medrobust.logs import get_logger
+from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.preprocess import positive_number
 
@@ -66,10 +66,10 @@ def build_image_store(manifest_path: str | os.PathLike, out_path: str | os.PathL
                          "an image store needs kind 'images'")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # resized images wait on disk, not in memory, until the bad ones are known
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=".scratch",
-                                     dir=out_path.parent) as scratch_dir:
-        scratch, errors = _read_all(manifest, config.image_size, Path(scratch_dir), workers)
+    # resized images wait on disk, not in memory, until the bad ones are known;
+    # a killed run's scratch folder (a full float32 copy) is removed by the next
+    with temporary_sibling(out_path, SCRATCH) as scratch_dir:
+        scratch, errors = _read_all(manifest, config.image_size, scratch_dir, workers)
         good = np.array([index for index in range(len(manifest.table)) if index not in errors],
                         dtype=np.int64)
         rejected = _rejected(manifest.table, errors)
@@ -101,7 +101,7 @@ def _read_all(manifest: Manifest, size: int, scratch_dir: Path,
     """Prepared images `(N, C, size, size)` (memory-mapped) and the bad rows' reasons."""
     rows = [row for _, row in manifest.table.iterrows()]
     errors: dict[int, str] = {}
-    with tqdm(total=len(rows), desc=f"preprocess {manifest.root.name}", unit="image") as bar:
+    with progress(total=len(rows), desc=f"preprocess {manifest.root.name}", unit="image") as bar:
         # the channel count must be known before the parallel pass writes
         first, image = None, None
         for first, row in enumerate(rows):

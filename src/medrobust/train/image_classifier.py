@@ -5,6 +5,9 @@ kept; without validation images, the last epoch. The same config and seed give
 the same weights on the CPU: initialisation and dropout draw from the seeded
 global generator inside `fork_rng`, batch order and flips from a CPU
 generator, and defense noise from a generator on the training device.
+
+Epochs end with a checkpoint (`medrobust.train.checkpoints`) that a rerun
+after a kill resumes from, to the same final weights.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
+from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.models.registry import (
     IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
+from medrobust.train.checkpoints import (
+    TrainingCheckpoint, fingerprint, restore_rng_state, rng_state)
 
 log = get_logger(__name__)
 PRETRAINED = ("none", "imagenet")
@@ -78,8 +83,14 @@ class TrainingConfig:
 
 def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.PathLike,
                            model_config: Mapping[str, Any], training_config: Mapping[str, Any],
-                           device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Train, select the best epoch, save to `model_dir`; returns the history."""
+                           device: str | torch.device = "cpu",
+                           checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train, select the best epoch, save to `model_dir`; returns the history.
+
+    Resumes from the checkpoint of an interrupted run of the same config on
+    the same data; `checkpoint_dir` defaults to `.checkpoints/{model}` beside
+    `model_dir`.
+    """
     spec = ImageModelConfig.from_mapping(model_config)
     training = TrainingConfig.from_mapping(training_config)
     defense = build_defense(spec.defense)
@@ -101,6 +112,9 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
         "seed": spec.seed, "dataset": spec.dataset,
     }
     name = Path(model_dir).name
+    checkpoint = TrainingCheckpoint(model_dir, fingerprint(
+        config, store.attrs, store.sample_ids, store.labels, store.splits, device.type),
+        checkpoint_dir)
     log.info("training %s (%s, defense %s) on %d train / %d val images of %s, device %s",
              name, spec.arch, config["defense"]["name"], len(train_images), len(val_images),
              store.path, device)
@@ -110,9 +124,11 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
         torch.manual_seed(spec.seed)
         model = build_model(config).to(device)
         best_state, history = _fit(model, defense, training, spec.seed, device, name,
-                                   (train_images, train_labels), (val_images, val_labels))
+                                   (train_images, train_labels), (val_images, val_labels),
+                                   checkpoint)
     model.load_state_dict(best_state)
     save_model(model, model_dir, config, history)
+    checkpoint.remove()
     log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
              history["selected_by"], time.perf_counter() - started)
     return history
@@ -120,19 +136,33 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
 
 def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int,
          device: torch.device, name: str, train: tuple[torch.Tensor, torch.Tensor],
-         val: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict[str, Any]]:
+         val: tuple[torch.Tensor, torch.Tensor],
+         checkpoint: TrainingCheckpoint) -> tuple[dict, dict[str, Any]]:
     # AdamW: weight decay decoupled from the adaptive step
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate,
                                   weight_decay=training.weight_decay)
     data_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator(device=device).manual_seed(seed)
-    epochs, best, best_state = [], None, None
-    for epoch in range(1, training.epochs + 1):
+    generators = {"data": data_generator, "noise": noise_generator}
+    epochs, best, best_state, done = [], None, None, 0
+    saved = checkpoint.load()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        restore_rng_state(saved["rng"], generators, device)
+        epochs, done = saved["history"], saved["epoch"]
+        # None: the best epoch is the checkpoint's own (not stored twice)
+        best_state = (copy.deepcopy(saved["model"]) if saved["best_state"] is None
+                      else saved["best_state"])
+        best = (tuple(saved["best_score"]), saved["best_epoch"])
+        log.info("%s: resuming after epoch %d of %d from %s", name, done, training.epochs,
+                 checkpoint.path)
+    for epoch in range(done + 1, training.epochs + 1):
         model.train()
         totals: dict[str, float] = {}
         batches = _batches(len(train[0]), training.batch_size, data_generator)
-        for index in tqdm(batches, desc=f"{name} epoch {epoch}/{training.epochs}",
-                          unit="batch", leave=False):
+        for index in progress(batches, desc=f"{name} epoch {epoch}/{training.epochs}",
+                              unit="batch", leave=False):
             images = train[0][index]
             if training.augment:
                 images = _random_flips(images, data_generator)
@@ -155,6 +185,12 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
         if best is None or score > best[0]:
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
+        if epoch < training.epochs and checkpoint.due():  # the last: the model is saved next
+            checkpoint.save({"epoch": epoch, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(),
+                             "rng": rng_state(generators, device), "history": epochs,
+                             "best_state": None if best[1] == epoch else best_state,
+                             "best_score": list(best[0]), "best_epoch": best[1]})
     recipe = {"optimizer": "AdamW", "learning_rate": training.learning_rate,
               "weight_decay": training.weight_decay, "schedule": "constant",
               "batch_size": training.batch_size, "epochs": training.epochs,

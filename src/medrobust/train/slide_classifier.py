@@ -5,6 +5,9 @@ do). The epoch with the best validation accuracy (ties: lower validation loss)
 is kept; without validation slides, the last epoch. The same config and seed
 give the same weights on the CPU: initialisation and dropout draw from the
 seeded global generator inside `fork_rng`, bag order from a CPU generator.
+
+Epochs end with a checkpoint (`medrobust.train.checkpoints`) that a rerun
+after a kill resumes from, to the same final weights.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.slide_stores import open_feature_store
 from medrobust.logs import get_logger
+from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model, save_model
+from medrobust.train.checkpoints import (
+    TrainingCheckpoint, fingerprint, restore_rng_state, rng_state)
 
 log = get_logger(__name__)
 SPLITS = ("train", "val", "test")
@@ -115,8 +120,14 @@ def bag_logits(model: nn.Module, bags: Sequence[SlideBag], device: torch.device)
 
 def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
                            model_dir: str | os.PathLike, model_config: Mapping[str, Any],
-                           device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Train, select the best epoch, save to `model_dir`; returns the history."""
+                           device: str | torch.device = "cpu",
+                           checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train, select the best epoch, save to `model_dir`; returns the history.
+
+    Resumes from the checkpoint of an interrupted run of the same config on
+    the same bags; `checkpoint_dir` defaults to `.checkpoints/{model}` beside
+    `model_dir`.
+    """
     spec = SlideModelConfig.from_mapping(model_config)
     classes = list(spec.classes)
     device = torch.device(device)
@@ -144,22 +155,41 @@ def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
         torch.manual_seed(spec.seed)
         model = build_model(config).to(device)
         config["arch_options"] = dataclasses.asdict(model.options)  # defaults filled in
-        best_state, history = _fit(model, spec, device, name, train, val)
+        bags_used = [(bag.slide_id, bag.label, bag.split, len(bag.features))
+                     for bag in train + val]
+        checkpoint = TrainingCheckpoint(
+            model_dir, fingerprint(config, bags_used, device.type), checkpoint_dir)
+        best_state, history = _fit(model, spec, device, name, train, val, checkpoint)
     model.load_state_dict(best_state)
     save_model(model, model_dir, config, history)
+    checkpoint.remove()
     log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
              history["selected_by"], time.perf_counter() - started)
     return history
 
 
 def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: str,
-         train: list[SlideBag], val: list[SlideBag]) -> tuple[dict, dict[str, Any]]:
+         train: list[SlideBag], val: list[SlideBag],
+         checkpoint: TrainingCheckpoint) -> tuple[dict, dict[str, Any]]:
     # Adam with L2 weight decay, as in Ilse et al.
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate,
                                  weight_decay=spec.weight_decay)
     order_generator = torch.Generator().manual_seed(spec.seed)
-    epochs, best, best_state = [], None, None
-    for epoch in tqdm(range(1, spec.epochs + 1), desc=f"{name}", unit="epoch"):
+    generators = {"order": order_generator}
+    epochs, best, best_state, done = [], None, None, 0
+    saved = checkpoint.load()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        restore_rng_state(saved["rng"], generators, device)
+        epochs, done = saved["history"], saved["epoch"]
+        # None: the best epoch is the checkpoint's own (not stored twice)
+        best_state = (copy.deepcopy(saved["model"]) if saved["best_state"] is None
+                      else saved["best_state"])
+        best = (tuple(saved["best_score"]), saved["best_epoch"])
+        log.info("%s: resuming after epoch %d of %d from %s", name, done, spec.epochs,
+                 checkpoint.path)
+    for epoch in progress(range(done + 1, spec.epochs + 1), desc=f"{name}", unit="epoch"):
         model.train()
         total_loss, correct = 0.0, 0
         for index in torch.randperm(len(train), generator=order_generator).tolist():
@@ -181,6 +211,12 @@ def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: s
         if best is None or score > best[0]:
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
+        if epoch < spec.epochs and checkpoint.due():  # the last: the model is saved next
+            checkpoint.save({"epoch": epoch, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(),
+                             "rng": rng_state(generators, device), "history": epochs,
+                             "best_state": None if best[1] == epoch else best_state,
+                             "best_score": list(best[0]), "best_epoch": best[1]})
     recipe = {"optimizer": "Adam", "learning_rate": spec.learning_rate,
               "weight_decay": spec.weight_decay, "schedule": "constant", "batch_size": 1,
               "epochs": spec.epochs, "augmentation": "none (bag order shuffled)",

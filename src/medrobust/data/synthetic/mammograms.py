@@ -24,12 +24,12 @@ import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (DigitalMammographyXRayImageStorageForPresentation,
                          ExplicitVRLittleEndian, generate_uid)
-from tqdm import tqdm
 
 from medrobust.data.manifest import check_split_fractions, stratified_split, write_dataset
-from medrobust.data.synthetic import SourceConfig, register_modality, smooth_noise
+from medrobust.data.synthetic.base import SourceConfig, register_modality, smooth_noise
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
+from medrobust.progress import progress
 
 MAX_STORED = 4095            # 12 bits stored
 FIELD_OF_VIEW_MM = 240.0     # image height in mm, as on a 24 x 30 cm detector
@@ -79,7 +79,7 @@ def generate_mammograms(config: MammogramConfig, classes: list[str], out_dir: Pa
 
     (out_dir / "dicom").mkdir(exist_ok=True)
     rows, lesion_rows = [], []
-    for index in tqdm(range(n), desc="synthetic mammograms", unit="image"):
+    for index in progress(range(n), desc="synthetic mammograms", unit="image"):
         sample_id = f"mammo_{index:04d}"
         sample_rng = np.random.default_rng([config.seed, index])
         # cycle through the views so that neither side, view nor photometric tracks the label

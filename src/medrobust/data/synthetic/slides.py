@@ -24,12 +24,12 @@ import imagecodecs
 import numpy as np
 import pandas as pd
 import tifffile
-from tqdm import tqdm
 
 from medrobust.data.manifest import check_split_fractions, stratified_split, write_dataset
-from medrobust.data.synthetic import SourceConfig, register_modality, smooth_noise
+from medrobust.data.synthetic.base import SourceConfig, register_modality, smooth_noise
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
+from medrobust.progress import progress
 
 TILE = 256
 LEVEL_DOWNSAMPLES = (1, 4, 16)
@@ -106,7 +106,7 @@ def generate_slides(config: SlideConfig, classes: list[str], out_dir: Path) -> P
     for folder in ("slides", "masks"):
         (out_dir / folder).mkdir(exist_ok=True)
     rows, annotations = [], []
-    for index in tqdm(range(n), desc="synthetic slides", unit="slide"):
+    for index in progress(range(n), desc="synthetic slides", unit="slide"):
         sample_id = f"slide_{index:03d}"
         slide_rng = np.random.default_rng([config.seed, index])
         layout = draw_layout(slide_rng, config.height, config.width, tumour[index])
