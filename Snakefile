@@ -34,4 +34,6 @@ rule all:
 
 
 onsuccess:
-    print(f"medrobust report: {REPORT_HTML}")
+    # only when this run made or confirmed the report, not after `snakemake some/target`
+    if report_is_current():
+        print(f"medrobust report: {REPORT_HTML}")

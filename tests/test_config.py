@@ -1,12 +1,15 @@
 """Config validation: bad configs stop the run before any job, naming the key."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from medrobust.config import validate_config
+from medrobust import config as config_module
+from medrobust.config import NAME_PATTERN, check_registries, registry_view, validate_config
+from medrobust.config_docs import MissingDescription, generate
 from medrobust.errors import ConfigError
 from workflow_runner import ROOT, run_snakemake
 
@@ -23,6 +26,25 @@ def test_default_config_is_valid_and_defaults_are_filled(config):
     validate_config(config, SCHEMA)
     assert config["report"] == {"n_examples": 4, "bootstrap_resamples": 1000, "confidence": 0.95,
                                 "alpha": 0.05, "small_test_set": 200}
+
+
+def test_defaults_apply_only_to_their_kind_of_dataset(config):
+    del config["datasets"]["mammograms"]["preprocess"], config["datasets"]["slides"]["tiling"]
+    validate_config(config, SCHEMA)
+    assert config["datasets"]["mammograms"]["preprocess"] == {"image_size": 64}
+    assert "tiling" not in config["datasets"]["mammograms"]
+    assert config["datasets"]["slides"]["tiling"] == {"target_mpp": 0.5, "tile_size": 224,
+                                                      "tissue_threshold": 0.5}
+    assert "preprocess" not in config["datasets"]["slides"]
+
+
+def test_a_section_for_the_other_kind_of_dataset_is_refused(config):
+    config["datasets"]["mammograms"]["tiling"] = {"tile_size": 64}
+    config["datasets"]["slides"]["preprocess"] = {}
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert "datasets.mammograms.tiling: applies to slide datasets only" in str(error.value)
+    assert "datasets.slides.preprocess: applies to image datasets only" in str(error.value)
 
 
 def test_bootstrap_with_fewer_than_1000_resamples_is_refused(config):
@@ -88,3 +110,326 @@ def test_a_configfile_replaces_the_default_config():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dataset=chest" in result.stdout
     assert "mammograms" not in result.stdout and "train_slide_classifier" not in result.stdout
+
+
+# --- names that select code, checked against the registries -----------------------------
+
+def _set(path, value):
+    """An edit that sets the dotted `path` (created as needed) to `value`."""
+    def edit(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return edit
+
+
+def _rename(section, old, new):
+    def edit(config):
+        config[section][new] = config[section].pop(old)
+        if section == "image_classifiers":  # keep robustness pointing at it
+            config["robustness"]["targets"] = [new if name == old else name
+                                               for name in config["robustness"]["targets"]]
+    return edit
+
+
+# one of each kind: (edit, the problem line that names the key and the known names)
+BAD_NAMES = {
+    "attack": (_rename("attacks", "fgsm", "fgsn"), r"attacks\.fgsn: unknown attack 'fgsn'; known: .*fgsm"),
+    "perturbation": (_rename("perturbations", "gaussian_noise", "gausian_noise"),
+                     r"perturbations\.gausian_noise: unknown perturbation 'gausian_noise'; "
+                     r"known: .*gaussian_noise"),
+    "defense": (_set("image_classifiers.denoising.defense.name", "denoiser"),
+                r"image_classifiers\.denoising\.defense\.name: unknown defense 'denoiser'; "
+                r"known: .*denoising"),
+    "image architecture": (_set("image_classifiers.baseline.arch", "resnet81"),
+                           r"image_classifiers\.baseline\.arch: unknown image classifier "
+                           r"architecture 'resnet81'; known: .*resnet18"),
+    "slide architecture": (_set("slide_classifiers.abmil.arch", "abmill"),
+                           r"slide_classifiers\.abmil\.arch: unknown slide classifier "
+                           r"architecture 'abmill'; known: abmil"),
+    "backbone": (_set("features.backbone", "resnet81"),
+                 r"features\.backbone: unknown feature backbone 'resnet81'; known: .*resnet18"),
+    "source type": (_set("datasets.mammograms.source.type", "synthetik"),
+                    r"datasets\.mammograms\.source\.type: unknown source type 'synthetik'; "
+                    r"known: .*synthetic"),
+    "recipe": (lambda c: c["datasets"]["mammograms"].update(source={"type": "medmnst", "flag": "x"}),
+               r"datasets\.mammograms\.source\.type: unknown source type 'medmnst'; "
+               r"known: .*medmnist"),
+    "synthetic modality": (_set("datasets.slides.source.modality", "slide"),
+                           r"datasets\.slides\.source\.modality: unknown synthetic modality "
+                           r"'slide'; known: mammography, slides"),
+}
+
+BAD_PARAMETERS = {
+    "attack parameter": (_set("attacks.fgsm.steps", 3),
+                         r"attacks\.fgsm\.steps: unknown key; allowed: epsilons"),
+    "attack parameter value": (lambda c: c["attacks"].update(ifgsm={"epsilons": [4], "steps": 0}),
+                               r"attacks\.ifgsm: .*steps"),
+    "attack budget": (_set("attacks.fgsm.epsilons", [300]),
+                      r"attacks\.fgsm(\.epsilons\.0)?: .*300"),
+    "defense parameter": (_set("image_classifiers.denoising.defense.lambda_x", 1.0),
+                          r"image_classifiers\.denoising\.defense\.lambda_x: unknown key; "
+                          r"allowed: .*lambda_n"),
+    "missing defense parameter": (lambda c: c["image_classifiers"]["denoising"]["defense"]
+                                  .pop("noise_sigma"),
+                                  r"image_classifiers\.denoising\.defense: missing key\(s\) "
+                                  r"noise_sigma"),
+    "defense parameter value": (_set("image_classifiers.denoising.defense.lambda_n", -1),
+                                r"image_classifiers\.denoising\.defense: .*lambda_n"),
+    "synthetic source setting": (_set("datasets.mammograms.source.n_sample", 10),
+                                 r"datasets\.mammograms\.source\.n_sample: unknown key"),
+}
+
+
+@pytest.mark.parametrize("edit, message", BAD_NAMES.values(), ids=BAD_NAMES.keys())
+def test_a_name_that_selects_no_code_is_refused_with_the_known_names(config, edit, message):
+    edit(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+@pytest.mark.parametrize("edit, message", BAD_PARAMETERS.values(), ids=BAD_PARAMETERS.keys())
+def test_attack_defense_and_source_parameters_are_checked_by_their_classes(config, edit, message):
+    edit(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+def test_every_problem_is_listed_at_once(config):
+    kinds = [kind for kind in BAD_NAMES if kind != "recipe"]  # recipe replaces the source type
+    for kind in kinds:
+        BAD_NAMES[kind][0](config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    for kind in kinds:
+        assert re.search(BAD_NAMES[kind][1], str(error.value)), kind
+
+
+def test_names_come_from_the_registries_not_copies(config, monkeypatch):
+    """A newly registered attack is known at once (the registry is the only list)."""
+    from medrobust.attacks import ATTACKS, FGSM
+
+    monkeypatch.setitem(ATTACKS, "brand_new", FGSM)
+    config["attacks"]["brand_new"] = {"epsilons": [1]}
+    validate_config(config, SCHEMA)
+
+
+def test_every_registered_attack_validates_with_its_defaults(config):
+    from medrobust.attacks import ATTACKS
+
+    config["attacks"] = {name: {"epsilons": [1]} for name in ATTACKS}
+    validate_config(config, SCHEMA)
+
+
+# --- names that become paths ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a|b", "..", ".hidden", "a..b", "", "a b",
+                                  "ümlaut"])
+@pytest.mark.parametrize("section", ["datasets", "image_classifiers", "attacks", "perturbations"])
+def test_names_that_would_be_unsafe_in_paths_are_refused(config, section, name):
+    config[section][name] = next(iter(config[section].values()))
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert f"{section}.{name!r}: {name!r} cannot be a name" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["a.b", "resnet-18", "x_1", "A9", "v1.2-rc_3"])
+def test_safe_names_pass_the_pattern(name):
+    assert re.match(NAME_PATTERN, name)
+
+
+def test_an_unsafe_backbone_is_refused(config):
+    config["features"]["backbone"] = "../../x"
+    with pytest.raises(ConfigError, match=r"features\.backbone: '\.\./\.\./x' cannot be a name"):
+        validate_config(config, SCHEMA)
+
+
+def test_the_schema_and_the_package_share_the_name_pattern():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert schema["$defs"]["name"]["pattern"] == NAME_PATTERN
+
+
+# --- budgets and conditions -------------------------------------------------------------
+
+def test_decimal_budgets_and_severities_are_accepted(config):
+    config["attacks"]["fgsm"]["epsilons"] = [2.5, 0.5, 8]
+    config["perturbations"]["gaussian_noise"]["severities"] = [0.5]
+    validate_config(config, SCHEMA)
+
+
+def test_the_same_budget_twice_is_refused(config):
+    config["attacks"]["fgsm"]["epsilons"] = [4, 4.0]
+    with pytest.raises(ConfigError, match=r"attacks\.fgsm\.epsilons: .*non-unique"):
+        validate_config(config, SCHEMA)
+
+
+def test_conditions_that_would_share_a_name_are_refused(config):
+    """Names may hold '-', so two conditions could spell the same file name; refused."""
+    for name in ("y-eps2-from-z", "z"):
+        config["image_classifiers"][name] = {"dataset": "mammograms", "arch": "resnet18"}
+    config["robustness"]["transfer_sources"] = ["y-eps2-from-z", "z"]
+    # x at 1 from y-eps2-from-z and x-eps1-from-y at 2 from z: both x-eps1-from-y-eps2-from-z
+    config["attacks"] = {"x": {"epsilons": [1]}, "x-eps1-from-y": {"epsilons": [2]}}
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert config_module._schema_errors(config, schema) == []
+    problems = config_module.check_references(config)
+    assert any("attack 'x' at 1 from 'y-eps2-from-z' and attack 'x-eps1-from-y' at 2 from 'z' "
+               "would both be evaluated as 'x-eps1-from-y-eps2-from-z'" in problem
+               for problem in problems), problems
+
+
+# --- seeds --------------------------------------------------------------------------------
+
+def test_the_top_level_seed_reaches_everything_that_sets_none(config):
+    config["seed"] = 7
+    del config["image_classifiers"]["baseline"]["seed"], config["slide_classifiers"]["abmil"]["seed"]
+    config["datasets"]["slides"]["source"]["seed"] = 3     # a dataset's own seed wins
+    config["image_classifiers"]["surrogate"]["seed"] = 1   # and a model's
+    validate_config(config, SCHEMA)
+    assert config["image_classifiers"]["baseline"]["seed"] == 7
+    assert config["slide_classifiers"]["abmil"]["seed"] == 7
+    assert config["image_classifiers"]["surrogate"]["seed"] == 1
+    assert config["datasets"]["mammograms"]["source"]["seed"] == 7
+    assert config["datasets"]["slides"]["source"]["seed"] == 3
+    assert config["features"]["seed"] == 7
+
+
+def test_attacks_that_draw_random_numbers_get_the_seed(config):
+    from medrobust.attacks import ATTACKS
+
+    seeded = [name for name, cls in ATTACKS.items()
+              if "seed" in {field.name for field in __import__("dataclasses").fields(cls.Params)}]
+    if not seeded:
+        pytest.skip("no registered attack draws random numbers")
+    config["seed"] = 5
+    config["attacks"] = {name: {"epsilons": [1]} for name in ATTACKS}
+    validate_config(config, SCHEMA)
+    assert {name for name, settings in config["attacks"].items() if settings.get("seed") == 5} \
+        == set(seeded)
+
+
+# --- the registry check's memory ----------------------------------------------------------
+
+def test_a_config_that_passed_is_not_checked_again_with_the_same_code(config, tmp_path, monkeypatch):
+    validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("registries-ok-*"))) == 1
+
+    def fail(view):
+        raise AssertionError("registries checked again")
+
+    monkeypatch.setattr(config_module, "check_registries", fail)
+    again = copy.deepcopy(config)
+    validate_config(again, SCHEMA, cache_dir=tmp_path)
+    assert again["features"]["seed"] == 0  # seeds resolved all the same
+    changed = copy.deepcopy(config)
+    changed["attacks"]["fgsm"]["epsilons"] = [2]
+    with pytest.raises(AssertionError, match="checked again"):
+        validate_config(changed, SCHEMA, cache_dir=tmp_path)
+
+
+def test_a_failing_config_is_not_remembered(config, tmp_path):
+    config["image_classifiers"]["baseline"]["arch"] = "resnet81"
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="resnet81"):
+            validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path)
+    assert list(tmp_path.glob("registries-ok-*")) == []
+
+
+def test_check_registries_reads_only_its_view(config):
+    validate_config(config, SCHEMA)
+    assert check_registries(registry_view(config)) == []
+
+
+# --- the generated reference page -----------------------------------------------------------
+
+def test_docs_config_md_is_generated_from_the_schema():
+    """Regenerate with `PYTHONPATH=src python -m medrobust.config_docs > docs/config.md`."""
+    expected = generate(yaml.safe_load(SCHEMA.read_text()))
+    assert (ROOT / "docs/config.md").read_text() == expected
+
+
+def test_every_key_has_a_description_and_appears_in_the_docs():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    page = generate(schema)
+    for key in ("seed", "datasets.<name>.tiling.tile_size", "attacks.<name>.epsilons",
+                "report.alpha", "features.backbone", "image_classifiers.<name>.defense.name"):
+        assert f"| `{key}` |" in page
+    del schema["properties"]["report"]["properties"]["alpha"]["description"]
+    with pytest.raises(MissingDescription, match="report.alpha"):
+        generate(schema)
+
+
+# --- through snakemake: failing before any job ---------------------------------------------
+
+def _write(tmp_path, config, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", BAD_NAMES.values(), ids=BAD_NAMES.keys())
+def test_dry_run_fails_on_a_bad_name_with_its_key_and_the_known_names(config, tmp_path, edit,
+                                                                        message):
+    edit(config)
+    result = run_snakemake(tmp_path, _write(tmp_path, config), "--dry-run", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(message, output), output[-3000:]
+    assert "invalid config:" in output and "Job stats" not in output
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a|b"])
+def test_dry_run_refuses_an_attack_name_that_is_unsafe_in_paths(config, tmp_path, name):
+    workdir = tmp_path / "deep" / "work"
+    workdir.mkdir(parents=True)
+    config["attacks"][name] = {"epsilons": [4]}
+    result = run_snakemake(workdir, _write(workdir, config), "--dry-run", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"attacks.{name!r}: {name!r} cannot be a name" in output, output[-3000:]
+    # nothing made outside the working directory (no escape/, no logs/ next to it)
+    assert sorted(path.name for path in tmp_path.rglob("*")
+                  if workdir not in path.parents and path != workdir) == ["deep"]
+
+
+def test_a_misspelled_arch_deletes_no_trained_model(config, tmp_path):
+    """Snakemake empties a job's outputs before it runs; the config must fail before that."""
+    model = tmp_path / "results/models/mammograms/baseline"
+    model.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "history.json"):
+        (model / name).write_text("trained")
+    config["image_classifiers"]["baseline"]["arch"] = "resnet81"
+    result = run_snakemake(tmp_path, _write(tmp_path, config), "--cores", "1",
+                           "results/models/mammograms/baseline/model.safetensors", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "image_classifiers.baseline.arch: unknown image classifier architecture" in output
+    assert "rule train_image_classifier" not in output
+    assert sorted(path.name for path in model.iterdir()) == ["config.json", "history.json",
+                                                             "model.safetensors"]
+    assert all((model / name).read_text() == "trained" for name in ("model.safetensors",))
+
+
+def test_decimal_budgets_and_severities_run_through_a_dry_run(config, tmp_path):
+    config["attacks"] = {"fgsm": {"epsilons": [2.5, 0.5]}}
+    config["perturbations"]["gaussian_noise"]["severities"] = [0.5, 0.00001]
+    result = run_snakemake(tmp_path, _write(tmp_path, config), "--dry-run", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    for path in ("results/attacks/mammograms/fgsm/eps2.5/from_surrogate.zarr",
+                 "results/attacks/mammograms/fgsm/eps0.5/from_baseline.zarr",
+                 "results/evaluate/mammograms/denoising/fgsm-eps2.5-from-surrogate.json",
+                 "results/evaluate/mammograms/baseline/fgsm-eps0.5-from-baseline.json",
+                 "results/perturbations/mammograms/gaussian_noise/severity0.5.zarr",
+                 "results/perturbations/mammograms/gaussian_noise/severity0.00001.zarr",
+                 "results/evaluate/mammograms/baseline/gaussian_noise-severity0.00001.csv"):
+        assert path in output, path
+    # a budget the config does not hold is refused by name, not crafted from the path
+    result = run_snakemake(tmp_path, _write(tmp_path, config), "--dry-run",
+                           "results/attacks/mammograms/fgsm/eps3/from_baseline.zarr", timeout=300)
+    assert result.returncode != 0
+    assert "attack 'fgsm' has no budget 3 in the config" in result.stdout + result.stderr

@@ -1,14 +1,34 @@
 """Validate the workflow config before any job runs.
 
-The JSON schema (workflow/schemas/config.schema.yaml) checks keys and types
-and fills defaults; `check_references` then checks what a schema cannot: that
-every model names a configured dataset of the right kind, and so on. All
-problems are reported at once, each with the dotted path of its key.
+Three passes, every problem reported at once with the dotted path of its key:
+
+1. the JSON schema (workflow/schemas/config.schema.yaml) checks keys, types
+   and ranges and fills defaults;
+2. `check_references` checks what a schema cannot: every model names a
+   configured dataset of the right kind, robustness names configured models,
+   evaluation conditions get distinct names;
+3. `check_registries` checks every name that selects code (attack,
+   perturbation, defense, image and slide architecture, feature backbone,
+   source type, synthetic modality) against the package's registries, and
+   every attack and defense parameter against the class that takes it.
+
+The top-level `seed` goes to everything random that sets no seed of its
+own: models, dataset sources, the feature backbone (`resolve_seeds`) and the
+attacks whose Params take a `seed` (`registry_facts`). The registries import
+torch (5-10 s), so `validate_config` can remember a config that passed them:
+with a `cache_dir`, a marker named by the hash of what pass 3 reads and of
+the package's code (holding the registry facts) skips the imports on the next
+parse of the same config with the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,9 +36,15 @@ from typing import Any, TypeVar
 import jsonschema
 import yaml
 
-from medrobust.errors import ConfigError
+from medrobust.errors import ConfigError, unknown_name
 
 T = TypeVar("T")
+
+# Names that become parts of paths (datasets, models, attacks, perturbations,
+# backbones); the schema's `$defs/name` holds the same pattern.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+# Keys of an `attacks:` entry that the workflow reads; the others are the attack's Params.
+WORKFLOW_ATTACK_KEYS = ("epsilons",)
 
 
 def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
@@ -34,7 +60,7 @@ def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) 
     unknown = sorted(set(mapping) - names)
     if unknown:
         raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; "
-                          f"allowed: {', '.join(sorted(names))}")
+                          f"allowed: {', '.join(sorted(names)) or 'none'}")
     missing = [field.name for field in fields if field.name not in mapping
                and field.default is dataclasses.MISSING
                and field.default_factory is dataclasses.MISSING]
@@ -50,7 +76,8 @@ def _with_defaults(validator_class):
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, MutableMapping):
             for key, subschema in properties.items():
-                if "default" in subschema and key not in instance:
+                if isinstance(subschema, Mapping) and "default" in subschema \
+                        and key not in instance:
                     instance[key] = _copy(subschema["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
@@ -61,26 +88,61 @@ def _copy(value):
     return yaml.safe_load(yaml.safe_dump(value))
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(part) for part in error.absolute_path) or "(top level)"
-
-
 def _describe(error: jsonschema.ValidationError) -> str:
+    if isinstance(error.schema, Mapping) and "x-message" in error.schema:
+        return error.schema["x-message"]
     if error.validator == "additionalProperties":
         return f"unknown key(s): {error.message.split('(')[-1].rstrip(')')}"
+    if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
+        return (f"{error.instance!r} cannot be a name: names become parts of paths and "
+                "may hold only letters, digits, '_', '-' and '.', not start with '.' "
+                "nor contain '..'")
     return error.message
 
 
-def validate_config(config: MutableMapping, schema_path: str | Path) -> MutableMapping:
-    """Check `config` in place against the schema and fill defaults."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+def _schema_errors(config: MutableMapping, schema: Mapping) -> list[str]:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    problems = [f"{_key_path(error)}: {_describe(error)}" for error in errors]
+    problems = []
+    for error in validator.iter_errors(config):
+        path = [str(part) for part in error.absolute_path]
+        if "propertyNames" in error.absolute_schema_path:
+            path.append(str(error.instance))  # a bad name: the error is about the key itself
+        problems.append((path, _describe(error)))
+    return [f"{_dotted(path)}: {message}" for path, message in sorted(problems)]
+
+
+def _dotted(path: list[str]) -> str:
+    """`attacks.fgsm.epsilons.0`; a part that is no valid name is quoted: `attacks.'../x'`."""
+    return ".".join(part if re.match(NAME_PATTERN, part) else repr(part)
+                    for part in path) or "(top level)"
+
+
+def validate_config(config: MutableMapping, schema_path: str | os.PathLike,
+                    cache_dir: str | os.PathLike | None = None) -> MutableMapping:
+    """Check `config` in place, fill defaults and seeds; ConfigError listing every problem.
+
+    `cache_dir` (the workflow passes `.snakemake/medrobust/`) remembers configs
+    that passed the registry checks, see the module docstring.
+    """
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    problems = _schema_errors(config, schema)
     if not problems:
-        problems = check_references(config)
+        resolve_seeds(config)
+        problems = check_references(config) + check_registries_cached(config, cache_dir)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return config
+
+
+def resolve_seeds(config: MutableMapping) -> MutableMapping:
+    """The top-level `seed` for every model, dataset source and backbone that sets none."""
+    seed = config["seed"]
+    for section in ("image_classifiers", "slide_classifiers"):
+        for model in config.get(section, {}).values():
+            model.setdefault("seed", seed)
+    for dataset in config["datasets"].values():
+        dataset["source"].setdefault("seed", seed)
+    config.setdefault("features", {}).setdefault("seed", seed)
     return config
 
 
@@ -93,7 +155,8 @@ def check_references(config: Mapping) -> list[str]:
     def expect_dataset(section: str, name: str, model: Mapping, kind: str) -> None:
         dataset = model["dataset"]
         if dataset not in datasets:
-            problems.append(f"{section}.{name}.dataset: no dataset named {dataset!r}")
+            problems.append(f"{section}.{name}.dataset: no dataset named {dataset!r}; "
+                            f"known: {', '.join(sorted(datasets))}")
         elif datasets[dataset]["kind"] != kind:
             problems.append(f"{section}.{name}.dataset: {dataset!r} is of kind "
                             f"{datasets[dataset]['kind']!r}, this model needs {kind!r}")
@@ -116,4 +179,199 @@ def check_references(config: Mapping) -> list[str]:
                     image_models[source]["dataset"] != image_models[target]["dataset"]:
                 problems.append(f"robustness.transfer_sources: {source!r} and target {target!r} "
                                 "are trained on different datasets")
+
+    for section, key in (("attacks", "epsilons"), ("perturbations", "severities")):
+        for name, settings in config.get(section, {}).items():
+            for index, value in enumerate(settings[key]):
+                if not math.isfinite(value):
+                    problems.append(f"{section}.{name}.{key}.{index}: {value!r} is not a finite number")
+    if not problems:
+        from medrobust.conditions import all_conditions
+
+        try:
+            all_conditions(config)
+        except ConfigError as error:
+            problems.append(f"attacks / perturbations: {error}")
     return problems
+
+
+# --- names that select code, against the registries ---------------------------------
+
+
+def registry_view(config: Mapping) -> dict[str, Any]:
+    """The part of the config that `check_registries` reads (and its cache key hashes)."""
+    return {
+        "datasets": {name: {"kind": dataset["kind"], "source": dataset["source"]}
+                     for name, dataset in config["datasets"].items()},
+        "image_classifiers": {name: {"arch": model["arch"], "defense": model.get("defense")}
+                              for name, model in config.get("image_classifiers", {}).items()},
+        "slide_classifiers": {name: {"arch": model["arch"]}
+                              for name, model in config.get("slide_classifiers", {}).items()},
+        "features": {"backbone": config.get("features", {}).get("backbone", "resnet18")},
+        "attacks": config.get("attacks", {}),
+        "perturbations": config.get("perturbations", {}),
+    }
+
+
+def check_registries(view: Mapping) -> list[str]:
+    """Every name that selects code, and every attack and defense parameter, in the registries.
+
+    Takes the config's `registry_view`. Imports the registries (and so torch):
+    the names are those of the code that will run, and a new attack or
+    architecture is covered as soon as it registers.
+    """
+    # imported here: the registries import torch, and import this module
+    from medrobust import attacks, perturbations
+    from medrobust.data import sources
+    from medrobust.features import backbones
+    from medrobust.models import registry
+
+    sources._load_builtin_sources()
+    from medrobust.data.synthetic import MODALITIES
+
+    problems = []
+
+    def lookup(path: str, kind: str, name: str, known: Mapping) -> bool:
+        if name in known:
+            return True
+        problems.append(f"{path}: {unknown_name(kind, name, known)}")
+        return False
+
+    for name, dataset in view["datasets"].items():
+        source = dataset["source"]
+        path = f"datasets.{name}.source"
+        if lookup(f"{path}.type", "source type", source["type"], sources.SOURCES) \
+                and source["type"] == "synthetic":
+            problems += _check_synthetic(path, source, MODALITIES)
+    for name, model in view["image_classifiers"].items():
+        path = f"image_classifiers.{name}"
+        lookup(f"{path}.arch", "image classifier architecture", model["arch"],
+               registry.IMAGE_CLASSIFIERS)
+        defense = dict(model["defense"] or {})
+        if defense and lookup(f"{path}.defense.name", "defense", defense["name"], registry.DEFENSES):
+            cls = registry.DEFENSES[defense.pop("name")]
+            problems += _check_params(cls, defense, f"{path}.defense")
+    for name, model in view["slide_classifiers"].items():
+        lookup(f"slide_classifiers.{name}.arch", "slide classifier architecture", model["arch"],
+               registry.SLIDE_CLASSIFIERS)
+    lookup("features.backbone", "feature backbone", view["features"]["backbone"],
+           backbones.BACKBONES)
+    resolve_attack = getattr(attacks, "resolve_attack", None)  # checks a budget in its units
+    for name, settings in view["attacks"].items():
+        if lookup(f"attacks.{name}", "attack", name, attacks.ATTACKS):
+            params = {key: value for key, value in settings.items()
+                      if key not in WORKFLOW_ATTACK_KEYS}
+            bad = _check_params(attacks.ATTACKS[name].Params, params, f"attacks.{name}",
+                                also_allowed=WORKFLOW_ATTACK_KEYS)
+            problems += bad
+            for index, epsilon in enumerate(settings["epsilons"]):
+                if resolve_attack is None or bad:
+                    break
+                try:
+                    resolve_attack(name, epsilon, params, section=f"attacks.{name}.epsilons.{index}")
+                except (ConfigError, TypeError, ValueError) as error:
+                    problems.append(_with_path(str(error), f"attacks.{name}.epsilons.{index}"))
+    for name, settings in view["perturbations"].items():
+        if lookup(f"perturbations.{name}", "perturbation", name, perturbations.PERTURBATIONS):
+            for index, severity in enumerate(settings["severities"]):
+                try:
+                    perturbations.PERTURBATIONS[name](severity)
+                except (ConfigError, TypeError, ValueError) as error:
+                    problems.append(f"perturbations.{name}.severities.{index}: {error}")
+    return problems
+
+
+def _check_params(cls: type, params: Mapping[str, Any], path: str,
+                  also_allowed: tuple[str, ...] = ()) -> list[str]:
+    """Unknown, missing and bad values of the parameters a dataclass `cls` takes."""
+    if dataclasses.is_dataclass(cls):
+        fields = dataclasses.fields(cls)
+        allowed = sorted({field.name for field in fields} | set(also_allowed))
+        unknown = [key for key in params if key not in allowed]
+        if unknown:
+            return [f"{path}.{key}: unknown key; allowed: {', '.join(allowed) or 'none'}"
+                    for key in unknown]
+    try:
+        config_from_mapping(cls, params, path)
+    except (ConfigError, TypeError, ValueError) as error:
+        return [_with_path(str(error), path)]
+    return []
+
+
+def _with_path(message: str, path: str) -> str:
+    return message if message.startswith(f"{path}:") else f"{path}: {message}"
+
+
+def _check_synthetic(path: str, source: Mapping[str, Any], modalities: Mapping) -> list[str]:
+    name = source.get("modality")
+    if name not in modalities:
+        return [f"{path}.modality: {unknown_name('synthetic modality', str(name), modalities)}"]
+    settings = {key: value for key, value in source.items() if key not in ("type", "modality")}
+    return _check_params(modalities[name].config_type, settings, path)
+
+
+def config_digest(view: Mapping[str, Any], code: str) -> str:
+    text = json.dumps({"view": view, "code": code}, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def registry_facts(view: Mapping) -> dict[str, Any]:
+    """What the registries say about the configured items that the config needs filled in:
+    the attacks that draw random numbers (their Params take a `seed`)."""
+    from medrobust.attacks import ATTACKS
+
+    return {"seeded_attacks": sorted(
+        name for name in view["attacks"]
+        if "seed" in {field.name for field in dataclasses.fields(ATTACKS[name].Params)})}
+
+
+def apply_registry_facts(config: MutableMapping, facts: Mapping[str, Any]) -> None:
+    for name in facts["seeded_attacks"]:
+        config["attacks"][name].setdefault("seed", config["seed"])
+
+
+MARKER_PREFIX = "registries-ok-"
+KEPT_MARKERS = 32
+
+
+def check_registries_cached(config: MutableMapping,
+                            cache_dir: str | os.PathLike | None) -> list[str]:
+    """`check_registries` (then `registry_facts` applied), skipped when this view of the
+    config passed with this code before.
+
+    Only passes are remembered, with their facts: a failing config is checked
+    (and its problems listed) on every parse. The newest KEPT_MARKERS stay.
+    """
+    view = registry_view(config)
+    marker = None
+    if cache_dir is not None:
+        from medrobust.fingerprint import package_fingerprint
+
+        marker = Path(cache_dir) / f"{MARKER_PREFIX}{config_digest(view, package_fingerprint())}"
+        try:
+            apply_registry_facts(config, json.loads(marker.read_text()))
+            return []
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no marker (or a damaged one): check
+    problems = check_registries(view)
+    if problems:
+        return problems
+    facts = registry_facts(view)
+    apply_registry_facts(config, facts)
+    if marker is not None:
+        _remember(marker, facts)
+    return []
+
+
+def _remember(marker: Path, facts: Mapping[str, Any]) -> None:
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f".{marker.name}.{os.getpid()}")
+        partial.write_text(json.dumps(facts, sort_keys=True) + "\n")
+        partial.replace(marker)
+        markers = sorted(marker.parent.glob(f"{MARKER_PREFIX}*"), key=lambda path: path.stat().st_mtime)
+        for old in markers[:-KEPT_MARKERS]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only working directory only costs the check next time
+

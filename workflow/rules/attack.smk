@@ -6,12 +6,14 @@
 rule attack:
     input:
         model="results/models/{dataset}/{source}/model.safetensors",
-        images="results/preprocessed/{dataset}.zarr",
+        images=plan.CLEAN_STORE,
     output:
-        directory("results/attacks/{dataset}/{attack}/eps{eps}/from_{source}.zarr"),
+        directory(plan.ATTACK_STORE),
     params:
         settings=attack_settings,
+        epsilon=attack_budget,
         device=config["device"],
+        code=code_fingerprint("attacks"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
@@ -26,11 +28,13 @@ rule attack:
 
 rule perturb:
     input:
-        "results/preprocessed/{dataset}.zarr",
+        plan.CLEAN_STORE,
     output:
-        directory("results/perturbations/{dataset}/{perturbation}/severity{severity}.zarr"),
+        directory(plan.PERTURBATION_STORE),
     params:
+        severity=perturbation_severity,
         seed=config["seed"],
+        code=code_fingerprint("perturbations"),
     threads: 1
     log:
         "logs/perturb/{dataset}/{perturbation}/severity{severity}.log",

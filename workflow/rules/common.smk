@@ -3,6 +3,7 @@
 
 import csv
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,12 +13,24 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
+from medrobust import conditions as plan
 from medrobust.config import validate_config
 from medrobust.errors import ConfigError
+from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 
 
+# Every problem of the config, before any job (and before Snakemake deletes any
+# output): keys, types, cross-references and every name that selects code, against
+# the package's registries. A config that passed those with this code is
+# remembered under .snakemake/medrobust/, which spares the next parse the imports.
 try:
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    validate_config(
+        config,
+        workflow.source_path("../schemas/config.schema.yaml"),
+        cache_dir=Path(".snakemake/medrobust"),
+    )
+    CONDITIONS = plan.all_conditions(config)  # every evaluation condition, by name
+    EVALUATIONS = plan.plan_evaluations(config)  # every (model, condition), with its files
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -25,13 +38,14 @@ except ConfigError as error:
 DATASETS = config["datasets"]
 IMAGE_CLASSIFIERS = config["image_classifiers"]
 SLIDE_CLASSIFIERS = config["slide_classifiers"]
-ROBUSTNESS = config["robustness"]
 REPORT_HTML = Path("results/report/index.html").resolve()
+ATTACK_BUDGETS = plan.attack_budgets(config)
+PERTURBATION_SEVERITIES = plan.perturbation_severities(config)
 
 
 def _alternatives(names):
     """A wildcard regex matching exactly these names (never the empty string)."""
-    return "|".join(sorted(names)) or "(?!)"
+    return "|".join(re.escape(name) for name in sorted(names)) or "(?!)"
 
 
 wildcard_constraints:
@@ -41,8 +55,20 @@ wildcard_constraints:
     source=_alternatives(IMAGE_CLASSIFIERS),
     attack=_alternatives(config["attacks"]),
     perturbation=_alternatives(config["perturbations"]),
-    eps=r"\d+",
+    backbone=_alternatives([config["features"]["backbone"]]),
+    eps=plan.NUMBER,
+    severity=plan.NUMBER,
+    condition=r"[^/]+",
     slide=r"[^/]+",
+
+
+def code_fingerprint(*subpackages):
+    """A rule's `params: code=`: editing these medrobust subpackages reruns the rule.
+
+    Hashes the .py files of this clone's src/medrobust/<subpackage>; Snakemake
+    reruns a job whose params changed, and what follows it through its outputs.
+    """
+    return _package_fingerprint(*subpackages, root=SRC)
 
 
 def dataset_source(wildcards):
@@ -93,46 +119,33 @@ def attack_settings(wildcards):
     return {k: v for k, v in config["attacks"][wildcards.attack].items() if k != "epsilons"}
 
 
-# Evaluation conditions: what a target model is fed. `clean` is the
-# preprocessed test split; the others are stores of adversarial or perturbed
-# test images (docs/architecture.md, "Evaluation").
-def attack_conditions(target):
-    sources = list(ROBUSTNESS["transfer_sources"]) + ([target] if ROBUSTNESS["white_box"] else [])
-    return [
-        f"{attack}-eps{eps}-from-{source}"
-        for attack, settings in config["attacks"].items()
-        for eps in settings["epsilons"]
-        for source in sources
-    ]
+def attack_budget(wildcards):
+    """The configured ε of an attack store, as written in the config (2.5 stays 2.5, 8 stays 8)."""
+    key = (wildcards.attack, wildcards.eps)
+    if key not in ATTACK_BUDGETS:
+        raise WorkflowError(f"attack {wildcards.attack!r} has no budget {wildcards.eps} in the "
+                            f"config: add it to attacks.{wildcards.attack}.epsilons")
+    return ATTACK_BUDGETS[key]
 
 
-def perturbation_conditions():
-    return [
-        f"{perturbation}-severity{severity}"
-        for perturbation, settings in config["perturbations"].items()
-        for severity in settings["severities"]
-    ]
+def perturbation_severity(wildcards):
+    key = (wildcards.perturbation, wildcards.severity)
+    if key not in PERTURBATION_SEVERITIES:
+        raise WorkflowError(f"perturbation {wildcards.perturbation!r} has no severity "
+                            f"{wildcards.severity} in the config: add it to "
+                            f"perturbations.{wildcards.perturbation}.severities")
+    return PERTURBATION_SEVERITIES[key]
 
 
-def robustness_conditions(target):
-    return ["clean"] + attack_conditions(target) + perturbation_conditions()
-
-
+# Evaluation conditions (clean, an attack at a budget from a source model, a
+# perturbation at a severity) are records built once from the config by
+# medrobust.conditions, which also turns them into names and paths.
 def condition_store(dataset, condition):
-    """The image store a condition names."""
-    if condition == "clean":
-        return f"results/preprocessed/{dataset}.zarr"
-    for attack in config["attacks"]:
-        prefix = f"{attack}-eps"
-        if condition.startswith(prefix) and "-from-" in condition:
-            eps, source = condition[len(prefix) :].split("-from-", 1)
-            return f"results/attacks/{dataset}/{attack}/eps{eps}/from_{source}.zarr"
-    for perturbation in config["perturbations"]:
-        prefix = f"{perturbation}-severity"
-        if condition.startswith(prefix):
-            severity = condition[len(prefix) :]
-            return f"results/perturbations/{dataset}/{perturbation}/severity{severity}.zarr"
-    raise WorkflowError(f"unknown evaluation condition {condition!r}")
+    """The image store the condition named `condition` feeds a model of `dataset`."""
+    if condition not in CONDITIONS:
+        raise WorkflowError(f"unknown evaluation condition {condition!r}; "
+                            f"known: {', '.join(sorted(CONDITIONS))}")
+    return CONDITIONS[condition].store(dataset)
 
 
 def evaluations():
@@ -141,24 +154,7 @@ def evaluations():
     Built from the config alone; summarize and report read paths from here,
     never by re-deriving them.
     """
-    records = []
-    targets = set(ROBUSTNESS["targets"])
-    for model, settings in IMAGE_CLASSIFIERS.items():
-        dataset = settings["dataset"]
-        conditions = robustness_conditions(model) if model in targets else ["clean"]
-        records += [{"family": "image", "model": model, "dataset": dataset, "condition": c,
-                     "store": condition_store(dataset, c),
-                     **evaluation_files(dataset, model, c)} for c in conditions]
-    for model, settings in SLIDE_CLASSIFIERS.items():
-        records.append({"family": "slide", "model": model, "dataset": settings["dataset"],
-                        "condition": "clean", "store": None,
-                        **evaluation_files(settings["dataset"], model, "clean")})
-    return records
-
-
-def evaluation_files(dataset, model, condition):
-    stem = f"results/evaluate/{dataset}/{model}/{condition}"
-    return {"metrics": f"{stem}.json", "predictions": f"{stem}.csv"}
+    return EVALUATIONS
 
 
 def all_metrics(wildcards=None):
@@ -186,7 +182,7 @@ def dataset_folders(wildcards=None):
 def image_stores(wildcards=None):
     """Clean image stores of every image dataset a model uses (class counts, left-out inputs)."""
     used = {settings["dataset"] for settings in IMAGE_CLASSIFIERS.values()}
-    return [condition_store(dataset, "clean") for dataset in sorted(used)]
+    return [plan.CLEAN.store(dataset) for dataset in sorted(used)]
 
 
 def defenses():
@@ -204,3 +200,14 @@ def report_inputs(wildcards=None):
         "histories": model_histories(),
         "datasets": dataset_folders(),
     }
+
+
+def report_is_current():
+    """Whether this run made or confirmed the report: its job is in the DAG and the page exists.
+
+    False after `snakemake some/target` that does not lead to the report, and
+    when the page is missing (e.g. after --touch).
+    """
+    dag = workflow.dag
+    return (dag is not None and REPORT_HTML.is_file()
+            and any(job.rule.name == "report" for job in dag.jobs))

@@ -9,6 +9,7 @@ checkpoint download:
         directory("resources/{dataset}"),
     params:
         dataset=dataset_source,
+        code=code_fingerprint("data"),
     log:
         "logs/download/{dataset}.log",
     localrule: True

@@ -11,6 +11,7 @@ rule evaluate_image_classifier:
         metrics="results/evaluate/{dataset}/{image_model}/{condition}.json",
     params:
         device=config["device"],
+        code=code_fingerprint("evaluate"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
@@ -31,6 +32,7 @@ rule evaluate_slide_classifier:
         metrics="results/evaluate/{dataset}/{slide_model}/clean.json",
     params:
         device=config["device"],
+        code=code_fingerprint("evaluate"),
     threads: 1
     log:
         "logs/evaluate_slide_classifier/{dataset}/{slide_model}.log",

@@ -9,6 +9,7 @@ rule extract_features:
     params:
         features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
         device=config["device"],
+        code=code_fingerprint("features"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,

@@ -6,10 +6,11 @@ rule preprocess_images:
     input:
         "resources/{dataset}",
     output:
-        directory("results/preprocessed/{dataset}.zarr"),
+        directory(plan.CLEAN_STORE),
     params:
         preprocess=lambda wildcards: DATASETS[wildcards.dataset]["preprocess"],
         on_bad_input=config["on_bad_input"],
+        code=code_fingerprint("preprocess", "io"),
     threads: 4
     log:
         "logs/preprocess_images/{dataset}.log",
@@ -27,6 +28,7 @@ rule tile_slide:
     params:
         tiling=lambda wildcards: DATASETS[wildcards.dataset]["tiling"],
         slide=slide_record,
+        code=code_fingerprint("preprocess", "io"),
     threads: 2
     resources:
         mem_mb=4000,

@@ -19,6 +19,7 @@ rule summarize:
             "alpha": config["report"]["alpha"],
             "seed": config["seed"],
         },
+        code=code_fingerprint("report"),
     log:
         "logs/summarize.log",
     conda:
@@ -49,6 +50,7 @@ rule report:
         },
         config=config,
         repository=workflow.basedir,
+        code=code_fingerprint("report"),
     log:
         "logs/report.log",
     conda:

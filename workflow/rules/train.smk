@@ -12,6 +12,7 @@ rule train_image_classifier:
     params:
         model=image_model_config,
         device=config["device"],
+        code=code_fingerprint("train", "models"),
     threads: 2
     resources:
         gpu=1,
@@ -37,6 +38,7 @@ rule train_slide_classifier:
             "classes": DATASETS[wildcards.dataset].get("classes"),
         },
         device=config["device"],
+        code=code_fingerprint("train", "models"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,

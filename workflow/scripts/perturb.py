@@ -6,6 +6,6 @@ with script_logging(snakemake):
         snakemake.input[0],
         snakemake.output[0],
         name=snakemake.wildcards.perturbation,
-        severity=float(snakemake.wildcards.severity),
+        severity=snakemake.params.severity,
         seed=snakemake.params.seed,
     )
