@@ -12,7 +12,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from torch import nn
 
+from medrobust.attacks import build_attack
 from medrobust.data.manifest import write_dataset
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
@@ -21,7 +24,8 @@ from medrobust.io.image_store import write_image_store
 from medrobust.report import figures
 from medrobust.report.page import write_report
 from medrobust.report.provenance import applicable_config
-from medrobust.report.summary import SUMMARY_COLUMNS, summarize_evaluations
+from medrobust.report.summary import (
+    SUMMARY_COLUMNS, Evaluation, StatisticsConfig, summarize, summarize_evaluations)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["benign", "malignant"]
@@ -65,7 +69,7 @@ def describe(model, condition):
                   kind="clean")
     match = re.fullmatch(r"(\w+)-eps([\d.]+)-from-(\w+)", condition)
     if match:
-        fields.update(kind="attack", attack=match[1], epsilon=float(match[2]),
+        fields.update(kind="attack", attack=match[1], epsilon=float(match[2]), norm="linf",
                       source_model=match[3], white_box=match[3] == model)
     match = re.fullmatch(r"(\w+)-severity([\d.]+)", condition)
     if match:
@@ -193,17 +197,17 @@ def test_epsilon_and_severity_are_written_as_given(results):
     robustness = table(results, "robustness")
     assert set(robustness["epsilon"].dropna()) == {"2.5", "8"}
     assert set(robustness["severity"].dropna()) == {"0.05", "0.1"}
-    assert "worst-case-eps2.5-transfer" in set(robustness["condition"])
+    assert "worst-case-linf-eps2.5-transfer" in set(robustness["condition"])
 
 
 def test_worst_case_counts_an_image_only_if_it_survives_every_attack(results):
     robustness = table(results, "robustness")
-    worst = row(robustness, "baseline", "worst-case-eps8-transfer")
+    worst = row(robustness, "baseline", "worst-case-linf-eps8-transfer")
     # fgsm keeps images 0-19, ifgsm 10-29: both only 10-19
     assert worst["accuracy"] == pytest.approx(10 / N_TEST)
     assert worst["kind"] == "worst_case" and worst["attack"] == "fgsm+ifgsm"
     assert pd.isna(worst["auc"])
-    assert row(robustness, "baseline", "worst-case-eps8-white-box")["accuracy"] == pytest.approx(
+    assert row(robustness, "baseline", "worst-case-linf-eps8-white-box")["accuracy"] == pytest.approx(
         2 / N_TEST)
     mean = row(robustness, "baseline", "mean-perturbation")
     assert mean["accuracy"] == pytest.approx((30 + 20) / (2 * N_TEST))
@@ -213,7 +217,7 @@ def test_worst_case_counts_an_image_only_if_it_survives_every_attack(results):
 def test_defense_is_judged_by_a_paired_test_on_the_same_images(results):
     comparisons = table(results, "comparisons")
     assert set(comparisons["reference_model"]) == {"baseline"}  # the surrogate is not attacked
-    worst = row(comparisons, "denoising", "worst-case-eps8-transfer")
+    worst = row(comparisons, "denoising", "worst-case-linf-eps8-transfer")
     # denoising survives both attacks on 0-36, baseline on 10-19
     assert (worst["only_model_correct"], worst["only_reference_correct"]) == (27, 0)
     assert worst["verdict"] == "helped" and worst["p_value"] < 0.001
@@ -263,7 +267,7 @@ def test_curves_have_bands_unit_labels_and_legends_clear_of_the_data(results):
     figure = figures.attack_curves(robustness)
     figure.draw_without_rendering()
     axes = figure.axes
-    assert [panel.get_title() for panel in axes] == ["fgsm", "ifgsm", "worst case over attacks"]
+    assert [panel.get_title() for panel in axes] == ["fgsm", "ifgsm", "worst case over L∞ attacks"]
     assert all("1/255" in panel.get_xlabel() for panel in axes)
     assert "fraction of test images" in axes[0].get_ylabel()
     assert all(panel.collections for panel in axes)  # the interval bands
@@ -292,7 +296,8 @@ def test_page_states_intervals_verdicts_warnings_and_provenance(results):
     assert "smaller than 0.150 (6 images)" in glance
     exact = clopper_pearson(34, N_TEST)  # the baseline's clean accuracy
     assert f"0.850</span><span class=\"interval\">[{exact.low:.3f}, {exact.high:.3f}]" in glance
-    assert re.search(r"worst case ε=8/255, transfer: <span class=\"verdict helped\">helped", glance)
+    assert re.search(r"worst case L∞ ε=8/255, transfer: <span class=\"verdict helped\">helped",
+                     glance)
     assert "no detectable difference at n = 40" in glance
     assert "true \\ predicted" in page and "m999.dcm: truncated DICOM" in page
     assert "AdamW, lr 0.001" in page and "2 (val_accuracy)" in page
@@ -315,3 +320,53 @@ def test_config_shows_only_the_keys_that_acted():
     assert "features" not in shown and "slide_classifiers" not in shown
     assert "attacks" not in shown and "robustness" not in shown
     assert shown["image_training"] == {"epochs": 1} and shown["device"] == "cpu"
+
+
+class Quantised(nn.Module):
+    """A classifier behind a non-differentiable input step: rounding passes no gradient,
+    the textbook case of gradient masking."""
+
+    def __init__(self, round_input: bool):
+        super().__init__()
+        self.round_input = round_input
+        self.linear = nn.Linear(64, 2)
+
+    def forward(self, images):
+        if self.round_input:
+            images = torch.round(images * 4) / 4
+        return self.linear(images.flatten(1))
+
+
+def white_box_evaluations(model, attacks):
+    """The model's clean and white-box evaluations under each (name, attack) on 64 images."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 8, 8, generator=generator)
+    with torch.no_grad():
+        labels = model(torch.round(images * 4) / 4).argmax(1)  # right on every clean image
+    evaluations = []
+    for name, attack in [("clean", None), *attacks]:
+        adversarial = images if attack is None else attack.perturb(images, labels)
+        with torch.no_grad():
+            probabilities = torch.softmax(model(adversarial), 1).double().numpy()
+        condition = "clean" if attack is None else f"{name}-eps32-from-target"
+        description = describe("target", condition)
+        if attack is not None:
+            description.update(attack=name, source_model="target", white_box=True)
+        evaluations.append(Evaluation(description, np.array([f"i{i}" for i in range(64)]),
+                                      labels.numpy(), probabilities, CLASSES))
+    return evaluations
+
+
+@pytest.mark.parametrize("round_input, flagged", [(True, True), (False, False)])
+def test_a_gradient_free_attack_stronger_than_pgd_flags_gradient_masking(round_input, flagged):
+    torch.manual_seed(0)
+    model = Quantised(round_input).eval()
+    attacks = [("pgd", build_attack("pgd", model, 32, {"steps": 10, "step_size": 8})),
+               ("square", build_attack("square", model, 32, {"queries": 200}))]
+    summary = summarize(white_box_evaluations(model, attacks), {},
+                        StatisticsConfig(**STATISTICS))
+    check = summary.gradient_masking.iloc[0]
+    assert (check["gradient_attacks"], check["gradient_free_attacks"]) == ("pgd", "square")
+    assert bool(check["flagged"]) is flagged
+    if flagged:  # rounding hid every gradient: PGD moved nothing that Square could not
+        assert check["fooled_only_by_gradient_free"] > 10 and check["fooled_only_by_gradient"] == 0

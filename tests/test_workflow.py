@@ -127,7 +127,7 @@ def test_report_reads_right_in_a_browser(workdir, browser):
     assert set(models) == {"baseline", "denoising", "surrogate", "abmil"}
     assert all(re.fullmatch(r"\d\.\d{3}\n\[\d\.\d{3}, \d\.\d{3}\]", cell)
                for cell in models["baseline"][4:])
-    assert re.search(r"worst case ε=8/255, transfer: (helped|hurt|no detectable difference at "
+    assert re.search(r"worst case L∞ ε=8/255, transfer: (helped|hurt|no detectable difference at "
                      r"n = 20) \(difference [+-]\d\.\d{3} \[", text)
     # every figure is drawn, on screen at a readable size, nothing overlapping it
     images = browser.find_elements(By.CSS_SELECTOR, "figure img")

@@ -129,8 +129,8 @@ def test_report_has_a_row_per_model_and_condition(medmnist_run):
         ("target", "fgsm-eps8-from-target"),
         ("target", "fgsm-eps8-from-source"),
         ("target", "gaussian_noise-severity0.05"),
-        ("target", "worst-case-eps8-transfer"),
-        ("target", "worst-case-eps8-white-box"),
+        ("target", "worst-case-linf-eps8-transfer"),
+        ("target", "worst-case-linf-eps8-white-box"),
         ("target", "mean-perturbation"),
         ("source", "clean"),
     }

@@ -45,7 +45,7 @@ def prediction_table(sample_ids, labels: np.ndarray, probabilities: np.ndarray,
 
 # the metrics JSON, key by key, in this order (also the summary's columns)
 METRIC_KEYS = ("family", "model", "dataset", "condition", "kind", "attack", "perturbation",
-               "epsilon", "severity", "source_model", "white_box", "n", "accuracy", "auc")
+               "epsilon", "norm", "severity", "source_model", "white_box", "n", "accuracy", "auc")
 
 
 def describe_condition(store_attrs: dict[str, Any], model: str, condition: str,
@@ -63,6 +63,7 @@ def describe_condition(store_attrs: dict[str, Any], model: str, condition: str,
         "attack": store_attrs.get("attack"),
         "perturbation": store_attrs.get("perturbation"),
         "epsilon": store_attrs.get("epsilon"),
+        "norm": store_attrs.get("norm"),  # the budget's norm: "linf" or "l2"
         "severity": store_attrs.get("severity"),
         "source_model": source_model,
         # white-box: the attack used this very model's gradients

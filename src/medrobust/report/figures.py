@@ -20,7 +20,9 @@ from matplotlib.figure import Figure
 from medrobust.perturbations import PERTURBATIONS
 
 _DPI = 100
-EPSILON_LABEL = "ε (L∞ budget, 1/255 of the intensity range)"
+EPSILON_LABELS = {"linf": "ε (L∞ budget, 1/255 of the intensity range)",
+                  "l2": "ε (L2 radius, image units in [0, 1])"}
+NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 ACCURACY_LABEL = "accuracy (fraction of test images)"
 
 
@@ -69,20 +71,22 @@ def _from_clean(rows: pd.DataFrame, level: str,
 
 
 def attack_curves(robustness: pd.DataFrame) -> Figure:
-    """Accuracy against ε: one panel per attack and one for the worst case over attacks.
+    """Accuracy against ε: one panel per attack and, with several attacks, one per norm for
+    the worst case over them.
 
     Solid lines are white-box, dashed transfer; bands are 95% intervals.
     """
     attacked = robustness[robustness["kind"].isin(["attack", "worst_case"])]
-    panels = sorted(attacked.loc[attacked["kind"] == "attack", "attack"].unique())
-    if len(panels) > 1 and (attacked["kind"] == "worst_case").any():
-        panels.append("worst case over attacks")  # with one attack it repeats that panel
+    attacks = attacked[attacked["kind"] == "attack"]
+    panels = [(name, attacks[attacks["attack"] == name]) for name in sorted(attacks["attack"].unique())]
+    if len(panels) > 1:  # with one attack the worst case repeats its panel
+        worst = attacked[attacked["kind"] == "worst_case"]
+        panels += [(f"worst case over {NORM_NAMES.get(norm, norm)} attacks",
+                    worst[worst["norm"] == norm]) for norm in sorted(worst["norm"].unique())]
     colours = model_colours(robustness["model"])
     figure = _new_figure(3.6 * len(panels) + 2.4, 3.4)
     axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
-    for panel, name in zip(axes, panels):
-        rows = (attacked[attacked["kind"] == "worst_case"] if name == "worst case over attacks"
-                else attacked[attacked["attack"] == name])
+    for panel, (name, rows) in zip(axes, panels):
         for (model, threat, source), group in rows.groupby(
                 ["model", "threat_model", "source_model"], sort=True, dropna=False):
             clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
@@ -91,7 +95,8 @@ def attack_curves(robustness: pd.DataFrame) -> Figure:
                      else f"{model}, transfer from {source}")
             _line(panel, levels, group, color=colours[model], label=label,
                   linestyle="-" if threat == "white-box" else "--")
-        panel.set(title=name, xlabel=EPSILON_LABEL, ylim=(-0.02, 1.02))
+        norm = rows["norm"].iloc[0] if len(rows) else "linf"
+        panel.set(title=name, xlabel=EPSILON_LABELS.get(norm, "ε"), ylim=(-0.02, 1.02))
         panel.grid(alpha=0.3)
     axes[0].set_ylabel(ACCURACY_LABEL)
     _legend_outside(figure, axes)

@@ -31,7 +31,8 @@ from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
 from medrobust.perturbations import PERTURBATIONS
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
-from medrobust.report.summary import COMPARISON_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS
+from medrobust.report.summary import (
+    COMPARISON_COLUMNS, MASKING_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS)
 
 log = get_logger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
@@ -73,7 +74,8 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{path}: unreadable summary ({error})") from error
     tables = {}
     for name, columns in (("robustness", SUMMARY_COLUMNS), ("per_class", PER_CLASS_COLUMNS),
-                          ("comparisons", COMPARISON_COLUMNS)):
+                          ("comparisons", COMPARISON_COLUMNS),
+                          ("gradient_masking", MASKING_COLUMNS)):
         table = pd.DataFrame(data[name], columns=list(columns))
         for column in ("epsilon", "severity"):
             if column in table:
@@ -86,6 +88,13 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # what the page shows, as plain values
 
+def budget_label(row: Mapping[str, Any]) -> str:
+    """An attack budget in its own units: "L∞ ε=8/255" or "L2 ε=0.5"."""
+    if row.get("norm") == "l2":
+        return f"L2 ε={row['epsilon']:g}"
+    return f"L∞ ε={row['epsilon']:g}/255"
+
+
 def condition_label(row: Mapping[str, Any]) -> str:
     """A condition in words, as headers and figures name it."""
     kind = row["kind"]
@@ -94,9 +103,9 @@ def condition_label(row: Mapping[str, Any]) -> str:
     if kind == "attack":
         threat = ("white-box" if row["threat_model"] == "white-box"
                   else f"transfer from {row['source_model']}")
-        return f"{row['attack']} ε={row['epsilon']:g}/255, {threat}"
+        return f"{row['attack']} {budget_label(row)}, {threat}"
     if kind == "worst_case":
-        return f"worst case ε={row['epsilon']:g}/255, {row['threat_model']}"
+        return f"worst case {budget_label(row)}, {row['threat_model']}"
     if kind == "perturbation":
         return f"{row['perturbation']} severity {row['severity']:g}"
     return "mean over perturbations"
@@ -115,15 +124,16 @@ def _interval(row: Mapping[str, Any], metric: str) -> dict[str, Any]:
 def column_key(row: Mapping[str, Any]) -> tuple:
     """Conditions that share a column: white-box attacks on different models are one column."""
     source = None if row["threat_model"] == "white-box" else _value(row, "source_model")
-    return tuple(_value(row, key) for key in ("kind", "attack", "epsilon", "threat_model",
-                                              "perturbation", "severity")) + (source,)
+    return tuple(_value(row, key) for key in ("kind", "attack", "norm", "epsilon",
+                                              "threat_model", "perturbation", "severity")) + (
+        source,)
 
 
 def glance_rows(robustness: pd.DataFrame, defenses: Mapping[str, str]) -> tuple[list, list]:
     """Per model: clean, the worst case at each (ε, threat model), mean over perturbations."""
     columns = [("clean", "clean")]
     worst = robustness[robustness["kind"] == "worst_case"].sort_values(
-        ["threat_model", "epsilon"])
+        ["threat_model", "norm", "epsilon"])
     columns += [(row["condition"], condition_label(row))
                 for _, row in worst.drop_duplicates("condition").iterrows()]
     if (robustness["kind"] == "mean_perturbation").any():
@@ -190,7 +200,7 @@ def study_table(robustness: pd.DataFrame, kinds: Sequence[str]) -> dict[str, Any
     rows = robustness[robustness["kind"].isin(["clean", *kinds])]
     order = {kind: index for index, kind in enumerate(["clean", *kinds])}
     conditions = rows.assign(_order=rows["kind"].map(order)).sort_values(
-        ["_order", "attack", "perturbation", "epsilon", "severity", "threat_model",
+        ["_order", "attack", "perturbation", "norm", "epsilon", "severity", "threat_model",
          "source_model"], na_position="first")
     conditions = conditions[~conditions.apply(column_key, axis=1).duplicated()]
     headers = [condition_label(row) for _, row in conditions.iterrows()]
@@ -481,6 +491,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "has_attacks": bool((images["kind"] == "attack").any()),
         "has_perturbations": bool((images["kind"] == "perturbation").any()),
         "comparisons": [comparison_row(row) for _, row in comparisons.iterrows()],
+        "masking": [{**_plain(row), "label": budget_label(row)}
+                    for _, row in summary["gradient_masking"].iterrows()],
         "slides": metric_rows(robustness[robustness["family"] == "slide"]),
         "metrics": metric_rows(robustness),
         "per_class": per_class_rows(summary["per_class"], robustness),

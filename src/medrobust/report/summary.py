@@ -34,7 +34,7 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import (
-    CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, classification_statistics,
+    CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, classification_statistics, mcnemar_exact,
     paired_bootstrap_difference, paired_comparison,
     smallest_detectable_difference)
 from medrobust.io.atomic import atomic_path, write_json
@@ -58,6 +58,9 @@ COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "conditi
                       "accuracy_difference_high", "auc_difference", "auc_difference_low",
                       "auc_difference_high", "only_reference_correct", "only_model_correct",
                       "p_value", "test", "verdict", "smallest_detectable_difference")
+MASKING_COLUMNS = ("dataset", "model", "norm", "epsilon", "gradient_attacks",
+                   "gradient_free_attacks", "n", "fooled_only_by_gradient_free",
+                   "fooled_only_by_gradient", "p_value", "flagged")
 _KIND_ORDER = {"clean": 0, "attack": 1, "worst_case": 2, "perturbation": 3,
                "mean_perturbation": 4}
 _DECIMALS = 4
@@ -203,12 +206,13 @@ def _condition_key(description: Mapping[str, Any]) -> tuple:
     kind = description["kind"]
     if kind == "attack":
         source = None if description["white_box"] else description["source_model"]
-        return (kind, description["attack"], float(description["epsilon"]),
+        return (kind, description["attack"], description["norm"], float(description["epsilon"]),
                 threat_model(description), source)
     if kind == "perturbation":
         return (kind, description["perturbation"], float(description["severity"]))
     if kind == "worst_case":
-        return (kind, float(description["epsilon"]), description["threat_model"])
+        return (kind, description["norm"], float(description["epsilon"]),
+                description["threat_model"])
     return (kind,)
 
 
@@ -219,6 +223,7 @@ class Summary:
     robustness: pd.DataFrame
     per_class: pd.DataFrame
     comparisons: pd.DataFrame
+    gradient_masking: pd.DataFrame
     confusion_matrices: list[dict[str, Any]]
     settings: dict[str, Any]
 
@@ -271,25 +276,23 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
+                   gradient_masking=pd.DataFrame(gradient_masking_checks(by_model, statistics),
+                                                 columns=list(MASKING_COLUMNS)),
                    confusion_matrices=matrices, settings=settings)
 
 
 def _derived(evaluations: Sequence[Evaluation]) -> list[tuple[dict, Evaluation | np.ndarray]]:
-    """Worst case per (epsilon, threat model), and the per-image mean over perturbations."""
+    """Worst case per (norm, epsilon, threat model), and the per-image mean over perturbations."""
     first = evaluations[0].description
     base = {key: None for key in DESCRIPTION_KEYS}
     base.update({key: first[key] for key in ("family", "model", "dataset")})
-    attacks: dict[tuple[float, str], list[Evaluation]] = {}
-    for evaluation in evaluations:
-        if evaluation.description["kind"] == "attack":
-            key = (float(evaluation.description["epsilon"]), threat_model(evaluation.description))
-            attacks.setdefault(key, []).append(evaluation)
     derived = []
-    for (epsilon, threat), group in sorted(attacks.items()):
+    for (norm, epsilon, threat), group in sorted(attacks_by_budget(evaluations).items()):
         names = sorted({evaluation.description["attack"] for evaluation in group})
         sources = sorted({evaluation.description["source_model"] for evaluation in group})
-        derived.append(({**base, "condition": f"worst-case-eps{epsilon:g}-{threat}",
+        derived.append(({**base, "condition": f"worst-case-{norm}-eps{epsilon:g}-{threat}",
                          "kind": "worst_case", "attack": "+".join(names), "epsilon": epsilon,
+                         "norm": norm,
                          "source_model": "+".join(sources), "white_box": threat == "white-box",
                          "threat_model": threat}, worst_case(group)))
     perturbed = [e for e in evaluations if e.description["kind"] == "perturbation"]
@@ -300,6 +303,62 @@ def _derived(evaluations: Sequence[Evaluation]) -> list[tuple[dict, Evaluation |
                          "perturbation": "+".join(sorted({e.description["perturbation"]
                                                           for e in perturbed}))}, survived))
     return derived
+
+
+def attacks_by_budget(evaluations: Sequence[Evaluation]) -> dict[tuple, list[Evaluation]]:
+    """A model's attack evaluations grouped by (norm, epsilon, threat model)."""
+    groups: dict[tuple, list[Evaluation]] = {}
+    for evaluation in evaluations:
+        description = evaluation.description
+        if description["kind"] == "attack":
+            key = (description["norm"], float(description["epsilon"]), threat_model(description))
+            groups.setdefault(key, []).append(evaluation)
+    return groups
+
+
+def gradient_free_attacks() -> frozenset[str]:
+    """Names of the registered attacks that use no gradients (the check for gradient masking)."""
+    from medrobust.attacks import ATTACKS  # imports torch: only when there are attacks
+
+    return frozenset(name for name, attack in ATTACKS.items() if attack.gradient_free)
+
+
+def gradient_masking_checks(by_model: Mapping[tuple[str, str], Sequence[Evaluation]],
+                            statistics: StatisticsConfig) -> list[dict[str, Any]]:
+    """Does a gradient-free attack fool images the gradient attacks at the same budget did not?
+
+    Per model and white-box budget with both kinds of attack: the worst case of
+    each kind per image, compared by McNemar's exact test. A model is flagged
+    when the gradient-free attack is significantly stronger: its gradients
+    mislead the gradient attacks (Athalye et al. 2018), so their numbers
+    overstate its robustness.
+    """
+    checks = []
+    free = None
+    for (dataset, model), evaluations in by_model.items():
+        for (norm, epsilon, threat), group in sorted(attacks_by_budget(evaluations).items()):
+            if threat != "white-box":
+                continue
+            free = gradient_free_attacks() if free is None else free
+            blind = [e for e in group if e.description["attack"] in free]
+            guided = [e for e in group if e.description["attack"] not in free]
+            if not blind or not guided:
+                continue
+            blind_case, guided_case = worst_case(blind), worst_case(guided)
+            test = mcnemar_exact(guided_case.correct, blind_case.aligned(
+                guided_case.sample_ids).correct)
+            only_blind = test["only_a_correct"]  # survived the gradient attacks, not the other
+            checks.append({
+                "dataset": dataset, "model": model, "norm": norm, "epsilon": epsilon,
+                "gradient_attacks": "+".join(sorted({e.description["attack"] for e in guided})),
+                "gradient_free_attacks": "+".join(sorted({e.description["attack"]
+                                                          for e in blind})),
+                "n": test["n"], "fooled_only_by_gradient_free": only_blind,
+                "fooled_only_by_gradient": test["only_b_correct"],
+                "p_value": test["p_value"],
+                "flagged": bool(test["p_value"] < statistics.alpha
+                                and only_blind > test["only_b_correct"])})
+    return checks
 
 
 def _comparisons(paired, by_model, defenses: Mapping[str, str],
@@ -366,7 +425,7 @@ def _mean_statistic(labels: np.ndarray, values: np.ndarray) -> float:
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     """Stable order: family, dataset, model, then clean, attacks, worst cases, perturbations."""
     order = table.assign(_kind=table["kind"].map(_KIND_ORDER))
-    order = order.sort_values(["family", "dataset", "model", "_kind", "attack", "epsilon",
+    order = order.sort_values(["family", "dataset", "model", "_kind", "attack", "norm", "epsilon",
                                "threat_model", "source_model", "perturbation", "severity"],
                               na_position="first", kind="stable")
     return table.loc[order.index].reset_index(drop=True)
@@ -394,9 +453,11 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 def write_summary(summary: Summary, out_csv: str | os.PathLike, out_json: str | os.PathLike,
                   per_class_csv: str | os.PathLike, comparisons_csv: str | os.PathLike) -> None:
-    """robustness.csv, per_class.csv, comparisons.csv, and all of it in robustness.json."""
+    """robustness.csv, per_class.csv, comparisons.csv, and all of it (with the gradient-masking
+    checks) in robustness.json."""
     tables = {"robustness": _rounded(summary.robustness), "per_class": _rounded(summary.per_class),
-              "comparisons": _rounded(summary.comparisons)}
+              "comparisons": _rounded(summary.comparisons),
+              "gradient_masking": _rounded(summary.gradient_masking)}
     for path, table in zip((out_csv, per_class_csv, comparisons_csv), tables.values()):
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
@@ -420,6 +481,6 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
     return summary
 
 
-__all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
+__all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
            "StatisticsConfig", "Summary", "read_evaluation", "summarize",
            "summarize_evaluations", "write_summary"]
