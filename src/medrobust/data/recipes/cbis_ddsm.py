@@ -304,7 +304,7 @@ def _download_series(rows: list[Abnormality], options: CBISDDSMSource, out_dir: 
         download_file(f"{options.tcia_api}/getImageWithMD5Hash?SeriesInstanceUID={uid}",
                       archive, None, policy=policy)
         try:
-            extract_archive(archive, dest, verify=verify_md5_list)
+            extract_archive(archive, dest, verify=verify_md5_list, limits=policy.archive_limits)
         finally:
             archive.unlink()
     return rows
