@@ -228,6 +228,11 @@ def test_defense_is_judged_by_a_paired_test_on_the_same_images(results):
     assert clean["verdict"] == "no detectable difference"
     assert clean["accuracy_difference_low"] < 0 <= clean["accuracy_difference_high"]
     assert clean["smallest_detectable_difference"] == pytest.approx(6 / N_TEST)
+    # the mean over perturbations: an exact sign test on per-image fractions (image 20 only)
+    mean = row(comparisons, "denoising", "mean-perturbation")
+    assert mean["test"] == "exact sign test" and mean["p_value"] == 1.0
+    assert (mean["only_model_correct"], mean["only_reference_correct"]) == (1, 0)
+    assert mean["verdict"] == "no detectable difference"
     white_box = row(comparisons, "denoising", "fgsm-eps8-from-denoising")
     assert white_box["threat_model"] == "white-box"  # paired with the baseline's own white-box
 

@@ -404,13 +404,19 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str],
                 else:
                     difference = paired_bootstrap_difference(
                         labels, reference_outcome, outcome, _mean_statistic, **sampling)
-                    excludes_zero = difference.low > 0 or difference.high < 0
+                    # the sign test: McNemar's exact test is its binary case, and like it
+                    # keeps its level at small n (a percentile interval does not)
+                    gain = np.asarray(outcome) - np.asarray(reference_outcome)
+                    sign = mcnemar_exact(gain < 0, gain > 0)
+                    significant = sign["p_value"] < statistics.alpha
                     row.update({"n": len(outcome), "reference_accuracy": float(np.mean(
                         reference_outcome)), "accuracy": float(np.mean(outcome)),
                         **_interval_columns("accuracy_difference", difference),
                         **_interval_columns("auc_difference", None),
-                        "test": "paired bootstrap interval",
-                        "verdict": ("no detectable difference" if not excludes_zero
+                        "only_reference_correct": sign["only_a_correct"],
+                        "only_model_correct": sign["only_b_correct"],
+                        "p_value": sign["p_value"], "test": "exact sign test",
+                        "verdict": ("no detectable difference" if not significant
                                     else "helped" if difference.estimate > 0 else "hurt"),
                         "smallest_detectable_difference":
                             smallest_detectable_difference(len(outcome), statistics.alpha)})
