@@ -58,17 +58,8 @@ class PGD(Attack):
 
 
 @dataclass(frozen=True)
-class PGDL2Params(AttackParams):
-    steps: int = 10
+class PGDL2Params(PGDParams):
     step_size: float = 0.2  # image units (an L2 length)
-    random_start: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._check_int("steps")
-        self._check_number("step_size")
-        self._check_bool("random_start")
-        self._check_int("seed", minimum=0)
 
 
 class PGDL2(Attack):

@@ -32,6 +32,8 @@ while writing one leaves the previous epoch's.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -150,3 +152,35 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
         torch.cuda.set_rng_state(state["cuda"], device)
     for name, generator in generators.items():
         generator.set_state(state["generators"][name])
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a training loop stands: the history, the epochs done and the best epoch so far."""
+
+    epochs: list[dict[str, Any]]
+    done: int = 0
+    best: tuple | None = None          # (score, epoch)
+    best_state: dict | None = None
+
+
+def resume(checkpoint: TrainingCheckpoint, model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
+           device: torch.device, name: str, total_epochs: int) -> Progress:
+    """Restore model, optimiser and generators from the checkpoint if there is one.
+
+    Both trainers resume the same way; a fresh run starts from `Progress([])`.
+    """
+    saved = checkpoint.load()
+    if saved is None:
+        return Progress([])
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    restore_rng_state(saved["rng"], generators, device)
+    # None: the best epoch is the checkpoint's own (not stored twice)
+    best_state = (copy.deepcopy(saved["model"]) if saved["best_state"] is None
+                  else saved["best_state"])
+    log.info("%s: resuming after epoch %d of %d from %s", name, saved["epoch"], total_epochs,
+             checkpoint.path)
+    return Progress(saved["history"], saved["epoch"],
+                    (tuple(saved["best_score"]), saved["best_epoch"]), best_state)

@@ -32,7 +32,7 @@ from medrobust.config import config_from_mapping
 from medrobust.models.registry import (
     IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
 from medrobust.train.checkpoints import (
-    TrainingCheckpoint, fingerprint, restore_rng_state, rng_state)
+    TrainingCheckpoint, fingerprint, resume, rng_state)
 
 log = get_logger(__name__)
 PRETRAINED = ("none", "imagenet")
@@ -144,19 +144,8 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
     data_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator(device=device).manual_seed(seed)
     generators = {"data": data_generator, "noise": noise_generator}
-    epochs, best, best_state, done = [], None, None, 0
-    saved = checkpoint.load()
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng_state(saved["rng"], generators, device)
-        epochs, done = saved["history"], saved["epoch"]
-        # None: the best epoch is the checkpoint's own (not stored twice)
-        best_state = (copy.deepcopy(saved["model"]) if saved["best_state"] is None
-                      else saved["best_state"])
-        best = (tuple(saved["best_score"]), saved["best_epoch"])
-        log.info("%s: resuming after epoch %d of %d from %s", name, done, training.epochs,
-                 checkpoint.path)
+    state = resume(checkpoint, model, optimizer, generators, device, name, training.epochs)
+    epochs, best, best_state, done = state.epochs, state.best, state.best_state, state.done
     for epoch in range(done + 1, training.epochs + 1):
         model.train()
         totals: dict[str, float] = {}

@@ -30,7 +30,7 @@ from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model, save_model
 from medrobust.train.checkpoints import (
-    TrainingCheckpoint, fingerprint, restore_rng_state, rng_state)
+    TrainingCheckpoint, fingerprint, resume, rng_state)
 
 log = get_logger(__name__)
 SPLITS = ("train", "val", "test")
@@ -176,19 +176,8 @@ def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: s
                                  weight_decay=spec.weight_decay)
     order_generator = torch.Generator().manual_seed(spec.seed)
     generators = {"order": order_generator}
-    epochs, best, best_state, done = [], None, None, 0
-    saved = checkpoint.load()
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng_state(saved["rng"], generators, device)
-        epochs, done = saved["history"], saved["epoch"]
-        # None: the best epoch is the checkpoint's own (not stored twice)
-        best_state = (copy.deepcopy(saved["model"]) if saved["best_state"] is None
-                      else saved["best_state"])
-        best = (tuple(saved["best_score"]), saved["best_epoch"])
-        log.info("%s: resuming after epoch %d of %d from %s", name, done, spec.epochs,
-                 checkpoint.path)
+    state = resume(checkpoint, model, optimizer, generators, device, name, spec.epochs)
+    epochs, best, best_state, done = state.epochs, state.best, state.best_state, state.done
     for epoch in progress(range(done + 1, spec.epochs + 1), desc=f"{name}", unit="epoch"):
         model.train()
         total_loss, correct = 0.0, 0
