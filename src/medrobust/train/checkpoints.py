@@ -184,3 +184,15 @@ def resume(checkpoint: TrainingCheckpoint, model: torch.nn.Module,
              checkpoint.path)
     return Progress(saved["history"], saved["epoch"],
                     (tuple(saved["best_score"]), saved["best_epoch"]), best_state)
+
+
+def save_progress(checkpoint: TrainingCheckpoint, epoch: int, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
+                  device: torch.device, progress: Progress) -> None:
+    """Write what `resume` restores, after `epoch`."""
+    best_score, best_epoch = progress.best
+    checkpoint.save({"epoch": epoch, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "rng": rng_state(generators, device), "history": progress.epochs,
+                     "best_state": None if best_epoch == epoch else progress.best_state,
+                     "best_score": list(best_score), "best_epoch": best_epoch})

@@ -32,7 +32,7 @@ from medrobust.config import config_from_mapping
 from medrobust.models.registry import (
     IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
 from medrobust.train.checkpoints import (
-    TrainingCheckpoint, fingerprint, resume, rng_state)
+    Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
 
 log = get_logger(__name__)
 PRETRAINED = ("none", "imagenet")
@@ -175,11 +175,8 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
         if epoch < training.epochs and checkpoint.due():  # the last: the model is saved next
-            checkpoint.save({"epoch": epoch, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(),
-                             "rng": rng_state(generators, device), "history": epochs,
-                             "best_state": None if best[1] == epoch else best_state,
-                             "best_score": list(best[0]), "best_epoch": best[1]})
+            save_progress(checkpoint, epoch, model, optimizer, generators, device,
+                          Progress(epochs, epoch, best, best_state))
     recipe = {"optimizer": "AdamW", "learning_rate": training.learning_rate,
               "weight_decay": training.weight_decay, "schedule": "constant",
               "batch_size": training.batch_size, "epochs": training.epochs,

@@ -30,7 +30,7 @@ from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model, save_model
 from medrobust.train.checkpoints import (
-    TrainingCheckpoint, fingerprint, resume, rng_state)
+    Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
 
 log = get_logger(__name__)
 SPLITS = ("train", "val", "test")
@@ -201,11 +201,8 @@ def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: s
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
         if epoch < spec.epochs and checkpoint.due():  # the last: the model is saved next
-            checkpoint.save({"epoch": epoch, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(),
-                             "rng": rng_state(generators, device), "history": epochs,
-                             "best_state": None if best[1] == epoch else best_state,
-                             "best_score": list(best[0]), "best_epoch": best[1]})
+            save_progress(checkpoint, epoch, model, optimizer, generators, device,
+                          Progress(epochs, epoch, best, best_state))
     recipe = {"optimizer": "Adam", "learning_rate": spec.learning_rate,
               "weight_decay": spec.weight_decay, "schedule": "constant", "batch_size": 1,
               "epochs": spec.epochs, "augmentation": "none (bag order shuffled)",
