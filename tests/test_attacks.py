@@ -15,7 +15,7 @@ from torch import nn
 from medrobust.attacks import (APGDCE, ATTACKS, CWL2, FGSM, IFGSM, PGD, PGDL2, Square,
                                build_attack, resolve_attack)
 from medrobust.attacks.apgd import checkpoints
-from medrobust.attacks.run import craft_adversarial_store
+from medrobust.attacks.run import craft_attack_run
 from medrobust.attacks.square import fraction_changed
 from medrobust.errors import ConfigError
 from medrobust.io.image_store import open_image_store, write_image_store
@@ -508,7 +508,7 @@ def test_attacks_run_on_the_gpu(name):
 
 # --- the adversarial store ------------------------------------------------------------------
 
-def test_craft_adversarial_store_attacks_the_test_split_of_a_saved_model(tmp_path):
+def test_an_attack_run_attacks_the_test_split_at_every_budget(tmp_path):
     config = {"family": "image", "arch": "resnet18", "num_classes": 2, "in_channels": 1,
               "classes": ["benign", "malignant"]}
     torch.manual_seed(0)
@@ -521,10 +521,12 @@ def test_craft_adversarial_store_attacks_the_test_split_of_a_saved_model(tmp_pat
                       [f"s{i}" for i in range(6)],
                       {"dataset": "mammograms", "classes": ["benign", "malignant"], "channels": 1})
 
-    craft_adversarial_store(tmp_path / "surrogate", tmp_path / "clean.zarr", tmp_path / "adv.zarr",
-                            "pgd", 8, {"steps": 2}, device="cpu", batch_size=2)
+    craft_attack_run(tmp_path / "surrogate", tmp_path / "clean.zarr", tmp_path / "pgd",
+                     "pgd", [8, 2.5], {"steps": 2}, device="cpu", batch_size=2)
 
-    store = open_image_store(tmp_path / "adv.zarr")
+    assert sorted(path.name for path in (tmp_path / "pgd").iterdir()) == ["eps2.5.zarr",
+                                                                          "eps8.zarr"]
+    store = open_image_store(tmp_path / "pgd/eps8.zarr")
     assert list(store.sample_ids) == ["s1", "s3", "s4"]
     assert list(store.labels) == [1, 1, 0] and set(store.splits) == {"test"}
     assert store.attrs["attack"] == "pgd" and store.attrs["epsilon"] == 8
@@ -538,9 +540,13 @@ def test_craft_adversarial_store_attacks_the_test_split_of_a_saved_model(tmp_pat
     adversarial, _ = store.load("test")
     difference = np.abs(adversarial - images[[1, 3, 4]])
     assert difference.max() <= 8 / 255 + 1e-6 and difference.max() > 1 / 255
+    smaller = open_image_store(tmp_path / "pgd/eps2.5.zarr")
+    assert smaller.attrs["epsilon"] == 2.5
+    difference = np.abs(smaller.load("test")[0] - images[[1, 3, 4]])
+    assert 1 / 255 < difference.max() <= 2.5 / 255 + 1e-6
 
 
-def test_craft_adversarial_store_records_an_l2_budget_as_given(tmp_path):
+def test_an_attack_run_records_an_l2_budget_as_given(tmp_path):
     config = {"family": "image", "arch": "resnet18", "num_classes": 2, "in_channels": 1,
               "classes": ["a", "b"]}
     torch.manual_seed(0)
@@ -549,11 +555,10 @@ def test_craft_adversarial_store_records_an_l2_budget_as_given(tmp_path):
     write_image_store(tmp_path / "clean.zarr", images, [0, 1], ["test", "test"], ["a", "b"],
                       {"dataset": "d", "classes": ["a", "b"], "channels": 1})
 
-    craft_adversarial_store(tmp_path / "m", tmp_path / "clean.zarr", tmp_path / "adv.zarr",
-                            "pgd_l2", epsilon=0.25,
-                            attack_params={"steps": 2, "step_size": 0.1})
+    craft_attack_run(tmp_path / "m", tmp_path / "clean.zarr", tmp_path / "pgd_l2",
+                     "pgd_l2", epsilons=[0.25], attack_params={"steps": 2, "step_size": 0.1})
 
-    store = open_image_store(tmp_path / "adv.zarr")
+    store = open_image_store(tmp_path / "pgd_l2/eps0.25.zarr")
     assert store.attrs["epsilon"] == 0.25 and store.attrs["norm"] == "l2"
     assert store.attrs["budget_unit"] == "image"
     assert store.attrs["attack_params"]["step_size"] == 0.1

@@ -3,8 +3,8 @@
 import pytest
 
 from medrobust.conditions import (
-    CLEAN, NUMBER, Condition, all_conditions, attack_budgets, model_conditions, number_label,
-    perturbation_severities, plan_evaluations)
+    CLEAN, Condition, all_conditions, model_condition_runs, model_condition_stores,
+    model_conditions, number_label, plan_evaluations)
 from medrobust.errors import ConfigError
 
 CONFIG = {
@@ -22,7 +22,7 @@ def test_numbers_become_path_parts_without_exponents(value, label):
     import re
 
     assert number_label(value) == label
-    assert re.fullmatch(NUMBER, label)
+    assert re.fullmatch(r"\d+(\.\d+)?", label)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1, True, "8"])
@@ -34,11 +34,14 @@ def test_numbers_that_cannot_be_path_parts_are_refused(value):
 def test_a_condition_gives_its_name_and_store():
     attack = Condition("attack", attack="fgsm", epsilon=2.5, source="surrogate")
     assert attack.name == "fgsm-eps2.5-from-surrogate"
-    assert attack.store("mammo") == "results/attacks/mammo/fgsm/eps2.5/from_surrogate.zarr"
+    assert attack.run("mammo") == "results/attacks/mammo/fgsm/from_surrogate"
+    assert attack.store("mammo") == "results/attacks/mammo/fgsm/from_surrogate/eps2.5.zarr"
     noise = Condition("perturbation", perturbation="gaussian_noise", severity=0.05)
     assert noise.name == "gaussian_noise-severity0.05"
+    assert noise.run("mammo") == "results/perturbations/mammo/gaussian_noise"
     assert noise.store("mammo") == "results/perturbations/mammo/gaussian_noise/severity0.05.zarr"
-    assert CLEAN.name == "clean" and CLEAN.store("mammo") == "results/preprocessed/mammo.zarr"
+    assert CLEAN.name == "clean"
+    assert CLEAN.store("mammo") == CLEAN.run("mammo") == "results/preprocessed/mammo.zarr"
 
 
 def test_targets_get_every_condition_others_only_clean():
@@ -66,17 +69,34 @@ def test_evaluation_records_carry_the_condition_fields_and_files():
         "family": "image", "model": "baseline", "dataset": "mammo",
         "condition": "fgsm-eps2.5-from-surrogate", "kind": "attack", "attack": "fgsm",
         "epsilon": 2.5, "source": "surrogate", "perturbation": None, "severity": None,
-        "store": "results/attacks/mammo/fgsm/eps2.5/from_surrogate.zarr",
+        "store": "results/attacks/mammo/fgsm/from_surrogate/eps2.5.zarr",
+        "store_run": "results/attacks/mammo/fgsm/from_surrogate",
+        "evaluation_run": "results/evaluate/mammo/baseline",
         "metrics": "results/evaluate/mammo/baseline/fgsm-eps2.5-from-surrogate.json",
         "predictions": "results/evaluate/mammo/baseline/fgsm-eps2.5-from-surrogate.csv"}
     slide = by_key[("abmil", "clean")]
     assert slide["family"] == "slide" and slide["store"] is None and slide["kind"] == "clean"
+    assert slide["metrics"] == "results/evaluate/slides/abmil/clean.json"
     assert len(records) == 9 + 1 + 1
 
 
-def test_every_condition_by_name_and_the_budgets_as_configured():
+def test_every_condition_by_name_with_the_budget_as_configured():
     conditions = all_conditions(CONFIG)
     assert conditions["fgsm-eps2.5-from-baseline"].epsilon == 2.5
-    assert attack_budgets(CONFIG) == {("fgsm", "8"): 8, ("fgsm", "2.5"): 2.5,
-                                      ("pgd_l2", "0.5"): 0.5}
-    assert perturbation_severities(CONFIG)[("gaussian_noise", "0.00001")] == 1e-5
+    assert conditions["gaussian_noise-severity0.00001"].severity == 1e-5
+
+
+def test_one_evaluation_job_reads_each_run_once_and_every_store_by_condition():
+    runs = model_condition_runs(CONFIG, "baseline")
+    assert runs == ["results/preprocessed/mammo.zarr",
+                    "results/attacks/mammo/fgsm/from_surrogate",
+                    "results/attacks/mammo/fgsm/from_baseline",
+                    "results/attacks/mammo/pgd_l2/from_surrogate",
+                    "results/attacks/mammo/pgd_l2/from_baseline",
+                    "results/perturbations/mammo/gaussian_noise"]
+    stores = model_condition_stores(CONFIG, "baseline")
+    assert len(stores) == 9
+    assert stores["fgsm-eps8-from-baseline"] == "results/attacks/mammo/fgsm/from_baseline/eps8.zarr"
+    assert all(store.startswith(tuple(runs)) for store in stores.values())
+    assert model_condition_stores(CONFIG, "surrogate") == {
+        "clean": "results/preprocessed/mammo.zarr"}

@@ -420,16 +420,9 @@ def test_decimal_budgets_and_severities_run_through_a_dry_run(config, tmp_path):
     result = run_snakemake(tmp_path, _write(tmp_path, config), "--dry-run", timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    for path in ("results/attacks/mammograms/fgsm/eps2.5/from_surrogate.zarr",
-                 "results/attacks/mammograms/fgsm/eps0.5/from_baseline.zarr",
-                 "results/evaluate/mammograms/denoising/fgsm-eps2.5-from-surrogate.json",
-                 "results/evaluate/mammograms/baseline/fgsm-eps0.5-from-baseline.json",
-                 "results/perturbations/mammograms/gaussian_noise/severity0.5.zarr",
-                 "results/perturbations/mammograms/gaussian_noise/severity0.00001.zarr",
-                 "results/evaluate/mammograms/baseline/gaussian_noise-severity0.00001.csv"):
-        assert path in output, path
-    # a budget the config does not hold is refused by name, not crafted from the path
-    result = run_snakemake(tmp_path, _write(tmp_path, config), "--dry-run",
-                           "results/attacks/mammograms/fgsm/eps3/from_baseline.zarr", timeout=300)
-    assert result.returncode != 0
-    assert "attack 'fgsm' has no budget 3 in the config" in result.stdout + result.stderr
+    # one job per attack and source covers both budgets; one per model every condition
+    for path in ("results/attacks/mammograms/fgsm/from_surrogate",
+                 "results/attacks/mammograms/fgsm/from_baseline",
+                 "results/perturbations/mammograms/gaussian_noise",
+                 "results/evaluate/mammograms/denoising"):
+        assert f"output: {path}" in output, path

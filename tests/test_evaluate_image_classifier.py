@@ -58,17 +58,19 @@ def test_clean_evaluation_scores_the_test_split(tmp_path, model_dir):
                         [1, 0, 1, 1, 1, 0], ["train", "test", "test", "test", "test", "val"])
     folder = model_dir("baseline")
 
-    record = evaluate_image_classifier(folder, store, tmp_path / "out.csv", tmp_path / "out.json",
-                                       "clean", device="cpu", batch_size=3)
+    records = evaluate_image_classifier(folder, {"clean": store}, tmp_path / "run",
+                                        device="cpu", batch_size=3)
 
-    written = json.loads((tmp_path / "out.json").read_text())
-    assert written == record and list(written) == sorted(METRIC_KEYS)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["clean.csv",
+                                                                          "clean.json"]
+    written = json.loads((tmp_path / "run/clean.json").read_text())
+    assert written == records["clean"] and list(written) == sorted(METRIC_KEYS)
     assert written["model"] == "baseline" and written["dataset"] == "mammograms"
     assert written["condition"] == "clean" and written["kind"] == "clean"
     assert written["n"] == 4 and written["accuracy"] == 0.75 and written["auc"] == 1.0
     for key in ("attack", "perturbation", "epsilon", "severity", "source_model", "white_box"):
         assert written[key] is None
-    table = pd.read_csv(tmp_path / "out.csv")
+    table = pd.read_csv(tmp_path / "run/clean.csv")
     assert list(table["sample_id"]) == ["s1", "s2", "s3", "s4"]
     assert list(table["prediction"]) == [0, 1, 0, 1]
     assert list(table["correct"]) == [True, True, False, True]
@@ -80,8 +82,8 @@ def test_clean_evaluation_scores_the_test_split(tmp_path, model_dir):
 def test_attack_evaluation_says_white_or_black_box(tmp_path, model_dir, model, white_box):
     store = write_store(tmp_path / "adv.zarr", [0.6, 0.4], [0, 0], ["test", "test"],
                         attack="fgsm", epsilon=8, source_model="surrogate")
-    record = evaluate_image_classifier(model_dir(model), store, tmp_path / "o.csv",
-                                       tmp_path / "o.json", "fgsm-eps8-from-surrogate", device="cpu")
+    name = "fgsm-eps8-from-surrogate"
+    record = evaluate_image_classifier(model_dir(model), {name: store}, tmp_path / "run")[name]
     assert record["kind"] == "attack" and record["attack"] == "fgsm" and record["epsilon"] == 8
     assert record["source_model"] == "surrogate" and record["white_box"] is white_box
     assert record["accuracy"] == 0.5 and record["auc"] is None  # one class only: AUC undefined
@@ -91,15 +93,29 @@ def test_attack_evaluation_says_white_or_black_box(tmp_path, model_dir, model, w
 def test_perturbation_evaluation(tmp_path, model_dir):
     store = write_store(tmp_path / "p.zarr", [0.6, 0.4], [1, 0], ["test", "test"],
                         perturbation="lowpass", severity=4.0, seed=0)
-    record = evaluate_image_classifier(model_dir("baseline"), store, tmp_path / "o.csv",
-                                       tmp_path / "o.json", "lowpass-severity4.0", device="cpu")
+    name = "lowpass-severity4.0"
+    record = evaluate_image_classifier(model_dir("baseline"), {name: store}, tmp_path / "run")[name]
     assert record["kind"] == "perturbation" and record["perturbation"] == "lowpass"
     assert record["severity"] == 4.0 and record["white_box"] is None and record["accuracy"] == 1.0
 
 
-def test_class_order_must_match_the_model(tmp_path, model_dir):
-    store = write_store(tmp_path / "clean.zarr", [0.6], [1], ["test"])
-    with pytest.raises(InputError, match="classes"):
-        evaluate_image_classifier(model_dir("baseline", classes=CLASSES[::-1]), store,
-                                  tmp_path / "o.csv", tmp_path / "o.json", "clean", device="cpu")
-    assert not (tmp_path / "o.json").exists()
+def test_one_job_evaluates_every_condition_with_one_model_load(tmp_path, model_dir):
+    clean = write_store(tmp_path / "clean.zarr", [0.2, 0.8], [0, 1], ["test", "test"])
+    noisy = write_store(tmp_path / "noisy.zarr", [0.6, 0.8], [0, 1], ["test", "test"],
+                        perturbation="gaussian_noise", severity=0.1, seed=0)
+    records = evaluate_image_classifier(model_dir("baseline"), {"clean": clean, "noise": noisy},
+                                        tmp_path / "run")
+    assert records["clean"]["accuracy"] == 1.0 and records["noise"]["accuracy"] == 0.5
+    assert len(model_dir.loaded) == 1
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [
+        "clean.csv", "clean.json", "noise.csv", "noise.json"]
+
+
+def test_class_order_must_match_the_model_and_nothing_is_written(tmp_path, model_dir):
+    clean = write_store(tmp_path / "clean.zarr", [0.6], [1], ["test"])
+    swapped = write_store(tmp_path / "swapped.zarr", [0.6], [1], ["test"],
+                          classes=CLASSES[::-1])
+    with pytest.raises(InputError, match="swapped.zarr.*classes|classes.*swapped.zarr"):
+        evaluate_image_classifier(model_dir("baseline"), {"clean": clean, "odd": swapped},
+                                  tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists() and list(tmp_path.glob(".run*")) == []

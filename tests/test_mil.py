@@ -125,8 +125,7 @@ def test_training_learns_key_instances_and_is_reproducible(tmp_path):
          "feature_dim": 8, "backbone": "resnet18"}
     assert config["arch_options"] == {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
 
-    metrics = evaluate_slide_classifier(tmp_path / "model", paths, tmp_path / "clean.csv",
-                                        tmp_path / "clean.json")
+    metrics = evaluate_slide_classifier(tmp_path / "model", paths, tmp_path / "evaluation")
     assert (metrics["n"], metrics["accuracy"], metrics["auc"]) == (4, 1.0, 1.0)
 
     _train(paths, tmp_path / "again")
@@ -169,8 +168,7 @@ def test_evaluation_matches_a_hand_computation(tmp_path):
     ]
     paths = [_feature_store(tmp_path / f"{slide}.zarr", slide, label, split, features)
              for slide, label, split, features in slides]
-    metrics = evaluate_slide_classifier(tmp_path / "hand", paths, tmp_path / "out/clean.csv",
-                                        tmp_path / "out/clean.json")
+    metrics = evaluate_slide_classifier(tmp_path / "hand", paths, tmp_path / "out")
 
     def sigmoid(x):
         return 1 / (1 + math.exp(-x))
@@ -200,6 +198,6 @@ def test_evaluation_refuses_features_from_other_weights(tmp_path):
                             {"slide_id": "s1", "label": "normal", "split": "test",
                              **PROVENANCE, "weights_sha256": "cd" * 32})
     with pytest.raises(InputError, match="trained on resnet18 features"):
-        evaluate_slide_classifier(tmp_path / "hand", [path], tmp_path / "c.csv", tmp_path / "c.json")
-    assert not (tmp_path / "c.json").exists()
+        evaluate_slide_classifier(tmp_path / "hand", [path], tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     assert isinstance(load_model(tmp_path / "hand"), ABMIL)

@@ -6,7 +6,7 @@ import pytest
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.image_store import open_image_store, write_image_store
 from medrobust.perturbations import PERTURBATIONS, GaussianNoise, HighPass, LowPass, build_perturbation
-from medrobust.perturbations.run import perturb_store
+from medrobust.perturbations.run import perturb_store, perturbation_run
 
 
 def rng(seed=0):
@@ -96,6 +96,27 @@ def test_perturb_store_writes_the_perturbed_test_split(tmp_path):
     np.testing.assert_array_equal(perturbed, expected)
     # the seed fixes the noise, whatever the batch size
     np.testing.assert_array_equal(open_image_store(tmp_path / "b.zarr").load()[0], perturbed)
+
+
+def test_a_perturbation_run_holds_one_store_per_severity(tmp_path):
+    images, _ = write_clean_store(tmp_path / "clean.zarr", ["test", "test", "train"])
+    perturbation_run(tmp_path / "clean.zarr", tmp_path / "noise", "gaussian_noise",
+                     [0.05, 1e-5], seed=3)
+    assert sorted(path.name for path in (tmp_path / "noise").iterdir()) == [
+        "severity0.00001.zarr", "severity0.05.zarr"]
+    for severity, name in ((0.05, "severity0.05.zarr"), (1e-5, "severity0.00001.zarr")):
+        store = open_image_store(tmp_path / "noise" / name)
+        assert store.attrs["severity"] == severity
+        expected = GaussianNoise(severity)(images[:2], np.random.default_rng(3))
+        np.testing.assert_array_equal(store.load()[0], expected)
+
+
+def test_a_perturbation_run_that_fails_leaves_no_folder(tmp_path):
+    write_clean_store(tmp_path / "clean.zarr", ["test", "train"])
+    with pytest.raises(Exception):
+        perturbation_run(tmp_path / "clean.zarr", tmp_path / "noise", "gaussian_noise",
+                         [0.05, -1.0], seed=0)
+    assert not (tmp_path / "noise").exists() and list(tmp_path.glob(".noise*")) == []
 
 
 def test_perturb_store_rejects_a_store_without_test_samples(tmp_path):

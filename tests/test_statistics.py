@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
     EXACT, PAIRED, STRATIFIED, Interval, auc_score, bootstrap_mean, classification_statistics,
-    clopper_pearson, jsonable, mcnemar_exact, paired_bootstrap_difference, paired_comparison,
+    clopper_pearson, jsonable, mcnemar_exact, model_auc, paired_bootstrap_difference, paired_comparison,
     smallest_detectable_difference)
 
 
@@ -88,6 +88,23 @@ def test_auc_of_all_ties_is_one_half_and_of_perfect_separation_is_one():
     assert auc_score(labels, np.ones(4)) == 0.5
     assert auc_score(labels, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
     assert auc_score(labels, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_model_auc_is_sklearns_binary_or_macro_one_vs_rest(n_classes):
+    labels, probabilities = noisy_classifier(200, n_classes, signal=0.5, seed=n_classes)
+    expected = (roc_auc_score(labels, probabilities[:, 1]) if n_classes == 2 else
+                roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+    assert model_auc(labels, probabilities) == pytest.approx(expected, abs=1e-12)
+
+
+def test_model_auc_averages_over_the_classes_present_and_is_none_for_one():
+    labels, probabilities = noisy_classifier(90, 3, seed=1)
+    present = labels != 2  # class 2 never occurs: macro over classes 0 and 1
+    expected = np.mean([roc_auc_score(labels[present] == c, probabilities[present, c])
+                        for c in (0, 1)])
+    assert model_auc(labels[present], probabilities[present]) == pytest.approx(expected)
+    assert model_auc(np.zeros(4, dtype=int), np.full((4, 2), 0.5)) is None
 
 
 def test_auc_with_one_class_is_undefined():

@@ -8,10 +8,15 @@ the evaluation's name and files, and the image store it reads. Nothing splits
 a name back into its parts.
 
 Path templates are the rules' output patterns too (workflow/rules/*.smk), so
-a path is spelled in one place. Numbers become path parts through
-`number_label`: integers as written, decimals in positional notation
-(ε = 2.5 -> `eps2.5`, severity 1e-05 -> `severity0.00001`), matched by the
-`NUMBER` wildcard pattern.
+a path is spelled in one place. One job covers a whole run: every budget of an
+attack from one source, every severity of a perturbation, every condition of
+one model's evaluation. Each run is a folder written at once, holding one
+store (or one pair of tables) per budget, severity or condition: a job costs
+seconds of start-up, a few times what a small one computes.
+
+Numbers become path parts through `number_label`: integers as written,
+decimals in positional notation (ε = 2.5 -> `eps2.5.zarr`, severity 1e-05 ->
+`severity0.00001.zarr`).
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from typing import Any, Mapping
 from medrobust.errors import ConfigError
 
 CLEAN_STORE = "results/preprocessed/{dataset}.zarr"
-ATTACK_STORE = "results/attacks/{dataset}/{attack}/eps{eps}/from_{source}.zarr"
-PERTURBATION_STORE = "results/perturbations/{dataset}/{perturbation}/severity{severity}.zarr"
-EVALUATION = "results/evaluate/{dataset}/{model}/{condition}"
-
-NUMBER = r"\d+(?:\.\d+)?"  # what number_label writes, as a wildcard pattern
+ATTACK_RUN = "results/attacks/{dataset}/{attack}/from_{source}"
+ATTACK_STORE = "eps{eps}.zarr"  # in ATTACK_RUN, one per budget
+PERTURBATION_RUN = "results/perturbations/{dataset}/{perturbation}"
+PERTURBATION_STORE = "severity{severity}.zarr"  # in PERTURBATION_RUN, one per severity
+EVALUATION_RUN = "results/evaluate/{dataset}/{model}"
 
 
 def number_label(value: int | float) -> str:
@@ -41,11 +46,21 @@ def number_label(value: int | float) -> str:
         if not math.isfinite(value):
             raise ConfigError(f"expected a finite number, not {value!r}")
         text = repr(value)
-        if "e" in text:  # 1e-05 -> 0.00001: no exponent, so paths match NUMBER
+        if "e" in text:  # 1e-05 -> 0.00001: no exponent in paths
             text = format(Decimal(text), "f")
     if text.startswith("-"):
         raise ConfigError(f"expected a number >= 0, not {value!r}")
     return text
+
+
+def attack_store_name(epsilon: int | float) -> str:
+    """The store of one budget inside an attack run: `eps8.zarr`, `eps2.5.zarr`."""
+    return ATTACK_STORE.format(eps=number_label(epsilon))
+
+
+def perturbation_store_name(severity: int | float) -> str:
+    """The store of one severity inside a perturbation run: `severity0.05.zarr`."""
+    return PERTURBATION_STORE.format(severity=number_label(severity))
 
 
 @dataclass(frozen=True)
@@ -68,15 +83,22 @@ class Condition:
             return f"{self.attack}-eps{number_label(self.epsilon)}-from-{self.source}"
         return f"{self.perturbation}-severity{number_label(self.severity)}"
 
-    def store(self, dataset: str) -> str:
-        """The image store of `dataset` this condition feeds the model."""
+    def run(self, dataset: str) -> str:
+        """The job output that holds this condition's store: the clean store itself, or
+        the folder of a whole attack run (every budget) or perturbation run (every severity)."""
         if self.kind == "clean":
             return CLEAN_STORE.format(dataset=dataset)
         if self.kind == "attack":
-            return ATTACK_STORE.format(dataset=dataset, attack=self.attack,
-                                       eps=number_label(self.epsilon), source=self.source)
-        return PERTURBATION_STORE.format(dataset=dataset, perturbation=self.perturbation,
-                                         severity=number_label(self.severity))
+            return ATTACK_RUN.format(dataset=dataset, attack=self.attack, source=self.source)
+        return PERTURBATION_RUN.format(dataset=dataset, perturbation=self.perturbation)
+
+    def store(self, dataset: str) -> str:
+        """The image store of `dataset` this condition feeds the model."""
+        if self.kind == "clean":
+            return self.run(dataset)
+        if self.kind == "attack":
+            return f"{self.run(dataset)}/{attack_store_name(self.epsilon)}"
+        return f"{self.run(dataset)}/{perturbation_store_name(self.severity)}"
 
     def record(self) -> dict[str, Any]:
         return {"condition": self.name, **asdict(self)}
@@ -132,9 +154,16 @@ def _describe(condition: Condition) -> str:
     return f"perturbation {condition.perturbation!r} at {number_label(condition.severity)}"
 
 
+def evaluation_tables(condition: str) -> dict[str, str]:
+    """The files of one condition in an evaluation run: metrics JSON and predictions CSV."""
+    return {"metrics": f"{condition}.json", "predictions": f"{condition}.csv"}
+
+
 def evaluation_files(dataset: str, model: str, condition: str) -> dict[str, str]:
-    stem = EVALUATION.format(dataset=dataset, model=model, condition=condition)
-    return {"metrics": f"{stem}.json", "predictions": f"{stem}.csv"}
+    """The evaluation run (the job output) of `model` and its tables for `condition`."""
+    run = EVALUATION_RUN.format(dataset=dataset, model=model)
+    return {"evaluation_run": run,
+            **{kind: f"{run}/{name}" for kind, name in evaluation_tables(condition).items()}}
 
 
 def plan_evaluations(config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -143,32 +172,36 @@ def plan_evaluations(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     A record holds `family, model, dataset`, the condition's fields (`condition`
     (its name), `kind, attack, epsilon, source, perturbation, severity`), the
     image `store` it reads (None for slide models) and its `metrics` and
-    `predictions` files.
+    `predictions` files, and the job outputs that hold them: `store_run` (see
+    `Condition.run`; None for slide models) and `evaluation_run`. Two
+    conditions that would share a name are refused (`all_conditions`).
     """
+    all_conditions(config)
     records = []
     for model, settings in config.get("image_classifiers", {}).items():
         dataset = settings["dataset"]
         for condition in model_conditions(config, model):
             records.append({"family": "image", "model": model, "dataset": dataset,
                             **condition.record(), "store": condition.store(dataset),
+                            "store_run": condition.run(dataset),
                             **evaluation_files(dataset, model, condition.name)})
     for model, settings in config.get("slide_classifiers", {}).items():
         dataset = settings["dataset"]
         records.append({"family": "slide", "model": model, "dataset": dataset,
-                        **CLEAN.record(), "store": None,
+                        **CLEAN.record(), "store": None, "store_run": None,
                         **evaluation_files(dataset, model, CLEAN.name)})
     return records
 
 
-def attack_budgets(config: Mapping[str, Any]) -> dict[tuple[str, str], int | float]:
-    """(attack, budget as in paths) -> the budget as configured."""
-    return {(attack, number_label(epsilon)): epsilon
-            for attack, settings in config.get("attacks", {}).items()
-            for epsilon in settings["epsilons"]}
+def model_condition_stores(config: Mapping[str, Any], model: str) -> dict[str, str]:
+    """An image model's evaluation conditions: name -> the store it reads."""
+    dataset = config["image_classifiers"][model]["dataset"]
+    return {condition.name: condition.store(dataset)
+            for condition in model_conditions(config, model)}
 
 
-def perturbation_severities(config: Mapping[str, Any]) -> dict[tuple[str, str], int | float]:
-    """(perturbation, severity as in paths) -> the severity as configured."""
-    return {(perturbation, number_label(severity)): severity
-            for perturbation, settings in config.get("perturbations", {}).items()
-            for severity in settings["severities"]}
+def model_condition_runs(config: Mapping[str, Any], model: str) -> list[str]:
+    """The job outputs an image model's evaluation reads (each once)."""
+    dataset = config["image_classifiers"][model]["dataset"]
+    return list(dict.fromkeys(condition.run(dataset)
+                              for condition in model_conditions(config, model)))

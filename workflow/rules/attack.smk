@@ -1,6 +1,7 @@
 # Adversarial test images crafted on a source model (white-box when the
 # source is the evaluated model itself, black-box transfer otherwise), and
-# model-independent perturbations of the test images.
+# model-independent perturbations of the test images. One job per attack and
+# source covers every budget, one per perturbation every severity.
 
 
 rule attack:
@@ -8,10 +9,10 @@ rule attack:
         model="results/models/{dataset}/{source}/model.safetensors",
         images=plan.CLEAN_STORE,
     output:
-        directory(plan.ATTACK_STORE),
+        directory(plan.ATTACK_RUN),
     params:
         settings=attack_settings,
-        epsilon=attack_budget,
+        epsilons=lambda wildcards: config["attacks"][wildcards.attack]["epsilons"],
         device=config["device"],
         code=code_fingerprint("attacks"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
@@ -19,7 +20,7 @@ rule attack:
         gpu=1,
         mem_mb=4000,
     log:
-        "logs/attack/{dataset}/{attack}/eps{eps}/from_{source}.log",
+        "logs/attack/{dataset}/{attack}/from_{source}.log",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -30,14 +31,14 @@ rule perturb:
     input:
         plan.CLEAN_STORE,
     output:
-        directory(plan.PERTURBATION_STORE),
+        directory(plan.PERTURBATION_RUN),
     params:
-        severity=perturbation_severity,
+        severities=lambda wildcards: config["perturbations"][wildcards.perturbation]["severities"],
         seed=config["seed"],
         code=code_fingerprint("perturbations"),
     threads: 1
     log:
-        "logs/perturb/{dataset}/{perturbation}/severity{severity}.log",
+        "logs/perturb/{dataset}/{perturbation}.log",
     conda:
         "../../envs/medrobust.yaml"
     script:

@@ -29,7 +29,6 @@ try:
         workflow.source_path("../schemas/config.schema.yaml"),
         cache_dir=Path(".snakemake/medrobust"),
     )
-    CONDITIONS = plan.all_conditions(config)  # every evaluation condition, by name
     EVALUATIONS = plan.plan_evaluations(config)  # every (model, condition), with its files
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
@@ -39,8 +38,6 @@ DATASETS = config["datasets"]
 IMAGE_CLASSIFIERS = config["image_classifiers"]
 SLIDE_CLASSIFIERS = config["slide_classifiers"]
 REPORT_HTML = Path("results/report/index.html").resolve()
-ATTACK_BUDGETS = plan.attack_budgets(config)
-PERTURBATION_SEVERITIES = plan.perturbation_severities(config)
 
 
 def _alternatives(names):
@@ -56,9 +53,6 @@ wildcard_constraints:
     attack=_alternatives(config["attacks"]),
     perturbation=_alternatives(config["perturbations"]),
     backbone=_alternatives([config["features"]["backbone"]]),
-    eps=plan.NUMBER,
-    severity=plan.NUMBER,
-    condition=r"[^/]+",
     slide=r"[^/]+",
 
 
@@ -107,45 +101,8 @@ def image_model_config(wildcards):
     return {**model, "training": {**config["image_training"], **model.get("training", {})}}
 
 
-def model_files(dataset, model):
-    return f"results/models/{dataset}/{model}/model.safetensors"
-
-
-def image_model_files(wildcards):
-    return model_files(IMAGE_CLASSIFIERS[wildcards.image_model]["dataset"], wildcards.image_model)
-
-
 def attack_settings(wildcards):
     return {k: v for k, v in config["attacks"][wildcards.attack].items() if k != "epsilons"}
-
-
-def attack_budget(wildcards):
-    """The configured ε of an attack store, as written in the config (2.5 stays 2.5, 8 stays 8)."""
-    key = (wildcards.attack, wildcards.eps)
-    if key not in ATTACK_BUDGETS:
-        raise WorkflowError(f"attack {wildcards.attack!r} has no budget {wildcards.eps} in the "
-                            f"config: add it to attacks.{wildcards.attack}.epsilons")
-    return ATTACK_BUDGETS[key]
-
-
-def perturbation_severity(wildcards):
-    key = (wildcards.perturbation, wildcards.severity)
-    if key not in PERTURBATION_SEVERITIES:
-        raise WorkflowError(f"perturbation {wildcards.perturbation!r} has no severity "
-                            f"{wildcards.severity} in the config: add it to "
-                            f"perturbations.{wildcards.perturbation}.severities")
-    return PERTURBATION_SEVERITIES[key]
-
-
-# Evaluation conditions (clean, an attack at a budget from a source model, a
-# perturbation at a severity) are records built once from the config by
-# medrobust.conditions, which also turns them into names and paths.
-def condition_store(dataset, condition):
-    """The image store the condition named `condition` feeds a model of `dataset`."""
-    if condition not in CONDITIONS:
-        raise WorkflowError(f"unknown evaluation condition {condition!r}; "
-                            f"known: {', '.join(sorted(CONDITIONS))}")
-    return CONDITIONS[condition].store(dataset)
 
 
 def evaluations():
@@ -157,10 +114,9 @@ def evaluations():
     return EVALUATIONS
 
 
-def all_metrics(wildcards=None):
-    """Every metrics JSON and prediction table the summary reads."""
-    return {"metrics": [record["metrics"] for record in evaluations()],
-            "predictions": [record["predictions"] for record in evaluations()]}
+def evaluation_runs(wildcards=None):
+    """Every evaluation run (one per model) whose metrics and predictions the summary reads."""
+    return sorted({record["evaluation_run"] for record in evaluations()})
 
 
 def trained_models(wildcards=None):
@@ -195,8 +151,8 @@ def report_inputs(wildcards=None):
     """Everything the report page reads besides the summary."""
     records = evaluations()
     return {
-        "predictions": [record["predictions"] for record in records],
-        "stores": sorted({record["store"] for record in records if record["store"]}),
+        "evaluations": evaluation_runs(),
+        "stores": sorted({record["store_run"] for record in records if record["store_run"]}),
         "histories": model_histories(),
         "datasets": dataset_folders(),
     }

@@ -1,22 +1,24 @@
-# Predictions and metrics of one model under one condition (clean, an attack
-# at one epsilon, or a perturbation at one severity).
+# Predictions and metrics of one model under every condition it is evaluated
+# under (clean, each attack at each budget, each perturbation at each
+# severity), in one job: the model loads once, and a condition costs a few
+# forward passes where a job of its own would cost seconds of start-up.
 
 
 rule evaluate_image_classifier:
     input:
         model="results/models/{dataset}/{image_model}/model.safetensors",
-        images=lambda wildcards: condition_store(wildcards.dataset, wildcards.condition),
+        images=lambda wildcards: plan.model_condition_runs(config, wildcards.image_model),
     output:
-        predictions="results/evaluate/{dataset}/{image_model}/{condition}.csv",
-        metrics="results/evaluate/{dataset}/{image_model}/{condition}.json",
+        directory(plan.EVALUATION_RUN.format(dataset="{dataset}", model="{image_model}")),
     params:
+        conditions=lambda wildcards: plan.model_condition_stores(config, wildcards.image_model),
         device=config["device"],
         code=code_fingerprint("evaluate"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
     log:
-        "logs/evaluate_image_classifier/{dataset}/{image_model}/{condition}.log",
+        "logs/evaluate_image_classifier/{dataset}/{image_model}.log",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -28,8 +30,7 @@ rule evaluate_slide_classifier:
         model="results/models/{dataset}/{slide_model}/model.safetensors",
         features=lambda wildcards: slide_feature_stores(wildcards),
     output:
-        predictions="results/evaluate/{dataset}/{slide_model}/clean.csv",
-        metrics="results/evaluate/{dataset}/{slide_model}/clean.json",
+        directory(plan.EVALUATION_RUN.format(dataset="{dataset}", model="{slide_model}")),
     params:
         device=config["device"],
         code=code_fingerprint("evaluate"),

@@ -4,7 +4,7 @@
 
 rule summarize:
     input:
-        unpack(all_metrics),
+        evaluation_runs,
     output:
         csv=report("results/report/robustness.csv", caption="../report/robustness.rst", category="Tables"),
         per_class=report("results/report/per_class.csv", caption="../report/per_class.rst", category="Tables"),

@@ -1,16 +1,16 @@
 from pathlib import Path
 
-from medrobust.attacks.run import craft_adversarial_store
+from medrobust.attacks.run import craft_attack_run
 from medrobust.device import select_device
 from medrobust.logs import script_logging
 
 with script_logging(snakemake):
-    craft_adversarial_store(
+    craft_attack_run(
         Path(snakemake.input.model).parent,
         snakemake.input.images,
         snakemake.output[0],
         attack_name=snakemake.wildcards.attack,
-        epsilon=snakemake.params.epsilon,
+        epsilons=snakemake.params.epsilons,
         attack_params=snakemake.params.settings,
         device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

@@ -7,9 +7,7 @@ from medrobust.logs import script_logging
 with script_logging(snakemake):
     evaluate_image_classifier(
         Path(snakemake.input.model).parent,
-        snakemake.input.images,
-        snakemake.output.predictions,
-        snakemake.output.metrics,
-        condition=snakemake.wildcards.condition,
+        snakemake.params.conditions,
+        snakemake.output[0],
         device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

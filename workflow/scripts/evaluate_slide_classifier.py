@@ -8,7 +8,6 @@ with script_logging(snakemake):
     evaluate_slide_classifier(
         Path(snakemake.input.model).parent,
         list(snakemake.input.features),
-        snakemake.output.predictions,
-        snakemake.output.metrics,
+        snakemake.output[0],
         device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

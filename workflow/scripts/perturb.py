@@ -1,11 +1,11 @@
 from medrobust.logs import script_logging
-from medrobust.perturbations.run import perturb_store
+from medrobust.perturbations.run import perturbation_run
 
 with script_logging(snakemake):
-    perturb_store(
+    perturbation_run(
         snakemake.input[0],
         snakemake.output[0],
         name=snakemake.wildcards.perturbation,
-        severity=snakemake.params.severity,
+        severities=snakemake.params.severities,
         seed=snakemake.params.seed,
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from medrobust.attacks import build_attack
-from medrobust.io.image_store import open_image_store
+from medrobust.conditions import attack_store_name
+from medrobust.io.atomic import atomic_path
+from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
 from medrobust.models import load_model
 from medrobust.io.test_split import iter_test_batches, write_test_store
@@ -17,12 +19,34 @@ from medrobust.io.test_split import iter_test_batches, write_test_store
 log = get_logger(__name__)
 
 
-def craft_adversarial_store(source_model_dir: str | os.PathLike,
-                            clean_store_path: str | os.PathLike,
+def craft_attack_run(source_model_dir: str | os.PathLike, clean_store_path: str | os.PathLike,
+                     out_dir: str | os.PathLike, attack_name: str, epsilons: Sequence[float],
+                     attack_params: Mapping[str, Any] | None = None,
+                     device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+    """Attack every test image at each budget in `epsilons`; one store per budget in `out_dir`.
+
+    The stores are named by `medrobust.conditions.attack_store_name` (`eps8.zarr`);
+    `out_dir` appears only once every budget is written. The source model
+    loads once for all budgets.
+    """
+    device = torch.device(device)
+    model = load_model(source_model_dir, device)
+    store = open_image_store(clean_store_path)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for epsilon in epsilons:
+            craft_adversarial_store(model, Path(source_model_dir).name, store,
+                                    tmp / attack_store_name(epsilon), attack_name, epsilon,
+                                    attack_params, device, batch_size)
+    log.info("wrote %s: %s at %s, crafted on %s", out_dir, attack_name,
+             ", ".join(map(str, epsilons)), Path(source_model_dir).name)
+
+
+def craft_adversarial_store(model: torch.nn.Module, source_model: str, store: ImageStore,
                             out_path: str | os.PathLike, attack_name: str, epsilon: float,
-                            attack_params: Mapping[str, Any] | None = None,
-                            device: str | torch.device = "cpu", batch_size: int = 32) -> None:
-    """Attack every test image with gradients of the source model; write a test-only store.
+                            attack_params: Mapping[str, Any] | None, device: torch.device,
+                            batch_size: int) -> None:
+    """Attack every test image of `store` with gradients of `model`; write a test-only store.
 
     `epsilon` is in the attack's own units, as in config (1/255 for L-infinity
     attacks, an L2 radius in image units for L2 attacks); `device` is where to
@@ -30,16 +54,12 @@ def craft_adversarial_store(source_model_dir: str | os.PathLike,
     The store's attrs add to the clean store's attrs: `attack` (the config
     name), `epsilon` (as given), `norm` ("linf" / "l2"), `budget_unit`
     ("1/255" / "image"), `attack_params` (every setting, defaults included),
-    `attack_description` (one line for reports) and `source_model` (the model
-    folder's name).
+    `attack_description` (one line for reports) and `source_model` (the source
+    model folder's name).
     """
-    device = torch.device(device)
     if isinstance(epsilon, float) and epsilon.is_integer():
         epsilon = int(epsilon)  # 4.0 -> 4, as config writes it
-    model = load_model(source_model_dir, device)
     attack = build_attack(attack_name, model, epsilon, attack_params)
-    store = open_image_store(clean_store_path)
-    source_model = Path(source_model_dir).name
     batches = iter_test_batches(store, batch_size,
                                 desc=f"{attack_name} {attack.budget()} on {source_model}")
     write_test_store(store, out_path, attack.generate(batches, device), {
@@ -51,4 +71,4 @@ def craft_adversarial_store(source_model_dir: str | os.PathLike,
         "attack_description": attack.describe(),
         "source_model": source_model,
     })
-    log.info("wrote %s (%s, crafted on %s)", out_path, attack.describe(), source_model)
+    log.info("%s: %s, crafted on %s", Path(out_path).name, attack.describe(), source_model)

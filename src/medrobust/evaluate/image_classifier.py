@@ -3,6 +3,7 @@
 What the inputs were (clean, which attack at which epsilon crafted on which
 model, which perturbation at which severity) is read from the store's attrs,
 so the metrics JSON describes itself (docs/architecture.md, "Evaluation").
+One call covers every condition of one model: the model loads once.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from medrobust.conditions import evaluation_tables
 from medrobust.errors import InputError
 from medrobust.evaluate.metrics import (
     METRIC_KEYS, classification_metrics, describe_condition, prediction_table)
@@ -51,28 +54,36 @@ def evaluate_on_store(model: nn.Module, model_name: str, store: ImageStore, cond
     return table, {key: record[key] for key in METRIC_KEYS}
 
 
-def evaluate_image_classifier(model_dir: str | os.PathLike, store_path: str | os.PathLike,
-                              out_csv: str | os.PathLike, out_json: str | os.PathLike,
-                              condition: str, device: str | torch.device = "cpu",
-                              batch_size: int = 64) -> dict:
-    """Evaluate the saved model on the store's test split; write the CSV and JSON.
+def evaluate_image_classifier(model_dir: str | os.PathLike,
+                              conditions: Mapping[str, str | os.PathLike],
+                              out_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                              batch_size: int = 64) -> dict[str, dict]:
+    """Evaluate the saved model on the test split of each condition's store.
 
-    The model is named by its folder; `device` is where to run (the caller picks
-    it with `medrobust.device.select_device`).
-    Returns the metrics record written to `out_json`.
+    `conditions` maps a condition's name to the store it reads; `out_dir`
+    receives each one's predictions and metrics (`medrobust.conditions.evaluation_tables`),
+    and appears only once all are written. The model is named by its folder
+    and loads once; `device` is where to run (the caller picks it with
+    `medrobust.device.select_device`). Returns the metrics records by name.
     """
     model_dir = Path(model_dir)
-    store = open_image_store(store_path)
-    _check_classes(model_dir, store)
     device = torch.device(device)
-    table, record = evaluate_on_store(load_model(model_dir, device), model_dir.name, store,
-                                      condition, device, batch_size)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    write_json(out_json, record)
-    log.info("%s on %s: accuracy %.3f over %d test images", model_dir.name, condition,
-             record["accuracy"], record["n"])
-    return record
+    stores = {name: open_image_store(path) for name, path in conditions.items()}
+    for store in stores.values():  # every store checked before any forward pass
+        _check_classes(model_dir, store)
+    model = load_model(model_dir, device)
+    records = {}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name, store in stores.items():
+            table, records[name] = evaluate_on_store(model, model_dir.name, store, name,
+                                                     device, batch_size)
+            files = evaluation_tables(name)
+            table.to_csv(tmp / files["predictions"], index=False)
+            write_json(tmp / files["metrics"], records[name])
+            log.info("%s on %s: accuracy %.3f over %d test images", model_dir.name, name,
+                     records[name]["accuracy"], records[name]["n"])
+    return records
 
 
 def _check_classes(model_dir: Path, store: ImageStore) -> None:

@@ -6,11 +6,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
+
+from medrobust.evaluate.statistics import model_auc
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Accuracy and AUC (binary: P(class 1); multi-class: macro one-vs-rest).
+    """Accuracy and AUC (binary: P(class 1); multi-class: macro one-vs-rest over the
+    classes present), as the summary's intervals define them (`statistics.model_auc`).
 
     AUC is None when the labels hold a single class, where it is undefined.
     """
@@ -18,13 +20,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     probabilities = np.asarray(probabilities, dtype=np.float64)
     predictions = probabilities.argmax(axis=1)
     accuracy = float((predictions == labels).mean()) if len(labels) else float("nan")
-    auc = None
-    if len(np.unique(labels)) > 1:
-        if probabilities.shape[1] == 2:
-            auc = float(roc_auc_score(labels, probabilities[:, 1]))
-        else:
-            auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
-                                      labels=np.arange(probabilities.shape[1])))
+    auc = model_auc(labels, probabilities) if len(labels) else None
     return {"n": int(len(labels)), "accuracy": accuracy, "auc": auc}
 
 

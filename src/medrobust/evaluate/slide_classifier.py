@@ -1,7 +1,8 @@
 """Evaluate a saved slide classifier on one split of its dataset's feature stores.
 
 Writes the per-slide prediction table (CSV) and the metrics (JSON) of
-docs/architecture.md, "Evaluation"; slides have only the clean condition.
+docs/architecture.md, "Evaluation", into the model's evaluation run; slides
+have only the clean condition (no stage yet attacks or perturbs slides).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from medrobust.errors import ConfigError, InputError
+from medrobust.conditions import CLEAN, evaluation_tables
+from medrobust.errors import InputError
 from medrobust.evaluate.metrics import (
     METRIC_KEYS, classification_metrics, describe_condition, prediction_table)
 from medrobust.io.atomic import atomic_path, write_json
@@ -26,12 +28,12 @@ log = get_logger(__name__)
 
 def evaluate_slide_classifier(model_dir: str | os.PathLike,
                               feature_paths: Sequence[str | os.PathLike],
-                              out_csv: str | os.PathLike, out_json: str | os.PathLike,
-                              split: str = "test", condition: str = "clean",
+                              out_dir: str | os.PathLike, split: str = "test",
                               device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Predict every slide of `split` and write predictions and metrics; returns the metrics."""
-    if condition != "clean":  # no stage yet attacks or perturbs slides
-        raise ConfigError(f"slide classifiers have only the clean condition, not {condition!r}")
+    """Predict every slide of `split`; write `clean.csv` and `clean.json` in `out_dir`.
+
+    Returns the metrics; `out_dir` appears only once both are written.
+    """
     model_dir = Path(model_dir)
     device = torch.device(device)
     model = load_model(model_dir, device)
@@ -49,13 +51,15 @@ def evaluate_slide_classifier(model_dir: str | os.PathLike,
     probabilities = torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
     labels = [bag.label for bag in bags]
     table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    record = {**describe_condition({"dataset": config["dataset"]}, model_dir.name, condition,
+    record = {**describe_condition({"dataset": config["dataset"]}, model_dir.name, CLEAN.name,
                                   family="slide"),
               **classification_metrics(labels, probabilities)}
     metrics = {key: record[key] for key in METRIC_KEYS}
-    write_json(out_json, metrics)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        files = evaluation_tables(CLEAN.name)
+        table.to_csv(tmp / files["predictions"], index=False)
+        write_json(tmp / files["metrics"], metrics)
     log.info("%s on %s %s: accuracy %.3f over %d slides", model_dir.name, config["dataset"],
              split, metrics["accuracy"], metrics["n"])
     return metrics

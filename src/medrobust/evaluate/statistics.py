@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta, binomtest
 
 from medrobust.errors import InputError
 
@@ -141,6 +140,8 @@ def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE)
     if trials == 0:
         return Interval(None, None, None, EXACT)
     tail = (1.0 - confidence) / 2.0
+    from scipy.stats import beta  # here, not at the top: evaluation jobs never need scipy
+
     low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
     high = 1.0 if successes == trials else float(
         beta.ppf(1.0 - tail, successes + 1, trials - successes))
@@ -305,6 +306,16 @@ class _Scorer:
 
 # ---------------------------------------------------------------- one model
 
+def model_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """The AUC the intervals are built around, without them: binary, the AUC of P(class 1);
+    more classes, the macro one-vs-rest AUC over the classes present. None where undefined."""
+    labels = _integer_labels(labels)
+    probabilities = _check_probabilities(probabilities, len(labels))
+    _check_label_range(labels, probabilities.shape[1])
+    value = _Scorer(labels, probabilities).auc(np.arange(len(labels))[None, :])[0]
+    return None if np.isnan(value) else float(value)
+
+
 def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
                               n_resamples: int = N_RESAMPLES, seed: int = 0,
                               confidence: float = CONFIDENCE) -> dict:
@@ -414,6 +425,8 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     only_a = int((a & ~b).sum())
     only_b = int((b & ~a).sum())
     discordant = only_a + only_b
+    from scipy.stats import binomtest  # as in clopper_pearson
+
     p_value = 1.0 if discordant == 0 else float(binomtest(only_b, discordant, 0.5).pvalue)
     return {"n": len(a), "only_a_correct": only_a, "only_b_correct": only_b,
             "p_value": min(1.0, p_value)}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from medrobust.conditions import perturbation_store_name
+from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
 from medrobust.io.test_split import iter_test_batches, write_test_store
 from medrobust.logs import get_logger
@@ -26,4 +30,18 @@ def perturb_store(clean_store_path: str | os.PathLike, out_path: str | os.PathLi
                for images, _ in iter_test_batches(store, batch_size, desc=f"{name} {severity:g}"))
     write_test_store(store, out_path, batches,
                      {"perturbation": name, "severity": severity, "seed": seed})
-    log.info("wrote %s (%s, severity %g)", out_path, name, severity)
+    log.info("%s: %s at severity %g", Path(out_path).name, name, severity)
+
+
+def perturbation_run(clean_store_path: str | os.PathLike, out_dir: str | os.PathLike, name: str,
+                     severities: Sequence[float], seed: int) -> None:
+    """`perturb_store` at each severity; one store per severity in `out_dir`, written at once.
+
+    The stores are named by `medrobust.conditions.perturbation_store_name`
+    (`severity0.05.zarr`); each severity draws from the same seed.
+    """
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for severity in severities:
+            perturb_store(clean_store_path, Path(tmp) / perturbation_store_name(severity), name,
+                          severity, seed)
