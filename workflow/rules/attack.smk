@@ -21,6 +21,8 @@ rule attack:
         mem_mb=4000,
     log:
         "logs/attack/{dataset}/{attack}/from_{source}.log",
+    benchmark:
+        "benchmarks/attack/{dataset}/{attack}/from_{source}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -39,6 +41,8 @@ rule perturb:
     threads: 1
     log:
         "logs/perturb/{dataset}/{perturbation}.log",
+    benchmark:
+        "benchmarks/perturb/{dataset}/{perturbation}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

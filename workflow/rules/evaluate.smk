@@ -19,6 +19,8 @@ rule evaluate_image_classifier:
         gpu=1,
     log:
         "logs/evaluate_image_classifier/{dataset}/{image_model}.log",
+    benchmark:
+        "benchmarks/evaluate_image_classifier/{dataset}/{image_model}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -37,6 +39,8 @@ rule evaluate_slide_classifier:
     threads: 1
     log:
         "logs/evaluate_slide_classifier/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/evaluate_slide_classifier/{dataset}/{slide_model}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

@@ -16,6 +16,8 @@ rule extract_features:
         mem_mb=4000,
     log:
         "logs/extract_features/{dataset}/{backbone}/{slide}.log",
+    benchmark:
+        "benchmarks/extract_features/{dataset}/{backbone}/{slide}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

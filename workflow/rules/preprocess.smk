@@ -14,6 +14,8 @@ rule preprocess_images:
     threads: 4
     log:
         "logs/preprocess_images/{dataset}.log",
+    benchmark:
+        "benchmarks/preprocess_images/{dataset}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -34,6 +36,8 @@ rule tile_slide:
         mem_mb=4000,
     log:
         "logs/tile_slide/{dataset}/{slide}.log",
+    benchmark:
+        "benchmarks/tile_slide/{dataset}/{slide}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

@@ -22,6 +22,8 @@ rule summarize:
         code=code_fingerprint("report"),
     log:
         "logs/summarize.log",
+    benchmark:
+        "benchmarks/summarize.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -53,6 +55,8 @@ rule report:
         code=code_fingerprint("report"),
     log:
         "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

@@ -19,6 +19,8 @@ rule train_image_classifier:
         mem_mb=4000,
     log:
         "logs/train_image_classifier/{dataset}/{image_model}.log",
+    benchmark:
+        "benchmarks/train_image_classifier/{dataset}/{image_model}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:
@@ -45,6 +47,8 @@ rule train_slide_classifier:
         mem_mb=4000,
     log:
         "logs/train_slide_classifier/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/train_slide_classifier/{dataset}/{slide_model}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:
