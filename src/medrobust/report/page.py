@@ -31,6 +31,7 @@ from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
 from medrobust.perturbations import PERTURBATIONS
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.study_tables import budget_label
 from medrobust.report.summary import (
     COMPARISON_COLUMNS, MASKING_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS)
 
@@ -87,13 +88,6 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------
 # what the page shows, as plain values
-
-def budget_label(row: Mapping[str, Any]) -> str:
-    """An attack budget in its own units: "L∞ ε=8/255" or "L2 ε=0.5"."""
-    if row.get("norm") == "l2":
-        return f"L2 ε={row['epsilon']:g}"
-    return f"L∞ ε={row['epsilon']:g}/255"
-
 
 def condition_label(row: Mapping[str, Any]) -> str:
     """A condition in words, as headers and figures name it."""
