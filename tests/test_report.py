@@ -159,7 +159,7 @@ def results(tmp_path_factory):
     }
     config["image_classifiers"]["denoising"]["defense"] = {"name": "denoising"}
     write_report(out / "robustness.json", out / "index.html", out / "figures",
-                 evaluations=evaluations, models=models, datasets=[str(dataset)],
+                 out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
                  settings={"n_examples": 2, "small_test_set": 200}, config=config,
                  repository=str(root))
     return {"root": root, "out": out, "evaluations": evaluations}
@@ -309,6 +309,32 @@ def test_page_states_intervals_verdicts_warnings_and_provenance(results):
     for field in ("git commit", "torch", "CUDA (torch build)", "manifest.csv sha256"):
         assert field in page
     assert "not a git checkout" in page  # the fixture's repository folder is none
+
+
+def test_page_and_csv_show_the_studys_tables_with_intervals(results):
+    page = (results["out"] / "index.html").read_text()
+    study = page[page.index('id="attacks"'):page.index("Paired comparisons")]
+    titles = re.findall(r"<h3>(.*?)</h3>", study)
+    assert titles == ["mammograms, resnet18 targets: black-box, attacks transferred from "
+                      "surrogate (resnet18)",
+                      "mammograms, resnet18 targets: white-box, each attacked with its own gradients"]
+    transfer = study[:study.index(titles[1])]
+    headers = re.findall(r"<th>(.*?)</th>", transfer)
+    assert headers == ["clean", "FGSM (L∞) ε=2.5/255", "FGSM (L∞) ε=8/255",
+                       "I-FGSM (L∞) ε=8/255", "worst case L∞ ε=2.5/255", "worst case L∞ ε=8/255"]
+    assert "Small test set: n = 40 test images" in transfer
+    rows = re.findall(r'<tr><td class="name">(.*?)</td><td class="name">(.*?)</td>', transfer)
+    assert rows == [("none", "baseline"), ("λn 1", "denoising")]
+    exact = clopper_pearson(37, N_TEST)  # the denoising model under I-FGSM ε 8 from the surrogate
+    assert (f'0.925</span><span class="interval">[{exact.low:.3f}, {exact.high:.3f}]'
+            in transfer.split("denoising</td>")[1])
+    csv = pd.read_csv(results["out"] / "defense_tables.csv")
+    assert len(csv) == 2 * 6 + 2 * 3
+    line = csv[(csv["model"] == "denoising") & (csv["column"] == "I-FGSM (L∞) ε=8/255")].iloc[0]
+    assert (line["setting"], line["threat_model"], line["source_model"]) == (
+        "λn 1", "transfer", "surrogate")
+    assert (line["accuracy"], line["accuracy_low"], line["accuracy_high"]) == pytest.approx(
+        (0.925, exact.low, exact.high), abs=1e-4)
 
 
 def test_config_shows_only_the_keys_that_acted():

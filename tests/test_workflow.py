@@ -102,6 +102,28 @@ def test_report_holds_the_table_numbers_with_their_intervals(workdir):
             "training_curves_slide", "perturbation_strip_mammograms_gaussian_noise"} <= figures
 
 
+def test_report_has_the_study_tables_of_what_the_config_ran(workdir):
+    tables = pd.read_csv(workdir / "results/report/defense_tables.csv")
+    html = (workdir / "results/report/index.html").read_text()
+    # the tiny config: FGSM at 4 and 8 from the surrogate and white-box, two resnet18 targets
+    for (threat, source), table in tables.groupby(
+            ["threat_model", tables["source_model"].fillna("")], sort=False):
+        assert list(table["column"].unique()) == [
+            "clean", "FGSM (L∞) ε=4/255", "FGSM (L∞) ε=8/255", "worst case L∞ ε=4/255",
+            "worst case L∞ ε=8/255"], (threat, source)
+        settings = dict(zip(table["model"], table["setting"]))
+        assert settings["baseline"] == "none" and settings["denoising"].startswith(
+            "λn 0.1, λa 1"), settings
+    assert list(tables["threat_model"].unique()) == ["transfer", "white-box"]
+    assert "attacks transferred from surrogate (resnet18)" in html
+    # every cell is the summary's number for that model and condition
+    summary = pd.read_csv(workdir / "results/report/robustness.csv")
+    cells = tables.merge(summary, on=["model", "condition"], suffixes=("", "_summary"))
+    assert len(cells) == len(tables) == 2 * 2 * 5
+    for metric in ("accuracy", "accuracy_low", "accuracy_high"):
+        assert (cells[metric] == cells[f"{metric}_summary"]).all()
+
+
 def test_report_reads_right_in_a_browser(workdir, browser):
     """What a reader sees in headless Chromium, not only what the HTML holds."""
     open_file(browser, workdir / "results/report/index.html")

@@ -36,6 +36,7 @@ rule report:
         summary=rules.summarize.output.json,
     output:
         html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
+        tables=report("results/report/defense_tables.csv", caption="../report/defense_tables.rst", category="Tables"),
         figures=report(
             directory("results/report/figures"),
             patterns=["{figure}.png"],

@@ -6,6 +6,7 @@ with script_logging(snakemake):
         snakemake.input.summary,
         snakemake.output.html,
         snakemake.output.figures,
+        snakemake.output.tables,
         evaluations=snakemake.params.evaluations,
         models=snakemake.params.models,
         datasets=list(snakemake.input.datasets),

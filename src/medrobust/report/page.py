@@ -31,6 +31,8 @@ from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
 from medrobust.perturbations import PERTURBATIONS
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.study_tables import (
+    DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
     COMPARISON_COLUMNS, MASKING_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS)
 
@@ -87,13 +89,6 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------
 # what the page shows, as plain values
-
-def budget_label(row: Mapping[str, Any]) -> str:
-    """An attack budget in its own units: "L∞ ε=8/255" or "L2 ε=0.5"."""
-    if row.get("norm") == "l2":
-        return f"L2 ε={row['epsilon']:g}"
-    return f"L∞ ε={row['epsilon']:g}/255"
-
 
 def condition_label(row: Mapping[str, Any]) -> str:
     """A condition in words, as headers and figures name it."""
@@ -195,6 +190,13 @@ def small_test_sets(robustness: pd.DataFrame, threshold: int, alpha: float) -> l
     return warnings
 
 
+def _accuracy_cell(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A table cell: accuracy with its interval, the AUC beneath; None where not run."""
+    if row is None:
+        return None
+    return {"accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc")}
+
+
 def study_table(robustness: pd.DataFrame, kinds: Sequence[str]) -> dict[str, Any]:
     """Rows = models, columns = conditions of `kinds` (clean first); accuracy and AUC cells."""
     rows = robustness[robustness["kind"].isin(["clean", *kinds])]
@@ -210,11 +212,20 @@ def study_table(robustness: pd.DataFrame, kinds: Sequence[str]) -> dict[str, Any
         if set(group["kind"]) == {"clean"} and kinds:
             continue  # models only evaluated clean (surrogates) have their own row at a glance
         by_key = {column_key(row): row for _, row in group.iterrows()}
-        table.append({"dataset": dataset, "model": model, "cells": [
-            {"accuracy": _interval(by_key[key], "accuracy"),
-             "auc": _interval(by_key[key], "auc")} if key in by_key else None
-            for key in keys]})
+        table.append({"dataset": dataset, "model": model,
+                      "cells": [_accuracy_cell(by_key.get(key)) for key in keys]})
     return {"headers": headers, "rows": table}
+
+
+def defense_table_view(table: DefenseTable, warnings: Sequence[Mapping[str, Any]]) -> dict:
+    """A study table as the template shows it, with its dataset's small-test-set warning."""
+    cells = [cell for row in table.rows for cell in row.cells if cell is not None]
+    return {"title": table.title, "n": max(int(cell["n"]) for cell in cells),
+            "headers": table.columns,
+            "warning": next((w for w in warnings if w["dataset"] == table.dataset), None),
+            "rows": [{"setting": row.label, "model": row.model,
+                      "cells": [_accuracy_cell(cell) for cell in row.cells]}
+                     for row in table.rows]}
 
 
 def metric_rows(robustness: pd.DataFrame) -> list[dict[str, Any]]:
@@ -447,11 +458,13 @@ def _data_uri(png: bytes) -> str:
 
 
 def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
-                 figures_dir: str | os.PathLike, evaluations: Sequence[Mapping[str, Any]],
+                 figures_dir: str | os.PathLike, tables_csv: str | os.PathLike,
+                 evaluations: Sequence[Mapping[str, Any]],
                  models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
                  settings: Mapping[str, Any], config: Mapping[str, Any],
                  repository: str | os.PathLike) -> None:
-    """Render the page and write it with its figures; nothing is written on error."""
+    """Render the page and write it with its figures and the study tables as CSV; nothing is
+    written on error."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = {name: (model.get("defense") or {}).get("name", "none")
@@ -477,16 +490,18 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
 
     glance_headers, glance = glance_rows(robustness, defenses)
+    warnings = small_test_sets(robustness, int(settings["small_test_set"]),
+                               summary["settings"]["alpha"])
+    tables = defense_tables(images, {name: model["config"] for name, model in trained.items()})
     labels = {(row["model"], row["condition"]): condition_label(row)
               for _, row in robustness.iterrows()}
     context = {
         "version": __version__,
         "settings": summary["settings"],
-        "warnings": small_test_sets(robustness, int(settings["small_test_set"]),
-                                    summary["settings"]["alpha"]),
+        "warnings": warnings,
         "glance_headers": glance_headers, "glance": glance,
         "verdicts": verdicts(comparisons),
-        "attack_table": study_table(images, ["attack", "worst_case"]),
+        "defense_tables": [defense_table_view(table, warnings) for table in tables],
         "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
         "has_attacks": bool((images["kind"] == "attack").any()),
         "has_perturbations": bool((images["kind"] == "perturbation").any()),
@@ -517,6 +532,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         tmp.mkdir()
         for name, (png, _) in figure_files.items():
             (tmp / f"{name}.png").write_bytes(png)
+    write_defense_tables(tables, tables_csv)
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     log.info("report: %d figures, %d summary rows, %d comparisons", len(figure_files),

@@ -437,7 +437,7 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order.index].reset_index(drop=True)
 
 
-def _rounded(table: pd.DataFrame) -> pd.DataFrame:
+def rounded(table: pd.DataFrame) -> pd.DataFrame:
     """Floats to a sensible precision; epsilon and severity as given in the config."""
     table = table.copy()
     for column in table.columns:
@@ -461,9 +461,9 @@ def write_summary(summary: Summary, out_csv: str | os.PathLike, out_json: str | 
                   per_class_csv: str | os.PathLike, comparisons_csv: str | os.PathLike) -> None:
     """robustness.csv, per_class.csv, comparisons.csv, and all of it (with the gradient-masking
     checks) in robustness.json."""
-    tables = {"robustness": _rounded(summary.robustness), "per_class": _rounded(summary.per_class),
-              "comparisons": _rounded(summary.comparisons),
-              "gradient_masking": _rounded(summary.gradient_masking)}
+    tables = {"robustness": rounded(summary.robustness), "per_class": rounded(summary.per_class),
+              "comparisons": rounded(summary.comparisons),
+              "gradient_masking": rounded(summary.gradient_masking)}
     for path, table in zip((out_csv, per_class_csv, comparisons_csv), tables.values()):
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
@@ -488,5 +488,5 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
 
 
 __all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
-           "StatisticsConfig", "Summary", "read_evaluation", "summarize",
+           "StatisticsConfig", "Summary", "read_evaluation", "rounded", "summarize",
            "summarize_evaluations", "write_summary"]
