@@ -178,6 +178,9 @@ BAD_PARAMETERS = {
                                   r"noise_sigma"),
     "defense parameter value": (_set("image_classifiers.denoising.defense.lambda_n", -1),
                                 r"image_classifiers\.denoising\.defense: .*lambda_n"),
+    "defense distance": (_set("image_classifiers.denoising.defense.distance", "L2"),
+                         r"image_classifiers\.denoising\.defense: .*distance must be one of "
+                         r"l2, mse, not 'L2'"),
     "synthetic source setting": (_set("datasets.mammograms.source.n_sample", 10),
                                  r"datasets\.mammograms\.source\.n_sample: unknown key"),
 }
@@ -197,6 +200,14 @@ def test_attack_defense_and_source_parameters_are_checked_by_their_classes(confi
     with pytest.raises(ConfigError) as error:
         validate_config(config, SCHEMA)
     assert re.search(message, str(error.value)), str(error.value)
+
+
+def test_the_denoising_distance_defaults_to_the_papers_l2_only_for_that_defense(config):
+    del config["image_classifiers"]["denoising"]["defense"]["distance"]
+    config["image_classifiers"]["baseline"]["defense"] = {"name": "none"}
+    validate_config(config, SCHEMA)
+    assert config["image_classifiers"]["denoising"]["defense"]["distance"] == "l2"
+    assert config["image_classifiers"]["baseline"]["defense"] == {"name": "none"}
 
 
 def test_every_problem_is_listed_at_once(config):

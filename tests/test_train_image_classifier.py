@@ -91,7 +91,7 @@ def test_denoising_training_records_loss_components(store, tmp_path):
         record["train_lc"] + 0.1 * record["train_ln"] + record["train_la"])
     assert isinstance(load_model(tmp_path / "denoising"), DenoisingClassifier)
     config = json.loads((tmp_path / "denoising" / "config.json").read_text())
-    assert config["defense"] == defense
+    assert config["defense"] == {**defense, "distance": "l2"}  # the default, recorded
 
 
 def test_without_validation_images_the_last_epoch_is_kept(tmp_path):
