@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -22,10 +23,12 @@ from medrobust.train.slide_classifier import train_slide_classifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # 16 train images in batches of 8: 2 optimiser steps an epoch; the denoising
-# defense draws noise, the flips draw from the batch generator
+# defense draws noise, the flips draw from the batch generator. With this
+# seed and distance epoch 3 does worse than epoch 2 (the checkpoint after
+# epoch 3 then carries the best epoch's weights too)
 IMAGE_MODEL = {"dataset": "squares", "arch": "resnet18", "seed": 5,
                "defense": {"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0,
-                           "noise_sigma": 0.05}}
+                           "noise_sigma": 0.05, "distance": "mse"}}
 IMAGE_TRAINING = {"epochs": 4, "batch_size": 8, "learning_rate": 0.001, "weight_decay": 1e-4}
 IMAGE_STEPS_PER_EPOCH = 2
 # 12 train slides, one step per bag; dropout draws from the global generator
@@ -117,6 +120,32 @@ def test_image_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, c
     assert json.loads((models / "killed" / "history.json").read_text()) == \
         json.loads((models / "whole" / "history.json").read_text())
     assert list((models / CHECKPOINTS_DIR).iterdir()) == []
+
+
+def test_a_learning_rate_schedule_resumes_where_it_stopped(tmp_path, caplog):
+    """Killed with two epochs to go: a schedule restarted from epoch 0 would give them
+    other learning rates (the optimiser's saved rate alone only fixes the next epoch)."""
+    training = {**IMAGE_TRAINING, "optimizer": "sgd", "learning_rate": 0.01,
+                "schedule": "cosine"}
+    store = make_store(tmp_path / "squares.zarr", n_train=16, n_val=8, size=16)
+    models = tmp_path / "models" / "squares"
+    whole = train_image_classifier(store, models / "whole", IMAGE_MODEL, training, "cpu")
+
+    # killed in epoch 3, after 1 of its 2 steps
+    run_killed_job({"family": "image", "store": str(store), "model_dir": str(models / "killed"),
+                    "model": IMAGE_MODEL, "training": training,
+                    "kill_after_steps": 2 * IMAGE_STEPS_PER_EPOCH + 1})
+    checkpoint = only_checkpoint(models / "killed")
+    assert checkpoint["epoch"] == 2 and checkpoint["scheduler"]["last_epoch"] == 2
+
+    with caplog.at_level(logging.INFO, logger="medrobust"):
+        resumed = train_image_classifier(store, models / "killed", IMAGE_MODEL, training, "cpu")
+    assert "killed: resuming after epoch 2 of 4" in caplog.text
+    rates = [record["learning_rate"] for record in resumed["epochs"]]
+    assert rates == pytest.approx([0.01 * (1 + math.cos(math.pi * epoch / 4)) / 2
+                                   for epoch in range(4)])
+    assert rates == [record["learning_rate"] for record in whole["epochs"]]
+    assert_same_weights(models / "whole", models / "killed")
 
 
 def test_slide_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, caplog):
