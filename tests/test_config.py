@@ -106,6 +106,23 @@ def test_cross_references_are_checked(config, edit, message):
         validate_config(config, SCHEMA)
 
 
+def test_a_pretrained_weights_file_must_exist_at_every_parse(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative path is from the working directory
+    config["image_classifiers"]["baseline"]["pretrained"] = "weights/resnet18.pth"
+    with pytest.raises(ConfigError, match=r"image_classifiers\.baseline\.pretrained: no weights "
+                                          r"file 'weights/resnet18\.pth' \(relative to the "
+                                          r"working directory .*\); pretrained takes none, "
+                                          r"imagenet or the path of a weights file"):
+        validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights/resnet18.pth").write_bytes(b"")
+    validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+    # a config that passed is remembered, its file is not
+    (tmp_path / "weights/resnet18.pth").unlink()
+    with pytest.raises(ConfigError, match=r"image_classifiers\.baseline\.pretrained"):
+        validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+
+
 def test_bad_config_stops_snakemake_before_any_job(config, tmp_path):
     bad = copy.deepcopy(config)
     bad["datasets"]["mammograms"]["preprocess"]["image_sise"] = 64

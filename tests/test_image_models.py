@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
+import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -144,6 +146,76 @@ def test_unknown_names_raise_config_error_listing_known_ones():
         build_defense({"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0})
     with pytest.raises(ConfigError, match="distance must be one of l2, mse, not 'l1'"):
         build_defense({**DENOISING, "distance": "l1"})
+
+
+# --- pretrained weights from a local file ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """A torchvision ResNet18 state dict (random, seeded: no internet here), as a file."""
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet18-local.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pretrained_weights_come_from_a_local_file(imagenet_like, tmp_path, suffix, channels):
+    path, state = imagenet_like
+    if suffix == ".safetensors":
+        path = tmp_path / "resnet18-local.safetensors"
+        save_file({key: value.contiguous() for key, value in state.items()}, path)
+    model = build_model(image_config(pretrained=str(path), in_channels=channels))
+    weights = model.state_dict()
+    assert torch.equal(weights["body.layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    assert torch.equal(weights["encoder.bn1.running_var"], state["bn1.running_var"])
+    # grey inputs: the RGB kernels averaged and spread (adapt_first_conv)
+    expected_conv1 = state["conv1.weight"] if channels == 3 else \
+        state["conv1.weight"].mean(dim=1, keepdim=True) * 3
+    torch.testing.assert_close(weights["encoder.conv1.weight"], expected_conv1)
+    assert weights["head.fc.weight"].shape == (3, 512)  # a new head for the 3 classes
+
+
+def test_a_saved_model_rebuilds_without_its_pretrained_file(imagenet_like, tmp_path):
+    path, _ = imagenet_like
+    copy = tmp_path / "weights.pth"
+    copy.write_bytes(path.read_bytes())
+    config = image_config(pretrained=str(copy))
+    save_model(build_model(config), tmp_path / "m", config, {})
+    copy.unlink()
+    load_model(tmp_path / "m")
+
+
+def _misfits(state):
+    truncated = {key: value for key, value in state.items() if not key.startswith("layer4.")}
+    return {
+        "truncated": (truncated, r"do not fit torchvision's resnet18 \(missing: "
+                                 r"layer4\.0\.conv1\.weight, .* and \d+ more\)"),
+        "prefixed": ({f"module.{key}": value for key, value in state.items()},
+                     r"missing: conv1\.weight, .*; unexpected: module\.conv1\.weight"),
+        "other head": ({**state, "fc.weight": torch.zeros(2, 512), "fc.bias": torch.zeros(2)},
+                       r"of another shape: fc\.weight \(2, 512\) for \(1000, 512\), "
+                       r"fc\.bias \(2,\) for \(1000,\)\)"),
+        "a checkpoint": ({"epoch": 3, "state_dict": state}, "not a state dict"),
+        "NaN": ({**state, "fc.bias": torch.full((1000,), float("nan"))},
+                r"NaN or infinite values \(fc\.bias: 1000 values\)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "prefixed", "other head", "a checkpoint", "NaN",
+                                  "not weights"])
+def test_a_weights_file_that_does_not_fit_is_refused_naming_it(imagenet_like, tmp_path, case):
+    path = tmp_path / "weights.pth"
+    if case == "not weights":
+        path.write_text("<html>a login page</html>")
+        message = "not a readable weights file"
+    else:
+        content, message = _misfits(imagenet_like[1])[case]
+        torch.save(content, path)
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: .*{message}"):
+        build_model(image_config(pretrained=str(path)))
 
 
 def denoising_losses(sigma, size=32, distance="l2"):

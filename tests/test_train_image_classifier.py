@@ -1,11 +1,13 @@
 """Training image classifiers on a tiny store with an obvious signal."""
 
+import hashlib
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -101,6 +103,16 @@ def test_denoising_training_records_loss_components(store, tmp_path):
     assert config["defense"] == {**defense, "distance": "l2"}  # the default, recorded
 
 
+def test_training_from_a_local_weights_file_records_which_file(store, tmp_path):
+    weights = tmp_path / "resnet18-local.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = {**MODEL, "pretrained": str(weights)}
+    train_image_classifier(store, tmp_path / "m", model, {**TRAINING, "epochs": 1}, "cpu")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["pretrained"] == str(weights)
+    assert config["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def test_without_validation_images_the_last_epoch_is_kept(tmp_path):
     store = make_store(tmp_path / "train_only.zarr", n_train=8, n_val=0, size=16)
     history = train_image_classifier(store, tmp_path / "m", MODEL,
@@ -147,6 +159,8 @@ def test_sgd_with_a_schedule_as_the_paper_trained(store, tmp_path, schedule, rat
     (MODEL, {"epochs": 1}, "batch_size"),
     ({**MODEL, "arch": "alexnet"}, TRAINING, "alexnet"),
     ({**MODEL, "pretrained": "radimagenet"}, TRAINING, "pretrained"),
+    ({**MODEL, "pretrained": "/nowhere/resnet18.pth"}, TRAINING,
+     "pretrained: no weights file '/nowhere/resnet18.pth'"),
 ])
 def test_bad_config_is_refused_before_training(store, tmp_path, model, training, key):
     with pytest.raises(ConfigError, match=key):

@@ -29,14 +29,14 @@ from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.progress import progress
-from medrobust.config import config_from_mapping
+from medrobust.config import PRETRAINED, config_from_mapping, pretrained_problem
+from medrobust.io.checksums import sha256_file
 from medrobust.models.registry import (
     IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
 from medrobust.train.checkpoints import (
     Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
 
 log = get_logger(__name__)
-PRETRAINED = ("none", "imagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +52,9 @@ class ImageModelConfig:
     def __post_init__(self):
         if self.arch not in IMAGE_CLASSIFIERS:
             raise unknown_name("image classifier", self.arch, IMAGE_CLASSIFIERS)
-        if self.pretrained not in PRETRAINED:
-            raise ConfigError(f"pretrained must be one of {', '.join(PRETRAINED)}, "
-                              f"not {self.pretrained!r}")
+        problem = pretrained_problem(self.pretrained)
+        if problem:
+            raise ConfigError(f"image classifier: pretrained: {problem}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "ImageModelConfig":
@@ -159,6 +159,8 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
         "defense": defense_config(defense), "training": dataclasses.asdict(training),
         "seed": spec.seed, "dataset": spec.dataset,
     }
+    if spec.pretrained not in PRETRAINED:  # a weights file: which one, whatever its path
+        config["pretrained_sha256"] = sha256_file(spec.pretrained)
     name = Path(model_dir).name
     checkpoint = TrainingCheckpoint(model_dir, fingerprint(
         config, store.attrs, store.sample_ids, store.labels, store.splits, device.type),
