@@ -43,11 +43,11 @@ class Decoder(nn.Sequential):
     """Upsamples low features back to the image: (conv, BN, ReLU, x2 upsample) per octave.
 
     Bilinear upsampling avoids the checkerboard artefacts of transposed
-    convolutions. Convolving before upsampling rather than after costs a
-    quarter: upsample-then-convolve ran its widest conv at full resolution and
-    made the decoder 3x slower, the defended training step 3.2x a plain one
-    instead of 2.4x (docs/benchmarks.md). The sigmoid keeps reconstructions in
-    [0, 1] like the images.
+    convolutions. Convolving before upsampling rather than after does each
+    conv at a quarter of the pixels: upsample-then-convolve ran the widest one
+    at full resolution, the decoder took 3x as long and a defended training
+    step 3.0x a plain one instead of 2.1-2.3x (docs/benchmarks.md). The
+    sigmoid keeps reconstructions in [0, 1] like the images.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
