@@ -23,17 +23,21 @@ def machine_line(versions: str) -> str:
             f"python {platform.python_version()}, {versions}")
 
 
-def interleaved_medians(functions: Mapping[str, Callable[[], object]],
-                        repeats: int) -> dict[str, float]:
+def interleaved_medians(functions: Mapping[str, Callable[[], object]], repeats: int,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each function, after one warm-up call each (file cache,
     first-call allocations). Every round runs every function once, in turn, so a
-    busy shared machine slows all of them alike."""
+    busy shared machine slows all of them alike.
+
+    `clock`: wall-clock by default; `time.process_time` counts this process's
+    CPU seconds, which with one torch thread on a machine busy with other work
+    measures the work done rather than the wait for a free core."""
     for function in functions.values():
         function()
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start = clock()
             function()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -28,6 +28,18 @@ def test_default_config_is_valid_and_defaults_are_filled(config):
                                 "alpha": 0.05, "small_test_set": 200}
 
 
+def test_training_defaults_fill_image_training_not_a_models_overrides(config):
+    """A model's `training` filled with defaults would override image_training's values."""
+    config["image_training"]["optimizer"] = "sgd"
+    config["image_classifiers"]["denoising"]["training"] = {"epochs": 3}
+    validate_config(config, SCHEMA)
+    assert config["image_training"] == {"epochs": 12, "batch_size": 32, "learning_rate": 0.001,
+                                        "weight_decay": 0.0001, "augment": True,
+                                        "optimizer": "sgd", "momentum": 0.9, "schedule": "none",
+                                        "step_size": 30, "gamma": 0.1}
+    assert config["image_classifiers"]["denoising"]["training"] == {"epochs": 3}
+
+
 def test_defaults_apply_only_to_their_kind_of_dataset(config):
     del config["datasets"]["mammograms"]["preprocess"], config["datasets"]["slides"]["tiling"]
     validate_config(config, SCHEMA)
@@ -61,6 +73,13 @@ def test_bootstrap_with_fewer_than_1000_resamples_is_refused(config):
         (lambda c: c["datasets"]["mammograms"].pop("kind"), "datasets.mammograms: 'kind' is a required"),
         (lambda c: c.update(device="tpu"), "device: 'tpu' is not one of"),
         (lambda c: c["attacks"]["fgsm"].update(epsilons=[0]), "attacks.fgsm.epsilons.0"),
+        (lambda c: c["image_training"].update(optimizer="sdg"),
+         "image_training.optimizer: 'sdg' is not one of ['adam', 'sgd']"),
+        (lambda c: c["image_classifiers"]["denoising"].update(training={"schedule": "cosin"}),
+         "image_classifiers.denoising.training.schedule: 'cosin' is not one of"),
+        (lambda c: c["image_training"].update(momentum=1), "image_training.momentum"),
+        (lambda c: c["image_training"].update(step_size=0), "image_training.step_size"),
+        (lambda c: c["image_training"].update(gamma=0), "image_training.gamma"),
     ],
 )
 def test_schema_errors_name_the_key(config, edit, key):
@@ -85,6 +104,23 @@ def test_cross_references_are_checked(config, edit, message):
     edit(config)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_config(config, SCHEMA)
+
+
+def test_a_pretrained_weights_file_must_exist_at_every_parse(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative path is from the working directory
+    config["image_classifiers"]["baseline"]["pretrained"] = "weights/resnet18.pth"
+    with pytest.raises(ConfigError, match=r"image_classifiers\.baseline\.pretrained: no weights "
+                                          r"file 'weights/resnet18\.pth' \(relative to the "
+                                          r"working directory .*\); pretrained takes none, "
+                                          r"imagenet or the path of a weights file"):
+        validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights/resnet18.pth").write_bytes(b"")
+    validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+    # a config that passed is remembered, its file is not
+    (tmp_path / "weights/resnet18.pth").unlink()
+    with pytest.raises(ConfigError, match=r"image_classifiers\.baseline\.pretrained"):
+        validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
 
 
 def test_bad_config_stops_snakemake_before_any_job(config, tmp_path):
@@ -178,6 +214,9 @@ BAD_PARAMETERS = {
                                   r"noise_sigma"),
     "defense parameter value": (_set("image_classifiers.denoising.defense.lambda_n", -1),
                                 r"image_classifiers\.denoising\.defense: .*lambda_n"),
+    "defense distance": (_set("image_classifiers.denoising.defense.distance", "L2"),
+                         r"image_classifiers\.denoising\.defense: .*distance must be one of "
+                         r"l2, mse, not 'L2'"),
     "synthetic source setting": (_set("datasets.mammograms.source.n_sample", 10),
                                  r"datasets\.mammograms\.source\.n_sample: unknown key"),
 }
@@ -197,6 +236,14 @@ def test_attack_defense_and_source_parameters_are_checked_by_their_classes(confi
     with pytest.raises(ConfigError) as error:
         validate_config(config, SCHEMA)
     assert re.search(message, str(error.value)), str(error.value)
+
+
+def test_the_denoising_distance_defaults_to_the_papers_l2_only_for_that_defense(config):
+    del config["image_classifiers"]["denoising"]["defense"]["distance"]
+    config["image_classifiers"]["baseline"]["defense"] = {"name": "none"}
+    validate_config(config, SCHEMA)
+    assert config["image_classifiers"]["denoising"]["defense"]["distance"] == "l2"
+    assert config["image_classifiers"]["baseline"]["defense"] == {"name": "none"}
 
 
 def test_every_problem_is_listed_at_once(config):
@@ -358,6 +405,9 @@ def test_every_key_has_a_description_and_appears_in_the_docs():
     for key in ("seed", "datasets.<name>.tiling.tile_size", "attacks.<name>.epsilons",
                 "report.alpha", "features.backbone", "image_classifiers.<name>.defense.name"):
         assert f"| `{key}` |" in page
+    # defaults beside a `$ref` add to the shared section's keys, for that use only
+    assert '| `image_training.optimizer` | one of `adam`, `sgd` | `"adam"` |' in page
+    assert "| `image_classifiers.<name>.training.optimizer` | one of `adam`, `sgd` |  |" in page
     del schema["properties"]["report"]["properties"]["alpha"]["description"]
     with pytest.raises(MissingDescription, match="report.alpha"):
         generate(schema)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
+import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -142,14 +144,130 @@ def test_unknown_names_raise_config_error_listing_known_ones():
         build_defense({**DENOISING, "lambda_x": 1})
     with pytest.raises(ConfigError, match="noise_sigma"):
         build_defense({"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0})
+    with pytest.raises(ConfigError, match="distance must be one of l2, mse, not 'l1'"):
+        build_defense({**DENOISING, "distance": "l1"})
 
 
-def denoising_losses(sigma, size=32):
+# --- pretrained weights from a local file ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """A torchvision ResNet18 state dict (random, seeded: no internet here), as a file."""
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet18-local.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pretrained_weights_come_from_a_local_file(imagenet_like, tmp_path, suffix, channels):
+    path, state = imagenet_like
+    if suffix == ".safetensors":
+        path = tmp_path / "resnet18-local.safetensors"
+        save_file({key: value.contiguous() for key, value in state.items()}, path)
+    model = build_model(image_config(pretrained=str(path), in_channels=channels))
+    weights = model.state_dict()
+    assert torch.equal(weights["body.layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    assert torch.equal(weights["encoder.bn1.running_var"], state["bn1.running_var"])
+    # grey inputs: the RGB kernels averaged and spread (adapt_first_conv)
+    expected_conv1 = state["conv1.weight"] if channels == 3 else \
+        state["conv1.weight"].mean(dim=1, keepdim=True) * 3
+    torch.testing.assert_close(weights["encoder.conv1.weight"], expected_conv1)
+    assert weights["head.fc.weight"].shape == (3, 512)  # a new head for the 3 classes
+
+
+def test_a_saved_model_rebuilds_without_its_pretrained_file(imagenet_like, tmp_path):
+    path, _ = imagenet_like
+    copy = tmp_path / "weights.pth"
+    copy.write_bytes(path.read_bytes())
+    config = image_config(pretrained=str(copy))
+    save_model(build_model(config), tmp_path / "m", config, {})
+    copy.unlink()
+    load_model(tmp_path / "m")
+
+
+def _misfits(state):
+    truncated = {key: value for key, value in state.items() if not key.startswith("layer4.")}
+    return {
+        "truncated": (truncated, r"do not fit torchvision's resnet18 \(missing: "
+                                 r"layer4\.0\.conv1\.weight, .* and \d+ more\)"),
+        "prefixed": ({f"module.{key}": value for key, value in state.items()},
+                     r"missing: conv1\.weight, .*; unexpected: module\.conv1\.weight"),
+        "other head": ({**state, "fc.weight": torch.zeros(2, 512), "fc.bias": torch.zeros(2)},
+                       r"of another shape: fc\.weight \(2, 512\) for \(1000, 512\), "
+                       r"fc\.bias \(2,\) for \(1000,\)\)"),
+        "a checkpoint": ({"epoch": 3, "state_dict": state}, "not a state dict"),
+        "NaN": ({**state, "fc.bias": torch.full((1000,), float("nan"))},
+                r"NaN or infinite values \(fc\.bias: 1000 values\)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "prefixed", "other head", "a checkpoint", "NaN",
+                                  "not weights"])
+def test_a_weights_file_that_does_not_fit_is_refused_naming_it(imagenet_like, tmp_path, case):
+    path = tmp_path / "weights.pth"
+    if case == "not weights":
+        path.write_text("<html>a login page</html>")
+        message = "not a readable weights file"
+    else:
+        content, message = _misfits(imagenet_like[1])[case]
+        torch.save(content, path)
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: .*{message}"):
+        build_model(image_config(pretrained=str(path)))
+
+
+def denoising_losses(sigma, size=32, distance="l2"):
     model = DenoisingClassifier(resnet18(num_classes=2, in_channels=1)).train()
-    defense = DenoisingDefense(lambda_n=0.1, lambda_a=1.0, noise_sigma=sigma)
+    defense = DenoisingDefense(lambda_n=0.1, lambda_a=1.0, noise_sigma=sigma, distance=distance)
     images, labels = torch.rand(4, 1, size, size), torch.tensor([0, 1, 0, 1])
     total, parts = defense.loss(model, images, labels, torch.Generator().manual_seed(0))
     return model, total, parts
+
+
+def test_l2_distance_is_the_per_image_norm_averaged_over_the_batch():
+    a = torch.zeros(2, 2, 1, 2)
+    b = torch.tensor([[[[3.0, 4.0]], [[0.0, 0.0]]],     # image 0: |(3, 4, 0, 0)| = 5
+                      [[[1.0, 2.0]], [[2.0, 0.0]]]])    # image 1: |(1, 2, 2, 0)| = 3
+    l2 = DenoisingDefense(lambda_n=1, lambda_a=1, noise_sigma=0.1)
+    mse = DenoisingDefense(lambda_n=1, lambda_a=1, noise_sigma=0.1, distance="mse")
+    assert l2.distance == "l2"  # the paper's is the default
+    assert l2.distance_between(a, b) == pytest.approx(4.0)
+    assert mse.distance_between(a, b) == pytest.approx((9 + 16 + 1 + 4 + 4) / 8)
+
+
+@pytest.mark.parametrize("distance", ["l2", "mse"])
+def test_ln_and_la_are_the_papers_equations_under_l2(distance):
+    """Ln and La recomputed by hand from one pass over the same clean and noisy images."""
+    model = DenoisingClassifier(resnet18(num_classes=2, in_channels=1)).train()
+    defense = DenoisingDefense(lambda_n=1, lambda_a=1, noise_sigma=0.05, distance=distance)
+    images, labels = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    _, parts = defense.loss(model, images, labels, torch.Generator().manual_seed(0))
+    uniform = torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+    noisy = (images + (2 * uniform - 1) * 0.05).clamp(0, 1)
+    with torch.no_grad():
+        out = model.forward_train(torch.cat([images, noisy]))
+    last, rebuilt = out["last"].flatten(1), out["reconstruction"].flatten(1)
+    pixels = images.flatten(1)
+    if distance == "l2":  # eq. (1) and (2): norms per image, mean over the batch
+        ln = (last[4:] - last[:4]).norm(dim=1).mean()
+        la = ((pixels - rebuilt[:4]).norm(dim=1) + (pixels - rebuilt[4:]).norm(dim=1)).mean()
+    else:
+        ln = ((last[4:] - last[:4]) ** 2).mean()
+        la = ((pixels - rebuilt[:4]) ** 2).mean() + ((pixels - rebuilt[4:]) ** 2).mean()
+    torch.testing.assert_close(parts["ln"].detach(), ln)
+    torch.testing.assert_close(parts["la"].detach(), la)
+
+
+def test_l2_and_mse_give_different_defenses():
+    torch.manual_seed(0)
+    _, _, l2 = denoising_losses(sigma=0.05)
+    torch.manual_seed(0)
+    _, _, mse = denoising_losses(sigma=0.05, distance="mse")
+    torch.testing.assert_close(l2["lc"], mse["lc"])  # same model, images and noise
+    # a norm over 512 features (512x1x1) or 1024 pixels: far larger than a mean square
+    assert l2["ln"] > 10 * mse["ln"] and l2["la"] > 10 * mse["la"]
 
 
 def test_denoising_loss_components():
@@ -160,9 +278,12 @@ def test_denoising_loss_components():
     torch.testing.assert_close(total, parts["lc"] + 0.1 * parts["ln"] + 1.0 * parts["la"])
 
 
-def test_feature_distance_vanishes_without_noise():
-    _, _, parts = denoising_losses(sigma=0.0)
+@pytest.mark.parametrize("distance", ["l2", "mse"])
+def test_feature_distance_vanishes_without_noise_and_gradients_stay_finite(distance):
+    model, total, parts = denoising_losses(sigma=0.0, distance=distance)
     assert parts["ln"] == 0
+    total.backward()  # the L2 norm's gradient at 0 must not be NaN
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_reconstruction_gradients_reach_decoder_and_shared_encoder():

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -98,25 +99,51 @@ def test_image_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, c
     train_image_classifier(store, models / "whole", IMAGE_MODEL, IMAGE_TRAINING, "cpu")
     assert list((models / CHECKPOINTS_DIR).iterdir()) == []  # removed once the model is saved
 
-    # killed in epoch 4, after 1 of its 2 steps
+    # killed in epoch 3, after 1 of its 2 steps
     run_killed_job({"family": "image", "store": str(store), "model_dir": str(models / "killed"),
                     "model": IMAGE_MODEL, "training": IMAGE_TRAINING,
-                    "kill_after_steps": 3 * IMAGE_STEPS_PER_EPOCH + 1})
+                    "kill_after_steps": 2 * IMAGE_STEPS_PER_EPOCH + 1})
     assert not (models / "killed" / "model.safetensors").exists()
     checkpoint = only_checkpoint(models / "killed")
-    assert checkpoint["epoch"] == 3 and len(checkpoint["history"]) == 3
-    # epoch 3 did worse than epoch 2, whose weights the checkpoint carries too
-    assert checkpoint["best_epoch"] == 2 and checkpoint["best_state"] is not None
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
+    # epoch 2 did worse than epoch 1, whose weights the checkpoint carries too
+    assert checkpoint["best_epoch"] == 1 and checkpoint["best_state"] is not None
 
     with caplog.at_level(logging.INFO, logger="medrobust"):
         history = train_image_classifier(store, models / "killed", IMAGE_MODEL, IMAGE_TRAINING,
                                          "cpu")
-    assert "killed: resuming after epoch 3 of 4" in caplog.text
+    assert "killed: resuming after epoch 2 of 4" in caplog.text
     assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3, 4]
     assert_same_weights(models / "whole", models / "killed")
     assert json.loads((models / "killed" / "history.json").read_text()) == \
         json.loads((models / "whole" / "history.json").read_text())
     assert list((models / CHECKPOINTS_DIR).iterdir()) == []
+
+
+def test_a_learning_rate_schedule_resumes_where_it_stopped(tmp_path, caplog):
+    """Killed with two epochs to go: a schedule restarted from epoch 0 would give them
+    other learning rates (the optimiser's saved rate alone only fixes the next epoch)."""
+    training = {**IMAGE_TRAINING, "optimizer": "sgd", "learning_rate": 0.01,
+                "schedule": "cosine"}
+    store = make_store(tmp_path / "squares.zarr", n_train=16, n_val=8, size=16)
+    models = tmp_path / "models" / "squares"
+    whole = train_image_classifier(store, models / "whole", IMAGE_MODEL, training, "cpu")
+
+    # killed in epoch 3, after 1 of its 2 steps
+    run_killed_job({"family": "image", "store": str(store), "model_dir": str(models / "killed"),
+                    "model": IMAGE_MODEL, "training": training,
+                    "kill_after_steps": 2 * IMAGE_STEPS_PER_EPOCH + 1})
+    checkpoint = only_checkpoint(models / "killed")
+    assert checkpoint["epoch"] == 2 and checkpoint["scheduler"]["last_epoch"] == 2
+
+    with caplog.at_level(logging.INFO, logger="medrobust"):
+        resumed = train_image_classifier(store, models / "killed", IMAGE_MODEL, training, "cpu")
+    assert "killed: resuming after epoch 2 of 4" in caplog.text
+    rates = [record["learning_rate"] for record in resumed["epochs"]]
+    assert rates == pytest.approx([0.01 * (1 + math.cos(math.pi * epoch / 4)) / 2
+                                   for epoch in range(4)])
+    assert rates == [record["learning_rate"] for record in whole["epochs"]]
+    assert_same_weights(models / "whole", models / "killed")
 
 
 def test_slide_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, caplog):

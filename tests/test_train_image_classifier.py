@@ -1,11 +1,15 @@
 """Training image classifiers on a tiny store with an obvious signal."""
 
+import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from medrobust.errors import ConfigError
 from medrobust.io.image_store import open_image_store, write_image_store
@@ -58,8 +62,13 @@ def test_training_learns_the_squares_and_saves_a_loadable_model(store, tmp_path)
     assert config == {
         "family": "image", "arch": "resnet18", "pretrained": "none", "num_classes": 2,
         "in_channels": 1, "classes": ["empty", "square"], "image_size": [32, 32],
-        "defense": {"name": "none"}, "training": {**TRAINING, "augment": True},
+        "defense": {"name": "none"},
+        "training": {**TRAINING, "augment": True, "optimizer": "adam", "momentum": 0.9,
+                     "schedule": "none", "step_size": 30, "gamma": 0.1},
         "seed": 0, "dataset": "squares"}
+    assert history["recipe"]["optimizer"] == "AdamW"
+    assert history["recipe"]["schedule"] == "constant"
+    assert [record["learning_rate"] for record in history["epochs"]] == [0.001] * 4
     saved_history = json.loads((tmp_path / "baseline" / "history.json").read_text())
     assert saved_history == history
     # the saved weights are the best epoch's: they reproduce its validation accuracy
@@ -91,7 +100,17 @@ def test_denoising_training_records_loss_components(store, tmp_path):
         record["train_lc"] + 0.1 * record["train_ln"] + record["train_la"])
     assert isinstance(load_model(tmp_path / "denoising"), DenoisingClassifier)
     config = json.loads((tmp_path / "denoising" / "config.json").read_text())
-    assert config["defense"] == defense
+    assert config["defense"] == {**defense, "distance": "l2"}  # the default, recorded
+
+
+def test_training_from_a_local_weights_file_records_which_file(store, tmp_path):
+    weights = tmp_path / "resnet18-local.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = {**MODEL, "pretrained": str(weights)}
+    train_image_classifier(store, tmp_path / "m", model, {**TRAINING, "epochs": 1}, "cpu")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["pretrained"] == str(weights)
+    assert config["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_without_validation_images_the_last_epoch_is_kept(tmp_path):
@@ -102,12 +121,46 @@ def test_without_validation_images_the_last_epoch_is_kept(tmp_path):
     assert history["epochs"][-1]["val_accuracy"] is None
 
 
+@pytest.mark.parametrize("schedule, rates", [
+    ({"schedule": "step", "step_size": 2, "gamma": 0.5}, [0.01, 0.01, 0.005, 0.005]),
+    ({"schedule": "cosine"}, [0.01 * (1 + math.cos(math.pi * epoch / 4)) / 2
+                              for epoch in range(4)]),
+])
+def test_sgd_with_a_schedule_as_the_paper_trained(store, tmp_path, schedule, rates):
+    seen = []
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: seen.append(
+            (type(optimizer).__name__, optimizer.param_groups[0]["momentum"])))
+    training = {**TRAINING, "optimizer": "sgd", "momentum": 0.8, "learning_rate": 0.01,
+                **schedule}
+    try:
+        history = train_image_classifier(store, tmp_path / "sgd", MODEL, training, "cpu")
+    finally:
+        handle.remove()
+    assert set(seen) == {("SGD", 0.8)}
+    assert [record["learning_rate"] for record in history["epochs"]] == pytest.approx(rates)
+    assert history["recipe"]["optimizer"] == "SGD, momentum 0.8"
+    assert history["recipe"]["schedule"] == {"step": "step: ×0.5 every 2 epochs",
+                                             "cosine": "cosine to 0 over 4 epochs"}[
+                                                 schedule["schedule"]]
+    recorded = json.loads((tmp_path / "sgd" / "config.json").read_text())["training"]
+    assert recorded == {**TRAINING, "augment": True, "momentum": 0.8, "step_size": 30,
+                        "gamma": 0.1, **training}
+
+
 @pytest.mark.parametrize("model, training, key", [
     ({**MODEL, "depth": 3}, TRAINING, "depth"),
-    (MODEL, {**TRAINING, "momentum": 0.9}, "momentum"),
+    (MODEL, {**TRAINING, "nesterov": True}, "nesterov"),
+    (MODEL, {**TRAINING, "optimizer": "sgdd"}, "optimizer must be one of adam, sgd, not 'sgdd'"),
+    (MODEL, {**TRAINING, "schedule": "cosin"}, "schedule must be one of none, step, cosine"),
+    (MODEL, {**TRAINING, "momentum": 1.0}, "momentum"),
+    (MODEL, {**TRAINING, "schedule": "step", "gamma": 0}, "gamma"),
+    (MODEL, {**TRAINING, "schedule": "step", "step_size": 0}, "step_size"),
     (MODEL, {"epochs": 1}, "batch_size"),
     ({**MODEL, "arch": "alexnet"}, TRAINING, "alexnet"),
     ({**MODEL, "pretrained": "radimagenet"}, TRAINING, "pretrained"),
+    ({**MODEL, "pretrained": "/nowhere/resnet18.pth"}, TRAINING,
+     "pretrained: no weights file '/nowhere/resnet18.pth'"),
 ])
 def test_bad_config_is_refused_before_training(store, tmp_path, model, training, key):
     with pytest.raises(ConfigError, match=key):

@@ -5,8 +5,9 @@ Three passes, every problem reported at once with the dotted path of its key:
 1. the JSON schema (workflow/schemas/config.schema.yaml) checks keys, types
    and ranges and fills defaults;
 2. `check_references` checks what a schema cannot: every model names a
-   configured dataset of the right kind, robustness names configured models,
-   evaluation conditions get distinct names;
+   configured dataset of the right kind, an image classifier's `pretrained`
+   weights file exists, robustness names configured models, evaluation
+   conditions get distinct names;
 3. `check_registries` checks every name that selects code (attack,
    perturbation, defense, image and slide architecture, feature backbone,
    source type, synthetic modality) against the package's registries, and
@@ -45,6 +46,22 @@ T = TypeVar("T")
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 # Keys of an `attacks:` entry that the workflow reads; the others are the attack's Params.
 WORKFLOW_ATTACK_KEYS = ("epsilons",)
+
+
+# `pretrained` of an image classifier: these names, or the path of a weights file
+PRETRAINED = ("none", "imagenet")
+
+
+def pretrained_problem(value: str) -> str | None:
+    """Why `value` cannot be an image classifier's `pretrained`, or None.
+
+    A file is checked here, when the workflow is parsed, for existence only:
+    whether its weights fit the architecture is known when the model is built.
+    """
+    if value in PRETRAINED or Path(value).is_file():
+        return None
+    return (f"no weights file {value!r} (relative to the working directory {os.getcwd()}); "
+            f"pretrained takes {', '.join(PRETRAINED)} or the path of a weights file")
 
 
 def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
@@ -163,6 +180,9 @@ def check_references(config: Mapping) -> list[str]:
 
     for name, model in image_models.items():
         expect_dataset("image_classifiers", name, model, "images")
+        problem = pretrained_problem(model.get("pretrained", "none"))
+        if problem:  # a file, so never remembered with the registry checks
+            problems.append(f"image_classifiers.{name}.pretrained: {problem}")
     for name, model in config.get("slide_classifiers", {}).items():
         expect_dataset("slide_classifiers", name, model, "slides")
         if name in image_models:

@@ -113,11 +113,19 @@ def _conditional_defaults(root: Mapping, schema: Mapping) -> dict[str, tuple]:
 
 
 def _resolve(root: Mapping, node: Any) -> Mapping:
+    """The node with its `$ref` target merged in; `properties` beside a `$ref`
+    add to the target's key by key (e.g. defaults for one use of a shared section)."""
     while isinstance(node, Mapping) and "$ref" in node:
         target: Any = root
         for part in node["$ref"].removeprefix("#/").split("/"):
             target = target[part]
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        here = {k: v for k, v in node.items() if k != "$ref"}
+        if "properties" in here:
+            properties = dict(target.get("properties", {}))
+            for key, value in here["properties"].items():
+                properties[key] = {**properties.get(key, {}), **value}
+            here["properties"] = properties
+        node = {**target, **here}
     return node if isinstance(node, Mapping) else {}
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 from medrobust import conditions as plan
-from medrobust.config import validate_config
+from medrobust.config import PRETRAINED, validate_config
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 
@@ -99,6 +99,13 @@ def slide_feature_stores(wildcards):
 def image_model_config(wildcards):
     model = IMAGE_CLASSIFIERS[wildcards.image_model]
     return {**model, "training": {**config["image_training"], **model.get("training", {})}}
+
+
+def pretrained_weights_file(wildcards):
+    """A model's local pretrained weights file, if it names one: an input, so a newer
+    file retrains it."""
+    pretrained = IMAGE_CLASSIFIERS[wildcards.image_model]["pretrained"]
+    return [] if pretrained in PRETRAINED else [pretrained]
 
 
 def attack_settings(wildcards):

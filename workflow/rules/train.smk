@@ -5,6 +5,7 @@
 rule train_image_classifier:
     input:
         "results/preprocessed/{dataset}.zarr",
+        pretrained=pretrained_weights_file,
     output:
         weights="results/models/{dataset}/{image_model}/model.safetensors",
         config="results/models/{dataset}/{image_model}/config.json",

@@ -2,7 +2,8 @@
 
 Builders register under the name a config uses for them (as timm does):
 
-- image classifiers: `builder(num_classes, in_channels, pretrained: bool) -> ImageClassifier`
+- image classifiers: `builder(num_classes, in_channels, pretrained: str) -> ImageClassifier`,
+  `pretrained` being none, imagenet or the path of a weights file
   (`models.image_classifiers`);
 - slide classifiers: `builder(config: Mapping) -> nn.Module`, given the whole
   resolved model config (`models.mil`);
@@ -115,8 +116,8 @@ def defense_config(defense: Defense) -> dict[str, Any]:
 def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> nn.Module:
     """The model a resolved config describes, with fresh (or pretrained) weights.
 
-    `load_pretrained=False` skips downloading pretrained weights, for when the
-    weights come from a saved file anyway.
+    `load_pretrained=False` skips downloading (or reading) pretrained weights,
+    for when the weights come from a saved model anyway.
     """
     family = config.get("family")
     if family == "image":
@@ -124,7 +125,7 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> n
         classifier = builder(
             num_classes=int(_require(config, "num_classes")),
             in_channels=int(_require(config, "in_channels")),
-            pretrained=load_pretrained and config.get("pretrained", "none") == "imagenet",
+            pretrained=config.get("pretrained", "none") if load_pretrained else "none",
         )
         return build_defense(config.get("defense")).wrap(classifier)
     if family == "slide":

@@ -2,11 +2,11 @@
 
 After an epoch a trainer writes everything the remaining epochs depend on:
 the model, the optimiser (its moments and step counts), the learning-rate
-schedule's state where there is one (the schedules are constant today, so
-there is none), every random generator the loop draws from (the global torch
-generator that initialisation and dropout use, the CUDA one on a GPU, and the
-trainer's own batch/flip, bag-order and noise generators), the epoch, the
-history so far and the best epoch's weights. A rerun loads it and continues
+schedule's state where there is one (a constant rate has none), every random
+generator the loop draws from (the global torch generator that
+initialisation and dropout use, the CUDA one on a GPU, and the trainer's own
+batch/flip, bag-order and noise generators), the epoch, the history so far
+and the best epoch's weights. A rerun loads it and continues
 with the next epoch; on the CPU the final weights are bit for bit those of an
 uninterrupted run (tests/test_resume.py kills a training job mid-epoch).
 
@@ -43,6 +43,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from medrobust.io.atomic import atomic_path
 from medrobust.logs import get_logger
@@ -51,7 +52,7 @@ log = get_logger(__name__)
 
 CHECKPOINTS_DIR = ".checkpoints"
 SUFFIX = ".pt"
-FORMAT = 1  # bump when the checkpoint's content changes, so old ones are not resumed
+FORMAT = 2  # bump when the checkpoint's content changes, so old ones are not resumed
 # seconds of training between checkpoints per second that writing one takes:
 # checkpoints cost at most 1/(1 + WORK_PER_WRITE) of the training time
 WORK_PER_WRITE = 4.0
@@ -166,8 +167,9 @@ class Progress:
 
 def resume(checkpoint: TrainingCheckpoint, model: torch.nn.Module,
            optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
-           device: torch.device, name: str, total_epochs: int) -> Progress:
-    """Restore model, optimiser and generators from the checkpoint if there is one.
+           device: torch.device, name: str, total_epochs: int,
+           scheduler: LRScheduler | None = None) -> Progress:
+    """Restore model, optimiser, schedule and generators from the checkpoint if there is one.
 
     Both trainers resume the same way; a fresh run starts from `Progress([])`.
     """
@@ -176,6 +178,8 @@ def resume(checkpoint: TrainingCheckpoint, model: torch.nn.Module,
         return Progress([])
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None:  # the key hashes the config: a schedule's run saved one
+        scheduler.load_state_dict(saved["scheduler"])
     restore_rng_state(saved["rng"], generators, device)
     # None: the best epoch is the checkpoint's own (not stored twice)
     best_state = (copy.deepcopy(saved["model"]) if saved["best_state"] is None
@@ -188,11 +192,13 @@ def resume(checkpoint: TrainingCheckpoint, model: torch.nn.Module,
 
 def save_progress(checkpoint: TrainingCheckpoint, epoch: int, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
-                  device: torch.device, progress: Progress) -> None:
+                  device: torch.device, progress: Progress,
+                  scheduler: LRScheduler | None = None) -> None:
     """Write what `resume` restores, after `epoch`."""
     best_score, best_epoch = progress.best
     checkpoint.save({"epoch": epoch, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(),
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
                      "rng": rng_state(generators, device), "history": progress.epochs,
                      "best_state": None if best_epoch == epoch else progress.best_state,
                      "best_score": list(best_score), "best_epoch": best_epoch})

@@ -23,19 +23,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from medrobust.errors import ConfigError, InputError, unknown_name
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.progress import progress
-from medrobust.config import config_from_mapping
+from medrobust.config import PRETRAINED, config_from_mapping, pretrained_problem
+from medrobust.io.checksums import sha256_file
 from medrobust.models.registry import (
     IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
 from medrobust.train.checkpoints import (
     Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
 
 log = get_logger(__name__)
-PRETRAINED = ("none", "imagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,34 +52,81 @@ class ImageModelConfig:
     def __post_init__(self):
         if self.arch not in IMAGE_CLASSIFIERS:
             raise unknown_name("image classifier", self.arch, IMAGE_CLASSIFIERS)
-        if self.pretrained not in PRETRAINED:
-            raise ConfigError(f"pretrained must be one of {', '.join(PRETRAINED)}, "
-                              f"not {self.pretrained!r}")
+        problem = pretrained_problem(self.pretrained)
+        if problem:
+            raise ConfigError(f"image classifier: pretrained: {problem}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "ImageModelConfig":
         return config_from_mapping(cls, mapping, "image classifier")
 
 
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("none", "step", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
-    """The `image_training` section of config.yaml."""
+    """The `image_training` section of config.yaml (a model's `training` over it).
+
+    `adam` is AdamW (weight decay decoupled from the adaptive step); `sgd` is
+    SGD with momentum and L2 weight decay, the paper's optimiser. Schedules
+    change the learning rate once per epoch: `step` multiplies it by `gamma`
+    every `step_size` epochs, `cosine` anneals it to 0 over `epochs`.
+    """
 
     epochs: int
     batch_size: int
     learning_rate: float
     weight_decay: float
     augment: bool = True  # random horizontal and vertical flips
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"
+    step_size: int = 30  # step only; 30 and 0.1 as torchvision's ResNet recipe
+    gamma: float = 0.1  # step only
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("image_training: epochs and batch_size must be >= 1")
         if self.learning_rate <= 0 or self.weight_decay < 0:
             raise ConfigError("image_training: learning_rate must be > 0, weight_decay >= 0")
+        for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"image_training: {key} must be one of {', '.join(allowed)}, "
+                                  f"not {getattr(self, key)!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"image_training: momentum must be in [0, 1), not {self.momentum}")
+        if self.step_size < 1 or not 0 < self.gamma <= 1:
+            raise ConfigError("image_training: step_size must be >= 1 and gamma in (0, 1]")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "TrainingConfig":
         return config_from_mapping(cls, mapping, "image_training")
+
+    def make_optimizer(self, parameters) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(parameters, lr=self.learning_rate, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        return torch.optim.AdamW(parameters, lr=self.learning_rate,
+                                 weight_decay=self.weight_decay)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
+        """The per-epoch learning-rate schedule; None for a constant rate."""
+        if self.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, self.step_size, self.gamma)
+        if self.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        return None
+
+    def recipe(self) -> dict[str, Any]:
+        """The optimiser and schedule in words, for the history and the report."""
+        optimizer = f"SGD, momentum {self.momentum}" if self.optimizer == "sgd" else "AdamW"
+        schedule = {"none": "constant",
+                    "step": f"step: ×{self.gamma} every {self.step_size} epochs",
+                    "cosine": f"cosine to 0 over {self.epochs} epochs"}[self.schedule]
+        return {"optimizer": optimizer, "learning_rate": self.learning_rate,
+                "weight_decay": self.weight_decay, "schedule": schedule}
 
 
 def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.PathLike,
@@ -111,6 +159,8 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
         "defense": defense_config(defense), "training": dataclasses.asdict(training),
         "seed": spec.seed, "dataset": spec.dataset,
     }
+    if spec.pretrained not in PRETRAINED:  # a weights file: which one, whatever its path
+        config["pretrained_sha256"] = sha256_file(spec.pretrained)
     name = Path(model_dir).name
     checkpoint = TrainingCheckpoint(model_dir, fingerprint(
         config, store.attrs, store.sample_ids, store.labels, store.splits, device.type),
@@ -138,17 +188,18 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
          device: torch.device, name: str, train: tuple[torch.Tensor, torch.Tensor],
          val: tuple[torch.Tensor, torch.Tensor],
          checkpoint: TrainingCheckpoint) -> tuple[dict, dict[str, Any]]:
-    # AdamW: weight decay decoupled from the adaptive step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate,
-                                  weight_decay=training.weight_decay)
+    optimizer = training.make_optimizer(model.parameters())
+    scheduler = training.make_scheduler(optimizer)
     data_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator(device=device).manual_seed(seed)
     generators = {"data": data_generator, "noise": noise_generator}
-    state = resume(checkpoint, model, optimizer, generators, device, name, training.epochs)
+    state = resume(checkpoint, model, optimizer, generators, device, name, training.epochs,
+                   scheduler)
     epochs, best, best_state, done = state.epochs, state.best, state.best_state, state.done
     for epoch in range(done + 1, training.epochs + 1):
         model.train()
         totals: dict[str, float] = {}
+        learning_rate = optimizer.param_groups[0]["lr"]  # this epoch's; the schedule moves it after
         batches = _batches(len(train[0]), training.batch_size, data_generator)
         for index in progress(batches, desc=f"{name} epoch {epoch}/{training.epochs}",
                               unit="batch", leave=False):
@@ -162,8 +213,10 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
             optimizer.step()
             for key, value in {"loss": loss, **components}.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(index)
-        record = {"epoch": epoch, **{f"train_{key}": value / len(train[0])
-                                     for key, value in totals.items()}}
+        if scheduler is not None:
+            scheduler.step()
+        record = {"epoch": epoch, "learning_rate": learning_rate,
+                  **{f"train_{key}": value / len(train[0]) for key, value in totals.items()}}
         _recalibrate_batchnorm(model, train[0], training.batch_size, device)
         record.update(_validate(model, val, training.batch_size, device))
         epochs.append(record)
@@ -176,10 +229,8 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
             best_state = copy.deepcopy(model.state_dict())
         if epoch < training.epochs and checkpoint.due():  # the last: the model is saved next
             save_progress(checkpoint, epoch, model, optimizer, generators, device,
-                          Progress(epochs, epoch, best, best_state))
-    recipe = {"optimizer": "AdamW", "learning_rate": training.learning_rate,
-              "weight_decay": training.weight_decay, "schedule": "constant",
-              "batch_size": training.batch_size, "epochs": training.epochs,
+                          Progress(epochs, epoch, best, best_state), scheduler)
+    recipe = {**training.recipe(), "batch_size": training.batch_size, "epochs": training.epochs,
               "augmentation": "random horizontal and vertical flips" if training.augment
               else "none", "defense": defense_config(defense)}
     return best_state, {"epochs": epochs, "best_epoch": best[1],
