@@ -154,8 +154,8 @@ def test_hgd_reference_widths_build():
     ({**HGD, "decoder_widths": [4, 4]}, "decoder_widths"),
     ({**HGD, "epsilon_range": [8, 4]}, "epsilon_range"),
     ({**REFORMER, "detector": {**DETECTOR, "false_positive_rate": 1.5}}, "false_positive_rate"),
-    ({**REFORMER, "detector": {**DETECTOR, "temperatures": [], "reconstruction_norm": None}},
-     "temperature"),
+    ({**REFORMER, "detector": {**DETECTOR, "reconstruction_norm": 0.5}}, "reconstruction_norm"),
+    ({**REFORMER, "detector": {**DETECTOR, "temperatures": [10, -1]}}, "temperatures"),
 ])
 def test_bad_settings_are_refused_naming_the_key(settings, key):
     with pytest.raises(ConfigError, match=key):

@@ -46,10 +46,8 @@ def detector_scores(reformer: nn.Module, classifier: nn.Module, images: torch.Te
                     settings: DetectorSettings) -> dict[str, torch.Tensor]:
     """Every score of `settings` for a batch, by name (one value per image)."""
     reformed = reformer(images)
-    scores = {}
-    if settings.reconstruction_norm is not None:
-        error = (images - reformed).abs().pow(settings.reconstruction_norm)
-        scores[f"reconstruction_error_p{settings.reconstruction_norm:g}"] = error.flatten(1).mean(1)
+    error = (images - reformed).abs().pow(settings.reconstruction_norm)
+    scores = {f"reconstruction_error_p{settings.reconstruction_norm:g}": error.flatten(1).mean(1)}
     if settings.temperatures:
         # double precision: at T = 40 the two distributions differ by ~1e-4 and their
         # divergence (~1e-9) would drown in float32 rounding

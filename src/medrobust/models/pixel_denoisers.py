@@ -81,7 +81,7 @@ class DetectorSettings:
     """MagNet's detector on a reformer: which scores, and the false-positive rate to allow.
 
     Scores: the reconstruction error mean |x - AE(x)|^p (`reconstruction_norm`
-    p; null leaves it out) and, per temperature T, the Jensen-Shannon
+    p) and, per temperature T (none: the error alone), the Jensen-Shannon
     divergence between softmax(f(x)/T) and softmax(f(AE(x))/T). An image is
     rejected when any score exceeds its threshold. `scope` says what
     `false_positive_rate` bounds on the validation images: `combined`, the
@@ -92,7 +92,7 @@ class DetectorSettings:
 
     false_positive_rate: float
     temperatures: tuple[float, ...]
-    reconstruction_norm: float | None
+    reconstruction_norm: float
     scope: str
 
     def __post_init__(self):
@@ -102,12 +102,9 @@ class DetectorSettings:
         object.__setattr__(self, "temperatures", tuple(self.temperatures))
         if any(not temperature > 0 for temperature in self.temperatures):
             raise ConfigError(f"detector: temperatures must be > 0, got {list(self.temperatures)}")
-        if self.reconstruction_norm is not None and not self.reconstruction_norm >= 1:
-            raise ConfigError("detector: reconstruction_norm must be >= 1 or null, got "
+        if not self.reconstruction_norm >= 1:
+            raise ConfigError("detector: reconstruction_norm must be >= 1, got "
                               f"{self.reconstruction_norm!r}")
-        if not self.temperatures and self.reconstruction_norm is None:
-            raise ConfigError("detector: needs a temperature or a reconstruction_norm: "
-                              "with neither it has no score to threshold")
         if self.scope not in DETECTOR_SCOPES:
             raise ConfigError(f"detector: scope must be one of {', '.join(DETECTOR_SCOPES)}, "
                               f"not {self.scope!r}")

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from medrobust import __version__
+from medrobust.config import defense_labels
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import smallest_detectable_difference
@@ -454,8 +455,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     """Render the page and write it with its figures; nothing is written on error."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
-    defenses = {name: (model.get("defense") or {}).get("name", "none")
-                for name, model in (config.get("image_classifiers") or {}).items()}
+    defenses = defense_labels(config)
     trained = read_histories(models)
     figure_files: dict[str, tuple[bytes, str]] = {}
     images = robustness[robustness["family"] == "image"]
