@@ -3,6 +3,7 @@ denoiser -> classifier pipeline that evaluation and attacks use."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from medrobust.models.pipeline import DenoisedClassifier, load_pipeline
 from medrobust.models.pixel_denoisers import Reformer, UNetDenoiser
 from medrobust.models.registry import IMAGE_CLASSIFIERS, build_denoiser
 from medrobust.train.denoiser import train_denoiser
+from workflow_runner import ROOT, run_snakemake
 
 CLASSES = ["a", "b"]
 SIZE = 8
@@ -365,3 +367,46 @@ def test_white_box_attacks_differentiate_through_the_denoiser(store, reformer_di
         craft_attack_run(classifier_dir, store, out, "fgsm", [8], denoiser_dir=denoiser)
         adversarial = open_image_store(out / "eps8.zarr").images[:]
         assert bool(np.abs(adversarial - clean).max() > 7 / 255) is changed
+
+
+# --- the workflow -------------------------------------------------------------------------
+
+
+def dry_run_jobs(output: str) -> dict[str, dict[str, str]]:
+    """The jobs of a `snakemake -n` listing by their first output: rule and input line."""
+    jobs = {}
+    for block in re.split(r"^rule ", output, flags=re.MULTILINE)[1:]:
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, flags=re.MULTILINE))
+        if "output" in fields:
+            jobs[fields["output"].split(", ")[0]] = {
+                "rule": block.split(":", 1)[0], "input": fields.get("input", "").split(", ")}
+    return jobs
+
+
+def test_dry_run_trains_both_denoisers_and_puts_them_before_their_classifiers(tmp_path):
+    """Table 4's combinations as config lines (tests/configs/dry_run/denoisers.yaml)."""
+    result = run_snakemake(tmp_path, ROOT / "tests/configs/dry_run/denoisers.yaml", "--dry-run",
+                           "--cores", "1", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    jobs = dry_run_jobs(output)
+    reformer = "results/denoisers/mammograms/R/model.safetensors"
+    hgd = "results/denoisers/mammograms/HGD/model.safetensors"
+    assert jobs[reformer] == {"rule": "train_denoiser",
+                              "input": ["results/preprocessed/mammograms.zarr"]}
+    # HGD trains on examples crafted on the source, guided by the baseline's features
+    assert jobs[hgd]["rule"] == "train_denoiser"
+    assert set(jobs[hgd]["input"]) == {"results/preprocessed/mammograms.zarr",
+                                       "results/models/mammograms/baseline/model.safetensors",
+                                       "results/models/mammograms/surrogate/model.safetensors"}
+    for model, denoiser in (("R", reformer), ("R_Ln_La", reformer), ("HGD_Ln_La", hgd)):
+        # evaluated behind its denoiser, and white-box attacked through it
+        assert denoiser in jobs[f"results/evaluate/mammograms/{model}"]["input"]
+        assert denoiser in jobs[f"results/attacks/mammograms/fgsm/from_{model}"]["input"]
+    # the baseline and the surrogate (black-box attacks are crafted on it alone) have none
+    for job in ("results/evaluate/mammograms/baseline", "results/attacks/mammograms/fgsm/from_surrogate"):
+        assert not any("denoisers" in path for path in jobs[job]["input"])
+    # a classifier is trained as without its denoiser: the denoiser is no input of its training
+    assert jobs["results/models/mammograms/R_Ln/model.safetensors"]["input"] == [
+        "results/preprocessed/mammograms.zarr"]
+    assert not (tmp_path / "results").exists()

@@ -47,6 +47,10 @@ T = TypeVar("T")
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 # Keys of an `attacks:` entry that the workflow reads; the others are the attack's Params.
 WORKFLOW_ATTACK_KEYS = ("epsilons",)
+# Keys of a `denoisers:` entry that name image classifiers its training needs (HGD's guide
+# and source; each kind's `models` is a subset): the workflow makes them inputs of the
+# training without importing the registries.
+DENOISER_MODEL_KEYS = ("guide", "source")
 
 
 def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
@@ -223,7 +227,7 @@ def _check_denoiser_references(config: Mapping) -> list[str]:
             same_dataset(path, f"denoiser {denoiser!r}", denoisers[denoiser]["dataset"],
                          model["dataset"])
     for name, denoiser in denoisers.items():
-        for role in ("guide", "source"):  # the classifiers HGD's training needs
+        for role in DENOISER_MODEL_KEYS:
             model = denoiser.get(role)
             if model is None:
                 continue
