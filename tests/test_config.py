@@ -301,6 +301,15 @@ def test_every_registered_denoiser_kind_validates_with_the_schema_defaults(confi
     validate_config(config, SCHEMA)
 
 
+def test_the_workflow_knows_every_setting_that_names_a_classifier():
+    """common.smk makes DENOISER_MODEL_KEYS inputs of a denoiser's training without
+    importing the registry; every kind's `models` must be among them."""
+    from medrobust.models.registry import DENOISERS
+
+    for cls in DENOISERS.values():
+        assert set(cls.models) <= set(config_module.DENOISER_MODEL_KEYS), cls.kind
+
+
 def test_denoisers_combine_with_any_defense_as_config_lines(config):
     """Table 4 of Xue et al.: R, R + Ln, R + La, R + Ln + La, and the same for HGD."""
     _add_denoisers(config)
