@@ -42,7 +42,8 @@ def _rename(section, old, new):
 
 
 def _add_denoisers(config):
-    """MagNet's reformer (with its detector) and HGD on the mammograms, and classifiers behind them."""
+    """MagNet's reformer (with its detector) and HGD on the mammograms, and classifiers
+    behind them."""
     config["denoisers"] = {
         "R": {"kind": "reformer", "dataset": "mammograms", "detector": {}},
         "H": {"kind": "hgd", "dataset": "mammograms", "guide": "baseline", "source": "surrogate"},
@@ -102,7 +103,8 @@ def test_bootstrap_with_fewer_than_1000_resamples_is_refused(config):
         (lambda c: c["attacks"]["fgsm"].update(epsilons=[0]), "attacks.fgsm.epsilons.0"),
         (_with_denoisers(lambda c: c["denoisers"]["H"].pop("guide")),
          "denoisers.H: 'guide' is a required property"),
-        (_with_denoisers(_set("denoisers.R.pooling", "sum")), "denoisers.R.pooling: 'sum' is not one of"),
+        (_with_denoisers(_set("denoisers.R.pooling", "sum")),
+         "denoisers.R.pooling: 'sum' is not one of"),
         (_with_denoisers(_set("denoisers.R.detector.false_positive_rate", 2)),
          "denoisers.R.detector.false_positive_rate"),
         (_with_denoisers(_set("denoisers.R.detector.temperature", [10])),

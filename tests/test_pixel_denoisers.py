@@ -404,7 +404,8 @@ def test_dry_run_trains_both_denoisers_and_puts_them_before_their_classifiers(tm
         assert denoiser in jobs[f"results/evaluate/mammograms/{model}"]["input"]
         assert denoiser in jobs[f"results/attacks/mammograms/fgsm/from_{model}"]["input"]
     # the baseline and the surrogate (black-box attacks are crafted on it alone) have none
-    for job in ("results/evaluate/mammograms/baseline", "results/attacks/mammograms/fgsm/from_surrogate"):
+    for job in ("results/evaluate/mammograms/baseline",
+                "results/attacks/mammograms/fgsm/from_surrogate"):
         assert not any("denoisers" in path for path in jobs[job]["input"])
     # a classifier is trained as without its denoiser: the denoiser is no input of its training
     assert jobs["results/models/mammograms/R_Ln/model.safetensors"]["input"] == [

@@ -16,8 +16,9 @@ Three passes, every problem reported at once with the dotted path of its key:
 
 The top-level `seed` goes to everything random that sets no seed of its
 own: models, denoisers, dataset sources, the feature backbone
-(`resolve_seeds`) and the attacks whose Params take a `seed` (`registry_facts`). The registries import
-torch (5-10 s), so `validate_config` can remember a config that passed them:
+(`resolve_seeds`) and the attacks whose Params take a `seed`
+(`registry_facts`). The registries import torch (5-10 s), so
+`validate_config` can remember a config that passed them:
 with a `cache_dir`, a marker named by the hash of what pass 3 reads and of
 the package's code (holding the registry facts) skips the imports on the next
 parse of the same config with the same code.
@@ -141,7 +142,8 @@ def validate_config(config: MutableMapping, schema_path: str | os.PathLike,
 
 
 def resolve_seeds(config: MutableMapping) -> MutableMapping:
-    """The top-level `seed` for every model, denoiser, dataset source and backbone that sets none."""
+    """The top-level `seed` for every model, denoiser, dataset source and backbone that sets
+    none."""
     seed = config["seed"]
     for section in ("image_classifiers", "slide_classifiers", "denoisers"):
         for model in config.get(section, {}).values():

@@ -142,8 +142,10 @@ def denoiser_models(wildcards):
 
 
 def denoiser_inputs(wildcards):
+    """A denoiser training's inputs: the clean store and its classifiers' weights, by setting."""
     return {"images": plan.CLEAN.store(wildcards.dataset),
-            **{key: f"{folder}/model.safetensors" for key, folder in denoiser_models(wildcards).items()}}
+            **{key: f"{folder}/model.safetensors"
+               for key, folder in denoiser_models(wildcards).items()}}
 
 
 def attack_settings(wildcards):

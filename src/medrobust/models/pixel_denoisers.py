@@ -152,7 +152,8 @@ class ReformerSettings(DenoiserSettings):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.noise_std <= 1:
-            self._fail(f"noise_std must be in (0, 1] (images are in [0, 1]), got {self.noise_std!r}")
+            self._fail(f"noise_std must be in (0, 1] (images are in [0, 1]), "
+                       f"got {self.noise_std!r}")
         if self.filters < 1:
             self._fail(f"filters must be >= 1, got {self.filters!r}")
         if self.pooling not in POOLINGS:
