@@ -240,6 +240,35 @@ def test_hgd_trains_from_crafted_examples_and_saves_a_loadable_denoiser(store, t
     assert config["settings"]["encoder_widths"] == [4, 8]
 
 
+def test_an_interrupted_training_resumes_to_the_same_weights(store, tmp_path, monkeypatch,
+                                                             caplog):
+    """Killed after its epochs, before saving: the rerun resumes from the checkpoint (the
+    examples crafted again from the seed, the generators restored) to the same weights."""
+    import medrobust.train.denoiser as trainer
+
+    models = {"guide": save_classifier(tmp_path / "guide"),
+              "source": save_classifier(tmp_path / "source", seed=1)}
+    settings = {**HGD, "epochs": 3}
+    train_denoiser(store, tmp_path / "whole", settings, models=models)
+    save_model = trainer.save_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_denoiser(store, tmp_path / "resumed", settings, models=models)
+    assert list((tmp_path / ".checkpoints/resumed").glob("*.pt"))
+    monkeypatch.setattr(trainer, "save_model", save_model)
+    with caplog.at_level("INFO", logger="medrobust.train.checkpoints"):
+        train_denoiser(store, tmp_path / "resumed", settings, models=models)
+    assert "resumed: resuming after epoch" in caplog.text
+    whole = load_model(tmp_path / "whole").state_dict()
+    resumed = load_model(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert not (tmp_path / ".checkpoints/resumed").exists()
+
+
 def test_hgd_learning_rate_drops_at_60_and_90_percent():
     spec = build_denoiser({**HGD, "epochs": 10, "learning_rate": 0.01})
     rates = [spec.learning_rate_at(epoch) for epoch in range(1, 11)]
