@@ -21,6 +21,46 @@ def config():
     return yaml.safe_load((ROOT / "config.yaml").read_text())
 
 
+def _set(path, value):
+    """An edit that sets the dotted `path` (created as needed) to `value`."""
+    def edit(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return edit
+
+
+def _rename(section, old, new):
+    def edit(config):
+        config[section][new] = config[section].pop(old)
+        if section == "image_classifiers":  # keep robustness pointing at it
+            config["robustness"]["targets"] = [new if name == old else name
+                                               for name in config["robustness"]["targets"]]
+    return edit
+
+
+def _add_denoisers(config):
+    """MagNet's reformer (with its detector) and HGD on the mammograms, and classifiers
+    behind them."""
+    config["denoisers"] = {
+        "R": {"kind": "reformer", "dataset": "mammograms", "detector": {}},
+        "H": {"kind": "hgd", "dataset": "mammograms", "guide": "baseline", "source": "surrogate"},
+    }
+    models = config["image_classifiers"]
+    models["baseline_r"] = {**models["baseline"], "denoiser": "R"}
+    models["denoising_r"] = {**models["denoising"], "denoiser": "R"}
+    models["baseline_h"] = {**models["baseline"], "denoiser": "H"}
+    return config
+
+
+def _with_denoisers(edit):
+    def both(config):
+        edit(_add_denoisers(config))
+    return both
+
+
 def test_default_config_is_valid_and_defaults_are_filled(config):
     del config["report"]
     validate_config(config, SCHEMA)
@@ -80,6 +120,14 @@ def test_bootstrap_with_fewer_than_1000_resamples_is_refused(config):
         (lambda c: c["image_training"].update(momentum=1), "image_training.momentum"),
         (lambda c: c["image_training"].update(step_size=0), "image_training.step_size"),
         (lambda c: c["image_training"].update(gamma=0), "image_training.gamma"),
+        (_with_denoisers(lambda c: c["denoisers"]["H"].pop("guide")),
+         "denoisers.H: 'guide' is a required property"),
+        (_with_denoisers(_set("denoisers.R.pooling", "sum")),
+         "denoisers.R.pooling: 'sum' is not one of"),
+        (_with_denoisers(_set("denoisers.R.detector.false_positive_rate", 2)),
+         "denoisers.R.detector.false_positive_rate"),
+        (_with_denoisers(_set("denoisers.R.detector.temperature", [10])),
+         "denoisers.R.detector: unknown key(s): 'temperature'"),
     ],
 )
 def test_schema_errors_name_the_key(config, edit, key):
@@ -98,6 +146,20 @@ def test_schema_errors_name_the_key(config, edit, key):
          "slide_classifiers.abmil.dataset: 'mammograms' is of kind 'images'"),
         (lambda c: c["robustness"]["targets"].append("ghost"),
          "robustness.targets.2: no image classifier named 'ghost'"),
+        (_with_denoisers(_set("image_classifiers.baseline.denoiser", "R2")),
+         "image_classifiers.baseline.denoiser: no denoiser named 'R2'; known: H, R"),
+        (_with_denoisers(_set("denoisers.H.guide", "ghost")),
+         "denoisers.H.guide: no image classifier named 'ghost'"),
+        (_with_denoisers(_set("denoisers.R.dataset", "slides")),
+         "denoisers.R.dataset: 'slides' is of kind 'slides', this model needs 'images'"),
+        (_with_denoisers(lambda c: c["datasets"].update(other=c["datasets"]["mammograms"])
+                         or c["denoisers"]["R"].update(dataset="other")),
+         "image_classifiers.baseline_r.denoiser: denoiser 'R' is trained on dataset 'other', "
+         "and must be on 'mammograms'"),
+        (_with_denoisers(lambda c: c["datasets"].update(other=c["datasets"]["mammograms"])
+                         or c["image_classifiers"]["surrogate"].update(dataset="other")),
+         "denoisers.H.source: image classifier 'surrogate' is trained on dataset 'other', "
+         "and must be on 'mammograms'"),
     ],
 )
 def test_cross_references_are_checked(config, edit, message):
@@ -150,26 +212,6 @@ def test_a_configfile_replaces_the_default_config():
 
 # --- names that select code, checked against the registries -----------------------------
 
-def _set(path, value):
-    """An edit that sets the dotted `path` (created as needed) to `value`."""
-    def edit(config):
-        *parents, last = path.split(".")
-        node = config
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return edit
-
-
-def _rename(section, old, new):
-    def edit(config):
-        config[section][new] = config[section].pop(old)
-        if section == "image_classifiers":  # keep robustness pointing at it
-            config["robustness"]["targets"] = [new if name == old else name
-                                               for name in config["robustness"]["targets"]]
-    return edit
-
-
 # one of each kind: (edit, the problem line that names the key and the known names)
 BAD_NAMES = {
     "attack": (_rename("attacks", "fgsm", "fgsn"), r"attacks\.fgsn: unknown attack 'fgsn'; known: .*fgsm"),
@@ -196,6 +238,8 @@ BAD_NAMES = {
     "synthetic modality": (_set("datasets.slides.source.modality", "slide"),
                            r"datasets\.slides\.source\.modality: unknown synthetic modality "
                            r"'slide'; known: mammography, slides"),
+    "denoiser kind": (_with_denoisers(_set("denoisers.R.kind", "reformr")),
+                      r"denoisers\.R\.kind: unknown denoiser kind 'reformr'; known: hgd, reformer"),
 }
 
 BAD_PARAMETERS = {
@@ -219,6 +263,13 @@ BAD_PARAMETERS = {
                          r"l2, mse, not 'L2'"),
     "synthetic source setting": (_set("datasets.mammograms.source.n_sample", 10),
                                  r"datasets\.mammograms\.source\.n_sample: unknown key"),
+    "denoiser parameter of the other kind": (
+        _with_denoisers(_set("denoisers.R.guide", "baseline")),
+        r"denoisers\.R\.guide: unknown key; allowed: .*noise_std"),
+    "detector on hgd": (_with_denoisers(_set("denoisers.H.detector", {})),
+                        r"denoisers\.H\.detector: unknown key; allowed: .*encoder_widths"),
+    "denoiser parameter value": (_with_denoisers(_set("denoisers.H.decoder_widths", [8, 8])),
+                                 r"denoisers\.H: .*decoder_widths needs one width fewer"),
 }
 
 
@@ -272,12 +323,68 @@ def test_every_registered_attack_validates_with_its_defaults(config):
     validate_config(config, SCHEMA)
 
 
+def test_each_denoiser_kind_gets_its_defaults_and_the_seed(config):
+    _add_denoisers(config)
+    config["seed"] = 3
+    validate_config(config, SCHEMA)
+    reformer, hgd = config["denoisers"]["R"], config["denoisers"]["H"]
+    assert reformer == {"kind": "reformer", "dataset": "mammograms", "seed": 3, "epochs": 100,
+                        "batch_size": 256, "learning_rate": 0.001, "noise_std": 0.025,
+                        "filters": 3, "pooling": "none",
+                        "detector": {"false_positive_rate": 0.005, "temperatures": [10, 40],
+                                     "reconstruction_norm": 1, "scope": "combined"}}
+    assert hgd == {"kind": "hgd", "dataset": "mammograms", "guide": "baseline",
+                   "source": "surrogate", "seed": 3, "epochs": 20, "batch_size": 32,
+                   "learning_rate": 0.01, "encoder_widths": [64, 128, 256, 256, 256],
+                   "decoder_widths": [64, 128, 256, 256], "epsilon_range": [1, 16],
+                   "ifgsm_steps": [2, 4], "clean_and_noise": True}
+
+
+def test_every_registered_denoiser_kind_validates_with_the_schema_defaults(config):
+    """The schema holds the kinds' defaults: a kind whose settings it lacks fails here."""
+    from medrobust.models.registry import DENOISERS
+
+    config["denoisers"] = {kind: {"kind": kind, "dataset": "mammograms",
+                                  **{role: "baseline" for role in cls.models}}
+                           for kind, cls in DENOISERS.items()}
+    validate_config(config, SCHEMA)
+
+
+def test_the_workflow_knows_every_setting_that_names_a_classifier():
+    """common.smk makes DENOISER_MODEL_KEYS inputs of a denoiser's training without
+    importing the registry; every kind's `models` must be among them."""
+    from medrobust.models.registry import DENOISERS
+
+    for cls in DENOISERS.values():
+        assert set(cls.models) <= set(config_module.DENOISER_MODEL_KEYS), cls.kind
+
+
+def test_denoisers_combine_with_any_defense_as_config_lines(config):
+    """Table 4 of Xue et al.: R, R + Ln, R + La, R + Ln + La, and the same for HGD."""
+    _add_denoisers(config)
+    models = config["image_classifiers"]
+    lambdas = {"Ln": {"lambda_n": 1.0, "lambda_a": 0.0}, "La": {"lambda_n": 0.0, "lambda_a": 10.0},
+               "Ln_La": {"lambda_n": 1.0, "lambda_a": 10.0}}
+    for denoiser in ("R", "H"):
+        for label, settings in lambdas.items():
+            models[f"{denoiser}_{label}"] = {
+                "dataset": "mammograms", "arch": "resnet18", "denoiser": denoiser,
+                "defense": {"name": "denoising", "noise_sigma": 0.03, **settings}}
+    validate_config(config, SCHEMA)
+    labels = config_module.defense_labels(config)
+    assert labels["baseline"] == "none" and labels["denoising"] == "denoising"
+    assert labels["baseline_r"] == "R (reformer)" and labels["baseline_h"] == "H (hgd)"
+    assert labels["H_Ln_La"] == "H (hgd) + denoising"
+
+
 # --- names that become paths ------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a|b", "..", ".hidden", "a..b", "", "a b",
                                   "ümlaut"])
-@pytest.mark.parametrize("section", ["datasets", "image_classifiers", "attacks", "perturbations"])
+@pytest.mark.parametrize("section", ["datasets", "image_classifiers", "attacks", "perturbations",
+                                     "denoisers"])
 def test_names_that_would_be_unsafe_in_paths_are_refused(config, section, name):
+    _add_denoisers(config)
     config[section][name] = next(iter(config[section].values()))
     with pytest.raises(ConfigError) as error:
         validate_config(config, SCHEMA)

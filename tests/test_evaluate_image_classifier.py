@@ -36,11 +36,11 @@ def model_dir(tmp_path, monkeypatch):
 
     loaded = []
 
-    def load_model(folder, device):
+    def load_pipeline(folder, denoiser_dir, device):
         loaded.append((folder, device))
         return MeanThreshold()
 
-    monkeypatch.setattr(evaluate, "load_model", load_model)
+    monkeypatch.setattr(evaluate, "load_pipeline", load_pipeline)
     make.loaded = loaded
     return make
 
@@ -68,7 +68,8 @@ def test_clean_evaluation_scores_the_test_split(tmp_path, model_dir):
     assert written["model"] == "baseline" and written["dataset"] == "mammograms"
     assert written["condition"] == "clean" and written["kind"] == "clean"
     assert written["n"] == 4 and written["accuracy"] == 0.75 and written["auc"] == 1.0
-    for key in ("attack", "perturbation", "epsilon", "severity", "source_model", "white_box"):
+    for key in ("attack", "perturbation", "epsilon", "severity", "source_model", "white_box",
+                "detection_rate"):
         assert written[key] is None
     table = pd.read_csv(tmp_path / "run/clean.csv")
     assert list(table["sample_id"]) == ["s1", "s2", "s3", "s4"]

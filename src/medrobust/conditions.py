@@ -34,6 +34,7 @@ ATTACK_STORE = "eps{eps}.zarr"  # in ATTACK_RUN, one per budget
 PERTURBATION_RUN = "results/perturbations/{dataset}/{perturbation}"
 PERTURBATION_STORE = "severity{severity}.zarr"  # in PERTURBATION_RUN, one per severity
 EVALUATION_RUN = "results/evaluate/{dataset}/{model}"
+DETECTOR_FILE = "detector.json"  # in EVALUATION_RUN, for a model with MagNet's detector
 
 
 def number_label(value: int | float) -> str:

@@ -4,19 +4,22 @@ Three passes, every problem reported at once with the dotted path of its key:
 
 1. the JSON schema (workflow/schemas/config.schema.yaml) checks keys, types
    and ranges and fills defaults;
-2. `check_references` checks what a schema cannot: every model names a
-   configured dataset of the right kind, an image classifier's `pretrained`
-   weights file exists, robustness names configured models, evaluation
-   conditions get distinct names;
+2. `check_references` checks what a schema cannot: every model and denoiser
+   names a configured dataset of the right kind, an image classifier's
+   `pretrained` weights file exists, a classifier's denoiser and a denoiser's
+   classifiers exist on the same dataset, robustness names configured models,
+   evaluation conditions get distinct names;
 3. `check_registries` checks every name that selects code (attack,
-   perturbation, defense, image and slide architecture, feature backbone,
-   source type, synthetic modality) against the package's registries, and
-   every attack and defense parameter against the class that takes it.
+   perturbation, defense, denoiser kind, image and slide architecture,
+   feature backbone, source type, synthetic modality) against the package's
+   registries, and every attack, defense and denoiser parameter against the
+   class that takes it.
 
 The top-level `seed` goes to everything random that sets no seed of its
-own: models, dataset sources, the feature backbone (`resolve_seeds`) and the
-attacks whose Params take a `seed` (`registry_facts`). The registries import
-torch (5-10 s), so `validate_config` can remember a config that passed them:
+own: models, denoisers, dataset sources, the feature backbone
+(`resolve_seeds`) and the attacks whose Params take a `seed`
+(`registry_facts`). The registries import torch (5-10 s), so
+`validate_config` can remember a config that passed them:
 with a `cache_dir`, a marker named by the hash of what pass 3 reads and of
 the package's code (holding the registry facts) skips the imports on the next
 parse of the same config with the same code.
@@ -46,6 +49,10 @@ T = TypeVar("T")
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 # Keys of an `attacks:` entry that the workflow reads; the others are the attack's Params.
 WORKFLOW_ATTACK_KEYS = ("epsilons",)
+# Keys of a `denoisers:` entry that name image classifiers its training needs (HGD's guide
+# and source; each kind's `models` is a subset): the workflow makes them inputs of the
+# training without importing the registries.
+DENOISER_MODEL_KEYS = ("guide", "source")
 
 
 # `pretrained` of an image classifier: these names, or the path of a weights file
@@ -152,9 +159,10 @@ def validate_config(config: MutableMapping, schema_path: str | os.PathLike,
 
 
 def resolve_seeds(config: MutableMapping) -> MutableMapping:
-    """The top-level `seed` for every model, dataset source and backbone that sets none."""
+    """The top-level `seed` for every model, denoiser, dataset source and backbone that sets
+    none."""
     seed = config["seed"]
-    for section in ("image_classifiers", "slide_classifiers"):
+    for section in ("image_classifiers", "slide_classifiers", "denoisers"):
         for model in config.get(section, {}).values():
             model.setdefault("seed", seed)
     for dataset in config["datasets"].values():
@@ -183,6 +191,9 @@ def check_references(config: Mapping) -> list[str]:
         problem = pretrained_problem(model.get("pretrained", "none"))
         if problem:  # a file, so never remembered with the registry checks
             problems.append(f"image_classifiers.{name}.pretrained: {problem}")
+    problems += _check_denoiser_references(config)
+    for name, denoiser in config.get("denoisers", {}).items():
+        expect_dataset("denoisers", name, denoiser, "images")
     for name, model in config.get("slide_classifiers", {}).items():
         expect_dataset("slide_classifiers", name, model, "slides")
         if name in image_models:
@@ -215,6 +226,60 @@ def check_references(config: Mapping) -> list[str]:
     return problems
 
 
+def _check_denoiser_references(config: Mapping) -> list[str]:
+    """A classifier's denoiser, and the classifiers a denoiser needs, exist on its dataset."""
+    image_models = config.get("image_classifiers", {})
+    denoisers = config.get("denoisers", {})
+    problems = []
+
+    def same_dataset(path: str, what: str, dataset: str, other: str) -> None:
+        if dataset != other:
+            problems.append(f"{path}: {what} is trained on dataset {dataset!r}, "
+                            f"and must be on {other!r}")
+
+    for name, model in image_models.items():
+        denoiser = model.get("denoiser")
+        path = f"image_classifiers.{name}.denoiser"
+        if denoiser is None:
+            continue
+        if denoiser not in denoisers:
+            problems.append(f"{path}: no denoiser named {denoiser!r}; "
+                            f"known: {', '.join(sorted(denoisers)) or 'none'}")
+        else:
+            same_dataset(path, f"denoiser {denoiser!r}", denoisers[denoiser]["dataset"],
+                         model["dataset"])
+    for name, denoiser in denoisers.items():
+        for role in DENOISER_MODEL_KEYS:
+            model = denoiser.get(role)
+            if model is None:
+                continue
+            path = f"denoisers.{name}.{role}"
+            if model not in image_models:
+                problems.append(f"{path}: no image classifier named {model!r}")
+            else:
+                same_dataset(path, f"image classifier {model!r}",
+                             image_models[model]["dataset"], denoiser["dataset"])
+    return problems
+
+
+def defense_labels(config: Mapping) -> dict[str, str]:
+    """What each image model is defended with, for the report: its pixel denoiser and its
+    training defense, joined with " + " (`reformer + denoising`); "none" without either."""
+    denoisers = config.get("denoisers", {})
+    labels = {}
+    for name, model in config.get("image_classifiers", {}).items():
+        parts = []
+        denoiser = model.get("denoiser")
+        if denoiser is not None:
+            kind = denoisers[denoiser]["kind"]
+            parts.append(denoiser if denoiser == kind else f"{denoiser} ({kind})")
+        defense = (model.get("defense") or {}).get("name", "none")
+        if defense != "none":
+            parts.append(defense)
+        labels[name] = " + ".join(parts) or "none"
+    return labels
+
+
 # --- names that select code, against the registries ---------------------------------
 
 
@@ -225,6 +290,7 @@ def registry_view(config: Mapping) -> dict[str, Any]:
                      for name, dataset in config["datasets"].items()},
         "image_classifiers": {name: {"arch": model["arch"], "defense": model.get("defense")}
                               for name, model in config.get("image_classifiers", {}).items()},
+        "denoisers": config.get("denoisers", {}),
         "slide_classifiers": {name: {"arch": model["arch"]}
                               for name, model in config.get("slide_classifiers", {}).items()},
         "features": {"backbone": config.get("features", {}).get("backbone", "resnet18")},
@@ -234,7 +300,8 @@ def registry_view(config: Mapping) -> dict[str, Any]:
 
 
 def check_registries(view: Mapping) -> list[str]:
-    """Every name that selects code, and every attack and defense parameter, in the registries.
+    """Every name that selects code, and every attack, defense and denoiser parameter, in the
+    registries.
 
     Takes the config's `registry_view`. Imports the registries (and so torch):
     the names are those of the code that will run, and a new attack or
@@ -271,6 +338,11 @@ def check_registries(view: Mapping) -> list[str]:
         if defense and lookup(f"{path}.defense.name", "defense", defense["name"], registry.DEFENSES):
             cls = registry.DEFENSES[defense.pop("name")]
             problems += _check_params(cls, defense, f"{path}.defense")
+    for name, denoiser in view["denoisers"].items():
+        path = f"denoisers.{name}"
+        if lookup(f"{path}.kind", "denoiser kind", denoiser["kind"], registry.DENOISERS):
+            settings = {key: value for key, value in denoiser.items() if key != "kind"}
+            problems += _check_params(registry.DENOISERS[denoiser["kind"]], settings, path)
     for name, model in view["slide_classifiers"].items():
         lookup(f"slide_classifiers.{name}.arch", "slide classifier architecture", model["arch"],
                registry.SLIDE_CLASSIFIERS)

@@ -33,22 +33,26 @@ every problem with the dotted path of its key:
 
 - the schema: unknown keys, types, ranges; missing keys take the defaults
   below (a section's defaults only where the section applies: `preprocess`
-  for image datasets, `tiling` for slide datasets);
-- cross-references: a model's `dataset` is configured and of the right kind,
-  `robustness` names configured image classifiers, evaluation conditions get
-  distinct names;
+  for image datasets, `tiling` for slide datasets, a denoiser's for its `kind`);
+- cross-references: a model's or denoiser's `dataset` is configured and of
+  the right kind, a classifier's `denoiser` and a denoiser's `guide` and
+  `source` are configured and on the same dataset, `robustness` names
+  configured image classifiers, evaluation conditions get distinct names;
 - every name that selects code (source `type`, synthetic `modality`,
-  architectures, `defense.name`, `features.backbone`, attack and perturbation
-  names), every attack and defense parameter and every budget, against the
-  package's registries: the message lists the known names.
+  architectures, `defense.name`, denoiser `kind`, `features.backbone`, attack
+  and perturbation names), every attack, defense and denoiser parameter and
+  every budget, against the package's registries: the message lists the
+  known names.
 
-Names under `datasets`, `image_classifiers`, `slide_classifiers`, `attacks`
-and `perturbations`, and `features.backbone`, become parts of paths: letters,
-digits, `_`, `-` and `.`, not starting with `.` and without `..`.
+Names under `datasets`, `image_classifiers`, `slide_classifiers`,
+`denoisers`, `attacks` and `perturbations`, and `features.backbone`, become
+parts of paths: letters, digits, `_`, `-` and `.`, not starting with `.` and
+without `..`.
 
 **Seeds.** The top-level `seed` reaches everything random that does not set
-its own seed: dataset sources, models, the random feature backbone, attacks
-that draw random numbers, perturbations and the report's bootstrap.
+its own seed: dataset sources, models, denoisers, the random feature
+backbone, attacks that draw random numbers, perturbations and the report's
+bootstrap.
 
 `<name>` stands for a name you choose. A default in *italics* is filled in
 from elsewhere, as its meaning says.

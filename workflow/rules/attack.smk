@@ -1,17 +1,20 @@
 # Adversarial test images crafted on a source model (white-box when the
 # source is the evaluated model itself, black-box transfer otherwise), and
 # model-independent perturbations of the test images. One job per attack and
-# source covers every budget, one per perturbation every severity.
+# source covers every budget, one per perturbation every severity. A source
+# with a pixel denoiser is attacked through it.
 
 
 rule attack:
     input:
         model="results/models/{dataset}/{source}/model.safetensors",
         images=plan.CLEAN_STORE,
+        denoiser=lambda wildcards: denoiser_weights(wildcards.source),
     output:
         directory(plan.ATTACK_RUN),
     params:
         settings=attack_settings,
+        denoiser=lambda wildcards: denoiser_folder(wildcards.source),
         epsilons=lambda wildcards: config["attacks"][wildcards.attack]["epsilons"],
         device=config["device"],
         code=code_fingerprint("attacks"),

@@ -14,7 +14,7 @@ sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 from medrobust import conditions as plan
-from medrobust.config import PRETRAINED, validate_config
+from medrobust.config import DENOISER_MODEL_KEYS, PRETRAINED, defense_labels, validate_config
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 
@@ -37,6 +37,8 @@ except ConfigError as error:
 DATASETS = config["datasets"]
 IMAGE_CLASSIFIERS = config["image_classifiers"]
 SLIDE_CLASSIFIERS = config["slide_classifiers"]
+DENOISERS = config["denoisers"]
+DENOISER_RUN = "results/denoisers/{dataset}/{denoiser}"  # train_denoiser's output folder
 REPORT_HTML = Path("results/report/index.html").resolve()
 
 
@@ -49,6 +51,7 @@ wildcard_constraints:
     dataset=_alternatives(DATASETS),
     image_model=_alternatives(IMAGE_CLASSIFIERS),
     slide_model=_alternatives(SLIDE_CLASSIFIERS),
+    denoiser=_alternatives(DENOISERS),
     source=_alternatives(IMAGE_CLASSIFIERS),
     attack=_alternatives(config["attacks"]),
     perturbation=_alternatives(config["perturbations"]),
@@ -97,7 +100,10 @@ def slide_feature_stores(wildcards):
 
 
 def image_model_config(wildcards):
-    model = IMAGE_CLASSIFIERS[wildcards.image_model]
+    """What trains an image classifier: its entry without the denoiser it later sits behind
+    (adding one retrains nothing), with `image_training` under its own overrides."""
+    model = {key: value for key, value in IMAGE_CLASSIFIERS[wildcards.image_model].items()
+             if key != "denoiser"}
     return {**model, "training": {**config["image_training"], **model.get("training", {})}}
 
 
@@ -106,6 +112,47 @@ def pretrained_weights_file(wildcards):
     file retrains it."""
     pretrained = IMAGE_CLASSIFIERS[wildcards.image_model]["pretrained"]
     return [] if pretrained in PRETRAINED else [pretrained]
+
+
+def denoiser_folder(model):
+    """The folder of the pixel denoiser an image model sits behind when evaluated and
+    attacked, or None."""
+    name = IMAGE_CLASSIFIERS[model].get("denoiser")
+    if name is None:
+        return None
+    return DENOISER_RUN.format(dataset=DENOISERS[name]["dataset"], denoiser=name)
+
+
+def denoiser_weights(model):
+    """The denoiser's weights, an input of the model's evaluation and of attacks crafted on it."""
+    folder = denoiser_folder(model)
+    return [] if folder is None else [f"{folder}/model.safetensors"]
+
+
+def detector_settings(model):
+    """MagNet's detector on the model's reformer (fitted in its evaluation), or None."""
+    name = IMAGE_CLASSIFIERS[model].get("denoiser")
+    return None if name is None else DENOISERS[name].get("detector")
+
+
+def denoiser_training(wildcards):
+    """A denoiser's settings as its training reads them: the detector only acts at evaluation,
+    so changing it retrains nothing."""
+    return {key: value for key, value in DENOISERS[wildcards.denoiser].items() if key != "detector"}
+
+
+def denoiser_models(wildcards):
+    """The model folders of the classifiers a denoiser's training needs, by setting (HGD's
+    guide and source)."""
+    settings = DENOISERS[wildcards.denoiser]
+    return {key: trained_models()[settings[key]] for key in DENOISER_MODEL_KEYS if key in settings}
+
+
+def denoiser_inputs(wildcards):
+    """A denoiser training's inputs: the clean store and its classifiers' weights, by setting."""
+    return {"images": plan.CLEAN.store(wildcards.dataset),
+            **{key: f"{folder}/model.safetensors"
+               for key, folder in denoiser_models(wildcards).items()}}
 
 
 def attack_settings(wildcards):
@@ -149,9 +196,8 @@ def image_stores(wildcards=None):
 
 
 def defenses():
-    """Each image model's defense ("none" when undefended), for the paired comparisons."""
-    return {name: (settings.get("defense") or {}).get("name", "none")
-            for name, settings in IMAGE_CLASSIFIERS.items()}
+    """Each image model's defenses ("none" when undefended), for the paired comparisons."""
+    return defense_labels(config)
 
 
 def report_inputs(wildcards=None):

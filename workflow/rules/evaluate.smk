@@ -1,17 +1,23 @@
 # Predictions and metrics of one model under every condition it is evaluated
 # under (clean, each attack at each budget, each perturbation at each
 # severity), in one job: the model loads once, and a condition costs a few
-# forward passes where a job of its own would cost seconds of start-up.
+# forward passes where a job of its own would cost seconds of start-up. A
+# model with a pixel denoiser is evaluated behind it; MagNet's detector sets
+# its thresholds on the clean store's validation split.
 
 
 rule evaluate_image_classifier:
     input:
         model="results/models/{dataset}/{image_model}/model.safetensors",
         images=lambda wildcards: plan.model_condition_runs(config, wildcards.image_model),
+        clean=plan.CLEAN_STORE,
+        denoiser=lambda wildcards: denoiser_weights(wildcards.image_model),
     output:
         directory(plan.EVALUATION_RUN.format(dataset="{dataset}", model="{image_model}")),
     params:
         conditions=lambda wildcards: plan.model_condition_stores(config, wildcards.image_model),
+        denoiser=lambda wildcards: denoiser_folder(wildcards.image_model),
+        detector=lambda wildcards: detector_settings(wildcards.image_model),
         device=config["device"],
         code=code_fingerprint("evaluate"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs

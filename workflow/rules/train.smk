@@ -1,5 +1,6 @@
 # Classifiers: image models (plain or with a defense) on the image stores,
-# attention-MIL slide models on the feature stores.
+# attention-MIL slide models on the feature stores; pixel denoisers that image
+# models sit behind, trained with the classifiers fixed.
 
 
 rule train_image_classifier:
@@ -54,3 +55,27 @@ rule train_slide_classifier:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/train_slide_classifier.py"
+
+
+rule train_denoiser:
+    input:
+        unpack(denoiser_inputs),
+    output:
+        weights=f"{DENOISER_RUN}/model.safetensors",
+        config=f"{DENOISER_RUN}/config.json",
+        history=f"{DENOISER_RUN}/history.json",
+    params:
+        denoiser=denoiser_training,
+        models=denoiser_models,
+        device=config["device"],
+        code=code_fingerprint("train", "models", "attacks"),  # HGD crafts its examples
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    log:
+        "logs/train_denoiser/{dataset}/{denoiser}.log",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/train_denoiser.py"

@@ -13,4 +13,5 @@ with script_logging(snakemake):
         epsilons=snakemake.params.epsilons,
         attack_params=snakemake.params.settings,
         device=select_device(snakemake.params.device, threads=snakemake.threads),
+        denoiser_dir=snakemake.params.denoiser,
     )

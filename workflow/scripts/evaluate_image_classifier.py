@@ -10,4 +10,7 @@ with script_logging(snakemake):
         snakemake.params.conditions,
         snakemake.output[0],
         device=select_device(snakemake.params.device, threads=snakemake.threads),
+        denoiser_dir=snakemake.params.denoiser,
+        detector=snakemake.params.detector,
+        validation_store=snakemake.input.clean,
     )

@@ -13,7 +13,7 @@ from medrobust.conditions import attack_store_name
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
-from medrobust.models import load_model
+from medrobust.models.pipeline import load_pipeline
 from medrobust.io.test_split import iter_test_batches, write_test_store
 
 log = get_logger(__name__)
@@ -22,15 +22,17 @@ log = get_logger(__name__)
 def craft_attack_run(source_model_dir: str | os.PathLike, clean_store_path: str | os.PathLike,
                      out_dir: str | os.PathLike, attack_name: str, epsilons: Sequence[float],
                      attack_params: Mapping[str, Any] | None = None,
-                     device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+                     device: str | torch.device = "cpu", batch_size: int = 32,
+                     denoiser_dir: str | os.PathLike | None = None) -> None:
     """Attack every test image at each budget in `epsilons`; one store per budget in `out_dir`.
 
     The stores are named by `medrobust.conditions.attack_store_name` (`eps8.zarr`);
     `out_dir` appears only once every budget is written. The source model
-    loads once for all budgets.
+    loads once for all budgets; with `denoiser_dir` it is attacked behind
+    that denoiser, gradients through both (`models.pipeline`).
     """
     device = torch.device(device)
-    model = load_model(source_model_dir, device)
+    model = load_pipeline(source_model_dir, denoiser_dir, device)
     store = open_image_store(clean_store_path)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()

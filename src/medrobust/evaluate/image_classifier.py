@@ -3,7 +3,10 @@
 What the inputs were (clean, which attack at which epsilon crafted on which
 model, which perturbation at which severity) is read from the store's attrs,
 so the metrics JSON describes itself (docs/architecture.md, "Evaluation").
-One call covers every condition of one model: the model loads once.
+One call covers every condition of one model: the model loads once. A model
+with a pixel denoiser is evaluated behind it (`models.pipeline`); with
+MagNet's detector on a reformer, every image also gets a reject decision
+(`evaluate.detector`), and each condition its detection rate.
 """
 
 from __future__ import annotations
@@ -18,66 +21,95 @@ import pandas as pd
 import torch
 from torch import nn
 
-from medrobust.conditions import evaluation_tables
+from medrobust.conditions import DETECTOR_FILE, evaluation_tables
 from medrobust.errors import InputError
+from medrobust.evaluate.detector import Detector, fit_detector
 from medrobust.evaluate.metrics import (
     METRIC_KEYS, classification_metrics, describe_condition, prediction_table)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
-from medrobust.models import load_model
+from medrobust.models.pipeline import load_pipeline
 from medrobust.models.registry import CONFIG_FILE
 from medrobust.io.test_split import iter_test_batches
 
 log = get_logger(__name__)
 
 def predict_probabilities(model: nn.Module, store: ImageStore, device: torch.device,
-                          batch_size: int) -> np.ndarray:
-    """Softmax probabilities `(n_test, n_classes)` in store order."""
-    probabilities = []
+                          batch_size: int, detector: Detector | None = None
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax probabilities `(n_test, n_classes)` in store order, and with a `detector`
+    whether it rejects each image (else None)."""
+    probabilities, rejected = [], []
     with torch.inference_mode():
         for images, _ in iter_test_batches(store, batch_size, desc=f"predict {store.path.name}"):
-            logits = model(torch.as_tensor(images, dtype=torch.float32, device=device))
+            images = torch.as_tensor(images, dtype=torch.float32, device=device)
+            logits = model(images)
             probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    return np.concatenate(probabilities)
+            if detector is not None:
+                rejected.append(detector.rejects(model, images))
+    return np.concatenate(probabilities), np.concatenate(rejected) if rejected else None
 
 
 def evaluate_on_store(model: nn.Module, model_name: str, store: ImageStore, condition: str,
-                      device: torch.device, batch_size: int = 64) -> tuple[pd.DataFrame, dict]:
-    """Per-sample predictions and the metrics record of `model` on the store's test split."""
+                      device: torch.device, batch_size: int = 64,
+                      detector: Detector | None = None) -> tuple[pd.DataFrame, dict]:
+    """Per-sample predictions and the metrics record of `model` on the store's test split.
+
+    With a `detector`, the table gains a `rejected` column and the record's
+    `detection_rate` is the fraction rejected (on clean images: the false-positive rate).
+    """
     index = store.indices("test")
-    probabilities = predict_probabilities(model, store, device, batch_size)
+    probabilities, rejected = predict_probabilities(model, store, device, batch_size, detector)
     labels = store.labels[index]
     table = prediction_table(store.sample_ids[index], labels, probabilities, store.classes)
     record = {**describe_condition(store.attrs, model_name, condition, family="image"),
               **classification_metrics(labels, probabilities)}
+    if rejected is not None:
+        table.insert(table.columns.get_loc("correct") + 1, "rejected", rejected)
+        record["detection_rate"] = float(rejected.mean())
     return table, {key: record[key] for key in METRIC_KEYS}
 
 
 def evaluate_image_classifier(model_dir: str | os.PathLike,
                               conditions: Mapping[str, str | os.PathLike],
                               out_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                              batch_size: int = 64) -> dict[str, dict]:
+                              batch_size: int = 64,
+                              denoiser_dir: str | os.PathLike | None = None,
+                              detector: Mapping | None = None,
+                              validation_store: str | os.PathLike | None = None
+                              ) -> dict[str, dict]:
     """Evaluate the saved model on the test split of each condition's store.
 
     `conditions` maps a condition's name to the store it reads; `out_dir`
     receives each one's predictions and metrics (`medrobust.conditions.evaluation_tables`),
     and appears only once all are written. The model is named by its folder
-    and loads once; `device` is where to run (the caller picks it with
-    `medrobust.device.select_device`). Returns the metrics records by name.
+    and loads once, behind the saved denoiser in `denoiser_dir` if given;
+    `device` is where to run (the caller picks it with
+    `medrobust.device.select_device`). `detector` (MagNet's detector settings,
+    for a reformer) sets its thresholds on the val split of the clean
+    `validation_store` and adds `detector.json` to `out_dir`. Returns the
+    metrics records by name.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
     stores = {name: open_image_store(path) for name, path in conditions.items()}
-    for store in stores.values():  # every store checked before any forward pass
+    if detector is not None and validation_store is None:
+        raise InputError(f"{model_dir}: the detector needs a clean store with validation images")
+    validation = [] if detector is None else [open_image_store(validation_store)]
+    for store in [*stores.values(), *validation]:  # every store checked before any forward pass
         _check_classes(model_dir, store)
-    model = load_model(model_dir, device)
+    model = load_pipeline(model_dir, denoiser_dir, device)
+    fitted = None if detector is None else fit_detector(model, detector, validation[0], device,
+                                                        batch_size)
     records = {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
+        if fitted is not None:
+            write_json(tmp / DETECTOR_FILE, fitted.record())
         for name, store in stores.items():
             table, records[name] = evaluate_on_store(model, model_dir.name, store, name,
-                                                     device, batch_size)
+                                                     device, batch_size, fitted)
             files = evaluation_tables(name)
             table.to_csv(tmp / files["predictions"], index=False)
             write_json(tmp / files["metrics"], records[name])

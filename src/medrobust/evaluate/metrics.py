@@ -41,7 +41,8 @@ def prediction_table(sample_ids, labels: np.ndarray, probabilities: np.ndarray,
 
 # the metrics JSON, key by key, in this order (also the summary's columns)
 METRIC_KEYS = ("family", "model", "dataset", "condition", "kind", "attack", "perturbation",
-               "epsilon", "norm", "severity", "source_model", "white_box", "n", "accuracy", "auc")
+               "epsilon", "norm", "severity", "source_model", "white_box", "n", "accuracy", "auc",
+               "detection_rate")
 
 
 def describe_condition(store_attrs: dict[str, Any], model: str, condition: str,
@@ -64,4 +65,6 @@ def describe_condition(store_attrs: dict[str, Any], model: str, condition: str,
         "source_model": source_model,
         # white-box: the attack used this very model's gradients
         "white_box": source_model == model if kind == "attack" else None,
+        # the fraction of images a detector rejects; None: the model has no detector
+        "detection_rate": None,
     }

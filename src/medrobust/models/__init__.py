@@ -4,7 +4,8 @@ Importing the package imports every model module, which registers its
 builders in `medrobust.models.registry`.
 """
 
-from medrobust.models import denoising, image_classifiers, mil  # noqa: F401  (registration)
+from medrobust.models import (  # noqa: F401  (registration)
+    denoising, image_classifiers, mil, pixel_denoisers)
 from medrobust.models.registry import build_model, load_model, save_model
 
 __all__ = ["build_model", "load_model", "save_model"]

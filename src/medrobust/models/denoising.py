@@ -84,6 +84,10 @@ class DenoisingClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images)
 
+    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The classifier's features: what guides an HGD denoiser, defended classifier or not."""
+        return self.classifier.forward_features(images)
+
     def forward_train(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits, last conv features and reconstruction, from one pass."""
         features = self.classifier.forward_features(images)

@@ -9,7 +9,9 @@ Builders register under the name a config uses for them (as timm does):
   resolved model config (`models.mil`);
 - defenses: a frozen dataclass with `from_mapping`, `wrap(classifier)` (the model
   that is trained, saved and evaluated) and `loss(model, images, labels,
-  generator)` (the training objective).
+  generator)` (the training objective);
+- pixel denoisers (`denoisers:` in config, by `kind`): a frozen dataclass of
+  the kind's settings, see `DenoiserKind` (`models.pixel_denoisers`).
 
 A saved model is a folder holding `model.safetensors`, `config.json` (the
 resolved config, enough to rebuild the architecture) and `history.json`.
@@ -38,6 +40,7 @@ from medrobust.io.atomic import atomic_path, set_default_mode, write_json
 IMAGE_CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {}
 SLIDE_CLASSIFIERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {}
 DEFENSES: dict[str, type] = {}
+DENOISERS: dict[str, type] = {}
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -71,6 +74,15 @@ def register_defense(name: str):
     return add
 
 
+def register_denoiser(kind: str):
+    def add(cls):
+        cls.kind = kind  # what config.json records, to rebuild the architecture
+        DENOISERS[kind] = cls
+        return cls
+
+    return add
+
+
 class Defense(Protocol):
     name: ClassVar[str]
 
@@ -97,6 +109,41 @@ class NoDefense:
         return F.cross_entropy(model(images), labels), {}
 
 
+class DenoiserKind(Protocol):
+    """The settings of one kind of pixel denoiser (a config entry under `denoisers:`).
+
+    `models` names the settings that name image classifiers the training needs
+    (HGD: the classifier that guides it and the one that crafts its examples);
+    training (`medrobust.train.denoiser`) loads them and passes them by those names.
+    """
+
+    kind: ClassVar[str]
+    models: ClassVar[tuple[str, ...]]
+    dataset: str
+    seed: int
+    epochs: int
+    batch_size: int
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], section: str | None = None): ...
+
+    def build(self, in_channels: int) -> nn.Module:
+        """The denoiser, images in [0, 1] -> images in [0, 1] of the same shape."""
+
+    def learning_rate_at(self, epoch: int) -> float:
+        """Adam's learning rate in `epoch` (1-based)."""
+
+    def training_examples(self, images: torch.Tensor, labels: torch.Tensor,
+                          models: Mapping[str, nn.Module], generator: torch.Generator,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's inputs for these clean images, and for each the index of its clean image."""
+
+    def loss(self, denoiser: nn.Module, inputs: torch.Tensor, clean: torch.Tensor,
+             models: Mapping[str, nn.Module], generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch and its named components."""
+
+
 def build_defense(config: Mapping[str, Any] | None) -> Defense:
     """The defense a model config's `defense` section names; absent means none."""
     settings = dict(config or {"name": "none"})
@@ -106,6 +153,14 @@ def build_defense(config: Mapping[str, Any] | None) -> Defense:
     if name not in DEFENSES:
         raise unknown_name("defense", name, DEFENSES)
     return DEFENSES[name].from_mapping(settings)
+
+
+def build_denoiser(config: Mapping[str, Any]) -> DenoiserKind:
+    """The checked settings of a `denoisers:` entry; its `kind` picks the class."""
+    settings = dict(config)
+    if "kind" not in settings:
+        raise ConfigError(f"denoiser needs a kind; known: {', '.join(sorted(DENOISERS))}")
+    return _lookup(DENOISERS, "denoiser kind", settings.pop("kind")).from_mapping(settings)
 
 
 def defense_config(defense: Defense) -> dict[str, Any]:
@@ -130,7 +185,10 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> n
         return build_defense(config.get("defense")).wrap(classifier)
     if family == "slide":
         return _lookup(SLIDE_CLASSIFIERS, "slide classifier", _require(config, "arch"))(config)
-    raise ConfigError(f"model family must be 'image' or 'slide', not {family!r}")
+    if family == "denoiser":
+        settings = {"kind": _require(config, "kind"), **_require(config, "settings")}
+        return build_denoiser(settings).build(int(_require(config, "in_channels")))
+    raise ConfigError(f"model family must be 'image', 'slide' or 'denoiser', not {family!r}")
 
 
 def save_model(model: nn.Module, model_dir: str | os.PathLike, config: Mapping[str, Any],

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from medrobust import __version__
+from medrobust.config import defense_labels
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import smallest_detectable_difference
@@ -467,8 +468,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     written on error."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
-    defenses = {name: (model.get("defense") or {}).get("name", "none")
-                for name, model in (config.get("image_classifiers") or {}).items()}
+    defenses = defense_labels(config)
     trained = read_histories(models)
     figure_files: dict[str, tuple[bytes, str]] = {}
     images = robustness[robustness["family"] == "image"]
@@ -492,7 +492,11 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
                                summary["settings"]["alpha"])
-    tables = defense_tables(images, {name: model["config"] for name, model in trained.items()})
+    # a pixel denoiser is not part of the classifier's training, so not in its config.json
+    denoisers = {name: model.get("denoiser")
+                 for name, model in config.get("image_classifiers", {}).items()}
+    tables = defense_tables(images, {name: {**model["config"], "denoiser": denoisers.get(name)}
+                                     for name, model in trained.items()})
     labels = {(row["model"], row["condition"]): condition_label(row)
               for _, row in robustness.iterrows()}
     context = {

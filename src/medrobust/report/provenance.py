@@ -96,8 +96,8 @@ def applicable_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config without the parts that did not act on this run.
 
     Datasets no model uses, slide settings without slide models, attack and
-    perturbation settings without attacked models, and a dataset's keys for
-    the other kind of data are left out.
+    perturbation settings without attacked models, denoisers when no model
+    sits behind one, and a dataset's keys for the other kind of data are left out.
     """
     image_models = dict(config.get("image_classifiers") or {})
     slide_models = dict(config.get("slide_classifiers") or {})
@@ -111,7 +111,8 @@ def applicable_config(config: Mapping[str, Any]) -> dict[str, Any]:
     attacked = bool((config.get("robustness") or {}).get("targets"))
     acted = {"image_classifiers": image_models, "image_training": image_models,
              "slide_classifiers": slide_models, "features": slide_models, "attacks": attacked,
-             "perturbations": attacked, "robustness": attacked}
+             "perturbations": attacked, "robustness": attacked,
+             "denoisers": any(model.get("denoiser") for model in image_models.values())}
     return {key: datasets if key == "datasets" else value for key, value in config.items()
             if acted.get(key, True)}
 

@@ -62,8 +62,8 @@ def defense_setting(config: Mapping[str, Any]) -> dict[str, Any]:
     """A model's defense name and the settings its rows are told apart by, from config.json.
 
     λn, λa and the distance sit in the `defense` section; a pixel denoiser in
-    front of the classifier is part of the model, not of its training loss, so
-    it is read from the model's own config. Settings a config lacks are None.
+    front of the classifier is not part of its training, so the report adds it
+    (`denoiser`) from the run's config. Settings a config lacks are None.
     """
     defense = config.get("defense") or {}
     return {"defense": defense.get("name", "none"), "denoiser": config.get("denoiser"),

@@ -144,8 +144,8 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
     defense = build_defense(spec.defense)
     device = torch.device(device)
     store = open_image_store(store_path)
-    train_images, train_labels = _tensors(store, "train")
-    val_images, val_labels = _tensors(store, "val")
+    train_images, train_labels = split_tensors(store, "train")
+    val_images, val_labels = split_tensors(store, "val")
     if len(train_images) < 2:
         raise InputError(f"{store.path}: the train split needs at least 2 images, "
                          f"has {len(train_images)}")
@@ -200,7 +200,7 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
         model.train()
         totals: dict[str, float] = {}
         learning_rate = optimizer.param_groups[0]["lr"]  # this epoch's; the schedule moves it after
-        batches = _batches(len(train[0]), training.batch_size, data_generator)
+        batches = shuffled_batches(len(train[0]), training.batch_size, data_generator)
         for index in progress(batches, desc=f"{name} epoch {epoch}/{training.epochs}",
                               unit="batch", leave=False):
             images = train[0][index]
@@ -217,7 +217,7 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
             scheduler.step()
         record = {"epoch": epoch, "learning_rate": learning_rate,
                   **{f"train_{key}": value / len(train[0]) for key, value in totals.items()}}
-        _recalibrate_batchnorm(model, train[0], training.batch_size, device)
+        recalibrate_batchnorm(model, train[0], training.batch_size, device)
         record.update(_validate(model, val, training.batch_size, device))
         epochs.append(record)
         log.info("%s epoch %d/%d: %s", name, epoch, training.epochs,
@@ -239,8 +239,8 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
 
 
 @torch.no_grad()
-def _recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
-                           device: torch.device) -> None:
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
+                          device: torch.device) -> None:
     """Re-estimate BatchNorm statistics on the training images with the current weights.
 
     With a few steps per epoch the running averages still mostly hold the
@@ -274,7 +274,8 @@ def _validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], batch_si
     return {"val_loss": loss / len(val[0]), "val_accuracy": correct / len(val[0])}
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Indices of `n` samples in random batches of `batch_size`."""
     batches = list(torch.randperm(n, generator=generator).split(batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches.pop()  # BatchNorm cannot train on a batch of one; reshuffled next epoch
@@ -288,7 +289,8 @@ def _random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return images
 
 
-def _tensors(store, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(store, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (float32) and labels (int64) of one split of an image store."""
     images, labels = store.load(split)
     return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
             torch.from_numpy(np.asarray(labels, dtype=np.int64)))
