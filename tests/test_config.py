@@ -70,7 +70,8 @@ def test_default_config_is_valid_and_defaults_are_filled(config):
 
 def test_training_defaults_fill_image_training_not_a_models_overrides(config):
     """A model's `training` filled with defaults would override image_training's values."""
-    config["image_training"]["optimizer"] = "sgd"
+    config["image_training"] = {"epochs": 12, "batch_size": 32, "learning_rate": 0.001,
+                                "weight_decay": 0.0001, "optimizer": "sgd"}
     config["image_classifiers"]["denoising"]["training"] = {"epochs": 3}
     validate_config(config, SCHEMA)
     assert config["image_training"] == {"epochs": 12, "batch_size": 32, "learning_rate": 0.001,
