@@ -1,0 +1,35 @@
+"""Every preset under presets/ is a config the workflow accepts, with the jobs its study needs."""
+
+import re
+
+import pytest
+import yaml
+
+from workflow_runner import ROOT, run_snakemake
+
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {match[1]: int(match[2]) for match in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_every_preset_is_listed_in_the_presets_readme():
+    readme = (ROOT / "presets/README.md").read_text()
+    assert PRESETS and all(f"`{path.name}`" in readme for path in PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.stem)
+def test_a_preset_passes_a_dry_run_with_a_job_per_model(preset):
+    # from the clone's root, as a user runs it (paths in presets are relative to it)
+    result = run_snakemake(ROOT, preset, "--dry-run", "--quiet", "rules", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    config = yaml.safe_load(preset.read_text())
+    jobs = job_counts(output)
+    assert jobs["train_image_classifier"] == len(config["image_classifiers"])
+    assert jobs["evaluate_image_classifier"] == len(config["image_classifiers"])
+    assert jobs.get("train_denoiser", 0) == len(config.get("denoisers", {}))
+    sources = set(config["robustness"]["transfer_sources"]) | set(config["robustness"]["targets"])
+    assert jobs["attack"] == len(config["attacks"]) * len(sources)
