@@ -401,3 +401,17 @@ def test_a_gradient_free_attack_stronger_than_pgd_flags_gradient_masking(round_i
     assert bool(check["flagged"]) is flagged
     if flagged:  # rounding hid every gradient: PGD moved nothing that Square could not
         assert check["fooled_only_by_gradient_free"] > 10 and check["fooled_only_by_gradient"] == 0
+
+
+def test_a_cell_of_a_model_behind_a_detector_shows_what_it_rejected():
+    from medrobust.report.page import _accuracy_cell, _environment
+
+    row = pd.Series({"accuracy": 0.5, "accuracy_low": 0.3, "accuracy_high": 0.7, "auc": None,
+                     "auc_low": None, "auc_high": None, "detection_rate": 0.125})
+    macros = _environment().get_template("macros.html.j2").module
+    assert "detector rejects 12.5%" in str(macros.accuracy_cell(_accuracy_cell(row)))
+    plain = _accuracy_cell(row.drop("detection_rate"))
+    assert plain["detection_rate"] is None
+    assert "detector" not in str(macros.accuracy_cell(plain))
+    assert "detector" not in str(macros.accuracy_cell(_accuracy_cell(
+        row.replace({0.125: float("nan")}))))

@@ -192,10 +192,13 @@ def small_test_sets(robustness: pd.DataFrame, threshold: int, alpha: float) -> l
 
 
 def _accuracy_cell(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A table cell: accuracy with its interval, the AUC beneath; None where not run."""
+    """A table cell: accuracy with its interval, the AUC beneath, and the share MagNet's
+    detector rejected for a model behind one; None where not run."""
     if row is None:
         return None
-    return {"accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc")}
+    detection = row.get("detection_rate")
+    return {"accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc"),
+            "detection_rate": None if detection is None or pd.isna(detection) else float(detection)}
 
 
 def study_table(robustness: pd.DataFrame, kinds: Sequence[str]) -> dict[str, Any]:
