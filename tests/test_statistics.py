@@ -414,3 +414,37 @@ def test_bad_bootstrap_settings_and_paired_shapes_are_rejected():
         bootstrap_mean(np.ones(9), labels)
     with pytest.raises(InputError, match="alpha"):
         smallest_detectable_difference(10, alpha=0)
+
+
+@pytest.mark.parametrize("verdict, low, high, caveat", [
+    ("helped", -0.3, -0.1, "AUC lower"),                     # accuracy up, ranking down
+    ("no detectable difference", -0.3, -0.1, "AUC lower"),
+    ("no detectable difference", 0.05, 0.2, "AUC higher"),
+    ("hurt", 0.05, 0.2, "AUC higher"),
+    ("hurt", -0.3, -0.1, None),                              # agrees with the verdict
+    ("helped", 0.05, 0.2, None),
+    ("helped", -0.1, 0.1, None),                             # interval holds 0
+    ("helped", None, None, None),                            # AUC undefined
+])
+def test_auc_caveat_says_when_the_auc_interval_disagrees_with_the_verdict(verdict, low, high,
+                                                                          caveat):
+    from medrobust.evaluate.statistics import auc_caveat
+
+    assert auc_caveat(verdict, Interval(0.0, low, high, PAIRED)) == caveat
+
+
+def test_a_model_that_leans_to_the_majority_class_gets_the_auc_caveat():
+    # the reference ranks every case right but misses 20 positives at its threshold; the
+    # other model calls everything class 1 with scores unrelated to the label: about as
+    # accurate (McNemar sees 30 against 20 discordant pairs), and an AUC near 0.5
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 170)
+    p1 = np.where(labels == 1, 0.7, 0.3) + rng.uniform(0, 0.01, 200)
+    p1[30:50] = 0.45 + rng.uniform(0, 0.01, 20)
+    reference = np.column_stack([1 - p1, p1])
+    lean_p1 = 0.9 + rng.uniform(0, 0.01, 200)
+    lean = np.column_stack([1 - lean_p1, lean_p1])
+    result = paired_comparison(labels, reference, lean, n_resamples=500, seed=0)
+    assert result["verdict"] == "no detectable difference"
+    assert result["auc_difference"].high < 0
+    assert result["auc_caveat"] == "AUC lower"

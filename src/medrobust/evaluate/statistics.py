@@ -540,8 +540,26 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
         "auc_difference": boot["auc"],
         "mcnemar": mcnemar,
         "verdict": _verdict(mcnemar, alpha),
+        "auc_caveat": auc_caveat(_verdict(mcnemar, alpha), boot["auc"]),
         "smallest_detectable_difference": smallest_detectable_difference(n, alpha),
     }
+
+
+def auc_caveat(verdict: str, auc_difference: Interval) -> str | None:
+    """"AUC lower" or "AUC higher" where the paired AUC interval excludes 0 against the verdict.
+
+    Accuracy counts decisions at one threshold; a model that leans towards the
+    majority class can gain accuracy (or lose none) while it ranks the cases
+    worse. The verdict stays McNemar's; this says when the AUC disagrees.
+    """
+    low, high = auc_difference.low, auc_difference.high
+    if low is None or high is None or np.isnan(low) or np.isnan(high):
+        return None
+    if high < 0 and verdict != "hurt":
+        return "AUC lower"
+    if low > 0 and verdict != "helped":
+        return "AUC higher"
+    return None
 
 
 def _verdict(mcnemar: dict, alpha: float) -> str:

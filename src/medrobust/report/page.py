@@ -167,7 +167,12 @@ def comparison_row(row: Mapping[str, Any]) -> dict[str, Any]:
     verdict = row["verdict"]
     if verdict == "no detectable difference":
         verdict = f"no detectable difference at n = {int(row['n'])}"
-    return {**row, "label": condition_label(row), "verdict_text": verdict,
+    caveat = None
+    if row.get("auc_caveat"):  # accuracy and ranking disagree: say both
+        auc = _interval(row, "auc_difference")
+        caveat = (f"but {row['auc_caveat']}: {auc['estimate']:+.3f} "
+                  f"[{auc['low']:+.3f}, {auc['high']:+.3f}]")
+    return {**row, "label": condition_label(row), "verdict_text": verdict, "caveat": caveat,
             "difference": _interval(row, "accuracy_difference"),
             "auc_difference": _interval(row, "auc_difference")}
 

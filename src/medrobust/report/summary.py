@@ -57,7 +57,8 @@ COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "conditi
                       "accuracy_difference", "accuracy_difference_low",
                       "accuracy_difference_high", "auc_difference", "auc_difference_low",
                       "auc_difference_high", "only_reference_correct", "only_model_correct",
-                      "p_value", "test", "verdict", "smallest_detectable_difference")
+                      "p_value", "test", "verdict", "auc_caveat",
+                      "smallest_detectable_difference")
 MASKING_COLUMNS = ("dataset", "model", "norm", "epsilon", "gradient_attacks",
                    "gradient_free_attacks", "n", "fooled_only_by_gradient_free",
                    "fooled_only_by_gradient", "p_value", "flagged")
@@ -399,6 +400,7 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str],
                                 "only_model_correct": result["mcnemar"]["only_b_correct"],
                                 "p_value": result["mcnemar"]["p_value"],
                                 "test": "McNemar exact", "verdict": result["verdict"],
+                                "auc_caveat": None if auc is None else result["auc_caveat"],
                                 "smallest_detectable_difference":
                                     result["smallest_detectable_difference"]})
                 else:
@@ -418,6 +420,7 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str],
                         "p_value": sign["p_value"], "test": "exact sign test",
                         "verdict": ("no detectable difference" if not significant
                                     else "helped" if difference.estimate > 0 else "hurt"),
+                        "auc_caveat": None,
                         "smallest_detectable_difference":
                             smallest_detectable_difference(len(outcome), statistics.alpha)})
                 rows.append(row)
