@@ -508,7 +508,7 @@ def test_attacks_run_on_the_gpu(name):
 
 # --- the adversarial store ------------------------------------------------------------------
 
-def test_an_attack_run_attacks_the_test_split_at_every_budget(tmp_path):
+def test_an_attack_run_attacks_the_test_split_with_every_attack_at_every_budget(tmp_path):
     config = {"family": "image", "arch": "resnet18", "num_classes": 2, "in_channels": 1,
               "classes": ["benign", "malignant"]}
     torch.manual_seed(0)
@@ -521,12 +521,14 @@ def test_an_attack_run_attacks_the_test_split_at_every_budget(tmp_path):
                       [f"s{i}" for i in range(6)],
                       {"dataset": "mammograms", "classes": ["benign", "malignant"], "channels": 1})
 
-    craft_attack_run(tmp_path / "surrogate", tmp_path / "clean.zarr", tmp_path / "pgd",
-                     "pgd", [8, 2.5], {"steps": 2}, device="cpu", batch_size=2)
+    craft_attack_run(tmp_path / "surrogate", tmp_path / "clean.zarr", tmp_path / "run",
+                     {"pgd": {"epsilons": [8, 2.5], "steps": 2}, "fgsm": {"epsilons": [4]}},
+                     device="cpu", batch_size=2)
 
-    assert sorted(path.name for path in (tmp_path / "pgd").iterdir()) == ["eps2.5.zarr",
-                                                                          "eps8.zarr"]
-    store = open_image_store(tmp_path / "pgd/eps8.zarr")
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [
+        "fgsm-eps4.zarr", "pgd-eps2.5.zarr", "pgd-eps8.zarr"]
+    assert open_image_store(tmp_path / "run/fgsm-eps4.zarr").attrs["attack"] == "fgsm"
+    store = open_image_store(tmp_path / "run/pgd-eps8.zarr")
     assert list(store.sample_ids) == ["s1", "s3", "s4"]
     assert list(store.labels) == [1, 1, 0] and set(store.splits) == {"test"}
     assert store.attrs["attack"] == "pgd" and store.attrs["epsilon"] == 8
@@ -540,7 +542,7 @@ def test_an_attack_run_attacks_the_test_split_at_every_budget(tmp_path):
     adversarial, _ = store.load("test")
     difference = np.abs(adversarial - images[[1, 3, 4]])
     assert difference.max() <= 8 / 255 + 1e-6 and difference.max() > 1 / 255
-    smaller = open_image_store(tmp_path / "pgd/eps2.5.zarr")
+    smaller = open_image_store(tmp_path / "run/pgd-eps2.5.zarr")
     assert smaller.attrs["epsilon"] == 2.5
     difference = np.abs(smaller.load("test")[0] - images[[1, 3, 4]])
     assert 1 / 255 < difference.max() <= 2.5 / 255 + 1e-6
@@ -555,10 +557,10 @@ def test_an_attack_run_records_an_l2_budget_as_given(tmp_path):
     write_image_store(tmp_path / "clean.zarr", images, [0, 1], ["test", "test"], ["a", "b"],
                       {"dataset": "d", "classes": ["a", "b"], "channels": 1})
 
-    craft_attack_run(tmp_path / "m", tmp_path / "clean.zarr", tmp_path / "pgd_l2",
-                     "pgd_l2", epsilons=[0.25], attack_params={"steps": 2, "step_size": 0.1})
+    craft_attack_run(tmp_path / "m", tmp_path / "clean.zarr", tmp_path / "run",
+                     {"pgd_l2": {"epsilons": [0.25], "steps": 2, "step_size": 0.1}})
 
-    store = open_image_store(tmp_path / "pgd_l2/eps0.25.zarr")
+    store = open_image_store(tmp_path / "run/pgd_l2-eps0.25.zarr")
     assert store.attrs["epsilon"] == 0.25 and store.attrs["norm"] == "l2"
     assert store.attrs["budget_unit"] == "image"
     assert store.attrs["attack_params"]["step_size"] == 0.1

@@ -34,8 +34,8 @@ def test_numbers_that_cannot_be_path_parts_are_refused(value):
 def test_a_condition_gives_its_name_and_store():
     attack = Condition("attack", attack="fgsm", epsilon=2.5, source="surrogate")
     assert attack.name == "fgsm-eps2.5-from-surrogate"
-    assert attack.run("mammo") == "results/attacks/mammo/fgsm/from_surrogate"
-    assert attack.store("mammo") == "results/attacks/mammo/fgsm/from_surrogate/eps2.5.zarr"
+    assert attack.run("mammo") == "results/attacks/mammo/from_surrogate"
+    assert attack.store("mammo") == "results/attacks/mammo/from_surrogate/fgsm-eps2.5.zarr"
     noise = Condition("perturbation", perturbation="gaussian_noise", severity=0.05)
     assert noise.name == "gaussian_noise-severity0.05"
     assert noise.run("mammo") == "results/perturbations/mammo/gaussian_noise"
@@ -69,8 +69,8 @@ def test_evaluation_records_carry_the_condition_fields_and_files():
         "family": "image", "model": "baseline", "dataset": "mammo",
         "condition": "fgsm-eps2.5-from-surrogate", "kind": "attack", "attack": "fgsm",
         "epsilon": 2.5, "source": "surrogate", "perturbation": None, "severity": None,
-        "store": "results/attacks/mammo/fgsm/from_surrogate/eps2.5.zarr",
-        "store_run": "results/attacks/mammo/fgsm/from_surrogate",
+        "store": "results/attacks/mammo/from_surrogate/fgsm-eps2.5.zarr",
+        "store_run": "results/attacks/mammo/from_surrogate",
         "evaluation_run": "results/evaluate/mammo/baseline",
         "metrics": "results/evaluate/mammo/baseline/fgsm-eps2.5-from-surrogate.json",
         "predictions": "results/evaluate/mammo/baseline/fgsm-eps2.5-from-surrogate.csv"}
@@ -89,14 +89,12 @@ def test_every_condition_by_name_with_the_budget_as_configured():
 def test_one_evaluation_job_reads_each_run_once_and_every_store_by_condition():
     runs = model_condition_runs(CONFIG, "baseline")
     assert runs == ["results/preprocessed/mammo.zarr",
-                    "results/attacks/mammo/fgsm/from_surrogate",
-                    "results/attacks/mammo/fgsm/from_baseline",
-                    "results/attacks/mammo/pgd_l2/from_surrogate",
-                    "results/attacks/mammo/pgd_l2/from_baseline",
+                    "results/attacks/mammo/from_surrogate",
+                    "results/attacks/mammo/from_baseline",
                     "results/perturbations/mammo/gaussian_noise"]
     stores = model_condition_stores(CONFIG, "baseline")
     assert len(stores) == 9
-    assert stores["fgsm-eps8-from-baseline"] == "results/attacks/mammo/fgsm/from_baseline/eps8.zarr"
+    assert stores["fgsm-eps8-from-baseline"] == "results/attacks/mammo/from_baseline/fgsm-eps8.zarr"
     assert all(store.startswith(tuple(runs)) for store in stores.values())
     assert model_condition_stores(CONFIG, "surrogate") == {
         "clean": "results/preprocessed/mammo.zarr"}

@@ -578,9 +578,9 @@ def test_decimal_budgets_and_severities_run_through_a_dry_run(config, tmp_path):
     result = run_snakemake(tmp_path, _write(tmp_path, config), "--dry-run", timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    # one job per attack and source covers both budgets; one per model every condition
-    for path in ("results/attacks/mammograms/fgsm/from_surrogate",
-                 "results/attacks/mammograms/fgsm/from_baseline",
+    # one job per source covers every attack and budget; one per model every condition
+    for path in ("results/attacks/mammograms/from_surrogate",
+                 "results/attacks/mammograms/from_baseline",
                  "results/perturbations/mammograms/gaussian_noise",
                  "results/evaluate/mammograms/denoising"):
         assert f"output: {path}" in output, path

@@ -393,8 +393,9 @@ def test_white_box_attacks_differentiate_through_the_denoiser(store, reformer_di
     clean, _ = open_image_store(store).load("test")
     for denoiser, changed in ((None, True), (flat, False)):
         out = tmp_path / f"fgsm-{changed}"
-        craft_attack_run(classifier_dir, store, out, "fgsm", [8], denoiser_dir=denoiser)
-        adversarial = open_image_store(out / "eps8.zarr").images[:]
+        craft_attack_run(classifier_dir, store, out, {"fgsm": {"epsilons": [8]}},
+                         denoiser_dir=denoiser)
+        adversarial = open_image_store(out / "fgsm-eps8.zarr").images[:]
         assert bool(np.abs(adversarial - clean).max() > 7 / 255) is changed
 
 
@@ -431,10 +432,10 @@ def test_dry_run_trains_both_denoisers_and_puts_them_before_their_classifiers(tm
     for model, denoiser in (("R", reformer), ("R_Ln_La", reformer), ("HGD_Ln_La", hgd)):
         # evaluated behind its denoiser, and white-box attacked through it
         assert denoiser in jobs[f"results/evaluate/mammograms/{model}"]["input"]
-        assert denoiser in jobs[f"results/attacks/mammograms/fgsm/from_{model}"]["input"]
+        assert denoiser in jobs[f"results/attacks/mammograms/from_{model}"]["input"]
     # the baseline and the surrogate (black-box attacks are crafted on it alone) have none
     for job in ("results/evaluate/mammograms/baseline",
-                "results/attacks/mammograms/fgsm/from_surrogate"):
+                "results/attacks/mammograms/from_surrogate"):
         assert not any("denoisers" in path for path in jobs[job]["input"])
     # a classifier is trained as without its denoiser: the denoiser is no input of its training
     assert jobs["results/models/mammograms/R_Ln/model.safetensors"]["input"] == [

@@ -111,7 +111,7 @@ def test_placeholders_are_up_to_date(copy):
 
 
 @pytest.mark.parametrize("module, expected", [
-    # one attack job per source (every budget), one evaluation job per model (every condition)
+    # one attack job per source (every attack and budget), one evaluation job per model
     ("attacks/fgsm.py", {"attack": 2, "evaluate_image_classifier": 1, "summarize": 1, "report": 1,
                          "all": 1}),
     ("perturbations/gaussian_noise.py", {"perturb": 1, "evaluate_image_classifier": 1,

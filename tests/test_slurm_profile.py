@@ -48,8 +48,8 @@ CPU_RULES = {"preprocess_images", "tile_slide", "perturb", "evaluate_slide_class
              "summarize", "report"}
 # The tiny config's jobs per submitted rule (download is a local rule).
 TINY_JOBS = {"preprocess_images": 1, "tile_slide": 6, "extract_features": 6,
-             "train_image_classifier": 3, "train_slide_classifier": 1, "attack": 6,
-             "perturb": 1, "evaluate_image_classifier": 13, "evaluate_slide_classifier": 1,
+             "train_image_classifier": 3, "train_slide_classifier": 1, "attack": 3,
+             "perturb": 1, "evaluate_image_classifier": 3, "evaluate_slide_classifier": 1,
              "summarize": 1, "report": 1}
 
 

@@ -72,7 +72,7 @@ def test_fgsm_lowers_the_baseline_accuracy(workdir):
 
 def test_adversarial_store_stays_in_the_epsilon_ball(workdir):
     clean = open_image_store(workdir / "results/preprocessed/mammograms.zarr")
-    adversarial = open_image_store(workdir / "results/attacks/mammograms/fgsm/from_surrogate/eps4.zarr")
+    adversarial = open_image_store(workdir / "results/attacks/mammograms/from_surrogate/fgsm-eps4.zarr")
     images, _ = clean.load("test")
     assert list(adversarial.sample_ids) == list(clean.sample_ids[clean.indices("test")])
     difference = abs(adversarial.images[:] - images)

@@ -8,9 +8,9 @@ the evaluation's name and files, and the image store it reads. Nothing splits
 a name back into its parts.
 
 Path templates are the rules' output patterns too (workflow/rules/*.smk), so
-a path is spelled in one place. One job covers a whole run: every budget of an
-attack from one source, every severity of a perturbation, every condition of
-one model's evaluation. Each run is a folder written at once, holding one
+a path is spelled in one place. One job covers a whole run: every attack at
+every budget from one source model, every severity of a perturbation, every
+condition of one model's evaluation. Each run is a folder written at once, holding one
 store (or one pair of tables) per budget, severity or condition: a job costs
 seconds of start-up, a few times what a small one computes.
 
@@ -29,8 +29,8 @@ from typing import Any, Mapping
 from medrobust.errors import ConfigError
 
 CLEAN_STORE = "results/preprocessed/{dataset}.zarr"
-ATTACK_RUN = "results/attacks/{dataset}/{attack}/from_{source}"
-ATTACK_STORE = "eps{eps}.zarr"  # in ATTACK_RUN, one per budget
+ATTACK_RUN = "results/attacks/{dataset}/from_{source}"
+ATTACK_STORE = "{attack}-eps{eps}.zarr"  # in ATTACK_RUN, one per attack and budget
 PERTURBATION_RUN = "results/perturbations/{dataset}/{perturbation}"
 PERTURBATION_STORE = "severity{severity}.zarr"  # in PERTURBATION_RUN, one per severity
 EVALUATION_RUN = "results/evaluate/{dataset}/{model}"
@@ -54,9 +54,9 @@ def number_label(value: int | float) -> str:
     return text
 
 
-def attack_store_name(epsilon: int | float) -> str:
-    """The store of one budget inside an attack run: `eps8.zarr`, `eps2.5.zarr`."""
-    return ATTACK_STORE.format(eps=number_label(epsilon))
+def attack_store_name(attack: str, epsilon: int | float) -> str:
+    """The store of one attack and budget inside an attack run: `fgsm-eps8.zarr`."""
+    return ATTACK_STORE.format(attack=attack, eps=number_label(epsilon))
 
 
 def perturbation_store_name(severity: int | float) -> str:
@@ -86,11 +86,12 @@ class Condition:
 
     def run(self, dataset: str) -> str:
         """The job output that holds this condition's store: the clean store itself, or
-        the folder of a whole attack run (every budget) or perturbation run (every severity)."""
+        the folder of a whole attack run (every attack and budget from one source) or
+        perturbation run (every severity)."""
         if self.kind == "clean":
             return CLEAN_STORE.format(dataset=dataset)
         if self.kind == "attack":
-            return ATTACK_RUN.format(dataset=dataset, attack=self.attack, source=self.source)
+            return ATTACK_RUN.format(dataset=dataset, source=self.source)
         return PERTURBATION_RUN.format(dataset=dataset, perturbation=self.perturbation)
 
     def store(self, dataset: str) -> str:
@@ -98,7 +99,7 @@ class Condition:
         if self.kind == "clean":
             return self.run(dataset)
         if self.kind == "attack":
-            return f"{self.run(dataset)}/{attack_store_name(self.epsilon)}"
+            return f"{self.run(dataset)}/{attack_store_name(self.attack, self.epsilon)}"
         return f"{self.run(dataset)}/{perturbation_store_name(self.severity)}"
 
     def record(self) -> dict[str, Any]:

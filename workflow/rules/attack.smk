@@ -1,7 +1,7 @@
 # Adversarial test images crafted on a source model (white-box when the
 # source is the evaluated model itself, black-box transfer otherwise), and
-# model-independent perturbations of the test images. One job per attack and
-# source covers every budget, one per perturbation every severity. A source
+# model-independent perturbations of the test images. One job per source model
+# covers every attack at every budget, one per perturbation every severity. A source
 # with a pixel denoiser is attacked through it.
 
 
@@ -13,9 +13,8 @@ rule attack:
     output:
         directory(plan.ATTACK_RUN),
     params:
-        settings=attack_settings,
+        attacks=config["attacks"],
         denoiser=lambda wildcards: denoiser_folder(wildcards.source),
-        epsilons=lambda wildcards: config["attacks"][wildcards.attack]["epsilons"],
         device=config["device"],
         code=code_fingerprint("attacks"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
@@ -23,9 +22,9 @@ rule attack:
         gpu=1,
         mem_mb=4000,
     log:
-        "logs/attack/{dataset}/{attack}/from_{source}.log",
+        "logs/attack/{dataset}/from_{source}.log",
     benchmark:
-        "benchmarks/attack/{dataset}/{attack}/from_{source}.tsv",
+        "benchmarks/attack/{dataset}/from_{source}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

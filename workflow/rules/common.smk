@@ -53,7 +53,6 @@ wildcard_constraints:
     slide_model=_alternatives(SLIDE_CLASSIFIERS),
     denoiser=_alternatives(DENOISERS),
     source=_alternatives(IMAGE_CLASSIFIERS),
-    attack=_alternatives(config["attacks"]),
     perturbation=_alternatives(config["perturbations"]),
     backbone=_alternatives([config["features"]["backbone"]]),
     slide=r"[^/]+",
@@ -153,10 +152,6 @@ def denoiser_inputs(wildcards):
     return {"images": plan.CLEAN.store(wildcards.dataset),
             **{key: f"{folder}/model.safetensors"
                for key, folder in denoiser_models(wildcards).items()}}
-
-
-def attack_settings(wildcards):
-    return {k: v for k, v in config["attacks"][wildcards.attack].items() if k != "epsilons"}
 
 
 def evaluations():

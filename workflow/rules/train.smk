@@ -15,7 +15,7 @@ rule train_image_classifier:
         model=image_model_config,
         device=config["device"],
         code=code_fingerprint("train", "models"),
-    threads: 2
+    threads: 1  # so other jobs run beside it; raise with --set-threads for big CPU runs
     resources:
         gpu=1,
         mem_mb=4000,

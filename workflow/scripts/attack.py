@@ -9,9 +9,7 @@ with script_logging(snakemake):
         Path(snakemake.input.model).parent,
         snakemake.input.images,
         snakemake.output[0],
-        attack_name=snakemake.wildcards.attack,
-        epsilons=snakemake.params.epsilons,
-        attack_params=snakemake.params.settings,
+        attacks=snakemake.params.attacks,
         device=select_device(snakemake.params.device, threads=snakemake.threads),
         denoiser_dir=snakemake.params.denoiser,
     )

@@ -20,28 +20,30 @@ log = get_logger(__name__)
 
 
 def craft_attack_run(source_model_dir: str | os.PathLike, clean_store_path: str | os.PathLike,
-                     out_dir: str | os.PathLike, attack_name: str, epsilons: Sequence[float],
-                     attack_params: Mapping[str, Any] | None = None,
+                     out_dir: str | os.PathLike, attacks: Mapping[str, Mapping[str, Any]],
                      device: str | torch.device = "cpu", batch_size: int = 32,
                      denoiser_dir: str | os.PathLike | None = None) -> None:
-    """Attack every test image at each budget in `epsilons`; one store per budget in `out_dir`.
+    """Attack every test image with each attack at each of its budgets; one store each.
 
-    The stores are named by `medrobust.conditions.attack_store_name` (`eps8.zarr`);
-    `out_dir` appears only once every budget is written. The source model
-    loads once for all budgets; with `denoiser_dir` it is attacked behind
-    that denoiser, gradients through both (`models.pipeline`).
+    `attacks` maps an attack's config name to its config entry (`epsilons` and
+    the attack's settings). The stores are named by
+    `medrobust.conditions.attack_store_name` (`fgsm-eps8.zarr`); `out_dir`
+    appears only once all are written. The source model loads once; with
+    `denoiser_dir` it is attacked behind that denoiser, gradients through both
+    (`models.pipeline`).
     """
     device = torch.device(device)
     model = load_pipeline(source_model_dir, denoiser_dir, device)
     store = open_image_store(clean_store_path)
+    source = Path(source_model_dir).name
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        for epsilon in epsilons:
-            craft_adversarial_store(model, Path(source_model_dir).name, store,
-                                    tmp / attack_store_name(epsilon), attack_name, epsilon,
-                                    attack_params, device, batch_size)
-    log.info("wrote %s: %s at %s, crafted on %s", out_dir, attack_name,
-             ", ".join(map(str, epsilons)), Path(source_model_dir).name)
+        for name, entry in attacks.items():
+            settings = {key: value for key, value in entry.items() if key != "epsilons"}
+            for epsilon in entry["epsilons"]:
+                craft_adversarial_store(model, source, store, tmp / attack_store_name(name, epsilon),
+                                        name, epsilon, settings, device, batch_size)
+    log.info("wrote %s: %s, crafted on %s", out_dir, ", ".join(attacks), source)
 
 
 def craft_adversarial_store(model: torch.nn.Module, source_model: str, store: ImageStore,
