@@ -185,7 +185,8 @@ def test_evaluation_matches_a_hand_computation(tmp_path):
     expected = {"family": "slide", "model": "hand", "dataset": "slides", "condition": "clean",
                 "kind": "clean",
                 "attack": None, "perturbation": None, "epsilon": None, "norm": None, "severity": None,
-                "source_model": None, "white_box": None, "n": 4, "accuracy": 0.5, "auc": 0.625}
+                "source_model": None, "white_box": None, "detection_rate": None, "n": 4,
+                "accuracy": 0.5, "auc": 0.625}
     assert json.loads((tmp_path / "out/clean.json").read_text()) == expected
     assert metrics == expected
 
