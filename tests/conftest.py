@@ -5,9 +5,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from fixtures_http import http_server  # noqa: F401 (the local HTTP server fixture)
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread from seed 0: the same kernels and sums from run to run (and as
+    in a killed job that is resumed); modules opt in with `pytestmark`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -38,12 +38,7 @@ BUDGETS = {"fgsm": 6.5, "ifgsm": 6.5, "pgd": 6.5, "pgd_l2": 0.3, "cw_l2": 0.3,
            "apgd_ce": 6.5, "square": 6.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded(module: nn.Module, seed: int) -> nn.Module:

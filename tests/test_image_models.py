@@ -19,13 +19,7 @@ from medrobust.models.registry import build_defense
 DENOISING = {"name": "denoising", "lambda_n": 0.1, "lambda_a": 1.0, "noise_sigma": 0.05}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_config(**overrides):

@@ -36,13 +36,7 @@ DETECTOR = {"false_positive_rate": 0.05, "temperatures": [10, 40], "reconstructi
             "scope": "combined"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_classifier(num_classes, in_channels, pretrained=False):
@@ -244,22 +238,22 @@ def test_an_interrupted_training_resumes_to_the_same_weights(store, tmp_path, mo
                                                              caplog):
     """Killed after its epochs, before saving: the rerun resumes from the checkpoint (the
     examples crafted again from the seed, the generators restored) to the same weights."""
-    import medrobust.train.denoiser as trainer
+    import medrobust.train.checkpoints as checkpoints  # saves the kept epoch for every trainer
 
     models = {"guide": save_classifier(tmp_path / "guide"),
               "source": save_classifier(tmp_path / "source", seed=1)}
     settings = {**HGD, "epochs": 3}
     train_denoiser(store, tmp_path / "whole", settings, models=models)
-    save_model = trainer.save_model
+    save_model = checkpoints.save_model
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_model", killed)
+    monkeypatch.setattr(checkpoints, "save_model", killed)
     with pytest.raises(KeyboardInterrupt):
         train_denoiser(store, tmp_path / "resumed", settings, models=models)
     assert list((tmp_path / ".checkpoints/resumed").glob("*.pt"))
-    monkeypatch.setattr(trainer, "save_model", save_model)
+    monkeypatch.setattr(checkpoints, "save_model", save_model)
     with caplog.at_level("INFO", logger="medrobust.train.checkpoints"):
         train_denoiser(store, tmp_path / "resumed", settings, models=models)
     assert "resumed: resuming after epoch" in caplog.text
@@ -325,7 +319,7 @@ def test_the_fitted_detector_holds_its_rate_on_validation_images(detector_store,
     assert set(detector.thresholds) == {"reconstruction_error_p1", "jsd_T10", "jsd_T40"}
     assert detector.n_validation == 300 and 0.09 <= detector.validation_rejection_rate <= 0.1
     val_images, _ = open_image_store(detector_store).load("val")
-    rejected = detector.rejects(model, torch.from_numpy(val_images))
+    _, rejected = detector.predict(model, torch.from_numpy(val_images))
     assert rejected.mean() == detector.validation_rejection_rate  # whole batch = batches
 
 

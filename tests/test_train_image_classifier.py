@@ -21,12 +21,7 @@ TRAINING = {"epochs": 4, "batch_size": 8, "learning_rate": 0.001, "weight_decay"
 MODEL = {"dataset": "squares", "arch": "resnet18", "seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_store(path, n_train=32, n_val=16, size=32):

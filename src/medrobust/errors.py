@@ -16,6 +16,13 @@ class InputError(MedrobustError, ValueError):
     """An input file is unreadable or its content is wrong; the message names it."""
 
 
+def check_choice(what: str, value, allowed) -> None:
+    """Refuse a setting outside its fixed choices: `{what} must be one of a, b, not 'c'`."""
+    if value not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, allowed))}, "
+                          f"not {value!r}")
+
+
 def unknown_name(kind: str, name: str, known) -> ConfigError:
     """The error for a config name that no registry entry matches."""
     return ConfigError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")

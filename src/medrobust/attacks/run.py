@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
 from medrobust.attacks import build_attack
 from medrobust.conditions import attack_store_name
+from medrobust.config import WORKFLOW_ATTACK_KEYS
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
@@ -39,7 +40,8 @@ def craft_attack_run(source_model_dir: str | os.PathLike, clean_store_path: str 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, entry in attacks.items():
-            settings = {key: value for key, value in entry.items() if key != "epsilons"}
+            settings = {key: value for key, value in entry.items()
+                        if key not in WORKFLOW_ATTACK_KEYS}
             for epsilon in entry["epsilons"]:
                 craft_adversarial_store(model, source, store, tmp / attack_store_name(name, epsilon),
                                         name, epsilon, settings, device, batch_size)

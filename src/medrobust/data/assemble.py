@@ -23,7 +23,7 @@ from medrobust.data.manifest import (
     stratified_split,
     write_dataset,
 )
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import ConfigError, InputError, check_choice
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
 from medrobust.logs import get_logger
@@ -109,8 +109,7 @@ def config_classes(dataset_config: Mapping[str, Any]) -> list[str]:
 
 def config_kind(dataset_config: Mapping[str, Any], default: str = "images") -> str:
     kind = dataset_config.get("kind", default)
-    if kind not in KINDS:
-        raise ConfigError(f"dataset kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    check_choice("dataset kind", kind, KINDS)
     return kind
 
 

@@ -32,7 +32,7 @@ import urllib3.exceptions
 
 from medrobust.config import config_from_mapping
 from medrobust.data.archives import GB, ArchiveLimits
-from medrobust.errors import ConfigError, InputError, MedrobustError
+from medrobust.errors import ConfigError, InputError, MedrobustError, check_choice
 from medrobust.logs import get_logger
 from medrobust.progress import progress
 
@@ -75,9 +75,7 @@ class Checksum:
     hexdigest: str
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"checksum algorithm must be one of {', '.join(ALGORITHMS)}, "
-                              f"not {self.algorithm!r}")
+        check_choice("checksum algorithm", self.algorithm, ALGORITHMS)
         size = hashlib.new(self.algorithm).digest_size * 2
         digest = self.hexdigest
         if not isinstance(digest, str) or len(digest) != size or not _is_hex(digest):

@@ -43,20 +43,23 @@ def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def detector_scores(reformer: nn.Module, classifier: nn.Module, images: torch.Tensor,
-                    settings: DetectorSettings) -> dict[str, torch.Tensor]:
-    """Every score of `settings` for a batch, by name (one value per image)."""
+                    settings: DetectorSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every score of `settings` for a batch, by name (one value per image), and the
+    classifier's logits on the reformed images: the pipeline's own prediction, so an
+    evaluation need not run reformer and classifier a second time."""
     reformed = reformer(images)
+    reformed_logits = classifier(reformed)
     error = (images - reformed).abs().pow(settings.reconstruction_norm)
     scores = {f"reconstruction_error_p{settings.reconstruction_norm:g}": error.flatten(1).mean(1)}
     if settings.temperatures:
         # double precision: at T = 40 the two distributions differ by ~1e-4 and their
         # divergence (~1e-9) would drown in float32 rounding
-        logits, reformed_logits = classifier(images).double(), classifier(reformed).double()
+        logits = classifier(images).double()
         for temperature in settings.temperatures:
             scores[f"jsd_T{temperature:g}"] = jensen_shannon(
                 torch.softmax(logits / temperature, dim=1),
-                torch.softmax(reformed_logits / temperature, dim=1))
-    return scores
+                torch.softmax(reformed_logits.double() / temperature, dim=1))
+    return scores, reformed_logits
 
 
 def fit_thresholds(scores: Mapping[str, np.ndarray], false_positive_rate: float,
@@ -94,10 +97,13 @@ class Detector:
     validation_rejection_rate: float
 
     @torch.no_grad()
-    def rejects(self, model: DenoisedClassifier, images: torch.Tensor) -> np.ndarray:
-        scores = detector_scores(model.denoiser, model.classifier, images, self.settings)
-        return rejections({name: value.cpu().numpy() for name, value in scores.items()},
-                          self.thresholds)
+    def predict(self, model: DenoisedClassifier, images: torch.Tensor
+                ) -> tuple[torch.Tensor, np.ndarray]:
+        """The model's logits and whether the detector rejects each image, from one pass."""
+        scores, logits = detector_scores(model.denoiser, model.classifier, images,
+                                         self.settings)
+        return logits, rejections({name: value.cpu().numpy() for name, value in scores.items()},
+                                  self.thresholds)
 
     def record(self) -> dict:
         """What the evaluation writes to detector.json."""
@@ -124,7 +130,7 @@ def fit_detector(model: nn.Module, settings: DetectorSettings | Mapping, store: 
     for start in range(0, index.size, batch_size):
         images = store.images.get_orthogonal_selection((index[start:start + batch_size],))
         batches.append(detector_scores(model.denoiser, model.classifier, torch.as_tensor(
-            images, dtype=torch.float32, device=device), settings))
+            images, dtype=torch.float32, device=device), settings)[0])
     scores = {name: torch.cat([batch[name] for batch in batches]).cpu().numpy()
               for name in batches[0]}
     thresholds = fit_thresholds(scores, settings.false_positive_rate, settings.scope)

@@ -11,7 +11,6 @@ MagNet's detector on a reformer, every image also gets a reject decision
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -30,7 +29,7 @@ from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.logs import get_logger
 from medrobust.models.pipeline import load_pipeline
-from medrobust.models.registry import CONFIG_FILE
+from medrobust.models.registry import check_model_classes
 from medrobust.io.test_split import iter_test_batches
 
 log = get_logger(__name__)
@@ -44,10 +43,12 @@ def predict_probabilities(model: nn.Module, store: ImageStore, device: torch.dev
     with torch.inference_mode():
         for images, _ in iter_test_batches(store, batch_size, desc=f"predict {store.path.name}"):
             images = torch.as_tensor(images, dtype=torch.float32, device=device)
-            logits = model(images)
+            if detector is None:
+                logits = model(images)
+            else:
+                logits, flags = detector.predict(model, images)
+                rejected.append(flags)
             probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-            if detector is not None:
-                rejected.append(detector.rejects(model, images))
     return np.concatenate(probabilities), np.concatenate(rejected) if rejected else None
 
 
@@ -98,7 +99,7 @@ def evaluate_image_classifier(model_dir: str | os.PathLike,
         raise InputError(f"{model_dir}: the detector needs a clean store with validation images")
     validation = [] if detector is None else [open_image_store(validation_store)]
     for store in [*stores.values(), *validation]:  # every store checked before any forward pass
-        _check_classes(model_dir, store)
+        check_model_classes(model_dir, store.classes, store.path)
     model = load_pipeline(model_dir, denoiser_dir, device)
     fitted = None if detector is None else fit_detector(model, detector, validation[0], device,
                                                         batch_size)
@@ -116,15 +117,3 @@ def evaluate_image_classifier(model_dir: str | os.PathLike,
             log.info("%s on %s: accuracy %.3f over %d test images", model_dir.name, name,
                      records[name]["accuracy"], records[name]["n"])
     return records
-
-
-def _check_classes(model_dir: Path, store: ImageStore) -> None:
-    # the class order fixes the integer labels; a mismatch would score silently wrong
-    config_path = model_dir / CONFIG_FILE
-    try:
-        model_classes = json.loads(config_path.read_text()).get("classes")
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{config_path}: unreadable model config ({error})") from error
-    if model_classes != store.classes:
-        raise InputError(f"{config_path}: model classes {model_classes} differ from the "
-                         f"classes {store.classes} of {store.path}")

@@ -531,6 +531,7 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     correct_a = scorer_a.predictions == labels
     correct_b = scorer_b.predictions == labels
     mcnemar = mcnemar_exact(correct_a, correct_b)
+    verdict = _verdict(mcnemar, alpha)
     n = len(labels)
     return {
         "n": n,
@@ -539,8 +540,8 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
         "accuracy_difference": boot["accuracy"],
         "auc_difference": boot["auc"],
         "mcnemar": mcnemar,
-        "verdict": _verdict(mcnemar, alpha),
-        "auc_caveat": auc_caveat(_verdict(mcnemar, alpha), boot["auc"]),
+        "verdict": verdict,
+        "auc_caveat": auc_caveat(verdict, boot["auc"]),
         "smallest_detectable_difference": smallest_detectable_difference(n, alpha),
     }
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medrobust.errors import ConfigError
+from medrobust.errors import ConfigError, check_choice
 from medrobust.models.image_classifiers import ImageClassifier
 from medrobust.config import config_from_mapping
 from medrobust.models.registry import register_defense
@@ -113,9 +113,7 @@ class DenoisingDefense:
         if not 0 <= self.noise_sigma <= 1:
             raise ConfigError("defense denoising: noise_sigma must be in [0, 1] "
                               "(images are in [0, 1])")
-        if self.distance not in DISTANCES:
-            raise ConfigError(f"defense denoising: distance must be one of "
-                              f"{', '.join(DISTANCES)}, not {self.distance!r}")
+        check_choice("defense denoising: distance", self.distance, DISTANCES)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "DenoisingDefense":

@@ -33,7 +33,7 @@ from torch import nn
 
 from medrobust.attacks import build_attack
 from medrobust.config import config_from_mapping
-from medrobust.errors import ConfigError
+from medrobust.errors import ConfigError, check_choice
 from medrobust.logs import get_logger
 from medrobust.models.registry import register_denoiser
 
@@ -105,9 +105,7 @@ class DetectorSettings:
         if not self.reconstruction_norm >= 1:
             raise ConfigError("detector: reconstruction_norm must be >= 1, got "
                               f"{self.reconstruction_norm!r}")
-        if self.scope not in DETECTOR_SCOPES:
-            raise ConfigError(f"detector: scope must be one of {', '.join(DETECTOR_SCOPES)}, "
-                              f"not {self.scope!r}")
+        check_choice("detector: scope", self.scope, DETECTOR_SCOPES)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "DetectorSettings":
@@ -156,8 +154,7 @@ class ReformerSettings(DenoiserSettings):
                        f"got {self.noise_std!r}")
         if self.filters < 1:
             self._fail(f"filters must be >= 1, got {self.filters!r}")
-        if self.pooling not in POOLINGS:
-            self._fail(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        check_choice(f"denoiser {self.kind}: pooling", self.pooling, POOLINGS)
         if isinstance(self.detector, Mapping):
             object.__setattr__(self, "detector", DetectorSettings.from_mapping(self.detector))
 

@@ -214,6 +214,19 @@ def save_model(model: nn.Module, model_dir: str | os.PathLike, config: Mapping[s
     write_json(model_dir / CONFIG_FILE, dict(config))
 
 
+def check_model_classes(model_dir: str | os.PathLike, classes: list[str], where: Any) -> None:
+    """Refuse data (`where`) whose classes differ from the model's, in names or order: the
+    order fixes the integer labels, and a mismatch would score silently wrong."""
+    config_path = Path(model_dir) / CONFIG_FILE
+    try:
+        model_classes = json.loads(config_path.read_text()).get("classes")
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{config_path}: unreadable model config ({error})") from error
+    if model_classes != list(classes):
+        raise InputError(f"{config_path}: model classes {model_classes} differ from the "
+                         f"classes {list(classes)} of {where}")
+
+
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a saved model from its config and weights, in eval mode."""
     model_dir = Path(model_dir)

@@ -21,7 +21,7 @@ from PIL import Image
 from skimage.color import rgb2gray
 
 from medrobust.data.manifest import Manifest, read_manifest
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import InputError, check_choice
 from medrobust.io.atomic import SCRATCH, temporary_sibling
 from medrobust.io.checksums import sha256_file
 from medrobust.io.image_store import ImageStoreWriter
@@ -57,9 +57,7 @@ def build_image_store(manifest_path: str | os.PathLike, out_path: str | os.PathL
     other kind are converted. Raises InputError listing every bad file when
     `on_bad_input` is "fail" (nothing is written), or when no file is readable.
     """
-    if on_bad_input not in ON_BAD_INPUT:
-        raise ConfigError(f"on_bad_input must be one of {', '.join(ON_BAD_INPUT)}, "
-                          f"not {on_bad_input!r}")
+    check_choice("on_bad_input", on_bad_input, ON_BAD_INPUT)
     manifest = read_manifest(manifest_path)
     if manifest.kind != "images":
         raise InputError(f"{manifest.path}: dataset kind is {manifest.kind!r}; "

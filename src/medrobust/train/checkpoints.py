@@ -47,6 +47,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from medrobust.io.atomic import atomic_path
 from medrobust.logs import get_logger
+from medrobust.models.registry import save_model
 
 log = get_logger(__name__)
 
@@ -202,3 +203,17 @@ def save_progress(checkpoint: TrainingCheckpoint, epoch: int, model: torch.nn.Mo
                      "rng": rng_state(generators, device), "history": progress.epochs,
                      "best_state": None if best_epoch == epoch else progress.best_state,
                      "best_score": list(best_score), "best_epoch": best_epoch})
+
+
+def save_kept_epoch(model: torch.nn.Module, best_state: Mapping[str, torch.Tensor],
+                    out_dir: str | os.PathLike, config: Mapping[str, Any],
+                    history: Mapping[str, Any], checkpoint: TrainingCheckpoint, name: str,
+                    started: float) -> Mapping[str, Any]:
+    """Save the kept epoch's weights as the model, then drop the checkpoint (every trainer's
+    last step); `started` is the `time.perf_counter()` of the training's start."""
+    model.load_state_dict(best_state)
+    save_model(model, out_dir, config, history)
+    checkpoint.remove()
+    log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
+             history["selected_by"], time.perf_counter() - started)
+    return history

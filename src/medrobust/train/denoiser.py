@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -30,18 +29,17 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import ConfigError
 from medrobust.io.checksums import sha256_file
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import (
-    CONFIG_FILE, WEIGHTS_FILE, DenoiserKind, build_denoiser, build_model, load_model,
-    save_model)
+    WEIGHTS_FILE, DenoiserKind, build_denoiser, build_model, check_model_classes, load_model)
 from medrobust.progress import progress
 from medrobust.train.checkpoints import (
-    Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
+    Progress, TrainingCheckpoint, fingerprint, resume, save_kept_epoch, save_progress)
 from medrobust.train.image_classifier import (
-    recalibrate_batchnorm, shuffled_batches, split_tensors)
+    recalibrate_batchnorm, shuffled_batches, training_splits)
 
 log = get_logger(__name__)
 
@@ -76,11 +74,7 @@ def train_denoiser(store_path: str | os.PathLike, out_dir: str | os.PathLike,
                           f"{', '.join(missing)}")
     device = torch.device(device)
     store = open_image_store(store_path)
-    train_images, train_labels = split_tensors(store, "train")
-    val_images, val_labels = split_tensors(store, "val")
-    if len(train_images) < 2:
-        raise InputError(f"{store.path}: the train split needs at least 2 images, "
-                         f"has {len(train_images)}")
+    (train_images, train_labels), (val_images, val_labels) = training_splits(store)
     classifiers = {role: _frozen_classifier(models[role], store.classes, device)
                    for role in spec.models}
     config = {
@@ -109,24 +103,13 @@ def train_denoiser(store_path: str | os.PathLike, out_dir: str | os.PathLike,
                                                crafting, device), val_images)
         best_state, history = _fit(denoiser, spec, classifiers, train, val, device, name,
                                    checkpoint)
-    denoiser.load_state_dict(best_state)
-    save_model(denoiser, out_dir, config, history)
-    checkpoint.remove()
-    log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
-             history["selected_by"], time.perf_counter() - started)
-    return history
+    return save_kept_epoch(denoiser, best_state, out_dir, config, history, checkpoint, name, started)
 
 
 def _frozen_classifier(model_dir: str | os.PathLike, classes: list[str],
                        device: torch.device) -> nn.Module:
-    config_path = Path(model_dir) / CONFIG_FILE
-    try:
-        model_classes = json.loads(config_path.read_text()).get("classes")
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{config_path}: unreadable model config ({error})") from error
-    if model_classes != classes:  # crafting uses the store's labels as the model's classes
-        raise InputError(f"{config_path}: model classes {model_classes} differ from the "
-                         f"store's classes {classes}")
+    # crafting uses the store's labels as the model's classes
+    check_model_classes(model_dir, classes, "the store")
     return load_model(model_dir, device).requires_grad_(False)
 
 

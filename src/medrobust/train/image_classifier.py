@@ -25,16 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from medrobust.errors import ConfigError, InputError, unknown_name
+from medrobust.errors import ConfigError, InputError, check_choice, unknown_name
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import PRETRAINED, config_from_mapping, pretrained_problem
 from medrobust.io.checksums import sha256_file
 from medrobust.models.registry import (
-    IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config, save_model)
+    IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config)
 from medrobust.train.checkpoints import (
-    Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
+    Progress, TrainingCheckpoint, fingerprint, resume, save_kept_epoch, save_progress)
 
 log = get_logger(__name__)
 
@@ -91,10 +91,8 @@ class TrainingConfig:
             raise ConfigError("image_training: epochs and batch_size must be >= 1")
         if self.learning_rate <= 0 or self.weight_decay < 0:
             raise ConfigError("image_training: learning_rate must be > 0, weight_decay >= 0")
-        for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"image_training: {key} must be one of {', '.join(allowed)}, "
-                                  f"not {getattr(self, key)!r}")
+        check_choice("image_training: optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("image_training: schedule", self.schedule, SCHEDULES)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"image_training: momentum must be in [0, 1), not {self.momentum}")
         if self.step_size < 1 or not 0 < self.gamma <= 1:
@@ -144,11 +142,7 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
     defense = build_defense(spec.defense)
     device = torch.device(device)
     store = open_image_store(store_path)
-    train_images, train_labels = split_tensors(store, "train")
-    val_images, val_labels = split_tensors(store, "val")
-    if len(train_images) < 2:
-        raise InputError(f"{store.path}: the train split needs at least 2 images, "
-                         f"has {len(train_images)}")
+    (train_images, train_labels), (val_images, val_labels) = training_splits(store)
     labels = torch.cat([train_labels, val_labels])
     if len(store.classes) < 2 or labels.min() < 0 or labels.max() >= len(store.classes):
         raise InputError(f"{store.path}: labels do not fit the classes {store.classes}")
@@ -176,12 +170,7 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
         best_state, history = _fit(model, defense, training, spec.seed, device, name,
                                    (train_images, train_labels), (val_images, val_labels),
                                    checkpoint)
-    model.load_state_dict(best_state)
-    save_model(model, model_dir, config, history)
-    checkpoint.remove()
-    log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
-             history["selected_by"], time.perf_counter() - started)
-    return history
+    return save_kept_epoch(model, best_state, model_dir, config, history, checkpoint, name, started)
 
 
 def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int,
@@ -287,6 +276,17 @@ def _random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
         flip = (torch.rand(len(images), generator=generator) < 0.5).view(-1, 1, 1, 1)
         images = torch.where(flip, images.flip(dim), images)
     return images
+
+
+def training_splits(store) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                    tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of the train and of the val split; fewer than 2 train images is an
+    InputError naming the store."""
+    train, val = split_tensors(store, "train"), split_tensors(store, "val")
+    if len(train[0]) < 2:
+        raise InputError(f"{store.path}: the train split needs at least 2 images, "
+                         f"has {len(train[0])}")
+    return train, val
 
 
 def split_tensors(store, split: str) -> tuple[torch.Tensor, torch.Tensor]:

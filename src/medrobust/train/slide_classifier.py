@@ -28,9 +28,9 @@ from medrobust.io.slide_stores import open_feature_store
 from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import config_from_mapping
-from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model, save_model
+from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model
 from medrobust.train.checkpoints import (
-    Progress, TrainingCheckpoint, fingerprint, resume, save_progress)
+    Progress, TrainingCheckpoint, fingerprint, resume, save_kept_epoch, save_progress)
 
 log = get_logger(__name__)
 SPLITS = ("train", "val", "test")
@@ -160,12 +160,7 @@ def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
         checkpoint = TrainingCheckpoint(
             model_dir, fingerprint(config, bags_used, device.type), checkpoint_dir)
         best_state, history = _fit(model, spec, device, name, train, val, checkpoint)
-    model.load_state_dict(best_state)
-    save_model(model, model_dir, config, history)
-    checkpoint.remove()
-    log.info("%s: kept epoch %d (%s); trained in %.1f s", name, history["best_epoch"],
-             history["selected_by"], time.perf_counter() - started)
-    return history
+    return save_kept_epoch(model, best_state, model_dir, config, history, checkpoint, name, started)
 
 
 def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: str,

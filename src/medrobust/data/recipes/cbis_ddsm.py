@@ -48,7 +48,7 @@ from medrobust.data.assemble import (
 from medrobust.data.manifest import begin_dataset, stratified_split
 from medrobust.config import config_from_mapping
 from medrobust.data.sources import register_source
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import ConfigError, InputError, check_choice
 from medrobust.io.checksums import file_digest
 from medrobust.logs import get_logger
 from medrobust.progress import progress
@@ -93,9 +93,7 @@ class CBISDDSMSource:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "CBISDDSMSource":
         options = config_from_mapping(cls, mapping, "source (cbis_ddsm)")
-        if options.abnormality not in ABNORMALITIES:
-            raise ConfigError(f"source (cbis_ddsm): abnormality must be one of "
-                              f"{', '.join(ABNORMALITIES)}, not {options.abnormality!r}")
+        check_choice("source (cbis_ddsm): abnormality", options.abnormality, ABNORMALITIES)
         if not 0 <= options.val_fraction < 1:
             raise ConfigError(f"source (cbis_ddsm): val_fraction must be in [0, 1), not "
                               f"{options.val_fraction!r}")

@@ -36,7 +36,7 @@ from medrobust.data.assemble import (
 from medrobust.data.manifest import begin_dataset
 from medrobust.config import config_from_mapping
 from medrobust.data.sources import register_source
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import ConfigError, InputError, check_choice
 
 BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2018"
 IMAGES = "ISIC2018_Task3_Training_Input.zip"
@@ -65,9 +65,7 @@ class ISIC2018Source:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "ISIC2018Source":
         options = config_from_mapping(cls, mapping, "source (isic2018)")
-        if options.selection not in SELECTIONS:
-            raise ConfigError(f"source (isic2018): selection must be one of "
-                              f"{', '.join(SELECTIONS)}, not {options.selection!r}")
+        check_choice("source (isic2018): selection", options.selection, SELECTIONS)
         if options.nv_cap is not None and (not isinstance(options.nv_cap, int)
                                            or options.nv_cap < 1):
             raise ConfigError(f"source (isic2018): nv_cap must be a positive integer, "

@@ -27,7 +27,7 @@ from medrobust.data.http import mirror_advice, staging_dir, warn_if_splits_diffe
 from medrobust.data.manifest import SPLITS, begin_dataset
 from medrobust.config import config_from_mapping
 from medrobust.data.sources import register_source
-from medrobust.errors import ConfigError, InputError, unknown_name
+from medrobust.errors import ConfigError, InputError, check_choice, unknown_name
 from medrobust.io.checksums import file_digest
 from medrobust.progress import progress
 
@@ -156,9 +156,7 @@ class MedMNISTSource:
         options = config_from_mapping(cls, mapping, "source (medmnist)")
         if options.flag not in FLAGS:
             raise unknown_name("MedMNIST 2D flag", options.flag, FLAGS)
-        if options.size not in SIZES:
-            raise ConfigError(f"source (medmnist): size must be one of "
-                              f"{', '.join(map(str, SIZES))}, not {options.size!r}")
+        check_choice("source (medmnist): size", options.size, SIZES)
         if options.url and options.path:
             raise ConfigError("source (medmnist): give `url` or `path`, not both")
         flag = FLAGS[options.flag]
