@@ -180,3 +180,23 @@ def test_a_non_square_size_pads_to_its_aspect_centred_or_on_the_right():
 def test_bad_preprocess_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         ImagePreprocessConfig.from_mapping(settings)
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_the_store_records_where_each_source_pixel_landed(tmp_path, laterality):
+    # a breast against the chest wall of its side, a bright 3x3 speck inside it
+    pixels = np.zeros((120, 90), dtype=np.uint16)
+    rows, cols = np.mgrid[0:120, 0:90]
+    from_wall = cols - 5 if laterality == "L" else 84 - cols
+    pixels[(np.hypot(from_wall / 60, (rows - 62) / 45) < 1) & (from_wall >= 0)] = 1500
+    speck_x, speck_y = (30, 50) if laterality == "L" else (59, 50)
+    pixels[speck_y - 1:speck_y + 2, speck_x - 1:speck_x + 2] = 4000
+    path = _twelve_bit_dicom(tmp_path / "breast.dcm", pixels, ImageLaterality=laterality)
+    manifest = write_dataset(tmp_path / "one", {"breast": path})
+    store = store_of(manifest, tmp_path / "one.zarr", **SCREENING)
+    sx, tx, sy, ty = store.attrs["geometry"]["breast"]
+    # the speck's centre (pixel centres at i + 0.5) to the store's pixel indices
+    x, y = sx * (speck_x + 0.5) + tx - 0.5, sy * (speck_y + 0.5) + ty - 0.5
+    brightest = np.unravel_index(np.argmax(store.images[0, 0]), (80, 64))
+    assert abs(brightest[0] - y) <= 1 and abs(brightest[1] - x) <= 1
+    assert (sx < 0) == (laterality == "R")

@@ -92,7 +92,7 @@ def build_image_store(manifest_path: str | os.PathLike, out_path: str | os.PathL
     # resized images wait on disk, not in memory, until the bad ones are known;
     # a killed run's scratch folder (a full float32 copy) is removed by the next
     with temporary_sibling(out_path, SCRATCH) as scratch_dir:
-        scratch, errors = _read_all(manifest, config, scratch_dir, workers)
+        scratch, errors, geometry = _read_all(manifest, config, scratch_dir, workers)
         good = np.array([index for index in range(len(manifest.table)) if index not in errors],
                         dtype=np.int64)
         rejected = _rejected(manifest.table, errors)
@@ -110,6 +110,8 @@ def build_image_store(manifest_path: str | os.PathLike, out_path: str | os.PathL
             "channels": int(scratch.shape[1]),
             "source_manifest_sha256": sha256_file(manifest.path),
             "rejected": rejected,
+            "geometry": {manifest.table.at[int(index), "sample_id"]: geometry[int(index)]
+                         for index in good},
         }
         with ImageStoreWriter(out_path, len(good), scratch.shape[1:], attrs) as writer:
             for position, index in enumerate(good):
@@ -122,17 +124,19 @@ def build_image_store(manifest_path: str | os.PathLike, out_path: str | os.PathL
 
 
 def _read_all(manifest: Manifest, config: ImagePreprocessConfig, scratch_dir: Path,
-              workers: int) -> tuple[np.ndarray, dict[int, str]]:
-    """Prepared images `(N, C, height, width)` (memory-mapped) and the bad rows' reasons."""
+              workers: int) -> tuple[np.ndarray, dict[int, str], dict[int, list[float]]]:
+    """Prepared images `(N, C, height, width)` (memory-mapped), the bad rows' reasons and
+    the good rows' `Placement.geometry`."""
     rows = [row for _, row in manifest.table.iterrows()]
     errors: dict[int, str] = {}
+    geometry: dict[int, list[float]] = {}
     with progress(total=len(rows), desc=f"preprocess {manifest.root.name}", unit="image") as bar:
         # the channel count must be known before the parallel pass writes
         first, image = None, None
         for first, row in enumerate(rows):
             bar.update()
             try:
-                image = load_mammogram_view(manifest, row, config)
+                image, placement = load_mammogram_view(manifest, row, config)
                 break
             except InputError as error:
                 errors[first] = str(error)
@@ -146,12 +150,13 @@ def _read_all(manifest: Manifest, config: ImagePreprocessConfig, scratch_dir: Pa
         # with one laterality the chest wall stays at the left edge: pad on the nipple's side
         wall_left = config.uniform_laterality
         scratch[first] = prepare_image(image, config.shape, channels, wall_left)
+        geometry[first] = placement.geometry(image.shape[:2], config.shape, wall_left)
 
         def prepare_row(index: int) -> str | None:
             try:
-                scratch[index] = prepare_image(
-                    load_mammogram_view(manifest, rows[index], config), config.shape, channels,
-                    wall_left)
+                view, placement = load_mammogram_view(manifest, rows[index], config)
+                scratch[index] = prepare_image(view, config.shape, channels, wall_left)
+                geometry[index] = placement.geometry(view.shape[:2], config.shape, wall_left)
             except InputError as error:
                 return str(error)
             return None
@@ -162,7 +167,7 @@ def _read_all(manifest: Manifest, config: ImagePreprocessConfig, scratch_dir: Pa
                 bar.update()
                 if error is not None:
                     errors[index] = error
-    return scratch, errors
+    return scratch, errors, geometry
 
 
 def load_verified(manifest: Manifest, row: pd.Series) -> np.ndarray:
@@ -177,16 +182,54 @@ def load_verified(manifest: Manifest, row: pd.Series) -> np.ndarray:
     return read_image(path)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the view given to `prepare_image` sits in the source image."""
+
+    top: int = 0
+    left: int = 0
+    flipped: bool = False
+
+    def geometry(self, view_shape: tuple[int, int], size: tuple[int, int],
+                 pad_right: bool) -> list[float]:
+        """[sx, tx, sy, ty]: a source point (x, y), in pixels with pixel i spanning [i, i + 1),
+        lands at (sx x + tx, sy y + ty) in the stored image; sx < 0 when flipped."""
+        height, width = view_shape
+        (top_pad, _), (left_pad, _), (padded_height, padded_width) = _padding(
+            height, width, size, pad_right)
+        kx, ky = size[1] / padded_width, size[0] / padded_height
+        if self.flipped:  # x -> width - (x - left)
+            sx, tx = -kx, kx * (width + self.left + left_pad)
+        else:
+            sx, tx = kx, kx * (left_pad - self.left)
+        return [sx, tx, ky, ky * (top_pad - self.top)]
+
+
 def load_mammogram_view(manifest: Manifest, row: pd.Series,
-                        config: ImagePreprocessConfig) -> np.ndarray:
+                        config: ImagePreprocessConfig) -> tuple[np.ndarray, Placement]:
     """`load_verified`, then the breast crop and the flip the config asks for."""
     image = load_verified(manifest, row)
     if not (config.breast_crop or config.uniform_laterality):
-        return image
+        return image, Placement()
     path = manifest.absolute_path(row)
     laterality = (read_dicom_laterality(path)
                   if config.uniform_laterality and is_dicom(path) else None)
-    return screening_view(image, laterality, config.breast_crop, config.uniform_laterality)
+    view, (top, left), flipped = screening_view(image, laterality, config.breast_crop,
+                                                config.uniform_laterality)
+    return view, Placement(top, left, flipped)
+
+
+def _padding(height: int, width: int, size: tuple[int, int], pad_right: bool
+             ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Rows above and below, columns left and right, and the padded shape that bring an
+    image to the aspect ratio of `size` (height, width)."""
+    out_height, out_width = size
+    padded_height = max(height, round(width * out_height / out_width))
+    padded_width = max(width, round(height * out_width / out_height))
+    top = (padded_height - height) // 2
+    left = 0 if pad_right else (padded_width - width) // 2
+    return ((top, padded_height - height - top), (left, padded_width - width - left),
+            (padded_height, padded_width))
 
 
 def prepare_image(image: np.ndarray, size: int | tuple[int, int], channels: int,
@@ -195,13 +238,8 @@ def prepare_image(image: np.ndarray, size: int | tuple[int, int], channels: int,
     square's side or (height, width). Padding is centred, or, with `pad_right`, added
     widthwise on the right only."""
     out_height, out_width = (size, size) if isinstance(size, int) else size
-    height, width = image.shape[:2]
-    # pad the short way to the target's aspect ratio, centred
-    padded_height = max(height, round(width * out_height / out_width))
-    padded_width = max(width, round(height * out_width / out_height))
-    top = (padded_height - height) // 2
-    left = 0 if pad_right else (padded_width - width) // 2
-    padding = [(top, padded_height - height - top), (left, padded_width - width - left)]
+    rows, cols, _ = _padding(*image.shape[:2], (out_height, out_width), pad_right)
+    padding = [rows, cols]
     planes = image[..., None] if image.ndim == 2 else image
     # Pillow scales its filter with the reduction factor, so downsizing is
     # anti-aliased (tiny bright specks average out instead of aliasing)

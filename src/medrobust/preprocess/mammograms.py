@@ -41,10 +41,16 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == int(sizes.argmax()))
 
 
-def crop_to_breast(image: np.ndarray) -> np.ndarray:
-    """The bounding box of `breast_mask`."""
+def breast_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of `breast_mask`'s bounding box, bottom and right
+    exclusive."""
     rows, cols = np.nonzero(breast_mask(image))
-    return image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+
+
+def crop_to_breast(image: np.ndarray) -> np.ndarray:
+    top, bottom, left, right = breast_box(image)
+    return image[top:bottom, left:right]
 
 
 def chest_wall_side(image: np.ndarray, laterality: str | None) -> str:
@@ -59,11 +65,15 @@ def chest_wall_side(image: np.ndarray, laterality: str | None) -> str:
 
 
 def screening_view(image: np.ndarray, laterality: str | None, crop: bool,
-                   uniform_laterality: bool) -> np.ndarray:
+                   uniform_laterality: bool) -> tuple[np.ndarray, tuple[int, int], bool]:
     """`image` cropped to the breast (`crop`) and flipped to put the chest wall on the left
-    (`uniform_laterality`)."""
+    (`uniform_laterality`); with the crop's (top, left) in `image` and whether it was
+    flipped, so that annotations can follow."""
+    top, left = 0, 0
     if crop:
-        image = crop_to_breast(image)
-    if uniform_laterality and chest_wall_side(image, laterality) == RIGHT:
+        top, bottom, left, right = breast_box(image)
+        image = image[top:bottom, left:right]
+    flipped = uniform_laterality and chest_wall_side(image, laterality) == RIGHT
+    if flipped:
         image = image[:, ::-1]
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), (top, left), flipped
