@@ -128,7 +128,7 @@ def test_saved_model_files_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_unknown_names_raise_config_error_listing_known_ones():
-    with pytest.raises(ConfigError, match="resnet18, vgg16"):
+    with pytest.raises(ConfigError, match="resnet18, resnet22, vgg16"):
         build_model(image_config(arch="alexnet"))
     with pytest.raises(ConfigError, match="family"):
         build_model(image_config(family="video"))

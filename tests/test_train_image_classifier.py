@@ -55,11 +55,13 @@ def test_training_learns_the_squares_and_saves_a_loadable_model(store, tmp_path)
     assert best["val_accuracy"] == max(record["val_accuracy"] for record in history["epochs"])
     config = json.loads((tmp_path / "baseline" / "config.json").read_text())
     assert config == {
-        "family": "image", "arch": "resnet18", "pretrained": "none", "num_classes": 2,
+        "family": "image", "arch": "resnet18", "pretrained": "none",
+        "normalization": "imagenet", "num_classes": 2,
         "in_channels": 1, "classes": ["empty", "square"], "image_size": [32, 32],
         "defense": {"name": "none"},
         "training": {**TRAINING, "augment": True, "optimizer": "adam", "momentum": 0.9,
-                     "schedule": "none", "step_size": 30, "gamma": 0.1},
+                     "schedule": "none", "step_size": 30, "gamma": 0.1,
+                     "lowpass_augment": None},
         "seed": 0, "dataset": "squares"}
     assert history["recipe"]["optimizer"] == "AdamW"
     assert history["recipe"]["schedule"] == "constant"
@@ -140,7 +142,7 @@ def test_sgd_with_a_schedule_as_the_paper_trained(store, tmp_path, schedule, rat
                                                  schedule["schedule"]]
     recorded = json.loads((tmp_path / "sgd" / "config.json").read_text())["training"]
     assert recorded == {**TRAINING, "augment": True, "momentum": 0.8, "step_size": 30,
-                        "gamma": 0.1, **training}
+                        "gamma": 0.1, "lowpass_augment": None, **training}
 
 
 @pytest.mark.parametrize("model, training, key", [

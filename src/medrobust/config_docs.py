@@ -155,6 +155,8 @@ def _json(value: Any) -> str:
 
 
 def _type(node: Mapping) -> str:
+    if "oneOf" in node:  # alternatives, e.g. a side or [height, width]
+        return " or ".join(_type(option) for option in node["oneOf"])
     if "enum" in node:
         return "one of " + ", ".join(f"`{value}`" for value in node["enum"])
     kind = node.get("type", "")

@@ -42,9 +42,21 @@ def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
     return scaled.astype(np.float32)
 
 
-def _read_dataset(path: Path) -> FileDataset:
+def read_dicom_laterality(path: str | os.PathLike) -> str | None:
+    """L or R, from ImageLaterality (0020,0062), else Laterality (0020,0060); None when
+    neither says (absent, empty, B for both or U for unpaired)."""
+    path = Path(path)
+    ds = _read_dataset(path, stop_before_pixels=True)
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
+def _read_dataset(path: Path, stop_before_pixels: bool = False) -> FileDataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as error:
         raise InputError(f"{path}: not a DICOM file ({error})") from error
     except OSError as error:

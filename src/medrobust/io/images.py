@@ -25,11 +25,11 @@ _GRAY_MODES = ("1", "L", "LA")
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Dispatch on the suffix; DICOM files often have none, so sniff for them."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in PHOTO_SUFFIXES:
+    if path.suffix.lower() in PHOTO_SUFFIXES:
         return read_photo(path)
-    if suffix in DICOM_SUFFIXES or _has_dicom_magic(path):
+    if is_dicom(path):
         return read_dicom_image(path)
+    suffix = path.suffix.lower()
     raise InputError(f"{path}: unsupported image format {suffix or '(no suffix)'!r}; "
                      f"expected one of {', '.join(DICOM_SUFFIXES + PHOTO_SUFFIXES)} "
                      "or a DICOM file")
@@ -59,6 +59,11 @@ def _to_unit_range(image: Image.Image, path: Path) -> np.ndarray:
                          "store 8- or 16-bit images")
     mode = "L" if image.mode in _GRAY_MODES else "RGB"  # alpha is dropped
     return np.asarray(image.convert(mode), dtype=np.float32) / np.float32(255.0)
+
+
+def is_dicom(path: Path) -> bool:
+    """By its suffix, or, as DICOM files often have none, by the magic bytes."""
+    return path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path)
 
 
 def _has_dicom_magic(path: Path) -> bool:

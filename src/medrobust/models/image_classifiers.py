@@ -1,7 +1,10 @@
-"""Image classifiers (torchvision ResNet18, VGG16) cut into encoder, body and head.
+"""Image classifiers (torchvision ResNet18, VGG16; NYU's screening ResNet-22) cut into
+encoder, body and head.
 
 Every classifier takes images in [0, 1] and normalises them itself, so attacks
-and perturbations work in pixel space. The cut points give the defenses the
+and perturbations work in pixel space: with the ImageNet statistics
+(`imagenet`), or each image by its own mean and standard deviation
+(`per_image`, as NYU's breast cancer classifier standardises its inputs). The cut points give the defenses the
 features they need: `low` (the encoder's low/mid conv features, where the
 denoising auto-encoder branches off) and `last` (the last conv features,
 before pooling).
@@ -19,11 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from medrobust.errors import InputError
+from medrobust.errors import ConfigError, InputError, check_choice
 from medrobust.models.registry import (
     describe_nonfinite, nonfinite_tensors, register_image_classifier)
 
@@ -31,23 +35,36 @@ from medrobust.models.registry import (
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 _PRETRAINED = "IMAGENET1K_V1"
+NORMALIZATIONS = ("imagenet", "per_image")
+# a blank image (std 0) is centred, not divided by zero or by the rounding of its mean;
+# far below the spread of any image with content in [0, 1]
+_STD_FLOOR = 1e-3
 
 
 class ImageClassifier(nn.Module):
     """normalise -> encoder (low features) -> body (last conv features) -> head (logits)."""
 
     def __init__(self, encoder: nn.Module, body: nn.Module, head: nn.Module, in_channels: int,
-                 low_channels: int, low_stride: int):
+                 low_channels: int, low_stride: int, normalization: str = "imagenet"):
         super().__init__()
+        check_choice("image classifier: normalization", normalization, NORMALIZATIONS)
         self.encoder, self.body, self.head = encoder, body, head
         self.in_channels = in_channels
         self.low_channels = low_channels  # what a decoder on `low` receives
         self.low_stride = low_stride
+        self.normalization = normalization
         self.register_buffer("mean", _channel_stats(_MEAN, in_channels))
         self.register_buffer("std", _channel_stats(_STD, in_channels))
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if self.normalization == "per_image":
+            mean = images.mean(dim=(1, 2, 3), keepdim=True)
+            std = images.std(dim=(1, 2, 3), keepdim=True, correction=0).clamp_min(_STD_FLOOR)
+            return (images - mean) / std
+        return (images - self.mean) / self.std
+
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        low = self.encoder((images - self.mean) / self.std)
+        low = self.encoder(self.normalize(images))
         return {"low": low, "last": self.body(low)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,7 +72,8 @@ class ImageClassifier(nn.Module):
 
 
 @register_image_classifier("resnet18")
-def resnet18(num_classes: int, in_channels: int, pretrained: str = "none") -> ImageClassifier:
+def resnet18(num_classes: int, in_channels: int, pretrained: str = "none",
+             normalization: str = "imagenet") -> ImageClassifier:
     net = torchvision_net("resnet18", pretrained)
     encoder = nn.Sequential(OrderedDict(
         conv1=adapt_first_conv(net.conv1, in_channels), bn1=net.bn1, relu=net.relu,
@@ -64,11 +82,13 @@ def resnet18(num_classes: int, in_channels: int, pretrained: str = "none") -> Im
     head = nn.Sequential(OrderedDict(
         avgpool=net.avgpool, flatten=nn.Flatten(1),
         fc=nn.Linear(net.fc.in_features, num_classes)))
-    return ImageClassifier(encoder, body, head, in_channels, low_channels=128, low_stride=8)
+    return ImageClassifier(encoder, body, head, in_channels, low_channels=128, low_stride=8,
+                           normalization=normalization)
 
 
 @register_image_classifier("vgg16")
-def vgg16(num_classes: int, in_channels: int, pretrained: str = "none") -> ImageClassifier:
+def vgg16(num_classes: int, in_channels: int, pretrained: str = "none",
+          normalization: str = "imagenet") -> ImageClassifier:
     net = torchvision_net("vgg16", pretrained)
     features = net.features
     features[0] = adapt_first_conv(features[0], in_channels)
@@ -78,7 +98,72 @@ def vgg16(num_classes: int, in_channels: int, pretrained: str = "none") -> Image
     classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
     head = nn.Sequential(OrderedDict(
         pool5=last_pool, avgpool=net.avgpool, flatten=nn.Flatten(1), classifier=classifier))
-    return ImageClassifier(encoder, body, head, in_channels, low_channels=256, low_stride=8)
+    return ImageClassifier(encoder, body, head, in_channels, low_channels=256, low_stride=8,
+                           normalization=normalization)
+
+
+class PreActBlock(nn.Module):
+    """A pre-activation basic block (He et al. 2016, "identity mappings"): BN, ReLU, 3x3
+    conv, BN, ReLU, 3x3 conv, plus the input; a block that changes stride or width takes
+    its shortcut through a 1x1 conv of the pre-activation, as NYU's BasicBlockV2."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(in_channels, channels, 1, stride, bias=False)
+                         if stride != 1 or in_channels != channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = F.relu(self.bn1(x))
+        residual = x if self.shortcut is None else self.shortcut(activated)
+        out = self.conv2(F.relu(self.bn2(self.conv1(activated))))
+        return out + residual
+
+
+# NYU's single-view ResNet-22 (Wu et al. 2019, nyukat/breast_cancer_classifier)
+RESNET22_STEM_FILTERS = 16
+RESNET22_STRIDES = (1, 2, 2, 2, 2)
+RESNET22_BLOCKS_PER_STAGE = 2
+RESNET22_HIDDEN = 256
+
+
+@register_image_classifier("resnet22")
+def resnet22(num_classes: int, in_channels: int, pretrained: str = "none",
+             normalization: str = "imagenet") -> ImageClassifier:
+    """The screening classifier's view network: 7x7/2 conv (16 filters, no padding), 3x3/2
+    max-pool, five stages of two pre-activation blocks (strides 1, 2, 2, 2, 2; widths 16 to
+    256, doubling), BN and ReLU, global average pool, FC 256 -> 256 and ReLU, then the class
+    layer. Fully convolutional up to the pool, so any input size of at least 11 pixels.
+
+    No pretrained weights exist outside NYU's multi-view checkpoints; `low` (where the
+    denoising defense's decoder branches off) is after the second stage (32 channels,
+    stride 8), as ResNet18's is after its second of four.
+    """
+    if pretrained != "none":
+        raise ConfigError(f"resnet22 has no pretrained weights (pretrained: {pretrained!r}); "
+                          "train it from scratch with pretrained: none")
+    widths = [RESNET22_STEM_FILTERS * 2**index for index in range(len(RESNET22_STRIDES))]
+    stages, previous = [], RESNET22_STEM_FILTERS
+    for width, stride in zip(widths, RESNET22_STRIDES):
+        blocks = [PreActBlock(previous, width, stride)]
+        blocks += [PreActBlock(width, width, 1) for _ in range(RESNET22_BLOCKS_PER_STAGE - 1)]
+        stages.append(nn.Sequential(*blocks))
+        previous = width
+    encoder = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(in_channels, RESNET22_STEM_FILTERS, 7, 2, padding=0, bias=False),
+        maxpool=nn.MaxPool2d(3, 2, padding=0), layer1=stages[0], layer2=stages[1]))
+    body = nn.Sequential(OrderedDict(
+        layer3=stages[2], layer4=stages[3], layer5=stages[4],
+        final_bn=nn.BatchNorm2d(previous), relu=nn.ReLU()))
+    head = nn.Sequential(OrderedDict(
+        avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
+        hidden=nn.Linear(previous, RESNET22_HIDDEN), relu=nn.ReLU(),
+        fc=nn.Linear(RESNET22_HIDDEN, num_classes)))
+    return ImageClassifier(encoder, body, head, in_channels, low_channels=widths[1],
+                           low_stride=8, normalization=normalization)
 
 
 def torchvision_net(arch: str, pretrained: str) -> nn.Module:

@@ -2,9 +2,11 @@
 
 Builders register under the name a config uses for them (as timm does):
 
-- image classifiers: `builder(num_classes, in_channels, pretrained: str) -> ImageClassifier`,
-  `pretrained` being none, imagenet or the path of a weights file
-  (`models.image_classifiers`);
+- image classifiers: `builder(num_classes, in_channels, pretrained: str, normalization: str)
+  -> ImageClassifier`, `pretrained` being none, imagenet or the path of a weights file,
+  `normalization` imagenet or per_image (`models.image_classifiers`); an
+  `ImageClassifier` provides `forward_features` (`low` and `last` features), which
+  the denoising defense and HGD need;
 - slide classifiers: `builder(config: Mapping) -> nn.Module`, given the whole
   resolved model config (`models.mil`);
 - defenses: a frozen dataclass with `from_mapping`, `wrap(classifier)` (the model
@@ -181,6 +183,8 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> n
             num_classes=int(_require(config, "num_classes")),
             in_channels=int(_require(config, "in_channels")),
             pretrained=config.get("pretrained", "none") if load_pretrained else "none",
+            # saved before the option existed: the ImageNet statistics
+            normalization=config.get("normalization", "imagenet"),
         )
         return build_defense(config.get("defense")).wrap(classifier)
     if family == "slide":

@@ -31,8 +31,10 @@ from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import PRETRAINED, config_from_mapping, pretrained_problem
 from medrobust.io.checksums import sha256_file
+from medrobust.models.image_classifiers import NORMALIZATIONS
 from medrobust.models.registry import (
     IMAGE_CLASSIFIERS, Defense, build_defense, build_model, defense_config)
+from medrobust.train.augmentation import LowPassAugmentation
 from medrobust.train.checkpoints import (
     Progress, TrainingCheckpoint, fingerprint, resume, save_kept_epoch, save_progress)
 
@@ -48,10 +50,12 @@ class ImageModelConfig:
     seed: int = 0
     defense: Mapping[str, Any] | None = None
     pretrained: str = "none"
+    normalization: str = "imagenet"
 
     def __post_init__(self):
         if self.arch not in IMAGE_CLASSIFIERS:
             raise unknown_name("image classifier", self.arch, IMAGE_CLASSIFIERS)
+        check_choice("image classifier: normalization", self.normalization, NORMALIZATIONS)
         problem = pretrained_problem(self.pretrained)
         if problem:
             raise ConfigError(f"image classifier: pretrained: {problem}")
@@ -85,6 +89,7 @@ class TrainingConfig:
     schedule: str = "none"
     step_size: int = 30  # step only; 30 and 0.1 as torchvision's ResNet recipe
     gamma: float = 0.1  # step only
+    lowpass_augment: Mapping[str, Any] | None = None  # LowPassAugmentation's settings
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -97,6 +102,11 @@ class TrainingConfig:
             raise ConfigError(f"image_training: momentum must be in [0, 1), not {self.momentum}")
         if self.step_size < 1 or not 0 < self.gamma <= 1:
             raise ConfigError("image_training: step_size must be >= 1 and gamma in (0, 1]")
+        self.lowpass()  # checks the settings now, not at the first batch
+
+    def lowpass(self) -> LowPassAugmentation | None:
+        return (None if self.lowpass_augment is None
+                else LowPassAugmentation.from_mapping(self.lowpass_augment))
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "TrainingConfig":
@@ -148,6 +158,7 @@ def train_image_classifier(store_path: str | os.PathLike, model_dir: str | os.Pa
         raise InputError(f"{store.path}: labels do not fit the classes {store.classes}")
     config = {
         "family": "image", "arch": spec.arch, "pretrained": spec.pretrained,
+        "normalization": spec.normalization,
         "num_classes": len(store.classes), "in_channels": int(train_images.shape[1]),
         "classes": store.classes, "image_size": list(train_images.shape[-2:]),
         "defense": defense_config(defense), "training": dataclasses.asdict(training),
@@ -180,6 +191,7 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
     optimizer = training.make_optimizer(model.parameters())
     scheduler = training.make_scheduler(optimizer)
     data_generator = torch.Generator().manual_seed(seed)
+    lowpass = training.lowpass()
     noise_generator = torch.Generator(device=device).manual_seed(seed)
     generators = {"data": data_generator, "noise": noise_generator}
     state = resume(checkpoint, model, optimizer, generators, device, name, training.epochs,
@@ -196,6 +208,8 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
             if training.augment:
                 images = _random_flips(images, data_generator)
             images, labels = images.to(device), train[1][index].to(device)
+            if lowpass is not None:  # on the device: FFTs on the GPU when there is one
+                images = lowpass.apply(images, data_generator)
             loss, components = defense.loss(model, images, labels, noise_generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,9 +233,11 @@ def _fit(model: nn.Module, defense: Defense, training: TrainingConfig, seed: int
         if epoch < training.epochs and checkpoint.due():  # the last: the model is saved next
             save_progress(checkpoint, epoch, model, optimizer, generators, device,
                           Progress(epochs, epoch, best, best_state), scheduler)
+    augmentations = (["random horizontal and vertical flips"] if training.augment else []) + \
+        ([lowpass.describe()] if lowpass is not None else [])
     recipe = {**training.recipe(), "batch_size": training.batch_size, "epochs": training.epochs,
-              "augmentation": "random horizontal and vertical flips" if training.augment
-              else "none", "defense": defense_config(defense)}
+              "augmentation": "; ".join(augmentations) or "none",
+              "defense": defense_config(defense)}
     return best_state, {"epochs": epochs, "best_epoch": best[1],
                         "selected_by": "val_accuracy" if len(val[0]) else "last_epoch",
                         "recipe": recipe, "device": str(device)}
