@@ -66,6 +66,7 @@ def test_row_runs_join_only_adjacent_tiles_of_one_row_up_to_the_longest():
     # the last tile of a row and the first of the next are never joined, even if x fits
     assert _row_runs(np.array([[0, 0], [10, 10]]), step, longest=8) == [(0, 1), (1, 1)]
 
+
 def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path):
     out = tmp_path / "cmu.zarr"
     config = TilingConfig(target_mpp=CMU_MPP, tile_size=128, tissue_threshold=0.5)
@@ -164,4 +165,3 @@ def test_a_corrupt_slide_fails_without_leaving_a_store(tmp_path, corrupt_tiff):
         tile_slide(corrupt_tiff, out, config, "s", "tumor", "train", workers=2)
     assert str(corrupt_tiff) in str(caught.value)
     assert list(out.parent.iterdir()) == []
-
