@@ -1,4 +1,5 @@
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -145,3 +146,25 @@ def test_stratified_split_is_seeded():
 def test_stratified_split_rejects_bad_fractions(fractions, expected):
     with pytest.raises(ConfigError, match=expected):
         stratified_split([0, 1], fractions, 0)
+
+
+def test_manifest_rows_cache_reads_once_and_rereads_a_changed_manifest(tmp_path):
+    from medrobust.io.manifest_cache import manifest_rows
+
+    path = write_dataset(tmp_path, _rows(), CLASSES, "images")
+    first = manifest_rows(path)
+    assert list(first) == ["a", "b", "c"] and first["b"]["label"] == "malignant"
+    assert manifest_rows(path) is first  # unchanged file: not read again
+
+    rows = _rows()[:2]  # a row fewer: another size
+    write_dataset(tmp_path, rows, CLASSES, "images")
+    assert list(manifest_rows(path)) == ["a", "b"]
+
+    # same size, other content: only the modification time tells
+    stat = path.stat()
+    rows[1]["label"] = "benign"
+    rows[1]["sha256"] = "1" * 67  # "malignant" -> "benign" is 3 characters shorter
+    write_dataset(tmp_path, rows, CLASSES, "images")
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert manifest_rows(path)["b"]["label"] == "benign"

@@ -55,6 +55,18 @@ def test_tiling_config_rejects_unknown_and_bad_values():
         TilingConfig(target_mpp=2.0, tile_size=0, tissue_threshold=0.5)
 
 
+def test_row_runs_join_only_adjacent_tiles_of_one_row_up_to_the_longest():
+    from medrobust.preprocess.tiling import _row_runs
+
+    step = 10
+    # row 0: x 0, 10, 20, 30 (adjacent), then a gap to 50; row 1 starts at x 60
+    coords = np.array([[0, 0], [10, 0], [20, 0], [30, 0], [50, 0], [60, 10], [70, 10]])
+    assert _row_runs(coords, step, longest=8) == [(0, 4), (4, 1), (5, 2)]
+    assert _row_runs(coords, step, longest=3) == [(0, 3), (3, 1), (4, 1), (5, 2)]
+    # the last tile of a row and the first of the next are never joined, even if x fits
+    assert _row_runs(np.array([[0, 0], [10, 10]]), step, longest=8) == [(0, 1), (1, 1)]
+
+
 def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path):
     out = tmp_path / "cmu.zarr"
     config = TilingConfig(target_mpp=CMU_MPP, tile_size=128, tissue_threshold=0.5)

@@ -1,7 +1,6 @@
 # Config validation, wildcard constraints and the input functions that turn
 # the config into the DAG. Everything here is plain Python over `config`.
 
-import csv
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from medrobust import conditions as plan
 from medrobust.config import DENOISER_MODEL_KEYS, PRETRAINED, defense_labels, validate_config
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
+from medrobust.io.manifest_cache import manifest_rows as read_manifest_rows
 
 
 # Every problem of the config, before any job (and before Snakemake deletes any
@@ -76,8 +76,7 @@ def dataset_source(wildcards):
 def manifest_rows(dataset):
     """The downloaded manifest by sample id; known once the download checkpoint ran."""
     folder = checkpoints.download.get(dataset=dataset).output[0]
-    with open(Path(folder) / "manifest.csv", newline="") as handle:
-        return {row["sample_id"]: row for row in csv.DictReader(handle)}
+    return read_manifest_rows(Path(folder) / "manifest.csv")
 
 
 def slide_record(wildcards):

@@ -44,12 +44,16 @@ class Slide:
         return self._slide.get_best_level_for_downsample(downsample * (1 + _LEVEL_TOLERANCE))
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """`(height, width, 3)` uint8 of the region at `level`; `location` is level-0 (x, y)."""
+        """`(height, width, 3)` uint8 of the region at `level` (maybe a view of an RGBA array);
+        `location` is level-0 (x, y)."""
         try:
             region = self._slide.read_region(location, level, size)
         except openslide.OpenSlideError as error:
             raise InputError(f"{self.path}: cannot read region at {location} level {level} "
                              f"({error}); the slide file is corrupt") from error
+        pixels = np.asarray(region)
+        if pixels[..., 3].min() == 255:  # all scanned, the common case: nothing to fill
+            return pixels[..., :3]
         rgb = Image.new("RGB", region.size, self._background)
         rgb.paste(region, mask=region)  # non-premultiplied alpha marks unscanned areas
         return np.asarray(rgb)

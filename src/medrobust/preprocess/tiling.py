@@ -3,10 +3,11 @@
 The slide is cut into a grid of whole tiles of `tile_size` pixels at
 `target_mpp`; a tile is kept when the thumbnail's tissue mask covers at least
 `tissue_threshold` of it. Tiles are read one at a time from the pyramid level
-closest to (and not coarser than) the target resolution and resized when that
-level does not match exactly, so the slide is never held in memory; dask's
-threaded scheduler reads batches of tiles in parallel, each tile written to
-its own chunk.
+closest to (and not coarser than) the target resolution, a row of neighbouring
+tiles per read, and resized when that level does not match exactly, so the
+slide is never held in memory; dask's threaded scheduler reads shards of tiles
+in parallel while another thread writes the finished ones, each tile its own
+chunk.
 
 A slide without a single tissue tile gives an empty store (`n_tiles` 0) and
 a warning rather than an error: tiling runs one job per slide, and whether a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,7 +41,8 @@ from medrobust.preprocess.tissue import tissue_mask
 
 log = get_logger(__name__)
 MASK_PIXELS_PER_TILE = 8   # thumbnail resolution: a tile spans about 8x8 mask pixels
-_BATCH = TILES_PER_SHARD   # tiles per dask task: each task writes one whole shard
+_BATCH = TILES_PER_SHARD   # tiles per dask task: each task reads one whole shard
+_RUN_PIXELS = 4096         # widest region read at once, in pixels at the read level
 
 
 @dataclass(frozen=True)
@@ -146,23 +149,60 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
 
 def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_size: int,
                 workers: int, slide_id: str) -> None:
-    size = (grid.read_size, grid.read_size)
+    """Read, resize and store every tile, a whole shard per write (docs/benchmarks.md, "Tiling").
+
+    `workers` threads read shards (dask); one more thread compresses and writes
+    the finished shards, so a write overlaps the next reads. Neighbouring tiles
+    of a grid row are read in one region and cut apart: fewer OpenSlide calls
+    and less per-tile Python.
+    """
+    read_size = grid.read_size
+    longest_run = max(1, _RUN_PIXELS // read_size)
     bar = progress(total=len(coords), desc=f"tile {slide_id}", unit="tile")
     lock = threading.Lock()  # the bar's counter is not safe to bump from several threads
+    # at most this many read shards wait for the writer, so memory stays bounded
+    pending = threading.BoundedSemaphore(workers + 1)
 
-    def read_batch(start: int, stop: int) -> None:
-        batch = np.empty((stop - start, tile_size, tile_size, 3), dtype=np.uint8)
-        for offset, index in enumerate(range(start, stop)):
-            tile = slide.read_rgb((int(coords[index, 0]), int(coords[index, 1])), grid.level, size)
-            if grid.read_size != tile_size:
-                tile = np.asarray(Image.fromarray(tile).resize((tile_size, tile_size),
-                                                               Image.Resampling.LANCZOS))
-            batch[offset] = tile
-        tiles[start:stop] = batch  # one whole shard, one file write
+    def write(start: int, batch: np.ndarray) -> None:
+        try:
+            tiles[start:start + len(batch)] = batch  # one whole shard, one file write
+        finally:
+            pending.release()
         with lock:
-            bar.update(stop - start)
+            bar.update(len(batch))
 
-    with bar:
-        tasks = [dask.delayed(read_batch)(start, min(start + _BATCH, len(coords)))
+    def read_shard(start: int, stop: int) -> Future:
+        batch = np.empty((stop - start, tile_size, tile_size, 3), dtype=np.uint8)
+        for first, count in _row_runs(coords[start:stop], grid.tile_size_level0, longest_run):
+            run = coords[start + first:start + first + count]
+            # each tile's offset in the region, rounded as a read of that tile alone would be
+            offsets = np.rint((run[:, 0] - run[0, 0]) / grid.level_downsample).astype(np.int64)
+            region = slide.read_rgb((int(run[0, 0]), int(run[0, 1])), grid.level,
+                                    (int(offsets[-1]) + read_size, read_size))
+            for index, left in enumerate(offsets, start=first):
+                tile = region[:, left:left + read_size]
+                if read_size != tile_size:
+                    tile = np.asarray(Image.fromarray(tile).resize(
+                        (tile_size, tile_size), Image.Resampling.LANCZOS))
+                batch[index] = tile
+        pending.acquire()
+        return writer.submit(write, start, batch)
+
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="tile-writer") as writer:
+        tasks = [dask.delayed(read_shard)(start, min(start + _BATCH, len(coords)))
                  for start in range(0, len(coords), _BATCH)]
-        dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))
+        for written in dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers)):
+            written.result()  # a failed write raises here
+
+
+def _row_runs(coords: np.ndarray, step: int, longest: int) -> list[tuple[int, int]]:
+    """(first index, length) of each run of adjacent tiles in one grid row, at most `longest`."""
+    runs: list[tuple[int, int]] = []
+    for index in range(len(coords)):
+        if runs and runs[-1][1] < longest \
+                and coords[index, 1] == coords[index - 1, 1] \
+                and coords[index, 0] - coords[index - 1, 0] == step:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs

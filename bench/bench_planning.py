@@ -1,0 +1,185 @@
+"""Benchmark planning a slide cohort: `snakemake -n` of medrobust against a bare workflow.
+
+For each cohort size N, a temporary folder gets N placeholder slide files (empty:
+planning never opens them) and a labels table, and two workflows download it:
+
+- medrobust: the embedded config.yaml with its `slides` dataset turned into a
+  `local` source over that folder (every other dataset and model as shipped);
+  `snakemake resources/slides` runs the real download checkpoint (links the
+  folder, hashes the files, writes the manifest).
+- bare: a Snakefile of the same shape and nothing else: a download checkpoint
+  writing an N-row manifest, one tile and one feature job per slide, and a
+  train and an evaluate job whose input functions list the N feature stores
+  from the manifest (read once per call, as any workflow would).
+
+Then `snakemake -n` of each workflow's default target is timed (wall clock,
+the whole process: parse, config validation, DAG). Both plan 2N per-slide
+jobs behind the checkpoint; medrobust plans its image branch (tens of jobs) too.
+
+    .venv/bin/python bench/bench_planning.py                  # N = 1000 3000 10000
+    .venv/bin/python bench/bench_planning.py --sizes 500 2000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import snakemake
+import yaml
+
+from timing import machine_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BARE_SNAKEFILE = '''\
+import csv
+from pathlib import Path
+
+
+def feature_stores(wildcards):
+    folder = checkpoints.download.get(dataset=wildcards.dataset).output[0]
+    with open(Path(folder) / "manifest.csv", newline="") as handle:
+        return [f"results/features/{wildcards.dataset}/{row['sample_id']}.zarr"
+                for row in csv.DictReader(handle)]
+
+
+rule all:
+    input:
+        "results/evaluation/slides/metrics.json",
+
+
+checkpoint download:
+    output:
+        directory("resources/{dataset}"),
+    params:
+        n=config["slides"],
+    run:
+        Path(output[0]).mkdir(parents=True)
+        with open(Path(output[0]) / "manifest.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sample_id", "path", "label", "split", "sha256"])
+            for index in range(params.n):
+                writer.writerow([f"slide_{index:06d}", f"data/slide_{index:06d}.tiff",
+                                 "tumor" if index % 2 else "normal", "train", "0" * 64])
+
+
+rule tile_slide:
+    input:
+        "resources/{dataset}",
+    output:
+        directory("results/tiles/{dataset}/{slide}.zarr"),
+    shell:
+        "mkdir -p {output}"
+
+
+rule extract_features:
+    input:
+        "results/tiles/{dataset}/{slide}.zarr",
+    output:
+        directory("results/features/{dataset}/{slide}.zarr"),
+    shell:
+        "mkdir -p {output}"
+
+
+rule train:
+    input:
+        feature_stores,
+    output:
+        "results/models/{dataset}/model.safetensors",
+    shell:
+        "touch {output}"
+
+
+rule evaluate:
+    input:
+        feature_stores,
+        model="results/models/{dataset}/model.safetensors",
+    output:
+        "results/evaluation/{dataset}/metrics.json",
+    shell:
+        "touch {output}"
+'''
+
+
+def snakemake_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", *args]
+
+
+def run(command: list[str], cwd: Path) -> float:
+    """Seconds `command` took; its output goes to a log file, shown if it fails."""
+    log = cwd / "bench.log"
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed in {cwd}:\n{log.read_text()[-3000:]}")
+    return seconds
+
+
+def medrobust_cohort(work: Path, n: int) -> Path:
+    """A workdir whose config tiles a local cohort of n placeholder slides; downloaded."""
+    data = work / "cohort"
+    data.mkdir(parents=True)
+    lines = ["path,label"]
+    for index in range(n):
+        name = f"slide_{index:06d}.tiff"
+        (data / name).touch()
+        lines.append(f"{name},{'tumor' if index % 2 else 'normal'}")
+    (data / "labels.csv").write_text("\n".join(lines) + "\n")
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    slides = config["datasets"]["slides"]
+    slides["source"] = {"type": "local", "root": str(data), "labels": {"table": "labels.csv"}}
+    workdir = work / "medrobust"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    run(medrobust_args(workdir, "--cores", "1", "resources/slides"), workdir)
+    return workdir
+
+
+def medrobust_args(workdir: Path, *args: str) -> list[str]:
+    return snakemake_command("--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+                             "--configfile", str(workdir / "config.yaml"), *args)
+
+
+def bare_cohort(work: Path, n: int) -> Path:
+    workdir = work / "bare"
+    workdir.mkdir()
+    (workdir / "Snakefile").write_text(BARE_SNAKEFILE)
+    run(snakemake_command("--cores", "1", "resources/slides", "--config", f"slides={n}"), workdir)
+    return workdir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000],
+                        help="cohort sizes N (default 1000 3000 10000)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed `snakemake -n` runs per workflow and size, interleaved; "
+                             "the median counts (default 1)")
+    args = parser.parse_args(argv)
+    print(machine_line(f"snakemake {snakemake.__version__}"))
+    print(f"{'N slides':>9s} {'medrobust s':>12s} {'bare s':>8s} {'ratio':>6s} "
+          f"{'medrobust s/1000 slides':>24s}")
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="medrobust-planning-") as tmp:
+            work = Path(tmp)
+            medrobust, bare = medrobust_cohort(work, n), bare_cohort(work, n)
+            times: dict[str, list[float]] = {"medrobust": [], "bare": []}
+            for _ in range(args.repeats):  # interleaved, so load on a shared machine hits both
+                times["medrobust"].append(run(medrobust_args(medrobust, "-n"), medrobust))
+                times["bare"].append(run(snakemake_command("-n", "--config", f"slides={n}"), bare))
+        ours, theirs = (statistics.median(times[name]) for name in ("medrobust", "bare"))
+        print(f"{n:9d} {ours:12.1f} {theirs:8.1f} {ours / theirs:6.2f} "
+              f"{1000 * ours / n:24.2f}", flush=True)
+    print("ratio = medrobust seconds / bare seconds (goal <= 1.5 at 10,000 slides)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
