@@ -208,25 +208,25 @@ def test_a_72_dpi_tiff_is_refused_unless_fallback_mpp_is_set(tmp_path):
 
 
 def test_qc_picture_draws_the_tissue_outline_and_the_kept_tiles():
-    thumbnail = np.full((200, 400, 3), 240, np.uint8)   # within the size limits: not scaled
-    mask = np.zeros((200, 400), bool)
-    mask[40:160, 80:320] = True
-    picture = np.asarray(qc_picture(thumbnail, mask, np.array([[100, 60]]), 40))
-    assert picture.shape == (200, 400, 3)
-    assert (picture[40, 200] == CONTOUR).all() and (picture[100, 80] == CONTOUR).all()
-    inside_tile = picture[80, 120]
+    thumbnail = np.full((400, 500, 3), 240, np.uint8)   # within the size limits: not scaled
+    mask = np.zeros((400, 500), bool)
+    mask[80:320, 100:400] = True
+    picture = np.asarray(qc_picture(thumbnail, mask, np.array([[150, 120]]), 60))
+    assert picture.shape == (400, 500, 3)
+    assert (picture[80, 250] == CONTOUR).all() and (picture[200, 100] == CONTOUR).all()
+    inside_tile = picture[150, 180]
     assert inside_tile[2] > inside_tile[0]          # tinted blue
-    assert (picture[120, 240] == 240).all()         # tissue without a tile: untouched
+    assert (picture[250, 300] == 240).all()         # tissue without a tile: untouched
     assert (picture[5, 5] == 240).all()             # glass
     # a large thumbnail is shrunk and a small one enlarged, the tiles where they belong
     big = np.asarray(qc_picture(np.full((2000, 1000, 3), 240, np.uint8),
                                 np.zeros((2000, 1000), bool), np.array([[500, 1000]]), 100))
     assert big.shape == (QC_MAX_SIDE, QC_MAX_SIDE // 2, 3)
     assert big[280, 140, 2] > big[280, 140, 0] and (big[240, 140] == 240).all()
-    small = np.asarray(qc_picture(np.full((40, 20, 3), 240, np.uint8), np.zeros((40, 20), bool),
+    small = np.asarray(qc_picture(np.full((30, 20, 3), 240, np.uint8), np.zeros((30, 20), bool),
                                   np.array([[10, 20]]), 5))
-    assert small.shape == (QC_MIN_SIDE, QC_MIN_SIDE // 2, 3)
-    assert small[180, 100, 2] > small[180, 100, 0] and (small[150, 100] == 240).all()
+    assert small.shape == (QC_MIN_SIDE * 3 // 2, QC_MIN_SIDE, 3)   # 16 times
+    assert small[360, 200, 2] > small[360, 200, 0] and (small[300, 200] == 240).all()
 
 
 def test_tiling_writes_a_qc_picture_of_the_slide(tmp_path):
@@ -237,11 +237,11 @@ def test_tiling_writes_a_qc_picture_of_the_slide(tmp_path):
     with Image.open(qc) as picture:
         pixels = np.asarray(picture.convert("RGB")).astype(int)
     # the thumbnail the mask came from: 8 mask pixels per 128-pixel tile, (186, 139),
-    # enlarged to the smallest picture side
+    # enlarged to the smallest picture width
     with open_slide(CMU) as slide:
         thumbnail, _ = slide.thumbnail(128 / 8)
-    scale = QC_MIN_SIDE / 186
-    size = (round(139 * scale), QC_MIN_SIDE)
+    scale = QC_MIN_SIDE / 139
+    size = (QC_MIN_SIDE, round(186 * scale))
     assert thumbnail.shape == (186, 139, 3) and pixels.shape == (*size[::-1], 3)
     under_all = np.asarray(Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR))
     assert (pixels == CONTOUR).all(axis=-1).sum() > 50

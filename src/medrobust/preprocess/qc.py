@@ -5,8 +5,8 @@ mask was computed from (as CLAM and TRIDENT show theirs), so a reader sees at
 a glance whether the tissue detection missed tissue or kept glass, pen marks
 or the slide label. The thumbnail has 8 pixels per tile side, so small slides
 or large tiles give a few dozen pixels: the picture is scaled to at least
-QC_MIN_SIDE pixels to be readable, and at most QC_MAX_SIDE, since the report
-inlines one per slide.
+QC_MIN_SIDE pixels on its shorter side to be readable, and at most QC_MAX_SIDE
+on its longer, since the report inlines one per slide.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def qc_picture(thumbnail: np.ndarray, mask: np.ndarray, tiles: np.ndarray,
     their side, both in thumbnail pixels.
     """
     height, width = mask.shape
-    scale = float(np.clip(1.0, QC_MIN_SIDE / max(height, width), QC_MAX_SIDE / max(height, width)))
+    # the shorter side at least QC_MIN_SIDE, unless that makes the longer exceed QC_MAX_SIDE
+    scale = min(max(1.0, QC_MIN_SIDE / min(height, width)), QC_MAX_SIDE / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     picture = Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR).convert("RGBA")
     overlay = Image.new("RGBA", size, (0, 0, 0, 0))
