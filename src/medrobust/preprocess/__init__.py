@@ -6,8 +6,6 @@ from typing import Any
 
 from medrobust.errors import ConfigError
 
-ON_BAD_INPUT = ("fail", "skip")  # the top-level `on_bad_input`: stop, or leave out and list
-
 
 def positive_number(value: Any, key: str, integer: bool = False) -> None:
     """ConfigError unless `value` is a number > 0 (an int when `integer`)."""

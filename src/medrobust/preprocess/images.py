@@ -29,9 +29,10 @@ from medrobust.io.images import read_image
 from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import config_from_mapping
-from medrobust.preprocess import ON_BAD_INPUT, positive_number
+from medrobust.preprocess import positive_number
 
 log = get_logger(__name__)
+ON_BAD_INPUT = ("fail", "skip")
 
 
 @dataclass(frozen=True)

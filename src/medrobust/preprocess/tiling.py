@@ -41,7 +41,8 @@ from medrobust.io.slides import Slide, open_slide
 from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import config_from_mapping
-from medrobust.preprocess import ON_BAD_INPUT, positive_number
+from medrobust.preprocess import positive_number
+from medrobust.preprocess.images import ON_BAD_INPUT
 from medrobust.preprocess.qc import left_out_picture, qc_picture, save_png
 from medrobust.preprocess.tissue import tissue_mask
 
