@@ -94,6 +94,21 @@ def test_missing_file_names_the_row(tmp_path):
         fetch_dataset(dataset(root, label_map=LABEL_MAP), tmp_path / "out")
 
 
+def test_duplicate_sample_id_names_both_lines(tmp_path):
+    rows = [("a.svs", "tumor", "s1"), ("b.svs", "normal", "s2"), ("c.svs", "normal", "s1")]
+    root = make_folder(tmp_path / "slides", rows, header="filename,finding,slide")
+    config = {**dataset(root, classes=("normal", "tumor"), id_column="slide"), "kind": "slides"}
+    with pytest.raises(InputError) as error:
+        fetch_dataset(config, tmp_path / "out")
+    message = str(error.value)
+    assert "labels.csv: line 4" in message and "'s1' is also on line 2" in message
+    assert not (tmp_path / "out" / "dataset.json").exists()
+    # two paths with the same name but different extensions share the default id
+    root = make_folder(tmp_path / "two", [("x.tif", "normal"), ("x.svs", "tumor")])
+    with pytest.raises(InputError, match="line 3 .*'x' is also on line 2"):
+        fetch_dataset(dataset(root, classes=("normal", "tumor")), tmp_path / "out2")
+
+
 def test_bad_split_value_names_the_row(tmp_path):
     root = make_folder(tmp_path / "x", [("a.png", "normal", "training")],
                        header="filename,finding,split")

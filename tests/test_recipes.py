@@ -528,6 +528,10 @@ def test_camelyon_reference_tables_in_both_forms(tmp_path):
     bad.write_text("test_001,Tumor,Macro\n\ntest_002,Negative\n")
     with pytest.raises(InputError, match="line 3 \\(slide 'test_002'\\): class 'Negative'"):
         camelyon16.read_reference(bad)
+    # the same slide twice would let the second row's class replace the first's
+    bad.write_text("test_001,Tumor\ntest_002,Normal\ntest_001.tif,Normal\n")
+    with pytest.raises(InputError, match="line 3: sample id 'test_001' is also on line 1"):
+        camelyon16.read_reference(bad)
 
 
 SLIDES = ["normal_001", "normal_002", "tumor_001", "tumor_002", "test_001", "test_002",

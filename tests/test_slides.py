@@ -13,6 +13,8 @@ from medrobust.io.slides import open_slide
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
 BOXES = DATA / "boxes.tiff"
+# boxes.tiff states 72 dpi (352.8 µm/px), which no slide has: tests set a resolution
+BOXES_MPP = 0.5
 
 
 def test_real_slides_open_with_their_resolution():
@@ -21,12 +23,12 @@ def test_real_slides_open_with_their_resolution():
         assert slide.dimensions == (2220, 2967)
     with open_slide(DATA / "small.svs") as slide:
         assert slide.dimensions == (16, 16)
-    with open_slide(BOXES) as slide:
+    with open_slide(BOXES, BOXES_MPP) as slide:
         assert slide.level_downsamples[:2] == (1.0, 2.0)
 
 
 def test_best_level_never_upsamples_but_tolerates_float_noise():
-    with open_slide(BOXES) as slide:  # downsamples 1, 2, 4.016, 8.086
+    with open_slide(BOXES, BOXES_MPP) as slide:  # downsamples 1, 2, 4.016, 8.086
         assert slide.best_level(1.5) == 0
         assert slide.best_level(2.0) == 1
         assert slide.best_level(2.0 * (1 - 1e-6)) == 1
@@ -61,7 +63,7 @@ def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch):
 
 
 def test_thumbnail_reads_a_coarser_pyramid_level():
-    with open_slide(BOXES) as slide:
+    with open_slide(BOXES, BOXES_MPP) as slide:
         thumbnail, downsample = slide.thumbnail(8.5)
         assert downsample == pytest.approx(slide.level_downsamples[3])
         assert thumbnail.shape[:2] == slide.level_dimensions[3][::-1]
@@ -76,6 +78,24 @@ def test_missing_mpp_needs_a_fallback(write_tiff):
         assert slide.mpp == 0.25
     with open_slide(CMU, fallback_mpp=0.25) as slide:
         assert slide.mpp == pytest.approx(0.499)  # a stated mpp wins
+
+
+def test_a_resolution_no_slide_has_needs_a_fallback():
+    with pytest.raises(InputError, match="352.778 µm/px.*fallback_mpp") as caught:
+        open_slide(BOXES)
+    assert str(BOXES) in str(caught.value)
+    with open_slide(BOXES, fallback_mpp=0.25) as slide:
+        assert slide.mpp == 0.25
+
+
+def test_a_dicom_whole_slide_image_opens_from_one_file_of_its_series():
+    assert openslide.__library_version__.split(".")[0] >= "4"  # DICOM support came in 4.0
+    with open_slide(DATA / "boxes_0.dcm") as slide:
+        assert slide.dimensions == (16, 16) and slide.mpp == pytest.approx(0.499)
+        tile = slide.read_rgb((0, 0), 0, (16, 16))
+    reference = openslide.OpenSlide(DATA / "boxes_0.dcm")
+    np.testing.assert_array_equal(
+        tile, np.asarray(reference.read_region((0, 0), 0, (16, 16)).convert("RGB")))
 
 
 def _text_as_svs(tmp_path: Path) -> Path:
@@ -103,6 +123,6 @@ def test_unopenable_slides_raise_input_errors_naming_them(tmp_path, make_path, m
 
 
 def test_corrupt_tile_data_raises_input_error_on_read(corrupt_tiff):
-    with open_slide(corrupt_tiff) as slide, pytest.raises(InputError, match="corrupt") as caught:
+    with open_slide(corrupt_tiff, BOXES_MPP) as slide, pytest.raises(InputError, match="corrupt") as caught:
         slide.read_rgb((0, 0), 0, (32, 32))
     assert str(corrupt_tiff) in str(caught.value)

@@ -1,28 +1,33 @@
 """Tissue detection and slide tiling into tile stores."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
+import tifffile
+from PIL import Image
 from skimage.color import rgb2hsv
 from skimage.transform import resize
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import open_tile_store
-from medrobust.io.slides import open_slide
+from medrobust.io.slides import MAX_SLIDE_MPP, open_slide
+from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
 from medrobust.preprocess.tiling import TilingConfig, tile_slide
 from medrobust.preprocess.tissue import tissue_mask
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
 BOXES = DATA / "boxes.tiff"
+BOXES_MPP = 0.5  # boxes.tiff states 72 dpi, which no slide has
 CMU_MPP = 0.499
 TILE_ATTRS = {"slide_id", "label", "split", "tile_size", "tile_size_level0", "target_mpp",
               "level", "level_downsample", "slide_mpp", "source_path", "source_sha256",
-              "tissue_threshold", "n_tiles"}
+              "tissue_threshold", "n_tiles", "rejected"}
 
 
 def test_tissue_mask_finds_the_tissue_of_a_real_slide():
@@ -89,10 +94,9 @@ def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path):
 
 
 def test_tiles_come_from_the_matching_pyramid_level(tmp_path):
-    with open_slide(BOXES) as slide:
-        mpp = slide.mpp
     out = tmp_path / "boxes.zarr"
-    config = TilingConfig(target_mpp=2 * mpp, tile_size=16, tissue_threshold=0.5)
+    config = TilingConfig(target_mpp=2 * BOXES_MPP, tile_size=16, tissue_threshold=0.5,
+                          fallback_mpp=BOXES_MPP)
     tile_slide(BOXES, out, config, "boxes", "normal", "test", source_sha256="abc")
     store = open_tile_store(out)
     assert store.attrs["source_sha256"] == "abc"
@@ -130,20 +134,60 @@ def test_tiles_are_resized_when_no_level_matches(tmp_path):
     ("white", 32),                       # no tissue anywhere
     (DATA / "small.svs", 64),            # smaller than one tile
 ])
-def test_a_slide_without_tissue_tiles_gives_an_empty_store(tmp_path, caplog, write_tiff,
-                                                            slide_path, tile_size):
+def test_a_slide_without_tissue_tiles_is_bad_input(tmp_path, write_tiff, slide_path, tile_size):
     if slide_path == "white":
         slide_path = write_tiff("white.tiff", np.full((256, 320, 3), 250, np.uint8), mpp=0.5)
     with open_slide(slide_path) as slide:
         mpp = slide.mpp
-    out = tmp_path / "empty.zarr"
+    out, qc = tmp_path / "empty.zarr", tmp_path / "empty.qc.png"
     config = TilingConfig(target_mpp=mpp, tile_size=tile_size, tissue_threshold=0.5)
-    with caplog.at_level(logging.WARNING):
-        assert tile_slide(slide_path, out, config, "s", "normal", "val") == 0
+    with pytest.raises(InputError, match="no tissue.*on_bad_input: skip") as caught:
+        tile_slide(slide_path, out, config, "s", "normal", "val", qc_path=qc)
+    assert str(slide_path) in str(caught.value)
+    assert not out.exists() and not qc.exists()
+    # skip: an empty store that says why, and the thumbnail (the reader can check for tissue)
+    assert tile_slide(slide_path, out, config, "s", "normal", "val", qc_path=qc,
+                      on_bad_input="skip") == 0
     store = open_tile_store(out)
     assert store.attrs["n_tiles"] == 0
     assert store.tiles.shape == (0, tile_size, tile_size, 3) and store.coords.shape == (0, 2)
-    assert "empty tile store" in caplog.text
+    [record] = store.attrs["rejected"]
+    assert record["sample_id"] == "s" and record["path"] == str(slide_path)
+    assert "no tissue" in record["reason"]
+    with Image.open(qc) as picture:
+        assert picture.format == "PNG" and picture.size[0] > 0
+
+
+def truncated(tmp_path):
+    """boxes.tiff cut to its first 3000 bytes: the header survives, the tiles do not."""
+    path = tmp_path / "truncated.tiff"
+    path.write_bytes((DATA / "boxes.tiff").read_bytes()[:3000])
+    return path
+
+
+def not_a_slide(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("scanner log, not an image\n")
+    return path
+
+
+@pytest.mark.parametrize("make, problem", [(truncated, "truncated"),
+                                           (not_a_slide, "cannot open")])
+def test_an_unreadable_slide_fails_or_is_left_out(tmp_path, make, problem):
+    path = make(tmp_path)
+    out, qc = tmp_path / "out" / "s.zarr", tmp_path / "out" / "s.qc.png"
+    config = TilingConfig(target_mpp=1.0, tile_size=16, tissue_threshold=0.5, fallback_mpp=0.5)
+    with pytest.raises(InputError, match=problem) as caught:
+        tile_slide(path, out, config, "s", "tumor", "test", qc_path=qc)
+    assert str(path) in str(caught.value)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    assert tile_slide(path, out, config, "s", "tumor", "test", qc_path=qc,
+                      on_bad_input="skip") == 0
+    [record] = open_tile_store(out).attrs["rejected"]
+    assert record["reason"] == str(caught.value).removesuffix(
+        " (set on_bad_input: skip to leave the slide out)")
+    with Image.open(qc) as picture:  # a card with the reason, in place of a thumbnail
+        assert picture.width == QC_MAX_SIDE
 
 
 def test_fallback_mpp_sets_the_grid_of_a_slide_without_mpp(tmp_path, write_tiff):
@@ -156,12 +200,103 @@ def test_fallback_mpp_sets_the_grid_of_a_slide_without_mpp(tmp_path, write_tiff)
     assert len(store) == 4
 
 
+def test_a_72_dpi_tiff_is_refused_unless_fallback_mpp_is_set(tmp_path):
+    # the resolution tags of a TIFF saved by an image editor: 72 dots per inch
+    path = tmp_path / "screen.tiff"
+    image = np.full((128, 128, 3), (200, 100, 160), np.uint8)
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb", resolution=(72, 72),
+                     resolutionunit="INCH")
+    with openslide.OpenSlide(path) as raw:
+        stated = float(raw.properties[openslide.PROPERTY_NAME_MPP_X])
+    assert stated == pytest.approx(25400 / 72) and stated > MAX_SLIDE_MPP
+    config = TilingConfig(target_mpp=1.0, tile_size=32, tissue_threshold=0.5)
+    with pytest.raises(InputError, match="352.8 µm/px.*tiling.fallback_mpp") as caught:
+        tile_slide(path, tmp_path / "t.zarr", config, "s", "tumor", "train")
+    assert str(path) in str(caught.value)
+    config = TilingConfig(target_mpp=1.0, tile_size=32, tissue_threshold=0.5, fallback_mpp=0.5)
+    tile_slide(path, tmp_path / "t.zarr", config, "s", "tumor", "train")
+    store = open_tile_store(tmp_path / "t.zarr")
+    assert store.attrs["slide_mpp"] == 0.5 and len(store) == 4
+
+
+def test_qc_picture_draws_the_tissue_outline_and_the_kept_tiles():
+    thumbnail = np.full((400, 500, 3), 240, np.uint8)   # within the size limits: not scaled
+    mask = np.zeros((400, 500), bool)
+    mask[80:320, 100:400] = True
+    picture = np.asarray(qc_picture(thumbnail, mask, np.array([[150, 120]]), 60))
+    assert picture.shape == (400, 500, 3)
+    assert (picture[80, 250] == CONTOUR).all() and (picture[200, 100] == CONTOUR).all()
+    inside_tile = picture[150, 180]
+    assert inside_tile[2] > inside_tile[0]          # tinted blue
+    assert (picture[250, 300] == 240).all()         # tissue without a tile: untouched
+    assert (picture[5, 5] == 240).all()             # glass
+    # a large thumbnail is shrunk and a small one enlarged, the tiles where they belong
+    big = np.asarray(qc_picture(np.full((2000, 1000, 3), 240, np.uint8),
+                                np.zeros((2000, 1000), bool), np.array([[500, 1000]]), 100))
+    assert big.shape == (QC_MAX_SIDE, QC_MAX_SIDE // 2, 3)
+    assert big[280, 140, 2] > big[280, 140, 0] and (big[240, 140] == 240).all()
+    small = np.asarray(qc_picture(np.full((30, 20, 3), 240, np.uint8), np.zeros((30, 20), bool),
+                                  np.array([[10, 20]]), 5))
+    assert small.shape == (QC_MIN_SIDE * 3 // 2, QC_MIN_SIDE, 3)   # 16 times
+    assert small[360, 200, 2] > small[360, 200, 0] and (small[300, 200] == 240).all()
+
+
+def test_tiling_writes_a_qc_picture_of_the_slide(tmp_path):
+    config = TilingConfig(target_mpp=CMU_MPP * 4, tile_size=32, tissue_threshold=0.5)
+    qc = tmp_path / "cmu.qc.png"
+    n_tiles = tile_slide(CMU, tmp_path / "cmu.zarr", config, "cmu", "tumor", "train",
+                         qc_path=qc)
+    with Image.open(qc) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    # the thumbnail the mask came from: 8 mask pixels per 128-pixel tile, (186, 139),
+    # enlarged to the smallest picture width
+    with open_slide(CMU) as slide:
+        thumbnail, _ = slide.thumbnail(128 / 8)
+    scale = QC_MIN_SIDE / 139
+    size = (QC_MIN_SIDE, round(186 * scale))
+    assert thumbnail.shape == (186, 139, 3) and pixels.shape == (*size[::-1], 3)
+    under_all = np.asarray(Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR))
+    assert (pixels == CONTOUR).all(axis=-1).sum() > 50
+    store = open_tile_store(tmp_path / "cmu.zarr")
+    centres = ((store.coords + 64) / 16 * scale).astype(int)
+    drawn = pixels[centres[:, 1], centres[:, 0]]
+    under = under_all[centres[:, 1], centres[:, 0]].astype(int)
+    # every kept tile is tinted towards blue, where the tissue outline (holes) does not cross
+    tinted = ~(drawn == CONTOUR).all(axis=1)
+    assert len(drawn) == n_tiles and tinted.mean() > 0.8
+    assert (drawn[tinted, 0] < under[tinted, 0]).all()
+    assert (drawn[tinted, 2] >= under[tinted, 2]).all()
+
+
 def test_a_corrupt_slide_fails_without_leaving_a_store(tmp_path, corrupt_tiff):
     out = tmp_path / "out" / "corrupt.zarr"
-    with open_slide(corrupt_tiff) as slide:
-        mpp = slide.mpp
-    config = TilingConfig(target_mpp=mpp, tile_size=32, tissue_threshold=0.0)
+    config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.0,
+                          fallback_mpp=BOXES_MPP)
     with pytest.raises(InputError, match="corrupt") as caught:
         tile_slide(corrupt_tiff, out, config, "s", "tumor", "train", workers=2)
     assert str(corrupt_tiff) in str(caught.value)
     assert list(out.parent.iterdir()) == []
+    # skip: the tiles read before the bad one are dropped with the store; the thumbnail
+    # (from an intact coarser level) still makes the QC picture
+    qc = out.parent / "corrupt.qc.png"
+    assert tile_slide(corrupt_tiff, out, config, "s", "tumor", "train", workers=2, qc_path=qc,
+                      on_bad_input="skip") == 0
+    store = open_tile_store(out)
+    assert len(store) == 0 and "corrupt" in store.attrs["rejected"][0]["reason"]
+    assert sorted(path.name for path in out.parent.iterdir()) == ["corrupt.qc.png",
+                                                                  "corrupt.zarr"]
+    with Image.open(qc) as picture, open_slide(corrupt_tiff, BOXES_MPP) as slide:
+        thumbnail, _ = slide.thumbnail(32 / 8)
+        assert picture.height / picture.width == pytest.approx(
+            thumbnail.shape[0] / thumbnail.shape[1], rel=0.02)  # not the card's
+
+
+def test_a_dicom_whole_slide_image_is_tiled(tmp_path):
+    path = DATA / "boxes_0.dcm"   # one file of a two-file series
+    config = TilingConfig(target_mpp=0.499, tile_size=8, tissue_threshold=0.0)
+    assert tile_slide(path, tmp_path / "d.zarr", config, "d", "tumor", "test") == 4
+    store = open_tile_store(tmp_path / "d.zarr")
+    reference = openslide.OpenSlide(path)
+    for tile, (x, y) in zip(store.tiles[:], store.coords.tolist()):
+        expected = reference.read_region((x, y), 0, (8, 8)).convert("RGB")
+        np.testing.assert_array_equal(tile, np.asarray(expected))

@@ -135,7 +135,7 @@ def test_report_reads_right_in_a_browser(workdir, browser):
     assert headings[:5] == ["At a glance", "Study 1: adversarial attacks and defenses",
                             "Study 2: perturbation sweeps", "Study 3: slide classifiers",
                             "Every condition: sensitivity, specificity, balanced accuracy"]
-    assert headings[-3:] == ["Data", "Provenance", "Configuration"]
+    assert headings[-4:] == ["Slides: quality control", "Data", "Provenance", "Configuration"]
     # the small-test-set warnings are on screen, before the tables
     warnings = browser.find_elements(By.CSS_SELECTOR, "#glance .warning")
     assert len(warnings) == 2 and all(is_visible(warning) for warning in warnings)

@@ -87,6 +87,18 @@ def slide_record(wildcards):
     return {**rows[wildcards.slide], "slide_id": wildcards.slide}
 
 
+def slide_datasets():
+    """The slide datasets some slide classifier uses."""
+    return sorted({settings["dataset"] for settings in SLIDE_CLASSIFIERS.values()})
+
+
+def slide_tiling_outputs(suffix):
+    """Every slide's tiling output of the used slide datasets ("zarr": tile store, "qc.png":
+    QC picture), in the same order for either suffix."""
+    return [f"results/tiles/{dataset}/{slide}.{suffix}"
+            for dataset in slide_datasets() for slide in manifest_rows(dataset)]
+
+
 def slide_feature_stores(wildcards):
     """Every slide's feature store of the model's dataset."""
     dataset = SLIDE_CLASSIFIERS[wildcards.slide_model]["dataset"]
@@ -202,6 +214,9 @@ def report_inputs(wildcards=None):
         "stores": sorted({record["store_run"] for record in records if record["store_run"]}),
         "histories": model_histories(),
         "datasets": dataset_folders(),
+        # left-out slides' reasons and the QC pictures
+        "tiles": slide_tiling_outputs("zarr"),
+        "qc": slide_tiling_outputs("qc.png"),
     }
 
 

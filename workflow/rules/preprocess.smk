@@ -1,5 +1,7 @@
 # Image datasets become one Zarr store of fixed-size images; slide datasets
-# become one Zarr store of tissue tiles per slide.
+# become one Zarr store of tissue tiles per slide, with its QC picture. A slide
+# left out under on_bad_input: skip still gets both (an empty store with the
+# reason), so every slide's downstream jobs run and know why it is missing.
 
 
 rule preprocess_images:
@@ -26,10 +28,12 @@ rule tile_slide:
     input:
         "resources/{dataset}",
     output:
-        directory("results/tiles/{dataset}/{slide}.zarr"),
+        tiles=directory("results/tiles/{dataset}/{slide}.zarr"),
+        qc="results/tiles/{dataset}/{slide}.qc.png",
     params:
         tiling=lambda wildcards: DATASETS[wildcards.dataset]["tiling"],
         slide=slide_record,
+        on_bad_input=config["on_bad_input"],
         code=code_fingerprint("preprocess", "io"),
     threads: 2
     resources:

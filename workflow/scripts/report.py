@@ -13,4 +13,6 @@ with script_logging(snakemake):
         settings=snakemake.params.settings,
         config=snakemake.params.config,
         repository=snakemake.params.repository,
+        tile_stores=list(snakemake.input.tiles),
+        qc_pictures=list(snakemake.input.qc),
     )

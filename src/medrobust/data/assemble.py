@@ -74,17 +74,19 @@ class LabelsTable:
         """The table's rows as samples, every file checked to exist."""
         table = data_root / self.table
         columns = [self.path_column, self.label_column, self.id_column, self.split_column]
-        samples = []
+        samples, first_line = [], {}
         for line, row in read_table(table, [column for column in columns if column]):
             where = f"{table}: line {line} ({self.path_column} {row[self.path_column]!r})"
+            sample_id = (row[self.id_column] if self.id_column
+                         else Path(row[self.path_column]).with_suffix("").as_posix())
             label = map_label(row[self.label_column], self.label_map, classes, where)
             if label is None:
                 continue
+            # a repeated id would make one sample's label (or split) silently win
+            check_unique(sample_id, line, first_line, where)
             path = data_root / self.path_template.format(row[self.path_column])
             if not path.is_file():
                 raise InputError(f"{where}: no file {path}")
-            sample_id = (row[self.id_column] if self.id_column
-                         else Path(row[self.path_column]).with_suffix("").as_posix())
             split = row[self.split_column] if self.split_column else None
             if split is not None and split not in SPLITS:
                 raise InputError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
@@ -154,6 +156,14 @@ def read_table(path: Path, required: Iterable[str] = ()) -> list[tuple[int, dict
     if not rows:
         raise InputError(f"{path}: the table has a header but no rows")
     return rows
+
+
+def check_unique(sample_id: str, line: int, first_line: dict[str, int], where: str) -> None:
+    """Note `sample_id` as read on `line`; InputError naming both lines when seen before."""
+    if sample_id in first_line:
+        raise InputError(f"{where}: sample id {sample_id!r} is also on line "
+                         f"{first_line[sample_id]}; each sample (slide) needs one row")
+    first_line[sample_id] = line
 
 
 def map_label(value: str, label_map: Mapping[str, str | None], classes: Sequence[str],

@@ -63,7 +63,9 @@ def _slide_attrs(store: TileStore) -> dict[str, Any]:
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise InputError(f"{store.path}: tiles must be uint8 (n, T, T, 3), "
                          f"found {tiles.dtype} {tiles.shape}")
-    return {key: store.attrs[key] for key in COPIED_ATTRS}
+    # a slide left out at tiling carries its reason on, for training and evaluation to report
+    return {**{key: store.attrs[key] for key in COPIED_ATTRS},
+            "rejected": store.attrs.get("rejected", [])}
 
 
 def embed_tiles(store: TileStore, backbone: Backbone, batch_size: int,

@@ -23,6 +23,9 @@ _LEVEL_TOLERANCE = 1e-3
 # Pixels per strip when a thumbnail is built from a large level.
 _STRIP_PIXELS = 1 << 24
 _WHITE = "ffffff"
+# No slide scanner images coarser than this; a larger stated mpp comes from a
+# TIFF's display dpi (72 dpi reads as 352.8 µm/px), not from a microscope.
+MAX_SLIDE_MPP = 20.0
 
 
 class Slide:
@@ -90,7 +93,7 @@ def open_slide(path: str | os.PathLike, fallback_mpp: float | None = None) -> Sl
     """Open a slide; InputError naming the file if OpenSlide can't, or if its mpp is unknown.
 
     The level-0 mpp is `openslide.mpp-x`; `fallback_mpp` is used only when the
-    slide does not state one.
+    slide does not state one, or states one no slide can have (see `MAX_SLIDE_MPP`).
     """
     path = Path(path)
     if not path.is_file():
@@ -108,11 +111,22 @@ def open_slide(path: str | os.PathLike, fallback_mpp: float | None = None) -> Sl
 
 
 def _level0_mpp(handle: openslide.OpenSlide, path: Path, fallback_mpp: float | None) -> float:
+    """The stated level-0 mpp; `fallback_mpp` when none is stated or the stated one cannot be
+    a slide's (coarser than MAX_SLIDE_MPP)."""
     value = handle.properties.get(openslide.PROPERTY_NAME_MPP_X)
     try:
-        mpp = float(value) if value is not None else fallback_mpp
+        stated = float(value) if value is not None else None
     except ValueError:
-        mpp = fallback_mpp
+        stated = None
+    if stated is not None and stated > MAX_SLIDE_MPP:
+        if fallback_mpp is None:
+            raise InputError(f"{path}: the slide states {stated:g} µm/px (openslide.mpp-x), "
+                             f"coarser than any slide scanner's {MAX_SLIDE_MPP:g} µm/px; this "
+                             "is a TIFF's display resolution (72 dpi reads as 352.8 µm/px), not "
+                             "the microscope's; set tiling.fallback_mpp to the slide's true "
+                             "microns per pixel")
+        stated = None
+    mpp = stated if stated is not None and stated > 0 else fallback_mpp
     if mpp is None or not mpp > 0:
         raise InputError(f"{path}: the slide states no usable microns per pixel "
                          f"(openslide.mpp-x = {value!r}); set tiling.fallback_mpp")

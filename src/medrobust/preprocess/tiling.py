@@ -9,10 +9,17 @@ slide is never held in memory; dask's threaded scheduler reads shards of tiles
 in parallel while another thread writes the finished ones, each tile its own
 chunk.
 
-A slide without a single tissue tile gives an empty store (`n_tiles` 0) and
-a warning rather than an error: tiling runs one job per slide, and whether a
-cohort may go on without that slide is decided where the slides are
-assembled, not by aborting the other slides' jobs.
+A slide that cannot be opened or read, states an impossible resolution, or
+has no tissue tile is bad input: under `on_bad_input: fail` an InputError
+names the file and the problem; under `skip` the slide is left out, which
+writes an empty store (`n_tiles` 0) whose `rejected` attr holds the record
+`{sample_id, path, reason}` that image stores keep for their left-out images.
+Tiling runs one job per slide, so the job still completes its outputs and the
+slides after it (features, training, evaluation, report) see which slides
+are missing and why; a half-read slide's store is never left behind.
+
+Each job also draws its QC picture (preprocess/qc.py): the thumbnail the
+tissue mask came from, the mask's outline and the kept tiles.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import dask
 import numpy as np
 from PIL import Image
 
-from medrobust.errors import ConfigError
+from medrobust.errors import ConfigError, InputError, check_choice
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store
@@ -37,6 +44,8 @@ from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.preprocess import positive_number
+from medrobust.preprocess.images import ON_BAD_INPUT
+from medrobust.preprocess.qc import left_out_picture, qc_picture, save_png
 from medrobust.preprocess.tissue import tissue_mask
 
 log = get_logger(__name__)
@@ -95,10 +104,16 @@ def plan_grid(slide: Slide, config: TilingConfig) -> TileGrid:
                     read_size=max(1, round(tile_size_level0 / level_downsample)))
 
 
-def tissue_fractions(slide: Slide, grid: TileGrid) -> np.ndarray:
-    """Fraction of each grid tile that the thumbnail's tissue mask covers."""
+def tissue_map(slide: Slide, grid: TileGrid) -> tuple[np.ndarray, np.ndarray, float]:
+    """The thumbnail the tissue is found on, its tissue mask, and its downsample."""
     thumbnail, downsample = slide.thumbnail(grid.tile_size_level0 / MASK_PIXELS_PER_TILE)
-    mask = tissue_mask(thumbnail)
+    return thumbnail, tissue_mask(thumbnail), downsample
+
+
+def mask_fractions(mask: np.ndarray, downsample: float, grid: TileGrid) -> np.ndarray:
+    """Fraction of each grid tile that a tissue mask (`downsample` times level 0) covers."""
+    if not len(grid.coords):
+        return np.zeros(0, np.float32)
     height, width = mask.shape
     # a summed-area table gives every tile's mask sum in O(1)
     table = np.pad(mask.cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
@@ -111,40 +126,80 @@ def tissue_fractions(slide: Slide, grid: TileGrid) -> np.ndarray:
     return (covered / ((y1 - y0) * (x1 - x0))).astype(np.float32)
 
 
+def tissue_fractions(slide: Slide, grid: TileGrid) -> np.ndarray:
+    """Fraction of each grid tile that the thumbnail's tissue mask covers."""
+    _, mask, downsample = tissue_map(slide, grid)
+    return mask_fractions(mask, downsample, grid)
+
+
 def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, config: TilingConfig,
                slide_id: str, label: str, split: str, source_sha256: str | None = None,
-               workers: int = 1) -> int:
+               workers: int = 1, qc_path: str | os.PathLike | None = None,
+               on_bad_input: str = "fail") -> int:
     """Write the slide's tile store at `out_path` (atomically); return the number of tiles.
 
     `label` is the slide's class name; `source_sha256` is the manifest's
-    checksum of the slide file, computed (streamed) when not given.
+    checksum of the slide file, computed (streamed) when not given. A bad
+    slide raises InputError, or under `on_bad_input` "skip" gets an empty
+    store with the reason (0 tiles). `qc_path`, if given, gets the QC picture
+    (a card with the reason for a slide that could not be read).
     """
+    check_choice("on_bad_input", on_bad_input, ON_BAD_INPUT)
     out_path = Path(out_path)
-    with open_slide(slide_path, config.fallback_mpp) as slide:
-        grid = plan_grid(slide, config)
-        fractions = tissue_fractions(slide, grid) if len(grid.coords) else np.zeros(0, np.float32)
-        keep = fractions >= config.tissue_threshold
-        coords, fractions = grid.coords[keep], fractions[keep]
-        attrs = {
-            "slide_id": slide_id, "label": label, "split": split,
-            "tile_size": config.tile_size, "tile_size_level0": grid.tile_size_level0,
-            "target_mpp": config.target_mpp, "level": grid.level,
-            "level_downsample": grid.level_downsample, "slide_mpp": slide.mpp,
-            "source_path": str(slide_path),
-            "source_sha256": source_sha256 or sha256_file(slide_path),
-            "tissue_threshold": config.tissue_threshold,
-        }
-        with atomic_path(out_path) as tmp:
-            tiles = create_tile_store(tmp, len(coords), config.tile_size, coords, fractions, attrs)
-            _read_tiles(slide, grid, coords, tiles, config.tile_size, workers, slide_id)
-    if len(coords) == 0:
-        log.warning("%s: no tile has tissue_fraction >= %g among %d grid tiles; "
-                    "wrote an empty tile store %s", slide_path, config.tissue_threshold,
-                    len(grid.coords), out_path)
+    picture = None
+    try:
+        with open_slide(slide_path, config.fallback_mpp) as slide:
+            grid = plan_grid(slide, config)
+            thumbnail, mask, mask_downsample = tissue_map(slide, grid)
+            fractions = mask_fractions(mask, mask_downsample, grid)
+            keep = fractions >= config.tissue_threshold
+            coords, fractions = grid.coords[keep], fractions[keep]
+            picture = qc_picture(thumbnail, mask, coords / mask_downsample,
+                                 grid.tile_size_level0 / mask_downsample)
+            if len(coords) == 0:
+                raise InputError(f"{slide_path}: no tissue: no tile has tissue_fraction >= "
+                                 f"{config.tissue_threshold:g} among {len(grid.coords)} grid "
+                                 "tiles (lower tiling.tissue_threshold if the QC picture shows "
+                                 "tissue)")
+            attrs = {
+                "slide_id": slide_id, "label": label, "split": split,
+                "tile_size": config.tile_size, "tile_size_level0": grid.tile_size_level0,
+                "target_mpp": config.target_mpp, "level": grid.level,
+                "level_downsample": grid.level_downsample, "slide_mpp": slide.mpp,
+                "source_path": str(slide_path),
+                "source_sha256": source_sha256 or sha256_file(slide_path),
+                "tissue_threshold": config.tissue_threshold, "rejected": [],
+            }
+            with atomic_path(out_path) as tmp:
+                tiles = create_tile_store(tmp, len(coords), config.tile_size, coords, fractions,
+                                          attrs)
+                _read_tiles(slide, grid, coords, tiles, config.tile_size, workers, slide_id)
+    except InputError as error:
+        if on_bad_input == "fail":
+            raise InputError(f"{error} (set on_bad_input: skip to leave the slide out)") \
+                from error
+        _write_left_out(out_path, config, slide_path, slide_id, label, split, str(error))
+        coords = ()
+        if picture is None:  # not even a thumbnail could be read
+            picture = left_out_picture(str(error))
     else:
         log.info("%s: kept %d of %d tiles -> %s", slide_path, len(coords), len(grid.coords),
                  out_path)
+    if qc_path is not None:
+        save_png(picture, qc_path)
     return len(coords)
+
+
+def _write_left_out(out_path: Path, config: TilingConfig, slide_path: str | os.PathLike,
+                    slide_id: str, label: str, split: str, reason: str) -> None:
+    """The empty store of a slide left out under `on_bad_input: skip`, with the reason."""
+    log.warning("left out slide %s: %s", slide_id, reason)
+    attrs = {"slide_id": slide_id, "label": label, "split": split,
+             "tile_size": config.tile_size, "target_mpp": config.target_mpp,
+             "source_path": str(slide_path), "tissue_threshold": config.tissue_threshold,
+             "rejected": [{"sample_id": slide_id, "path": str(slide_path), "reason": reason}]}
+    with atomic_path(out_path) as tmp:
+        create_tile_store(tmp, 0, config.tile_size, np.zeros((0, 2)), np.zeros(0), attrs)
 
 
 def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_size: int,

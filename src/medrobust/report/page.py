@@ -27,6 +27,7 @@ from medrobust.errors import InputError
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
+from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
 from medrobust.perturbations import PERTURBATIONS
@@ -39,6 +40,8 @@ from medrobust.report.summary import (
 
 log = get_logger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
+# the page inlines every picture; a cohort's thousands of QC pictures stay beside their stores
+MAX_QC_FIGURES = 24
 
 
 def _environment() -> jinja2.Environment:
@@ -440,16 +443,23 @@ def recipe_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
 
 
 def dataset_rows(folders: Sequence[str | os.PathLike],
-                 evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Class counts per split, and the inputs preprocessing left out with the reason."""
+                 evaluations: Sequence[Mapping[str, Any]],
+                 tile_stores: Sequence[str | os.PathLike] = ()) -> list[dict[str, Any]]:
+    """Class counts per split, and the inputs preprocessing left out with the reason: from the
+    image store's `rejected` attr, or for slides from each tile store's (under
+    results/tiles/{dataset}/)."""
     clean_stores = {r["dataset"]: r["store"] for r in evaluations
                     if r["family"] == "image" and r["condition"] == "clean"}
+    left_out_slides: dict[str, list] = {}
+    for path in tile_stores:
+        left_out_slides.setdefault(Path(path).parent.name, []).extend(
+            open_tile_store(path).attrs.get("rejected", []))
     rows = []
     for folder in folders:
         folder = Path(folder)
         manifest = read_manifest(folder / MANIFEST_NAME)
         counts = class_counts(manifest.table["label"], manifest.table["split"])
-        left_out = []
+        left_out = list(left_out_slides.get(folder.name, []))
         if folder.name in clean_stores:
             left_out = list(open_image_store(clean_stores[folder.name]).attrs.get("rejected", []))
         rows.append({"dataset": folder.name, "kind": manifest.kind,
@@ -458,6 +468,27 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
                                 for name, values in counts.iterrows()],
                      "left_out": left_out})
     return rows
+
+
+def slide_qc_figures(tile_stores: Sequence[str | os.PathLike],
+                     qc_pictures: Sequence[str | os.PathLike]) -> dict[str, tuple[bytes, str]]:
+    """The tiling jobs' QC pictures (at most MAX_QC_FIGURES), with what each store holds."""
+    found = {}
+    for store_path, picture in list(zip(tile_stores, qc_pictures, strict=True))[:MAX_QC_FIGURES]:
+        attrs = open_tile_store(store_path).attrs
+        where = f"{Path(store_path).parent.name}/{attrs['slide_id']} ({attrs['label']}, {attrs['split']})"
+        if attrs.get("rejected"):
+            caption = f"{where}: left out, {attrs['rejected'][0]['reason']}"
+        else:
+            caption = (f"{where}: {attrs['n_tiles']} tiles of {attrs['tile_size']} px at "
+                       f"{attrs['target_mpp']:g} µm/px; green: tissue outline, blue: tiles kept "
+                       f"(tissue fraction ≥ {attrs['tissue_threshold']:g}).")
+        try:
+            png = Path(picture).read_bytes()
+        except OSError as error:
+            raise InputError(f"{picture}: unreadable QC picture ({error})") from error
+        found[f"slide_qc_{Path(store_path).parent.name}_{attrs['slide_id']}"] = (png, caption)
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -471,9 +502,11 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  evaluations: Sequence[Mapping[str, Any]],
                  models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
                  settings: Mapping[str, Any], config: Mapping[str, Any],
-                 repository: str | os.PathLike) -> None:
+                 repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
+                 qc_pictures: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
-    written on error."""
+    written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
+    outputs."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -496,6 +529,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                 figures.png(figures.training_curves(histories)),
                 f"Training of the {family} classifiers; a star marks the epoch kept.")
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
+    figure_files.update(slide_qc_figures(tile_stores, qc_pictures))
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
@@ -532,7 +566,9 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "figures": {name: {"src": _data_uri(png), "caption": caption}
                     for name, (png, caption) in figure_files.items()},
         "recipes": recipe_rows(trained),
-        "datasets": dataset_rows(datasets, evaluations),
+        "datasets": dataset_rows(datasets, evaluations, tile_stores),
+        "slide_qc": {"total": len(tile_stores),
+                     "shown": sum(name.startswith("slide_qc_") for name in figure_files)},
         "provenance": provenance(repository, datasets, config,
                                  {name: model["history"].get("device", "not recorded")
                                   for name, model in trained.items()}),

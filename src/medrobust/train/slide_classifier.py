@@ -79,8 +79,9 @@ def load_bags(feature_paths: Iterable[str | os.PathLike], classes: Sequence[str]
               ) -> tuple[list[SlideBag], dict[str, Any]]:
     """Every slide with at least one tile as a bag, and the stores' shared provenance attrs.
 
-    Slides without tiles (no tissue passed the threshold) are left out with a
-    warning: a bag needs an instance.
+    Slides without tiles (left out at tiling under `on_bad_input: skip`, their
+    reason in the `rejected` attr) are left out with a warning: a bag needs an
+    instance.
     """
     bags, provenance = [], None
     for path in feature_paths:
@@ -102,7 +103,9 @@ def load_bags(feature_paths: Iterable[str | os.PathLike], classes: Sequence[str]
             raise InputError(f"{store.path}: features {store_provenance} differ from those of "
                              f"the other slides {provenance}")
         if len(store.features) == 0:
-            log.warning("%s: slide %s has no tiles; left out", store.path, attrs["slide_id"])
+            reasons = [entry["reason"] for entry in attrs.get("rejected", [])]
+            log.warning("%s: slide %s has no tiles; left out (%s)", store.path, attrs["slide_id"],
+                        "; ".join(reasons) or "no tile passed the tissue threshold")
             continue
         bags.append(SlideBag(str(attrs["slide_id"]), classes.index(attrs["label"]),
                              attrs["split"], torch.from_numpy(store.features)))

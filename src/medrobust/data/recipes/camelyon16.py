@@ -26,6 +26,7 @@ from medrobust.data.http import RemoteFile, checksum_for, fetch_files, mirror_ad
 from medrobust.data.assemble import (
     Sample,
     assign_splits,
+    check_unique,
     find_one,
     link_folder,
     recipe_classes,
@@ -129,10 +130,12 @@ def read_reference(path: Path) -> dict[str, str]:
         image, label, rows = header.index("image"), header.index("class"), rows[1:]
     else:                                          # the challenge's form: name,class,...
         image, label = 0, 1
-    labels = {}
+    labels, first_line = {}, {}
     for line, row in rows:
         if len(row) <= max(image, label):
             raise InputError(f"{path}: line {line}: expected a slide name and a class")
+        check_unique(row[image].removesuffix(".tif"), line, first_line,
+                     f"{path}: line {line}")
         value = row[label].lower()
         if value not in CLASSES:
             raise InputError(f"{path}: line {line} (slide {row[image]!r}): class "

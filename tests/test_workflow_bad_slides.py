@@ -1,0 +1,111 @@
+"""A cohort with bad slides, through the real workflow: under `on_bad_input: skip` each
+is left out with its reason and the run completes; under `fail` its tiling job stops
+the run naming the file."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from medrobust.data.synthetic.slides import SlideConfig, generate_slides
+from medrobust.io.slide_stores import open_feature_store, open_tile_store
+from workflow_runner import run_snakemake
+
+pytestmark = pytest.mark.workflow
+CLASSES = ["normal", "tumor"]
+# slide id -> (what is wrong, a phrase of the reason the tiler gives)
+BAD = {"truncated": "the first 3000 bytes of a good slide", "notes": "a text file named .tif",
+       "blank": "a slide of bare glass"}
+REASONS = {"truncated": "OpenSlide cannot open it", "notes": "OpenSlide cannot open it",
+           "blank": "no tissue"}
+
+
+def cohort(root):
+    """4 tiny synthetic slides (one per class in train, one in val, one in test) and the
+    three bad ones in test, with a labels table naming every file."""
+    manifest = generate_slides(SlideConfig(n_samples=4, width=512, height=512, seed=3),
+                               CLASSES, root)
+    rows = [line.split(",") for line in manifest.read_text().splitlines()[1:]]
+    seen = {label: 0 for label in CLASSES}   # of each class: train, then val (normal) or test
+    lines = []
+    for _, path, label, _, _ in rows:
+        split = "train" if not seen[label] else "val" if label == "normal" else "test"
+        seen[label] += 1
+        lines.append(f"{path},{label},{split},{Path(path).stem}")
+    good = root / rows[0][1]
+    (root / "slides/truncated.tiff").write_bytes(good.read_bytes()[:3000])
+    (root / "slides/notes.tif").write_text("scanner log, not an image\n")
+    tifffile.imwrite(root / "slides/blank.tiff", np.full((512, 512, 3), 245, np.uint8),
+                     tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    lines += ["slides/truncated.tiff,tumor,test,truncated", "slides/notes.tif,normal,test,notes",
+              "slides/blank.tiff,normal,test,blank"]
+    (root / "labels.csv").write_text("path,label,split,id\n" + "\n".join(lines) + "\n")
+    return [row[0] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    good = cohort(root)
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = {
+        "device": "cpu", "seed": 0, "on_bad_input": "skip",
+        "datasets": {"cohort": {
+            "kind": "slides", "classes": CLASSES,
+            "source": {"type": "local", "root": str(root),
+                       "labels": {"table": "labels.csv", "split_column": "split",
+                                  "id_column": "id"}},
+            "tiling": {"target_mpp": 2.0, "tile_size": 32, "tissue_threshold": 0.5}}},
+        "features": {"backbone": "resnet18", "weights": "random", "batch_size": 64},
+        "slide_classifiers": {"abmil": {"dataset": "cohort", "arch": "abmil", "seed": 0,
+                                        "epochs": 2}},
+    }
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = run_snakemake(workdir, configfile, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-6000:]
+    return {"workdir": workdir, "configfile": configfile, "good": good}
+
+
+def test_bad_slides_are_left_out_with_their_reason(run):
+    tiles = run["workdir"] / "results/tiles/cohort"
+    for slide, reason in REASONS.items():
+        store = open_tile_store(tiles / f"{slide}.zarr")
+        [record] = store.attrs["rejected"]
+        assert len(store) == 0 and record["sample_id"] == slide and reason in record["reason"]
+        assert record["path"].endswith(("tiff", "tif")) and slide in record["path"]
+        features = open_feature_store(
+            run["workdir"] / f"results/features/cohort/resnet18/{slide}.zarr")
+        assert len(features.features) == 0 and features.attrs["rejected"] == [record]
+    for slide in run["good"]:
+        store = open_tile_store(tiles / f"{slide}.zarr")
+        assert len(store) > 0 and store.attrs["rejected"] == []
+    assert {path.stem.removesuffix(".qc") for path in tiles.glob("*.qc.png")} \
+        == set(REASONS) | set(run["good"])
+
+
+def test_the_report_lists_the_left_out_slides_and_shows_the_qc_pictures(run):
+    page = (run["workdir"] / "results/report/index.html").read_text()
+    assert "3 input(s) left out" in page
+    for slide, reason in REASONS.items():
+        assert f'<td class="name">{slide}</td>' in page and reason in page
+    assert "Slides: quality control" in page
+    figures = run["workdir"] / "results/report/figures"
+    assert {path.name for path in figures.glob("slide_qc_*.png")} == {
+        f"slide_qc_cohort_{slide}.png" for slide in [*REASONS, *run["good"]]}
+    assert page.count("green: tissue outline") == 2 * len(run["good"])  # alt text, caption
+
+
+def test_under_fail_a_bad_slide_stops_the_run_naming_the_file(run, tmp_path):
+    workdir = tmp_path / "fail"
+    shutil.copytree(run["workdir"] / "resources", workdir / "resources", symlinks=True)
+    result = run_snakemake(workdir, run["configfile"], "--cores", "1",
+                           "results/tiles/cohort/notes.zarr", "--config", "on_bad_input=fail")
+    assert result.returncode != 0
+    log = (workdir / "logs/tile_slide/cohort/notes.log").read_text()
+    assert "notes.tif: OpenSlide cannot open it" in log and "on_bad_input: skip" in log
+    assert not (workdir / "results/tiles/cohort/notes.zarr").exists()
