@@ -129,7 +129,8 @@ class GlobalRecycle(nn.Module):
     def cross_attention(self, instances: torch.Tensor) -> torch.Tensor:
         """`(m, dim)` -> `(k, dim)`: the queries attend over the (normalised) instances."""
         k = self.queries.shape[0]
-        q = self.to_q(self.norm(self.queries)).reshape(k, self.heads, -1).transpose(0, 1)
+        # a copy: the EMA update changes the buffer in place before the backward pass
+        q = self.to_q(self.norm(self.queries.clone())).reshape(k, self.heads, -1).transpose(0, 1)
         key, value = (t.reshape(len(instances), self.heads, -1).transpose(0, 1)
                       for t in self.to_kv(self.norm(instances)).chunk(2, dim=-1))
         weights = torch.softmax(q @ key.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
@@ -213,7 +214,8 @@ class MHIM(nn.Module):
         consistency = soft_cross_entropy(feature, pooled.feature, self.options.temperature_student,
                                          self.options.temperature_teacher)
         total_loss = classification + self.options.alpha * consistency
-        return total_loss, logits, {"ce": float(classification), "consistency": float(consistency),
+        return total_loss, logits, {"ce": float(classification.detach()),
+                                    "consistency": float(consistency.detach()),
                                     "masked": len(bag) - len(keep)}
 
     @torch.no_grad()
