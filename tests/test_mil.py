@@ -259,3 +259,47 @@ def test_evaluation_refuses_features_from_other_weights(tmp_path):
         evaluate_slide_classifier(tmp_path / "hand", [path], tmp_path / "c")
     assert not (tmp_path / "c").exists()
     assert isinstance(load_model(tmp_path / "hand"), ABMIL)
+
+
+def test_training_never_reads_the_test_split(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    history = _train(paths, tmp_path / "model", epochs=3)
+    for path in paths:  # other test slides: the same weights
+        if "test" in path.name:
+            _feature_store(path, path.stem, "tumor", "test", np.full((5, 8), 9.0))
+    again = _train(paths, tmp_path / "again", epochs=3)
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("model", "again"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert history["epochs"] == again["epochs"] and history["recipe"]["schedule"] == "cosine"
+
+
+def test_training_stops_after_patience_epochs_without_a_better_validation_auc(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    history = _train(paths, tmp_path / "model", epochs=30, patience=2)
+    aucs = [epoch["val_auc"] for epoch in history["epochs"]]
+    best = history["best_epoch"]
+    assert len(aucs) == best + 2 < 30  # stopped two epochs after the kept one
+    assert all(auc <= aucs[best - 1] for auc in aucs)
+
+
+def test_mhim_trains_a_student_from_a_teacher_model(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    _train(paths, tmp_path / "base", epochs=4)
+    mhim = {"teacher": "base", "mask_ratio_h": 0.2, "mask_ratio": 0.1, "merge_ratio": 0.5,
+            "merge_k": 2}
+    history = train_slide_classifier(
+        paths, tmp_path / "mhim",
+        {"dataset": "slides", "arch": "abmil", "seed": 0, "epochs": 3, "learning_rate": 0.01,
+         "classes": CLASSES, "arch_options": {"hidden_dim": 16, "attention_dim": 8},
+         "mhim": mhim}, teacher_dir=tmp_path / "base")
+    first = history["epochs"][0]
+    assert 0.2 < first["train_masked_fraction"] < 0.5 and first["train_consistency"] > 0
+    config = json.loads((tmp_path / "mhim/config.json").read_text())
+    assert config["arch"] == "abmil" and config["training"]["mhim"]["teacher"] == "base"
+    # the saved model is the student alone, loadable as any slide classifier
+    assert isinstance(load_model(tmp_path / "mhim"), ABMIL)
+    with pytest.raises(InputError, match="teacher's arch_options"):
+        train_slide_classifier(
+            paths, tmp_path / "bad",
+            {"dataset": "slides", "arch": "abmil", "classes": CLASSES, "epochs": 1,
+             "arch_options": {"hidden_dim": 12}, "mhim": mhim}, teacher_dir=tmp_path / "base")
