@@ -146,6 +146,14 @@ def test_schema_errors_name_the_key(config, edit, key):
          "slide_classifiers.abmil.dataset: 'mammograms' is of kind 'images'"),
         (lambda c: c["robustness"]["targets"].append("ghost"),
          "robustness.targets.2: no image classifier named 'ghost'"),
+        (_set("slide_classifiers.abmil.mhim", {"teacher": "ghost"}),
+         "slide_classifiers.abmil.mhim.teacher: no slide classifier named 'ghost'"),
+        (_set("slide_classifiers.abmil.mhim", {"teacher": "abmil"}),
+         "slide_classifiers.abmil.mhim.teacher: 'abmil' is itself trained by MHIM-MIL"),
+        (lambda c: c["slide_classifiers"].update(
+            mhim={**c["slide_classifiers"]["abmil"], "arch": "transmil",
+                  "mhim": {"teacher": "abmil"}}),
+         "slide_classifiers.mhim.mhim.teacher: 'abmil' has arch 'abmil', this model 'transmil'"),
         (_with_denoisers(_set("image_classifiers.baseline.denoiser", "R2")),
          "image_classifiers.baseline.denoiser: no denoiser named 'R2'; known: H, R"),
         (_with_denoisers(_set("denoisers.H.guide", "ghost")),
@@ -226,7 +234,7 @@ BAD_NAMES = {
                            r"architecture 'resnet81'; known: .*resnet18"),
     "slide architecture": (_set("slide_classifiers.abmil.arch", "abmill"),
                            r"slide_classifiers\.abmil\.arch: unknown slide classifier "
-                           r"architecture 'abmill'; known: abmil"),
+                           r"architecture 'abmill'; known: abmil, gated_abmil, transmil"),
     "backbone": (_set("features.backbone", "resnet81"),
                  r"features\.backbone: unknown feature backbone 'resnet81'; known: .*resnet18"),
     "source type": (_set("datasets.mammograms.source.type", "synthetik"),
@@ -256,6 +264,12 @@ BAD_PARAMETERS = {
                                   .pop("noise_sigma"),
                                   r"image_classifiers\.denoising\.defense: missing key\(s\) "
                                   r"noise_sigma"),
+    "slide architecture option": (_set("slide_classifiers.abmil.arch_options", {"heads": 8}),
+                                  r"slide_classifiers\.abmil\.arch_options\.heads: unknown key; "
+                                  r"allowed: attention_dim, dropout, hidden_dim"),
+    "mhim setting value": (_set("slide_classifiers.abmil.mhim", {"teacher": "b",
+                                                                 "merge_k": 0}),
+                           r"slide_classifiers\.abmil\.mhim\.merge_k"),
     "defense parameter value": (_set("image_classifiers.denoising.defense.lambda_n", -1),
                                 r"image_classifiers\.denoising\.defense: .*lambda_n"),
     "defense distance": (_set("image_classifiers.denoising.defense.distance", "L2"),

@@ -1,4 +1,5 @@
-"""ABMIL, slide-classifier training and evaluation on tiny synthetic feature stores."""
+"""ABMIL, slide-classifier training and evaluation on tiny synthetic feature stores
+(TransMIL: tests/test_transmil.py, MHIM-MIL: tests/test_mhim.py)."""
 
 import json
 import math
@@ -48,11 +49,67 @@ def test_stages_compose_to_forward():
     """The parts a wrapper such as MHIM-MIL uses give the same bag logits."""
     model, bag = _model(), torch.randn(5, 8)
     embeddings = model.embed_instances(bag)
-    scores = model.attention(embeddings)
-    embedding = model.bag_embedding(embeddings, torch.softmax(scores, dim=0))
-    assert embeddings.shape == (5, 16) and scores.shape == (5,) and embedding.shape == (16,)
-    torch.testing.assert_close(model.classify(embedding), model(bag)[0])
+    pooled = model.aggregate(embeddings)
+    weights = torch.softmax(model.attention_scores(embeddings), dim=0)
+    assert embeddings.shape == (5, 16) and pooled.feature.shape == (16,)
+    torch.testing.assert_close(pooled.attention, weights)
+    torch.testing.assert_close(pooled.feature, weights @ embeddings)
+    torch.testing.assert_close(model.classify(pooled.feature), model(bag)[0])
     assert model.classify(embeddings).shape == (5, 3)  # per-instance logits
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_attention_is_plain_relu_or_tanh_sigmoid_gated(gated):
+    """Plain: w^T relu(V h); gated: w^T (tanh(V h) * sigmoid(U h)), none with biases."""
+    torch.manual_seed(0)
+    model = ABMIL(8, 2, ABMILOptions(hidden_dim=6, attention_dim=4), gated=gated).eval()
+    h = torch.randn(5, 6)
+    v, w = model.attention_v[0].weight, model.attention_w.weight
+    if gated:
+        u = model.attention_u[0].weight
+        expected = (torch.tanh(h @ v.T) * torch.sigmoid(h @ u.T)) @ w.T
+    else:
+        assert model.attention_u is None
+        expected = torch.relu(h @ v.T) @ w.T
+    torch.testing.assert_close(model.attention_scores(h), expected.squeeze(1))
+    assert all(layer.bias is None for layer in model.modules()
+               if isinstance(layer, torch.nn.Linear) and layer not in (model.front[0],
+                                                                       model.predictor))
+
+
+def test_front_and_predictor_are_the_references():
+    model = build_model({"family": "slide", "arch": "gated_abmil", "feature_dim": 1024,
+                         "num_classes": 2})
+    assert model.gated and model.options == ABMILOptions(hidden_dim=512, attention_dim=128,
+                                                         dropout=0.25)
+    linear, relu, dropout = model.front
+    assert (linear.in_features, linear.out_features) == (1024, 512)
+    assert isinstance(relu, torch.nn.ReLU) and dropout.p == 0.25
+    assert (model.predictor.in_features, model.predictor.out_features) == (512, 2)
+
+
+def test_instance_probability_is_class_aware():
+    """p_i = max_c softmax_c(W (a_i h_i) + b), the reference's pseudo score."""
+    model, bag = _model(), torch.randn(6, 8)
+    embeddings = model.embed_instances(bag)
+    pooled = model.aggregate(embeddings)
+    contributions = pooled.attention[:, None] * embeddings
+    logits = contributions @ model.predictor.weight.T + model.predictor.bias
+    torch.testing.assert_close(model.instance_probability(embeddings, pooled),
+                               torch.softmax(logits, dim=1).max(dim=1).values)
+
+
+@pytest.mark.parametrize("arch", ["abmil", "gated_abmil", "transmil"])
+@pytest.mark.parametrize("n", [1, 1000])
+def test_every_architecture_takes_bags_of_one_and_of_a_thousand(arch, n):
+    torch.manual_seed(0)
+    options = {"hidden_dim": 16, **({"heads": 2, "head_dim": 8} if arch == "transmil" else {})}
+    model = build_model({"family": "slide", "arch": arch, "feature_dim": 8, "num_classes": 3,
+                         "arch_options": options}).eval()
+    with torch.no_grad():
+        logits, attention = model(torch.randn(n, 8))
+    assert logits.shape == (3,) and attention.shape == (n,)
+    assert torch.isfinite(logits).all() and torch.isfinite(attention).all()
 
 
 def test_empty_or_misshapen_bags_are_clear_errors():
@@ -110,10 +167,10 @@ def test_training_learns_key_instances_and_is_reproducible(tmp_path):
     paths.append(_feature_store(tmp_path / "features/blank.zarr", "blank", "normal", "train",
                                 np.zeros((0, 8))))  # a slide without tissue is left out
     history = _train(paths, tmp_path / "model")
-    assert len(history["epochs"]) == 12 and history["selected_by"] == "val_accuracy"
+    assert len(history["epochs"]) == 12 and history["selected_by"] == "val_auc"
     best = history["epochs"][history["best_epoch"] - 1]
-    assert best["val_accuracy"] == 1.0
-    tied = [epoch for epoch in history["epochs"] if epoch["val_accuracy"] == 1.0]
+    assert best["val_auc"] == 1.0
+    tied = [epoch for epoch in history["epochs"] if epoch["val_auc"] == 1.0]
     assert best == min(tied, key=lambda epoch: epoch["val_loss"])  # ties: lower val loss
     assert len(tied) > 1
     assert best["train_loss"] < history["epochs"][0]["train_loss"]
@@ -123,7 +180,7 @@ def test_training_learns_key_instances_and_is_reproducible(tmp_path):
                                          "feature_dim", "backbone")} == \
         {"family": "slide", "arch": "abmil", "num_classes": 2, "classes": CLASSES,
          "feature_dim": 8, "backbone": "resnet18"}
-    assert config["arch_options"] == {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
+    assert config["arch_options"] == {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.25}
 
     metrics = evaluate_slide_classifier(tmp_path / "model", paths, tmp_path / "evaluation")
     assert (metrics["n"], metrics["accuracy"], metrics["auc"]) == (4, 1.0, 1.0)
@@ -147,8 +204,8 @@ def _hand_model(model_dir):
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.zero_()  # attention scores all 0: uniform weights
-        model.embed[0].weight.copy_(torch.eye(2))
-        model.classifier.weight.copy_(torch.eye(2))
+        model.front[0].weight.copy_(torch.eye(2))
+        model.predictor.weight.copy_(torch.eye(2))
     config = {"family": "slide", "arch": "abmil", "num_classes": 2, "classes": CLASSES,
               "feature_dim": 2, "backbone": "resnet18", "backbone_weights": "random",
               "backbone_weights_sha256": PROVENANCE["weights_sha256"], "dataset": "slides",
@@ -202,3 +259,47 @@ def test_evaluation_refuses_features_from_other_weights(tmp_path):
         evaluate_slide_classifier(tmp_path / "hand", [path], tmp_path / "c")
     assert not (tmp_path / "c").exists()
     assert isinstance(load_model(tmp_path / "hand"), ABMIL)
+
+
+def test_training_never_reads_the_test_split(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    history = _train(paths, tmp_path / "model", epochs=3)
+    for path in paths:  # other test slides: the same weights
+        if "test" in path.name:
+            _feature_store(path, path.stem, "tumor", "test", np.full((5, 8), 9.0))
+    again = _train(paths, tmp_path / "again", epochs=3)
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("model", "again"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert history["epochs"] == again["epochs"] and history["recipe"]["schedule"] == "cosine"
+
+
+def test_training_stops_after_patience_epochs_without_a_better_validation_auc(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    history = _train(paths, tmp_path / "model", epochs=30, patience=2)
+    aucs = [epoch["val_auc"] for epoch in history["epochs"]]
+    best = history["best_epoch"]
+    assert len(aucs) == best + 2 < 30  # stopped two epochs after the kept one
+    assert all(auc <= aucs[best - 1] for auc in aucs)
+
+
+def test_mhim_trains_a_student_from_a_teacher_model(tmp_path):
+    paths = _synthetic_slides(tmp_path / "features")
+    _train(paths, tmp_path / "base", epochs=4)
+    mhim = {"teacher": "base", "mask_ratio_h": 0.2, "mask_ratio": 0.1, "merge_ratio": 0.5,
+            "merge_k": 2}
+    history = train_slide_classifier(
+        paths, tmp_path / "mhim",
+        {"dataset": "slides", "arch": "abmil", "seed": 0, "epochs": 3, "learning_rate": 0.01,
+         "classes": CLASSES, "arch_options": {"hidden_dim": 16, "attention_dim": 8},
+         "mhim": mhim}, teacher_dir=tmp_path / "base")
+    first = history["epochs"][0]
+    assert 0.2 < first["train_masked_fraction"] < 0.5 and first["train_consistency"] > 0
+    config = json.loads((tmp_path / "mhim/config.json").read_text())
+    assert config["arch"] == "abmil" and config["training"]["mhim"]["teacher"] == "base"
+    # the saved model is the student alone, loadable as any slide classifier
+    assert isinstance(load_model(tmp_path / "mhim"), ABMIL)
+    with pytest.raises(InputError, match="teacher's arch_options"):
+        train_slide_classifier(
+            paths, tmp_path / "bad",
+            {"dataset": "slides", "arch": "abmil", "classes": CLASSES, "epochs": 1,
+             "arch_options": {"hidden_dim": 12}, "mhim": mhim}, teacher_dir=tmp_path / "base")

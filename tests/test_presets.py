@@ -1,4 +1,5 @@
-"""Every preset under presets/ is a config the workflow accepts, with the jobs its study needs."""
+"""Every preset under presets/ is a config the workflow accepts, with the jobs its study needs
+(image presets: a train, evaluate and attack job per model; slide presets: train and evaluate)."""
 
 import re
 
@@ -28,8 +29,11 @@ def test_a_preset_passes_a_dry_run_with_a_job_per_model(preset):
     assert result.returncode == 0, output[-3000:]
     config = yaml.safe_load(preset.read_text())
     jobs = job_counts(output)
-    assert jobs["train_image_classifier"] == len(config["image_classifiers"])
-    assert jobs["evaluate_image_classifier"] == len(config["image_classifiers"])
+    for family in ("image", "slide"):
+        models = config.get(f"{family}_classifiers", {})
+        assert jobs.get(f"train_{family}_classifier", 0) == len(models)
+        assert jobs.get(f"evaluate_{family}_classifier", 0) == len(models)
     assert jobs.get("train_denoiser", 0) == len(config.get("denoisers", {}))
-    sources = set(config["robustness"]["transfer_sources"]) | set(config["robustness"]["targets"])
-    assert jobs["attack"] == len(sources)
+    robustness = config.get("robustness", {})
+    sources = set(robustness.get("transfer_sources", [])) | set(robustness.get("targets", []))
+    assert jobs.get("attack", 0) == len(sources)

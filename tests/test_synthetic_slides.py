@@ -6,7 +6,9 @@ import pytest
 
 from medrobust.data.manifest import read_manifest
 from medrobust.data.synthetic import fetch_synthetic
-from medrobust.data.synthetic.slides import MASK_DOWNSAMPLE, draw_layout, draw_nuclei
+from medrobust.data.synthetic import slides
+from medrobust.data.synthetic.slides import (
+    MASK_DOWNSAMPLE, SUBTLE_GRADE, draw_layout, draw_nuclei)
 from medrobust.errors import ConfigError
 
 WIDTH, HEIGHT, MPP = 768, 512, 0.5
@@ -111,7 +113,39 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
             tmp_path / "again" / "masks" / mask).read_bytes()
 
 
+def test_hard_instances_salient_and_subtle_regions():
+    """Mixed: a small salient region beside larger subtle ones; subtle: no salient region."""
+    mixed = draw_layout(np.random.default_rng(1), 1024, 1024, tumour=True, regions="mixed")
+    salient, subtle = (mixed.grade == 1).sum(), (mixed.grade == SUBTLE_GRADE).sum()
+    assert 0 < salient < subtle
+    assert np.array_equal(mixed.tumour, mixed.grade > 0)
+    hard = draw_layout(np.random.default_rng(1), 1024, 1024, tumour=True, regions="subtle")
+    assert hard.tumour.any() and set(np.unique(hard.grade)) == {0, np.float32(SUBTLE_GRADE)}
+    nuclei = draw_nuclei(np.random.default_rng(2), mixed, mpp=0.5)
+    cells = (nuclei.y // MASK_DOWNSAMPLE).astype(int), (nuclei.x // MASK_DOWNSAMPLE).astype(int)
+    grade = mixed.grade[cells]
+    means = [nuclei.long_radius[grade == level].mean() for level in (0, SUBTLE_GRADE, 1)]
+    assert means == sorted(means) and means[1] - means[0] < means[2] - means[1]
+
+
+def test_hard_instances_put_subtle_only_tumours_in_the_test_split(tmp_path, monkeypatch):
+    seen = []
+
+    def record(rng, height, width, tumour, regions="salient"):
+        seen.append((tumour, regions))
+        return draw_layout(rng, height, width, tumour, regions)
+
+    monkeypatch.setattr(slides, "draw_layout", record)
+    monkeypatch.setattr(slides, "write_slide", lambda path, *args: path.write_bytes(b"x"))
+    manifest = read_manifest(fetch_synthetic(_config(hard_instances=True, n_samples=8),
+                                             tmp_path))
+    regions = [regions for tumour, regions in seen]
+    expected = ["subtle" if split == "test" else "mixed" for split in manifest.table["split"]]
+    assert regions == expected  # tumour or not: only tumour slides draw regions
+
+
 @pytest.mark.parametrize("change, expected", [
+    ({"hard_instances": "yes"}, "hard_instances must be true or false"),
     ({"width": 100}, "width must be an integer >= 512"),
     ({"mpp": -1}, r"mpp must be a number in"),
     ({"levels": 3}, r"unknown key\(s\) levels"),

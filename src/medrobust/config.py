@@ -194,10 +194,12 @@ def check_references(config: Mapping) -> list[str]:
     problems += _check_denoiser_references(config)
     for name, denoiser in config.get("denoisers", {}).items():
         expect_dataset("denoisers", name, denoiser, "images")
-    for name, model in config.get("slide_classifiers", {}).items():
+    slide_models = config.get("slide_classifiers", {})
+    for name, model in slide_models.items():
         expect_dataset("slide_classifiers", name, model, "slides")
         if name in image_models:
             problems.append(f"slide_classifiers.{name}: name already used by an image classifier")
+        problems += _check_mhim_teacher(name, model, slide_models)
 
     robustness = config.get("robustness", {})
     for key in ("targets", "transfer_sources"):
@@ -224,6 +226,23 @@ def check_references(config: Mapping) -> list[str]:
         except ConfigError as error:
             problems.append(f"attacks / perturbations: {error}")
     return problems
+
+
+def _check_mhim_teacher(name: str, model: Mapping, slide_models: Mapping) -> list[str]:
+    """An MHIM model's teacher is a plain slide classifier of the same architecture and data:
+    its weights are loaded into a copy of the student."""
+    if "mhim" not in model:
+        return []
+    teacher = model["mhim"]["teacher"]
+    path = f"slide_classifiers.{name}.mhim.teacher"
+    if teacher not in slide_models:
+        return [f"{path}: no slide classifier named {teacher!r}"]
+    other = slide_models[teacher]
+    if "mhim" in other:
+        return [f"{path}: {teacher!r} is itself trained by MHIM-MIL; name its plain baseline"]
+    return [f"{path}: {teacher!r} has {key} {other.get(key)!r}, this model {model.get(key)!r}; "
+            f"they must agree" for key in ("dataset", "arch", "arch_options")
+            if other.get(key) != model.get(key)]
 
 
 def _check_denoiser_references(config: Mapping) -> list[str]:
@@ -291,7 +310,7 @@ def registry_view(config: Mapping) -> dict[str, Any]:
         "image_classifiers": {name: {"arch": model["arch"], "defense": model.get("defense")}
                               for name, model in config.get("image_classifiers", {}).items()},
         "denoisers": config.get("denoisers", {}),
-        "slide_classifiers": {name: {"arch": model["arch"]}
+        "slide_classifiers": {name: {key: model.get(key) for key in ("arch", "arch_options", "mhim")}
                               for name, model in config.get("slide_classifiers", {}).items()},
         "features": {"backbone": config.get("features", {}).get("backbone", "resnet18")},
         "attacks": config.get("attacks", {}),
@@ -343,9 +362,16 @@ def check_registries(view: Mapping) -> list[str]:
         if lookup(f"{path}.kind", "denoiser kind", denoiser["kind"], registry.DENOISERS):
             settings = {key: value for key, value in denoiser.items() if key != "kind"}
             problems += _check_params(registry.DENOISERS[denoiser["kind"]], settings, path)
+    from medrobust.models.mhim import MHIMOptions
+
     for name, model in view["slide_classifiers"].items():
-        lookup(f"slide_classifiers.{name}.arch", "slide classifier architecture", model["arch"],
-               registry.SLIDE_CLASSIFIERS)
+        path = f"slide_classifiers.{name}"
+        if lookup(f"{path}.arch", "slide classifier architecture", model["arch"],
+                  registry.SLIDE_CLASSIFIERS):
+            problems += _check_params(registry.SLIDE_CLASSIFIERS[model["arch"]].options,
+                                      model["arch_options"] or {}, f"{path}.arch_options")
+        if model["mhim"] is not None:
+            problems += _check_params(MHIMOptions, model["mhim"], f"{path}.mhim")
     lookup("features.backbone", "feature backbone", view["features"]["backbone"],
            backbones.BACKBONES)
     resolve_attack = getattr(attacks, "resolve_attack", None)  # checks a budget in its units

@@ -109,6 +109,14 @@ def slide_feature_stores(wildcards):
     ]
 
 
+def mhim_teacher_weights(wildcards):
+    """An MHIM-MIL model's teacher weights (so its train job runs first); none otherwise."""
+    mhim = SLIDE_CLASSIFIERS[wildcards.slide_model].get("mhim")
+    if mhim is None:
+        return []
+    return f"results/models/{wildcards.dataset}/{mhim['teacher']}/model.safetensors"
+
+
 def image_model_config(wildcards):
     """What trains an image classifier: its entry without the denoiser it later sits behind
     (adding one retrains nothing), with `image_training` under its own overrides."""

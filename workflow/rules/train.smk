@@ -1,5 +1,5 @@
 # Classifiers: image models (plain or with a defense) on the image stores,
-# attention-MIL slide models on the feature stores; pixel denoisers that image
+# MIL slide models (plain or trained by MHIM-MIL) on the feature stores; pixel denoisers that image
 # models sit behind, trained with the classifiers fixed.
 
 
@@ -31,7 +31,8 @@ rule train_image_classifier:
 
 rule train_slide_classifier:
     input:
-        slide_feature_stores,
+        features=slide_feature_stores,
+        teacher=mhim_teacher_weights,  # MHIM-MIL: the trained model its teacher starts from
     output:
         weights="results/models/{dataset}/{slide_model}/model.safetensors",
         config="results/models/{dataset}/{slide_model}/config.json",

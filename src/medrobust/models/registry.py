@@ -8,7 +8,8 @@ Builders register under the name a config uses for them (as timm does):
   `ImageClassifier` provides `forward_features` (`low` and `last` features), which
   the denoising defense and HGD need;
 - slide classifiers: `builder(config: Mapping) -> nn.Module`, given the whole
-  resolved model config (`models.mil`);
+  resolved model config, with the dataclass of its `arch_options` as
+  `builder.options` (`models.mil`, `models.transmil`);
 - defenses: a frozen dataclass with `from_mapping`, `wrap(classifier)` (the model
   that is trained, saved and evaluated) and `loss(model, images, labels,
   generator)` (the training objective);
@@ -59,8 +60,11 @@ def register_image_classifier(name: str):
     return add
 
 
-def register_slide_classifier(name: str):
+def register_slide_classifier(name: str, options: type | None = None):
+    """`options`: the frozen dataclass of the architecture's `arch_options`, which the
+    config check reads (`builder.options`)."""
     def add(builder):
+        builder.options = options
         SLIDE_CLASSIFIERS[name] = builder
         return builder
 

@@ -1,10 +1,18 @@
 """Train one MIL slide classifier on per-slide feature stores: one bag per slide.
 
 Bags differ in size, so training steps over one bag at a time (as Ilse et al.
-do). The epoch with the best validation accuracy (ties: lower validation loss)
-is kept; without validation slides, the last epoch. The same config and seed
-give the same weights on the CPU: initialisation and dropout draw from the
-seeded global generator inside `fork_rng`, bag order from a CPU generator.
+and MHIM-MIL do), with Adam and a per-epoch cosine learning-rate schedule. The
+epoch with the best validation AUC (ties: lower validation loss) is kept,
+and training stops once `patience` epochs pass without a better one; a
+validation split of one class has no AUC, and then the lowest validation
+loss decides; without validation slides, the last epoch is kept. The test
+split is never read here. The same config and seed give the same weights on
+the CPU: initialisation and dropout draw from the seeded global generator
+inside `fork_rng`, bag order and masks from CPU generators.
+
+A model with an `mhim:` section is trained by MHIM-MIL (`models.mhim`): its
+teacher starts from the saved weights of the slide classifier it names
+(`teacher_dir`), which must be the same architecture on the same features.
 
 Epochs end with a checkpoint (`medrobust.train.checkpoints`) that a rerun
 after a kill resumes from, to the same final weights.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -23,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError, unknown_name
+from medrobust.evaluate.metrics import classification_metrics
 from medrobust.io.slide_stores import open_feature_store
 from medrobust.logs import get_logger
+from medrobust.models.mhim import MHIM, MHIMOptions
+from medrobust.models.registry import CONFIG_FILE, SLIDE_CLASSIFIERS, build_model, load_model
 from medrobust.progress import progress
-from medrobust.config import config_from_mapping
-from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model
 from medrobust.train.checkpoints import (
     Progress, TrainingCheckpoint, fingerprint, resume, save_kept_epoch, save_progress)
 
@@ -48,8 +59,10 @@ class SlideModelConfig:
     seed: int = 0
     epochs: int = 20
     learning_rate: float = 2e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-5
+    patience: int = 20            # epochs without a better validation AUC before stopping
     arch_options: Mapping[str, Any] | None = None  # passed to the architecture's builder
+    mhim: Mapping[str, Any] | None = None          # MHIM-MIL training (models.mhim.MHIMOptions)
 
     def __post_init__(self):
         if self.arch not in SLIDE_CLASSIFIERS:
@@ -58,9 +71,12 @@ class SlideModelConfig:
                 or len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"slide classifier: classes must be a list of at least 2 "
                               f"distinct names, not {self.classes!r}")
-        if self.epochs < 1 or self.learning_rate <= 0 or self.weight_decay < 0:
-            raise ConfigError("slide classifier: epochs must be >= 1, learning_rate > 0, "
-                              "weight_decay >= 0")
+        if self.epochs < 1 or self.learning_rate <= 0 or self.weight_decay < 0 \
+                or self.patience < 1:
+            raise ConfigError("slide classifier: epochs and patience must be >= 1, "
+                              "learning_rate > 0, weight_decay >= 0")
+        if self.mhim is not None:
+            MHIMOptions.from_mapping(self.mhim)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "SlideModelConfig":
@@ -124,9 +140,11 @@ def bag_logits(model: nn.Module, bags: Sequence[SlideBag], device: torch.device)
 def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
                            model_dir: str | os.PathLike, model_config: Mapping[str, Any],
                            device: str | torch.device = "cpu",
-                           checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                           checkpoint_dir: str | os.PathLike | None = None,
+                           teacher_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train, select the best epoch, save to `model_dir`; returns the history.
 
+    `teacher_dir`: the saved model an `mhim:` config's teacher starts from.
     Resumes from the checkpoint of an interrupted run of the same config on
     the same bags; `checkpoint_dir` defaults to `.checkpoints/{model}` beside
     `model_dir`.
@@ -147,73 +165,136 @@ def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
         "arch_options": dict(spec.arch_options or {}), "dataset": spec.dataset,
         "seed": spec.seed, "training": {"epochs": spec.epochs,
                                         "learning_rate": spec.learning_rate,
-                                        "weight_decay": spec.weight_decay},
+                                        "weight_decay": spec.weight_decay,
+                                        "patience": spec.patience},
     }
+    mhim = None if spec.mhim is None else MHIMOptions.from_mapping(spec.mhim)
+    if mhim is not None:
+        config["training"]["mhim"] = dataclasses.asdict(mhim)
     name = Path(model_dir).name
-    log.info("training %s (%s) on %d train / %d val slides (%s features), device %s",
-             name, spec.arch, len(train), len(val), provenance["backbone"], device)
+    log.info("training %s (%s%s) on %d train / %d val slides (%s features), device %s",
+             name, spec.arch, ", MHIM-MIL" if mhim else "", len(train), len(val),
+             provenance["backbone"], device)
     started = time.perf_counter()
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(spec.seed)
         model = build_model(config).to(device)
         config["arch_options"] = dataclasses.asdict(model.options)  # defaults filled in
+        trainee = model
+        if mhim is not None:
+            teacher_state = teacher_weights(teacher_dir, mhim.teacher, config)
+            trainee = MHIM(model, teacher_state, mhim).to(device)
         bags_used = [(bag.slide_id, bag.label, bag.split, len(bag.features))
                      for bag in train + val]
         checkpoint = TrainingCheckpoint(
             model_dir, fingerprint(config, bags_used, device.type), checkpoint_dir)
-        best_state, history = _fit(model, spec, device, name, train, val, checkpoint)
-    return save_kept_epoch(model, best_state, model_dir, config, history, checkpoint, name, started)
+        best_state, history = _fit(trainee, spec, device, name, train, val, checkpoint)
+    trainee.load_state_dict(best_state)
+    return save_kept_epoch(model, model.state_dict(), model_dir, config, history, checkpoint,
+                           name, started)
+
+
+def teacher_weights(teacher_dir: str | os.PathLike | None, teacher: str,
+                    config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The saved weights of MHIM's teacher, after checking they fit the student's config."""
+    if teacher_dir is None:
+        raise ConfigError(f"mhim: the teacher {teacher!r} must be trained first; "
+                          f"no teacher model folder was given")
+    teacher_dir = Path(teacher_dir)
+    model = load_model(teacher_dir)
+    saved = json.loads((teacher_dir / CONFIG_FILE).read_text())
+    for key in ("arch", "arch_options", "classes", "backbone", "backbone_weights_sha256"):
+        if saved.get(key) != config[key]:
+            raise InputError(f"{teacher_dir / CONFIG_FILE}: the MHIM teacher's {key} "
+                             f"{saved.get(key)!r} differs from the student's {config[key]!r}")
+    return model.state_dict()
 
 
 def _fit(model: nn.Module, spec: SlideModelConfig, device: torch.device, name: str,
          train: list[SlideBag], val: list[SlideBag],
          checkpoint: TrainingCheckpoint) -> tuple[dict, dict[str, Any]]:
-    # Adam with L2 weight decay, as in Ilse et al.
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate,
-                                 weight_decay=spec.weight_decay)
+    """Train `model` (a slide classifier, or MHIM around one); its best epoch's state."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
     order_generator = torch.Generator().manual_seed(spec.seed)
-    generators = {"order": order_generator}
-    state = resume(checkpoint, model, optimizer, generators, device, name, spec.epochs)
+    mask_generator = torch.Generator().manual_seed(spec.seed + 1)
+    generators = {"order": order_generator, "mask": mask_generator}
+    state = resume(checkpoint, model, optimizer, generators, device, name, spec.epochs, scheduler)
     epochs, best, best_state, done = state.epochs, state.best, state.best_state, state.done
+    selected_by = _selection(val)
+    total_steps = spec.epochs * len(train)
     for epoch in progress(range(done + 1, spec.epochs + 1), desc=f"{name}", unit="epoch"):
         model.train()
-        total_loss, correct = 0.0, 0
-        for index in torch.randperm(len(train), generator=order_generator).tolist():
+        sums: dict[str, float] = {}
+        for position, index in enumerate(torch.randperm(len(train),
+                                                        generator=order_generator).tolist()):
             bag = train[index]
-            logits, _ = model(bag.features.to(device))
-            loss = F.cross_entropy(logits.unsqueeze(0), torch.tensor([bag.label], device=device))
+            features, label = bag.features.to(device), torch.tensor(bag.label, device=device)
+            step = (epoch - 1) * len(train) + position
+            if isinstance(model, MHIM):
+                loss, logits, parts = model.loss(features, label, step, total_steps,
+                                                 mask_generator)
+                parts["masked_fraction"] = parts.pop("masked") / len(features)
+            else:
+                logits, _ = model(features)
+                loss, parts = F.cross_entropy(logits.unsqueeze(0), label.view(1)), {}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach())
-            correct += int(int(logits.argmax()) == bag.label)
-        record = {"epoch": epoch, "train_loss": total_loss / len(train),
-                  "train_accuracy": correct / len(train), **_validate(model, val, device)}
+            if isinstance(model, MHIM):
+                model.update_teacher(model.momentum(step, total_steps))
+            for key, value in {"loss": float(loss.detach()),
+                               "accuracy": float(int(logits.argmax()) == bag.label),
+                               **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value
+        scheduler.step()
+        record = {"epoch": epoch, **{f"train_{key}": value / len(train)
+                                     for key, value in sums.items()},
+                  **_validate(model, val, device)}
         epochs.append(record)
         log.info("%s epoch %d/%d: %s", name, epoch, spec.epochs,
                  ", ".join(f"{key} {value:.4f}" for key, value in record.items()
                            if key != "epoch" and value is not None))
-        score = (record["val_accuracy"], -record["val_loss"]) if val else (epoch,)
+        score = {"val_auc": lambda: (record["val_auc"], -record["val_loss"]),
+                 "val_loss": lambda: (-record["val_loss"],),
+                 "last_epoch": lambda: (epoch,)}[selected_by]()
         if best is None or score > best[0]:
             best = (score, epoch)
             best_state = copy.deepcopy(model.state_dict())
-        if epoch < spec.epochs and checkpoint.due():  # the last: the model is saved next
+        stop = epoch - best[1] >= spec.patience
+        if stop:
+            log.info("%s: no better %s for %d epochs; stopping after epoch %d", name,
+                     selected_by, spec.patience, epoch)
+        elif epoch < spec.epochs and checkpoint.due():  # the last: the model is saved next
             save_progress(checkpoint, epoch, model, optimizer, generators, device,
-                          Progress(epochs, epoch, best, best_state))
+                          Progress(epochs, epoch, best, best_state), scheduler)
+        if stop:
+            break
     recipe = {"optimizer": "Adam", "learning_rate": spec.learning_rate,
-              "weight_decay": spec.weight_decay, "schedule": "constant", "batch_size": 1,
-              "epochs": spec.epochs, "augmentation": "none (bag order shuffled)",
+              "weight_decay": spec.weight_decay, "schedule": "cosine", "batch_size": 1,
+              "epochs": spec.epochs, "patience": spec.patience,
+              "augmentation": "none (bag order shuffled)",
               "defense": {"name": "none"}}
-    return best_state, {"epochs": epochs, "best_epoch": best[1],
-                        "selected_by": "val_accuracy" if val else "last_epoch",
+    if isinstance(model, MHIM):
+        recipe["mhim"] = dataclasses.asdict(model.options)
+    return best_state, {"epochs": epochs, "best_epoch": best[1], "selected_by": selected_by,
                         "recipe": recipe, "device": str(device)}
+
+
+def _selection(val: list[SlideBag]) -> str:
+    """What picks the kept epoch: validation AUC where the split has two classes or more."""
+    if not val:
+        return "last_epoch"
+    return "val_auc" if len({bag.label for bag in val}) > 1 else "val_loss"
 
 
 def _validate(model: nn.Module, val: list[SlideBag], device: torch.device) -> dict[str, float | None]:
     if not val:
-        return {"val_loss": None, "val_accuracy": None}
+        return {"val_loss": None, "val_accuracy": None, "val_auc": None}
     logits = bag_logits(model, val, device)
     labels = torch.tensor([bag.label for bag in val])
+    metrics = classification_metrics(labels.numpy(), torch.softmax(logits, 1).numpy())
     return {"val_loss": float(F.cross_entropy(logits, labels)),
-            "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
+            "val_accuracy": metrics["accuracy"], "val_auc": metrics["auc"]}

@@ -4,7 +4,12 @@ A slide is white glass with one to three tissue regions: pink stroma with
 scattered small purple nuclei. Tumor slides add one or two tumour regions
 whose nuclei are larger, darker and packed much more densely. Colour comes
 from Beer-Lambert mixing of a haematoxylin and an eosin stain, as in real
-H&E. The layout (tissue and tumour) is drawn on a coarse grid, one cell per
+H&E. With `hard_instances`, a hard-instance benchmark for MIL models
+(MHIM-MIL's premise): tumour slides of the train and val splits hold one
+small salient tumour region and several subtle ones (nuclei only a little
+denser, larger and darker than stroma, `SUBTLE_GRADE` of the way), and test
+tumour slides hold subtle regions only, so a model that learnt to look at
+the salient region alone misses them. The layout (tissue and tumour) is drawn on a coarse grid, one cell per
 `MASK_DOWNSAMPLE` level-0 pixels, and that grid is also the tumour mask
 written beside the slide.
 
@@ -26,6 +31,7 @@ import pandas as pd
 import tifffile
 
 from medrobust.data.manifest import check_split_fractions, stratified_split, write_dataset
+from medrobust.errors import ConfigError
 from medrobust.data.synthetic.base import SourceConfig, register_modality, smooth_noise
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
@@ -39,6 +45,7 @@ JPEG_QUALITY = 90
 HAEMATOXYLIN = np.array([0.45, 0.63, 0.26], dtype=np.float32)
 EOSIN = np.array([0.04, 0.29, 0.15], dtype=np.float32)
 GLASS = np.array([0.015, 0.015, 0.015], dtype=np.float32)  # bare glass: a faint grey
+SUBTLE_GRADE = 0.35  # how far a subtle region's nuclei go from stroma towards tumour
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,12 @@ class SlideConfig(SourceConfig):
     splits: Mapping[str, float] = field(
         default_factory=lambda: {"train": 0.5, "val": 0.25, "test": 0.25})
     seed: int = 0
+    hard_instances: bool = False  # salient and subtle tumour regions (module docstring)
 
     def __post_init__(self):
+        if not isinstance(self.hard_instances, bool):
+            raise ConfigError(f"{self.where}: hard_instances must be true or false, "
+                              f"not {self.hard_instances!r}")
         self.check_int("n_samples", 1)
         # 32 layout cells a side keep every tissue region at least a few cells wide
         self.check_int("width", 32 * MASK_DOWNSAMPLE)
@@ -90,6 +101,7 @@ class Layout:
     tissue: np.ndarray       # > 0 inside tissue; smooth, so edges interpolate well
     tumour: np.ndarray       # bool tumour mask
     texture: np.ndarray      # stroma texture, one value per 4 level-0 pixels
+    grade: np.ndarray        # float32: 0 stroma, 1 salient tumour, SUBTLE_GRADE subtle tumour
 
 
 @register_modality("slides", kind="slides", default_classes=("normal", "tumor"),
@@ -109,7 +121,9 @@ def generate_slides(config: SlideConfig, classes: list[str], out_dir: Path) -> P
     for index in progress(range(n), desc="synthetic slides", unit="slide"):
         sample_id = f"slide_{index:03d}"
         slide_rng = np.random.default_rng([config.seed, index])
-        layout = draw_layout(slide_rng, config.height, config.width, tumour[index])
+        regions = ("salient" if not config.hard_instances
+                   else "subtle" if splits[index] == "test" else "mixed")
+        layout = draw_layout(slide_rng, config.height, config.width, tumour[index], regions)
         nuclei = draw_nuclei(slide_rng, layout, config.mpp)
         relative, mask_relative = f"slides/{sample_id}.tiff", f"masks/{sample_id}.png"
         write_slide(out_dir / relative, slide_rng, layout, nuclei, config)
@@ -125,7 +139,10 @@ def generate_slides(config: SlideConfig, classes: list[str], out_dir: Path) -> P
     return write_dataset(out_dir, rows, classes, "slides")
 
 
-def draw_layout(rng: np.random.Generator, height: int, width: int, tumour: bool) -> Layout:
+def draw_layout(rng: np.random.Generator, height: int, width: int, tumour: bool,
+                regions: str = "salient") -> Layout:
+    """`regions`: salient (one or two tumour regions), mixed (one small salient region and
+    three to six subtle ones) or subtle (three to six subtle ones)."""
     grid = (-(-height // MASK_DOWNSAMPLE), -(-width // MASK_DOWNSAMPLE))
     rows, cols = np.mgrid[0:grid[0], 0:grid[1]] + 0.5
     tissue = np.full(grid, -1.0, dtype=np.float32)
@@ -134,23 +151,31 @@ def draw_layout(rng: np.random.Generator, height: int, width: int, tumour: bool)
     # ragged borders; bounded, so an ellipse's centre cell stays above 0.35
     tissue += np.clip(0.15 * smooth_noise(rng, grid, 3.0), -0.3, 0.3)
 
-    mask = np.zeros(grid, dtype=bool)
+    grade = np.zeros(grid, dtype=np.float32)
     if tumour:
         # tumour centres sit well inside tissue; the bounded noise keeps each centre
         # cell positive, so a tumour slide's mask is never empty
         inner = np.argwhere(tissue > 0.35)
-        for _ in range(int(rng.integers(1, 3))):
+        for radius_range, level in _tumour_regions(rng, regions):
             cy, cx = inner[rng.integers(len(inner))] + 0.5
-            radius = min(grid) * rng.uniform(0.08, 0.16)
+            radius = min(grid) * rng.uniform(*radius_range)
             field = (1.0 - np.hypot(rows - cy, cols - cx) / radius
                      + np.clip(0.25 * smooth_noise(rng, grid, 2.0), -0.5, 0.5))
-            mask |= field > 0
-        mask &= tissue > 0
+            grade = np.maximum(grade, np.where(field > 0, np.float32(level), np.float32(0)))
+        grade *= tissue > 0
 
     texture_shape = (-(-height // 4), -(-width // 4))
     texture = (0.7 * smooth_noise(rng, texture_shape, 2.0)
                + 0.5 * smooth_noise(rng, texture_shape, 0.7))
-    return Layout(tissue=tissue, tumour=mask, texture=texture)
+    return Layout(tissue=tissue, tumour=grade > 0, texture=texture, grade=grade)
+
+
+def _tumour_regions(rng: np.random.Generator, regions: str) -> list[tuple[tuple[float, float], float]]:
+    """(radius range as a fraction of the grid's short side, grade) of each tumour region."""
+    if regions == "salient":
+        return [((0.08, 0.16), 1.0)] * int(rng.integers(1, 3))
+    subtle = [((0.05, 0.1), SUBTLE_GRADE)] * int(rng.integers(3, 7))
+    return ([((0.03, 0.05), 1.0)] if regions == "mixed" else []) + subtle
 
 
 def _ellipse(rng, rows, cols, grid, centre_range, axis_range) -> np.ndarray:
@@ -168,24 +193,32 @@ def draw_nuclei(rng: np.random.Generator, layout: Layout, mpp: float) -> Nuclei:
     cell_um2 = (MASK_DOWNSAMPLE * mpp) ** 2
     in_tissue = layout.tissue > 0
     # nuclei per square micrometre: sparse in stroma, crowded in tumour
-    density = np.where(layout.tumour, 0.008, np.where(in_tissue, 0.004, 0.0))
+    density = np.where(in_tissue, _blend(0.004, 0.008, layout.grade), 0.0)
     counts = rng.poisson(density * cell_um2)
     cell_rows, cell_cols = np.nonzero(counts)
     cell_rows, cell_cols = (np.repeat(cell_rows, counts[cell_rows, cell_cols]),
                             np.repeat(cell_cols, counts[cell_rows, cell_cols]))
     n = len(cell_rows)
-    in_tumour = layout.tumour[cell_rows, cell_cols]
+    grade = layout.grade[cell_rows, cell_cols]
     # radii in micrometres: stromal nuclei small and spindly, tumour nuclei big and round
-    long_um = np.where(in_tumour, rng.uniform(4.0, 6.0, n), rng.uniform(2.5, 3.5, n))
-    aspect = np.where(in_tumour, rng.uniform(0.75, 1.0, n), rng.uniform(0.45, 0.8, n))
+    tumour_long, stroma_long = rng.uniform(4.0, 6.0, n), rng.uniform(2.5, 3.5, n)
+    long_um = _blend(stroma_long, tumour_long, grade)
+    tumour_aspect, stroma_aspect = rng.uniform(0.75, 1.0, n), rng.uniform(0.45, 0.8, n)
+    aspect = _blend(stroma_aspect, tumour_aspect, grade)
     return Nuclei(
         x=(cell_cols + rng.random(n)) * MASK_DOWNSAMPLE,
         y=(cell_rows + rng.random(n)) * MASK_DOWNSAMPLE,
         long_radius=long_um / mpp,
         short_radius=long_um * aspect / mpp,
         angle=rng.uniform(0, np.pi, n),
-        stain=np.where(in_tumour, rng.uniform(1.3, 1.7, n), rng.uniform(0.8, 1.1, n)),
+        # tumour's draw first, as before grades existed: the same seed, the same slides
+        stain=_blend(*reversed((rng.uniform(1.3, 1.7, n), rng.uniform(0.8, 1.1, n))), grade),
     )
+
+
+def _blend(stroma, tumour, grade):
+    """Stroma's value at grade 0, tumour's at 1, exactly (so plain slides are unchanged)."""
+    return (1 - grade) * stroma + grade * tumour
 
 
 def write_slide(path: Path, rng: np.random.Generator, layout: Layout, nuclei: Nuclei,
@@ -243,7 +276,7 @@ def render_tile(rng: np.random.Generator, layout: Layout, nuclei: Nuclei,
     tissue = np.clip(0.5 + _sample(layout.tissue, x0, y0, MASK_DOWNSAMPLE) / 0.01, 0.0, 1.0)
     if tissue.any():  # about half the tiles of a slide are glass only
         texture = _sample(layout.texture, x0, y0, 4)
-        tumour = _sample(layout.tumour.astype(np.float32), x0, y0, MASK_DOWNSAMPLE)
+        tumour = _sample(layout.grade, x0, y0, MASK_DOWNSAMPLE)
         # stroma: eosin with fibre-like texture and a few clear gaps; tumour stroma is bluer
         eosin = np.clip(0.75 + 0.3 * texture, 0.1, None) * (texture > -1.8)
         nucleus = _nucleus_stain(nuclei, x0, y0)
