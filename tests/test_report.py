@@ -281,6 +281,27 @@ def test_curves_have_bands_unit_labels_and_legends_clear_of_the_data(results):
     assert figures.png(figure).startswith(PNG)
 
 
+def test_slide_training_curves_plot_validation_auc_and_loss_per_epoch():
+    history = {"best_epoch": 2, "epochs": [
+        {"epoch": 1, "train_loss": 0.7, "val_loss": 0.69, "val_accuracy": 0.5, "val_auc": 0.6},
+        {"epoch": 2, "train_loss": 0.5, "val_loss": 0.55, "val_accuracy": 0.75, "val_auc": 0.9},
+        {"epoch": 3, "train_loss": 0.4, "val_loss": 0.60, "val_accuracy": 0.75, "val_auc": 0.8}]}
+    figure = figures.training_curves({"abmil": history})
+    panels = {panel.get_title(): panel for panel in figure.axes}
+    assert {"validation AUC", "validation loss (cross-entropy)"} <= set(panels)
+    auc_line = panels["validation AUC"].get_lines()[0]
+    assert list(auc_line.get_ydata()) == [0.6, 0.9, 0.8]
+    star = panels["validation AUC"].get_lines()[1]  # the kept epoch
+    assert list(star.get_xdata()) == [2] and list(star.get_ydata()) == [0.9]
+    loss_line = panels["validation loss (cross-entropy)"].get_lines()[0]
+    assert list(loss_line.get_ydata()) == [0.69, 0.55, 0.60]
+    # image models record no AUC per epoch: no empty panel for them
+    image = {"best_epoch": 1, "epochs": [{"epoch": 1, "train_loss": 0.7, "val_loss": 0.6,
+                                          "val_accuracy": 0.5}]}
+    titles = [panel.get_title() for panel in figures.training_curves({"baseline": image}).axes]
+    assert "validation AUC" not in titles
+
+
 def test_figures_are_written_as_files_and_inlined(results):
     files = {path.stem: path.read_bytes() for path in (results["out"] / "figures").glob("*.png")}
     assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",

@@ -124,12 +124,17 @@ def perturbation_curves(robustness: pd.DataFrame) -> Figure:
 
 
 def training_curves(histories: Mapping[str, Mapping]) -> Figure:
-    """Loss and validation accuracy per epoch for each model; a star marks the epoch kept."""
+    """Loss and validation accuracy per epoch for each model, and validation AUC where the
+    histories record it (slide models select their epoch by it); a star marks the epoch kept."""
     colours = model_colours(list(histories))
-    figure = _new_figure(12.0, 3.2)
-    axes = figure.subplots(1, 3)
-    panels = (("train_loss", "training loss (with any defense terms)"), ("val_loss", "validation loss (cross-entropy)"),
-              ("val_accuracy", "validation accuracy"))
+    panels = [("train_loss", "training loss (with any defense terms)"),
+              ("val_loss", "validation loss (cross-entropy)"),
+              ("val_accuracy", "validation accuracy")]
+    if any(record.get("val_auc") is not None
+           for history in histories.values() for record in history["epochs"]):
+        panels.append(("val_auc", "validation AUC"))
+    figure = _new_figure(4.0 * len(panels), 3.2)
+    axes = figure.subplots(1, len(panels))
     for panel, (key, title) in zip(axes, panels):
         for model, history in sorted(histories.items()):
             epochs = [record["epoch"] for record in history["epochs"]
@@ -144,7 +149,8 @@ def training_curves(histories: Mapping[str, Mapping]) -> Figure:
                            color=colours[model], linestyle="none")
         panel.set(title=title, xlabel="epoch")
         panel.grid(alpha=0.3)
-    axes[2].set_ylim(-0.02, 1.02)
+        if key in ("val_accuracy", "val_auc"):
+            panel.set_ylim(-0.02, 1.02)
     _legend_outside(figure, axes)
     return figure
 

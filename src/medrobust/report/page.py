@@ -527,7 +527,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         if histories:
             figure_files[f"training_curves_{family}"] = (
                 figures.png(figures.training_curves(histories)),
-                f"Training of the {family} classifiers; a star marks the epoch kept.")
+                f"Training of the {family} classifiers; a star marks the epoch kept"
+                + (" (slide models: the best validation AUC)." if family == "slide" else "."))
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
     figure_files.update(slide_qc_figures(tile_stores, qc_pictures))
 
