@@ -15,9 +15,13 @@ planning never opens them) and a labels table, and two workflows download it:
 Then `snakemake -n` of each workflow's default target is timed (wall clock,
 the whole process: parse, config validation, DAG). Both plan 2N per-slide
 jobs behind the checkpoint; medrobust plans its image branch (tens of jobs) too.
+With `--slides-per-job K` medrobust is also planned with the cohort in groups
+of K slides per tiling and feature job (`datasets.<name>.slides_per_job`): 2N/K
+group jobs plus 2N per-slide link jobs, printed as its own column and ratio.
 
     .venv/bin/python bench/bench_planning.py                  # N = 1000 3000 10000
     .venv/bin/python bench/bench_planning.py --sizes 500 2000 --repeats 3
+    .venv/bin/python bench/bench_planning.py --sizes 10000 --slides-per-job 100
 """
 
 from __future__ import annotations
@@ -123,8 +127,9 @@ def run(command: list[str], cwd: Path) -> float:
     return seconds
 
 
-def medrobust_cohort(work: Path, n: int) -> Path:
-    """A workdir whose config tiles a local cohort of n placeholder slides; downloaded."""
+def medrobust_cohort(work: Path, n: int, slides_per_job: int | None) -> Path:
+    """A workdir whose config tiles a local cohort of n placeholder slides, one per job
+    (config.yaml) and, if given, `slides_per_job` per job (grouped.yaml); downloaded."""
     data = work / "cohort"
     data.mkdir(parents=True)
     lines = ["path,label"]
@@ -138,14 +143,18 @@ def medrobust_cohort(work: Path, n: int) -> Path:
     slides["source"] = {"type": "local", "root": str(data), "labels": {"table": "labels.csv"}}
     workdir = work / "medrobust"
     workdir.mkdir()
+    slides["slides_per_job"] = 1
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    if slides_per_job is not None:
+        slides["slides_per_job"] = slides_per_job
+        (workdir / "grouped.yaml").write_text(yaml.safe_dump(config))
     run(medrobust_args(workdir, "--cores", "1", "resources/slides"), workdir)
     return workdir
 
 
-def medrobust_args(workdir: Path, *args: str) -> list[str]:
+def medrobust_args(workdir: Path, *args: str, configfile: str = "config.yaml") -> list[str]:
     return snakemake_command("--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                             "--configfile", str(workdir / "config.yaml"), *args)
+                             "--configfile", str(workdir / configfile), *args)
 
 
 def bare_cohort(work: Path, n: int) -> Path:
@@ -163,22 +172,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed `snakemake -n` runs per workflow and size, interleaved; "
                              "the median counts (default 1)")
+    parser.add_argument("--slides-per-job", type=int, default=None, metavar="K",
+                        help="also plan medrobust with K slides per tiling and feature job")
     args = parser.parse_args(argv)
+    k = args.slides_per_job
     print(machine_line(f"snakemake {snakemake.__version__}"))
+    grouped_header = "" if k is None else f" {f'grouped({k}) s':>14s} {'ratio':>6s} {'vs 1/job':>8s}"
     print(f"{'N slides':>9s} {'medrobust s':>12s} {'bare s':>8s} {'ratio':>6s} "
-          f"{'medrobust s/1000 slides':>24s}")
+          f"{'medrobust s/1000 slides':>24s}{grouped_header}")
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="medrobust-planning-") as tmp:
             work = Path(tmp)
-            medrobust, bare = medrobust_cohort(work, n), bare_cohort(work, n)
-            times: dict[str, list[float]] = {"medrobust": [], "bare": []}
-            for _ in range(args.repeats):  # interleaved, so load on a shared machine hits both
+            medrobust, bare = medrobust_cohort(work, n, k), bare_cohort(work, n)
+            times: dict[str, list[float]] = {"medrobust": [], "bare": [], "grouped": []}
+            for _ in range(args.repeats):  # interleaved, so load on a shared machine hits all
                 times["medrobust"].append(run(medrobust_args(medrobust, "-n"), medrobust))
                 times["bare"].append(run(snakemake_command("-n", "--config", f"slides={n}"), bare))
+                if k is not None:
+                    times["grouped"].append(run(medrobust_args(
+                        medrobust, "-n", configfile="grouped.yaml"), medrobust))
         ours, theirs = (statistics.median(times[name]) for name in ("medrobust", "bare"))
+        grouped = ""
+        if k is not None:
+            seconds = statistics.median(times["grouped"])
+            grouped = f" {seconds:14.1f} {seconds / theirs:6.2f} {seconds / ours:8.2f}"
         print(f"{n:9d} {ours:12.1f} {theirs:8.1f} {ours / theirs:6.2f} "
-              f"{1000 * ours / n:24.2f}", flush=True)
-    print("ratio = medrobust seconds / bare seconds (goal <= 1.5 at 10,000 slides)")
+              f"{1000 * ours / n:24.2f}{grouped}", flush=True)
+    print("ratio = medrobust seconds / bare seconds (goal <= 1.5 at 10,000 slides); "
+          "vs 1/job = grouped seconds / one-slide-per-job seconds")
 
 
 if __name__ == "__main__":

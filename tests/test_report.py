@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from medrobust import config as config_module
 from medrobust.attacks import build_attack
 from medrobust.data.manifest import write_dataset
 from medrobust.errors import ConfigError, InputError
@@ -436,3 +437,41 @@ def test_a_cell_of_a_model_behind_a_detector_shows_what_it_rejected():
     assert "detector" not in str(macros.accuracy_cell(plain))
     assert "detector" not in str(macros.accuracy_cell(_accuracy_cell(
         row.replace({0.125: float("nan")}))))
+
+
+def slide_evaluation(model, *right):
+    """A slide model's clean evaluation of 30 test slides, right on the `right` ranges."""
+    correct = np.zeros(30, bool)
+    for start, stop in right:
+        correct[start:stop] = True
+    labels = np.arange(30) % 2
+    true_probability = np.where(correct, 0.8, 0.3)
+    probabilities = np.stack([np.where(labels == 0, true_probability, 1 - true_probability),
+                              np.where(labels == 1, true_probability, 1 - true_probability)], 1)
+    description = {**describe(model, "clean"), "family": "slide", "dataset": "slides"}
+    return Evaluation(description, np.array([f"s{i}" for i in range(30)]), labels,
+                      probabilities, ["normal", "tumor"])
+
+
+def test_an_mhim_model_is_compared_with_its_base_model_alone():
+    evaluations = [slide_evaluation("abmil", (0, 12)),
+                   slide_evaluation("mhim_abmil", (0, 12), (20, 30)),
+                   slide_evaluation("transmil", (0, 30))]
+    config = {"slide_classifiers": {
+        "abmil": {"dataset": "slides", "arch": "abmil"},
+        "transmil": {"dataset": "slides", "arch": "transmil"},
+        "mhim_abmil": {"dataset": "slides", "arch": "abmil", "mhim": {"teacher": "abmil"}}}}
+    baselines = config_module.mil_baselines(config)
+    assert baselines == {"mhim_abmil": "abmil"}
+    summary = summarize(evaluations, config_module.defense_labels(config),
+                        StatisticsConfig(**STATISTICS), baselines)
+    [comparison] = summary.comparisons.to_dict("records")  # not against transmil
+    assert (comparison["model"], comparison["reference_model"]) == ("mhim_abmil", "abmil")
+    assert comparison["defense"] == "MHIM-MIL" and comparison["condition"] == "clean"
+    # slides 20-29 right only for MHIM: McNemar's exact test, 10 to 0
+    assert (comparison["only_model_correct"], comparison["only_reference_correct"]) == (10, 0)
+    assert comparison["p_value"] == pytest.approx(2 * 0.5 ** 10)
+    assert comparison["verdict"] == "helped"
+    assert comparison["accuracy_difference"] == pytest.approx(10 / 30)
+    # without baselines, slide models evaluated clean only are not compared
+    assert summarize(evaluations, {}, StatisticsConfig(**STATISTICS)).comparisons.empty

@@ -1,6 +1,7 @@
 """A cohort with bad slides, through the real workflow: under `on_bad_input: skip` each
 is left out with its reason and the run completes; under `fail` its tiling job stops
-the run naming the file."""
+the run naming the file. Both with one slide per job and with slides in groups
+(`slides_per_job`), where a bad slide shares its jobs with good ones."""
 
 import shutil
 from pathlib import Path
@@ -47,8 +48,8 @@ def cohort(root):
     return [row[0] for row in rows]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 3], ids=["one_per_job", "groups_of_3"])
+def run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     good = cohort(root)
     workdir = tmp_path_factory.mktemp("workflow")
@@ -59,7 +60,8 @@ def run(tmp_path_factory):
             "source": {"type": "local", "root": str(root),
                        "labels": {"table": "labels.csv", "split_column": "split",
                                   "id_column": "id"}},
-            "tiling": {"target_mpp": 2.0, "tile_size": 32, "tissue_threshold": 0.5}}},
+            "tiling": {"target_mpp": 2.0, "tile_size": 32, "tissue_threshold": 0.5},
+            "slides_per_job": request.param}},
         "features": {"backbone": "resnet18", "weights": "random", "batch_size": 64},
         "slide_classifiers": {"abmil": {"dataset": "cohort", "arch": "abmil", "seed": 0,
                                         "epochs": 2}},
@@ -68,7 +70,8 @@ def run(tmp_path_factory):
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(workdir, configfile, "--cores", "2")
     assert result.returncode == 0, result.stderr[-6000:]
-    return {"workdir": workdir, "configfile": configfile, "good": good}
+    return {"workdir": workdir, "configfile": configfile, "good": good,
+            "slides_per_job": request.param}
 
 
 def test_bad_slides_are_left_out_with_their_reason(run):
@@ -100,12 +103,38 @@ def test_the_report_lists_the_left_out_slides_and_shows_the_qc_pictures(run):
     assert page.count("green: tissue outline") == 2 * len(run["good"])  # alt text, caption
 
 
+def test_grouped_slides_run_in_one_job_per_group_and_keep_their_paths(run):
+    workdir, k = run["workdir"], run["slides_per_job"]
+    n_slides = len(run["good"]) + len(BAD)
+    n_groups = -(-n_slides // k)  # ceiling
+    if k == 1:
+        assert len(list((workdir / "benchmarks/tile_slide/cohort").glob("*.tsv"))) == n_slides
+        assert not (workdir / "results/tiles/cohort/.groups").exists()
+        return
+    for stage in ("tile_slide_group/cohort", "extract_features_group/cohort/resnet18"):
+        assert len(list((workdir / "benchmarks" / stage).glob("*.tsv"))) == n_groups
+    assert not (workdir / "benchmarks/tile_slide").exists()
+    groups = sorted((workdir / "results/tiles/cohort/.groups").iterdir())
+    assert [len(list(group.glob("*.zarr"))) for group in groups] == \
+        [k] * (n_slides // k) + ([n_slides % k] if n_slides % k else [])
+    # every slide's usual paths lead to its group's copy
+    for slide in [*run["good"], *BAD]:
+        tiles = workdir / f"results/tiles/cohort/{slide}.zarr"
+        features = workdir / f"results/features/cohort/resnet18/{slide}.zarr"
+        assert tiles.is_symlink() and tiles.resolve().parent.parent.name == ".groups"
+        assert features.is_symlink() and open_feature_store(features).attrs["slide_id"] == slide
+
+
 def test_under_fail_a_bad_slide_stops_the_run_naming_the_file(run, tmp_path):
     workdir = tmp_path / "fail"
     shutil.copytree(run["workdir"] / "resources", workdir / "resources", symlinks=True)
     result = run_snakemake(workdir, run["configfile"], "--cores", "1",
                            "results/tiles/cohort/notes.zarr", "--config", "on_bad_input=fail")
     assert result.returncode != 0
-    log = (workdir / "logs/tile_slide/cohort/notes.log").read_text()
+    logs = workdir / "logs" / ("tile_slide" if run["slides_per_job"] == 1 else "tile_slide_group")
+    naming = [path.read_text() for path in logs.glob("cohort/*.log")
+              if "notes.tif" in path.read_text()]
+    assert len(naming) == 1, result.stderr[-3000:]
+    log = naming[0]
     assert "notes.tif: OpenSlide cannot open it" in log and "on_bad_input: skip" in log
     assert not (workdir / "results/tiles/cohort/notes.zarr").exists()

@@ -283,7 +283,8 @@ def _check_denoiser_references(config: Mapping) -> list[str]:
 
 def defense_labels(config: Mapping) -> dict[str, str]:
     """What each image model is defended with, for the report: its pixel denoiser and its
-    training defense, joined with " + " (`reformer + denoising`); "none" without either."""
+    training defense, joined with " + " (`reformer + denoising`); "none" without either.
+    Slide models trained by MHIM-MIL: "MHIM-MIL"."""
     denoisers = config.get("denoisers", {})
     labels = {}
     for name, model in config.get("image_classifiers", {}).items():
@@ -296,7 +297,15 @@ def defense_labels(config: Mapping) -> dict[str, str]:
         if defense != "none":
             parts.append(defense)
         labels[name] = " + ".join(parts) or "none"
+    labels.update({name: "MHIM-MIL" for name in mil_baselines(config)})
     return labels
+
+
+def mil_baselines(config: Mapping) -> dict[str, str]:
+    """Each slide classifier trained by MHIM-MIL, with the model it is compared against in the
+    report: its teacher, the same architecture trained plainly (docs/mil.md)."""
+    return {name: model["mhim"]["teacher"]
+            for name, model in config.get("slide_classifiers", {}).items() if model.get("mhim")}
 
 
 # --- names that select code, against the registries ---------------------------------

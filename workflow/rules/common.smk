@@ -13,10 +13,12 @@ sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 from medrobust import conditions as plan
-from medrobust.config import DENOISER_MODEL_KEYS, PRETRAINED, defense_labels, validate_config
+from medrobust.config import (
+    DENOISER_MODEL_KEYS, PRETRAINED, defense_labels, mil_baselines, validate_config)
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 from medrobust.io.manifest_cache import manifest_rows as read_manifest_rows
+from medrobust.slide_groups import GROUP_PATTERN, GROUPS_FOLDER, link_group_member, plan_slide_groups
 
 
 # Every problem of the config, before any job (and before Snakemake deletes any
@@ -40,6 +42,11 @@ SLIDE_CLASSIFIERS = config["slide_classifiers"]
 DENOISERS = config["denoisers"]
 DENOISER_RUN = "results/denoisers/{dataset}/{denoiser}"  # train_denoiser's output folder
 REPORT_HTML = Path("results/report/index.html").resolve()
+# slide datasets tiled and embedded one slide per job, or in groups (slides_per_job > 1)
+SLIDES_GROUPED = sorted(name for name, dataset in DATASETS.items()
+                        if dataset["kind"] == "slides" and dataset["slides_per_job"] > 1)
+SLIDES_ONE_PER_JOB = sorted(name for name, dataset in DATASETS.items()
+                            if dataset["kind"] == "slides" and name not in SLIDES_GROUPED)
 
 
 def _alternatives(names):
@@ -56,6 +63,7 @@ wildcard_constraints:
     perturbation=_alternatives(config["perturbations"]),
     backbone=_alternatives([config["features"]["backbone"]]),
     slide=r"[^/]+",
+    group=GROUP_PATTERN,
 
 
 def code_fingerprint(*subpackages):
@@ -85,6 +93,44 @@ def slide_record(wildcards):
     if wildcards.slide not in rows:
         raise WorkflowError(f"slide {wildcards.slide!r} is not in the manifest of {wildcards.dataset!r}")
     return {**rows[wildcards.slide], "slide_id": wildcards.slide}
+
+
+def slide_groups(dataset):
+    """The dataset's slides in groups of `slides_per_job` (medrobust.slide_groups)."""
+    folder = checkpoints.download.get(dataset=dataset).output[0]
+    return plan_slide_groups(Path(folder) / "manifest.csv", DATASETS[dataset]["slides_per_job"])
+
+
+def group_members(wildcards):
+    """The slide ids of one group."""
+    members = slide_groups(wildcards.dataset).members
+    if wildcards.group not in members:
+        raise WorkflowError(f"{wildcards.group!r} is not a slide group of {wildcards.dataset!r} "
+                            f"(it has {len(members)})")
+    return members[wildcards.group]
+
+
+def group_slide_records(wildcards):
+    """The manifest rows of a group's slides, passed to its tiling job."""
+    rows = manifest_rows(wildcards.dataset)
+    return [{**rows[slide], "slide_id": slide} for slide in group_members(wildcards)]
+
+
+def group_tile_stores(wildcards):
+    """The tile stores of a group's slides, the input of its feature job."""
+    return [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in group_members(wildcards)]
+
+
+def group_folder(stage):
+    """Input function: the folder of the group job that wrote a slide's output of `stage`
+    (a path template with {dataset} and, for features, {backbone})."""
+    def folder(wildcards):
+        group = slide_groups(wildcards.dataset).group_of.get(wildcards.slide)
+        if group is None:
+            raise WorkflowError(f"slide {wildcards.slide!r} is not in the manifest of "
+                                f"{wildcards.dataset!r}")
+        return f"{stage.format(**dict(wildcards.items()))}/{GROUPS_FOLDER}/{group}"
+    return folder
 
 
 def slide_datasets():
@@ -210,7 +256,8 @@ def image_stores(wildcards=None):
 
 
 def defenses():
-    """Each image model's defenses ("none" when undefended), for the paired comparisons."""
+    """Each image model's defenses ("none" when undefended) and each MHIM-MIL slide model's
+    "MHIM-MIL", for the paired comparisons."""
     return defense_labels(config)
 
 

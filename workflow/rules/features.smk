@@ -1,4 +1,6 @@
 # Tile embeddings per slide with a CNN backbone; on a GPU when one is free.
+# A dataset with slides_per_job > 1 is embedded a group of slides per job, each
+# slide's feature store linked to its usual path (medrobust.slide_groups).
 
 
 rule extract_features:
@@ -6,6 +8,8 @@ rule extract_features:
         "results/tiles/{dataset}/{slide}.zarr",
     output:
         directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
+    wildcard_constraints:
+        dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
         features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
         device=config["device"],
@@ -22,3 +26,41 @@ rule extract_features:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/extract_features.py"
+
+
+rule extract_features_group:
+    input:
+        group_tile_stores,
+    output:
+        directory(f"results/features/{{dataset}}/{{backbone}}/{GROUPS_FOLDER}/{{group}}"),
+    params:
+        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        device=config["device"],
+        code=code_fingerprint("features"),
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,  # slides are embedded one after another
+    log:
+        "logs/extract_features_group/{dataset}/{backbone}/{group}.log",
+    benchmark:
+        "benchmarks/extract_features_group/{dataset}/{backbone}/{group}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/extract_features_group.py"
+
+
+# In Snakemake's own process (no job start-up, no cluster submission).
+rule link_slide_features:
+    input:
+        group_folder("results/features/{dataset}/{backbone}"),
+    output:
+        directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
+    wildcard_constraints:
+        dataset=_alternatives(SLIDES_GROUPED),
+    log:
+        "logs/link_slide_features/{dataset}/{backbone}/{slide}.log",
+    localrule: True
+    run:
+        link_group_member(input[0], output[0], log[0])

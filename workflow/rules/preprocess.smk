@@ -2,6 +2,8 @@
 # become one Zarr store of tissue tiles per slide, with its QC picture. A slide
 # left out under on_bad_input: skip still gets both (an empty store with the
 # reason), so every slide's downstream jobs run and know why it is missing.
+# A dataset with slides_per_job > 1 is tiled a group of slides per job, each
+# slide's outputs linked to their usual paths (medrobust.slide_groups).
 
 
 rule preprocess_images:
@@ -30,6 +32,8 @@ rule tile_slide:
     output:
         tiles=directory("results/tiles/{dataset}/{slide}.zarr"),
         qc="results/tiles/{dataset}/{slide}.qc.png",
+    wildcard_constraints:
+        dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
         tiling=lambda wildcards: DATASETS[wildcards.dataset]["tiling"],
         slide=slide_record,
@@ -46,3 +50,43 @@ rule tile_slide:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/tile_slide.py"
+
+
+rule tile_slide_group:
+    input:
+        "resources/{dataset}",
+    output:
+        directory(f"results/tiles/{{dataset}}/{GROUPS_FOLDER}/{{group}}"),
+    params:
+        tiling=lambda wildcards: DATASETS[wildcards.dataset]["tiling"],
+        slides=group_slide_records,
+        on_bad_input=config["on_bad_input"],
+        code=code_fingerprint("preprocess", "io"),
+    threads: 2
+    resources:
+        mem_mb=4000,  # slides are tiled one after another: a slide's memory, not the group's
+    log:
+        "logs/tile_slide_group/{dataset}/{group}.log",
+    benchmark:
+        "benchmarks/tile_slide_group/{dataset}/{group}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/tile_slide_group.py"
+
+
+# In Snakemake's own process (no job start-up, no cluster submission).
+rule link_slide_tiles:
+    input:
+        group_folder("results/tiles/{dataset}"),
+    output:
+        tiles=directory("results/tiles/{dataset}/{slide}.zarr"),
+        qc="results/tiles/{dataset}/{slide}.qc.png",
+    wildcard_constraints:
+        dataset=_alternatives(SLIDES_GROUPED),
+    log:
+        "logs/link_slide_tiles/{dataset}/{slide}.log",
+    localrule: True
+    run:
+        for path in output:
+            link_group_member(input[0], path, log[0])

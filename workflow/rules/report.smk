@@ -13,6 +13,7 @@ rule summarize:
     params:
         evaluations=evaluations(),
         defenses=defenses(),
+        baselines=mil_baselines(config),  # MHIM-MIL models against their base model
         statistics={
             "bootstrap_resamples": config["report"]["bootstrap_resamples"],
             "confidence": config["report"]["confidence"],

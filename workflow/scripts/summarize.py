@@ -10,4 +10,5 @@ with script_logging(snakemake):
         out_json=snakemake.output.json,
         per_class_csv=snakemake.output.per_class,
         comparisons_csv=snakemake.output.comparisons,
+        baselines=snakemake.params.baselines,
     )

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from medrobust import __version__
-from medrobust.config import defense_labels
+from medrobust.config import defense_labels, mil_baselines
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import smallest_detectable_difference
@@ -510,6 +510,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
+    baselines = mil_baselines(config)
     trained = read_histories(models)
     figure_files: dict[str, tuple[bytes, str]] = {}
     images = robustness[robustness["family"] == "image"]
@@ -547,7 +548,9 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "settings": summary["settings"],
         "warnings": warnings,
         "glance_headers": glance_headers, "glance": glance,
-        "verdicts": verdicts(comparisons),
+        # MHIM-MIL against its base model goes with the slide study, not the defenses
+        "verdicts": [pair for pair in verdicts(comparisons) if pair["model"] not in baselines],
+        "mil_verdicts": [pair for pair in verdicts(comparisons) if pair["model"] in baselines],
         "defense_tables": [defense_table_view(table, warnings) for table in tables],
         "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
         "has_attacks": bool((images["kind"] == "attack").any()),

@@ -230,8 +230,11 @@ class Summary:
 
 
 def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
-              statistics: StatisticsConfig = StatisticsConfig()) -> Summary:
-    """All tables from the evaluations; `defenses` maps each model to its defense or "none"."""
+              statistics: StatisticsConfig = StatisticsConfig(),
+              baselines: Mapping[str, str] | None = None) -> Summary:
+    """All tables from the evaluations; `defenses` maps each model to its defense or "none";
+    `baselines` maps a model to the one model it is compared against instead (an MHIM-MIL
+    slide model to its base model, `config.mil_baselines`)."""
     by_model: dict[tuple[str, str], list[Evaluation]] = {}
     for evaluation in evaluations:
         key = (evaluation.description["dataset"], evaluation.description["model"])
@@ -264,7 +267,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                              **_interval_columns("accuracy",
                                                  bootstrap_mean(outcome, labels, **sampling))})
             paired[key][_condition_key(description)] = (description, outcome)
-    comparisons = _comparisons(paired, by_model, defenses, statistics)
+    comparisons = _comparisons(paired, by_model, defenses, statistics, baselines or {})
     settings = {**sampling, "alpha": statistics.alpha,
                 "interval_methods": {
                     "accuracy, sensitivity and specificity (two classes)":
@@ -362,16 +365,24 @@ def gradient_masking_checks(by_model: Mapping[tuple[str, str], Sequence[Evaluati
     return checks
 
 
-def _comparisons(paired, by_model, defenses: Mapping[str, str],
-                 statistics: StatisticsConfig) -> list[dict[str, Any]]:
-    """Each defended model against each undefended model of its dataset, condition by condition."""
+def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: StatisticsConfig,
+                 baselines: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Each defended model against each undefended model of its dataset that was put under
+    attack or perturbation, and each model with a baseline against it alone, condition by
+    condition."""
     rows = []
     sampling = statistics.sampling()
     for (dataset, model), conditions in paired.items():
-        if defenses.get(model, "none") == "none":
+        baseline = baselines.get(model)
+        if baseline is None and defenses.get(model, "none") == "none":
             continue
         for (other_dataset, reference), reference_conditions in paired.items():
-            if (other_dataset != dataset or defenses.get(reference, "none") != "none"
+            if other_dataset != dataset:
+                continue
+            if baseline is not None:
+                if reference != baseline:
+                    continue
+            elif (defenses.get(reference, "none") != "none"
                     or not any(key[0] != "clean" for key in reference_conditions)):
                 continue
             for key, (description, outcome) in conditions.items():
@@ -478,12 +489,13 @@ def write_summary(summary: Summary, out_csv: str | os.PathLike, out_json: str | 
 def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mapping[str, str],
                           statistics: Mapping[str, Any], out_csv: str | os.PathLike,
                           out_json: str | os.PathLike, per_class_csv: str | os.PathLike,
-                          comparisons_csv: str | os.PathLike) -> Summary:
+                          comparisons_csv: str | os.PathLike,
+                          baselines: Mapping[str, str] | None = None) -> Summary:
     """Read every evaluation record ({metrics, predictions} paths) and write the tables."""
     settings = StatisticsConfig.from_mapping(statistics)
     evaluations = [read_evaluation(record["metrics"], record["predictions"])
                    for record in records]
-    summary = summarize(evaluations, defenses, settings)
+    summary = summarize(evaluations, defenses, settings, baselines)
     write_summary(summary, out_csv, out_json, per_class_csv, comparisons_csv)
     log.info("summarised %d evaluations into %d rows and %d paired comparisons",
              len(evaluations), len(summary.robustness), len(summary.comparisons))

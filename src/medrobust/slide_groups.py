@@ -1,0 +1,79 @@
+"""Slides per job: a slide dataset's slides in groups that one tiling job and one
+feature job each handle (`datasets.<name>.slides_per_job`, docs/config.md).
+
+A job costs seconds of start-up (Python, torch), more than a small slide's work,
+and on a cluster every job is a submission; a group of k slides pays it once.
+Groups take the manifest's rows in order, k at a time, and are numbered
+(`group-000000`, ...), so appending slides to a cohort adds groups (and reruns
+the last one if it was short) without renaming the others.
+
+A group job writes each slide's usual outputs (tile store and QC picture, or
+feature store) into its own folder `.groups/{group}/` beside them; a local rule
+per slide then links the slide's usual path to its copy there
+(`link_group_member`), so every per-slide path and its contract stay as they
+are and the rules that read them do not change. The link jobs run inside
+Snakemake's own process: no start-up, and on a cluster no submission.
+
+Only the standard library: the workflow imports this at every parse, and the
+input functions call `plan_slide_groups` once per job, so the grouping is
+computed once per version of the manifest (as `io.manifest_cache` reads it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from medrobust.errors import ConfigError, InputError
+from medrobust.io.manifest_cache import manifest_rows
+
+GROUPS_FOLDER = ".groups"  # beside the per-slide outputs: results/tiles/{dataset}/.groups/{group}
+GROUP_PATTERN = r"group-\d{6}"
+
+
+@dataclass(frozen=True)
+class SlideGroups:
+    members: Mapping[str, tuple[str, ...]]  # group name -> its slide ids, in manifest order
+    group_of: Mapping[str, str]             # slide id -> its group's name
+
+
+def group_slides(slide_ids: list[str], slides_per_job: int) -> SlideGroups:
+    """The slides `slides_per_job` at a time, in the given order."""
+    if isinstance(slides_per_job, bool) or not isinstance(slides_per_job, int) \
+            or slides_per_job < 1:
+        raise ConfigError(f"slides_per_job must be a positive integer, not {slides_per_job!r}")
+    members = {f"group-{start // slides_per_job:06d}":
+               tuple(slide_ids[start:start + slides_per_job])
+               for start in range(0, len(slide_ids), slides_per_job)}
+    return SlideGroups(members, {slide: group for group, slides in members.items()
+                                 for slide in slides})
+
+
+def plan_slide_groups(manifest: str | os.PathLike, slides_per_job: int) -> SlideGroups:
+    """The groups of a downloaded slide dataset's manifest, computed once per version of it."""
+    stat = os.stat(manifest)
+    return _plan(os.fspath(manifest), stat.st_mtime_ns, stat.st_size, slides_per_job)
+
+
+@functools.lru_cache(maxsize=8)
+def _plan(manifest: str, mtime_ns: int, size: int, slides_per_job: int) -> SlideGroups:
+    return group_slides(list(manifest_rows(manifest)), slides_per_job)
+
+
+def link_group_member(group_dir: str | os.PathLike, output: str | os.PathLike,
+                      log: str | os.PathLike) -> None:
+    """Link a slide's usual output path to the copy its group job wrote (a relative link,
+    so the results folder can move), and say so in `log`."""
+    output = Path(output)
+    member = Path(group_dir) / output.name
+    if not member.exists():
+        raise InputError(f"{group_dir}: its group job wrote no {output.name}; rerun the group: "
+                         f"snakemake --forcerun {group_dir}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.symlink_to(os.path.relpath(member, output.parent))
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        handle.write(f"{output} -> {member}\n")
