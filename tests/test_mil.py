@@ -155,11 +155,12 @@ def _synthetic_slides(folder, counts={"train": 12, "val": 4, "test": 4}, dim=8):
     return paths
 
 
-def _train(feature_paths, model_dir, **overrides):
+def _train(feature_paths, model_dir, fold_arguments=None, **overrides):
     config = {"dataset": "slides", "arch": "abmil", "seed": 0, "epochs": 12,
               "learning_rate": 0.01, "weight_decay": 1e-4, "classes": CLASSES,
               "arch_options": {"hidden_dim": 16, "attention_dim": 8}, **overrides}
-    return train_slide_classifier(feature_paths, model_dir, config, device="cpu")
+    return train_slide_classifier(feature_paths, model_dir, config, device="cpu",
+                                  **(fold_arguments or {}))
 
 
 def test_training_learns_key_instances_and_is_reproducible(tmp_path):

@@ -1,5 +1,6 @@
 """Every preset under presets/ is a config the workflow accepts, with the jobs its study needs
-(image presets: a train, evaluate and attack job per model; slide presets: train and evaluate)."""
+(image presets: a train, evaluate and attack job per model; slide presets: train and evaluate,
+and with cv_folds a train job per fold and one evaluation of the folds)."""
 
 import re
 
@@ -33,6 +34,10 @@ def test_a_preset_passes_a_dry_run_with_a_job_per_model(preset):
         models = config.get(f"{family}_classifiers", {})
         assert jobs.get(f"train_{family}_classifier", 0) == len(models)
         assert jobs.get(f"evaluate_{family}_classifier", 0) == len(models)
+    folds = [model["cv_folds"] for model in config.get("slide_classifiers", {}).values()
+             if "cv_folds" in model]
+    assert jobs.get("train_slide_fold", 0) == sum(folds)  # one job per fold
+    assert jobs.get("evaluate_slide_folds", 0) == len(folds)
     assert jobs.get("train_denoiser", 0) == len(config.get("denoisers", {}))
     robustness = config.get("robustness", {})
     sources = set(robustness.get("transfer_sources", [])) | set(robustness.get("targets", []))

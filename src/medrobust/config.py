@@ -242,6 +242,7 @@ def _check_mhim_teacher(name: str, model: Mapping, slide_models: Mapping) -> lis
         return [f"{path}: {teacher!r} is itself trained by MHIM-MIL; name its plain baseline"]
     return [f"{path}: {teacher!r} has {key} {other.get(key)!r}, this model {model.get(key)!r}; "
             f"they must agree" for key in ("dataset", "arch", "arch_options")
+            + (("cv_folds",) if model.get("cv_folds") else ())  # each fold's teacher: its fold
             if other.get(key) != model.get(key)]
 
 

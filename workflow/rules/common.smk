@@ -64,6 +64,7 @@ wildcard_constraints:
     backbone=_alternatives([config["features"]["backbone"]]),
     slide=r"[^/]+",
     group=GROUP_PATTERN,
+    fold=r"\d+",
 
 
 def code_fingerprint(*subpackages):
@@ -155,12 +156,45 @@ def slide_feature_stores(wildcards):
     ]
 
 
+def slide_model_folder(wildcards, model=None):
+    """A slide model's folder, or with a {fold} wildcard its cross-validation fold's."""
+    folder = f"results/models/{wildcards.dataset}/{model or wildcards.slide_model}"
+    return f"{folder}/folds/{wildcards.fold}" if "fold" in wildcards.keys() else folder
+
+
 def mhim_teacher_weights(wildcards):
-    """An MHIM-MIL model's teacher weights (so its train job runs first); none otherwise."""
+    """An MHIM-MIL model's teacher weights (so its train job runs first), of the same fold
+    for a fold's model; none otherwise."""
     mhim = SLIDE_CLASSIFIERS[wildcards.slide_model].get("mhim")
     if mhim is None:
         return []
-    return f"results/models/{wildcards.dataset}/{mhim['teacher']}/model.safetensors"
+    return f"{slide_model_folder(wildcards, mhim['teacher'])}/model.safetensors"
+
+
+def slide_model_config(wildcards):
+    """What trains a slide classifier, with its dataset's classes. `cv_folds` reaches only
+    its fold jobs, so setting it retrains nothing trained on the dataset's own splits."""
+    model = dict(SLIDE_CLASSIFIERS[wildcards.slide_model])
+    folds = model.pop("cv_folds", None)
+    if "fold" in wildcards.keys():
+        if folds is None or int(wildcards.fold) >= folds:
+            raise WorkflowError(f"{wildcards.slide_model!r} has no cross-validation fold "
+                                f"{wildcards.fold} (cv_folds: {folds})")
+        model["cv_folds"] = folds
+    return {**model, "classes": DATASETS[wildcards.dataset].get("classes")}
+
+
+def cv_fold_weights(wildcards):
+    """Every cross-validation fold's weights of a slide model."""
+    folds = SLIDE_CLASSIFIERS[wildcards.slide_model].get("cv_folds") or 0
+    return [f"results/models/{wildcards.dataset}/{wildcards.slide_model}/folds/{fold}/"
+            "model.safetensors" for fold in range(folds)]
+
+
+def cv_results(wildcards=None):
+    """The cross-validation summary of every slide model with cv_folds, for the report."""
+    return [f"results/cv/{settings['dataset']}/{name}.json"
+            for name, settings in sorted(SLIDE_CLASSIFIERS.items()) if settings.get("cv_folds")]
 
 
 def image_model_config(wildcards):

@@ -51,3 +51,25 @@ rule evaluate_slide_classifier:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/evaluate_slide_classifier.py"
+
+
+# Every cross-validation fold's model on the fixed test split; the mean and spread across folds.
+rule evaluate_slide_folds:
+    input:
+        folds=cv_fold_weights,
+        features=slide_feature_stores,
+    output:
+        json="results/cv/{dataset}/{slide_model}.json",
+        csv="results/cv/{dataset}/{slide_model}.csv",
+    params:
+        device=config["device"],
+        code=code_fingerprint("evaluate"),
+    threads: 1
+    log:
+        "logs/evaluate_slide_folds/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/evaluate_slide_folds/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/evaluate_slide_folds.py"

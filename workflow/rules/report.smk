@@ -35,6 +35,7 @@ rule report:
     input:
         unpack(report_inputs),
         summary=rules.summarize.output.json,
+        cv=cv_results(),  # known before any download, so a dry run lists the fold jobs
     output:
         html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
         tables=report("results/report/defense_tables.csv", caption="../report/defense_tables.rst", category="Tables"),

@@ -38,10 +38,7 @@ rule train_slide_classifier:
         config="results/models/{dataset}/{slide_model}/config.json",
         history="results/models/{dataset}/{slide_model}/history.json",
     params:
-        model=lambda wildcards: {
-            **SLIDE_CLASSIFIERS[wildcards.slide_model],
-            "classes": DATASETS[wildcards.dataset].get("classes"),
-        },
+        model=slide_model_config,
         device=config["device"],
         code=code_fingerprint("train", "models"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
@@ -52,6 +49,35 @@ rule train_slide_classifier:
         "logs/train_slide_classifier/{dataset}/{slide_model}.log",
     benchmark:
         "benchmarks/train_slide_classifier/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/train_slide_classifier.py"
+
+
+# k-fold cross-validation (cv_folds): one job per fold, so folds train side by side
+# (and on a cluster, on separate GPUs); its validation slides are its own fold.
+rule train_slide_fold:
+    input:
+        features=slide_feature_stores,
+        teacher=mhim_teacher_weights,  # MHIM-MIL: the same fold of its base model
+    output:
+        weights="results/models/{dataset}/{slide_model}/folds/{fold}/model.safetensors",
+        config="results/models/{dataset}/{slide_model}/folds/{fold}/config.json",
+        history="results/models/{dataset}/{slide_model}/folds/{fold}/history.json",
+    params:
+        model=slide_model_config,
+        fold_seed=config["seed"],  # the same folds for every model of the dataset
+        device=config["device"],
+        code=code_fingerprint("train", "models"),
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    log:
+        "logs/train_slide_fold/{dataset}/{slide_model}/{fold}.log",
+    benchmark:
+        "benchmarks/train_slide_fold/{dataset}/{slide_model}/{fold}.tsv",
     conda:
         "../../envs/medrobust.yaml"
     script:

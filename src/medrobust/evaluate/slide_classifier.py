@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from medrobust.conditions import CLEAN, evaluation_tables
@@ -21,9 +22,29 @@ from medrobust.evaluate.metrics import (
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, load_model
-from medrobust.train.slide_classifier import bag_logits, load_bags
+from medrobust.train.slide_classifier import SlideBag, bag_logits, load_bags
 
 log = get_logger(__name__)
+
+
+def predict_split(model_dir: Path, feature_paths: Sequence[str | os.PathLike], split: str,
+                  device: str | torch.device = "cpu"
+                  ) -> tuple[dict[str, Any], list[SlideBag], np.ndarray]:
+    """A saved slide model's config, the bags of `split` and its class probabilities for
+    them, after checking the features are those it was trained on."""
+    device = torch.device(device)
+    model = load_model(model_dir, device)
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    bags, provenance = load_bags(feature_paths, list(config["classes"]))
+    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
+        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
+                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
+                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
+    bags = [bag for bag in bags if bag.split == split]
+    if not bags:
+        raise InputError(f"no slide with tiles in the {split!r} split among "
+                         f"{len(feature_paths)} feature stores")
+    return config, bags, torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
 
 
 def evaluate_slide_classifier(model_dir: str | os.PathLike,
@@ -35,20 +56,8 @@ def evaluate_slide_classifier(model_dir: str | os.PathLike,
     Returns the metrics; `out_dir` appears only once both are written.
     """
     model_dir = Path(model_dir)
-    device = torch.device(device)
-    model = load_model(model_dir, device)
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    config, bags, probabilities = predict_split(model_dir, feature_paths, split, device)
     classes = list(config["classes"])
-    bags, provenance = load_bags(feature_paths, classes)
-    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
-        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
-                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
-                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
-    bags = [bag for bag in bags if bag.split == split]
-    if not bags:
-        raise InputError(f"no slide with tiles in the {split!r} split among "
-                         f"{len(feature_paths)} feature stores")
-    probabilities = torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
     labels = [bag.label for bag in bags]
     table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)
     record = {**describe_condition({"dataset": config["dataset"]}, model_dir.name, CLEAN.name,

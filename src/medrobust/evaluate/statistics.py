@@ -546,6 +546,19 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     }
 
 
+def across_folds(values: Any) -> dict:
+    """Mean and spread of one metric over cross-validation folds: the sample standard
+    deviation (ddof 1) of the fold values, which describes how much the folds' models
+    differ; it is not a confidence interval of the metric. Undefined values (None: an
+    AUC of a one-class split) are left out; `n` counts the folds that had one."""
+    defined = np.array([value for value in values if value is not None], dtype=float)
+    if len(defined) == 0:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(defined.mean()),
+            "sd": float(defined.std(ddof=1)) if len(defined) > 1 else None,
+            "n": len(defined)}
+
+
 def auc_caveat(verdict: str, auc_difference: Interval) -> str | None:
     """"AUC lower" or "AUC higher" where the paired AUC interval excludes 0 against the verdict.
 

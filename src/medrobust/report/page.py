@@ -419,6 +419,15 @@ def read_histories(models: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def read_cross_validation(path: str | os.PathLike) -> dict[str, Any]:
+    """A slide model's cross-validation summary (`evaluate.cross_validation.evaluate_folds`)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable cross-validation summary ({error})") from error
+
+
 def describe_defense(defense: Mapping[str, Any]) -> str:
     """"denoising (lambda_n 1, ...)" or "none"."""
     settings = ", ".join(f"{key} {value}" for key, value in defense.items() if key != "name")
@@ -503,10 +512,12 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
                  settings: Mapping[str, Any], config: Mapping[str, Any],
                  repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
-                 qc_pictures: Sequence[str | os.PathLike] = ()) -> None:
+                 qc_pictures: Sequence[str | os.PathLike] = (),
+                 cv_results: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
-    outputs."""
+    outputs; `cv_results` the slide models' cross-validation summaries
+    (`evaluate.cross_validation`)."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -559,6 +570,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "masking": [{**_plain(row), "label": budget_label(row)}
                     for _, row in summary["gradient_masking"].iterrows()],
         "slides": metric_rows(robustness[robustness["family"] == "slide"]),
+        "cross_validation": [read_cross_validation(path) for path in cv_results],
         "metrics": metric_rows(robustness),
         "per_class": per_class_rows(summary["per_class"], robustness),
         "confusion_matrices": [{**item, "label": labels.get((item["model"], item["condition"]),

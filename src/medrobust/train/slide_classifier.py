@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +64,7 @@ class SlideModelConfig:
     patience: int = 20            # epochs without a better validation AUC before stopping
     arch_options: Mapping[str, Any] | None = None  # passed to the architecture's builder
     mhim: Mapping[str, Any] | None = None          # MHIM-MIL training (models.mhim.MHIMOptions)
+    cv_folds: int | None = None   # k-fold cross-validation over the train and val slides
 
     def __post_init__(self):
         if self.arch not in SLIDE_CLASSIFIERS:
@@ -77,6 +79,11 @@ class SlideModelConfig:
                               "learning_rate > 0, weight_decay >= 0")
         if self.mhim is not None:
             MHIMOptions.from_mapping(self.mhim)
+        if self.cv_folds is not None and (isinstance(self.cv_folds, bool)
+                                          or not isinstance(self.cv_folds, int)
+                                          or self.cv_folds < 2):
+            raise ConfigError(f"slide classifier: cv_folds must be an integer >= 2, "
+                              f"not {self.cv_folds!r}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "SlideModelConfig":
@@ -137,24 +144,63 @@ def bag_logits(model: nn.Module, bags: Sequence[SlideBag], device: torch.device)
         return torch.stack([model(bag.features.to(device))[0].float().cpu() for bag in bags])
 
 
+def cv_folds(labels: Sequence[int], n_folds: int, seed: int) -> list[int]:
+    """Each sample's fold, stratified: every class's samples, in a seeded random order,
+    dealt to the folds in turn, so each fold holds its share of every class (the first
+    folds one more where a class does not divide evenly)."""
+    rng = np.random.default_rng(seed)
+    folds = [0] * len(labels)
+    dealt = 0
+    for label in sorted(set(labels)):
+        members = [index for index, value in enumerate(labels) if value == label]
+        for position, index in enumerate(rng.permutation(members)):
+            folds[index] = (dealt + position) % n_folds
+        dealt += len(members)  # the next class starts where this one stopped
+    return folds
+
+
+def fold_split(bags: Sequence[SlideBag], n_folds: int, fold: int,
+               seed: int) -> tuple[list[SlideBag], list[SlideBag]]:
+    """Train and validation bags of one cross-validation fold over the train and val
+    slides (the test split stays out): validation is the fold, training the rest."""
+    if not 0 <= fold < n_folds:
+        raise ConfigError(f"fold {fold} is not one of 0..{n_folds - 1}")
+    pool = sorted((bag for bag in bags if bag.split in ("train", "val")),
+                  key=lambda bag: bag.slide_id)  # the folds do not depend on store order
+    if len(pool) < 2 * n_folds:
+        raise InputError(f"cv_folds {n_folds}: the train and val splits hold {len(pool)} "
+                         f"slides with tiles, fewer than 2 per fold")
+    folds = cv_folds([bag.label for bag in pool], n_folds, seed)
+    return ([bag for bag, k in zip(pool, folds) if k != fold],
+            [bag for bag, k in zip(pool, folds) if k == fold])
+
+
 def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
                            model_dir: str | os.PathLike, model_config: Mapping[str, Any],
                            device: str | torch.device = "cpu",
                            checkpoint_dir: str | os.PathLike | None = None,
-                           teacher_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                           teacher_dir: str | os.PathLike | None = None,
+                           fold: int | None = None, fold_seed: int = 0) -> dict[str, Any]:
     """Train, select the best epoch, save to `model_dir`; returns the history.
 
     `teacher_dir`: the saved model an `mhim:` config's teacher starts from.
-    Resumes from the checkpoint of an interrupted run of the same config on
-    the same bags; `checkpoint_dir` defaults to `.checkpoints/{model}` beside
-    `model_dir`.
+    `fold`: train cross-validation fold `fold` of the config's `cv_folds`
+    (`fold_split`, folds drawn with `fold_seed`) instead of the dataset's own
+    train and val splits. Resumes from the checkpoint of an interrupted run of
+    the same config on the same bags; `checkpoint_dir` defaults to
+    `.checkpoints/{model}` beside `model_dir`.
     """
     spec = SlideModelConfig.from_mapping(model_config)
     classes = list(spec.classes)
     device = torch.device(device)
     bags, provenance = load_bags(feature_paths, classes)
-    train = [bag for bag in bags if bag.split == "train"]
-    val = [bag for bag in bags if bag.split == "val"]
+    if fold is None:
+        train = [bag for bag in bags if bag.split == "train"]
+        val = [bag for bag in bags if bag.split == "val"]
+    elif spec.cv_folds is None:
+        raise ConfigError(f"{model_dir}: fold {fold} asked of a model without cv_folds")
+    else:
+        train, val = fold_split(bags, spec.cv_folds, fold, fold_seed)
     if len(train) < 2:
         raise InputError(f"the train split needs at least 2 slides with tiles, has {len(train)}")
     config = {
@@ -171,6 +217,9 @@ def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
     mhim = None if spec.mhim is None else MHIMOptions.from_mapping(spec.mhim)
     if mhim is not None:
         config["training"]["mhim"] = dataclasses.asdict(mhim)
+    if fold is not None:
+        config["training"]["cv"] = {"folds": spec.cv_folds, "fold": fold, "seed": fold_seed,
+                                    "val_slides": [bag.slide_id for bag in val]}
     name = Path(model_dir).name
     log.info("training %s (%s%s) on %d train / %d val slides (%s features), device %s",
              name, spec.arch, ", MHIM-MIL" if mhim else "", len(train), len(val),
@@ -185,8 +234,8 @@ def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
         if mhim is not None:
             teacher_state = teacher_weights(teacher_dir, mhim.teacher, config)
             trainee = MHIM(model, teacher_state, mhim).to(device)
-        bags_used = [(bag.slide_id, bag.label, bag.split, len(bag.features))
-                     for bag in train + val]
+        bags_used = [(bag.slide_id, bag.label, part, len(bag.features))
+                     for part, bags_of in (("train", train), ("val", val)) for bag in bags_of]
         checkpoint = TrainingCheckpoint(
             model_dir, fingerprint(config, bags_used, device.type), checkpoint_dir)
         best_state, history = _fit(trainee, spec, device, name, train, val, checkpoint)
