@@ -195,6 +195,12 @@ def defenses():
     return defense_labels(config)
 
 
+def perturbation_settings(name):
+    """A perturbation's settings besides its severities (e.g. fourier_basis's frequency)."""
+    return {key: value for key, value in config["perturbations"][name].items()
+            if key != "severities"}
+
+
 def report_inputs(wildcards=None):
     """Everything the report page reads besides the summary."""
     records = evaluations()
@@ -203,6 +209,7 @@ def report_inputs(wildcards=None):
         "stores": sorted({record["store_run"] for record in records if record["store_run"]}),
         "histories": model_histories(),
         "datasets": dataset_folders(),
+        "heatmaps": list(plan.fourier_heatmap_tables(config).values()),
     }
 
 
