@@ -114,6 +114,16 @@ def test_torch_batches_give_the_numpy_results_on_their_device():
         np.testing.assert_array_equal(out.numpy(), expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_results_are_the_cpus():
+    images = random_images(n=4, channels=1, size=32)
+    for perturbation in (GaussianNoise(0.1), LowPass(2.0), HighPass(2.0),
+                         FourierBasisNoise(3.0, (5, -7))):
+        out = perturbation(torch.from_numpy(images).cuda(), rng(4))
+        assert out.is_cuda
+        np.testing.assert_allclose(out.cpu().numpy(), perturbation(images, rng(4)), atol=1e-6)
+
+
 @pytest.mark.parametrize("frequency", [(2, 3), (-1, 4), (0, 0), (8, 8), (8, -3), (0, 5)])
 def test_the_fourier_basis_is_real_unit_norm_and_only_at_its_frequency_and_mirror(frequency):
     height = width = 16
