@@ -272,6 +272,16 @@ BAD_PARAMETERS = {
                            r"slide_classifiers\.abmil\.mhim\.merge_k"),
     "defense parameter value": (_set("image_classifiers.denoising.defense.lambda_n", -1),
                                 r"image_classifiers\.denoising\.defense: .*lambda_n"),
+    "perturbation setting": (_set("perturbations.fourier_basis",
+                                  {"severities": [4], "frequency": [1, 0.5]}),
+                             r"perturbations\.fourier_basis\.severities\.0: .*frequency must "
+                             r"be two integers"),
+    "perturbation setting it does not take": (_set("perturbations.gaussian_noise.frequency",
+                                                   [1, 1]),
+                                              r"perturbations\.gaussian_noise\.severities\.0: "
+                                              r"perturbation 'gaussian_noise': .*frequency"),
+    "Fourier heat map grid": (_set("fourier_heatmap", {"grid_size": 8}),
+                              r"fourier_heatmap\.grid_size must be odd"),
     "defense distance": (_set("image_classifiers.denoising.defense.distance", "L2"),
                          r"image_classifiers\.denoising\.defense: .*distance must be one of "
                          r"l2, mse, not 'L2'"),

@@ -21,6 +21,7 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.image_store import write_image_store
+from medrobust.perturbations import GaussianNoise
 from medrobust.report import figures
 from medrobust.report.page import write_report
 from medrobust.report.provenance import applicable_config
@@ -158,10 +159,16 @@ def results(tmp_path_factory):
         "attacks": {"fgsm": {"epsilons": [2.5, 8]}}, "robustness": {"targets": ["baseline"]},
     }
     config["image_classifiers"]["denoising"]["defense"] = {"name": "denoising"}
+    heatmap = root / "fourier_heatmap" / "baseline.csv"
+    heatmap.parent.mkdir()
+    pd.DataFrame([{"model": "baseline", "dataset": "mammograms", "row_frequency": i,
+                   "column_frequency": j, "norm": 4.0, "n": N_TEST, "errors": abs(i) + abs(j),
+                   "error_rate": (abs(i) + abs(j)) / N_TEST}
+                  for i in (-4, 0, 4) for j in (-4, 0, 4)]).to_csv(heatmap, index=False)
     write_report(out / "robustness.json", out / "index.html", out / "figures",
                  out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
                  settings={"n_examples": 2, "small_test_set": 200}, config=config,
-                 repository=str(root))
+                 repository=str(root), heatmaps={"baseline": str(heatmap)})
     return {"root": root, "out": out, "evaluations": evaluations}
 
 
@@ -191,6 +198,47 @@ def test_every_number_has_its_interval(results):
     assert clean["positive_class"] == "malignant"
     # sensitivity of malignant: the odd indices below 34 are right, 17 of 20
     assert clean["sensitivity"] == pytest.approx(17 / 20)
+
+
+def test_sensitivity_at_the_clean_operating_point_keeps_the_clean_threshold(results):
+    robustness = table(results, "robustness")
+    evaluations = {(e["model"], e["condition"]): pd.read_csv(e["predictions"])
+                   for e in results["evaluations"]}
+    clean = evaluations[("baseline", "clean")]
+    positive = clean["label"] == 1
+    threshold = row(robustness, "baseline", "clean")["clean_threshold"]
+
+    def youden(frame, t):
+        return ((frame["prob_malignant"] >= t)[frame["label"] == 1].mean()
+                + (frame["prob_malignant"] < t)[frame["label"] == 0].mean() - 1)
+
+    assert youden(clean, threshold) == pytest.approx(
+        max(youden(clean, t) for t in clean["prob_malignant"][positive]), abs=1e-9)
+    for condition in ("clean", "gaussian_noise-severity0.1", "fgsm-eps8-from-surrogate"):
+        frame = evaluations[("baseline", condition)]
+        summary = row(robustness, "baseline", condition)
+        assert summary["clean_threshold"] == threshold  # chosen once, on clean images
+        caught = int((frame["prob_malignant"][frame["label"] == 1] >= threshold).sum())
+        assert summary["sensitivity_at_clean_threshold"] == pytest.approx(caught / 20, abs=1e-4)
+        exact = clopper_pearson(caught, 20)
+        assert (summary["sensitivity_at_clean_threshold_low"],
+                summary["sensitivity_at_clean_threshold_high"]) == pytest.approx(
+            (exact.low, exact.high), abs=1e-4)
+
+
+def test_sweep_curves_show_accuracy_auc_and_sensitivity_in_the_perturbations_units(results):
+    summary = json.loads((results["out"] / "robustness.json").read_text())
+    robustness = pd.DataFrame(summary["robustness"])
+    robustness["severity"] = pd.to_numeric(robustness["severity"])
+    figure = figures.perturbation_curves(robustness)
+    axes = [panel for panel in figure.axes if panel.get_ylabel() or panel.get_xlabel()]
+    assert [panel.get_ylabel() for panel in figure.axes] == [
+        "accuracy (fraction of test images)", "AUC", "sensitivity at the clean operating point"]
+    assert figure.axes[-1].get_xlabel() == GaussianNoise.severity_unit
+    assert "σ" in GaussianNoise.severity_unit
+    assert all(panel.collections for panel in axes)  # the interval bands
+    page = (results["out"] / "index.html").read_text()
+    assert f"gaussian_noise: {GaussianNoise.severity_unit}" in page
 
 
 def test_epsilon_and_severity_are_written_as_given(results):
@@ -284,7 +332,7 @@ def test_curves_have_bands_unit_labels_and_legends_clear_of_the_data(results):
 def test_figures_are_written_as_files_and_inlined(results):
     files = {path.stem: path.read_bytes() for path in (results["out"] / "figures").glob("*.png")}
     assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",
-            "perturbation_strip_mammograms_gaussian_noise"} <= set(files)
+            "perturbation_strip_mammograms_gaussian_noise", "fourier_heatmap"} <= set(files)
     assert {"examples_mammograms_fgsm_eps8_from_surrogate", "examples_mammograms_ifgsm_eps8_from_surrogate",
             "examples_mammograms_fgsm_eps8_from_baseline"} <= set(files)
     page = (results["out"] / "index.html").read_text()

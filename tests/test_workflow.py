@@ -99,7 +99,8 @@ def test_report_holds_the_table_numbers_with_their_intervals(workdir):
     assert "<img" in html and "http://" not in html and "https://" not in html
     figures = {path.stem for path in (workdir / "results/report/figures").glob("*.png")}
     assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",
-            "training_curves_slide", "perturbation_strip_mammograms_gaussian_noise"} <= figures
+            "training_curves_slide", "perturbation_strip_mammograms_gaussian_noise",
+            "fourier_heatmap"} <= figures
 
 
 def test_report_has_the_study_tables_of_what_the_config_ran(workdir):

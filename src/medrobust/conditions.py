@@ -35,6 +35,7 @@ PERTURBATION_RUN = "results/perturbations/{dataset}/{perturbation}"
 PERTURBATION_STORE = "severity{severity}.zarr"  # in PERTURBATION_RUN, one per severity
 EVALUATION_RUN = "results/evaluate/{dataset}/{model}"
 DETECTOR_FILE = "detector.json"  # in EVALUATION_RUN, for a model with MagNet's detector
+FOURIER_HEATMAP = "results/fourier_heatmap/{dataset}/{model}.csv"
 
 
 def number_label(value: int | float) -> str:
@@ -207,3 +208,13 @@ def model_condition_runs(config: Mapping[str, Any], model: str) -> list[str]:
     dataset = config["image_classifiers"][model]["dataset"]
     return list(dict.fromkeys(condition.run(dataset)
                               for condition in model_conditions(config, model)))
+
+
+def fourier_heatmap_tables(config: Mapping[str, Any]) -> dict[str, str]:
+    """The Fourier heat map of each robustness target, by model, when the config asks for them
+    (a `fourier_heatmap` section); else none."""
+    if config.get("fourier_heatmap") is None:
+        return {}
+    return {model: FOURIER_HEATMAP.format(dataset=config["image_classifiers"][model]["dataset"],
+                                          model=model)
+            for model in config.get("robustness", {}).get("targets", [])}

@@ -315,6 +315,7 @@ def registry_view(config: Mapping) -> dict[str, Any]:
         "features": {"backbone": config.get("features", {}).get("backbone", "resnet18")},
         "attacks": config.get("attacks", {}),
         "perturbations": config.get("perturbations", {}),
+        "fourier_heatmap": config.get("fourier_heatmap"),
     }
 
 
@@ -391,11 +392,19 @@ def check_registries(view: Mapping) -> list[str]:
                     problems.append(_with_path(str(error), f"attacks.{name}.epsilons.{index}"))
     for name, settings in view["perturbations"].items():
         if lookup(f"perturbations.{name}", "perturbation", name, perturbations.PERTURBATIONS):
+            params = {key: value for key, value in settings.items() if key != "severities"}
             for index, severity in enumerate(settings["severities"]):
                 try:
-                    perturbations.PERTURBATIONS[name](severity)
+                    perturbations.build_perturbation(name, severity, **params)
                 except (ConfigError, TypeError, ValueError) as error:
                     problems.append(f"perturbations.{name}.severities.{index}: {error}")
+    if view.get("fourier_heatmap") is not None:
+        from medrobust.evaluate.fourier_heatmap import HeatmapConfig
+
+        try:
+            HeatmapConfig.from_mapping(view["fourier_heatmap"])
+        except ConfigError as error:
+            problems.append(str(error))
     return problems
 
 

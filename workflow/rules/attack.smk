@@ -38,9 +38,13 @@ rule perturb:
         directory(plan.PERTURBATION_RUN),
     params:
         severities=lambda wildcards: config["perturbations"][wildcards.perturbation]["severities"],
+        settings=lambda wildcards: perturbation_settings(wildcards.perturbation),
         seed=config["seed"],
+        device=config["device"],
         code=code_fingerprint("perturbations"),
     threads: 1
+    resources:
+        gpu=1,
     log:
         "logs/perturb/{dataset}/{perturbation}.log",
     benchmark:

@@ -214,6 +214,12 @@ def defenses():
     return defense_labels(config)
 
 
+def perturbation_settings(name):
+    """A perturbation's settings besides its severities (e.g. fourier_basis's frequency)."""
+    return {key: value for key, value in config["perturbations"][name].items()
+            if key != "severities"}
+
+
 def report_inputs(wildcards=None):
     """Everything the report page reads besides the summary."""
     records = evaluations()
@@ -225,6 +231,7 @@ def report_inputs(wildcards=None):
         # left-out slides' reasons and the QC pictures
         "tiles": slide_tiling_outputs("zarr"),
         "qc": slide_tiling_outputs("qc.png"),
+        "heatmaps": list(plan.fourier_heatmap_tables(config).values()),
     }
 
 

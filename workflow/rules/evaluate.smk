@@ -33,6 +33,37 @@ rule evaluate_image_classifier:
         "../scripts/evaluate_image_classifier.py"
 
 
+# The Fourier heat map of one model: its error rate under Fourier-basis noise at
+# every frequency of a grid, in one job that perturbs the clean test split in
+# memory (docs/perturbations.md).
+
+
+rule fourier_heatmap:
+    input:
+        model="results/models/{dataset}/{image_model}/model.safetensors",
+        images=plan.CLEAN_STORE,
+        denoiser=lambda wildcards: denoiser_weights(wildcards.image_model),
+    output:
+        plan.FOURIER_HEATMAP.format(dataset="{dataset}", model="{image_model}"),
+    params:
+        settings=config.get("fourier_heatmap"),
+        seed=config["seed"],
+        denoiser=lambda wildcards: denoiser_folder(wildcards.image_model),
+        device=config["device"],
+        code=code_fingerprint("evaluate", "perturbations"),
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        "logs/fourier_heatmap/{dataset}/{image_model}.log",
+    benchmark:
+        "benchmarks/fourier_heatmap/{dataset}/{image_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/fourier_heatmap.py"
+
+
 rule evaluate_slide_classifier:
     input:
         model="results/models/{dataset}/{slide_model}/model.safetensors",

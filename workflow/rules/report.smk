@@ -47,6 +47,7 @@ rule report:
     params:
         evaluations=evaluations(),
         models=trained_models(),
+        heatmaps=plan.fourier_heatmap_tables(config),
         settings={
             "n_examples": config["report"]["n_examples"],
             "small_test_set": config["report"]["small_test_set"],

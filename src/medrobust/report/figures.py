@@ -53,10 +53,13 @@ def model_colours(models: Sequence[str]) -> dict[str, str]:
     return {model: f"C{index % 10}" for index, model in enumerate(sorted(set(models)))}
 
 
-def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, **style) -> None:
-    """Accuracy with its interval band against `levels`."""
-    axes.plot(levels, rows["accuracy"], marker="o", **style)
-    axes.fill_between(levels, rows["accuracy_low"], rows["accuracy_high"],
+def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, metric: str = "accuracy",
+          **style) -> None:
+    """`metric` with its interval band against `levels` (gaps where it is undefined)."""
+    values = pd.to_numeric(rows[metric], errors="coerce")
+    axes.plot(levels, values, marker="o", **style)
+    axes.fill_between(levels, pd.to_numeric(rows[f"{metric}_low"], errors="coerce"),
+                      pd.to_numeric(rows[f"{metric}_high"], errors="coerce"),
                       color=style.get("color"), alpha=0.15, linewidth=0)
 
 
@@ -103,23 +106,67 @@ def attack_curves(robustness: pd.DataFrame) -> Figure:
     return figure
 
 
+# the sweep's metrics, one row of panels each (summary columns, with _low / _high)
+SWEEP_METRICS = (("accuracy", ACCURACY_LABEL), ("auc", "AUC"),
+                 ("sensitivity_at_clean_threshold", "sensitivity at the clean operating point"))
+
+
+def severity_unit(name: str) -> str:
+    """A perturbation's severity with its unit, as the axes and tables name it."""
+    return getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
+
+
 def perturbation_curves(robustness: pd.DataFrame) -> Figure:
-    """Accuracy against severity, one panel per perturbation, in its own units."""
+    """Accuracy, AUC and sensitivity at the clean operating point against severity: one column
+    of panels per perturbation, severity in its own units; rows of a metric with no values
+    (e.g. AUC or sensitivity with more than two classes) are left out."""
     perturbed = robustness[robustness["kind"] == "perturbation"]
     names = sorted(perturbed["perturbation"].unique())
+    metrics = [(metric, label) for metric, label in SWEEP_METRICS
+               if metric in perturbed and perturbed[metric].notna().any()]
     colours = model_colours(robustness["model"])
-    figure = _new_figure(3.8 * len(names) + 2.0, 3.4)
-    axes = figure.subplots(1, len(names), squeeze=False, sharey=True)[0]
-    for panel, name in zip(axes, names):
+    figure = _new_figure(3.8 * len(names) + 2.0, 3.0 * len(metrics) + 0.4)
+    axes = figure.subplots(len(metrics), len(names), squeeze=False, sharey="row")
+    for column, name in enumerate(names):
         for model, group in perturbed[perturbed["perturbation"] == name].groupby("model"):
             clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
             levels, group = _from_clean(group, "severity", clean)
-            _line(panel, levels, group, color=colours[model], label=model)
-        unit = getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
-        panel.set(title=name, xlabel=unit, ylim=(-0.02, 1.02))
-        panel.grid(alpha=0.3)
-    axes[0].set_ylabel(ACCURACY_LABEL)
-    _legend_outside(figure, axes)
+            for row, (metric, _) in enumerate(metrics):
+                _line(axes[row, column], levels, group, metric, color=colours[model],
+                      label=model)
+        axes[0, column].set_title(name)
+        for row in range(len(metrics)):
+            axes[row, column].set(ylim=(-0.02, 1.02))
+            axes[row, column].grid(alpha=0.3)
+        axes[-1, column].set_xlabel(severity_unit(name))
+    for row, (_, label) in enumerate(metrics):
+        axes[row, 0].set_ylabel(label)
+    _legend_outside(figure, axes.ravel())
+    return figure
+
+
+def fourier_heatmaps(tables: Mapping[str, pd.DataFrame]) -> Figure:
+    """One Fourier heat map per model (Yin et al. 2019): the error rate under basis noise at
+    each frequency (i down, j across, in cycles per image), zero frequency in the centre,
+    on one colour scale from 0 to 1."""
+    models = sorted(tables)
+    figure = _new_figure(3.4 * len(models) + 1.2, 3.4)
+    axes = figure.subplots(1, len(models), squeeze=False)[0]
+    image = None
+    for panel, model in zip(axes, models):
+        table = tables[model]
+        grid = table.pivot(index="row_frequency", columns="column_frequency",
+                           values="error_rate").sort_index().sort_index(axis=1)
+        image = panel.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
+                             origin="upper", interpolation="nearest")
+        panel.set_xticks(range(len(grid.columns)), [str(v) for v in grid.columns],
+                         fontsize="x-small", rotation=90)
+        panel.set_yticks(range(len(grid.index)), [str(v) for v in grid.index],
+                         fontsize="x-small")
+        panel.set(title=f"{model} (v = {table['norm'].iloc[0]:g}, n = {table['n'].iloc[0]})",
+                  xlabel="j, cycles per image across", ylabel="i, cycles per image down")
+    if image is not None:
+        figure.colorbar(image, ax=list(axes), label="error rate under basis noise")
     return figure
 
 

@@ -24,13 +24,13 @@ from medrobust import __version__
 from medrobust.config import defense_labels
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
+from medrobust.evaluate.fourier_heatmap import read_heatmap
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
-from medrobust.perturbations import PERTURBATIONS
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
 from medrobust.report.study_tables import (
@@ -334,7 +334,7 @@ def perturbation_strip(clean: ImageStore, stores: Sequence[tuple[float, ImageSto
     """One row per sample: the clean image and the image at every severity."""
     chosen = example_samples(clean, n)
     sample_ids = [str(clean.sample_ids[i]) for i in chosen]
-    unit = getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
+    unit = figures.severity_unit(name)
     columns = [(_images(clean, sample_ids), "clean", clean_models)]
     columns += [(_images(store, sample_ids), f"{severity:g}", models)
                 for severity, store, models in stores]
@@ -503,10 +503,11 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
                  settings: Mapping[str, Any], config: Mapping[str, Any],
                  repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
-                 qc_pictures: Sequence[str | os.PathLike] = ()) -> None:
+                 qc_pictures: Sequence[str | os.PathLike] = (),
+                 heatmaps: Mapping[str, str | os.PathLike] | None = None) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
-    outputs."""
+    outputs; `heatmaps`: each model's Fourier heat-map table, by model."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -519,8 +520,16 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
             "over attacks; bands are 95% intervals; ε = 0 is the clean accuracy.")
     if (images["kind"] == "perturbation").any():
         figure_files["accuracy_vs_severity"] = (
-            figures.png(figures.perturbation_curves(images)), "Accuracy against severity per perturbation, "
-            "in its own units; bands are 95% intervals.")
+            figures.png(figures.perturbation_curves(images)), "Accuracy, AUC and sensitivity "
+            "at the clean operating point against severity per perturbation, in its own units; "
+            "severity 0 is the clean test set; bands are 95% intervals.")
+    if heatmaps:
+        figure_files["fourier_heatmap"] = (
+            figures.png(figures.fourier_heatmaps({model: read_heatmap(path)
+                                                  for model, path in heatmaps.items()})),
+            "Fourier heat maps (Yin et al. 2019): each model's error rate on the test images "
+            "with Fourier-basis noise of L2 norm v added at frequency (i, j), the zero "
+            "frequency in the centre; mirrored cells are the same basis image.")
     for family in ("image", "slide"):
         histories = {name: model["history"] for name, model in trained.items()
                      if model["config"].get("family") == family}
@@ -550,7 +559,9 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "defense_tables": [defense_table_view(table, warnings) for table in tables],
         "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
         "has_attacks": bool((images["kind"] == "attack").any()),
-        "has_perturbations": bool((images["kind"] == "perturbation").any()),
+        "has_perturbations": bool((images["kind"] == "perturbation").any()) or bool(heatmaps),
+        "severity_units": {name: figures.severity_unit(name)
+                           for name in sorted(images["perturbation"].dropna().unique())},
         "comparisons": [comparison_row(row) for _, row in comparisons.iterrows()],
         "masking": [{**_plain(row), "label": budget_label(row)}
                     for _, row in summary["gradient_masking"].iterrows()],
