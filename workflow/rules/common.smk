@@ -30,6 +30,7 @@ try:
         cache_dir=Path(".snakemake/medrobust"),
     )
     EVALUATIONS = plan.plan_evaluations(config)  # every (model, condition), with its files
+    LESION_PLANS = plan.plan_lesion_visibility(config, EVALUATIONS)  # by dataset
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -195,11 +196,17 @@ def defenses():
     return defense_labels(config)
 
 
+def lesion_visibility_runs():
+    """The lesion visibility analyses the report shows, one folder per dataset."""
+    return [settings["run"] for _, settings in sorted(LESION_PLANS.items())]
+
+
 def report_inputs(wildcards=None):
     """Everything the report page reads besides the summary."""
     records = evaluations()
     return {
         "evaluations": evaluation_runs(),
+        "lesion_visibility": lesion_visibility_runs(),
         "stores": sorted({record["store_run"] for record in records if record["store_run"]}),
         "histories": model_histories(),
         "datasets": dataset_folders(),

@@ -13,4 +13,5 @@ with script_logging(snakemake):
         settings=snakemake.params.settings,
         config=snakemake.params.config,
         repository=snakemake.params.repository,
+        lesion_folders=list(snakemake.input.lesion_visibility),
     )
