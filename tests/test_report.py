@@ -82,6 +82,28 @@ def store_path(root, condition):
     return str(root / "stores" / f"{condition.replace('-from-' , '_from_')}.zarr")
 
 
+def lesion_folder(root):
+    """A lesion visibility run's output for `mammograms`, as its job writes it."""
+    folder = root / "mammograms"
+    folder.mkdir(parents=True)
+    levels = [("clean", None), ("lowpass-8", 8.0), ("lowpass-2", 2.0)]
+    pd.DataFrame([{"level": level, "radius": radius, "lesion_type": kind, "n_lesions": 10,
+                   "cnr_mean": 3.0, "cnr_median": 2.9, "detectable": 0.7,
+                   "detectable_low": 0.35, "detectable_high": 0.93}
+                  for level, radius in levels for kind in ("mass", "calcification")]
+                 ).to_csv(folder / "visibility.csv", index=False)
+    pd.DataFrame([{"model": "baseline", "level": level, "radius": radius, "group": group,
+                   "n_positives": 5, "sensitivity": 0.6, "sensitivity_low": 0.15,
+                   "sensitivity_high": 0.95}
+                  for level, radius in levels for group in ("calcification only", "mass only")]
+                 ).to_csv(folder / "sensitivity.csv", index=False)
+    crop = np.full((3, 16, 16), 0.4, np.float32)
+    np.savez_compressed(folder / "crops.npz", radii=np.array([np.inf, 8.0, 2.0]), image_size=8,
+                        calcification=crop, calcification_sample=np.array("m1"),
+                        mass=crop, mass_sample=np.array("m2"))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """The miniature result tree and the summary written from it."""
@@ -169,6 +191,11 @@ def results(tmp_path_factory):
                  out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
                  settings={"n_examples": 2, "small_test_set": 200}, config=config,
                  repository=str(root), heatmaps={"baseline": str(heatmap)})
+    config["lesion_visibility"] = {"k": 2.5}
+    write_report(out / "robustness.json", out / "index.html", out / "figures",
+                 out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
+                 settings={"n_examples": 2, "small_test_set": 200}, config=config,
+                 repository=str(root), lesion_folders=[lesion_folder(root / "lesions")])
     return {"root": root, "out": out, "evaluations": evaluations}
 
 
@@ -327,6 +354,25 @@ def test_curves_have_bands_unit_labels_and_legends_clear_of_the_data(results):
     legend = figure.legends[0].get_window_extent()
     assert not any(legend.overlaps(panel.get_window_extent()) for panel in axes)
     assert figures.png(figure).startswith(PNG)
+
+
+def test_lesion_visibility_section_shows_visibility_beside_sensitivity(results):
+    page = (results["out"] / "index.html").read_text()
+    section = page[page.index('id="lesions"'):]
+    assert "Mammography: microcalcification visibility" in section
+    assert "k = 2.500" in section                       # the configured k, not a default
+    assert "calcification only" in section and "[0.350, 0.930]" in section
+    files = {path.stem for path in (results["out"] / "figures").glob("*.png")}
+    assert {"lesion_visibility_mammograms", "lesion_crops_mammograms"} <= files
+    folder = results["root"] / "lesions" / "mammograms"
+    figure = figures.lesion_visibility_curves(pd.read_csv(folder / "visibility.csv"),
+                                              pd.read_csv(folder / "sensitivity.csv"))
+    figure.draw_without_rendering()
+    axes = figure.axes
+    assert [label.get_text() for label in axes[0].get_xticklabels()] == ["2", "8", "clean"]
+    assert axes[0].collections and axes[2].collections  # exact interval bands (CNR has none)
+    legend = figure.legends[0].get_window_extent()
+    assert not any(legend.overlaps(panel.get_window_extent()) for panel in axes)
 
 
 def test_figures_are_written_as_files_and_inlined(results):

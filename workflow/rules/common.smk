@@ -30,6 +30,7 @@ try:
         cache_dir=Path(".snakemake/medrobust"),
     )
     EVALUATIONS = plan.plan_evaluations(config)  # every (model, condition), with its files
+    LESION_PLANS = plan.plan_lesion_visibility(config, EVALUATIONS)  # by dataset
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -218,6 +219,9 @@ def perturbation_settings(name):
     """A perturbation's settings besides its severities (e.g. fourier_basis's frequency)."""
     return {key: value for key, value in config["perturbations"][name].items()
             if key != "severities"}
+def lesion_visibility_runs():
+    """The lesion visibility analyses the report shows, one folder per dataset."""
+    return [settings["run"] for _, settings in sorted(LESION_PLANS.items())]
 
 
 def report_inputs(wildcards=None):
@@ -225,6 +229,7 @@ def report_inputs(wildcards=None):
     records = evaluations()
     return {
         "evaluations": evaluation_runs(),
+        "lesion_visibility": lesion_visibility_runs(),
         "stores": sorted({record["store_run"] for record in records if record["store_run"]}),
         "histories": model_histories(),
         "datasets": dataset_folders(),

@@ -82,3 +82,31 @@ rule evaluate_slide_classifier:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/evaluate_slide_classifier.py"
+
+
+# The mammography study's microcalcification analysis: per dataset with lesion
+# annotations, each lesion's visibility on the test images at every low-pass
+# radius, beside the models' sensitivity on calcification-only and mass-only
+# positives read from their evaluations. No model runs here: numpy only.
+rule lesion_visibility:
+    input:
+        dataset="resources/{dataset}",
+        images=plan.CLEAN_STORE,
+        evaluations=lambda wildcards: LESION_PLANS[wildcards.dataset]["evaluation_runs"],
+    output:
+        directory(plan.LESION_VISIBILITY_RUN),
+    params:
+        radii=lambda wildcards: LESION_PLANS[wildcards.dataset]["radii"],
+        evaluations=lambda wildcards: LESION_PLANS[wildcards.dataset]["evaluations"],
+        settings=config["lesion_visibility"],
+        confidence=config["report"]["confidence"],
+        code=code_fingerprint("evaluate", "data", "perturbations", "preprocess"),
+    threads: 1
+    log:
+        "logs/lesion_visibility/{dataset}.log",
+    benchmark:
+        "benchmarks/lesion_visibility/{dataset}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/lesion_visibility.py"

@@ -16,4 +16,5 @@ with script_logging(snakemake):
         tile_stores=list(snakemake.input.tiles),
         qc_pictures=list(snakemake.input.qc),
         heatmaps=snakemake.params.heatmaps,
+        lesion_folders=list(snakemake.input.lesion_visibility),
     )

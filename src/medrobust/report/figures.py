@@ -231,3 +231,66 @@ def image_panel_grid(rows: Sequence[Sequence[tuple[np.ndarray, str, str]]],
         row_axes[0].set_ylabel(row_label, fontsize="small")
     figure.suptitle(title, fontsize="medium")
     return figure
+
+
+def _levels_axis(axes: Axes, radii: Sequence[float]) -> dict[str, float]:
+    """x positions of the low-pass levels: each radius (log scale), and clean right of the
+    largest, where the filter's strength runs out."""
+    radii = sorted(radii)
+    clean = 2.0 * radii[-1]
+    axes.set_xscale("log")
+    axes.set_xticks([*radii, clean], [f"{radius:g}" for radius in radii] + ["clean"])
+    axes.minorticks_off()
+    axes.set_xlabel("low-pass radius (cycles per image)")
+    return {"clean": clean}
+
+
+def _band(axes: Axes, x: Sequence[float], rows: pd.DataFrame, column: str, **style) -> None:
+    axes.plot(x, rows[column], marker="o", **style)
+    if f"{column}_low" in rows:
+        axes.fill_between(x, rows[f"{column}_low"].astype(float),
+                          rows[f"{column}_high"].astype(float), color=style.get("color"),
+                          alpha=0.15, linewidth=0)
+
+
+def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame) -> Figure:
+    """Lesion visibility against the low-pass radius beside each model's sensitivity.
+
+    Left: the fraction of lesions still detectable (95% exact bands); middle:
+    the median contrast-to-noise ratio; right: sensitivity on calcification-only
+    (solid) and mass-only (dashed) positives, per model.
+    """
+    radii = [float(r) for r in visibility["radius"].dropna().unique()]
+    figure = _new_figure(13.0, 3.4)
+    axes = figure.subplots(1, 3)
+    # visibility in black and grey, so it is not read as one of the models' colours
+    styles = {"calcification": ("black", "-"), "mass": ("grey", "--"),
+              "calcification only": (None, "-"), "mass only": (None, "--")}
+
+    def x_of(rows: pd.DataFrame, positions: Mapping[str, float]) -> list[float]:
+        return [positions["clean"] if pd.isna(r) else float(r) for r in rows["radius"]]
+
+    for panel, column, title in ((axes[0], "detectable", "lesions still detectable"),
+                                 (axes[1], "cnr_median", "median contrast-to-noise ratio")):
+        positions = _levels_axis(panel, radii)
+        for lesion_type, rows in visibility.groupby("lesion_type", sort=True):
+            colour, line = styles[lesion_type]
+            rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
+            _band(panel, rows["x"], rows, column, color=colour, linestyle=line,
+                  label=f"{lesion_type} (visibility)")
+        panel.set(title=title)
+        panel.grid(alpha=0.3)
+    axes[0].set(ylim=(-0.02, 1.02), ylabel="fraction of lesions")
+    axes[1].axhline(0.0, color="grey", linewidth=0.8)
+    positions = _levels_axis(axes[2], radii)
+    colours = model_colours(sensitivity["model"]) if len(sensitivity) else {}
+    for (model, group), rows in sensitivity.groupby(["model", "group"], sort=True):
+        rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
+        n = int(rows["n_positives"].max())
+        _band(axes[2], rows["x"], rows, "sensitivity", color=colours[model],
+              linestyle=styles[group][1], label=f"{model}: {group} (n = {n})")
+    axes[2].set(title="model sensitivity", ylim=(-0.02, 1.02),
+                ylabel="fraction of malignant images found")
+    axes[2].grid(alpha=0.3)
+    _legend_outside(figure, axes)
+    return figure

@@ -25,12 +25,15 @@ from medrobust.config import defense_labels
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
 from medrobust.evaluate.fourier_heatmap import read_heatmap
+from medrobust.evaluate import lesion_visibility
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
+from medrobust.perturbations import PERTURBATIONS
+from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
 from medrobust.report.study_tables import (
@@ -403,6 +406,61 @@ def image_figures(robustness: pd.DataFrame, evaluations: Sequence[Mapping[str, A
 
 
 # ---------------------------------------------------------------------------
+# the mammography study: microcalcification visibility under low-pass filtering
+
+def _read_lesion_table(folder: Path, name: str) -> pd.DataFrame:
+    path = folder / lesion_visibility.FILES[name]
+    try:
+        return pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{path}: unreadable lesion visibility table ({error})") from error
+
+
+def lesion_crops_figure(crops: Mapping[str, np.ndarray], title: str) -> bytes:
+    """One calcification cluster and one mass, cropped, at every level, above the spectrum
+    mask of each level (centred: zero frequency in the middle)."""
+    radii = crops["radii"]
+    size = int(crops["image_size"])
+    titles = ["clean" if not np.isfinite(r) else f"radius {r:g}" for r in radii]
+    rows, labels = [], []
+    for lesion_type in lesion_visibility.GROUPS:
+        if lesion_type in crops:
+            rows.append([(crop[None], heading, "") for crop, heading in
+                         zip(crops[lesion_type], titles)])
+            labels.append(f"{lesion_type}\n{crops[f'{lesion_type}_sample']}")
+    masks = [np.ones((size, size)) if not np.isfinite(r)
+             else np.fft.fftshift(gaussian_lowpass_mask(size, size, float(r))) for r in radii]
+    rows.append([(mask[None], heading, "kept: white") for mask, heading in zip(masks, titles)])
+    labels.append("spectrum mask")
+    return figures.png(figures.image_panel_grid(rows, labels, title))
+
+
+def lesion_visibility_views(folders: Sequence[str | os.PathLike],
+                            k: float) -> tuple[list[dict[str, Any]], dict[str, tuple[bytes, str]]]:
+    """Per dataset: its visibility and sensitivity rows for the page, and its two figures."""
+    views, found = [], {}
+    for folder in map(Path, folders):
+        dataset = folder.name
+        visibility = _read_lesion_table(folder, "visibility")
+        sensitivity = _read_lesion_table(folder, "sensitivity")
+        found[f"lesion_visibility_{dataset}"] = (
+            figures.png(figures.lesion_visibility_curves(visibility, sensitivity)),
+            f"{dataset}: lesions still detectable (peak above the surrounding ring's mean by "
+            f"k = {k:g} standard deviations) and their median contrast-to-noise ratio against "
+            "the low-pass radius, beside each model's sensitivity on malignant images with "
+            "calcifications only and with a mass only; bands are 95% exact intervals.")
+        with np.load(folder / lesion_visibility.FILES["crops"]) as crops:
+            found[f"lesion_crops_{dataset}"] = (
+                lesion_crops_figure(dict(crops), f"{dataset}: lesions under low-pass filtering"),
+                f"{dataset}: a calcification cluster and a mass from the test images, cropped, "
+                "at every low-pass radius, with the Gaussian spectrum mask of each radius.")
+        views.append({"dataset": dataset,
+                      "visibility": [_plain(row) for _, row in visibility.iterrows()],
+                      "sensitivity": [_plain(row) for _, row in sensitivity.iterrows()]})
+    return views, found
+
+
+# ---------------------------------------------------------------------------
 # training and data
 
 def read_histories(models: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -504,7 +562,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  settings: Mapping[str, Any], config: Mapping[str, Any],
                  repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
                  qc_pictures: Sequence[str | os.PathLike] = (),
-                 heatmaps: Mapping[str, str | os.PathLike] | None = None) -> None:
+                 heatmaps: Mapping[str, str | os.PathLike] | None = None,
+                 lesion_folders: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
     outputs; `heatmaps`: each model's Fourier heat-map table, by model."""
@@ -539,6 +598,10 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                 f"Training of the {family} classifiers; a star marks the epoch kept.")
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
     figure_files.update(slide_qc_figures(tile_stores, qc_pictures))
+    lesions_k = lesion_visibility.LesionVisibilityConfig.from_mapping(
+        config.get("lesion_visibility", {})).k
+    lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k)
+    figure_files.update(lesion_figures)
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
@@ -562,6 +625,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "has_perturbations": bool((images["kind"] == "perturbation").any()) or bool(heatmaps),
         "severity_units": {name: figures.severity_unit(name)
                            for name in sorted(images["perturbation"].dropna().unique())},
+        "lesions": lesions, "lesions_k": lesions_k,
         "comparisons": [comparison_row(row) for _, row in comparisons.iterrows()],
         "masking": [{**_plain(row), "label": budget_label(row)}
                     for _, row in summary["gradient_masking"].iterrows()],
