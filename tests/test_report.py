@@ -98,7 +98,7 @@ def lesion_folder(root):
                   for level, radius in levels for group in ("calcification only", "mass only")]
                  ).to_csv(folder / "sensitivity.csv", index=False)
     crop = np.full((3, 16, 16), 0.4, np.float32)
-    np.savez_compressed(folder / "crops.npz", radii=np.array([np.inf, 8.0, 2.0]), image_size=8,
+    np.savez_compressed(folder / "crops.npz", radii=np.array([np.inf, 8.0, 2.0]), image_shape=[8, 8],
                         calcification=crop, calcification_sample=np.array("m1"),
                         mass=crop, mass_sample=np.array("m2"))
     return folder
