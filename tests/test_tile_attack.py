@@ -1,7 +1,6 @@
 """PGD on a slide's most-attended tiles: budget, untouched tiles, loss, and a constructed flip."""
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
