@@ -156,3 +156,31 @@ def test_settings_are_checked():
                        ({"adversarial": {"k": [1]}}, "unknown key")]:
         with pytest.raises(ConfigError, match=match):
             SlideRobustnessConfig.from_mapping(bad)
+
+
+def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(cohort):
+    from medrobust.report.page import _environment
+    from medrobust.report.slide_robustness import slide_robustness_view
+
+    folder, tiles, features, _ = cohort
+    run = _perturbation_run(cohort, "gaussian_noise", [0.1], [0.5, 1.0], "noise")
+    settings = SlideRobustnessConfig.from_mapping({
+        "fractions": [0.5, 1.0], "perturbations": {"gaussian_noise": {"severities": [0.1]}},
+        "adversarial": {"top_k": [2], "epsilons": [4], "steps": 1}})
+    slide_robustness_run(folder / "abmil", list(features.values()), list(tiles.values()),
+                         {"gaussian_noise": run}, folder / "report_run", settings, FEATURES,
+                         STATISTICS)
+    view, found = slide_robustness_view([folder / "report_run"])
+    assert set(found) == {"slide_tile_fraction", "slide_adversarial_tiles"}
+    assert [row["condition"] for row in view["rows"]] == [
+        "clean", "gaussian_noise 0.1, 50% of tiles", "gaussian_noise 0.1, 100% of tiles",
+        "PGD ε 4/255 on the top 2 tiles"]
+    assert view["fewest_slides"] == 4
+    figures = {name: {"src": "", "caption": caption} for name, (_, caption) in found.items()}
+    page = _environment().get_template("slide_robustness.html.j2").render(
+        slide_robustness=view, figures=figures, small_test_set=200)
+    assert "Slides: robustness" in page and "Few test slides" in page
+    assert "4 test slides for abmil (2 normal, 2 tumor)" in " ".join(page.split())
+    assert "Few test slides" not in _environment().get_template("slide_robustness.html.j2").render(
+        slide_robustness=view, figures=figures, small_test_set=4)
+    assert slide_robustness_view([]) == (None, {})

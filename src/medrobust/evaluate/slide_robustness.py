@@ -49,7 +49,9 @@ from medrobust.progress import progress
 
 log = get_logger(__name__)
 PREDICTIONS, METRICS, RUN = "predictions.csv", "metrics.csv", "run.json"
-# what identifies a condition in both tables; unused ones are 0 or empty
+# what identifies a condition in both tables: kind is clean, tile_fraction or
+# adversarial_tiles; fraction, k and epsilon are 0 where nothing of the kind was done (the
+# clean point of each curve), perturbation and severity empty
 CONDITION_COLUMNS = ("kind", "perturbation", "severity", "fraction", "k", "epsilon")
 
 
@@ -121,7 +123,8 @@ class SlideRobustnessConfig:
         return config_from_mapping(cls, mapping, "slide_robustness")
 
 
-def _condition(kind: str, perturbation: str = "", severity: float = 0.0, fraction: float = 0.0,
+def _condition(kind: str, perturbation: str = "", severity: float | None = None,
+               fraction: float = 0.0,
                k: int = 0, epsilon: float = 0.0) -> dict[str, Any]:
     return dict(zip(CONDITION_COLUMNS, (kind, perturbation, severity, fraction, k, epsilon)))
 
