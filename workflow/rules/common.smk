@@ -277,7 +277,6 @@ def report_inputs(wildcards=None):
         "tiles": slide_tiling_outputs("zarr"),
         "qc": slide_tiling_outputs("qc.png"),
         "heatmaps": list(plan.fourier_heatmap_tables(config).values()),
-        "slide_robustness": slide_robustness_runs(),
     }
 
 
