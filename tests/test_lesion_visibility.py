@@ -8,12 +8,13 @@ from test_recipes import FULL, nbia_copy
 
 from medrobust.conditions import has_lesion_annotations, plan_evaluations, plan_lesion_visibility
 from medrobust.data.lesions import LesionMask, read_lesion_masks
-from medrobust.data.manifest import read_manifest
+from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.data.sources import fetch_dataset
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate import lesion_visibility as lv
 from medrobust.perturbations.fourier import LowPass
-from medrobust.preprocess.images import ImagePreprocessConfig, build_image_store
+from medrobust.preprocess.images import (ImagePreprocessConfig, Placement, build_image_store,
+                                        prepare_image)
 
 SIZE = 64
 
@@ -123,11 +124,43 @@ def test_masks_reach_the_store_grid_where_the_preprocessing_puts_the_image():
     # 320 x 256 is padded by 32 columns each side to 320 x 320, then shrunk 5 times
     raw = np.zeros((320, 256), bool)
     raw[np.hypot(*np.ogrid[-150:170, -100:156]) <= 5] = True
-    [lesion] = lv.to_store_grid([LesionMask("s", "calcification", raw)], {"s": 0}, SIZE)
+    geometry = {"s": Placement().geometry(raw.shape, (SIZE, SIZE), pad_right=False)}
+    [lesion] = lv.to_store_grid([LesionMask("s", "calcification", raw)], {"s": 0},
+                                geometry, (SIZE, SIZE))
     ys, xs = np.nonzero(lesion.mask)
     assert np.mean(ys) == pytest.approx(150 / 5, abs=0.6)
     assert np.mean(xs) == pytest.approx((100 + 32) / 5, abs=0.6)
     assert 1 <= lesion.mask.sum() <= 9
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_masks_follow_the_breast_crop_flip_and_a_non_square_store(flipped):
+    # the lesion's store mask must sit where the preprocessing itself puts the same
+    # disc: crop the raw image, flip it, pad on the right, resize to 48 x 64
+    raw = np.zeros((400, 300), bool)
+    raw[np.hypot(*np.ogrid[-250:150, -180:120]) <= 9] = True
+    top, left, shape = 40, 60, (48, 64)
+    view = raw[top:360, left:280]
+    if flipped:
+        view = view[:, ::-1]
+    placed = prepare_image(view.astype(np.float32), shape, 1, pad_right=True)[0]
+    geometry = {"s": Placement(top, left, flipped).geometry(view.shape, shape, pad_right=True)}
+    [lesion] = lv.to_store_grid([LesionMask("s", "mass", raw)], {"s": 0}, geometry, shape)
+    assert lesion.mask.shape == shape
+    expected = placed >= 0.5 * placed.max()
+    ys, xs = np.nonzero(lesion.mask)
+    want_ys, want_xs = np.nonzero(expected)
+    assert np.mean(ys) == pytest.approx(np.mean(want_ys), abs=0.5)
+    assert np.mean(xs) == pytest.approx(np.mean(want_xs), abs=0.5)
+    assert abs(int(lesion.mask.sum()) - int(expected.sum())) <= 2
+
+
+def test_a_lesion_the_crop_cut_away_is_left_out():
+    raw = np.zeros((100, 100), bool)
+    raw[2:5, 2:5] = True
+    geometry = {"s": Placement(50, 50, False).geometry((50, 50), (SIZE, SIZE), pad_right=True)}
+    assert lv.to_store_grid([LesionMask("s", "calcification", raw)], {"s": 0},
+                            geometry, (SIZE, SIZE)) == []
 
 
 def test_settings_are_checked():
@@ -206,6 +239,20 @@ def test_the_run_writes_every_table_and_the_crops(synthetic, tmp_path):
     crops = np.load(out / lv.FILES["crops"])
     assert crops["calcification"].shape[0] == 3 and crops["mass"].shape[0] == 3
     assert pd.read_csv(out / lv.FILES["lesions"])["level"].nunique() == 3
+
+
+def test_lesions_land_on_their_specks_in_a_cropped_flipped_non_square_store(synthetic, tmp_path):
+    # screening-style preprocessing moves every image differently; the masks must follow
+    root, raw, _ = synthetic
+    store = build_image_store(raw / MANIFEST_NAME, tmp_path / "screening.zarr",
+                              ImagePreprocessConfig([80, 48], breast_crop=True,
+                                                    uniform_laterality=True))
+    out = tmp_path / "visibility"
+    lv.lesion_visibility_run(raw, store, out, [2], [], {"k": 3.0, "ring_width": 3}, 0.95)
+    specks = pd.read_csv(out / lv.FILES["visibility"]).set_index(["lesion_type", "level"])
+    assert specks.loc[("calcification", "clean"), "detectable"] > 0.8
+    assert specks.loc[("mass", "clean"), "cnr_median"] > 1.0
+    assert np.load(out / lv.FILES["crops"])["image_shape"].tolist() == [80, 48]
 
 
 def _plan_config(perturbations):

@@ -39,13 +39,13 @@ DETECTOR = {"false_positive_rate": 0.05, "temperatures": [10, 40], "reconstructi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_classifier(num_classes, in_channels, pretrained=False):
+def tiny_classifier(num_classes, in_channels, pretrained=False, normalization="imagenet"):
     """A two-conv classifier with the cut points of the real ones (last conv features)."""
     return ImageClassifier(
         nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU()),
         nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU()),
         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(6, num_classes)),
-        in_channels, low_channels=4, low_stride=1)
+        in_channels, low_channels=4, low_stride=1, normalization=normalization)
 
 
 @pytest.fixture(autouse=True)

@@ -98,7 +98,7 @@ def lesion_folder(root):
                   for level, radius in levels for group in ("calcification only", "mass only")]
                  ).to_csv(folder / "sensitivity.csv", index=False)
     crop = np.full((3, 16, 16), 0.4, np.float32)
-    np.savez_compressed(folder / "crops.npz", radii=np.array([np.inf, 8.0, 2.0]), image_size=8,
+    np.savez_compressed(folder / "crops.npz", radii=np.array([np.inf, 8.0, 2.0]), image_shape=[8, 8],
                         calcification=crop, calcification_sample=np.array("m1"),
                         mass=crop, mass_sample=np.array("m2"))
     return folder
@@ -187,15 +187,12 @@ def results(tmp_path_factory):
                    "column_frequency": j, "norm": 4.0, "n": N_TEST, "errors": abs(i) + abs(j),
                    "error_rate": (abs(i) + abs(j)) / N_TEST}
                   for i in (-4, 0, 4) for j in (-4, 0, 4)]).to_csv(heatmap, index=False)
-    write_report(out / "robustness.json", out / "index.html", out / "figures",
-                 out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
-                 settings={"n_examples": 2, "small_test_set": 200}, config=config,
-                 repository=str(root), heatmaps={"baseline": str(heatmap)})
     config["lesion_visibility"] = {"k": 2.5}
     write_report(out / "robustness.json", out / "index.html", out / "figures",
                  out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
                  settings={"n_examples": 2, "small_test_set": 200}, config=config,
-                 repository=str(root), lesion_folders=[lesion_folder(root / "lesions")])
+                 repository=str(root), heatmaps={"baseline": str(heatmap)},
+                 lesion_folders=[lesion_folder(root / "lesions")])
     return {"root": root, "out": out, "evaluations": evaluations}
 
 

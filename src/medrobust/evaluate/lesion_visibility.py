@@ -15,9 +15,9 @@ annotations (`medrobust.data.lesions`), at every low-pass radius of the config:
   calcifications and on those whose lesions are all masses, read from the
   evaluation's per-image predictions under the same low-pass conditions.
 
-Masks are brought to the store's resolution with the preprocessing's own
-transform (`medrobust.preprocess.images.prepare_image`), so they land on the
-pixels the model sees.
+Masks are brought to the store's grid by each image's `geometry` attr, the
+transform the preprocessing applied (breast crop, laterality flip, padding
+and scale), so they land on the pixels the model sees.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.perturbations.fourier import LowPass
-from medrobust.preprocess.images import prepare_image
 
 log = get_logger(__name__)
 
@@ -77,27 +76,39 @@ class StoreLesion:
     index: int          # position of the image among the analysed (test) images
     sample_id: str
     lesion_type: str
-    mask: np.ndarray    # bool (size, size)
+    mask: np.ndarray    # bool (height, width) of the stored image
 
 
 # ---------------------------------------------------------------------------
 # masks at the store's resolution
 
 def to_store_grid(lesions: Iterable[LesionMask], positions: Mapping[str, int],
-                  size: int) -> list[StoreLesion]:
-    """Each raw mask through the preprocessing transform, kept where it reaches half its peak.
+                  geometry: Mapping[str, Sequence[float]],
+                  shape: tuple[int, int]) -> list[StoreLesion]:
+    """Each raw mask on the store's grid, through its image's own `geometry` attr
+    (`[sx, tx, sy, ty]`, written by the preprocessing: breast crop, flip, padding and
+    scale), kept where it covers at least half as much of a store pixel as at its peak.
 
-    Half the resized peak, not a fixed 0.5: a speck narrower than a store pixel
-    is averaged down below 0.5 but still marks the pixel it fell on.
+    Half the peak coverage, not half a pixel: a speck narrower than a store pixel
+    covers less than half of it but still marks the pixel it fell on. Lesions the
+    breast crop cut away are left out (and counted in the log).
     """
-    found = []
+    found, outside = [], 0
     for lesion in lesions:
-        resized = prepare_image(lesion.mask.astype(np.float32), size, 1)[0]
-        peak = float(resized.max())
-        if peak <= 0:
+        sx, tx, sy, ty = (float(value) for value in geometry[lesion.sample_id])
+        ys, xs = np.nonzero(lesion.mask)
+        rows = np.floor(sy * (ys + 0.5) + ty).astype(np.int64)   # pixel centres
+        cols = np.floor(sx * (xs + 0.5) + tx).astype(np.int64)
+        inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+        if not inside.any():
+            outside += 1
             continue
+        coverage = np.zeros(shape, np.float64)
+        np.add.at(coverage, (rows[inside], cols[inside]), 1.0)
         found.append(StoreLesion(positions[lesion.sample_id], lesion.sample_id,
-                                 lesion.lesion_type, resized >= 0.5 * peak))
+                                 lesion.lesion_type, coverage >= 0.5 * coverage.max()))
+    if outside:
+        log.warning("%d lesion(s) lie outside the stored images (cut by the breast crop)", outside)
     return found
 
 
@@ -196,14 +207,15 @@ def sensitivity_table(evaluations: Sequence[Mapping[str, Any]], groups: Mapping[
 # ---------------------------------------------------------------------------
 # crops for the report: one calcification cluster and one mass at every level
 
-def crop_window(masks: Sequence[np.ndarray], size: int) -> tuple[slice, slice]:
-    """A square around the masks' bounding box, three times its extent (at least CROP_MIN)."""
+def crop_window(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> tuple[slice, slice]:
+    """A square around the masks' bounding box, three times its extent (at least CROP_MIN),
+    inside an image of `shape` (height, width)."""
     ys, xs = np.nonzero(np.logical_or.reduce(masks))
     extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
-    side = int(min(size, max(CROP_MIN, 3 * extent)))
+    side = int(min(*shape, max(CROP_MIN, 3 * extent)))
     centre_y, centre_x = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
-    top = int(np.clip(centre_y - side // 2, 0, size - side))
-    left = int(np.clip(centre_x - side // 2, 0, size - side))
+    top = int(np.clip(centre_y - side // 2, 0, shape[0] - side))
+    left = int(np.clip(centre_x - side // 2, 0, shape[1] - side))
     return slice(top, top + side), slice(left, left + side)
 
 
@@ -242,11 +254,11 @@ def lesion_visibility_run(dataset_dir: str | os.PathLike, store_path: str | os.P
     index = store.indices("test")
     sample_ids = [str(sample) for sample in store.sample_ids[index]]
     positions = {sample: position for position, sample in enumerate(sample_ids)}
+    images = _grey(np.asarray(store.images.get_orthogonal_selection((index,)), np.float32))
     lesions = to_store_grid(read_lesion_masks(dataset_dir, sample_ids), positions,
-                            int(store.attrs["image_size"]))
+                            store.attrs["geometry"], images.shape[-2:])
     if not lesions:
         raise InputError(f"{dataset_dir}: no lesion on the test images of {store.path}")
-    images = _grey(np.asarray(store.images.get_orthogonal_selection((index,)), np.float32))
     levels = lowpass_levels(radii)
     filtered = {name: images if radius is None else LowPass(radius)(images, None)
                 for name, radius in levels}
@@ -265,7 +277,7 @@ def lesion_visibility_run(dataset_dir: str | os.PathLike, store_path: str | os.P
     sensitivity.insert(2, "radius", sensitivity["level"].map(dict(levels)))
     crops = {}
     for lesion_type, (position, sample, masks) in example_lesions(lesions, groups).items():
-        rows, cols = crop_window(masks, images.shape[-1])
+        rows, cols = crop_window(masks, images.shape[-2:])
         crops[lesion_type] = np.stack([filtered[name][position, 0, rows, cols]
                                        for name, _ in levels])
         crops[f"{lesion_type}_sample"] = np.array(sample)
@@ -275,7 +287,7 @@ def lesion_visibility_run(dataset_dir: str | os.PathLike, store_path: str | os.P
         visibility.to_csv(tmp / FILES["visibility"], index=False)
         sensitivity.to_csv(tmp / FILES["sensitivity"], index=False)
         np.savez_compressed(tmp / FILES["crops"], radii=np.array([np.inf if r is None else r for _, r in levels]),
-                            image_size=images.shape[-1], **crops)
+                            image_shape=images.shape[-2:], **crops)
     log.info("%s: %d lesions on %d test images, %d low-pass radii", store.path, len(lesions),
              len(groups), len(radii))
 

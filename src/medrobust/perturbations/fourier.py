@@ -43,6 +43,13 @@ def gaussian_lowpass_mask(height: int, width: int, radius: float) -> np.ndarray:
     return np.exp(-distance_sq / (2.0 * radius**2))
 
 
+def apply_spectrum_mask(images: torch.Tensor, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Each channel's spectrum of `images` (..., H, W) times `mask` (broadcast, `np.fft.fft2`
+    layout), in float64; the masks here are real and even in frequency, so the result is real."""
+    spectrum = torch.fft.fft2(images.double())
+    return torch.fft.ifft2(spectrum * torch.as_tensor(mask, device=images.device)).real
+
+
 class FourierFilter(Perturbation):
     """Multiply each channel's spectrum by a real, symmetric mask."""
 
@@ -58,10 +65,7 @@ class FourierFilter(Perturbation):
         """The frequency mask in `np.fft.fft2` layout."""
 
     def perturb(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        spectrum = torch.fft.fft2(images.double())
-        mask = torch.as_tensor(self.mask(*images.shape[-2:]), device=images.device)
-        # the mask is even in frequency, so the filtered image is real
-        return torch.fft.ifft2(spectrum * mask).real
+        return apply_spectrum_mask(images, self.mask(*images.shape[-2:]))
 
 
 class LowPass(FourierFilter):

@@ -162,13 +162,10 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
                                  "tiles (lower tiling.tissue_threshold if the QC picture shows "
                                  "tissue)")
             attrs = {
-                "slide_id": slide_id, "label": label, "split": split,
-                "tile_size": config.tile_size, "tile_size_level0": grid.tile_size_level0,
-                "target_mpp": config.target_mpp, "level": grid.level,
+                **_store_attrs(config, slide_path, slide_id, label, split, rejected=[]),
+                "tile_size_level0": grid.tile_size_level0, "level": grid.level,
                 "level_downsample": grid.level_downsample, "slide_mpp": slide.mpp,
-                "source_path": str(slide_path),
                 "source_sha256": source_sha256 or sha256_file(slide_path),
-                "tissue_threshold": config.tissue_threshold, "rejected": [],
             }
             with atomic_path(out_path) as tmp:
                 tiles = create_tile_store(tmp, len(coords), config.tile_size, coords, fractions,
@@ -190,14 +187,21 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
     return len(coords)
 
 
+def _store_attrs(config: TilingConfig, slide_path: str | os.PathLike, slide_id: str, label: str,
+                 split: str, rejected: list[dict[str, str]]) -> dict:
+    """The attrs every tile store has, whether the slide was tiled or left out."""
+    return {"slide_id": slide_id, "label": label, "split": split,
+            "tile_size": config.tile_size, "target_mpp": config.target_mpp,
+            "source_path": str(slide_path), "tissue_threshold": config.tissue_threshold,
+            "rejected": rejected}
+
+
 def _write_left_out(out_path: Path, config: TilingConfig, slide_path: str | os.PathLike,
                     slide_id: str, label: str, split: str, reason: str) -> None:
     """The empty store of a slide left out under `on_bad_input: skip`, with the reason."""
     log.warning("left out slide %s: %s", slide_id, reason)
-    attrs = {"slide_id": slide_id, "label": label, "split": split,
-             "tile_size": config.tile_size, "target_mpp": config.target_mpp,
-             "source_path": str(slide_path), "tissue_threshold": config.tissue_threshold,
-             "rejected": [{"sample_id": slide_id, "path": str(slide_path), "reason": reason}]}
+    attrs = _store_attrs(config, slide_path, slide_id, label, split, rejected=[
+        {"sample_id": slide_id, "path": str(slide_path), "reason": reason}])
     with atomic_path(out_path) as tmp:
         create_tile_store(tmp, 0, config.tile_size, np.zeros((0, 2)), np.zeros(0), attrs)
 

@@ -421,7 +421,7 @@ def lesion_crops_figure(crops: Mapping[str, np.ndarray], title: str) -> bytes:
     """One calcification cluster and one mass, cropped, at every level, above the spectrum
     mask of each level (centred: zero frequency in the middle)."""
     radii = crops["radii"]
-    size = int(crops["image_size"])
+    height, width = (int(side) for side in crops["image_shape"])
     titles = ["clean" if not np.isfinite(r) else f"radius {r:g}" for r in radii]
     rows, labels = [], []
     for lesion_type in lesion_visibility.GROUPS:
@@ -429,8 +429,8 @@ def lesion_crops_figure(crops: Mapping[str, np.ndarray], title: str) -> bytes:
             rows.append([(crop[None], heading, "") for crop, heading in
                          zip(crops[lesion_type], titles)])
             labels.append(f"{lesion_type}\n{crops[f'{lesion_type}_sample']}")
-    masks = [np.ones((size, size)) if not np.isfinite(r)
-             else np.fft.fftshift(gaussian_lowpass_mask(size, size, float(r))) for r in radii]
+    masks = [np.ones((height, width)) if not np.isfinite(r)
+             else np.fft.fftshift(gaussian_lowpass_mask(height, width, float(r))) for r in radii]
     rows.append([(mask[None], heading, "kept: white") for mask, heading in zip(masks, titles)])
     labels.append("spectrum mask")
     return figures.png(figures.image_panel_grid(rows, labels, title))
