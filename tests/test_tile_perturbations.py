@@ -21,8 +21,9 @@ def random_images(n=3, channels=3, size=32, seed=1):
 def smooth_images(n=2, channels=3, size=64):
     """Soft gradients and blobs: what JPEG is made for (random noise is its worst case)."""
     y, x = np.mgrid[0:size, 0:size] / size
-    images = [0.2 + 0.6 * np.stack([x * (c + 1) / channels, y, 0.5 + 0.3 * np.sin(6 * x + i)][:channels])
-              for i in range(n) for c in [i % channels]]
+    images = [0.2 + 0.6 * np.stack([x * (i % channels + 1) / channels, y,
+                                    0.5 + 0.3 * np.sin(6 * x + i)][:channels])
+              for i in range(n)]
     return np.clip(np.stack(images), 0, 1).astype(np.float32)
 
 
@@ -100,7 +101,8 @@ def test_stain_shift_scales_and_shifts_each_stain_as_drawn():
         StainShift(0.1)(random_images(channels=1), rng())
 
 
-@pytest.mark.parametrize("name, severity", [("gaussian_blur", 2.0), ("jpeg", 30), ("stain_shift", 0.2)])
+@pytest.mark.parametrize("name, severity",
+                         [("gaussian_blur", 2.0), ("jpeg", 30), ("stain_shift", 0.2)])
 def test_torch_batches_give_the_numpy_results(name, severity):
     images = random_images()
     perturbation = build_perturbation(name, severity)

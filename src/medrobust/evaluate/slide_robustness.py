@@ -268,7 +268,8 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
                                          if key != "severities"}).severity_unit
              for name, entry in settings.perturbations.items()}
     run = {"model": model_dir.name, "dataset": config["dataset"], "n_test_slides": len(bags),
-           "class_counts": {name: int((labels == index).sum()) for index, name in enumerate(classes)},
+           "class_counts": {name: int((labels == index).sum())
+                            for index, name in enumerate(classes)},
            "fractions": sorted(settings.fractions), "severity_units": units,
            "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
            "attack": attack_description, "statistics": dict(statistics)}
