@@ -282,6 +282,16 @@ BAD_PARAMETERS = {
                                               r"perturbation 'gaussian_noise': .*frequency"),
     "Fourier heat map grid": (_set("fourier_heatmap", {"grid_size": 8}),
                               r"fourier_heatmap\.grid_size must be odd"),
+    "tile perturbation name": (_set("slide_robustness.perturbations",
+                                    {"blurr": {"severities": [1]}}),
+                               r"slide_robustness\.perturbations\.blurr\.severities\.0: unknown "
+                               r"perturbation 'blurr'; known: .*stain_shift"),
+    "tile perturbation severity": (_set("slide_robustness.perturbations.jpeg",
+                                        {"severities": [0.5]}),
+                                   r"slide_robustness\.perturbations\.jpeg\.severities\.0: "
+                                   r".*quality"),
+    "tile attack budget": (_set("slide_robustness.adversarial.step_size", 0),
+                           r"slide_robustness\.adversarial\.step_size"),
     "defense distance": (_set("image_classifiers.denoising.defense.distance", "L2"),
                          r"image_classifiers\.denoising\.defense: .*distance must be one of "
                          r"l2, mse, not 'L2'"),

@@ -60,10 +60,11 @@ def test_highpass_removes_the_mean_and_complements_the_lowpass():
 
 
 def test_registry_and_severity_checks():
-    assert set(PERTURBATIONS) == {"gaussian_noise", "lowpass", "highpass", "fourier_basis"}
+    assert set(PERTURBATIONS) == {"gaussian_noise", "lowpass", "highpass", "fourier_basis",
+                                  "gaussian_blur", "jpeg", "stain_shift"}
     assert isinstance(build_perturbation("lowpass", 4), LowPass)
     with pytest.raises(ConfigError, match="gaussian_noise"):
-        build_perturbation("blur", 1.0)
+        build_perturbation("blurr", 1.0)
     with pytest.raises(ConfigError, match="radius"):
         build_perturbation("highpass", 0)
     with pytest.raises(ConfigError, match="severity"):

@@ -38,6 +38,10 @@ DETECTOR_FILE = "detector.json"  # in EVALUATION_RUN, for a model with MagNet's 
 FOURIER_HEATMAP = "results/fourier_heatmap/{dataset}/{model}.csv"
 LESION_VISIBILITY_RUN = "results/lesion_visibility/{dataset}"
 LOWPASS = "lowpass"  # the perturbation the lesion visibility analysis sweeps
+# slide robustness (docs/mil.md): perturbed tile features shared by a dataset's models, and
+# each slide model's tile-fraction and adversarial-tile run
+SLIDE_PERTURBATION_RUN = "results/slide_perturbations/{dataset}/{backbone}/{tile_perturbation}"
+SLIDE_ROBUSTNESS_RUN = "results/slide_robustness/{dataset}/{model}"
 
 
 def number_label(value: int | float) -> str:

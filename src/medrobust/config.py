@@ -12,12 +12,13 @@ Three passes, every problem reported at once with the dotted path of its key:
 3. `check_registries` checks every name that selects code (attack,
    perturbation, defense, denoiser kind, image and slide architecture,
    feature backbone, source type, synthetic modality) against the package's
-   registries, and every attack, defense and denoiser parameter against the
-   class that takes it.
+   registries, and every attack, defense and denoiser parameter and the slide
+   robustness settings against the class that takes them.
 
 The top-level `seed` goes to everything random that sets no seed of its
 own: models, denoisers, dataset sources, the feature backbone
-(`resolve_seeds`) and the attacks whose Params take a `seed`
+and the adversarial tiles of `slide_robustness` (`resolve_seeds`) and the
+attacks whose Params take a `seed`
 (`registry_facts`). The registries import torch (5-10 s), so
 `validate_config` can remember a config that passed them:
 with a `cache_dir`, a marker named by the hash of what pass 3 reads and of
@@ -168,6 +169,9 @@ def resolve_seeds(config: MutableMapping) -> MutableMapping:
     for dataset in config["datasets"].values():
         dataset["source"].setdefault("seed", seed)
     config.setdefault("features", {}).setdefault("seed", seed)
+    adversarial_tiles = config.get("slide_robustness", {}).get("adversarial")
+    if adversarial_tiles is not None:
+        adversarial_tiles.setdefault("seed", seed)
     return config
 
 
@@ -316,6 +320,7 @@ def registry_view(config: Mapping) -> dict[str, Any]:
         "attacks": config.get("attacks", {}),
         "perturbations": config.get("perturbations", {}),
         "fourier_heatmap": config.get("fourier_heatmap"),
+        "slide_robustness": config.get("slide_robustness"),
     }
 
 
@@ -403,6 +408,13 @@ def check_registries(view: Mapping) -> list[str]:
 
         try:
             HeatmapConfig.from_mapping(view["fourier_heatmap"])
+        except ConfigError as error:
+            problems.append(str(error))
+    if view.get("slide_robustness") is not None:
+        from medrobust.evaluate.slide_robustness import SlideRobustnessConfig
+
+        try:
+            SlideRobustnessConfig.from_mapping(view["slide_robustness"])
         except ConfigError as error:
             problems.append(str(error))
     return problems

@@ -55,6 +55,7 @@ wildcard_constraints:
     denoiser=_alternatives(DENOISERS),
     source=_alternatives(IMAGE_CLASSIFIERS),
     perturbation=_alternatives(config["perturbations"]),
+    tile_perturbation=_alternatives(config.get("slide_robustness", {}).get("perturbations", {})),
     backbone=_alternatives([config["features"]["backbone"]]),
     slide=r"[^/]+",
 
@@ -108,6 +109,44 @@ def slide_feature_stores(wildcards):
         f"results/features/{dataset}/{backbone}/{slide}.zarr"
         for slide in manifest_rows(dataset)
     ]
+
+
+def test_slides(dataset):
+    """The slide ids of the dataset's test split, from its manifest."""
+    return [slide for slide, row in manifest_rows(dataset).items() if row["split"] == "test"]
+
+
+def test_tile_stores(wildcards):
+    """The tile stores of the dataset's test slides (slide robustness reads their pixels)."""
+    return [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in test_slides(wildcards.dataset)]
+
+
+def test_feature_stores(wildcards):
+    """The feature stores of the dataset's test slides."""
+    backbone = config["features"]["backbone"]
+    return [f"results/features/{wildcards.dataset}/{backbone}/{slide}.zarr"
+            for slide in test_slides(wildcards.dataset)]
+
+
+def tile_perturbations():
+    """The tile perturbations of `slide_robustness`, by name."""
+    return config["slide_robustness"]["perturbations"]
+
+
+def slide_perturbation_runs(wildcards):
+    """Each tile perturbation's run of the dataset, by perturbation name."""
+    return {name: plan.SLIDE_PERTURBATION_RUN.format(dataset=wildcards.dataset,
+                                                      backbone=config["features"]["backbone"],
+                                                      tile_perturbation=name)
+            for name in tile_perturbations()}
+
+
+def slide_robustness_runs(wildcards=None):
+    """Every slide model's robustness run; none without a `slide_robustness` section."""
+    if config.get("slide_robustness") is None:
+        return []
+    return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=settings["dataset"], model=name)
+            for name, settings in sorted(SLIDE_CLASSIFIERS.items())]
 
 
 def mhim_teacher_weights(wildcards):
@@ -215,10 +254,11 @@ def defenses():
     return defense_labels(config)
 
 
-def perturbation_settings(name):
-    """A perturbation's settings besides its severities (e.g. fourier_basis's frequency)."""
-    return {key: value for key, value in config["perturbations"][name].items()
-            if key != "severities"}
+def perturbation_settings(name, entries=None):
+    """A perturbation's settings besides its severities (e.g. fourier_basis's frequency), from
+    `entries` (default: the `perturbations` section)."""
+    entries = config["perturbations"] if entries is None else entries
+    return {key: value for key, value in entries[name].items() if key != "severities"}
 def lesion_visibility_runs():
     """The lesion visibility analyses the report shows, one folder per dataset."""
     return [settings["run"] for _, settings in sorted(LESION_PLANS.items())]

@@ -110,3 +110,40 @@ rule lesion_visibility:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/lesion_visibility.py"
+
+
+# A slide model on its test slides with a fraction of their tiles perturbed (features
+# from perturb_slide_tiles) and with PGD on its most-attended tiles, every condition in
+# one job; metrics with intervals (docs/mil.md, "Robustness of slide models").
+
+
+rule slide_robustness:
+    input:
+        model="results/models/{dataset}/{slide_model}/model.safetensors",
+        features=test_feature_stores,
+        tiles=test_tile_stores,
+        perturbed=lambda wildcards: list(slide_perturbation_runs(wildcards).values()),
+    output:
+        directory(plan.SLIDE_ROBUSTNESS_RUN.format(dataset="{dataset}", model="{slide_model}")),
+    params:
+        settings=lambda wildcards: config["slide_robustness"],
+        perturbed=slide_perturbation_runs,
+        features=lambda wildcards: config["features"],
+        statistics={
+            "bootstrap_resamples": config["report"]["bootstrap_resamples"],
+            "confidence": config["report"]["confidence"],
+            "seed": config["seed"],
+        },
+        device=config["device"],
+        code=code_fingerprint("evaluate", "attacks", "perturbations", "features"),
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        "logs/slide_robustness/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/slide_robustness/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/slide_robustness.py"

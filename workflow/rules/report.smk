@@ -34,6 +34,8 @@ rule report:
     input:
         unpack(report_inputs),
         summary=rules.summarize.output.json,
+        # apart from report_inputs, which waits for the downloads: planned from the config alone
+        slide_robustness=slide_robustness_runs(),
     output:
         html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
         tables=report("results/report/defense_tables.csv", caption="../report/defense_tables.rst", category="Tables"),

@@ -17,4 +17,5 @@ with script_logging(snakemake):
         qc_pictures=list(snakemake.input.qc),
         heatmaps=snakemake.params.heatmaps,
         lesion_folders=list(snakemake.input.lesion_visibility),
+        slide_robustness_folders=list(snakemake.input.slide_robustness),
     )

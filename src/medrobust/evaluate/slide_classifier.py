@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -21,9 +21,24 @@ from medrobust.evaluate.metrics import (
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, load_model
-from medrobust.train.slide_classifier import bag_logits, load_bags
+from medrobust.train.slide_classifier import SlideBag, bag_logits, load_bags
 
 log = get_logger(__name__)
+
+
+def split_bags(model_dir: Path, config: Mapping[str, Any],
+               feature_paths: Sequence[str | os.PathLike], split: str) -> list[SlideBag]:
+    """The bags of `split`, after checking the features are those the model was trained on."""
+    bags, provenance = load_bags(feature_paths, list(config["classes"]))
+    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
+        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
+                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
+                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
+    bags = [bag for bag in bags if bag.split == split]
+    if not bags:
+        raise InputError(f"no slide with tiles in the {split!r} split among "
+                         f"{len(feature_paths)} feature stores")
+    return bags
 
 
 def evaluate_slide_classifier(model_dir: str | os.PathLike,
@@ -39,15 +54,7 @@ def evaluate_slide_classifier(model_dir: str | os.PathLike,
     model = load_model(model_dir, device)
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     classes = list(config["classes"])
-    bags, provenance = load_bags(feature_paths, classes)
-    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
-        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
-                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
-                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
-    bags = [bag for bag in bags if bag.split == split]
-    if not bags:
-        raise InputError(f"no slide with tiles in the {split!r} split among "
-                         f"{len(feature_paths)} feature stores")
+    bags = split_bags(model_dir, config, feature_paths, split)
     probabilities = torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
     labels = [bag.label for bag in bags]
     table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from medrobust.errors import ConfigError, unknown_name
 from medrobust.perturbations.base import Perturbation
+from medrobust.perturbations.blur import GaussianBlur
 from medrobust.perturbations.fourier import FourierBasisNoise, HighPass, LowPass
 from medrobust.perturbations.gaussian_noise import GaussianNoise
+from medrobust.perturbations.jpeg import JPEG
+from medrobust.perturbations.stain import StainShift
 
 PERTURBATIONS: dict[str, type[Perturbation]] = {
     "gaussian_noise": GaussianNoise,
     "lowpass": LowPass,
     "highpass": HighPass,
     "fourier_basis": FourierBasisNoise,
+    "gaussian_blur": GaussianBlur,
+    "jpeg": JPEG,
+    "stain_shift": StainShift,
 }
 
 
@@ -33,4 +39,4 @@ def build_perturbation(name: str, severity: float, **params) -> Perturbation:
 
 
 __all__ = ["PERTURBATIONS", "Perturbation", "GaussianNoise", "LowPass", "HighPass",
-           "FourierBasisNoise", "build_perturbation"]
+           "FourierBasisNoise", "GaussianBlur", "JPEG", "StainShift", "build_perturbation"]

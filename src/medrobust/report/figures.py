@@ -294,3 +294,61 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
     axes[2].grid(alpha=0.3)
     _legend_outside(figure, axes)
     return figure
+
+
+# --- slide robustness (report.slide_robustness) ---------------------------------------------
+
+SLIDE_METRICS = (("accuracy", "accuracy (fraction of test slides)"), ("auc", "AUC"))
+
+
+def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
+    """Slide accuracy and AUC against the fraction of tiles perturbed: one column per
+    perturbation and severity, one line per model, fraction 0 the clean bags; 95% bands."""
+    sweeps = metrics[metrics["kind"] == "tile_fraction"]
+    panels = sorted({(name, float(severity)) for name, severity
+                     in zip(sweeps["perturbation"], sweeps["severity"])})
+    colours = model_colours(metrics["model"])
+    figure = _new_figure(3.4 * len(panels) + 2.4, 2.8 * len(SLIDE_METRICS))
+    axes = figure.subplots(len(SLIDE_METRICS), len(panels), squeeze=False, sharey=True)
+    for column, (name, severity) in enumerate(panels):
+        for model, rows in sweeps[(sweeps["perturbation"] == name)
+                                  & (sweeps["severity"] == severity)].groupby("model"):
+            clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
+            levels, rows = _from_clean(rows, "fraction", clean)
+            for row, (metric, _) in enumerate(SLIDE_METRICS):
+                _line(axes[row][column], levels, rows, metric, color=colours[model], label=model)
+        for row, (metric, label) in enumerate(SLIDE_METRICS):
+            panel = axes[row][column]
+            panel.set(ylim=(-0.02, 1.02), xlim=(-0.03, 1.03))
+            panel.grid(alpha=0.3)
+            if row == 0:
+                panel.set_title(f"{name}, severity {severity:g}")
+            if row == len(SLIDE_METRICS) - 1:
+                panel.set_xlabel("fraction of each slide's tiles perturbed")
+            if column == 0:
+                panel.set_ylabel(label)
+    _legend_outside(figure, axes.ravel())
+    return figure
+
+
+def adversarial_tile_curves(metrics: pd.DataFrame) -> Figure:
+    """Slide accuracy and AUC against k, the most-attended tiles attacked: one line per model
+    and ε, k = 0 the clean bags; 95% bands."""
+    attacked = metrics[metrics["kind"] == "adversarial_tiles"]
+    colours = model_colours(metrics["model"])
+    epsilons = sorted(attacked["epsilon"].unique())
+    styles = dict(zip(epsilons, ["-", "--", ":", "-."] * len(epsilons)))
+    figure = _new_figure(3.6 * len(SLIDE_METRICS) + 2.4, 3.2)
+    axes = figure.subplots(1, len(SLIDE_METRICS), squeeze=False, sharey=True)[0]
+    for (model, epsilon), rows in attacked.groupby(["model", "epsilon"]):
+        clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
+        levels, rows = _from_clean(rows, "k", clean)
+        for panel, (metric, _) in zip(axes, SLIDE_METRICS):
+            _line(panel, levels, rows, metric, color=colours[model],
+                  linestyle=styles[epsilon], label=f"{model}, ε {epsilon:g}/255")
+    for panel, (metric, label) in zip(axes, SLIDE_METRICS):
+        panel.set(xlabel="k, most-attended tiles attacked (PGD-L∞)", ylabel=label,
+                  ylim=(-0.02, 1.02))
+        panel.grid(alpha=0.3)
+    _legend_outside(figure, axes)
+    return figure

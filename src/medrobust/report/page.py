@@ -36,6 +36,7 @@ from medrobust.perturbations import PERTURBATIONS
 from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.slide_robustness import slide_robustness_view
 from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
@@ -563,10 +564,12 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
                  qc_pictures: Sequence[str | os.PathLike] = (),
                  heatmaps: Mapping[str, str | os.PathLike] | None = None,
-                 lesion_folders: Sequence[str | os.PathLike] = ()) -> None:
+                 lesion_folders: Sequence[str | os.PathLike] = (),
+                 slide_robustness_folders: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
-    outputs; `heatmaps`: each model's Fourier heat-map table, by model."""
+    outputs; `heatmaps`: each model's Fourier heat-map table, by model;
+    `slide_robustness_folders`: each slide model's robustness run."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -602,6 +605,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         config.get("lesion_visibility", {})).k
     lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k)
     figure_files.update(lesion_figures)
+    slide_robustness, slide_robustness_figures = slide_robustness_view(slide_robustness_folders)
+    figure_files.update(slide_robustness_figures)
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
@@ -626,6 +631,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "severity_units": {name: figures.severity_unit(name)
                            for name in sorted(images["perturbation"].dropna().unique())},
         "lesions": lesions, "lesions_k": lesions_k,
+        "slide_robustness": slide_robustness,
+        "small_test_set": int(settings["small_test_set"]),
         "comparisons": [comparison_row(row) for _, row in comparisons.iterrows()],
         "masking": [{**_plain(row), "label": budget_label(row)}
                     for _, row in summary["gradient_masking"].iterrows()],
