@@ -140,6 +140,11 @@ def make_large(size: str, out_dir: Path) -> Path:
     width, height = (int(part) for part in size.lower().split("x"))
     with open_slide(DEFAULT_SLIDE) as cmu:
         texture = cmu.read_rgb((0, 0), 0, cmu.dimensions)
+    # a whole number of the coarsest level's pixels, so every level repeats the texture with
+    # the same level-0 period and shows the same tissue as level 0
+    coarsest = LARGE_DOWNSAMPLES[-1]
+    texture = texture[:len(texture) // coarsest * coarsest,
+                      :texture.shape[1] // coarsest * coarsest]
     rng = np.random.default_rng(0)
     cells_y, cells_x = -(-height // LARGE_CELL), -(-width // LARGE_CELL)
     yy, xx = np.mgrid[:cells_y, :cells_x]
@@ -208,7 +213,7 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
         config = TilingConfig(target_mpp=target_mpp, tile_size=tile_size,
                               tissue_threshold=args.tissue_threshold)
         grid = plan_grid(slide, config)
-        fractions = tissue_fractions(slide, grid)
+        fractions = tissue_fractions(slide, grid, config.mask_pixels_per_tile)
         coords = grid.coords[fractions >= config.tissue_threshold]
         dims = slide.dimensions
     n = len(coords)
@@ -225,7 +230,7 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
 
     def setup_only() -> None:  # what tile_slide does before reading any tile
         with open_slide(path) as s:
-            tissue_fractions(s, plan_grid(s, config))
+            tissue_fractions(s, plan_grid(s, config), config.mask_pixels_per_tile)
 
     for workers in args.workers:
         setups.append((f"baseline: read_region -> RGB, {workers} thread(s)",
