@@ -45,7 +45,7 @@ import openslide
 import zarr
 from PIL import Image
 
-from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store
+from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store, write_tile_shard
 from medrobust.io.slides import open_slide
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_fractions
 from timing import interleaved_medians, machine_line
@@ -90,7 +90,8 @@ def baseline_reader(path: Path, coords: np.ndarray, level: int, read_size: int,
 def zarr_writer(path: Path, coords: np.ndarray, level: int, read_size: int, tile_size: int,
                 out: Path):
     """Raw reads (resized as medrobust does) written a whole shard per call into a tile
-    store of medrobust's layout: isolates what compressing and writing cost."""
+    store of medrobust's layout, as tile_slide writes them: isolates what compressing and
+    writing cost."""
     size = (read_size, read_size)
 
     def read_and_write() -> None:
@@ -106,7 +107,7 @@ def zarr_writer(path: Path, coords: np.ndarray, level: int, read_size: int, tile
                     if read_size != tile_size:
                         region = region.resize((tile_size, tile_size), Image.Resampling.LANCZOS)
                     batch.append(np.asarray(region))
-                tiles[start:start + len(batch)] = np.stack(batch)
+                write_tile_shard(tiles, start, np.stack(batch))
         finally:
             handle.close()
             shutil.rmtree(out, ignore_errors=True)

@@ -99,10 +99,12 @@ class Slide:
         """The file's "thumbnail" image resized to about `downsample`, or None where it is
         missing, does not cover level 0, is coarser than `coarsest`, or is no smaller than
         `level_downsample` (then decoding the level costs about as much)."""
-        if level_downsample * 2 > downsample \
-                or "thumbnail" not in self._slide.associated_images.keys():
+        if level_downsample * 2 > downsample:
             return None
-        image = self._slide.associated_images["thumbnail"]
+        # one decode: OpenSlide's mapping decodes the image even to answer `in`
+        image = self._slide.associated_images.get("thumbnail")
+        if image is None:
+            return None
         width, height = self.dimensions
         scale_x, scale_y = width / image.width, height / image.height
         # the scanner floors each side: the two scales agree to a pixel unless it is cropped
