@@ -35,6 +35,8 @@ def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
     """rgb2hsv's saturation `(max - min) / max` (0 where black) of RGB uint8, without the hue
     and the float copy of the whole image that took 8 of the 11 s a 3,125^2 mask cost
     (docs/benchmarks.md). The float steps are skimage's, so the values are identical."""
-    brightest = rgb.max(axis=-1) * (1 / 255)
-    spread = brightest - rgb.min(axis=-1) * (1 / 255)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # elementwise over the channels: numpy's reduction along a length-3 axis is 10x slower
+    brightest = np.maximum(np.maximum(red, green), blue) * (1 / 255)
+    spread = brightest - np.minimum(np.minimum(red, green), blue) * (1 / 255)
     return np.divide(spread, brightest, out=np.zeros_like(spread), where=brightest > 0)
