@@ -62,8 +62,8 @@ class TilingConfig:
     tile_size: int
     tissue_threshold: float
     fallback_mpp: float | None = None   # for slides that state no mpp
-    # tissue-mask pixels per tile side: 4 as CLAM and hs2p; 8 cost 3-12x the tile reads on
-    # a 50,000^2 slide and moves fewer boundary tiles (docs/benchmarks.md)
+    # tissue-mask pixels per tile side: 4, about CLAM's and hs2p's; 8 moves fewer tiles at
+    # the tissue's edge but costs 9-15x the CPU on a 50,000^2 slide (docs/benchmarks.md)
     mask_pixels_per_tile: int = 4
 
     def __post_init__(self) -> None:
