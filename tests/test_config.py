@@ -86,7 +86,8 @@ def test_defaults_apply_only_to_their_kind_of_dataset(config):
     assert config["datasets"]["mammograms"]["preprocess"] == {"image_size": 64}
     assert "tiling" not in config["datasets"]["mammograms"]
     assert config["datasets"]["slides"]["tiling"] == {"target_mpp": 0.5, "tile_size": 224,
-                                                      "tissue_threshold": 0.5}
+                                                      "tissue_threshold": 0.5,
+                                                      "mask_pixels_per_tile": 4}
     assert "preprocess" not in config["datasets"]["slides"]
 
 
