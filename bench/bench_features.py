@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     base = medians["baseline"]
     print(f"  {'':62s} {'median s':>9s} {'tiles/s':>9s} {'ratio vs baseline':>18s}")
     for name, seconds, per_tile in table:
-        rate = f"{n / seconds:9.1f}" if per_tile else f"{'-':>9s}"
-        print(f"  {name:62s} {seconds:9.3f} {rate} {base / seconds:18.2f}")
+        rate, ratio = ((f"{n / seconds:9.1f}", f"{base / seconds:18.2f}") if per_tile
+                       else (f"{'-':>9s}", f"{'-':>18s}"))
+        print(f"  {name:62s} {seconds:9.3f} {rate} {ratio}")
     print("  ratio = baseline seconds / row seconds (throughput ratio; < 1 means slower "
           "than the baseline)")
     print(f"  features vs the bare forward: max |diff| embed_tiles {diff_embed:.2e}, "

@@ -68,6 +68,18 @@ def test_imagenet_weights_are_asked_of_torchvision(monkeypatch):
     assert (backbone.weights, backbone.dim) == ("imagenet", 512)
 
 
+def test_resnet50_layer3_takes_the_imagenet_weights_clam_and_trident_use(monkeypatch):
+    requested, real_resnet50 = [], torchvision.models.resnet50
+
+    def fake_resnet50(weights=None):  # stands in for the download, which tests never do
+        requested.append(weights)
+        return real_resnet50(weights=None)
+
+    monkeypatch.setattr(torchvision.models, "resnet50", fake_resnet50)
+    build_backbone("resnet50_layer3", "imagenet")
+    assert requested == [torchvision.models.ResNet50_Weights.IMAGENET1K_V1]
+
+
 def test_imagenet_weights_offline_say_how_to_fix_it(monkeypatch):
     def offline(weights=None):
         raise urllib.error.URLError("no network")
@@ -203,6 +215,21 @@ def test_an_in_memory_batch_embeds_as_the_plain_forward_and_bf16_is_really_bf16(
     # bf16 keeps 8 bits of mantissa: close, yet not the fp32 numbers
     assert not np.allclose(reduced, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(reduced, expected, rtol=0.1, atol=0.05 * np.abs(expected).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_on_a_gpu_the_store_embeds_as_on_the_cpu(tmp_path, precision):
+    tiles = np.random.default_rng(4).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    _tile_store(tmp_path / "tiles.zarr", tiles)
+    config = FeatureConfig(batch_size=16, precision=precision, loader_workers=2)
+    extract_slide_features(tmp_path / "tiles.zarr", tmp_path / "features.zarr", config, "cuda")
+    features = open_feature_store(tmp_path / "features.zarr").features
+    expected = _plain_forward("resnet18", tiles)
+    # cuDNN convolutions take TF32 by default on Ampere and newer: close, not equal; bf16 looser
+    tolerance = 1e-2 if precision == "fp32" else 0.1
+    np.testing.assert_allclose(features, expected, rtol=tolerance,
+                               atol=tolerance * np.abs(expected).max())
 
 
 # --- backbones: the CLAM/TRIDENT baseline, timm, local weight files ----------------------
