@@ -448,6 +448,15 @@ def test_a_feature_weights_file_must_exist_at_every_parse(config, tmp_path, monk
     validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
 
 
+def test_model_kwargs_need_a_timm_backbone(config):
+    config["features"]["model_kwargs"] = {"init_values": 1e-5}
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs: applies to timm backbones "
+                                          r"only, not resnet18"):
+        validate_config(copy.deepcopy(config), SCHEMA)
+    config["features"]["backbone"] = "timm:test_vit"
+    validate_config(config, SCHEMA)
+
+
 # --- budgets and conditions -------------------------------------------------------------
 
 def test_decimal_budgets_and_severities_are_accepted(config):

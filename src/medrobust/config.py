@@ -201,10 +201,13 @@ def check_references(config: Mapping) -> list[str]:
         problem = pretrained_problem(model.get("pretrained", "none"))
         if problem:  # a file, so never remembered with the registry checks
             problems.append(f"image_classifiers.{name}.pretrained: {problem}")
-    problem = pretrained_problem(config.get("features", {}).get("weights", "random"),
-                                 FEATURE_WEIGHTS, "weights")
+    features = config.get("features", {})
+    problem = pretrained_problem(features.get("weights", "random"), FEATURE_WEIGHTS, "weights")
     if problem:
         problems.append(f"features.weights: {problem}")
+    if features.get("model_kwargs") and not features.get("backbone", "").startswith("timm:"):
+        problems.append(f"features.model_kwargs: applies to timm backbones only, not "
+                        f"{features.get('backbone')}")
     problems += _check_denoiser_references(config)
     for name, denoiser in config.get("denoisers", {}).items():
         expect_dataset("denoisers", name, denoiser, "images")
