@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from medrobust import config as config_module
-from medrobust.config import NAME_PATTERN, check_registries, registry_view, validate_config
+from medrobust.config import (BACKBONE_PATTERN, NAME_PATTERN, check_registries, registry_view,
+                              validate_config)
 from medrobust.config_docs import MissingDescription, generate
 from medrobust.errors import ConfigError
 from workflow_runner import ROOT, run_snakemake
@@ -440,6 +441,41 @@ def test_an_unsafe_backbone_is_refused(config):
 def test_the_schema_and_the_package_share_the_name_pattern():
     schema = yaml.safe_load(SCHEMA.read_text())
     assert schema["$defs"]["name"]["pattern"] == NAME_PATTERN
+    assert schema["properties"]["features"]["properties"]["backbone"]["pattern"] == \
+        BACKBONE_PATTERN
+
+
+def test_a_timm_backbone_passes_and_an_unknown_timm_model_is_refused(config):
+    config["features"]["backbone"] = "timm:test_vit"
+    validate_config(copy.deepcopy(config), SCHEMA)
+    config["features"]["backbone"] = "timm:no_such_net"
+    with pytest.raises(ConfigError, match=r"features\.backbone: timm has no model 'no_such_net'"):
+        validate_config(config, SCHEMA)
+    config["features"]["backbone"] = "timm:../x"
+    with pytest.raises(ConfigError, match=r"features\.backbone: 'timm:\.\./x' cannot be a name"):
+        validate_config(config, SCHEMA)
+
+
+def test_a_feature_weights_file_must_exist_at_every_parse(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config["features"]["weights"] = "weights/uni.safetensors"
+    with pytest.raises(ConfigError, match=r"features\.weights: no weights file "
+                                          r"'weights/uni\.safetensors' \(relative to the "
+                                          r"working directory .*\); weights takes random, "
+                                          r"imagenet or the path of a weights file"):
+        validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights/uni.safetensors").write_bytes(b"")
+    validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+
+
+def test_model_kwargs_need_a_timm_backbone(config):
+    config["features"]["model_kwargs"] = {"init_values": 1e-5}
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs: applies to timm backbones "
+                                          r"only, not resnet18"):
+        validate_config(copy.deepcopy(config), SCHEMA)
+    config["features"]["backbone"] = "timm:test_vit"
+    validate_config(config, SCHEMA)
 
 
 # --- budgets and conditions -------------------------------------------------------------

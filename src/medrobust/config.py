@@ -48,6 +48,8 @@ T = TypeVar("T")
 # Names that become parts of paths (datasets, models, attacks, perturbations,
 # backbones); the schema's `$defs/name` holds the same pattern.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+# `features.backbone`: a name, or `timm:` and a timm model's name (a path part too)
+BACKBONE_PATTERN = r"^(timm:)?" + NAME_PATTERN[1:]
 # Keys of an `attacks:` entry that the workflow reads; the others are the attack's Params.
 WORKFLOW_ATTACK_KEYS = ("epsilons",)
 # Keys of a `denoisers:` entry that name image classifiers its training needs (HGD's guide
@@ -58,18 +60,25 @@ DENOISER_MODEL_KEYS = ("guide", "source")
 
 # `pretrained` of an image classifier: these names, or the path of a weights file
 PRETRAINED = ("none", "imagenet")
+# `weights` of the feature backbone: these names, or the path of a weights file
+FEATURE_WEIGHTS = ("random", "imagenet")
+# `features` keys that change how fast features are made, not what they are: kept out of
+# the rule's params, so tuning them re-extracts nothing
+FEATURE_LOADER_KEYS = ("loader_workers", "prefetch_batches")
 
 
-def pretrained_problem(value: str) -> str | None:
-    """Why `value` cannot be an image classifier's `pretrained`, or None.
+def pretrained_problem(value: str, names: tuple[str, ...] = PRETRAINED,
+                       key: str = "pretrained") -> str | None:
+    """Why `value` cannot be an image classifier's `pretrained` (or, with `names` and
+    `key`, the feature backbone's `weights`), or None.
 
     A file is checked here, when the workflow is parsed, for existence only:
     whether its weights fit the architecture is known when the model is built.
     """
-    if value in PRETRAINED or Path(value).is_file():
+    if value in names or Path(value).is_file():
         return None
     return (f"no weights file {value!r} (relative to the working directory {os.getcwd()}); "
-            f"pretrained takes {', '.join(PRETRAINED)} or the path of a weights file")
+            f"{key} takes {', '.join(names)} or the path of a weights file")
 
 
 def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
@@ -118,7 +127,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return error.schema["x-message"]
     if error.validator == "additionalProperties":
         return f"unknown key(s): {error.message.split('(')[-1].rstrip(')')}"
-    if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
+    if error.validator == "pattern" and error.schema.get("pattern") in (NAME_PATTERN,
+                                                                        BACKBONE_PATTERN):
         return (f"{error.instance!r} cannot be a name: names become parts of paths and "
                 "may hold only letters, digits, '_', '-' and '.', not start with '.' "
                 "nor contain '..'")
@@ -195,6 +205,13 @@ def check_references(config: Mapping) -> list[str]:
         problem = pretrained_problem(model.get("pretrained", "none"))
         if problem:  # a file, so never remembered with the registry checks
             problems.append(f"image_classifiers.{name}.pretrained: {problem}")
+    features = config.get("features", {})
+    problem = pretrained_problem(features.get("weights", "random"), FEATURE_WEIGHTS, "weights")
+    if problem:
+        problems.append(f"features.weights: {problem}")
+    if features.get("model_kwargs") and not features.get("backbone", "").startswith("timm:"):
+        problems.append(f"features.model_kwargs: applies to timm backbones only, not "
+                        f"{features.get('backbone')}")
     problems += _check_denoiser_references(config)
     for name, denoiser in config.get("denoisers", {}).items():
         expect_dataset("denoisers", name, denoiser, "images")
@@ -378,8 +395,9 @@ def check_registries(view: Mapping) -> list[str]:
                                       model["arch_options"] or {}, f"{path}.arch_options")
         if model["mhim"] is not None:
             problems += _check_params(MHIMOptions, model["mhim"], f"{path}.mhim")
-    lookup("features.backbone", "feature backbone", view["features"]["backbone"],
-           backbones.BACKBONES)
+    problem = backbones.backbone_problem(view["features"]["backbone"])
+    if problem:
+        problems.append(f"features.backbone: {problem}")
     resolve_attack = getattr(attacks, "resolve_attack", None)  # checks a budget in its units
     for name, settings in view["attacks"].items():
         if lookup(f"attacks.{name}", "attack", name, attacks.ATTACKS):

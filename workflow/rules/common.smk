@@ -13,7 +13,8 @@ sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 from medrobust import conditions as plan
-from medrobust.config import DENOISER_MODEL_KEYS, PRETRAINED, defense_labels, validate_config
+from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_WEIGHTS, PRETRAINED,
+                              defense_labels, validate_config)
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 from medrobust.io.manifest_cache import manifest_rows as read_manifest_rows
@@ -170,6 +171,19 @@ def pretrained_weights_file(wildcards):
     file retrains it."""
     pretrained = IMAGE_CLASSIFIERS[wildcards.image_model]["pretrained"]
     return [] if pretrained in PRETRAINED else [pretrained]
+
+
+def feature_weights_file(wildcards):
+    """The backbone's local weights file, if `features.weights` names one: an input, so a
+    newer file re-extracts the features."""
+    weights = config["features"]["weights"]
+    return [] if weights in FEATURE_WEIGHTS else [weights]
+
+
+def feature_params(wildcards):
+    """What decides a slide's features: `features` without the loader's speed settings."""
+    return {key: value for key, value in config["features"].items()
+            if key not in FEATURE_LOADER_KEYS}
 
 
 def denoiser_folder(model):

@@ -4,10 +4,11 @@
 rule extract_features:
     input:
         "results/tiles/{dataset}/{slide}.zarr",
+        weights=feature_weights_file,
     output:
         directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
     params:
-        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        features=feature_params,
         device=config["device"],
         code=code_fingerprint("features"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
