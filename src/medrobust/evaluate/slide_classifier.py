@@ -26,6 +26,24 @@ from medrobust.train.slide_classifier import bag_logits, load_bags
 log = get_logger(__name__)
 
 
+def load_split_bags(model_dir: Path, feature_paths: Sequence[str | os.PathLike], split: str,
+                    device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], list]:
+    """The saved model (eval mode), its config, and the bags of `split` with tiles, after
+    checking that the features are those the model was trained on."""
+    model = load_model(model_dir, device)
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    bags, provenance = load_bags(feature_paths, list(config["classes"]))
+    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
+        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
+                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
+                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
+    bags = [bag for bag in bags if bag.split == split]
+    if not bags:
+        raise InputError(f"no slide with tiles in the {split!r} split among "
+                         f"{len(feature_paths)} feature stores")
+    return model, config, bags
+
+
 def evaluate_slide_classifier(model_dir: str | os.PathLike,
                               feature_paths: Sequence[str | os.PathLike],
                               out_dir: str | os.PathLike, split: str = "test",
@@ -36,18 +54,8 @@ def evaluate_slide_classifier(model_dir: str | os.PathLike,
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
-    model = load_model(model_dir, device)
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    model, config, bags = load_split_bags(model_dir, feature_paths, split, device)
     classes = list(config["classes"])
-    bags, provenance = load_bags(feature_paths, classes)
-    if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
-        raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
-                         f"with weights {config['backbone_weights_sha256'][:12]}, these are "
-                         f"{provenance['backbone']} with {provenance['weights_sha256'][:12]}")
-    bags = [bag for bag in bags if bag.split == split]
-    if not bags:
-        raise InputError(f"no slide with tiles in the {split!r} split among "
-                         f"{len(feature_paths)} feature stores")
     probabilities = torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
     labels = [bag.label for bag in bags]
     table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)

@@ -7,14 +7,20 @@ or the slide label. The thumbnail has 8 pixels per tile side, so small slides
 or large tiles give a few dozen pixels: the picture is scaled to at least
 QC_MIN_SIDE pixels on its shorter side to be readable, and at most QC_MAX_SIDE
 on its longer, since the report inlines one per slide.
+
+The attention heatmap of a slide classifier (evaluate/slide_attention.py)
+is drawn on the same thumbnail at the same scale, with the same tile
+squares, so the two pictures of a slide line up.
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
+from typing import Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
@@ -25,6 +31,51 @@ QC_MAX_SIDE = 512
 CONTOUR = (0, 200, 0)
 TILE_FILL = (0, 90, 255, 50)      # translucent, so the tissue under a tile stays visible
 TILE_OUTLINE = (0, 90, 255, 170)
+HEATMAP_COLOURMAP = "inferno"
+HEATMAP_ALPHA = 170               # of 255: the colour dominates, the tissue still shows through
+TUMOUR_CONTOUR = (0, 220, 255)    # cyan: absent from the colour map
+COLOUR_BAR_WIDTH = 56
+
+
+def picture_scale(height: int, width: int) -> float:
+    """How much a thumbnail of this size is enlarged (or shrunk) for a readable picture: the
+    shorter side at least QC_MIN_SIDE, unless that makes the longer exceed QC_MAX_SIDE."""
+    return min(max(1.0, QC_MIN_SIDE / min(height, width)), QC_MAX_SIDE / max(height, width))
+
+
+def slide_canvas(thumbnail: np.ndarray) -> tuple[Image.Image, float]:
+    """The thumbnail at picture size (RGBA, for overlays) and the scale it was drawn at."""
+    height, width = thumbnail.shape[:2]
+    scale = picture_scale(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR).convert("RGBA"), scale
+
+
+def tile_squares(size: tuple[int, int], tiles: np.ndarray, tile_side: float, scale: float,
+                 fills: Sequence[tuple[int, ...]], outline: tuple[int, ...] | None = None,
+                 ) -> Image.Image:
+    """A transparent overlay with each tile's square in its fill colour.
+
+    `tiles` are top-left corners `(n, 2)` (x, y) and `tile_side` their side, both in
+    thumbnail pixels; `scale` maps thumbnail pixels to the picture's.
+    """
+    overlay = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    for (x, y), fill in zip(np.asarray(tiles, dtype=float) * scale, fills):
+        draw.rectangle((x, y, x + tile_side * scale - 1, y + tile_side * scale - 1),
+                       fill=fill, outline=outline)
+    return overlay
+
+
+def draw_outline(picture: Image.Image, mask: np.ndarray, colour: tuple[int, int, int],
+                 ) -> Image.Image:
+    """`picture` (RGB) with the outline of a boolean mask that covers the same area."""
+    # the outline is traced at the picture's size, so it stays one pixel wide
+    small = np.asarray(Image.fromarray(mask).resize(picture.size, Image.Resampling.NEAREST))
+    outline = small & ~ndimage.binary_erosion(small)
+    pixels = np.array(picture)
+    pixels[outline] = colour
+    return Image.fromarray(pixels)
 
 
 def qc_picture(thumbnail: np.ndarray, mask: np.ndarray, tiles: np.ndarray,
@@ -34,23 +85,60 @@ def qc_picture(thumbnail: np.ndarray, mask: np.ndarray, tiles: np.ndarray,
     `tiles` are the kept tiles' top-left corners `(n, 2)` (x, y) and `tile_side`
     their side, both in thumbnail pixels.
     """
-    height, width = mask.shape
-    # the shorter side at least QC_MIN_SIDE, unless that makes the longer exceed QC_MAX_SIDE
-    scale = min(max(1.0, QC_MIN_SIDE / min(height, width)), QC_MAX_SIDE / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    picture = Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR).convert("RGBA")
-    overlay = Image.new("RGBA", size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    for x, y in np.asarray(tiles, dtype=float) * scale:
-        draw.rectangle((x, y, x + tile_side * scale - 1, y + tile_side * scale - 1),
-                       fill=TILE_FILL, outline=TILE_OUTLINE)
-    picture = Image.alpha_composite(picture, overlay).convert("RGB")
-    # the outline is traced at the picture's size, so it stays one pixel wide
-    small = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    outline = small & ~ndimage.binary_erosion(small)
-    pixels = np.array(picture)
-    pixels[outline] = CONTOUR
-    return Image.fromarray(pixels)
+    picture, scale = slide_canvas(thumbnail)
+    overlay = tile_squares(picture.size, tiles, tile_side, scale,
+                           [TILE_FILL] * len(tiles), TILE_OUTLINE)
+    return draw_outline(Image.alpha_composite(picture, overlay).convert("RGB"), mask, CONTOUR)
+
+
+def normalise_per_slide(values: np.ndarray) -> np.ndarray:
+    """Values scaled to [0, 1] within one slide (min to max); all equal gives 0.5."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return values
+    low, high = values.min(), values.max()
+    return np.full_like(values, 0.5) if high == low else (values - low) / (high - low)
+
+
+def heatmap_colours(levels: np.ndarray) -> np.ndarray:
+    """RGB uint8 `(n, 3)` of levels in [0, 1] on HEATMAP_COLOURMAP."""
+    return (colormaps[HEATMAP_COLOURMAP](np.asarray(levels))[:, :3] * 255).round().astype(np.uint8)
+
+
+def attention_heatmap(thumbnail: np.ndarray, tiles: np.ndarray, tile_side: float,
+                      attention: np.ndarray, tumour_mask: np.ndarray | None = None,
+                      ) -> Image.Image:
+    """The thumbnail with each tile coloured in place by its attention, and a colour bar.
+
+    Attention is normalised per slide (its lowest tile gets the colour map's
+    bottom, its highest the top); `tiles` and `tile_side` are in thumbnail
+    pixels as for `qc_picture`. `tumour_mask`, covering the same area as the
+    thumbnail at any resolution, is outlined in TUMOUR_CONTOUR.
+    """
+    picture, scale = slide_canvas(thumbnail)
+    fills = [(*colour, HEATMAP_ALPHA)
+             for colour in heatmap_colours(normalise_per_slide(attention)).tolist()]
+    picture = Image.alpha_composite(picture, tile_squares(picture.size, tiles, tile_side, scale,
+                                                          fills)).convert("RGB")
+    if tumour_mask is not None:
+        picture = draw_outline(picture, tumour_mask, TUMOUR_CONTOUR)
+    return _with_colour_bar(picture)
+
+
+def _with_colour_bar(picture: Image.Image) -> Image.Image:
+    """The picture with a vertical colour bar on its right, top = highest attention."""
+    width, height = picture.size
+    bar_height = max(16, height - 40)
+    gradient = heatmap_colours(np.linspace(1, 0, bar_height))
+    out = Image.new("RGB", (width + COLOUR_BAR_WIDTH, height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    bar = np.repeat(gradient[:, None, :], 12, axis=1)
+    top = (height - bar_height) // 2
+    out.paste(Image.fromarray(bar), (width + 8, top))
+    draw = ImageDraw.Draw(out)
+    draw.text((width + 24, top), "high", fill=(0, 0, 0))
+    draw.text((width + 24, top + bar_height - 10), "low", fill=(0, 0, 0))
+    return out
 
 
 def left_out_picture(reason: str) -> Image.Image:
