@@ -2,6 +2,7 @@
 (evaluate/slide_attention.py; the whole rule runs in tests/test_workflow.py)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -133,3 +134,20 @@ def test_settings_reject_bad_values():
         AttentionSettings.from_mapping({"top_k": [0]})
     with pytest.raises(ConfigError, match="tumour_threshold"):
         AttentionSettings.from_mapping({"tumour_threshold": 0})
+
+
+def test_top_k_curves_draw_removal_and_random_from_the_full_bag():
+    from medrobust.report.figures import top_k_curves
+
+    rows = pd.DataFrame([
+        {"model": model, "k": k, "removal": removal, "auc": 0.9 - 0.1 * k, "auc_low": 0.5,
+         "auc_high": 1.0, "accuracy": 0.8, "accuracy_low": 0.4, "accuracy_high": 0.9}
+        for model in ("abmil", "transmil")
+        for k, removal in ((0, "none"), (1, "top"), (2, "top"), (1, "random"), (2, "random"))])
+    figure = top_k_curves(rows)
+    for panel in figure.axes:
+        lines = panel.get_lines()
+        assert len(lines) == 4   # two models, removal and random each
+        assert all(list(line.get_xdata()) == [0, 1, 2] for line in lines)
+        assert sorted(line.get_linestyle() for line in lines) == ["-", "-", "--", "--"]
+    assert len(figure.legends[0].get_texts()) == 4

@@ -40,6 +40,7 @@ SLIDE_CLASSIFIERS = config["slide_classifiers"]
 DENOISERS = config["denoisers"]
 DENOISER_RUN = "results/denoisers/{dataset}/{denoiser}"  # train_denoiser's output folder
 REPORT_HTML = Path("results/report/index.html").resolve()
+ATTENTION_RUN = "results/attention/{dataset}/{slide_model}"  # slide_attention's output folder
 
 
 def _alternatives(names):
@@ -107,6 +108,18 @@ def slide_feature_stores(wildcards):
         f"results/features/{dataset}/{backbone}/{slide}.zarr"
         for slide in manifest_rows(dataset)
     ]
+
+
+def slide_tile_stores(wildcards):
+    """Every slide's tile store of the model's dataset, in the order of its feature stores."""
+    dataset = SLIDE_CLASSIFIERS[wildcards.slide_model]["dataset"]
+    return [f"results/tiles/{dataset}/{slide}.zarr" for slide in manifest_rows(dataset)]
+
+
+def attention_runs(wildcards=None):
+    """The attention analysis folder of every slide classifier `slide_attention` names."""
+    return [ATTENTION_RUN.format(dataset=SLIDE_CLASSIFIERS[model]["dataset"], slide_model=model)
+            for model in config["slide_attention"]["models"]]
 
 
 def mhim_teacher_weights(wildcards):
@@ -225,6 +238,7 @@ def report_inputs(wildcards=None):
         # left-out slides' reasons and the QC pictures
         "tiles": slide_tiling_outputs("zarr"),
         "qc": slide_tiling_outputs("qc.png"),
+        "attention": attention_runs(),
     }
 
 

@@ -51,3 +51,36 @@ rule evaluate_slide_classifier:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/evaluate_slide_classifier.py"
+
+
+# Where a slide classifier looks and whether its decision rests on a few tiles:
+# per-tile attention, heatmaps, localisation AUC against the tumour masks, and
+# re-scoring without the k most-attended (or k random) tiles, from the stored
+# features. Its intervals are computed here, not in summarize: they come from
+# tables only this job writes, and the bootstrap settings are its params.
+rule slide_attention:
+    input:
+        model="results/models/{dataset}/{slide_model}/model.safetensors",
+        features=slide_feature_stores,
+        tiles=slide_tile_stores,
+        dataset="resources/{dataset}",  # the slides (thumbnails) and tumour masks
+    output:
+        directory(ATTENTION_RUN),
+    params:
+        settings={key: value for key, value in config["slide_attention"].items() if key != "models"},
+        statistics={
+            "bootstrap_resamples": config["report"]["bootstrap_resamples"],
+            "confidence": config["report"]["confidence"],
+            "seed": config["seed"],
+        },
+        device=config["device"],
+        code=code_fingerprint("evaluate", "io", "preprocess", "models"),
+    threads: 1
+    log:
+        "logs/slide_attention/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/slide_attention/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/slide_attention.py"

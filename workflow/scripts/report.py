@@ -15,4 +15,5 @@ with script_logging(snakemake):
         repository=snakemake.params.repository,
         tile_stores=list(snakemake.input.tiles),
         qc_pictures=list(snakemake.input.qc),
+        attention_runs=list(snakemake.input.attention),
     )

@@ -33,6 +33,7 @@ from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
 from medrobust.perturbations import PERTURBATIONS
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.slide_attention import attention_section
 from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
@@ -503,10 +504,11 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
                  settings: Mapping[str, Any], config: Mapping[str, Any],
                  repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
-                 qc_pictures: Sequence[str | os.PathLike] = ()) -> None:
+                 qc_pictures: Sequence[str | os.PathLike] = (),
+                 attention_runs: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
-    outputs."""
+    outputs; `attention_runs` the slide_attention jobs' folders."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -530,6 +532,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                 f"Training of the {family} classifiers; a star marks the epoch kept.")
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
     figure_files.update(slide_qc_figures(tile_stores, qc_pictures))
+    attention_figures, attention = attention_section(attention_runs)
+    figure_files.update(attention_figures)
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
@@ -567,6 +571,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                     for name, (png, caption) in figure_files.items()},
         "recipes": recipe_rows(trained),
         "datasets": dataset_rows(datasets, evaluations, tile_stores),
+        "attention": attention,
         "slide_qc": {"total": len(tile_stores),
                      "shown": sum(name.startswith("slide_qc_") for name in figure_files)},
         "provenance": provenance(repository, datasets, config,
