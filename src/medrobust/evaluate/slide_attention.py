@@ -29,6 +29,8 @@ import torch
 
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate.attention_files import (
+    HEATMAPS, LOCALISATION_TABLE, SUMMARY, TILES_TABLE, TOP_K_TABLE)
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
     auc_score, bootstrap_mean, classification_statistics, jsonable)
@@ -42,12 +44,6 @@ from medrobust.preprocess.tiling import MASK_PIXELS_PER_TILE, TileGrid, mask_fra
 
 log = get_logger(__name__)
 
-TILES_TABLE = "tiles.csv"
-LOCALISATION_TABLE = "localisation.csv"
-TOP_K_TABLE = "top_k.csv"
-SUMMARY = "summary.json"
-HEATMAPS = "heatmaps"
-REMOVALS = ("top", "random")
 
 
 @dataclass(frozen=True)

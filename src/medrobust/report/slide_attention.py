@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from medrobust.errors import InputError
-from medrobust.evaluate.slide_attention import HEATMAPS, LOCALISATION_TABLE, SUMMARY
+from medrobust.evaluate.attention_files import HEATMAPS, LOCALISATION_TABLE, SUMMARY
 from medrobust.report import figures
 
 MAX_HEATMAPS = 24   # per model: the page inlines each one
