@@ -14,8 +14,9 @@ from medrobust.evaluate.slide_attention import (
     tiles_to_remove, top_k_kept, tumour_tiles)
 from medrobust.io.tumour_masks import TumourAnnotations, TumourMask, rasterise_asap
 from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model
-from medrobust.preprocess.qc import (
-    HEATMAP_ALPHA, TUMOUR_CONTOUR, attention_heatmap, heatmap_colours, picture_scale)
+from medrobust.evaluate.heatmaps import (
+    HEATMAP_ALPHA, TUMOUR_CONTOUR, attention_heatmap, heatmap_colours)
+from medrobust.preprocess.qc import picture_scale
 
 
 def _composited(colour, background):

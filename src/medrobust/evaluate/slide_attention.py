@@ -6,7 +6,7 @@ For one saved slide classifier and its test slides (docs/mil.md, "Attention"):
   full bag: ABMIL's softmax weights, TransMIL's first-layer CLS attention),
   with each tile's tumour fraction where the dataset has tumour masks;
 - a heatmap per slide: the tiling thumbnail with every kept tile coloured by
-  its attention (preprocess/qc.py);
+  its attention (evaluate/heatmaps.py);
 - localisation AUC per slide with a tumour mask: the AUC of tile attention
   for telling tumour tiles (at least `tumour_threshold` of the tile in the
   mask) from the others, and its mean over slides with a bootstrap interval;
@@ -31,6 +31,7 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.attention_files import (
     HEATMAPS, LOCALISATION_TABLE, SUMMARY, TILES_TABLE, TOP_K_TABLE)
+from medrobust.evaluate.heatmaps import attention_heatmap
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
     auc_score, bootstrap_mean, classification_statistics, jsonable)
@@ -39,7 +40,6 @@ from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
 from medrobust.io.tumour_masks import TumourAnnotations, TumourMask
 from medrobust.logs import get_logger
-from medrobust.preprocess.qc import attention_heatmap
 from medrobust.preprocess.tiling import MASK_PIXELS_PER_TILE, TileGrid, mask_fractions
 
 log = get_logger(__name__)
