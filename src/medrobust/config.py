@@ -7,8 +7,8 @@ Three passes, every problem reported at once with the dotted path of its key:
 2. `check_references` checks what a schema cannot: every model and denoiser
    names a configured dataset of the right kind, an image classifier's
    `pretrained` weights file exists, a classifier's denoiser and a denoiser's
-   classifiers exist on the same dataset, robustness names configured models,
-   evaluation conditions get distinct names;
+   classifiers exist on the same dataset, robustness and slide_attention name
+   configured models, evaluation conditions get distinct names;
 3. `check_registries` checks every name that selects code (attack,
    perturbation, defense, denoiser kind, image and slide architecture,
    feature backbone, source type, synthetic modality) against the package's
@@ -221,6 +221,10 @@ def check_references(config: Mapping) -> list[str]:
         if name in image_models:
             problems.append(f"slide_classifiers.{name}: name already used by an image classifier")
         problems += _check_mhim_teacher(name, model, slide_models)
+
+    for index, name in enumerate(config.get("slide_attention", {}).get("models", [])):
+        if name not in slide_models:
+            problems.append(f"slide_attention.models.{index}: no slide classifier named {name!r}")
 
     robustness = config.get("robustness", {})
     for key in ("targets", "transfer_sources"):

@@ -42,6 +42,7 @@ SLIDE_CLASSIFIERS = config["slide_classifiers"]
 DENOISERS = config["denoisers"]
 DENOISER_RUN = "results/denoisers/{dataset}/{denoiser}"  # train_denoiser's output folder
 REPORT_HTML = Path("results/report/index.html").resolve()
+ATTENTION_RUN = "results/attention/{dataset}/{slide_model}"  # slide_attention's output folder
 
 
 def _alternatives(names):
@@ -59,6 +60,14 @@ wildcard_constraints:
     tile_perturbation=_alternatives(config.get("slide_robustness", {}).get("perturbations", {})),
     backbone=_alternatives([config["features"]["backbone"]]),
     slide=r"[^/]+",
+
+
+# The settings of every bootstrap interval a job computes (seeded, so reruns agree)
+INTERVAL_SETTINGS = {
+    "bootstrap_resamples": config["report"]["bootstrap_resamples"],
+    "confidence": config["report"]["confidence"],
+    "seed": config["seed"],
+}
 
 
 def code_fingerprint(*subpackages):
@@ -148,6 +157,16 @@ def slide_robustness_runs(wildcards=None):
         return []
     return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=settings["dataset"], model=name)
             for name, settings in sorted(SLIDE_CLASSIFIERS.items())]
+def slide_tile_stores(wildcards):
+    """Every slide's tile store of the model's dataset, in the order of its feature stores."""
+    dataset = SLIDE_CLASSIFIERS[wildcards.slide_model]["dataset"]
+    return [f"results/tiles/{dataset}/{slide}.zarr" for slide in manifest_rows(dataset)]
+
+
+def attention_runs(wildcards=None):
+    """The attention analysis folder of every slide classifier `slide_attention` names."""
+    return [ATTENTION_RUN.format(dataset=SLIDE_CLASSIFIERS[model]["dataset"], slide_model=model)
+            for model in config["slide_attention"]["models"]]
 
 
 def mhim_teacher_weights(wildcards):
@@ -291,6 +310,7 @@ def report_inputs(wildcards=None):
         "tiles": slide_tiling_outputs("zarr"),
         "qc": slide_tiling_outputs("qc.png"),
         "heatmaps": list(plan.fourier_heatmap_tables(config).values()),
+        "attention": attention_runs(),
     }
 
 

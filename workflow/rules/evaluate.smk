@@ -115,8 +115,6 @@ rule lesion_visibility:
 # A slide model on its test slides with a fraction of their tiles perturbed (features
 # from perturb_slide_tiles) and with PGD on its most-attended tiles, every condition in
 # one job; metrics with intervals (docs/mil.md, "Robustness of slide models").
-
-
 rule slide_robustness:
     input:
         model="results/models/{dataset}/{slide_model}/model.safetensors",
@@ -129,11 +127,7 @@ rule slide_robustness:
         settings=lambda wildcards: config["slide_robustness"],
         perturbed=slide_perturbation_runs,
         features=lambda wildcards: config["features"],
-        statistics={
-            "bootstrap_resamples": config["report"]["bootstrap_resamples"],
-            "confidence": config["report"]["confidence"],
-            "seed": config["seed"],
-        },
+        statistics=INTERVAL_SETTINGS,
         device=config["device"],
         code=code_fingerprint("evaluate", "attacks", "perturbations", "features"),
     threads: 1
@@ -147,3 +141,32 @@ rule slide_robustness:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/slide_robustness.py"
+
+
+# Where a slide classifier looks and whether its decision rests on a few tiles:
+# per-tile attention, heatmaps, localisation AUC against the tumour masks, and
+# re-scoring without the k most-attended (or k random) tiles, from the stored
+# features. Its intervals are computed here, not in summarize: they come from
+# tables only this job writes, and the bootstrap settings are its params.
+rule slide_attention:
+    input:
+        model="results/models/{dataset}/{slide_model}/model.safetensors",
+        features=slide_feature_stores,
+        tiles=slide_tile_stores,
+        dataset="resources/{dataset}",  # the slides (thumbnails) and tumour masks
+    output:
+        directory(ATTENTION_RUN),
+    params:
+        settings={key: value for key, value in config["slide_attention"].items() if key != "models"},
+        statistics=INTERVAL_SETTINGS,
+        device=config["device"],
+        code=code_fingerprint("evaluate", "io", "preprocess", "models"),
+    threads: 1
+    log:
+        "logs/slide_attention/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/slide_attention/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/slide_attention.py"

@@ -13,12 +13,7 @@ rule summarize:
     params:
         evaluations=evaluations(),
         defenses=defenses(),
-        statistics={
-            "bootstrap_resamples": config["report"]["bootstrap_resamples"],
-            "confidence": config["report"]["confidence"],
-            "alpha": config["report"]["alpha"],
-            "seed": config["seed"],
-        },
+        statistics={**INTERVAL_SETTINGS, "alpha": config["report"]["alpha"]},
         code=code_fingerprint("report"),
     log:
         "logs/summarize.log",

@@ -18,4 +18,5 @@ with script_logging(snakemake):
         heatmaps=snakemake.params.heatmaps,
         lesion_folders=list(snakemake.input.lesion_visibility),
         slide_robustness_folders=list(snakemake.input.slide_robustness),
+        attention_runs=list(snakemake.input.attention),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -26,9 +26,12 @@ from medrobust.train.slide_classifier import SlideBag, bag_logits, load_bags
 log = get_logger(__name__)
 
 
-def split_bags(model_dir: Path, config: Mapping[str, Any],
-               feature_paths: Sequence[str | os.PathLike], split: str) -> list[SlideBag]:
-    """The bags of `split`, after checking the features are those the model was trained on."""
+def load_split_bags(model_dir: Path, feature_paths: Sequence[str | os.PathLike], split: str,
+                    device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], list[SlideBag]]:
+    """The saved model (eval mode), its config, and the bags of `split` with tiles, after
+    checking that the features are those the model was trained on."""
+    model = load_model(model_dir, device)
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
     bags, provenance = load_bags(feature_paths, list(config["classes"]))
     if provenance["weights_sha256"] != config["backbone_weights_sha256"]:
         raise InputError(f"{model_dir}: the model was trained on {config['backbone']} features "
@@ -38,7 +41,7 @@ def split_bags(model_dir: Path, config: Mapping[str, Any],
     if not bags:
         raise InputError(f"no slide with tiles in the {split!r} split among "
                          f"{len(feature_paths)} feature stores")
-    return bags
+    return model, config, bags
 
 
 def evaluate_slide_classifier(model_dir: str | os.PathLike,
@@ -51,10 +54,8 @@ def evaluate_slide_classifier(model_dir: str | os.PathLike,
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
-    model = load_model(model_dir, device)
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    model, config, bags = load_split_bags(model_dir, feature_paths, split, device)
     classes = list(config["classes"])
-    bags = split_bags(model_dir, config, feature_paths, split)
     probabilities = torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
     labels = [bag.label for bag in bags]
     table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)

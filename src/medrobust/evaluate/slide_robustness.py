@@ -19,7 +19,6 @@ number of test slides).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,14 +34,13 @@ from medrobust.conditions import perturbation_store_name
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import prediction_table
-from medrobust.evaluate.slide_classifier import split_bags
+from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import classification_statistics
 from medrobust.features.backbones import build_backbone
 from medrobust.features.extract import FeatureConfig
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
-from medrobust.models.registry import CONFIG_FILE, load_model
 from medrobust.perturbations import build_perturbation
 from medrobust.perturbations.slide_tiles import TEST, perturbed_count, read_tiles
 from medrobust.progress import progress
@@ -217,10 +215,8 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
     `statistics`: bootstrap_resamples, confidence and seed of the intervals.
     """
     model_dir, device = Path(model_dir), torch.device(device)
-    model = load_model(model_dir, device)
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    model, config, bags = load_split_bags(model_dir, feature_paths, TEST, device)
     classes = list(config["classes"])
-    bags = split_bags(model_dir, config, feature_paths, TEST)
     labels = np.array([bag.label for bag in bags])
     weights_sha256 = config["backbone_weights_sha256"]
 

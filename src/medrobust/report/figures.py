@@ -352,3 +352,29 @@ def adversarial_tile_curves(metrics: pd.DataFrame) -> Figure:
         panel.grid(alpha=0.3)
     _legend_outside(figure, axes)
     return figure
+
+
+def top_k_curves(rows: pd.DataFrame) -> Figure:
+    """AUC and accuracy of slide classifiers against the number of tiles removed: one colour
+    per model, solid for the most-attended tiles, dashed for as many random tiles; k = 0 is
+    the full bag, shared by both lines. Columns: model, k, removal (none/top/random), and
+    auc, accuracy with their _low/_high interval bounds."""
+    colours = model_colours(rows["model"])
+    figure = _new_figure(10.0, 3.4)
+    axes = figure.subplots(1, 2, sharey=True)
+    for panel, metric in zip(axes, ("auc", "accuracy")):
+        for model, group in rows.groupby("model"):
+            full = group[group["removal"] == "none"]
+            for removal, style in (("top", "-"), ("random", "--")):
+                line = pd.concat([full, group[group["removal"] == removal]]).sort_values("k")
+                label = f"{model}: {'most-attended' if removal == 'top' else 'random'} tiles removed"
+                panel.plot(line["k"], line[metric], marker="o", linestyle=style,
+                           color=colours[model], label=label)
+                panel.fill_between(line["k"], line[f"{metric}_low"].astype(float),
+                                   line[f"{metric}_high"].astype(float), color=colours[model],
+                                   alpha=0.1, linewidth=0)
+        panel.set(title=f"{'AUC' if metric == 'auc' else 'accuracy'} of the test slides",
+                  xlabel="tiles removed per slide (k)", ylim=(-0.02, 1.02))
+        panel.grid(alpha=0.3)
+    _legend_outside(figure, axes)
+    return figure

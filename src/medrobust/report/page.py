@@ -36,6 +36,7 @@ from medrobust.perturbations import PERTURBATIONS
 from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.slide_attention import attention_section
 from medrobust.report.slide_robustness import slide_robustness_view
 from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
@@ -565,11 +566,13 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  qc_pictures: Sequence[str | os.PathLike] = (),
                  heatmaps: Mapping[str, str | os.PathLike] | None = None,
                  lesion_folders: Sequence[str | os.PathLike] = (),
-                 slide_robustness_folders: Sequence[str | os.PathLike] = ()) -> None:
+                 slide_robustness_folders: Sequence[str | os.PathLike] = (),
+                 attention_runs: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
     outputs; `heatmaps`: each model's Fourier heat-map table, by model;
-    `slide_robustness_folders`: each slide model's robustness run."""
+    `slide_robustness_folders`: each slide model's robustness run; `attention_runs`: the
+    slide_attention jobs' folders."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -607,6 +610,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     figure_files.update(lesion_figures)
     slide_robustness, slide_robustness_figures = slide_robustness_view(slide_robustness_folders)
     figure_files.update(slide_robustness_figures)
+    attention_figures, attention = attention_section(attention_runs)
+    figure_files.update(attention_figures)
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
@@ -649,6 +654,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                     for name, (png, caption) in figure_files.items()},
         "recipes": recipe_rows(trained),
         "datasets": dataset_rows(datasets, evaluations, tile_stores),
+        "attention": attention,
         "slide_qc": {"total": len(tile_stores),
                      "shown": sum(name.startswith("slide_qc_") for name in figure_files)},
         "provenance": provenance(repository, datasets, config,
