@@ -1,7 +1,5 @@
 """Tissue detection and slide tiling into tile stores."""
 
-import logging
-import shutil
 from pathlib import Path
 
 import numpy as np

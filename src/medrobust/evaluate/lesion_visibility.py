@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import ndimage
 
 from medrobust.config import config_from_mapping
-from medrobust.data.lesions import LESION_TYPES, LesionMask, read_lesion_masks
+from medrobust.data.lesions import LesionMask, read_lesion_masks
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.atomic import atomic_path

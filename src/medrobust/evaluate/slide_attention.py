@@ -40,9 +40,11 @@ from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
 from medrobust.io.tumour_masks import TumourAnnotations, TumourMask
 from medrobust.logs import get_logger
-from medrobust.preprocess.tiling import MASK_PIXELS_PER_TILE, TileGrid, mask_fractions
+from medrobust.preprocess.tiling import TileGrid, mask_fractions
 
 log = get_logger(__name__)
+
+HEATMAP_PIXELS_PER_TILE = 8  # thumbnail pixels per tile side
 
 
 
@@ -154,8 +156,9 @@ def _heatmap(slide: _Slide, attention: np.ndarray, annotations: TumourAnnotation
     attrs = slide.tile_attrs
     side = int(attrs["tile_size_level0"])
     with open_slide(attrs["source_path"], attrs.get("slide_mpp")) as source:
-        # the thumbnail the tiler found the tissue on, so heatmap and QC picture line up
-        thumbnail, downsample = source.thumbnail(side / MASK_PIXELS_PER_TILE)
+        # finer than the tiler's mask (4 pixels per tile by default): the tissue under
+        # the coloured squares should stay recognisable
+        thumbnail, downsample = source.thumbnail(side / HEATMAP_PIXELS_PER_TILE)
         mask = annotations.mask(slide.slide_id, source.dimensions, downsample)
     picture = attention_heatmap(thumbnail, slide.coords / downsample, side / downsample,
                                 attention, None if mask is None else mask.mask)

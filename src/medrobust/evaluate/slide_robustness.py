@@ -36,8 +36,7 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import prediction_table
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import classification_statistics
-from medrobust.features.backbones import build_backbone
-from medrobust.features.extract import FeatureConfig
+from medrobust.features.extract import FeatureConfig, backbone_for
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
@@ -233,7 +232,7 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
     adversarial = settings.adversarial_tiles()
     attack_description = None
     if adversarial is not None:
-        backbone = build_backbone(features.backbone, features.weights, features.seed)
+        backbone = backbone_for(features)
         if backbone.weights_sha256 != weights_sha256:
             raise InputError(f"{model_dir}: trained on features of weights {weights_sha256[:12]}, "
                              f"the configured backbone {backbone.name} has "

@@ -5,7 +5,7 @@ tiles are put in a seeded random order (the same order for every
 perturbation and severity, from the seed and the slide id), the first
 ceil(f_max · n) of them are read from the tile store, perturbed, rounded back
 to 8 bits (tiles are 8-bit images, as a scanner would give them) and embedded
-again with the dataset's backbone (`features.extract.embed_tiles`). A
+again with the dataset's backbone (`features.extract.embed_batch`). A
 fraction f then means the first ceil(f · n) tiles of that order, so the
 fractions nest, and every model of the dataset reads the same features: they
 are computed once per (dataset, backbone, perturbation, severity).
@@ -18,7 +18,6 @@ perturbation, severity, its settings, the seed and the backbone's weights.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import zlib
@@ -31,8 +30,8 @@ import zarr
 
 from medrobust.conditions import perturbation_store_name
 from medrobust.errors import InputError
-from medrobust.features.backbones import Backbone, build_backbone
-from medrobust.features.extract import FeatureConfig, embed_tiles
+from medrobust.features.backbones import Backbone
+from medrobust.features.extract import FeatureConfig, backbone_for, embed_batch
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import TileStore, open_tile_store
 from medrobust.logs import get_logger
@@ -78,8 +77,8 @@ def perturb_tiles(tiles: np.ndarray, perturbation: Perturbation, rng: np.random.
 
 
 def perturbed_slide_features(store: TileStore, backbone: Backbone, perturbation: Perturbation,
-                             count: int, seed: int, batch_size: int,
-                             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                             count: int, seed: int, batch_size: int, device: torch.device,
+                             precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """The order's first `count` tiles and their features after the perturbation."""
     slide_id = str(store.attrs["slide_id"])
     order = tile_order(seed, slide_id, len(store))[:count]
@@ -88,10 +87,10 @@ def perturbed_slide_features(store: TileStore, backbone: Backbone, perturbation:
     for start in range(0, count, CHUNK):
         positions = order[start:start + CHUNK]
         tiles = perturb_tiles(read_tiles(store, positions), perturbation, rng, device)
-        # the perturbed tiles as a tile store in memory, so the extractor embeds them as is
-        chunk = dataclasses.replace(store, tiles=tiles, coords=store.coords[positions],
-                                    tissue_fraction=store.tissue_fraction[positions])
-        features[start:start + len(positions)] = embed_tiles(chunk, backbone, batch_size, device)
+        # CHUNK (not batch_size) sets the random draws, so features do not depend on the batch
+        for offset in range(0, len(tiles), batch_size):
+            features[start + offset:start + offset + batch_size] = embed_batch(
+                backbone, tiles[offset:offset + batch_size], device, precision)
     return order, features
 
 
@@ -104,7 +103,7 @@ def slide_perturbation_run(tile_store_paths: Sequence[str | os.PathLike],
     for fractions up to max(`fractions`); one Zarr group per severity in `out_dir`."""
     params = dict(params or {})
     device = torch.device(device)
-    backbone = build_backbone(features.backbone, features.weights, features.seed)
+    backbone = backbone_for(features)
     stores = [store for store in map(open_tile_store, tile_store_paths)
               if store.attrs.get("split") == TEST and len(store) > 0]
     if not stores:
@@ -123,7 +122,7 @@ def slide_perturbation_run(tile_store_paths: Sequence[str | os.PathLike],
             for store in stores:
                 order, embedded = perturbed_slide_features(
                     store, backbone, perturbation, perturbed_count(largest, len(store)), seed,
-                    features.batch_size, device)
+                    features.batch_size, device, features.precision)
                 slide = group.create_group(str(store.attrs["slide_id"]))
                 slide.create_array("order", data=order.astype(np.int64))
                 slide.create_array("features", data=embedded)

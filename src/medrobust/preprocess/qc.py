@@ -3,13 +3,14 @@
 The tissue mask's outline and the kept tiles are drawn over the thumbnail the
 mask was computed from (as CLAM and TRIDENT show theirs), so a reader sees at
 a glance whether the tissue detection missed tissue or kept glass, pen marks
-or the slide label. The thumbnail has 8 pixels per tile side, so small slides
-or large tiles give a few dozen pixels: the picture is scaled to at least
+or the slide label. The thumbnail has `tiling.mask_pixels_per_tile` pixels
+per tile side (4 by default), so small slides or large tiles give a few
+dozen pixels: the picture is scaled to at least
 QC_MIN_SIDE pixels on its shorter side to be readable, and at most QC_MAX_SIDE
 on its longer, since the report inlines one per slide.
 
 The attention heatmap of a slide classifier (evaluate/heatmaps.py) is drawn
-with these helpers on the same thumbnail at the same scale, with the same
+with these helpers on a thumbnail of the same slide at the same scale, with the same
 tile squares, so the two pictures of a slide line up.
 """
 

@@ -32,7 +32,6 @@ from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
-from medrobust.perturbations import PERTURBATIONS
 from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
