@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from medrobust import config as config_module
-from medrobust.config import NAME_PATTERN, check_registries, registry_view, validate_config
+from medrobust.config import (BACKBONE_PATTERN, NAME_PATTERN, check_registries, registry_view,
+                              validate_config)
 from medrobust.config_docs import MissingDescription, generate
 from medrobust.errors import ConfigError
 from workflow_runner import ROOT, run_snakemake
@@ -86,7 +87,8 @@ def test_defaults_apply_only_to_their_kind_of_dataset(config):
     assert config["datasets"]["mammograms"]["preprocess"] == {"image_size": 64}
     assert "tiling" not in config["datasets"]["mammograms"]
     assert config["datasets"]["slides"]["tiling"] == {"target_mpp": 0.5, "tile_size": 224,
-                                                      "tissue_threshold": 0.5}
+                                                      "tissue_threshold": 0.5,
+                                                      "mask_pixels_per_tile": 4}
     assert "preprocess" not in config["datasets"]["slides"]
 
 
@@ -145,7 +147,7 @@ def test_schema_errors_name_the_key(config, edit, key):
         (lambda c: c["slide_classifiers"]["abmil"].update(dataset="mammograms"),
          "slide_classifiers.abmil.dataset: 'mammograms' is of kind 'images'"),
         (lambda c: c["robustness"]["targets"].append("ghost"),
-         "robustness.targets.2: no image classifier named 'ghost'"),
+         "robustness.targets.[0-9]+: no image classifier named 'ghost'"),
         (_set("slide_classifiers.abmil.mhim", {"teacher": "ghost"}),
          "slide_classifiers.abmil.mhim.teacher: no slide classifier named 'ghost'"),
         (_set("slide_classifiers.abmil.mhim", {"teacher": "abmil"}),
@@ -272,6 +274,26 @@ BAD_PARAMETERS = {
                            r"slide_classifiers\.abmil\.mhim\.merge_k"),
     "defense parameter value": (_set("image_classifiers.denoising.defense.lambda_n", -1),
                                 r"image_classifiers\.denoising\.defense: .*lambda_n"),
+    "perturbation setting": (_set("perturbations.fourier_basis",
+                                  {"severities": [4], "frequency": [1, 0.5]}),
+                             r"perturbations\.fourier_basis\.severities\.0: .*frequency must "
+                             r"be two integers"),
+    "perturbation setting it does not take": (_set("perturbations.gaussian_noise.frequency",
+                                                   [1, 1]),
+                                              r"perturbations\.gaussian_noise\.severities\.0: "
+                                              r"perturbation 'gaussian_noise': .*frequency"),
+    "Fourier heat map grid": (_set("fourier_heatmap", {"grid_size": 8}),
+                              r"fourier_heatmap\.grid_size must be odd"),
+    "tile perturbation name": (_set("slide_robustness.perturbations",
+                                    {"blurr": {"severities": [1]}}),
+                               r"slide_robustness\.perturbations\.blurr\.severities\.0: unknown "
+                               r"perturbation 'blurr'; known: .*stain_shift"),
+    "tile perturbation severity": (_set("slide_robustness.perturbations.jpeg",
+                                        {"severities": [0.5]}),
+                                   r"slide_robustness\.perturbations\.jpeg\.severities\.0: "
+                                   r".*quality"),
+    "tile attack budget": (_set("slide_robustness.adversarial.step_size", 0),
+                           r"slide_robustness\.adversarial\.step_size"),
     "defense distance": (_set("image_classifiers.denoising.defense.distance", "L2"),
                          r"image_classifiers\.denoising\.defense: .*distance must be one of "
                          r"l2, mse, not 'L2'"),
@@ -419,6 +441,41 @@ def test_an_unsafe_backbone_is_refused(config):
 def test_the_schema_and_the_package_share_the_name_pattern():
     schema = yaml.safe_load(SCHEMA.read_text())
     assert schema["$defs"]["name"]["pattern"] == NAME_PATTERN
+    assert schema["properties"]["features"]["properties"]["backbone"]["pattern"] == \
+        BACKBONE_PATTERN
+
+
+def test_a_timm_backbone_passes_and_an_unknown_timm_model_is_refused(config):
+    config["features"]["backbone"] = "timm:test_vit"
+    validate_config(copy.deepcopy(config), SCHEMA)
+    config["features"]["backbone"] = "timm:no_such_net"
+    with pytest.raises(ConfigError, match=r"features\.backbone: timm has no model 'no_such_net'"):
+        validate_config(config, SCHEMA)
+    config["features"]["backbone"] = "timm:../x"
+    with pytest.raises(ConfigError, match=r"features\.backbone: 'timm:\.\./x' cannot be a name"):
+        validate_config(config, SCHEMA)
+
+
+def test_a_feature_weights_file_must_exist_at_every_parse(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config["features"]["weights"] = "weights/uni.safetensors"
+    with pytest.raises(ConfigError, match=r"features\.weights: no weights file "
+                                          r"'weights/uni\.safetensors' \(relative to the "
+                                          r"working directory .*\); weights takes random, "
+                                          r"imagenet or the path of a weights file"):
+        validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights/uni.safetensors").write_bytes(b"")
+    validate_config(copy.deepcopy(config), SCHEMA, cache_dir=tmp_path / "cache")
+
+
+def test_model_kwargs_need_a_timm_backbone(config):
+    config["features"]["model_kwargs"] = {"init_values": 1e-5}
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs: applies to timm backbones "
+                                          r"only, not resnet18"):
+        validate_config(copy.deepcopy(config), SCHEMA)
+    config["features"]["backbone"] = "timm:test_vit"
+    validate_config(config, SCHEMA)
 
 
 # --- budgets and conditions -------------------------------------------------------------

@@ -24,8 +24,10 @@ def test_every_preset_is_listed_in_the_presets_readme():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.stem)
 def test_a_preset_passes_a_dry_run_with_a_job_per_model(preset):
-    # from the clone's root, as a user runs it (paths in presets are relative to it)
-    result = run_snakemake(ROOT, preset, "--dry-run", "--quiet", "rules", timeout=300)
+    # from the clone's root, as a user runs it (paths in presets are relative to it);
+    # --forceall: results a developer's own run left there must not hide jobs
+    result = run_snakemake(ROOT, preset, "--dry-run", "--forceall", "--quiet", "rules",
+                           timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     config = yaml.safe_load(preset.read_text())
@@ -42,3 +44,10 @@ def test_a_preset_passes_a_dry_run_with_a_job_per_model(preset):
     robustness = config.get("robustness", {})
     sources = set(robustness.get("transfer_sources", [])) | set(robustness.get("targets", []))
     assert jobs.get("attack", 0) == len(sources)
+    # slide robustness: one job per slide model, one per tile perturbation of each slide dataset
+    slide_robustness = config.get("slide_robustness")
+    slide_models = config.get("slide_classifiers", {})
+    assert jobs.get("slide_robustness", 0) == (len(slide_models) if slide_robustness else 0)
+    slide_datasets = {model["dataset"] for model in slide_models.values()}
+    assert jobs.get("perturb_slide_tiles", 0) == (
+        len(slide_robustness["perturbations"]) * len(slide_datasets) if slide_robustness else 0)

@@ -22,6 +22,7 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.image_store import write_image_store
+from medrobust.perturbations import GaussianNoise
 from medrobust.report import figures
 from medrobust.report.page import write_report
 from medrobust.report.provenance import applicable_config
@@ -80,6 +81,28 @@ def describe(model, condition):
 
 def store_path(root, condition):
     return str(root / "stores" / f"{condition.replace('-from-' , '_from_')}.zarr")
+
+
+def lesion_folder(root):
+    """A lesion visibility run's output for `mammograms`, as its job writes it."""
+    folder = root / "mammograms"
+    folder.mkdir(parents=True)
+    levels = [("clean", None), ("lowpass-8", 8.0), ("lowpass-2", 2.0)]
+    pd.DataFrame([{"level": level, "radius": radius, "lesion_type": kind, "n_lesions": 10,
+                   "cnr_mean": 3.0, "cnr_median": 2.9, "detectable": 0.7,
+                   "detectable_low": 0.35, "detectable_high": 0.93}
+                  for level, radius in levels for kind in ("mass", "calcification")]
+                 ).to_csv(folder / "visibility.csv", index=False)
+    pd.DataFrame([{"model": "baseline", "level": level, "radius": radius, "group": group,
+                   "n_positives": 5, "sensitivity": 0.6, "sensitivity_low": 0.15,
+                   "sensitivity_high": 0.95}
+                  for level, radius in levels for group in ("calcification only", "mass only")]
+                 ).to_csv(folder / "sensitivity.csv", index=False)
+    crop = np.full((3, 16, 16), 0.4, np.float32)
+    np.savez_compressed(folder / "crops.npz", radii=np.array([np.inf, 8.0, 2.0]), image_shape=[8, 8],
+                        calcification=crop, calcification_sample=np.array("m1"),
+                        mass=crop, mass_sample=np.array("m2"))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +182,18 @@ def results(tmp_path_factory):
         "attacks": {"fgsm": {"epsilons": [2.5, 8]}}, "robustness": {"targets": ["baseline"]},
     }
     config["image_classifiers"]["denoising"]["defense"] = {"name": "denoising"}
+    heatmap = root / "fourier_heatmap" / "baseline.csv"
+    heatmap.parent.mkdir()
+    pd.DataFrame([{"model": "baseline", "dataset": "mammograms", "row_frequency": i,
+                   "column_frequency": j, "norm": 4.0, "n": N_TEST, "errors": abs(i) + abs(j),
+                   "error_rate": (abs(i) + abs(j)) / N_TEST}
+                  for i in (-4, 0, 4) for j in (-4, 0, 4)]).to_csv(heatmap, index=False)
+    config["lesion_visibility"] = {"k": 2.5}
     write_report(out / "robustness.json", out / "index.html", out / "figures",
                  out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
                  settings={"n_examples": 2, "small_test_set": 200}, config=config,
-                 repository=str(root))
+                 repository=str(root), heatmaps={"baseline": str(heatmap)},
+                 lesion_folders=[lesion_folder(root / "lesions")])
     return {"root": root, "out": out, "evaluations": evaluations}
 
 
@@ -192,6 +223,47 @@ def test_every_number_has_its_interval(results):
     assert clean["positive_class"] == "malignant"
     # sensitivity of malignant: the odd indices below 34 are right, 17 of 20
     assert clean["sensitivity"] == pytest.approx(17 / 20)
+
+
+def test_sensitivity_at_the_clean_operating_point_keeps_the_clean_threshold(results):
+    robustness = table(results, "robustness")
+    evaluations = {(e["model"], e["condition"]): pd.read_csv(e["predictions"])
+                   for e in results["evaluations"]}
+    clean = evaluations[("baseline", "clean")]
+    positive = clean["label"] == 1
+    threshold = row(robustness, "baseline", "clean")["clean_threshold"]
+
+    def youden(frame, t):
+        return ((frame["prob_malignant"] >= t)[frame["label"] == 1].mean()
+                + (frame["prob_malignant"] < t)[frame["label"] == 0].mean() - 1)
+
+    assert youden(clean, threshold) == pytest.approx(
+        max(youden(clean, t) for t in clean["prob_malignant"][positive]), abs=1e-9)
+    for condition in ("clean", "gaussian_noise-severity0.1", "fgsm-eps8-from-surrogate"):
+        frame = evaluations[("baseline", condition)]
+        summary = row(robustness, "baseline", condition)
+        assert summary["clean_threshold"] == threshold  # chosen once, on clean images
+        caught = int((frame["prob_malignant"][frame["label"] == 1] >= threshold).sum())
+        assert summary["sensitivity_at_clean_threshold"] == pytest.approx(caught / 20, abs=1e-4)
+        exact = clopper_pearson(caught, 20)
+        assert (summary["sensitivity_at_clean_threshold_low"],
+                summary["sensitivity_at_clean_threshold_high"]) == pytest.approx(
+            (exact.low, exact.high), abs=1e-4)
+
+
+def test_sweep_curves_show_accuracy_auc_and_sensitivity_in_the_perturbations_units(results):
+    summary = json.loads((results["out"] / "robustness.json").read_text())
+    robustness = pd.DataFrame(summary["robustness"])
+    robustness["severity"] = pd.to_numeric(robustness["severity"])
+    figure = figures.perturbation_curves(robustness)
+    axes = [panel for panel in figure.axes if panel.get_ylabel() or panel.get_xlabel()]
+    assert [panel.get_ylabel() for panel in figure.axes] == [
+        "accuracy (fraction of test images)", "AUC", "sensitivity at the clean operating point"]
+    assert figure.axes[-1].get_xlabel() == GaussianNoise.severity_unit
+    assert "σ" in GaussianNoise.severity_unit
+    assert all(panel.collections for panel in axes)  # the interval bands
+    page = (results["out"] / "index.html").read_text()
+    assert f"gaussian_noise: {GaussianNoise.severity_unit}" in page
 
 
 def test_epsilon_and_severity_are_written_as_given(results):
@@ -303,10 +375,29 @@ def test_slide_training_curves_plot_validation_auc_and_loss_per_epoch():
     assert "validation AUC" not in titles
 
 
+def test_lesion_visibility_section_shows_visibility_beside_sensitivity(results):
+    page = (results["out"] / "index.html").read_text()
+    section = page[page.index('id="lesions"'):]
+    assert "Mammography: microcalcification visibility" in section
+    assert "k = 2.500" in section                       # the configured k, not a default
+    assert "calcification only" in section and "[0.350, 0.930]" in section
+    files = {path.stem for path in (results["out"] / "figures").glob("*.png")}
+    assert {"lesion_visibility_mammograms", "lesion_crops_mammograms"} <= files
+    folder = results["root"] / "lesions" / "mammograms"
+    figure = figures.lesion_visibility_curves(pd.read_csv(folder / "visibility.csv"),
+                                              pd.read_csv(folder / "sensitivity.csv"))
+    figure.draw_without_rendering()
+    axes = figure.axes
+    assert [label.get_text() for label in axes[0].get_xticklabels()] == ["2", "8", "clean"]
+    assert axes[0].collections and axes[2].collections  # exact interval bands (CNR has none)
+    legend = figure.legends[0].get_window_extent()
+    assert not any(legend.overlaps(panel.get_window_extent()) for panel in axes)
+
+
 def test_figures_are_written_as_files_and_inlined(results):
     files = {path.stem: path.read_bytes() for path in (results["out"] / "figures").glob("*.png")}
     assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",
-            "perturbation_strip_mammograms_gaussian_noise"} <= set(files)
+            "perturbation_strip_mammograms_gaussian_noise", "fourier_heatmap"} <= set(files)
     assert {"examples_mammograms_fgsm_eps8_from_surrogate", "examples_mammograms_ifgsm_eps8_from_surrogate",
             "examples_mammograms_fgsm_eps8_from_baseline"} <= set(files)
     page = (results["out"] / "index.html").read_text()

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+from PIL import Image
 
 import medrobust.io.slides as slides
 from medrobust.errors import InputError
@@ -50,16 +51,40 @@ def test_read_rgb_matches_openslide_and_fills_outside_with_background():
     assert (edge[:, 10:] == 255).all()  # beyond the slide: white, not black
 
 
-def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch):
+def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch, write_tiff):
+    # the CMU slide's pixels in a TIFF without the SVS file's own thumbnail: level 0 is decoded
     with open_slide(CMU) as slide:
+        pixels = slide.read_rgb((0, 0), 0, slide.dimensions)
+    with open_slide(write_tiff("cmu.tiff", pixels, mpp=0.499)) as slide:
         thumbnail, downsample = slide.thumbnail(8)
         monkeypatch.setattr(slides, "_STRIP_PIXELS", 2220 * 50)  # many strips
         stripped, _ = slide.thumbnail(8)
-        block = slide.read_rgb((160, 800), 0, (8, 8)).reshape(-1, 3).mean(axis=0)
+    block = pixels[800:808, 160:168].reshape(-1, 3).mean(axis=0)
     assert downsample == 8.0
     assert thumbnail.shape == (371, 278, 3)  # ceil(2967 / 8), ceil(2220 / 8)
     np.testing.assert_array_equal(stripped, thumbnail)
     np.testing.assert_allclose(thumbnail[100, 20], block, atol=1.0)
+
+
+def test_thumbnail_of_a_single_level_slide_is_the_files_own_when_fine_enough(monkeypatch):
+    with open_slide(CMU) as slide:
+        pixels = slide.read_rgb((0, 0), 0, slide.dimensions)
+        decoded = np.asarray(Image.fromarray(pixels).reduce(8)).astype(int)
+
+        def no_decoding(*args):
+            raise AssertionError("level 0 decoded")
+
+        monkeypatch.setattr(slide, "read_rgb", no_decoding)
+        # the SVS file's thumbnail is 574 x 768, 3.87 times smaller than level 0
+        thumbnail, downsample = slide.thumbnail(8)
+        assert thumbnail.shape == (371, 278, 3) and downsample == pytest.approx(2220 / 278)
+        assert np.abs(thumbnail - decoded).mean() < 8     # the same picture, scanner-scaled
+        coarse, coarse_downsample = slide.thumbnail(2, coarsest=4)  # the file's as it is
+        assert coarse.shape == (768, 574, 3) and coarse_downsample == pytest.approx(2220 / 574)
+        monkeypatch.undo()
+        # wanted finer than the file's thumbnail, no coarser source allowed: level 0 decoded
+        fine, fine_downsample = slide.thumbnail(3)
+        assert fine_downsample == 3 and fine.shape == (989, 740, 3)
 
 
 def test_thumbnail_reads_a_coarser_pyramid_level():
@@ -67,6 +92,10 @@ def test_thumbnail_reads_a_coarser_pyramid_level():
         thumbnail, downsample = slide.thumbnail(8.5)
         assert downsample == pytest.approx(slide.level_downsamples[3])
         assert thumbnail.shape[:2] == slide.level_dimensions[3][::-1]
+        # content with a coarser source: that level, not a finer one block-averaged
+        thumbnail, downsample = slide.thumbnail(2.5, coarsest=4.5)
+        assert downsample == pytest.approx(slide.level_downsamples[2])
+        assert thumbnail.shape[:2] == slide.level_dimensions[2][::-1]
 
 
 def test_missing_mpp_needs_a_fallback(write_tiff):

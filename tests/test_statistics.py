@@ -12,7 +12,8 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
     EXACT, PAIRED, STRATIFIED, Interval, auc_score, bootstrap_mean, classification_statistics,
-    clopper_pearson, jsonable, mcnemar_exact, model_auc, paired_bootstrap_difference, paired_comparison,
+    clopper_pearson, jsonable, mcnemar_exact, model_auc, operating_threshold,
+    paired_bootstrap_difference, paired_comparison, sensitivity_at_threshold,
     smallest_detectable_difference)
 
 
@@ -448,3 +449,35 @@ def test_a_model_that_leans_to_the_majority_class_gets_the_auc_caveat():
     assert result["verdict"] == "no detectable difference"
     assert result["auc_difference"].high < 0
     assert result["auc_caveat"] == "AUC lower"
+
+
+# ---------------------------------------------------------------- operating point
+
+def test_the_operating_threshold_maximises_youdens_j():
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 30 + [1] * 20)
+    scores = np.concatenate([rng.beta(2, 4, 30), rng.beta(4, 2, 20)]).round(2)  # with ties
+    threshold = operating_threshold(labels, scores)
+
+    def youden(t):
+        return (scores[labels == 1] >= t).mean() + (scores[labels == 0] < t).mean() - 1
+
+    best = max(youden(t) for t in np.unique(scores))
+    assert youden(threshold) == pytest.approx(best)
+    # between two observed scores, not on one
+    assert threshold not in set(scores)
+
+
+def test_the_operating_threshold_of_separable_scores_separates_them():
+    labels = np.array([0, 0, 1, 1])
+    threshold = operating_threshold(labels, np.array([0.1, 0.3, 0.6, 0.9]))
+    assert threshold == pytest.approx(0.45)
+    assert operating_threshold(np.array([1, 1]), np.array([0.2, 0.4])) is None
+
+
+def test_sensitivity_at_a_fixed_threshold_counts_positives_at_or_above_it():
+    labels = np.array([1, 1, 1, 1, 0, 0])
+    scores = np.array([0.9, 0.5, 0.49, 0.1, 0.95, 0.2])
+    interval = sensitivity_at_threshold(labels, scores, 0.5)
+    exact = clopper_pearson(2, 4)
+    assert (interval.estimate, interval.low, interval.high) == (0.5, exact.low, exact.high)

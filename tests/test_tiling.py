@@ -1,24 +1,23 @@
 """Tissue detection and slide tiling into tile stores."""
 
-import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 from skimage.color import rgb2hsv
 from skimage.transform import resize
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import sha256_file
-from medrobust.io.slide_stores import open_tile_store
+from medrobust.io.slide_stores import create_tile_store, open_tile_store, write_tile_shard
 from medrobust.io.slides import MAX_SLIDE_MPP, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
-from medrobust.preprocess.tiling import TilingConfig, tile_slide
-from medrobust.preprocess.tissue import tissue_mask
+from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_map
+from medrobust.preprocess.tissue import hsv_saturation, tissue_mask
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -48,6 +47,54 @@ def test_tissue_mask_of_blank_and_full_slides():
     assert tissue_mask(pink).all()  # all tissue: Otsu must not split it in two
 
 
+def test_hsv_saturation_is_rgb2hsvs():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb[0, :3] = [(0, 0, 0), (90, 90, 90), (255, 0, 0)]   # black, grey, pure red
+    np.testing.assert_array_equal(hsv_saturation(rgb), rgb2hsv(rgb)[..., 1])
+    assert hsv_saturation(rgb)[0, :3].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("pixels_per_tile, level", [(4, 3), (8, 2), (16, 1)])
+def test_the_tissue_mask_comes_from_the_coarsest_level_fine_enough(pixels_per_tile, level):
+    # boxes.tiff downsamples 1, 2, 4.016, 8.086; 32-pixel tiles at level 0
+    config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
+                          fallback_mpp=BOXES_MPP, mask_pixels_per_tile=pixels_per_tile)
+    with open_slide(BOXES, BOXES_MPP) as slide:
+        grid = plan_grid(slide, config)
+        thumbnail, mask, downsample = tissue_map(slide, grid, pixels_per_tile)
+        assert downsample == pytest.approx(slide.level_downsamples[level])
+    # at least 3/4 of the pixels per tile side asked for
+    assert 0.75 * pixels_per_tile <= 32 / downsample
+    assert mask.shape == thumbnail.shape[:2]
+
+
+def test_whole_shards_written_directly_are_zarrs_bytes_and_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    for n_tiles in (70, 5):   # a full shard and a partial last one; fewer tiles than a shard
+        tiles = rng.integers(0, 256, (n_tiles, 16, 16, 3), dtype=np.uint8)
+        ours, zarrs = (create_tile_store(tmp_path / f"{name}{n_tiles}.zarr", n_tiles, 16,
+                                         np.zeros((n_tiles, 2)), np.zeros(n_tiles), {})
+                       for name in ("ours", "zarr"))
+        for start in range(0, n_tiles, 64):
+            write_tile_shard(ours, start, tiles[start:start + 64])
+            zarrs[start:start + 64] = tiles[start:start + 64]
+        shards = sorted(path.relative_to(tmp_path / f"zarr{n_tiles}.zarr")
+                        for path in (tmp_path / f"zarr{n_tiles}.zarr").rglob("c/*/0/0/0"))
+        assert len(shards) == -(-n_tiles // 64)
+        for shard in shards:
+            assert (tmp_path / f"ours{n_tiles}.zarr" / shard).read_bytes() == \
+                (tmp_path / f"zarr{n_tiles}.zarr" / shard).read_bytes()
+        np.testing.assert_array_equal(
+            zarr.open_array(tmp_path / f"ours{n_tiles}.zarr" / "tiles", mode="r")[:], tiles)
+    # zarr leaves an all-zero (fill value) tile out of its shard; ours stores it, read the same
+    tiles[1] = 0
+    write_tile_shard(ours, 0, tiles)
+    np.testing.assert_array_equal(open_tile_store(tmp_path / "ours5.zarr").tiles[:], tiles)
+    with pytest.raises(ValueError, match="not one whole shard"):
+        write_tile_shard(zarrs, 1, tiles[:4])
+
+
 def test_tiling_config_rejects_unknown_and_bad_values():
     config = TilingConfig.from_mapping({"target_mpp": 2.0, "tile_size": 64,
                                         "tissue_threshold": 0.5})
@@ -58,6 +105,8 @@ def test_tiling_config_rejects_unknown_and_bad_values():
         TilingConfig(target_mpp=2.0, tile_size=64, tissue_threshold=1.5)
     with pytest.raises(ConfigError, match="tile_size"):
         TilingConfig(target_mpp=2.0, tile_size=0, tissue_threshold=0.5)
+    with pytest.raises(ConfigError, match="mask_pixels_per_tile"):
+        TilingConfig(target_mpp=2.0, tile_size=64, tissue_threshold=0.5, mask_pixels_per_tile=2.5)
 
 
 def test_row_runs_join_only_adjacent_tiles_of_one_row_up_to_the_longest():
@@ -242,23 +291,24 @@ def test_qc_picture_draws_the_tissue_outline_and_the_kept_tiles():
 
 
 def test_tiling_writes_a_qc_picture_of_the_slide(tmp_path):
-    config = TilingConfig(target_mpp=CMU_MPP * 4, tile_size=32, tissue_threshold=0.5)
+    config = TilingConfig(target_mpp=CMU_MPP * 4, tile_size=32, tissue_threshold=0.5,
+                          mask_pixels_per_tile=8)
     qc = tmp_path / "cmu.qc.png"
     n_tiles = tile_slide(CMU, tmp_path / "cmu.zarr", config, "cmu", "tumor", "train",
                          qc_path=qc)
     with Image.open(qc) as picture:
         pixels = np.asarray(picture.convert("RGB")).astype(int)
-    # the thumbnail the mask came from: 8 mask pixels per 128-pixel tile, (186, 139),
-    # enlarged to the smallest picture width
+    # the thumbnail the mask came from: 8 mask pixels per 128-pixel tile, (185, 139) from
+    # the file's own thumbnail, enlarged to the smallest picture width
     with open_slide(CMU) as slide:
-        thumbnail, _ = slide.thumbnail(128 / 8)
+        thumbnail, downsample = slide.thumbnail(128 / 8, 128 / 6)
     scale = QC_MIN_SIDE / 139
-    size = (QC_MIN_SIDE, round(186 * scale))
-    assert thumbnail.shape == (186, 139, 3) and pixels.shape == (*size[::-1], 3)
+    size = (QC_MIN_SIDE, round(185 * scale))
+    assert thumbnail.shape == (185, 139, 3) and pixels.shape == (*size[::-1], 3)
     under_all = np.asarray(Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR))
     assert (pixels == CONTOUR).all(axis=-1).sum() > 50
     store = open_tile_store(tmp_path / "cmu.zarr")
-    centres = ((store.coords + 64) / 16 * scale).astype(int)
+    centres = ((store.coords + 64) / downsample * scale).astype(int)
     drawn = pixels[centres[:, 1], centres[:, 0]]
     under = under_all[centres[:, 1], centres[:, 0]].astype(int)
     # every kept tile is tinted towards blue, where the tissue outline (holes) does not cross

@@ -99,7 +99,8 @@ def test_report_holds_the_table_numbers_with_their_intervals(workdir):
     assert "<img" in html and "http://" not in html and "https://" not in html
     figures = {path.stem for path in (workdir / "results/report/figures").glob("*.png")}
     assert {"accuracy_vs_epsilon", "accuracy_vs_severity", "training_curves_image",
-            "training_curves_slide", "perturbation_strip_mammograms_gaussian_noise"} <= figures
+            "training_curves_slide", "perturbation_strip_mammograms_gaussian_noise",
+            "fourier_heatmap"} <= figures
 
 
 def test_report_has_the_study_tables_of_what_the_config_ran(workdir):
@@ -124,6 +125,37 @@ def test_report_has_the_study_tables_of_what_the_config_ran(workdir):
         assert (cells[metric] == cells[f"{metric}_summary"]).all()
 
 
+def test_slide_attention_covers_every_test_slide(workdir):
+    """Per-tile attention, a heatmap per test slide, localisation AUC and top-k rows."""
+    from sklearn.metrics import roc_auc_score
+
+    run = workdir / "results/attention/slides/abmil"
+    manifest = pd.read_csv(workdir / "resources/slides/manifest.csv")
+    test = sorted(manifest.loc[manifest["split"] == "test", "sample_id"])
+    tiles = pd.read_csv(run / "tiles.csv")
+    assert sorted(tiles["slide_id"].unique()) == test
+    assert sorted(path.stem for path in (run / "heatmaps").glob("*.png")) == test
+    top_k = pd.read_csv(run / "top_k.csv")
+    localisation = pd.read_csv(run / "localisation.csv").set_index("slide_id")
+    for slide, group in tiles.groupby("slide_id"):
+        features = open_feature_store(workdir / f"results/features/slides/resnet18/{slide}.zarr")
+        assert (group[["x", "y"]].to_numpy() == features.coords).all()
+        assert group["attention"].sum() == pytest.approx(1, abs=1e-4)   # ABMIL's softmax
+        assert group["tumour_fraction"].between(0, 1).all()   # synthetic slides have masks
+        tumour = group["tumour_fraction"] >= 0.5
+        if tumour.any() and not tumour.all():
+            assert localisation.loc[slide, "auc"] == pytest.approx(
+                roc_auc_score(tumour, group["attention"]))
+        rows = top_k[top_k["slide_id"] == slide]
+        assert sorted(zip(rows["k"], rows["removal"])) == [
+            (0, "none"), (1, "random"), (1, "top"), (4, "random"), (4, "top")]
+        assert (rows["n_removed"] == rows["k"].clip(upper=len(group) - 1)).all()
+    html = (workdir / "results/report/index.html").read_text()
+    assert "Slides: attention" in html and "mean localisation AUC" in html
+    figures = {path.stem for path in (workdir / "results/report/figures").glob("*.png")}
+    assert {"attention_top_k", *(f"attention_abmil_{slide}" for slide in test)} <= figures
+
+
 def test_report_reads_right_in_a_browser(workdir, browser):
     """What a reader sees in headless Chromium, not only what the HTML holds."""
     open_file(browser, workdir / "results/report/index.html")
@@ -132,9 +164,13 @@ def test_report_reads_right_in_a_browser(workdir, browser):
     assert horizontal_overflow(browser) == 0, too_wide_elements(browser)
     text = visible_text(browser)
     headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h2")]
-    assert headings[:5] == ["At a glance", "Study 1: adversarial attacks and defenses",
+    assert headings[:6] == ["At a glance", "Study 1: adversarial attacks and defenses",
                             "Study 2: perturbation sweeps", "Study 3: slide classifiers",
+                            "Slides: attention",
                             "Every condition: sensitivity, specificity, balanced accuracy"]
+    # the attention heatmaps share rows, not one per row
+    heatmaps = browser.find_elements(By.CSS_SELECTOR, ".heatmaps figure")
+    assert len(heatmaps) == 2 and heatmaps[0].location["y"] == heatmaps[1].location["y"]
     assert headings[-4:] == ["Slides: quality control", "Data", "Provenance", "Configuration"]
     # the small-test-set warnings are on screen, before the tables
     warnings = browser.find_elements(By.CSS_SELECTOR, "#glance .warning")

@@ -35,6 +35,13 @@ PERTURBATION_RUN = "results/perturbations/{dataset}/{perturbation}"
 PERTURBATION_STORE = "severity{severity}.zarr"  # in PERTURBATION_RUN, one per severity
 EVALUATION_RUN = "results/evaluate/{dataset}/{model}"
 DETECTOR_FILE = "detector.json"  # in EVALUATION_RUN, for a model with MagNet's detector
+FOURIER_HEATMAP = "results/fourier_heatmap/{dataset}/{model}.csv"
+LESION_VISIBILITY_RUN = "results/lesion_visibility/{dataset}"
+LOWPASS = "lowpass"  # the perturbation the lesion visibility analysis sweeps
+# slide robustness (docs/mil.md): perturbed tile features shared by a dataset's models, and
+# each slide model's tile-fraction and adversarial-tile run
+SLIDE_PERTURBATION_RUN = "results/slide_perturbations/{dataset}/{backbone}/{tile_perturbation}"
+SLIDE_ROBUSTNESS_RUN = "results/slide_robustness/{dataset}/{model}"
 
 
 def number_label(value: int | float) -> str:
@@ -207,3 +214,49 @@ def model_condition_runs(config: Mapping[str, Any], model: str) -> list[str]:
     dataset = config["image_classifiers"][model]["dataset"]
     return list(dict.fromkeys(condition.run(dataset)
                               for condition in model_conditions(config, model)))
+
+
+def fourier_heatmap_tables(config: Mapping[str, Any]) -> dict[str, str]:
+    """The Fourier heat map of each robustness target, by model, when the config asks for them
+    (a `fourier_heatmap` section); else none."""
+    if config.get("fourier_heatmap") is None:
+        return {}
+    return {model: FOURIER_HEATMAP.format(dataset=config["image_classifiers"][model]["dataset"],
+                                          model=model)
+            for model in config.get("robustness", {}).get("targets", [])}
+def has_lesion_annotations(source: Mapping[str, Any]) -> bool:
+    """Whether a dataset's source writes a lesion table (read by `medrobust.data.lesions`)."""
+    return (source.get("type") == "cbis_ddsm"
+            or (source.get("type") == "synthetic" and source.get("modality") == "mammography"))
+
+
+def plan_lesion_visibility(config: Mapping[str, Any],
+                           evaluations: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per image dataset with lesion annotations and a low-pass sweep: what its analysis reads.
+
+    Each entry: `run` (the job's output folder), `radii` (the low-pass
+    severities), `evaluations` (`model, severity, predictions` of the clean
+    and low-pass conditions of every model evaluated under low-pass) and
+    `evaluation_runs` (the job outputs holding them).
+    """
+    if LOWPASS not in config.get("perturbations", {}):
+        return {}
+    plans = {}
+    for dataset, settings in config["datasets"].items():
+        if settings["kind"] != "images" or not has_lesion_annotations(settings["source"]):
+            continue
+        swept = {record["model"] for record in evaluations if record["dataset"] == dataset
+                 and record["perturbation"] == LOWPASS}
+        if not swept:
+            continue
+        records = [record for record in evaluations if record["model"] in swept
+                   and record["kind"] in ("clean", "perturbation")
+                   and record["perturbation"] in (None, LOWPASS)]
+        plans[dataset] = {
+            "run": LESION_VISIBILITY_RUN.format(dataset=dataset),
+            "radii": list(config["perturbations"][LOWPASS]["severities"]),
+            "evaluations": [{key: record[key] for key in ("model", "severity", "predictions")}
+                            for record in records],
+            "evaluation_runs": sorted({record["evaluation_run"] for record in records}),
+        }
+    return plans

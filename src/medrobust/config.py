@@ -7,17 +7,18 @@ Three passes, every problem reported at once with the dotted path of its key:
 2. `check_references` checks what a schema cannot: every model and denoiser
    names a configured dataset of the right kind, an image classifier's
    `pretrained` weights file exists, a classifier's denoiser and a denoiser's
-   classifiers exist on the same dataset, robustness names configured models,
-   evaluation conditions get distinct names;
+   classifiers exist on the same dataset, robustness and slide_attention name
+   configured models, evaluation conditions get distinct names;
 3. `check_registries` checks every name that selects code (attack,
    perturbation, defense, denoiser kind, image and slide architecture,
    feature backbone, source type, synthetic modality) against the package's
-   registries, and every attack, defense and denoiser parameter against the
-   class that takes it.
+   registries, and every attack, defense and denoiser parameter and the slide
+   robustness settings against the class that takes them.
 
 The top-level `seed` goes to everything random that sets no seed of its
 own: models, denoisers, dataset sources, the feature backbone
-(`resolve_seeds`) and the attacks whose Params take a `seed`
+and the adversarial tiles of `slide_robustness` (`resolve_seeds`) and the
+attacks whose Params take a `seed`
 (`registry_facts`). The registries import torch (5-10 s), so
 `validate_config` can remember a config that passed them:
 with a `cache_dir`, a marker named by the hash of what pass 3 reads and of
@@ -47,6 +48,8 @@ T = TypeVar("T")
 # Names that become parts of paths (datasets, models, attacks, perturbations,
 # backbones); the schema's `$defs/name` holds the same pattern.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+# `features.backbone`: a name, or `timm:` and a timm model's name (a path part too)
+BACKBONE_PATTERN = r"^(timm:)?" + NAME_PATTERN[1:]
 # Keys of an `attacks:` entry that the workflow reads; the others are the attack's Params.
 WORKFLOW_ATTACK_KEYS = ("epsilons",)
 # Keys of a `denoisers:` entry that name image classifiers its training needs (HGD's guide
@@ -57,18 +60,25 @@ DENOISER_MODEL_KEYS = ("guide", "source")
 
 # `pretrained` of an image classifier: these names, or the path of a weights file
 PRETRAINED = ("none", "imagenet")
+# `weights` of the feature backbone: these names, or the path of a weights file
+FEATURE_WEIGHTS = ("random", "imagenet")
+# `features` keys that change how fast features are made, not what they are: kept out of
+# the rule's params, so tuning them re-extracts nothing
+FEATURE_LOADER_KEYS = ("loader_workers", "prefetch_batches")
 
 
-def pretrained_problem(value: str) -> str | None:
-    """Why `value` cannot be an image classifier's `pretrained`, or None.
+def pretrained_problem(value: str, names: tuple[str, ...] = PRETRAINED,
+                       key: str = "pretrained") -> str | None:
+    """Why `value` cannot be an image classifier's `pretrained` (or, with `names` and
+    `key`, the feature backbone's `weights`), or None.
 
     A file is checked here, when the workflow is parsed, for existence only:
     whether its weights fit the architecture is known when the model is built.
     """
-    if value in PRETRAINED or Path(value).is_file():
+    if value in names or Path(value).is_file():
         return None
     return (f"no weights file {value!r} (relative to the working directory {os.getcwd()}); "
-            f"pretrained takes {', '.join(PRETRAINED)} or the path of a weights file")
+            f"{key} takes {', '.join(names)} or the path of a weights file")
 
 
 def config_from_mapping(cls: type[T], mapping: Mapping[str, Any], section: str) -> T:
@@ -117,7 +127,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return error.schema["x-message"]
     if error.validator == "additionalProperties":
         return f"unknown key(s): {error.message.split('(')[-1].rstrip(')')}"
-    if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
+    if error.validator == "pattern" and error.schema.get("pattern") in (NAME_PATTERN,
+                                                                        BACKBONE_PATTERN):
         return (f"{error.instance!r} cannot be a name: names become parts of paths and "
                 "may hold only letters, digits, '_', '-' and '.', not start with '.' "
                 "nor contain '..'")
@@ -168,6 +179,9 @@ def resolve_seeds(config: MutableMapping) -> MutableMapping:
     for dataset in config["datasets"].values():
         dataset["source"].setdefault("seed", seed)
     config.setdefault("features", {}).setdefault("seed", seed)
+    adversarial_tiles = config.get("slide_robustness", {}).get("adversarial")
+    if adversarial_tiles is not None:
+        adversarial_tiles.setdefault("seed", seed)
     return config
 
 
@@ -191,6 +205,13 @@ def check_references(config: Mapping) -> list[str]:
         problem = pretrained_problem(model.get("pretrained", "none"))
         if problem:  # a file, so never remembered with the registry checks
             problems.append(f"image_classifiers.{name}.pretrained: {problem}")
+    features = config.get("features", {})
+    problem = pretrained_problem(features.get("weights", "random"), FEATURE_WEIGHTS, "weights")
+    if problem:
+        problems.append(f"features.weights: {problem}")
+    if features.get("model_kwargs") and not features.get("backbone", "").startswith("timm:"):
+        problems.append(f"features.model_kwargs: applies to timm backbones only, not "
+                        f"{features.get('backbone')}")
     problems += _check_denoiser_references(config)
     for name, denoiser in config.get("denoisers", {}).items():
         expect_dataset("denoisers", name, denoiser, "images")
@@ -200,6 +221,10 @@ def check_references(config: Mapping) -> list[str]:
         if name in image_models:
             problems.append(f"slide_classifiers.{name}: name already used by an image classifier")
         problems += _check_mhim_teacher(name, model, slide_models)
+
+    for index, name in enumerate(config.get("slide_attention", {}).get("models", [])):
+        if name not in slide_models:
+            problems.append(f"slide_attention.models.{index}: no slide classifier named {name!r}")
 
     robustness = config.get("robustness", {})
     for key in ("targets", "transfer_sources"):
@@ -325,6 +350,8 @@ def registry_view(config: Mapping) -> dict[str, Any]:
         "features": {"backbone": config.get("features", {}).get("backbone", "resnet18")},
         "attacks": config.get("attacks", {}),
         "perturbations": config.get("perturbations", {}),
+        "fourier_heatmap": config.get("fourier_heatmap"),
+        "slide_robustness": config.get("slide_robustness"),
     }
 
 
@@ -382,8 +409,9 @@ def check_registries(view: Mapping) -> list[str]:
                                       model["arch_options"] or {}, f"{path}.arch_options")
         if model["mhim"] is not None:
             problems += _check_params(MHIMOptions, model["mhim"], f"{path}.mhim")
-    lookup("features.backbone", "feature backbone", view["features"]["backbone"],
-           backbones.BACKBONES)
+    problem = backbones.backbone_problem(view["features"]["backbone"])
+    if problem:
+        problems.append(f"features.backbone: {problem}")
     resolve_attack = getattr(attacks, "resolve_attack", None)  # checks a budget in its units
     for name, settings in view["attacks"].items():
         if lookup(f"attacks.{name}", "attack", name, attacks.ATTACKS):
@@ -401,11 +429,26 @@ def check_registries(view: Mapping) -> list[str]:
                     problems.append(_with_path(str(error), f"attacks.{name}.epsilons.{index}"))
     for name, settings in view["perturbations"].items():
         if lookup(f"perturbations.{name}", "perturbation", name, perturbations.PERTURBATIONS):
+            params = {key: value for key, value in settings.items() if key != "severities"}
             for index, severity in enumerate(settings["severities"]):
                 try:
-                    perturbations.PERTURBATIONS[name](severity)
+                    perturbations.build_perturbation(name, severity, **params)
                 except (ConfigError, TypeError, ValueError) as error:
                     problems.append(f"perturbations.{name}.severities.{index}: {error}")
+    if view.get("fourier_heatmap") is not None:
+        from medrobust.evaluate.fourier_heatmap import HeatmapConfig
+
+        try:
+            HeatmapConfig.from_mapping(view["fourier_heatmap"])
+        except ConfigError as error:
+            problems.append(str(error))
+    if view.get("slide_robustness") is not None:
+        from medrobust.evaluate.slide_robustness import SlideRobustnessConfig
+
+        try:
+            SlideRobustnessConfig.from_mapping(view["slide_robustness"])
+        except ConfigError as error:
+            problems.append(str(error))
     return problems
 
 

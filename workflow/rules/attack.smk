@@ -38,9 +38,13 @@ rule perturb:
         directory(plan.PERTURBATION_RUN),
     params:
         severities=lambda wildcards: config["perturbations"][wildcards.perturbation]["severities"],
+        settings=lambda wildcards: perturbation_settings(wildcards.perturbation),
         seed=config["seed"],
+        device=config["device"],
         code=code_fingerprint("perturbations"),
     threads: 1
+    resources:
+        gpu=1,
     log:
         "logs/perturb/{dataset}/{perturbation}.log",
     benchmark:
@@ -49,3 +53,35 @@ rule perturb:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/perturb.py"
+
+
+# Slide robustness: one job per tile perturbation of a slide dataset perturbs a seeded
+# fraction (the largest configured) of every test slide's tiles at every severity and
+# embeds them again; all slide models of the dataset share these features (docs/mil.md).
+
+
+rule perturb_slide_tiles:
+    input:
+        test_tile_stores,
+    output:
+        directory(plan.SLIDE_PERTURBATION_RUN),
+    params:
+        severities=lambda wildcards: tile_perturbations()[wildcards.tile_perturbation]["severities"],
+        settings=lambda wildcards: perturbation_settings(wildcards.tile_perturbation, tile_perturbations()),
+        fractions=lambda wildcards: config["slide_robustness"]["fractions"],
+        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        seed=config["seed"],
+        device=config["device"],
+        code=code_fingerprint("perturbations", "features"),
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    log:
+        "logs/perturb_slide_tiles/{dataset}/{backbone}/{tile_perturbation}.log",
+    benchmark:
+        "benchmarks/perturb_slide_tiles/{dataset}/{backbone}/{tile_perturbation}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/perturb_slide_tiles.py"

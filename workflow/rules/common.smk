@@ -13,8 +13,8 @@ sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 from medrobust import conditions as plan
-from medrobust.config import (
-    DENOISER_MODEL_KEYS, PRETRAINED, defense_labels, mil_baselines, validate_config)
+from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_WEIGHTS, PRETRAINED,
+                              defense_labels, mil_baselines, validate_config)
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 from medrobust.io.manifest_cache import manifest_rows as read_manifest_rows
@@ -32,6 +32,7 @@ try:
         cache_dir=Path(".snakemake/medrobust"),
     )
     EVALUATIONS = plan.plan_evaluations(config)  # every (model, condition), with its files
+    LESION_PLANS = plan.plan_lesion_visibility(config, EVALUATIONS)  # by dataset
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -47,6 +48,7 @@ SLIDES_GROUPED = sorted(name for name, dataset in DATASETS.items()
                         if dataset["kind"] == "slides" and dataset["slides_per_job"] > 1)
 SLIDES_ONE_PER_JOB = sorted(name for name, dataset in DATASETS.items()
                             if dataset["kind"] == "slides" and name not in SLIDES_GROUPED)
+ATTENTION_RUN = "results/attention/{dataset}/{slide_model}"  # slide_attention's output folder
 
 
 def _alternatives(names):
@@ -61,10 +63,19 @@ wildcard_constraints:
     denoiser=_alternatives(DENOISERS),
     source=_alternatives(IMAGE_CLASSIFIERS),
     perturbation=_alternatives(config["perturbations"]),
+    tile_perturbation=_alternatives(config.get("slide_robustness", {}).get("perturbations", {})),
     backbone=_alternatives([config["features"]["backbone"]]),
     slide=r"[^/]+",
     group=GROUP_PATTERN,
     fold=r"\d+",
+
+
+# The settings of every bootstrap interval a job computes (seeded, so reruns agree)
+INTERVAL_SETTINGS = {
+    "bootstrap_resamples": config["report"]["bootstrap_resamples"],
+    "confidence": config["report"]["confidence"],
+    "seed": config["seed"],
+}
 
 
 def code_fingerprint(*subpackages):
@@ -162,6 +173,56 @@ def slide_model_folder(wildcards, model=None):
     return f"{folder}/folds/{wildcards.fold}" if "fold" in wildcards.keys() else folder
 
 
+def test_slides(dataset):
+    """The slide ids of the dataset's test split, from its manifest."""
+    return [slide for slide, row in manifest_rows(dataset).items() if row["split"] == "test"]
+
+
+def test_tile_stores(wildcards):
+    """The tile stores of the dataset's test slides (slide robustness reads their pixels)."""
+    return [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in test_slides(wildcards.dataset)]
+
+
+def test_feature_stores(wildcards):
+    """The feature stores of the dataset's test slides."""
+    backbone = config["features"]["backbone"]
+    return [f"results/features/{wildcards.dataset}/{backbone}/{slide}.zarr"
+            for slide in test_slides(wildcards.dataset)]
+
+
+def tile_perturbations():
+    """The tile perturbations of `slide_robustness`, by name."""
+    return config["slide_robustness"]["perturbations"]
+
+
+def slide_perturbation_runs(wildcards):
+    """Each tile perturbation's run of the dataset, by perturbation name."""
+    return {name: plan.SLIDE_PERTURBATION_RUN.format(dataset=wildcards.dataset,
+                                                      backbone=config["features"]["backbone"],
+                                                      tile_perturbation=name)
+            for name in tile_perturbations()}
+
+
+def slide_robustness_runs(wildcards=None):
+    """Every slide model's robustness run; none without a `slide_robustness` section."""
+    if config.get("slide_robustness") is None:
+        return []
+    return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=settings["dataset"], model=name)
+            for name, settings in sorted(SLIDE_CLASSIFIERS.items())]
+
+
+def slide_tile_stores(wildcards):
+    """Every slide's tile store of the model's dataset, in the order of its feature stores."""
+    dataset = SLIDE_CLASSIFIERS[wildcards.slide_model]["dataset"]
+    return [f"results/tiles/{dataset}/{slide}.zarr" for slide in manifest_rows(dataset)]
+
+
+def attention_runs(wildcards=None):
+    """The attention analysis folder of every slide classifier `slide_attention` names."""
+    return [ATTENTION_RUN.format(dataset=SLIDE_CLASSIFIERS[model]["dataset"], slide_model=model)
+            for model in config["slide_attention"]["models"]]
+
+
 def mhim_teacher_weights(wildcards):
     """An MHIM-MIL model's teacher weights (so its train job runs first), of the same fold
     for a fold's model; none otherwise."""
@@ -210,6 +271,19 @@ def pretrained_weights_file(wildcards):
     file retrains it."""
     pretrained = IMAGE_CLASSIFIERS[wildcards.image_model]["pretrained"]
     return [] if pretrained in PRETRAINED else [pretrained]
+
+
+def feature_weights_file(wildcards):
+    """The backbone's local weights file, if `features.weights` names one: an input, so a
+    newer file re-extracts the features."""
+    weights = config["features"]["weights"]
+    return [] if weights in FEATURE_WEIGHTS else [weights]
+
+
+def feature_params(wildcards):
+    """What decides a slide's features: `features` without the loader's speed settings."""
+    return {key: value for key, value in config["features"].items()
+            if key not in FEATURE_LOADER_KEYS}
 
 
 def denoiser_folder(model):
@@ -295,17 +369,30 @@ def defenses():
     return defense_labels(config)
 
 
+def perturbation_settings(name, entries=None):
+    """A perturbation's settings besides its severities (e.g. fourier_basis's frequency), from
+    `entries` (default: the `perturbations` section)."""
+    entries = config["perturbations"] if entries is None else entries
+    return {key: value for key, value in entries[name].items() if key != "severities"}
+def lesion_visibility_runs():
+    """The lesion visibility analyses the report shows, one folder per dataset."""
+    return [settings["run"] for _, settings in sorted(LESION_PLANS.items())]
+
+
 def report_inputs(wildcards=None):
     """Everything the report page reads besides the summary."""
     records = evaluations()
     return {
         "evaluations": evaluation_runs(),
+        "lesion_visibility": lesion_visibility_runs(),
         "stores": sorted({record["store_run"] for record in records if record["store_run"]}),
         "histories": model_histories(),
         "datasets": dataset_folders(),
         # left-out slides' reasons and the QC pictures
         "tiles": slide_tiling_outputs("zarr"),
         "qc": slide_tiling_outputs("qc.png"),
+        "heatmaps": list(plan.fourier_heatmap_tables(config).values()),
+        "attention": attention_runs(),
     }
 
 

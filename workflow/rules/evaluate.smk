@@ -33,6 +33,37 @@ rule evaluate_image_classifier:
         "../scripts/evaluate_image_classifier.py"
 
 
+# The Fourier heat map of one model: its error rate under Fourier-basis noise at
+# every frequency of a grid, in one job that perturbs the clean test split in
+# memory (docs/perturbations.md).
+
+
+rule fourier_heatmap:
+    input:
+        model="results/models/{dataset}/{image_model}/model.safetensors",
+        images=plan.CLEAN_STORE,
+        denoiser=lambda wildcards: denoiser_weights(wildcards.image_model),
+    output:
+        plan.FOURIER_HEATMAP.format(dataset="{dataset}", model="{image_model}"),
+    params:
+        settings=config.get("fourier_heatmap"),
+        seed=config["seed"],
+        denoiser=lambda wildcards: denoiser_folder(wildcards.image_model),
+        device=config["device"],
+        code=code_fingerprint("evaluate", "perturbations"),
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        "logs/fourier_heatmap/{dataset}/{image_model}.log",
+    benchmark:
+        "benchmarks/fourier_heatmap/{dataset}/{image_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/fourier_heatmap.py"
+
+
 rule evaluate_slide_classifier:
     input:
         model="results/models/{dataset}/{slide_model}/model.safetensors",
@@ -73,3 +104,91 @@ rule evaluate_slide_folds:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/evaluate_slide_folds.py"
+
+
+# The mammography study's microcalcification analysis: per dataset with lesion
+# annotations, each lesion's visibility on the test images at every low-pass
+# radius, beside the models' sensitivity on calcification-only and mass-only
+# positives read from their evaluations. No model runs here: numpy only.
+rule lesion_visibility:
+    input:
+        dataset="resources/{dataset}",
+        images=plan.CLEAN_STORE,
+        evaluations=lambda wildcards: LESION_PLANS[wildcards.dataset]["evaluation_runs"],
+    output:
+        directory(plan.LESION_VISIBILITY_RUN),
+    params:
+        radii=lambda wildcards: LESION_PLANS[wildcards.dataset]["radii"],
+        evaluations=lambda wildcards: LESION_PLANS[wildcards.dataset]["evaluations"],
+        settings=config["lesion_visibility"],
+        confidence=config["report"]["confidence"],
+        code=code_fingerprint("evaluate", "data", "perturbations", "preprocess"),
+    threads: 1
+    log:
+        "logs/lesion_visibility/{dataset}.log",
+    benchmark:
+        "benchmarks/lesion_visibility/{dataset}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/lesion_visibility.py"
+
+
+# A slide model on its test slides with a fraction of their tiles perturbed (features
+# from perturb_slide_tiles) and with PGD on its most-attended tiles, every condition in
+# one job; metrics with intervals (docs/mil.md, "Robustness of slide models").
+rule slide_robustness:
+    input:
+        model="results/models/{dataset}/{slide_model}/model.safetensors",
+        features=test_feature_stores,
+        tiles=test_tile_stores,
+        perturbed=lambda wildcards: list(slide_perturbation_runs(wildcards).values()),
+    output:
+        directory(plan.SLIDE_ROBUSTNESS_RUN.format(dataset="{dataset}", model="{slide_model}")),
+    params:
+        settings=lambda wildcards: config["slide_robustness"],
+        perturbed=slide_perturbation_runs,
+        features=lambda wildcards: config["features"],
+        statistics=INTERVAL_SETTINGS,
+        device=config["device"],
+        code=code_fingerprint("evaluate", "attacks", "perturbations", "features"),
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        "logs/slide_robustness/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/slide_robustness/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/slide_robustness.py"
+
+
+# Where a slide classifier looks and whether its decision rests on a few tiles:
+# per-tile attention, heatmaps, localisation AUC against the tumour masks, and
+# re-scoring without the k most-attended (or k random) tiles, from the stored
+# features. Its intervals are computed here, not in summarize: they come from
+# tables only this job writes, and the bootstrap settings are its params.
+rule slide_attention:
+    input:
+        model="results/models/{dataset}/{slide_model}/model.safetensors",
+        features=slide_feature_stores,
+        tiles=slide_tile_stores,
+        dataset="resources/{dataset}",  # the slides (thumbnails) and tumour masks
+    output:
+        directory(ATTENTION_RUN),
+    params:
+        settings={key: value for key, value in config["slide_attention"].items() if key != "models"},
+        statistics=INTERVAL_SETTINGS,
+        device=config["device"],
+        code=code_fingerprint("evaluate", "io", "preprocess", "models"),
+    threads: 1
+    log:
+        "logs/slide_attention/{dataset}/{slide_model}.log",
+    benchmark:
+        "benchmarks/slide_attention/{dataset}/{slide_model}.tsv",
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/slide_attention.py"

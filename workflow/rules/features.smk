@@ -6,12 +6,13 @@
 rule extract_features:
     input:
         "results/tiles/{dataset}/{slide}.zarr",
+        weights=feature_weights_file,
     output:
         directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
     wildcard_constraints:
         dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
-        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        features=feature_params,
         device=config["device"],
         code=code_fingerprint("features"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs

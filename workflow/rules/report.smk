@@ -14,12 +14,7 @@ rule summarize:
         evaluations=evaluations(),
         defenses=defenses(),
         baselines=mil_baselines(config),  # MHIM-MIL models against their base model
-        statistics={
-            "bootstrap_resamples": config["report"]["bootstrap_resamples"],
-            "confidence": config["report"]["confidence"],
-            "alpha": config["report"]["alpha"],
-            "seed": config["seed"],
-        },
+        statistics={**INTERVAL_SETTINGS, "alpha": config["report"]["alpha"]},
         code=code_fingerprint("report"),
     log:
         "logs/summarize.log",
@@ -36,6 +31,8 @@ rule report:
         unpack(report_inputs),
         summary=rules.summarize.output.json,
         cv=cv_results(),  # known before any download, so a dry run lists the fold jobs
+        # apart from report_inputs, which waits for the downloads: planned from the config alone
+        slide_robustness=slide_robustness_runs(),
     output:
         html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
         tables=report("results/report/defense_tables.csv", caption="../report/defense_tables.rst", category="Tables"),
@@ -49,6 +46,7 @@ rule report:
     params:
         evaluations=evaluations(),
         models=trained_models(),
+        heatmaps=plan.fourier_heatmap_tables(config),
         settings={
             "n_examples": config["report"]["n_examples"],
             "small_test_set": config["report"]["small_test_set"],

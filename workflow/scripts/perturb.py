@@ -1,3 +1,4 @@
+from medrobust.device import select_device
 from medrobust.logs import script_logging
 from medrobust.perturbations.run import perturbation_run
 
@@ -8,4 +9,6 @@ with script_logging(snakemake):
         name=snakemake.wildcards.perturbation,
         severities=snakemake.params.severities,
         seed=snakemake.params.seed,
+        params=snakemake.params.settings,
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

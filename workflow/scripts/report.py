@@ -16,4 +16,8 @@ with script_logging(snakemake):
         tile_stores=list(snakemake.input.tiles),
         qc_pictures=list(snakemake.input.qc),
         cv_results=list(snakemake.input.cv),
+        heatmaps=snakemake.params.heatmaps,
+        lesion_folders=list(snakemake.input.lesion_visibility),
+        slide_robustness_folders=list(snakemake.input.slide_robustness),
+        attention_runs=list(snakemake.input.attention),
     )

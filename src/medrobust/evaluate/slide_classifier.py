@@ -27,12 +27,10 @@ from medrobust.train.slide_classifier import SlideBag, bag_logits, load_bags
 log = get_logger(__name__)
 
 
-def predict_split(model_dir: Path, feature_paths: Sequence[str | os.PathLike], split: str,
-                  device: str | torch.device = "cpu"
-                  ) -> tuple[dict[str, Any], list[SlideBag], np.ndarray]:
-    """A saved slide model's config, the bags of `split` and its class probabilities for
-    them, after checking the features are those it was trained on."""
-    device = torch.device(device)
+def load_split_bags(model_dir: Path, feature_paths: Sequence[str | os.PathLike], split: str,
+                    device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], list[SlideBag]]:
+    """The saved model (eval mode), its config, and the bags of `split` with tiles, after
+    checking that the features are those the model was trained on."""
     model = load_model(model_dir, device)
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     bags, provenance = load_bags(feature_paths, list(config["classes"]))
@@ -44,6 +42,16 @@ def predict_split(model_dir: Path, feature_paths: Sequence[str | os.PathLike], s
     if not bags:
         raise InputError(f"no slide with tiles in the {split!r} split among "
                          f"{len(feature_paths)} feature stores")
+    return model, config, bags
+
+
+def predict_split(model_dir: Path, feature_paths: Sequence[str | os.PathLike], split: str,
+                  device: str | torch.device = "cpu"
+                  ) -> tuple[dict[str, Any], list[SlideBag], np.ndarray]:
+    """A saved slide model's config, the bags of `split` and its class probabilities for
+    them, after checking the features are those it was trained on."""
+    device = torch.device(device)
+    model, config, bags = load_split_bags(model_dir, feature_paths, split, device)
     return config, bags, torch.softmax(bag_logits(model, bags, device), dim=1).numpy()
 
 

@@ -385,6 +385,45 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     }
 
 
+# ---------------------------------------------------------------- operating point
+
+def operating_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """The operating point chosen on (clean) data: the threshold on the positive class's
+    score (label 1) that maximises Youden's J = sensitivity + specificity - 1, an image
+    being called positive when its score is >= the threshold.
+
+    The threshold sits midway between the chosen score and the next lower one,
+    so it does not rest on one image's exact score; among equal J the lowest
+    threshold wins (screening favours sensitivity). None with one class only.
+    """
+    labels = _integer_labels(labels)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.shape != labels.shape or not np.isfinite(scores).all():
+        raise InputError(f"need one finite score per label, got {scores.shape} for "
+                         f"{labels.shape}")
+    positives, negatives = np.sort(scores[labels == 1]), np.sort(scores[labels != 1])
+    if positives.size == 0 or negatives.size == 0:
+        return None
+    candidates = np.unique(scores)
+    sensitivity = 1.0 - np.searchsorted(positives, candidates, side="left") / positives.size
+    specificity = np.searchsorted(negatives, candidates, side="left") / negatives.size
+    best = int(np.argmax(sensitivity + specificity))
+    if best == 0:
+        return float(candidates[0])
+    return float((candidates[best] + candidates[best - 1]) / 2.0)
+
+
+def sensitivity_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                             confidence: float = CONFIDENCE) -> Interval:
+    """The fraction of positives (label 1) whose score is >= `threshold`, with its exact
+    interval; the threshold is taken as fixed (chosen on other data, e.g. clean images)."""
+    labels = _integer_labels(labels)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = labels == 1
+    return clopper_pearson(int((scores[positive] >= threshold).sum()), int(positive.sum()),
+                           confidence)
+
+
 def bootstrap_mean(values: np.ndarray, labels: np.ndarray, n_resamples: int = N_RESAMPLES,
                    seed: int = 0, confidence: float = CONFIDENCE) -> Interval:
     """Mean of per-sample values with a bootstrap interval stratified by label.

@@ -54,21 +54,36 @@ class Slide:
         except openslide.OpenSlideError as error:
             raise InputError(f"{self.path}: cannot read region at {location} level {level} "
                              f"({error}); the slide file is corrupt") from error
-        pixels = np.asarray(region)
+        return self._rgb(region)
+
+    def _rgb(self, image: Image.Image) -> np.ndarray:
+        """An RGBA image from OpenSlide as RGB, unscanned (transparent) pixels the background."""
+        pixels = np.asarray(image)
         if pixels[..., 3].min() == 255:  # all scanned, the common case: nothing to fill
             return pixels[..., :3]
-        rgb = Image.new("RGB", region.size, self._background)
-        rgb.paste(region, mask=region)  # non-premultiplied alpha marks unscanned areas
+        rgb = Image.new("RGB", image.size, self._background)
+        rgb.paste(image, mask=image)  # non-premultiplied alpha marks unscanned areas
         return np.asarray(rgb)
 
-    def thumbnail(self, downsample: float) -> tuple[np.ndarray, float]:
+    def thumbnail(self, downsample: float,
+                  coarsest: float | None = None) -> tuple[np.ndarray, float]:
         """An RGB overview about `downsample` times smaller than level 0, and its exact downsample.
 
-        Read strip by strip from the best level and block-averaged by an
-        integer factor, so a slide without a pyramid is never held whole.
+        Read from the coarsest level whose downsample does not exceed `coarsest`
+        (default `downsample`), so a caller content with a coarser overview is
+        spared decoding a finer level, then block-averaged by an integer factor
+        towards `downsample`, strip by strip, so a slide without a pyramid is
+        never held whole. When the file's own overview (OpenSlide's associated
+        "thumbnail", as SVS files have) is fine enough and coarser than that
+        level, it is resized instead: a single-level slide's level 0 is then
+        not decoded at all.
         """
-        level = self.best_level(downsample)
+        coarsest = max(downsample, coarsest or downsample)
+        level = self.best_level(coarsest)
         level_downsample = self.level_downsamples[level]
+        associated = self._associated_thumbnail(downsample, coarsest, level_downsample)
+        if associated is not None:
+            return associated
         factor = max(1, int(downsample / level_downsample))
         width, height = self.level_dimensions[level]
         rows = max(factor, _STRIP_PIXELS // width // factor * factor)
@@ -78,6 +93,29 @@ class Slide:
                                   (width, min(rows, height - top)))
             strips.append(np.asarray(Image.fromarray(strip).reduce(factor)))
         return np.concatenate(strips), factor * level_downsample
+
+    def _associated_thumbnail(self, downsample: float, coarsest: float,
+                              level_downsample: float) -> tuple[np.ndarray, float] | None:
+        """The file's "thumbnail" image resized to about `downsample`, or None where it is
+        missing, does not cover level 0, is coarser than `coarsest`, or is no smaller than
+        `level_downsample` (then decoding the level costs about as much)."""
+        if level_downsample * 2 > downsample:
+            return None
+        # one decode: OpenSlide's mapping decodes the image even to answer `in`
+        image = self._slide.associated_images.get("thumbnail")
+        if image is None:
+            return None
+        width, height = self.dimensions
+        scale_x, scale_y = width / image.width, height / image.height
+        # the scanner floors each side: the two scales agree to a pixel unless it is cropped
+        if abs(scale_x - scale_y) * min(image.size) > max(scale_x, scale_y) \
+                or not level_downsample < scale_x <= coarsest * (1 + _LEVEL_TOLERANCE):
+            return None
+        size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+        if size[0] > image.width:  # finer than wanted would only add pixels
+            size = image.size
+        # BOX averages the area each output pixel covers, as the block average above does
+        return self._rgb(image.resize(size, Image.Resampling.BOX)), width / size[0]
 
     def close(self) -> None:
         self._slide.close()

@@ -173,13 +173,14 @@ def torchvision_net(arch: str, pretrained: str) -> nn.Module:
         return torchvision.models.get_model(arch, weights=_PRETRAINED)
     net = torchvision.models.get_model(arch)
     if pretrained != "none":
-        load_weights_file(net, Path(pretrained), arch)
+        load_weights_file(net, Path(pretrained), f"torchvision's {arch}")
     return net
 
 
-def load_weights_file(net: nn.Module, path: Path, arch: str) -> None:
+def load_weights_file(net: nn.Module, path: Path, what: str) -> None:
     """Load a state dict file (torch.save'd, read with weights_only, or safetensors)
-    into `net`; InputError naming the file when it is unreadable or does not fit."""
+    into `net` (`what`, for messages); InputError naming the file when it is unreadable
+    or does not fit."""
     try:
         state = (load_file(str(path)) if path.suffix == ".safetensors"
                  else torch.load(path, map_location="cpu", weights_only=True))
@@ -198,7 +199,7 @@ def load_weights_file(net: nn.Module, path: Path, arch: str) -> None:
                               if key in state and state[key].shape != expected[key].shape]),
     ) if keys]
     if misfits:
-        raise InputError(f"{path}: the weights do not fit torchvision's {arch} (" + "; ".join(
+        raise InputError(f"{path}: the weights do not fit {what} (" + "; ".join(
             f"{label}: {_some(keys)}" for label, keys in misfits) + ")")
     bad = nonfinite_tensors(state)
     if bad:

@@ -6,25 +6,37 @@ perturbation classes; `build_perturbation` makes one at a given severity.
 
 from __future__ import annotations
 
-from medrobust.errors import unknown_name
+from medrobust.errors import ConfigError, unknown_name
 from medrobust.perturbations.base import Perturbation
-from medrobust.perturbations.fourier import HighPass, LowPass
+from medrobust.perturbations.blur import GaussianBlur
+from medrobust.perturbations.fourier import FourierBasisNoise, HighPass, LowPass
 from medrobust.perturbations.gaussian_noise import GaussianNoise
+from medrobust.perturbations.jpeg import JPEG
+from medrobust.perturbations.stain import StainShift
 
 PERTURBATIONS: dict[str, type[Perturbation]] = {
     "gaussian_noise": GaussianNoise,
     "lowpass": LowPass,
     "highpass": HighPass,
+    "fourier_basis": FourierBasisNoise,
+    "gaussian_blur": GaussianBlur,
+    "jpeg": JPEG,
+    "stain_shift": StainShift,
 }
 
 
-def build_perturbation(name: str, severity: float) -> Perturbation:
+def build_perturbation(name: str, severity: float, **params) -> Perturbation:
+    """`params`: the perturbation's own settings besides the severity (the config's keys
+    other than `severities`, e.g. fourier_basis's `frequency`)."""
     try:
         perturbation_class = PERTURBATIONS[name]
     except KeyError:
         raise unknown_name("perturbation", name, PERTURBATIONS) from None
-    return perturbation_class(severity)
+    try:
+        return perturbation_class(severity, **params)
+    except TypeError as error:  # a setting the perturbation does not take
+        raise ConfigError(f"perturbation {name!r}: {error}") from None
 
 
 __all__ = ["PERTURBATIONS", "Perturbation", "GaussianNoise", "LowPass", "HighPass",
-           "build_perturbation"]
+           "FourierBasisNoise", "GaussianBlur", "JPEG", "StainShift", "build_perturbation"]

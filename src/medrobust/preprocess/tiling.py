@@ -38,7 +38,7 @@ from PIL import Image
 from medrobust.errors import ConfigError, InputError, check_choice
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
-from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store
+from medrobust.io.slide_stores import TILES_PER_SHARD, create_tile_store, write_tile_shard
 from medrobust.io.slides import Slide, open_slide
 from medrobust.logs import get_logger
 from medrobust.progress import progress
@@ -49,7 +49,9 @@ from medrobust.preprocess.qc import left_out_picture, qc_picture, save_png
 from medrobust.preprocess.tissue import tissue_mask
 
 log = get_logger(__name__)
-MASK_PIXELS_PER_TILE = 8   # thumbnail resolution: a tile spans about 8x8 mask pixels
+# A mask source coarser than `mask_pixels_per_tile` asks is taken down to this share of
+# its pixels per tile side (3 of 4): a pyramid level that close spares decoding a finer one
+COARSEST_MASK_SHARE = 0.75
 _BATCH = TILES_PER_SHARD   # tiles per dask task: each task reads one whole shard
 _RUN_PIXELS = 4096         # widest region read at once, in pixels at the read level
 
@@ -60,10 +62,14 @@ class TilingConfig:
     tile_size: int
     tissue_threshold: float
     fallback_mpp: float | None = None   # for slides that state no mpp
+    # tissue-mask pixels per tile side: 4, about CLAM's and hs2p's; 8 moves fewer tiles at
+    # the tissue's edge but costs 9-15x the CPU on a 50,000^2 slide (docs/benchmarks.md)
+    mask_pixels_per_tile: int = 4
 
     def __post_init__(self) -> None:
         positive_number(self.target_mpp, "tiling.target_mpp")
         positive_number(self.tile_size, "tiling.tile_size", integer=True)
+        positive_number(self.mask_pixels_per_tile, "tiling.mask_pixels_per_tile", integer=True)
         if self.fallback_mpp is not None:
             positive_number(self.fallback_mpp, "tiling.fallback_mpp")
         threshold = self.tissue_threshold
@@ -104,9 +110,13 @@ def plan_grid(slide: Slide, config: TilingConfig) -> TileGrid:
                     read_size=max(1, round(tile_size_level0 / level_downsample)))
 
 
-def tissue_map(slide: Slide, grid: TileGrid) -> tuple[np.ndarray, np.ndarray, float]:
-    """The thumbnail the tissue is found on, its tissue mask, and its downsample."""
-    thumbnail, downsample = slide.thumbnail(grid.tile_size_level0 / MASK_PIXELS_PER_TILE)
+def tissue_map(slide: Slide, grid: TileGrid,
+               pixels_per_tile: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The thumbnail the tissue is found on (about `pixels_per_tile` per tile side, from the
+    cheapest source that gives at least COARSEST_MASK_SHARE of that), its tissue mask, and
+    its downsample."""
+    wanted = grid.tile_size_level0 / pixels_per_tile
+    thumbnail, downsample = slide.thumbnail(wanted, wanted / COARSEST_MASK_SHARE)
     return thumbnail, tissue_mask(thumbnail), downsample
 
 
@@ -126,9 +136,9 @@ def mask_fractions(mask: np.ndarray, downsample: float, grid: TileGrid) -> np.nd
     return (covered / ((y1 - y0) * (x1 - x0))).astype(np.float32)
 
 
-def tissue_fractions(slide: Slide, grid: TileGrid) -> np.ndarray:
+def tissue_fractions(slide: Slide, grid: TileGrid, pixels_per_tile: int) -> np.ndarray:
     """Fraction of each grid tile that the thumbnail's tissue mask covers."""
-    _, mask, downsample = tissue_map(slide, grid)
+    _, mask, downsample = tissue_map(slide, grid, pixels_per_tile)
     return mask_fractions(mask, downsample, grid)
 
 
@@ -150,7 +160,8 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
     try:
         with open_slide(slide_path, config.fallback_mpp) as slide:
             grid = plan_grid(slide, config)
-            thumbnail, mask, mask_downsample = tissue_map(slide, grid)
+            thumbnail, mask, mask_downsample = tissue_map(slide, grid,
+                                                          config.mask_pixels_per_tile)
             fractions = mask_fractions(mask, mask_downsample, grid)
             keep = fractions >= config.tissue_threshold
             coords, fractions = grid.coords[keep], fractions[keep]
@@ -224,7 +235,7 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_si
 
     def write(start: int, batch: np.ndarray) -> None:
         try:
-            tiles[start:start + len(batch)] = batch  # one whole shard, one file write
+            write_tile_shard(tiles, start, batch)  # one whole shard, one file write
         finally:
             pending.release()
         with lock:

@@ -53,10 +53,13 @@ def model_colours(models: Sequence[str]) -> dict[str, str]:
     return {model: f"C{index % 10}" for index, model in enumerate(sorted(set(models)))}
 
 
-def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, **style) -> None:
-    """Accuracy with its interval band against `levels`."""
-    axes.plot(levels, rows["accuracy"], marker="o", **style)
-    axes.fill_between(levels, rows["accuracy_low"], rows["accuracy_high"],
+def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, metric: str = "accuracy",
+          **style) -> None:
+    """`metric` with its interval band against `levels` (gaps where it is undefined)."""
+    values = pd.to_numeric(rows[metric], errors="coerce")
+    axes.plot(levels, values, marker="o", **style)
+    axes.fill_between(levels, pd.to_numeric(rows[f"{metric}_low"], errors="coerce"),
+                      pd.to_numeric(rows[f"{metric}_high"], errors="coerce"),
                       color=style.get("color"), alpha=0.15, linewidth=0)
 
 
@@ -103,23 +106,67 @@ def attack_curves(robustness: pd.DataFrame) -> Figure:
     return figure
 
 
+# the sweep's metrics, one row of panels each (summary columns, with _low / _high)
+SWEEP_METRICS = (("accuracy", ACCURACY_LABEL), ("auc", "AUC"),
+                 ("sensitivity_at_clean_threshold", "sensitivity at the clean operating point"))
+
+
+def severity_unit(name: str) -> str:
+    """A perturbation's severity with its unit, as the axes and tables name it."""
+    return getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
+
+
 def perturbation_curves(robustness: pd.DataFrame) -> Figure:
-    """Accuracy against severity, one panel per perturbation, in its own units."""
+    """Accuracy, AUC and sensitivity at the clean operating point against severity: one column
+    of panels per perturbation, severity in its own units; rows of a metric with no values
+    (e.g. AUC or sensitivity with more than two classes) are left out."""
     perturbed = robustness[robustness["kind"] == "perturbation"]
     names = sorted(perturbed["perturbation"].unique())
+    metrics = [(metric, label) for metric, label in SWEEP_METRICS
+               if metric in perturbed and perturbed[metric].notna().any()]
     colours = model_colours(robustness["model"])
-    figure = _new_figure(3.8 * len(names) + 2.0, 3.4)
-    axes = figure.subplots(1, len(names), squeeze=False, sharey=True)[0]
-    for panel, name in zip(axes, names):
+    figure = _new_figure(3.8 * len(names) + 2.0, 3.0 * len(metrics) + 0.4)
+    axes = figure.subplots(len(metrics), len(names), squeeze=False, sharey="row")
+    for column, name in enumerate(names):
         for model, group in perturbed[perturbed["perturbation"] == name].groupby("model"):
             clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
             levels, group = _from_clean(group, "severity", clean)
-            _line(panel, levels, group, color=colours[model], label=model)
-        unit = getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
-        panel.set(title=name, xlabel=unit, ylim=(-0.02, 1.02))
-        panel.grid(alpha=0.3)
-    axes[0].set_ylabel(ACCURACY_LABEL)
-    _legend_outside(figure, axes)
+            for row, (metric, _) in enumerate(metrics):
+                _line(axes[row, column], levels, group, metric, color=colours[model],
+                      label=model)
+        axes[0, column].set_title(name)
+        for row in range(len(metrics)):
+            axes[row, column].set(ylim=(-0.02, 1.02))
+            axes[row, column].grid(alpha=0.3)
+        axes[-1, column].set_xlabel(severity_unit(name))
+    for row, (_, label) in enumerate(metrics):
+        axes[row, 0].set_ylabel(label)
+    _legend_outside(figure, axes.ravel())
+    return figure
+
+
+def fourier_heatmaps(tables: Mapping[str, pd.DataFrame]) -> Figure:
+    """One Fourier heat map per model (Yin et al. 2019): the error rate under basis noise at
+    each frequency (i down, j across, in cycles per image), zero frequency in the centre,
+    on one colour scale from 0 to 1."""
+    models = sorted(tables)
+    figure = _new_figure(3.4 * len(models) + 1.2, 3.4)
+    axes = figure.subplots(1, len(models), squeeze=False)[0]
+    image = None
+    for panel, model in zip(axes, models):
+        table = tables[model]
+        grid = table.pivot(index="row_frequency", columns="column_frequency",
+                           values="error_rate").sort_index().sort_index(axis=1)
+        image = panel.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
+                             origin="upper", interpolation="nearest")
+        panel.set_xticks(range(len(grid.columns)), [str(v) for v in grid.columns],
+                         fontsize="x-small", rotation=90)
+        panel.set_yticks(range(len(grid.index)), [str(v) for v in grid.index],
+                         fontsize="x-small")
+        panel.set(title=f"{model} (v = {table['norm'].iloc[0]:g}, n = {table['n'].iloc[0]})",
+                  xlabel="j, cycles per image across", ylabel="i, cycles per image down")
+    if image is not None:
+        figure.colorbar(image, ax=list(axes), label="error rate under basis noise")
     return figure
 
 
@@ -189,4 +236,151 @@ def image_panel_grid(rows: Sequence[Sequence[tuple[np.ndarray, str, str]]],
             panel.set_axis_off()
         row_axes[0].set_ylabel(row_label, fontsize="small")
     figure.suptitle(title, fontsize="medium")
+    return figure
+
+
+def _levels_axis(axes: Axes, radii: Sequence[float]) -> dict[str, float]:
+    """x positions of the low-pass levels: each radius (log scale), and clean right of the
+    largest, where the filter's strength runs out."""
+    radii = sorted(radii)
+    clean = 2.0 * radii[-1]
+    axes.set_xscale("log")
+    axes.set_xticks([*radii, clean], [f"{radius:g}" for radius in radii] + ["clean"])
+    axes.minorticks_off()
+    axes.set_xlabel("low-pass radius (cycles per image)")
+    return {"clean": clean}
+
+
+def _band(axes: Axes, x: Sequence[float], rows: pd.DataFrame, column: str, **style) -> None:
+    axes.plot(x, rows[column], marker="o", **style)
+    if f"{column}_low" in rows:
+        axes.fill_between(x, rows[f"{column}_low"].astype(float),
+                          rows[f"{column}_high"].astype(float), color=style.get("color"),
+                          alpha=0.15, linewidth=0)
+
+
+def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame) -> Figure:
+    """Lesion visibility against the low-pass radius beside each model's sensitivity.
+
+    Left: the fraction of lesions still detectable (95% exact bands); middle:
+    the median contrast-to-noise ratio; right: sensitivity on calcification-only
+    (solid) and mass-only (dashed) positives, per model.
+    """
+    radii = [float(r) for r in visibility["radius"].dropna().unique()]
+    figure = _new_figure(13.0, 3.4)
+    axes = figure.subplots(1, 3)
+    # visibility in black and grey, so it is not read as one of the models' colours
+    styles = {"calcification": ("black", "-"), "mass": ("grey", "--"),
+              "calcification only": (None, "-"), "mass only": (None, "--")}
+
+    def x_of(rows: pd.DataFrame, positions: Mapping[str, float]) -> list[float]:
+        return [positions["clean"] if pd.isna(r) else float(r) for r in rows["radius"]]
+
+    for panel, column, title in ((axes[0], "detectable", "lesions still detectable"),
+                                 (axes[1], "cnr_median", "median contrast-to-noise ratio")):
+        positions = _levels_axis(panel, radii)
+        for lesion_type, rows in visibility.groupby("lesion_type", sort=True):
+            colour, line = styles[lesion_type]
+            rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
+            _band(panel, rows["x"], rows, column, color=colour, linestyle=line,
+                  label=f"{lesion_type} (visibility)")
+        panel.set(title=title)
+        panel.grid(alpha=0.3)
+    axes[0].set(ylim=(-0.02, 1.02), ylabel="fraction of lesions")
+    axes[1].axhline(0.0, color="grey", linewidth=0.8)
+    positions = _levels_axis(axes[2], radii)
+    colours = model_colours(sensitivity["model"]) if len(sensitivity) else {}
+    for (model, group), rows in sensitivity.groupby(["model", "group"], sort=True):
+        rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
+        n = int(rows["n_positives"].max())
+        _band(axes[2], rows["x"], rows, "sensitivity", color=colours[model],
+              linestyle=styles[group][1], label=f"{model}: {group} (n = {n})")
+    axes[2].set(title="model sensitivity", ylim=(-0.02, 1.02),
+                ylabel="fraction of malignant images found")
+    axes[2].grid(alpha=0.3)
+    _legend_outside(figure, axes)
+    return figure
+
+
+# --- slide robustness (report.slide_robustness) ---------------------------------------------
+
+SLIDE_METRICS = (("accuracy", "accuracy (fraction of test slides)"), ("auc", "AUC"))
+
+
+def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
+    """Slide accuracy and AUC against the fraction of tiles perturbed: one column per
+    perturbation and severity, one line per model, fraction 0 the clean bags; 95% bands."""
+    sweeps = metrics[metrics["kind"] == "tile_fraction"]
+    panels = sorted({(name, float(severity)) for name, severity
+                     in zip(sweeps["perturbation"], sweeps["severity"])})
+    colours = model_colours(metrics["model"])
+    figure = _new_figure(3.4 * len(panels) + 2.4, 2.8 * len(SLIDE_METRICS))
+    axes = figure.subplots(len(SLIDE_METRICS), len(panels), squeeze=False, sharey=True)
+    for column, (name, severity) in enumerate(panels):
+        for model, rows in sweeps[(sweeps["perturbation"] == name)
+                                  & (sweeps["severity"] == severity)].groupby("model"):
+            clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
+            levels, rows = _from_clean(rows, "fraction", clean)
+            for row, (metric, _) in enumerate(SLIDE_METRICS):
+                _line(axes[row][column], levels, rows, metric, color=colours[model], label=model)
+        for row, (metric, label) in enumerate(SLIDE_METRICS):
+            panel = axes[row][column]
+            panel.set(ylim=(-0.02, 1.02), xlim=(-0.03, 1.03))
+            panel.grid(alpha=0.3)
+            if row == 0:
+                panel.set_title(f"{name}, severity {severity:g}")
+            if row == len(SLIDE_METRICS) - 1:
+                panel.set_xlabel("fraction of each slide's tiles perturbed")
+            if column == 0:
+                panel.set_ylabel(label)
+    _legend_outside(figure, axes.ravel())
+    return figure
+
+
+def adversarial_tile_curves(metrics: pd.DataFrame) -> Figure:
+    """Slide accuracy and AUC against k, the most-attended tiles attacked: one line per model
+    and ε, k = 0 the clean bags; 95% bands."""
+    attacked = metrics[metrics["kind"] == "adversarial_tiles"]
+    colours = model_colours(metrics["model"])
+    epsilons = sorted(attacked["epsilon"].unique())
+    styles = dict(zip(epsilons, ["-", "--", ":", "-."] * len(epsilons)))
+    figure = _new_figure(3.6 * len(SLIDE_METRICS) + 2.4, 3.2)
+    axes = figure.subplots(1, len(SLIDE_METRICS), squeeze=False, sharey=True)[0]
+    for (model, epsilon), rows in attacked.groupby(["model", "epsilon"]):
+        clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
+        levels, rows = _from_clean(rows, "k", clean)
+        for panel, (metric, _) in zip(axes, SLIDE_METRICS):
+            _line(panel, levels, rows, metric, color=colours[model],
+                  linestyle=styles[epsilon], label=f"{model}, ε {epsilon:g}/255")
+    for panel, (metric, label) in zip(axes, SLIDE_METRICS):
+        panel.set(xlabel="k, most-attended tiles attacked (PGD-L∞)", ylabel=label,
+                  ylim=(-0.02, 1.02))
+        panel.grid(alpha=0.3)
+    _legend_outside(figure, axes)
+    return figure
+
+
+def top_k_curves(rows: pd.DataFrame) -> Figure:
+    """AUC and accuracy of slide classifiers against the number of tiles removed: one colour
+    per model, solid for the most-attended tiles, dashed for as many random tiles; k = 0 is
+    the full bag, shared by both lines. Columns: model, k, removal (none/top/random), and
+    auc, accuracy with their _low/_high interval bounds."""
+    colours = model_colours(rows["model"])
+    figure = _new_figure(10.0, 3.4)
+    axes = figure.subplots(1, 2, sharey=True)
+    for panel, metric in zip(axes, ("auc", "accuracy")):
+        for model, group in rows.groupby("model"):
+            full = group[group["removal"] == "none"]
+            for removal, style in (("top", "-"), ("random", "--")):
+                line = pd.concat([full, group[group["removal"] == removal]]).sort_values("k")
+                label = f"{model}: {'most-attended' if removal == 'top' else 'random'} tiles removed"
+                panel.plot(line["k"], line[metric], marker="o", linestyle=style,
+                           color=colours[model], label=label)
+                panel.fill_between(line["k"], line[f"{metric}_low"].astype(float),
+                                   line[f"{metric}_high"].astype(float), color=colours[model],
+                                   alpha=0.1, linewidth=0)
+        panel.set(title=f"{'AUC' if metric == 'auc' else 'accuracy'} of the test slides",
+                  xlabel="tiles removed per slide (k)", ylim=(-0.02, 1.02))
+        panel.grid(alpha=0.3)
+    _legend_outside(figure, axes)
     return figure

@@ -24,15 +24,19 @@ from medrobust import __version__
 from medrobust.config import defense_labels, mil_baselines
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
+from medrobust.evaluate.fourier_heatmap import read_heatmap
+from medrobust.evaluate import lesion_visibility
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
-from medrobust.perturbations import PERTURBATIONS
+from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
+from medrobust.report.slide_attention import attention_section
+from medrobust.report.slide_robustness import slide_robustness_view
 from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
@@ -334,7 +338,7 @@ def perturbation_strip(clean: ImageStore, stores: Sequence[tuple[float, ImageSto
     """One row per sample: the clean image and the image at every severity."""
     chosen = example_samples(clean, n)
     sample_ids = [str(clean.sample_ids[i]) for i in chosen]
-    unit = getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
+    unit = figures.severity_unit(name)
     columns = [(_images(clean, sample_ids), "clean", clean_models)]
     columns += [(_images(store, sample_ids), f"{severity:g}", models)
                 for severity, store, models in stores]
@@ -400,6 +404,61 @@ def image_figures(robustness: pd.DataFrame, evaluations: Sequence[Mapping[str, A
                                    min(n_examples, 2)),
                 f"{dataset}: {name} at every severity, with each model's prediction.")
     return found
+
+
+# ---------------------------------------------------------------------------
+# the mammography study: microcalcification visibility under low-pass filtering
+
+def _read_lesion_table(folder: Path, name: str) -> pd.DataFrame:
+    path = folder / lesion_visibility.FILES[name]
+    try:
+        return pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{path}: unreadable lesion visibility table ({error})") from error
+
+
+def lesion_crops_figure(crops: Mapping[str, np.ndarray], title: str) -> bytes:
+    """One calcification cluster and one mass, cropped, at every level, above the spectrum
+    mask of each level (centred: zero frequency in the middle)."""
+    radii = crops["radii"]
+    height, width = (int(side) for side in crops["image_shape"])
+    titles = ["clean" if not np.isfinite(r) else f"radius {r:g}" for r in radii]
+    rows, labels = [], []
+    for lesion_type in lesion_visibility.GROUPS:
+        if lesion_type in crops:
+            rows.append([(crop[None], heading, "") for crop, heading in
+                         zip(crops[lesion_type], titles)])
+            labels.append(f"{lesion_type}\n{crops[f'{lesion_type}_sample']}")
+    masks = [np.ones((height, width)) if not np.isfinite(r)
+             else np.fft.fftshift(gaussian_lowpass_mask(height, width, float(r))) for r in radii]
+    rows.append([(mask[None], heading, "kept: white") for mask, heading in zip(masks, titles)])
+    labels.append("spectrum mask")
+    return figures.png(figures.image_panel_grid(rows, labels, title))
+
+
+def lesion_visibility_views(folders: Sequence[str | os.PathLike],
+                            k: float) -> tuple[list[dict[str, Any]], dict[str, tuple[bytes, str]]]:
+    """Per dataset: its visibility and sensitivity rows for the page, and its two figures."""
+    views, found = [], {}
+    for folder in map(Path, folders):
+        dataset = folder.name
+        visibility = _read_lesion_table(folder, "visibility")
+        sensitivity = _read_lesion_table(folder, "sensitivity")
+        found[f"lesion_visibility_{dataset}"] = (
+            figures.png(figures.lesion_visibility_curves(visibility, sensitivity)),
+            f"{dataset}: lesions still detectable (peak above the surrounding ring's mean by "
+            f"k = {k:g} standard deviations) and their median contrast-to-noise ratio against "
+            "the low-pass radius, beside each model's sensitivity on malignant images with "
+            "calcifications only and with a mass only; bands are 95% exact intervals.")
+        with np.load(folder / lesion_visibility.FILES["crops"]) as crops:
+            found[f"lesion_crops_{dataset}"] = (
+                lesion_crops_figure(dict(crops), f"{dataset}: lesions under low-pass filtering"),
+                f"{dataset}: a calcification cluster and a mass from the test images, cropped, "
+                "at every low-pass radius, with the Gaussian spectrum mask of each radius.")
+        views.append({"dataset": dataset,
+                      "visibility": [_plain(row) for _, row in visibility.iterrows()],
+                      "sensitivity": [_plain(row) for _, row in sensitivity.iterrows()]})
+    return views, found
 
 
 # ---------------------------------------------------------------------------
@@ -513,11 +572,17 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  settings: Mapping[str, Any], config: Mapping[str, Any],
                  repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
                  qc_pictures: Sequence[str | os.PathLike] = (),
+                 heatmaps: Mapping[str, str | os.PathLike] | None = None,
+                 lesion_folders: Sequence[str | os.PathLike] = (),
+                 slide_robustness_folders: Sequence[str | os.PathLike] = (),
+                 attention_runs: Sequence[str | os.PathLike] = (),
                  cv_results: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
-    outputs; `cv_results` the slide models' cross-validation summaries
-    (`evaluate.cross_validation`)."""
+    outputs; `heatmaps`: each model's Fourier heat-map table, by model;
+    `slide_robustness_folders`: each slide model's robustness run; `attention_runs`: the
+    slide_attention jobs' folders; `cv_results`: the slide models' cross-validation
+    summaries (`evaluate.cross_validation`)."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -531,8 +596,16 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
             "over attacks; bands are 95% intervals; ε = 0 is the clean accuracy.")
     if (images["kind"] == "perturbation").any():
         figure_files["accuracy_vs_severity"] = (
-            figures.png(figures.perturbation_curves(images)), "Accuracy against severity per perturbation, "
-            "in its own units; bands are 95% intervals.")
+            figures.png(figures.perturbation_curves(images)), "Accuracy, AUC and sensitivity "
+            "at the clean operating point against severity per perturbation, in its own units; "
+            "severity 0 is the clean test set; bands are 95% intervals.")
+    if heatmaps:
+        figure_files["fourier_heatmap"] = (
+            figures.png(figures.fourier_heatmaps({model: read_heatmap(path)
+                                                  for model, path in heatmaps.items()})),
+            "Fourier heat maps (Yin et al. 2019): each model's error rate on the test images "
+            "with Fourier-basis noise of L2 norm v added at frequency (i, j), the zero "
+            "frequency in the centre; mirrored cells are the same basis image.")
     for family in ("image", "slide"):
         histories = {name: model["history"] for name, model in trained.items()
                      if model["config"].get("family") == family}
@@ -543,6 +616,14 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                 + (" (slide models: the best validation AUC)." if family == "slide" else "."))
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
     figure_files.update(slide_qc_figures(tile_stores, qc_pictures))
+    lesions_k = lesion_visibility.LesionVisibilityConfig.from_mapping(
+        config.get("lesion_visibility", {})).k
+    lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k)
+    figure_files.update(lesion_figures)
+    slide_robustness, slide_robustness_figures = slide_robustness_view(slide_robustness_folders)
+    figure_files.update(slide_robustness_figures)
+    attention_figures, attention = attention_section(attention_runs)
+    figure_files.update(attention_figures)
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),
@@ -565,7 +646,12 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "defense_tables": [defense_table_view(table, warnings) for table in tables],
         "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
         "has_attacks": bool((images["kind"] == "attack").any()),
-        "has_perturbations": bool((images["kind"] == "perturbation").any()),
+        "has_perturbations": bool((images["kind"] == "perturbation").any()) or bool(heatmaps),
+        "severity_units": {name: figures.severity_unit(name)
+                           for name in sorted(images["perturbation"].dropna().unique())},
+        "lesions": lesions, "lesions_k": lesions_k,
+        "slide_robustness": slide_robustness,
+        "small_test_set": int(settings["small_test_set"]),
         "comparisons": [comparison_row(row) for _, row in comparisons.iterrows()],
         "masking": [{**_plain(row), "label": budget_label(row)}
                     for _, row in summary["gradient_masking"].iterrows()],
@@ -583,6 +669,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                     for name, (png, caption) in figure_files.items()},
         "recipes": recipe_rows(trained),
         "datasets": dataset_rows(datasets, evaluations, tile_stores),
+        "attention": attention,
         "slide_qc": {"total": len(tile_stores),
                      "shown": sum(name.startswith("slide_qc_") for name in figure_files)},
         "provenance": provenance(repository, datasets, config,

@@ -6,7 +6,10 @@ probabilities). From the predictions this module computes, with
 `medrobust.evaluate.statistics`:
 
 - one row per (model, condition) with intervals for accuracy, balanced
-  accuracy, AUC, sensitivity and specificity (robustness.csv);
+  accuracy, AUC, sensitivity and specificity (robustness.csv), and for
+  two-class models the sensitivity at the clean operating point: the
+  threshold chosen on the model's clean predictions
+  (`statistics.operating_threshold`), kept fixed under every condition;
 - derived rows per attacked model: the *worst case* at each epsilon and
   threat model (an image counts as robust only if it survives every attack run
   there, as RobustBench counts) and the *mean over perturbations*;
@@ -35,17 +38,18 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import (
     CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, classification_statistics, mcnemar_exact,
-    paired_bootstrap_difference, paired_comparison,
-    smallest_detectable_difference)
+    operating_threshold, paired_bootstrap_difference, paired_comparison,
+    sensitivity_at_threshold, smallest_detectable_difference)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
 log = get_logger(__name__)
 
 # metrics with an interval, in column order; each gives <name>, <name>_low, <name>_high
-INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
+                    "sensitivity_at_clean_threshold")
 DESCRIPTION_KEYS = tuple(key for key in METRIC_KEYS if key not in ("n", "accuracy", "auc"))
-SUMMARY_COLUMNS = (*DESCRIPTION_KEYS, "threat_model", "n", "positive_class",
+SUMMARY_COLUMNS = (*DESCRIPTION_KEYS, "threat_model", "n", "positive_class", "clean_threshold",
                    *(f"{metric}{suffix}" for metric in INTERVAL_METRICS
                      for suffix in ("", "_low", "_high")))
 PER_CLASS_COLUMNS = ("family", "model", "dataset", "condition", "class", "support",
@@ -167,7 +171,8 @@ def _row(description: Mapping[str, Any], statistics: Mapping[str, Any],
          classes: Sequence[str]) -> dict[str, Any]:
     row = {**description, "threat_model": description.get("threat_model") or threat_model(description),
            "n": statistics["n"],
-           "positive_class": classes[1] if len(classes) == 2 else None}
+           "positive_class": classes[1] if len(classes) == 2 else None,
+           "clean_threshold": statistics.get("clean_threshold")}
     for metric in INTERVAL_METRICS:
         row.update(_interval_columns(metric, statistics.get(metric)))
     return row
@@ -182,6 +187,15 @@ def _per_class_rows(description: Mapping[str, Any], statistics: Mapping[str, Any
             row.update(_interval_columns(metric, numbers.get(metric)))
         rows.append(row)
     return rows
+
+
+def clean_threshold(evaluations: Sequence[Evaluation]) -> float | None:
+    """A two-class model's operating point, chosen on its clean predictions (the score is
+    P(classes[1])); None for more classes or without a clean evaluation."""
+    for evaluation in evaluations:
+        if evaluation.description["kind"] == "clean" and len(evaluation.classes) == 2:
+            return operating_threshold(evaluation.labels, evaluation.probabilities[:, 1])
+    return None
 
 
 def worst_case(evaluations: Sequence[Evaluation]) -> Evaluation:
@@ -243,9 +257,20 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     rows, per_class, matrices = [], [], []
     paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | np.ndarray]]] = {}
     for key, model_evaluations in by_model.items():
+        threshold = clean_threshold(model_evaluations)
+
+        def with_operating_point(stats: dict, outcome: Evaluation) -> dict:
+            if threshold is not None:
+                stats["clean_threshold"] = threshold
+                stats["sensitivity_at_clean_threshold"] = sensitivity_at_threshold(
+                    outcome.labels, outcome.probabilities[:, 1], threshold,
+                    statistics.confidence)
+            return stats
+
         for evaluation in model_evaluations:
-            stats = classification_statistics(evaluation.labels, evaluation.probabilities,
-                                              evaluation.classes, **sampling)
+            stats = with_operating_point(classification_statistics(
+                evaluation.labels, evaluation.probabilities, evaluation.classes, **sampling),
+                evaluation)
             rows.append(_row(evaluation.description, stats, evaluation.classes))
             per_class += _per_class_rows(evaluation.description, stats)
             matrices.append({**{k: evaluation.description[k] for k in
@@ -257,8 +282,8 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                 evaluation)
         for description, outcome in _derived(model_evaluations):
             if isinstance(outcome, Evaluation):
-                stats = classification_statistics(outcome.labels, outcome.probabilities,
-                                                  outcome.classes, **sampling)
+                stats = with_operating_point(classification_statistics(
+                    outcome.labels, outcome.probabilities, outcome.classes, **sampling), outcome)
                 stats["auc"] = None  # images of different attacks: no one ranking to score
                 rows.append(_row(description, stats, outcome.classes))
             else:
@@ -272,6 +297,9 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                 "interval_methods": {
                     "accuracy, sensitivity and specificity (two classes)":
                         "exact binomial (Clopper-Pearson)",
+                    "sensitivity at the clean operating point (two classes)":
+                        "exact binomial (Clopper-Pearson), the threshold (maximal Youden's J "
+                        "on the model's clean predictions) taken as fixed",
                     "balanced accuracy, AUC, macro sensitivity and specificity (more classes)":
                         "stratified bootstrap over test samples (percentile)",
                     "mean over perturbations": "stratified bootstrap (percentile)",

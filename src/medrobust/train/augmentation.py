@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError
-from medrobust.perturbations.fourier import gaussian_lowpass_mask
+from medrobust.perturbations.fourier import apply_spectrum_mask, gaussian_lowpass_mask
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,10 @@ class LowPassAugmentation:
         if not indices:
             return images
         height, width = images.shape[-2:]
-        masks = torch.stack([torch.from_numpy(gaussian_lowpass_mask(height, width,
-                                                                    float(radii[index])))
-                             for index in indices]).to(images.device, torch.float32)
-        selected = images[indices]
-        spectrum = torch.fft.fft2(selected) * masks[:, None]
+        masks = np.stack([gaussian_lowpass_mask(height, width, float(radii[index]))
+                          for index in indices])
         filtered = images.clone()
-        # the mask is even in frequency, so the result is real; a Gaussian blur of an
-        # image in [0, 1] stays there but for rounding
-        filtered[indices] = torch.fft.ifft2(spectrum).real.clamp(0.0, 1.0)
+        # a Gaussian blur of an image in [0, 1] stays there but for rounding
+        filtered[indices] = apply_spectrum_mask(images[indices], masks[:, None]).to(
+            images.dtype).clamp(0.0, 1.0)
         return filtered

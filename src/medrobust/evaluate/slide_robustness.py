@@ -1,0 +1,277 @@
+"""How a slide model holds up when some of its tiles change (docs/mil.md, "Robustness").
+
+Per slide model, on the test slides:
+
+- tile fractions: for each tile perturbation, severity and fraction f, the
+  bag with the first ceil(f · n) tiles of the slide's seeded order replaced
+  by their perturbed features (`perturbations.slide_tiles`, computed once per
+  dataset and shared by its models), every other tile's stored feature kept;
+- adversarial tiles: for each k and ε, `attacks.tiles.TilePGD` on the k
+  tiles the model attends to most, through the backbone and the MIL head.
+
+Each condition is scored like an evaluation (accuracy and AUC) with the
+intervals of `evaluate.statistics`; fraction 0 and ε 0 are the clean bags.
+A run folder holds `predictions.csv` (one row per condition and slide),
+`metrics.csv` (one row per condition) and `run.json` (settings, units, the
+number of test slides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from medrobust.attacks.pgd import PGDParams
+from medrobust.attacks.tiles import TilePGD
+from medrobust.conditions import perturbation_store_name
+from medrobust.config import config_from_mapping
+from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate.metrics import prediction_table
+from medrobust.evaluate.slide_classifier import load_split_bags
+from medrobust.evaluate.statistics import classification_statistics
+from medrobust.features.extract import FeatureConfig, backbone_for
+from medrobust.io.atomic import atomic_path, write_json
+from medrobust.io.slide_stores import open_tile_store
+from medrobust.logs import get_logger
+from medrobust.perturbations import build_perturbation
+from medrobust.perturbations.slide_tiles import TEST, perturbed_count, read_tiles
+from medrobust.progress import progress
+
+log = get_logger(__name__)
+PREDICTIONS, METRICS, RUN = "predictions.csv", "metrics.csv", "run.json"
+# what identifies a condition in both tables: kind is clean, tile_fraction or
+# adversarial_tiles; fraction, k and epsilon are 0 where nothing of the kind was done (the
+# clean point of each curve), perturbation and severity empty
+CONDITION_COLUMNS = ("kind", "perturbation", "severity", "fraction", "k", "epsilon")
+
+
+def _positive_integers(values: Any) -> bool:
+    return (isinstance(values, (list, tuple)) and len(values) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdversarialTilesConfig:
+    """`slide_robustness.adversarial`: PGD-L∞ on the top_k most-attended tiles."""
+
+    top_k: Sequence[int] = (1, 4)
+    epsilons: Sequence[float] = (2, 8)   # 1/255, as the image attacks
+    steps: int = 10
+    step_size: float = 1.0               # 1/255
+    random_start: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        section = "slide_robustness.adversarial"
+        if not _positive_integers(self.top_k):
+            raise ConfigError(f"{section}.top_k: must be a list of integers >= 1, "
+                              f"got {self.top_k!r}")
+        if not isinstance(self.epsilons, (list, tuple)) or not self.epsilons:
+            raise ConfigError(f"{section}.epsilons: must be a list of budgets in 1/255")
+        for index, epsilon in enumerate(self.epsilons):
+            TilePGD.budget_to_image_units(epsilon, section=f"{section}.epsilons.{index}")
+        self.pgd_params()
+
+    def pgd_params(self) -> PGDParams:
+        return PGDParams.from_mapping({"steps": self.steps, "step_size": self.step_size,
+                                       "random_start": self.random_start, "seed": self.seed},
+                                      section="slide_robustness.adversarial")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideRobustnessConfig:
+    """The `slide_robustness` section (docs/config.md)."""
+
+    fractions: Sequence[float] = (0.25, 1.0)
+    perturbations: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    adversarial: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.fractions, (list, tuple)) or not self.fractions or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
+                for f in self.fractions):
+            raise ConfigError(f"slide_robustness.fractions: must be a list of numbers in (0, 1], "
+                              f"got {self.fractions!r}")
+        for name, settings in self.perturbations.items():
+            params = {key: value for key, value in settings.items() if key != "severities"}
+            for index, severity in enumerate(settings.get("severities", ())):
+                try:
+                    build_perturbation(name, severity, **params)
+                except ConfigError as error:
+                    raise ConfigError(f"slide_robustness.perturbations.{name}.severities."
+                                      f"{index}: {error}") from None
+        self.adversarial_tiles()
+
+    def adversarial_tiles(self) -> AdversarialTilesConfig | None:
+        if self.adversarial is None:
+            return None
+        return config_from_mapping(AdversarialTilesConfig, self.adversarial,
+                                   "slide_robustness.adversarial")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "SlideRobustnessConfig":
+        return config_from_mapping(cls, mapping, "slide_robustness")
+
+
+def _condition(kind: str, perturbation: str = "", severity: float | None = None,
+               fraction: float = 0.0,
+               k: int = 0, epsilon: float = 0.0) -> dict[str, Any]:
+    return dict(zip(CONDITION_COLUMNS, (kind, perturbation, severity, fraction, k, epsilon)))
+
+
+def _probabilities(logits: Sequence[torch.Tensor]) -> np.ndarray:
+    return torch.softmax(torch.stack([row.reshape(-1).float().cpu() for row in logits]),
+                         dim=1).numpy()
+
+
+def _open_perturbed(run_dir: Path, severity: float, weights_sha256: str) -> zarr.Group:
+    path = run_dir / perturbation_store_name(severity)
+    try:
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, ValueError) as error:
+        raise InputError(f"{path}: not a readable perturbed-feature store ({error})") from error
+    if group.attrs.get("weights_sha256") != weights_sha256:
+        raise InputError(f"{path}: perturbed features come from backbone weights "
+                         f"{str(group.attrs.get('weights_sha256'))[:12]}, the model's test "
+                         f"features from {weights_sha256[:12]}; rerun the perturbation")
+    return group
+
+
+def tile_fraction_logits(model: torch.nn.Module, bags, run_dir: Path, severity: float,
+                         fraction: float, weights_sha256: str,
+                         device: torch.device) -> list[torch.Tensor]:
+    """Each test bag's logits with its first ceil(f · n) ordered tiles perturbed."""
+    group = _open_perturbed(run_dir, severity, weights_sha256)
+    logits = []
+    for bag in bags:
+        if bag.slide_id not in group:
+            raise InputError(f"{group.store}: no perturbed features of test slide {bag.slide_id}")
+        slide = group[bag.slide_id]
+        n = len(bag.features)
+        if slide.attrs.get("n_tiles") != n:
+            raise InputError(f"{run_dir}: slide {bag.slide_id} has {slide.attrs.get('n_tiles')} "
+                             f"perturbed-run tiles, its feature store {n}")
+        count = perturbed_count(fraction, n)
+        order = torch.as_tensor(np.asarray(slide["order"][:count]))
+        if len(order) < count:
+            raise InputError(f"{run_dir}: slide {bag.slide_id} has features for {len(order)} "
+                             f"perturbed tiles, fraction {fraction:g} needs {count}; rerun the "
+                             f"perturbation with the current fractions")
+        features = bag.features.clone()
+        features[order] = torch.as_tensor(np.asarray(slide["features"][:count]))
+        with torch.inference_mode():
+            logits.append(model(features.to(device))[0])
+    return logits
+
+
+def adversarial_tile_logits(attack: TilePGD, bags, tile_stores: Mapping[str, Any], k: int,
+                            device: torch.device) -> list[torch.Tensor]:
+    """Each test bag's logits after PGD on its k most-attended tiles."""
+    logits = []
+    for bag in progress(bags, desc=f"tile PGD k={k} {attack.budget()}", unit="slide"):
+        store = tile_stores[bag.slide_id]
+
+        def tiles_at(positions, store=store):
+            pixels = torch.from_numpy(read_tiles(store, positions)).to(device)
+            return pixels.permute(0, 3, 1, 2).float().div_(255)
+
+        result = attack.attack_slide(bag.features.to(device), tiles_at, bag.label, k)
+        logits.append(result.adversarial_logits)
+    return logits
+
+
+def _metrics_row(condition: Mapping[str, Any], labels: np.ndarray, probabilities: np.ndarray,
+                 classes: list[str], statistics: Mapping[str, Any]) -> dict[str, Any]:
+    stats = classification_statistics(labels, probabilities, classes,
+                                      n_resamples=statistics["bootstrap_resamples"],
+                                      seed=statistics["seed"],
+                                      confidence=statistics["confidence"])
+    row = {**condition, "n": stats["n"]}
+    for metric in ("accuracy", "auc"):
+        interval = stats[metric]
+        row.update({metric: interval.estimate, f"{metric}_low": interval.low,
+                    f"{metric}_high": interval.high})
+    return row
+
+
+def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[str | os.PathLike],
+                         tile_paths: Sequence[str | os.PathLike],
+                         perturbation_runs: Mapping[str, str | os.PathLike],
+                         out_dir: str | os.PathLike, settings: SlideRobustnessConfig,
+                         features: FeatureConfig, statistics: Mapping[str, Any],
+                         device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Score the model's test slides under every tile-fraction and adversarial-tile condition;
+    write the run folder (module docstring) at once. Returns the metrics table.
+
+    `perturbation_runs`: each configured tile perturbation's run folder;
+    `statistics`: bootstrap_resamples, confidence and seed of the intervals.
+    """
+    model_dir, device = Path(model_dir), torch.device(device)
+    model, config, bags = load_split_bags(model_dir, feature_paths, TEST, device)
+    classes = list(config["classes"])
+    labels = np.array([bag.label for bag in bags])
+    weights_sha256 = config["backbone_weights_sha256"]
+
+    conditions: list[tuple[dict[str, Any], list[torch.Tensor]]] = []
+    with torch.inference_mode():
+        clean = [model(bag.features.to(device))[0] for bag in bags]
+    conditions.append((_condition("clean"), clean))
+    for name, entry in settings.perturbations.items():
+        for severity in entry["severities"]:
+            for fraction in sorted(settings.fractions):
+                logits = tile_fraction_logits(model, bags, Path(perturbation_runs[name]),
+                                              severity, fraction, weights_sha256, device)
+                conditions.append((_condition("tile_fraction", name, severity, fraction), logits))
+    adversarial = settings.adversarial_tiles()
+    attack_description = None
+    if adversarial is not None:
+        backbone = backbone_for(features)
+        if backbone.weights_sha256 != weights_sha256:
+            raise InputError(f"{model_dir}: trained on features of weights {weights_sha256[:12]}, "
+                             f"the configured backbone {backbone.name} has "
+                             f"{backbone.weights_sha256[:12]}")
+        backbone.model.to(device)
+        stores = {str(store.attrs["slide_id"]): store for store in map(open_tile_store, tile_paths)}
+        missing = [bag.slide_id for bag in bags if bag.slide_id not in stores]
+        if missing:
+            raise InputError(f"{model_dir.name}: no tile store given for test slide(s) "
+                             f"{', '.join(missing)}")
+        for epsilon in adversarial.epsilons:
+            attack = TilePGD(backbone.model, model, TilePGD.to_image_units(epsilon),
+                             adversarial.pgd_params())
+            attack_description = attack.describe()
+            for k in adversarial.top_k:
+                logits = adversarial_tile_logits(attack, bags, stores, k, device)
+                conditions.append((_condition("adversarial_tiles", k=k, epsilon=epsilon), logits))
+
+    predictions, metrics = [], []
+    for condition, logits in conditions:
+        probabilities = _probabilities(logits)
+        table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)
+        predictions.append(table.assign(**condition))
+        metrics.append(_metrics_row(condition, labels, probabilities, classes, statistics))
+    metrics_table = pd.DataFrame(metrics).assign(model=model_dir.name, dataset=config["dataset"])
+    units = {name: build_perturbation(name, entry["severities"][0],
+                                      **{key: value for key, value in entry.items()
+                                         if key != "severities"}).severity_unit
+             for name, entry in settings.perturbations.items()}
+    run = {"model": model_dir.name, "dataset": config["dataset"], "n_test_slides": len(bags),
+           "class_counts": {name: int((labels == index).sum())
+                            for index, name in enumerate(classes)},
+           "fractions": sorted(settings.fractions), "severity_units": units,
+           "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
+           "attack": attack_description, "statistics": dict(statistics)}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        pd.concat(predictions, ignore_index=True).to_csv(tmp / PREDICTIONS, index=False)
+        metrics_table.to_csv(tmp / METRICS, index=False)
+        write_json(tmp / RUN, run)
+    log.info("%s: %d conditions over %d test slides", model_dir.name, len(conditions), len(bags))
+    return metrics_table

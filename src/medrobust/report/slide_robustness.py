@@ -1,0 +1,69 @@
+"""The report's "Slides: robustness" subsection: each slide model's tile-fraction and
+adversarial-tile runs (`evaluate.slide_robustness`) as tables and curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from medrobust.errors import InputError
+from medrobust.evaluate.slide_robustness import METRICS, RUN
+from medrobust.report import figures
+
+
+def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    try:
+        return pd.read_csv(folder / METRICS), json.loads((folder / RUN).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{folder}: unreadable slide robustness run ({error})") from error
+
+
+def _interval(row: pd.Series, metric: str) -> dict[str, Any]:
+    def value(key: str) -> float | None:
+        return None if pd.isna(row[key]) else float(row[key])
+
+    return {"estimate": value(metric), "low": value(f"{metric}_low"),
+            "high": value(f"{metric}_high")}
+
+
+def _condition(row: pd.Series) -> str:
+    if row["kind"] == "clean":
+        return "clean"
+    if row["kind"] == "tile_fraction":
+        return f"{row['perturbation']} {row['severity']:g}, {row['fraction']:.0%} of tiles"
+    return f"PGD ε {row['epsilon']:g}/255 on the top {int(row['k'])} tiles"
+
+
+def slide_robustness_view(folders: Sequence[str | os.PathLike]
+                          ) -> tuple[dict[str, Any] | None, dict[str, tuple[bytes, str]]]:
+    """What the page shows (None without runs) and the subsection's figures."""
+    if not folders:
+        return None, {}
+    tables, runs = zip(*(_read(Path(folder)) for folder in folders))
+    metrics = pd.concat(tables, ignore_index=True)
+    found = {}
+    if (metrics["kind"] == "tile_fraction").any():
+        found["slide_tile_fraction"] = (
+            figures.png(figures.tile_fraction_curves(metrics)),
+            "Slide accuracy and AUC against the fraction of each test slide's tiles perturbed "
+            "(a seeded random set, the same for every perturbation and model, nested across "
+            "fractions) and embedded again; the other tiles keep their features; fraction 0 is "
+            "the clean slide; bands are 95% intervals.")
+    if (metrics["kind"] == "adversarial_tiles").any():
+        found["slide_adversarial_tiles"] = (
+            figures.png(figures.adversarial_tile_curves(metrics)),
+            "Slide accuracy and AUC against k, the number of most-attended tiles attacked by "
+            "PGD-L∞ in pixel space through the backbone and the MIL head; k = 0 is the clean "
+            "slide; bands are 95% intervals.")
+    models = [{"model": run["model"], "dataset": run["dataset"], "n": run["n_test_slides"],
+               "class_counts": run["class_counts"], "attack": run["attack"]} for run in runs]
+    units = {name: unit for run in runs for name, unit in run["severity_units"].items()}
+    rows = [{"model": row["model"], "condition": _condition(row), "n": int(row["n"]),
+             "accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc")}
+            for _, row in metrics.iterrows()]
+    return {"models": models, "rows": rows, "severity_units": units,
+            "fewest_slides": min(model["n"] for model in models)}, found

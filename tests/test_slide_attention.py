@@ -1,0 +1,154 @@
+"""Attention analysis of slide classifiers: heatmaps, localisation AUC, top-k removal
+(evaluate/slide_attention.py; the whole rule runs in tests/test_workflow.py)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import medrobust.models  # noqa: F401 (registers the architectures)
+from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate.slide_attention import (
+    AttentionSettings, bag_scores, localisation_auc, random_kept, tile_tumour_fraction,
+    tiles_to_remove, top_k_kept, tumour_tiles)
+from medrobust.io.tumour_masks import TumourAnnotations, TumourMask, rasterise_asap
+from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model
+from medrobust.evaluate.heatmaps import (
+    HEATMAP_ALPHA, TUMOUR_CONTOUR, attention_heatmap, heatmap_colours)
+from medrobust.preprocess.qc import picture_scale
+
+
+def _composited(colour, background):
+    """PIL's alpha_composite of an RGBA fill over an opaque pixel."""
+    colour, background = np.asarray(colour, float), np.asarray(background, float)
+    return (colour * HEATMAP_ALPHA + background * (255 - HEATMAP_ALPHA)) / 255
+
+
+def test_the_most_attended_tile_gets_the_top_colour_in_its_place():
+    thumbnail = np.full((60, 80, 3), 255, np.uint8)   # white: the blend is known
+    tiles = np.array([[0, 0], [20, 0], [40, 20], [60, 40]], float)
+    attention = np.array([0.1, 0.2, 0.6, 0.1])
+    picture = np.asarray(attention_heatmap(thumbnail, tiles, 20, attention))
+    scale = picture_scale(60, 80)
+    top, bottom = heatmap_colours(np.array([1.0, 0.0]))
+    centre = lambda tile: tuple(int((c + 10) * scale) for c in tiles[tile][::-1])  # (row, col)
+    np.testing.assert_allclose(picture[centre(2)], _composited(top, 255), atol=2)
+    np.testing.assert_allclose(picture[centre(0)], _composited(bottom, 255), atol=2)
+    np.testing.assert_allclose(picture[centre(3)], _composited(bottom, 255), atol=2)
+    # a tile without a square stays the thumbnail, and a colour bar is added on the right
+    np.testing.assert_array_equal(picture[int(10 * scale), int(70 * scale)], [255, 255, 255])
+    assert picture.shape[1] > round(80 * scale)
+
+
+def test_heatmap_outlines_the_tumour_mask():
+    thumbnail = np.full((40, 40, 3), 255, np.uint8)
+    mask = np.zeros((20, 20), bool)   # half the thumbnail's resolution, the same area
+    mask[5:15, 5:15] = True
+    picture = np.asarray(attention_heatmap(thumbnail, np.zeros((0, 2)), 10, np.zeros(0), mask))
+    scale = picture_scale(40, 40)
+    assert (picture[int(10 * scale) + 1, int(10 * scale):int(30 * scale)] == TUMOUR_CONTOUR).all(-1).any()
+    assert (picture[int(20 * scale), int(20 * scale)] == 255).all()   # inside: not outlined
+
+
+def test_localisation_auc_is_sklearns_roc_auc_with_the_tumour_rule():
+    rng = np.random.default_rng(3)
+    fraction = rng.uniform(0, 1, 50)
+    fraction[:3] = [0.5, 0.4999, 1.0]   # the threshold itself counts as tumour
+    attention = np.round(rng.uniform(0, 1, 50), 1)   # ties, counted half as sklearn does
+    expected = roc_auc_score(fraction >= 0.5, attention)
+    assert localisation_auc(attention, fraction, 0.5) == pytest.approx(expected, abs=1e-12)
+    assert tumour_tiles(fraction, 0.5)[:3].tolist() == [True, False, True]
+    assert localisation_auc(attention, np.zeros(50), 0.5) is None   # no tumour tile
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_removes_exactly_the_k_most_attended_tiles(k):
+    rng = np.random.default_rng(k)
+    attention = rng.permutation(10) / 10.0
+    kept = top_k_kept(attention, k)
+    removed = np.setdiff1d(np.arange(10), kept)
+    assert len(removed) == k
+    assert set(removed) == set(np.argsort(attention)[-k:])
+    assert attention[kept].max() < attention[removed].min()
+    assert len(random_kept(10, k, np.random.default_rng(0))) == 10 - k
+
+
+def test_a_slide_with_at_most_k_tiles_keeps_its_least_attended_tile():
+    attention = np.array([0.5, 0.1, 0.4])
+    assert tiles_to_remove(3, 8) == 2
+    assert top_k_kept(attention, 8).tolist() == [1]
+    assert top_k_kept(attention, 3).tolist() == [1]
+    assert len(random_kept(3, 8, np.random.default_rng(0))) == 1
+    assert top_k_kept(np.array([0.7]), 1).tolist() == [0]
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDE_CLASSIFIERS))
+def test_every_slide_classifier_gives_one_attention_weight_per_tile(arch):
+    torch.manual_seed(0)
+    model = build_model({"family": "slide", "arch": arch, "num_classes": 2, "feature_dim": 6,
+                         "arch_options": {"hidden_dim": 16}}).eval()
+    probabilities, attention = bag_scores(model, torch.randn(9, 6), torch.device("cpu"))
+    assert probabilities.shape == (2,) and probabilities.sum() == pytest.approx(1, abs=1e-6)
+    assert attention.shape == (9,) and (attention >= 0).all()
+    # ABMIL: a distribution over the tiles; TransMIL: the CLS row without the CLS itself
+    assert 0 < attention.sum() <= 1 + 1e-3
+
+
+def test_tumour_fraction_is_the_share_of_each_tile_in_the_mask():
+    mask = np.zeros((8, 8), bool)   # 4 level-0 pixels per mask pixel
+    mask[:, :4] = True              # the left half of a 32 x 32 slide
+    coords = np.array([[0, 0], [8, 0], [16, 16], [24, 24]])
+    fraction = tile_tumour_fraction(TumourMask(mask, 4.0), coords, 16)
+    np.testing.assert_allclose(fraction, [1.0, 0.5, 0.0, 0.0])
+
+
+ASAP = """<?xml version="1.0"?>
+<ASAP_Annotations><Annotations>
+<Annotation Name="a" Type="Polygon" PartOfGroup="_0"><Coordinates>
+<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="40" Y="0"/>
+<Coordinate Order="2" X="40" Y="40"/><Coordinate Order="3" X="0" Y="40"/></Coordinates></Annotation>
+<Annotation Name="b" Type="Polygon" PartOfGroup="_2"><Coordinates>
+<Coordinate Order="0" X="20" Y="20"/><Coordinate Order="1" X="40" Y="20"/>
+<Coordinate Order="2" X="40" Y="40"/><Coordinate Order="3" X="20" Y="40"/></Coordinates></Annotation>
+</Annotations></ASAP_Annotations>"""
+
+
+def test_camelyon_polygons_are_filled_and_exclusions_cut_out(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations/tumor_001.xml").write_text(ASAP)
+    (tmp_path / "lesion_annotations.csv").write_text(
+        "sample_id,annotation_path\ntumor_001,annotations/tumor_001.xml\n")
+    annotations = TumourAnnotations(tmp_path)
+    mask = annotations.mask("tumor_001", (80, 80), 4.0)
+    assert mask.mask.shape == (20, 20) and mask.downsample == 4.0
+    assert mask.mask[2, 2] and not mask.mask[7, 7] and not mask.mask[15, 15]
+    assert annotations.mask("normal_001", (80, 80), 4.0) is None   # no annotation: unknown
+    (tmp_path / "bad.xml").write_text("<ASAP")
+    with pytest.raises(InputError, match="bad.xml"):
+        rasterise_asap(tmp_path / "bad.xml", (8, 8), 1.0)
+
+
+def test_settings_reject_bad_values():
+    assert AttentionSettings.from_mapping({"models": ["abmil"], "top_k": [1, 3]}).top_k == (1, 3)
+    with pytest.raises(ConfigError, match="top_k"):
+        AttentionSettings.from_mapping({"top_k": [0]})
+    with pytest.raises(ConfigError, match="tumour_threshold"):
+        AttentionSettings.from_mapping({"tumour_threshold": 0})
+
+
+def test_top_k_curves_draw_removal_and_random_from_the_full_bag():
+    from medrobust.report.figures import top_k_curves
+
+    rows = pd.DataFrame([
+        {"model": model, "k": k, "removal": removal, "auc": 0.9 - 0.1 * k, "auc_low": 0.5,
+         "auc_high": 1.0, "accuracy": 0.8, "accuracy_low": 0.4, "accuracy_high": 0.9}
+        for model in ("abmil", "transmil")
+        for k, removal in ((0, "none"), (1, "top"), (2, "top"), (1, "random"), (2, "random"))])
+    figure = top_k_curves(rows)
+    for panel in figure.axes:
+        lines = panel.get_lines()
+        assert len(lines) == 4   # two models, removal and random each
+        assert all(list(line.get_xdata()) == [0, 1, 2] for line in lines)
+        assert sorted(line.get_linestyle() for line in lines) == ["-", "-", "--", "--"]
+    assert len(figure.legends[0].get_texts()) == 4

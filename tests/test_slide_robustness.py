@@ -1,0 +1,186 @@
+"""Tile-fraction perturbation and adversarial tiles on slide models, end to end on small stores."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+
+from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate.slide_robustness import (
+    PREDICTIONS, RUN, SlideRobustnessConfig, slide_robustness_run)
+from medrobust.features.backbones import build_backbone
+from medrobust.features.extract import FeatureConfig, extract_slide_features
+from medrobust.io.atomic import atomic_path
+from medrobust.io.slide_stores import create_tile_store, open_feature_store, open_tile_store
+from medrobust.models.mil import ABMIL
+from medrobust.models.registry import load_model, save_model
+from medrobust.perturbations import build_perturbation
+from medrobust.perturbations.slide_tiles import (
+    perturbed_count, slide_perturbation_run, tile_order)
+
+CLASSES = ["normal", "tumor"]
+FEATURES = FeatureConfig(backbone="resnet18", weights="random", batch_size=4, seed=0)
+STATISTICS = {"bootstrap_resamples": 200, "confidence": 0.95, "seed": 0}
+SLIDES = [("t1", "normal", "test", 5), ("t2", "tumor", "test", 7), ("t3", "normal", "test", 4),
+          ("t4", "tumor", "test", 6), ("r1", "tumor", "train", 5)]
+
+
+def test_fractions_take_ceil_f_n_tiles_of_a_seeded_order():
+    assert perturbed_count(0.1, 30) == 3 and perturbed_count(0.25, 5) == 2
+    assert perturbed_count(1.0, 7) == 7 and perturbed_count(0.01, 7) == 1
+    order = tile_order(0, "slide_a", 10)
+    assert sorted(order) == list(range(10))
+    np.testing.assert_array_equal(order, tile_order(0, "slide_a", 10))
+    assert not np.array_equal(order, tile_order(1, "slide_a", 10))
+    assert not np.array_equal(order, tile_order(0, "slide_b", 10))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slides")
+    rng = np.random.default_rng(0)
+    tiles, features = {}, {}
+    for slide_id, label, split, n in SLIDES:
+        pixels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        path = folder / f"{slide_id}.tiles.zarr"
+        with atomic_path(path) as tmp:
+            array = create_tile_store(tmp, n, 32, np.zeros((n, 2), np.int64), np.ones(n),
+                                      {"slide_id": slide_id, "label": label, "split": split})
+            array[:] = pixels
+        tiles[slide_id] = path
+        features[slide_id] = extract_slide_features(path, folder / f"{slide_id}.features.zarr",
+                                                    FEATURES)
+    backbone = build_backbone("resnet18", "random", 0)
+    torch.manual_seed(0)
+    model = ABMIL(512, 2)
+    save_model(model, folder / "abmil", {
+        "family": "slide", "arch": "abmil", "num_classes": 2, "classes": CLASSES,
+        "feature_dim": 512, "backbone": "resnet18", "backbone_weights": "random",
+        "backbone_weights_sha256": backbone.weights_sha256, "dataset": "slides",
+        "arch_options": {}}, history={})
+    return folder, tiles, features, backbone
+
+
+def _perturbation_run(cohort, name, severities, fractions, out):
+    folder, tiles, _, _ = cohort
+    slide_perturbation_run(list(tiles.values()), folder / out, name, severities, fractions,
+                           seed=3, features=FEATURES)
+    return folder / out
+
+
+def test_perturbed_features_are_the_backbones_on_the_perturbed_8_bit_tiles(cohort):
+    folder, tiles, _, backbone = cohort
+    run = _perturbation_run(cohort, "gaussian_blur", [1.5], [0.5], "blur_half")
+    group = zarr.open_group(run / "severity1.5.zarr", mode="r")
+    assert sorted(group.group_keys()) == ["t1", "t2", "t3", "t4"]  # test slides only
+    store = open_tile_store(tiles["t2"])
+    order = np.asarray(group["t2/order"][:])
+    np.testing.assert_array_equal(order, tile_order(3, "t2", 7)[:math.ceil(0.5 * 7)])
+    pixels = torch.from_numpy(np.asarray(store.tiles[:])[order]).permute(0, 3, 1, 2) / 255
+    blurred = build_perturbation("gaussian_blur", 1.5)(pixels, np.random.default_rng())
+    blurred = (blurred * 255).round() / 255
+    with torch.no_grad():
+        expected = backbone.model(blurred.float())
+    np.testing.assert_allclose(group["t2/features"][:], expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert group.attrs["weights_sha256"] == backbone.weights_sha256
+
+
+def test_fraction_conditions_replace_exactly_the_ordered_tiles_and_adversarial_tiles_hurt(cohort):
+    folder, tiles, features, backbone = cohort
+    run = _perturbation_run(cohort, "stain_shift", [0.5], [0.5, 1.0], "stain")
+    settings = SlideRobustnessConfig.from_mapping({
+        "fractions": [0.5, 1.0], "perturbations": {"stain_shift": {"severities": [0.5]}},
+        "adversarial": {"top_k": [1, 3], "epsilons": [16], "steps": 3, "step_size": 8}})
+    metrics = slide_robustness_run(folder / "abmil", list(features.values()),
+                                   list(tiles.values()), {"stain_shift": run}, folder / "out",
+                                   settings, FEATURES, STATISTICS)
+    predictions = pd.read_csv(folder / "out" / PREDICTIONS)
+    assert json.loads((folder / "out" / RUN).read_text())["n_test_slides"] == 4
+
+    # by hand: slide t4 at fraction 0.5 has its first ceil(0.5 * 6) = 3 ordered tiles replaced
+    model = load_model(folder / "abmil")
+    group = zarr.open_group(run / "severity0.5.zarr", mode="r")
+    bag = torch.from_numpy(open_feature_store(features["t4"]).features)
+    order = np.asarray(group["t4/order"][:3])
+    bag[order] = torch.from_numpy(np.asarray(group["t4/features"][:3]))
+    with torch.no_grad():
+        expected = torch.softmax(model(bag)[0], dim=0)[1].item()
+    row = predictions[(predictions["kind"] == "tile_fraction") & (predictions["fraction"] == 0.5)
+                      & (predictions["sample_id"] == "t4")]
+    assert row["prob_tumor"].item() == pytest.approx(expected, rel=1e-5)
+
+    # every condition: accuracy is the mean correctness of its rows, inside its interval
+    assert len(metrics) == 1 + 2 + 2  # clean, two fractions, k in {1, 3} at one epsilon
+    for _, condition in metrics.iterrows():
+        rows = predictions[(predictions["kind"] == condition["kind"])
+                           & (predictions["fraction"] == condition["fraction"])
+                           & (predictions["k"] == condition["k"])]
+        assert condition["n"] == len(rows) == 4
+        assert condition["accuracy"] == pytest.approx(rows["correct"].mean())
+        assert condition["accuracy_low"] <= condition["accuracy"] <= condition["accuracy_high"]
+
+    # the attack lowers the true label's probability on every slide
+    def true_probability(kind, k=0):
+        rows = predictions[(predictions["kind"] == kind) & (predictions["k"] == k)]
+        rows = rows.sort_values("sample_id")
+        return np.where(rows["label"] == 1, rows["prob_tumor"], rows["prob_normal"])
+
+    clean = true_probability("clean")
+    assert np.all(true_probability("adversarial_tiles", 1) < clean)
+    assert np.all(true_probability("adversarial_tiles", 3) < clean)
+
+
+def test_perturbed_features_from_other_weights_are_refused(cohort):
+    folder, tiles, features, _ = cohort
+    run = _perturbation_run(cohort, "jpeg", [20], [1.0], "jpeg")
+    zarr.open_group(run / "severity20.zarr", mode="r+").attrs["weights_sha256"] = "0" * 64
+    settings = SlideRobustnessConfig.from_mapping(
+        {"fractions": [1.0], "perturbations": {"jpeg": {"severities": [20]}}})
+    with pytest.raises(InputError, match="backbone weights"):
+        slide_robustness_run(folder / "abmil", list(features.values()), list(tiles.values()),
+                             {"jpeg": run}, folder / "refused", settings, FEATURES, STATISTICS)
+    assert not (folder / "refused").exists()
+
+
+def test_settings_are_checked():
+    for bad, match in [({"fractions": [0]}, "fractions"), ({"fractions": [1.5]}, "fractions"),
+                       ({"perturbations": {"jpeg": {"severities": [0.5]}}}, "jpeg.severities.0"),
+                       ({"perturbations": {"smudge": {"severities": [1]}}}, "smudge"),
+                       ({"adversarial": {"top_k": [0]}}, "top_k"),
+                       ({"adversarial": {"epsilons": [300]}}, "epsilons.0"),
+                       ({"adversarial": {"steps": 0}}, "steps"),
+                       ({"adversarial": {"k": [1]}}, "unknown key")]:
+        with pytest.raises(ConfigError, match=match):
+            SlideRobustnessConfig.from_mapping(bad)
+
+
+def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(cohort):
+    from medrobust.report.page import _environment
+    from medrobust.report.slide_robustness import slide_robustness_view
+
+    folder, tiles, features, _ = cohort
+    run = _perturbation_run(cohort, "gaussian_noise", [0.1], [0.5, 1.0], "noise")
+    settings = SlideRobustnessConfig.from_mapping({
+        "fractions": [0.5, 1.0], "perturbations": {"gaussian_noise": {"severities": [0.1]}},
+        "adversarial": {"top_k": [2], "epsilons": [4], "steps": 1}})
+    slide_robustness_run(folder / "abmil", list(features.values()), list(tiles.values()),
+                         {"gaussian_noise": run}, folder / "report_run", settings, FEATURES,
+                         STATISTICS)
+    view, found = slide_robustness_view([folder / "report_run"])
+    assert set(found) == {"slide_tile_fraction", "slide_adversarial_tiles"}
+    assert [row["condition"] for row in view["rows"]] == [
+        "clean", "gaussian_noise 0.1, 50% of tiles", "gaussian_noise 0.1, 100% of tiles",
+        "PGD ε 4/255 on the top 2 tiles"]
+    assert view["fewest_slides"] == 4
+    figures = {name: {"src": "", "caption": caption} for name, (_, caption) in found.items()}
+    page = _environment().get_template("slide_robustness.html.j2").render(
+        slide_robustness=view, figures=figures, small_test_set=200)
+    assert "Slides: robustness" in page and "Few test slides" in page
+    assert "4 test slides for abmil (2 normal, 2 tumor)" in " ".join(page.split())
+    assert "Few test slides" not in _environment().get_template("slide_robustness.html.j2").render(
+        slide_robustness=view, figures=figures, small_test_set=4)
+    assert slide_robustness_view([]) == (None, {})

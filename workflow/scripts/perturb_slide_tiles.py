@@ -1,0 +1,17 @@
+from medrobust.device import select_device
+from medrobust.features.extract import FeatureConfig
+from medrobust.logs import script_logging
+from medrobust.perturbations.slide_tiles import slide_perturbation_run
+
+with script_logging(snakemake):
+    slide_perturbation_run(
+        list(snakemake.input),
+        snakemake.output[0],
+        name=snakemake.wildcards.tile_perturbation,
+        severities=snakemake.params.severities,
+        fractions=snakemake.params.fractions,
+        seed=snakemake.params.seed,
+        features=FeatureConfig.from_mapping(snakemake.params.features),
+        params=snakemake.params.settings,
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
+    )

@@ -1,0 +1,20 @@
+from pathlib import Path
+
+from medrobust.device import select_device
+from medrobust.evaluate.slide_attention import AttentionSettings, analyse_slide_attention
+from medrobust.logs import script_logging
+
+with script_logging(snakemake):
+    statistics = snakemake.params.statistics
+    analyse_slide_attention(
+        Path(snakemake.input.model).parent,
+        list(snakemake.input.features),
+        list(snakemake.input.tiles),
+        snakemake.input.dataset,
+        snakemake.output[0],
+        AttentionSettings.from_mapping(snakemake.params.settings),
+        n_resamples=statistics["bootstrap_resamples"],
+        confidence=statistics["confidence"],
+        seed=statistics["seed"],
+        device=select_device(snakemake.params.device, threads=snakemake.threads),
+    )
