@@ -5,7 +5,7 @@ Three kinds of name:
 - a registered name (`resnet18`, `resnet50`, `resnet50_layer3`): torchvision
   ResNets; `resnet50_layer3` is ResNet50 cut after layer3 and average-pooled
   (1024-d), the patch encoder CLAM and TRIDENT use as their baseline;
-- `timm:<model name>`: any timm model (the optional `timm` extra), its
+- `timm:<model name>`: any timm model (timm is imported only for such a name), its
   classifier removed (`num_classes=0`), e.g. a pathology foundation model's
   architecture (docs/architecture.md, "Foundation models");
 - either, with `weights` the path of a local weights file (`.safetensors`, or
@@ -218,7 +218,7 @@ def _import_timm(name: str):
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"backbone {name} needs timm: pip install 'medrobust[timm]'") \
+        raise ConfigError(f"backbone {name} needs timm, a medrobust dependency: pip install timm") \
             from None
     return timm
 
