@@ -33,12 +33,13 @@ from scipy import ndimage
 
 from medrobust.config import config_from_mapping
 from medrobust.data.lesions import LesionMask, read_lesion_masks
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import InputError
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
 from medrobust.perturbations.fourier import LowPass
+from medrobust.preprocess import positive_number
 
 log = get_logger(__name__)
 
@@ -57,12 +58,8 @@ class LesionVisibilityConfig:
     ring_width: int = 3       # pixels at the store's resolution
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
-            raise ConfigError(f"lesion_visibility.k must be a number > 0, not {self.k!r}")
-        if (isinstance(self.ring_width, bool) or not isinstance(self.ring_width, int)
-                or self.ring_width < 1):
-            raise ConfigError(f"lesion_visibility.ring_width must be an integer >= 1, "
-                              f"not {self.ring_width!r}")
+        positive_number(self.k, "lesion_visibility.k")
+        positive_number(self.ring_width, "lesion_visibility.ring_width", integer=True)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "LesionVisibilityConfig":
