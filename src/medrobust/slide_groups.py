@@ -11,8 +11,8 @@ A group job writes each slide's usual outputs (tile store and QC picture, or
 feature store) into its own folder `.groups/{group}/` beside them; a local rule
 per slide then links the slide's usual path to its copy there
 (`link_group_member`), so every per-slide path and its contract stay as they
-are and the rules that read them do not change. The link jobs run inside
-Snakemake's own process: no start-up, and on a cluster no submission.
+are and the rules that read them do not change. The link jobs are local
+script jobs: an interpreter's start-up each, and on a cluster no submission.
 
 Only the standard library: the workflow imports this at every parse, and the
 input functions call `plan_slide_groups` once per job, so the grouping is

@@ -18,7 +18,7 @@ from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 from medrobust.io.manifest_cache import manifest_rows as read_manifest_rows
-from medrobust.slide_groups import GROUP_PATTERN, GROUPS_FOLDER, link_group_member, plan_slide_groups
+from medrobust.slide_groups import GROUP_PATTERN, GROUPS_FOLDER, plan_slide_groups
 
 
 # Every problem of the config, before any job (and before Snakemake deletes any

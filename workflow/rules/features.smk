@@ -52,7 +52,8 @@ rule extract_features_group:
         "../scripts/extract_features_group.py"
 
 
-# In Snakemake's own process (no job start-up, no cluster submission).
+# On the submit host (no cluster submission). A script, as a `run:` block would cost a
+# whole Snakemake process per slide that parses the workflow again (Snakemake 9).
 rule link_slide_features:
     input:
         group_folder("results/features/{dataset}/{backbone}"),
@@ -63,5 +64,7 @@ rule link_slide_features:
     log:
         "logs/link_slide_features/{dataset}/{backbone}/{slide}.log",
     localrule: True
-    run:
-        link_group_member(input[0], output[0], log[0])
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/link_slide_outputs.py"

@@ -75,7 +75,8 @@ rule tile_slide_group:
         "../scripts/tile_slide_group.py"
 
 
-# In Snakemake's own process (no job start-up, no cluster submission).
+# On the submit host (no cluster submission). A script, as a `run:` block would cost a
+# whole Snakemake process per slide that parses the workflow again (Snakemake 9).
 rule link_slide_tiles:
     input:
         group_folder("results/tiles/{dataset}"),
@@ -87,6 +88,7 @@ rule link_slide_tiles:
     log:
         "logs/link_slide_tiles/{dataset}/{slide}.log",
     localrule: True
-    run:
-        for path in output:
-            link_group_member(input[0], path, log[0])
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/link_slide_outputs.py"
