@@ -222,9 +222,10 @@ def check_references(config: Mapping) -> list[str]:
             problems.append(f"slide_classifiers.{name}: name already used by an image classifier")
         problems += _check_mhim_teacher(name, model, slide_models)
 
-    for index, name in enumerate(config.get("slide_attention", {}).get("models", [])):
-        if name not in slide_models:
-            problems.append(f"slide_attention.models.{index}: no slide classifier named {name!r}")
+    for section in ("slide_attention", "slide_robustness"):
+        for index, name in enumerate((config.get(section) or {}).get("models") or []):
+            if name not in slide_models:
+                problems.append(f"{section}.models.{index}: no slide classifier named {name!r}")
 
     robustness = config.get("robustness", {})
     for key in ("targets", "transfer_sources"):

@@ -204,11 +204,20 @@ def slide_perturbation_runs(wildcards):
 
 
 def slide_robustness_runs(wildcards=None):
-    """Every slide model's robustness run; none without a `slide_robustness` section."""
-    if config.get("slide_robustness") is None:
+    """The robustness run of each slide model `slide_robustness.models` names (left out: every
+    slide model); none without a `slide_robustness` section."""
+    section = config.get("slide_robustness")
+    if section is None:
         return []
+    models = section.get("models")
     return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=settings["dataset"], model=name)
-            for name, settings in sorted(SLIDE_CLASSIFIERS.items())]
+            for name, settings in sorted(SLIDE_CLASSIFIERS.items())
+            if models is None or name in models]
+
+
+def slide_robustness_settings(wildcards):
+    """What decides a model's robustness run: `slide_robustness` without the list of models."""
+    return {key: value for key, value in config["slide_robustness"].items() if key != "models"}
 
 
 def slide_tile_stores(wildcards):

@@ -146,7 +146,7 @@ rule slide_robustness:
     output:
         directory(plan.SLIDE_ROBUSTNESS_RUN.format(dataset="{dataset}", model="{slide_model}")),
     params:
-        settings=lambda wildcards: config["slide_robustness"],
+        settings=slide_robustness_settings,
         perturbed=slide_perturbation_runs,
         features=lambda wildcards: config["features"],
         statistics=INTERVAL_SETTINGS,

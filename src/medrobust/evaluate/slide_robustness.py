@@ -92,6 +92,7 @@ class SlideRobustnessConfig:
     fractions: Sequence[float] = (0.25, 1.0)
     perturbations: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     adversarial: Mapping[str, Any] | None = None
+    models: Sequence[str] | None = None  # which models the workflow analyses; None: every one
 
     def __post_init__(self):
         if not isinstance(self.fractions, (list, tuple)) or not self.fractions or not all(
