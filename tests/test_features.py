@@ -16,6 +16,7 @@ from medrobust.features.backbones import (IMAGENET_MEAN, IMAGENET_STD, backbone_
 from medrobust.features.extract import (FeatureConfig, TileBatches, autocast_dtype, embed_batch,
                                         extract_slide_features)
 from medrobust.io.atomic import atomic_path
+from medrobust.models.torchvision_nets import IMAGENET_URLS
 from medrobust.io.slide_stores import create_tile_store, open_feature_store
 
 SLIDE_ATTRS = {"slide_id": "slide_a", "label": "tumor", "split": "val", "tile_size": 32}
@@ -55,36 +56,31 @@ def test_weights_hash_sees_a_single_changed_value():
     assert state_dict_sha256(backbone.model) != backbone.weights_sha256
 
 
-def test_imagenet_weights_are_asked_of_torchvision(monkeypatch):
-    requested, real_resnet18 = [], torchvision.models.resnet18
+@pytest.mark.parametrize("name, weights", [
+    ("resnet18", "IMAGENET1K_V1"),
+    ("resnet50", "IMAGENET1K_V2"),
+    # CLAM's and TRIDENT's baseline takes torchvision's original weights, not the V2
+    ("resnet50_layer3", "IMAGENET1K_V1"),
+])
+def test_imagenet_weights_are_torchvisions(monkeypatch, name, weights):
+    arch = name.removesuffix("_layer3")
+    requested = []
 
-    def fake_resnet18(weights=None):  # stands in for the download, which tests never do
-        requested.append(weights)
-        return real_resnet18(weights=None)
+    def download(url, progress, check_hash):  # stands in for the download, which tests never do
+        requested.append(url)
+        return torchvision.models.get_model(arch).state_dict()
 
-    monkeypatch.setattr(torchvision.models, "resnet18", fake_resnet18)
-    backbone = build_backbone("resnet18", "imagenet")
-    assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
-    assert (backbone.weights, backbone.dim) == ("imagenet", 512)
-
-
-def test_resnet50_layer3_takes_the_imagenet_weights_clam_and_trident_use(monkeypatch):
-    requested, real_resnet50 = [], torchvision.models.resnet50
-
-    def fake_resnet50(weights=None):  # stands in for the download, which tests never do
-        requested.append(weights)
-        return real_resnet50(weights=None)
-
-    monkeypatch.setattr(torchvision.models, "resnet50", fake_resnet50)
-    build_backbone("resnet50_layer3", "imagenet")
-    assert requested == [torchvision.models.ResNet50_Weights.IMAGENET1K_V1]
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    backbone = build_backbone(name, "imagenet")
+    assert requested == [IMAGENET_URLS[(arch, weights)]]
+    assert backbone.weights == "imagenet"
 
 
 def test_imagenet_weights_offline_say_how_to_fix_it(monkeypatch):
-    def offline(weights=None):
+    def offline(url, progress, check_hash):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(MedrobustError, match="torch hub cache"):
         build_backbone("resnet18", "imagenet")
 

@@ -2,9 +2,10 @@
 
 Three kinds of name:
 
-- a registered name (`resnet18`, `resnet50`, `resnet50_layer3`): torchvision
-  ResNets; `resnet50_layer3` is ResNet50 cut after layer3 and average-pooled
-  (1024-d), the patch encoder CLAM and TRIDENT use as their baseline;
+- a registered name (`resnet18`, `resnet50`, `resnet50_layer3`): torchvision's
+  ResNets (`models.torchvision_nets`); `resnet50_layer3` is ResNet50 cut after
+  layer3 and average-pooled (1024-d), the patch encoder CLAM and TRIDENT use as
+  their baseline;
 - `timm:<model name>`: any timm model (timm is imported only for such a name), its
   classifier removed (`num_classes=0`), e.g. a pathology foundation model's
   architecture (docs/architecture.md, "Foundation models");
@@ -25,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from medrobust.errors import ConfigError, InputError, MedrobustError, unknown_name
 from medrobust.models.image_classifiers import load_weights_file
+from medrobust.models.torchvision_nets import torchvision_architecture
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,29 +160,22 @@ def _weights_file(weights: str) -> Path:
     return path
 
 
-def _torchvision_resnet(name: str, weights_enum, weights: str, seed: int) -> nn.Module:
-    """A torchvision ResNet with random (seeded), ImageNet or a local file's weights."""
-    constructor = getattr(torchvision.models, name)
+def _torchvision_resnet(name: str, imagenet: str, weights: str, seed: int) -> nn.Module:
+    """torchvision's ResNet `name` with random (seeded) weights, its `imagenet` weights
+    (cached under $TORCH_HOME/hub) or a local file's."""
     if weights == "random":
-        return _seeded(seed, lambda: constructor(weights=None))
+        return _seeded(seed, lambda: torchvision_architecture(name))
     if weights == "imagenet":
-        try:
-            return constructor(weights=weights_enum)  # cached under $TORCH_HOME/hub
-        except OSError as error:
-            raise MedrobustError(
-                f"could not load {name} ImageNet weights ({error}); without internet, "
-                f"put {weights_enum.url.rsplit('/', 1)[-1]} in the torch hub cache "
-                "($TORCH_HOME/hub/checkpoints), give its path as weights, "
-                "or use weights: random") from error
+        return torchvision_architecture(name, imagenet)
     # the whole network's state dict, as torchvision saves it, whatever part is kept
-    resnet = constructor(weights=None)
+    resnet = torchvision_architecture(name)
     load_weights_file(resnet, _weights_file(weights), f"torchvision's {name}")
     return resnet
 
 
-def _pooled_resnet(name: str, weights_enum, weights: str, seed: int) -> Trunk:
+def _pooled_resnet(name: str, imagenet: str, weights: str, seed: int) -> Trunk:
     """A ResNet with its classifier removed: the global-average-pooled features."""
-    resnet = _torchvision_resnet(name, weights_enum, weights, seed)
+    resnet = _torchvision_resnet(name, imagenet, weights, seed)
     dim = resnet.fc.in_features
     resnet.fc = nn.Identity()  # avgpool + flatten stay: (N, dim)
     return Trunk(resnet, dim, IMAGENET_MEAN, IMAGENET_STD)
@@ -189,14 +183,12 @@ def _pooled_resnet(name: str, weights_enum, weights: str, seed: int) -> Trunk:
 
 @register_backbone("resnet18")
 def resnet18(weights: str, seed: int) -> Trunk:
-    return _pooled_resnet("resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                          weights, seed)
+    return _pooled_resnet("resnet18", "IMAGENET1K_V1", weights, seed)
 
 
 @register_backbone("resnet50")
 def resnet50(weights: str, seed: int) -> Trunk:
-    return _pooled_resnet("resnet50", torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
-                          weights, seed)
+    return _pooled_resnet("resnet50", "IMAGENET1K_V2", weights, seed)
 
 
 @register_backbone("resnet50_layer3")
@@ -206,8 +198,7 @@ def resnet50_layer3(weights: str, seed: int) -> Trunk:
     Their ImageNet weights are torchvision's original ones (V1, timm's
     `resnet50.tv_in1k`), not the V2 that `resnet50` takes.
     """
-    resnet = _torchvision_resnet("resnet50", torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-                                 weights, seed)
+    resnet = _torchvision_resnet("resnet50", "IMAGENET1K_V1", weights, seed)
     trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                           resnet.layer1, resnet.layer2, resnet.layer3,
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(1))

@@ -1,4 +1,4 @@
-"""Image classifiers (torchvision ResNet18, VGG16; NYU's screening ResNet-22) cut into
+"""Image classifiers (ResNet18, VGG16 as torchvision has them; NYU's screening ResNet-22) cut into
 encoder, body and head.
 
 Every classifier takes images in [0, 1] and normalises them itself, so attacks
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
 from medrobust.errors import ConfigError, InputError, check_choice
 from medrobust.models.registry import (
     describe_nonfinite, nonfinite_tensors, register_image_classifier)
+from medrobust.models.torchvision_nets import torchvision_architecture
 
 # ImageNet statistics; grey images take their channel average (as timm does)
 _MEAN = (0.485, 0.456, 0.406)
@@ -170,8 +170,8 @@ def torchvision_net(arch: str, pretrained: str) -> nn.Module:
     """torchvision's `arch` with random weights (`none`), ImageNet weights from the
     hub (`imagenet`) or the weights in the file `pretrained`."""
     if pretrained == "imagenet":
-        return torchvision.models.get_model(arch, weights=_PRETRAINED)
-    net = torchvision.models.get_model(arch)
+        return torchvision_architecture(arch, imagenet=_PRETRAINED)
+    net = torchvision_architecture(arch)
     if pretrained != "none":
         load_weights_file(net, Path(pretrained), f"torchvision's {arch}")
     return net
