@@ -42,7 +42,9 @@ rule tile_slide:
         slide=slide_record,
         on_bad_input=config["on_bad_input"],
         code=code_fingerprint("preprocess", "io"),
-    threads: 2
+    # a small slide's tiling is start-up-bound, and a 2-thread job waits for two free
+    # cores while 1-thread jobs keep taking them (the profiles raise it for real slides)
+    threads: 1
     resources:
         mem_mb=4000,
     log:
@@ -65,7 +67,7 @@ rule tile_slide_group:
         slides=group_slide_records,
         on_bad_input=config["on_bad_input"],
         code=code_fingerprint("preprocess", "io"),
-    threads: 2
+    threads: 1  # as tile_slide
     resources:
         mem_mb=4000,  # slides are tiled one after another: a slide's memory, not the group's
     log:

@@ -42,6 +42,9 @@ rule train_slide_classifier:
         device=config["device"],
         code=code_fingerprint("train", "models"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
+    # the slide study's longest chain is base model -> MHIM-MIL student -> its evaluation:
+    # the student starts before the base model's attention and robustness jobs
+    priority: 5
     resources:
         gpu=1,
         mem_mb=4000,
