@@ -11,13 +11,15 @@ import torch
 import torchvision
 
 from medrobust.errors import ConfigError, InputError, MedrobustError
+from medrobust.features import groups
 from medrobust.features.backbones import (IMAGENET_MEAN, IMAGENET_STD, backbone_problem,
                                           build_backbone, state_dict_sha256)
-from medrobust.features.extract import (FeatureConfig, TileBatches, autocast_dtype, embed_batch,
-                                        extract_slide_features)
+from medrobust.features.extract import (FeatureConfig, TileBatches, autocast_dtype, backbone_for,
+                                        embed_batch, extract_slide_features)
+from medrobust.features.groups import extract_group_features
 from medrobust.io.atomic import atomic_path
-from medrobust.models.torchvision_nets import IMAGENET_URLS
 from medrobust.io.slide_stores import create_tile_store, open_feature_store
+from medrobust.models.torchvision_nets import IMAGENET_URLS
 
 SLIDE_ATTRS = {"slide_id": "slide_a", "label": "tumor", "split": "val", "tile_size": 32}
 
@@ -144,6 +146,29 @@ def test_empty_tile_store_gives_empty_feature_store(tmp_path):
     store = open_feature_store(tmp_path / "features.zarr")
     assert store.features.shape == (0, 512)
     assert store.attrs["slide_id"] == "slide_a"
+
+
+def test_a_group_job_builds_one_backbone_and_writes_what_slide_jobs_write(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    stores = []
+    for name in ("slide_a", "slide_b", "slide_c"):
+        stores.append(tmp_path / "tiles" / f"{name}.zarr")
+        _tile_store(stores[-1], rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
+                    {**SLIDE_ATTRS, "slide_id": name})
+    config = FeatureConfig.from_mapping({"backbone": "resnet18", "batch_size": 2})
+    for store in stores:
+        extract_slide_features(store, tmp_path / "alone" / store.name, config)
+
+    built = []
+    monkeypatch.setattr(groups, "backbone_for",
+                        lambda config: built.append(config) or backbone_for(config))
+    extract_group_features(stores, tmp_path / "group", config)
+    assert len(built) == 1
+    for store in stores:
+        alone, grouped = (open_feature_store(tmp_path / folder / store.name)
+                          for folder in ("alone", "group"))
+        np.testing.assert_array_equal(grouped.features, alone.features)
+        assert grouped.attrs == alone.attrs
 
 
 def test_tile_store_without_labels_is_an_input_error(tmp_path):

@@ -69,11 +69,16 @@ def backbone_for(config: FeatureConfig) -> Backbone:
 
 
 def extract_slide_features(tile_store_path: str | os.PathLike, out_path: str | os.PathLike,
-                           config: FeatureConfig, device: torch.device | str = "cpu") -> Path:
-    """Embed every tile of a tile store and write the slide's feature store atomically."""
+                           config: FeatureConfig, device: torch.device | str = "cpu",
+                           backbone: Backbone | None = None) -> Path:
+    """Embed every tile of a tile store and write the slide's feature store atomically.
+
+    `backbone`: `backbone_for(config)` already built, for a job that embeds several slides
+    (building it and hashing its weights cost more than a small slide's forward passes).
+    """
     store = open_tile_store(tile_store_path)
     attrs = _slide_attrs(store)
-    backbone = backbone_for(config)
+    backbone = backbone or backbone_for(config)
     features = embed_tiles(store, backbone, config.batch_size, torch.device(device),
                            precision=config.precision, workers=config.loader_workers,
                            prefetch=config.prefetch_batches)
