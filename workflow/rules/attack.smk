@@ -74,6 +74,7 @@ rule perturb_slide_tiles:
         device=config["device"],
         code=code_fingerprint("perturbations", "features"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
         mem_mb=4000,

@@ -70,6 +70,13 @@ wildcard_constraints:
     fold=r"\d+",
 
 
+# Slide-study jobs go first. Left to itself, the scheduler kept choosing the image
+# study's more numerous jobs, so the slide study's chain (tiles, features, base model,
+# MHIM-MIL student, attention and evaluation) ran last with one core idle; the image
+# study's many independent jobs fill the cores better at the end.
+SLIDE_STUDY_PRIORITY = 5
+
+
 # The settings of every bootstrap interval a job computes (seeded, so reruns agree)
 INTERVAL_SETTINGS = {
     "bootstrap_resamples": config["report"]["bootstrap_resamples"],

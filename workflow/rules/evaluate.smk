@@ -74,6 +74,7 @@ rule evaluate_slide_classifier:
         device=config["device"],
         code=code_fingerprint("evaluate"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     log:
         "logs/evaluate_slide_classifier/{dataset}/{slide_model}.log",
     benchmark:
@@ -96,6 +97,7 @@ rule evaluate_slide_folds:
         device=config["device"],
         code=code_fingerprint("evaluate"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     log:
         "logs/evaluate_slide_folds/{dataset}/{slide_model}.log",
     benchmark:
@@ -153,6 +155,7 @@ rule slide_robustness:
         device=config["device"],
         code=code_fingerprint("evaluate", "attacks", "perturbations", "features"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
     log:
@@ -184,6 +187,7 @@ rule slide_attention:
         device=config["device"],
         code=code_fingerprint("evaluate", "io", "preprocess", "models"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     log:
         "logs/slide_attention/{dataset}/{slide_model}.log",
     benchmark:

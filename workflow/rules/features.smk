@@ -16,6 +16,7 @@ rule extract_features:
         device=config["device"],
         code=code_fingerprint("features"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
         mem_mb=4000,
@@ -39,6 +40,7 @@ rule extract_features_group:
         device=config["device"],
         code=code_fingerprint("features"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
         mem_mb=4000,  # slides are embedded one after another
@@ -64,6 +66,7 @@ rule link_slide_features:
     log:
         "logs/link_slide_features/{dataset}/{backbone}/{slide}.log",
     localrule: True
+    priority: SLIDE_STUDY_PRIORITY
     conda:
         "../../envs/medrobust.yaml"
     script:

@@ -45,6 +45,7 @@ rule tile_slide:
     # a small slide's tiling is start-up-bound, and a 2-thread job waits for two free
     # cores while 1-thread jobs keep taking them (the profiles raise it for real slides)
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         mem_mb=4000,
     log:
@@ -68,6 +69,7 @@ rule tile_slide_group:
         on_bad_input=config["on_bad_input"],
         code=code_fingerprint("preprocess", "io"),
     threads: 1  # as tile_slide
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         mem_mb=4000,  # slides are tiled one after another: a slide's memory, not the group's
     log:
@@ -93,6 +95,7 @@ rule link_slide_tiles:
     log:
         "logs/link_slide_tiles/{dataset}/{slide}.log",
     localrule: True
+    priority: SLIDE_STUDY_PRIORITY
     conda:
         "../../envs/medrobust.yaml"
     script:

@@ -42,9 +42,9 @@ rule train_slide_classifier:
         device=config["device"],
         code=code_fingerprint("train", "models"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
-    # the slide study's longest chain is base model -> MHIM-MIL student -> its evaluation:
-    # the student starts before the base model's attention and robustness jobs
-    priority: 5
+    # MHIM-MIL's student trains from its base model: it starts before the base model's
+    # attention and robustness jobs, as the slide study's longest chain runs through it
+    priority: SLIDE_STUDY_PRIORITY + 1
     resources:
         gpu=1,
         mem_mb=4000,
@@ -74,6 +74,7 @@ rule train_slide_fold:
         device=config["device"],
         code=code_fingerprint("train", "models"),
     threads: 1
+    priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
         mem_mb=4000,
