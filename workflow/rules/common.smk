@@ -70,10 +70,12 @@ wildcard_constraints:
     fold=r"\d+",
 
 
-# Slide-study jobs go first. Left to itself, the scheduler kept choosing the image
-# study's more numerous jobs, so the slide study's chain (tiles, features, base model,
-# MHIM-MIL student, attention and evaluation) ran last with one core idle; the image
-# study's many independent jobs fill the cores better at the end.
+# On a busy machine, jobs that head the longest remaining chains start first (what
+# keeps every core busy to the end): image training (then attacks, evaluation), then
+# the slide study's one chain (tiles, features, base model, MHIM-MIL student,
+# attention). Left to itself, the scheduler ran attacks before the last trainings and
+# the slide chain last, each time with one core idle (docs/architecture.md).
+IMAGE_TRAINING_PRIORITY = 8
 SLIDE_STUDY_PRIORITY = 5
 
 

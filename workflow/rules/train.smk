@@ -16,6 +16,7 @@ rule train_image_classifier:
         device=config["device"],
         code=code_fingerprint("train", "models"),
     threads: 1  # so other jobs run beside it; raise with --set-threads for big CPU runs
+    priority: IMAGE_TRAINING_PRIORITY
     resources:
         gpu=1,
         mem_mb=4000,
