@@ -50,9 +50,8 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(_add_shortcut(out, x, self.downsample))
 
 
 class Bottleneck(nn.Module):
@@ -73,10 +72,16 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + shortcut)
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.relu(_add_shortcut(self.bn3(self.conv3(out)), x, self.downsample))
+
+
+def _add_shortcut(out: torch.Tensor, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:
+    """`out` plus the block's shortcut, in place and after the main path, as torchvision
+    does: the order fixes how autograd sums the gradients, so training matches it bit
+    for bit."""
+    out += x if downsample is None else downsample(x)
+    return out
 
 
 class ResNet(nn.Module):
