@@ -71,10 +71,10 @@ wildcard_constraints:
 
 
 # On a busy machine, jobs that head the longest remaining chains start first (what
-# keeps every core busy to the end): image training (then attacks, evaluation), then
-# the slide study's one chain (tiles, features, base model, MHIM-MIL student,
-# attention). Left to itself, the scheduler ran attacks before the last trainings and
-# the slide chain last, each time with one core idle (docs/architecture.md).
+# keeps every core busy to the end): the image store and image training (then attacks,
+# evaluation), then the slide study's one chain (tiles, features, base model, MHIM-MIL
+# student, attention). Left to itself, the scheduler ran attacks before the last
+# trainings and the slide chain last, each time with one core idle (docs/architecture.md).
 IMAGE_TRAINING_PRIORITY = 8
 SLIDE_STUDY_PRIORITY = 5
 

@@ -16,9 +16,7 @@ rule preprocess_images:
         on_bad_input=config["on_bad_input"],
         code=code_fingerprint("preprocess", "io"),
     threads: 4
-    # the image study (store, training, attacks, evaluation) is the workflow's longest
-    # chain: start it before slide jobs take the cores
-    priority: 10
+    priority: IMAGE_TRAINING_PRIORITY  # it heads the image chain (common.smk)
     log:
         "logs/preprocess_images/{dataset}.log",
     benchmark:

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from medrobust.errors import ConfigError, InputError, MedrobustError, unknown_name
-from medrobust.models.image_classifiers import load_weights_file
-from medrobust.models.torchvision_nets import torchvision_architecture
+from medrobust.models.image_classifiers import load_weights_file, torchvision_net
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -162,15 +161,12 @@ def _weights_file(weights: str) -> Path:
 
 def _torchvision_resnet(name: str, imagenet: str, weights: str, seed: int) -> nn.Module:
     """torchvision's ResNet `name` with random (seeded) weights, its `imagenet` weights
-    (cached under $TORCH_HOME/hub) or a local file's."""
+    (cached under $TORCH_HOME/hub) or a local file's (the whole network's, whatever part
+    is kept)."""
     if weights == "random":
-        return _seeded(seed, lambda: torchvision_architecture(name))
-    if weights == "imagenet":
-        return torchvision_architecture(name, imagenet)
-    # the whole network's state dict, as torchvision saves it, whatever part is kept
-    resnet = torchvision_architecture(name)
-    load_weights_file(resnet, _weights_file(weights), f"torchvision's {name}")
-    return resnet
+        return _seeded(seed, lambda: torchvision_net(name, "none"))
+    pretrained = weights if weights == "imagenet" else str(_weights_file(weights))
+    return torchvision_net(name, pretrained, imagenet)
 
 
 def _pooled_resnet(name: str, imagenet: str, weights: str, seed: int) -> Trunk:

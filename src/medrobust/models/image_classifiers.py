@@ -166,11 +166,12 @@ def resnet22(num_classes: int, in_channels: int, pretrained: str = "none",
                            low_stride=8, normalization=normalization)
 
 
-def torchvision_net(arch: str, pretrained: str) -> nn.Module:
-    """torchvision's `arch` with random weights (`none`), ImageNet weights from the
-    hub (`imagenet`) or the weights in the file `pretrained`."""
+def torchvision_net(arch: str, pretrained: str, imagenet: str = _PRETRAINED) -> nn.Module:
+    """torchvision's `arch` with random weights (`none`), its `imagenet` weights from the
+    hub (`imagenet`) or the weights in the file `pretrained` (the whole network's state
+    dict, as torchvision saves it)."""
     if pretrained == "imagenet":
-        return torchvision_architecture(arch, imagenet=_PRETRAINED)
+        return torchvision_architecture(arch, imagenet)
     net = torchvision_architecture(arch)
     if pretrained != "none":
         load_weights_file(net, Path(pretrained), f"torchvision's {arch}")
