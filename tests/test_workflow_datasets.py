@@ -146,8 +146,10 @@ def test_report_has_a_row_per_model_and_condition(medmnist_run):
 IMAGE_JOBS = {"download": 1, "preprocess_images": 1, "train_image_classifier": 1,
               "evaluate_image_classifier": 1, "summarize": 1, "report": 1, "all": 1}
 # the slides a dataset holds are known only once its download checkpoint ran:
-# tile_slide / extract_features jobs join the DAG after it
-SLIDE_JOBS = {"download": 1, "train_slide_classifier": 1, "evaluate_slide_classifier": 1,
+# tile_slide / extract_features jobs join the DAG after it; the indexes that list
+# them are planned before (their paths do not depend on the slides)
+SLIDE_JOBS = {"download": 1, "index_slide_tiles": 1, "index_slide_features": 1,
+              "train_slide_classifier": 1, "evaluate_slide_classifier": 1,
               "summarize": 1, "report": 1, "all": 1}
 RECIPES = {
     "medmnist": ("chest", IMAGE_JOBS),

@@ -62,7 +62,7 @@ rule perturb:
 
 rule perturb_slide_tiles:
     input:
-        test_tile_stores,
+        TILE_INDEX,
     output:
         directory(plan.SLIDE_PERTURBATION_RUN),
     params:

@@ -49,6 +49,11 @@ SLIDES_GROUPED = sorted(name for name, dataset in DATASETS.items()
 SLIDES_ONE_PER_JOB = sorted(name for name, dataset in DATASETS.items()
                             if dataset["kind"] == "slides" and name not in SLIDES_GROUPED)
 ATTENTION_RUN = "results/attention/{dataset}/{slide_model}"  # slide_attention's output folder
+# a slide dataset's stores in one file, read by every job that needs all of them
+# (medrobust.slide_index: one DAG edge per job instead of one per slide)
+TILE_INDEX = "results/tiles/{dataset}/index.csv"
+FEATURE_INDEX = "results/features/{dataset}/{backbone}/index.csv"
+CONFIGURED_FEATURE_INDEX = FEATURE_INDEX.format(dataset="{dataset}", backbone=config["features"]["backbone"])
 
 
 def _alternatives(names):
@@ -159,44 +164,25 @@ def slide_datasets():
     return sorted({settings["dataset"] for settings in SLIDE_CLASSIFIERS.values()})
 
 
-def slide_tiling_outputs(suffix):
-    """Every slide's tiling output of the used slide datasets ("zarr": tile store, "qc.png":
-    QC picture), in the same order for either suffix."""
-    return [f"results/tiles/{dataset}/{slide}.{suffix}"
-            for dataset in slide_datasets() for slide in manifest_rows(dataset)]
+def dataset_tile_outputs(wildcards):
+    """Every slide's tile store and QC picture of a dataset, in manifest order: what the
+    dataset's tile index lists."""
+    slides = manifest_rows(wildcards.dataset)
+    return {"tiles": [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in slides],
+            "qc": [f"results/tiles/{wildcards.dataset}/{slide}.qc.png" for slide in slides]}
 
 
-def slide_feature_stores(wildcards):
-    """Every slide's feature store of the model's dataset."""
-    dataset = SLIDE_CLASSIFIERS[wildcards.slide_model]["dataset"]
-    backbone = config["features"]["backbone"]
-    return [
-        f"results/features/{dataset}/{backbone}/{slide}.zarr"
-        for slide in manifest_rows(dataset)
-    ]
+def dataset_feature_stores(wildcards):
+    """Every slide's feature store of a dataset, in manifest order: what its feature index
+    lists."""
+    return [f"results/features/{wildcards.dataset}/{wildcards.backbone}/{slide}.zarr"
+            for slide in manifest_rows(wildcards.dataset)]
 
 
 def slide_model_folder(wildcards, model=None):
     """A slide model's folder, or with a {fold} wildcard its cross-validation fold's."""
     folder = f"results/models/{wildcards.dataset}/{model or wildcards.slide_model}"
     return f"{folder}/folds/{wildcards.fold}" if "fold" in wildcards.keys() else folder
-
-
-def test_slides(dataset):
-    """The slide ids of the dataset's test split, from its manifest."""
-    return [slide for slide, row in manifest_rows(dataset).items() if row["split"] == "test"]
-
-
-def test_tile_stores(wildcards):
-    """The tile stores of the dataset's test slides (slide robustness reads their pixels)."""
-    return [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in test_slides(wildcards.dataset)]
-
-
-def test_feature_stores(wildcards):
-    """The feature stores of the dataset's test slides."""
-    backbone = config["features"]["backbone"]
-    return [f"results/features/{wildcards.dataset}/{backbone}/{slide}.zarr"
-            for slide in test_slides(wildcards.dataset)]
 
 
 def tile_perturbations():
@@ -227,12 +213,6 @@ def slide_robustness_runs(wildcards=None):
 def slide_robustness_settings(wildcards):
     """What decides a model's robustness run: `slide_robustness` without the list of models."""
     return {key: value for key, value in config["slide_robustness"].items() if key != "models"}
-
-
-def slide_tile_stores(wildcards):
-    """Every slide's tile store of the model's dataset, in the order of its feature stores."""
-    dataset = SLIDE_CLASSIFIERS[wildcards.slide_model]["dataset"]
-    return [f"results/tiles/{dataset}/{slide}.zarr" for slide in manifest_rows(dataset)]
 
 
 def attention_runs(wildcards=None):
@@ -291,17 +271,14 @@ def pretrained_weights_file(wildcards):
     return [] if pretrained in PRETRAINED else [pretrained]
 
 
-def feature_weights_file(wildcards):
-    """The backbone's local weights file, if `features.weights` names one: an input, so a
-    newer file re-extracts the features."""
-    weights = config["features"]["weights"]
-    return [] if weights in FEATURE_WEIGHTS else [weights]
-
-
-def feature_params(wildcards):
-    """What decides a slide's features: `features` without the loader's speed settings."""
-    return {key: value for key, value in config["features"].items()
-            if key not in FEATURE_LOADER_KEYS}
+# The backbone's local weights file, if `features.weights` names one: an input, so a
+# newer file re-extracts the features. Constants, not input functions: the feature
+# jobs are one per slide, and Snakemake calls a function once per job.
+FEATURE_WEIGHTS_FILE = ([] if config["features"]["weights"] in FEATURE_WEIGHTS
+                        else [config["features"]["weights"]])
+# what decides a slide's features: `features` without the loader's speed settings
+FEATURE_PARAMS = {key: value for key, value in config["features"].items()
+                  if key not in FEATURE_LOADER_KEYS}
 
 
 def denoiser_folder(model):
@@ -407,8 +384,7 @@ def report_inputs(wildcards=None):
         "histories": model_histories(),
         "datasets": dataset_folders(),
         # left-out slides' reasons and the QC pictures
-        "tiles": slide_tiling_outputs("zarr"),
-        "qc": slide_tiling_outputs("qc.png"),
+        "tile_indexes": [TILE_INDEX.format(dataset=dataset) for dataset in slide_datasets()],
         "heatmaps": list(plan.fourier_heatmap_tables(config).values()),
         "attention": attention_runs(),
     }

@@ -67,7 +67,7 @@ rule fourier_heatmap:
 rule evaluate_slide_classifier:
     input:
         model="results/models/{dataset}/{slide_model}/model.safetensors",
-        features=lambda wildcards: slide_feature_stores(wildcards),
+        features=CONFIGURED_FEATURE_INDEX,
     output:
         directory(plan.EVALUATION_RUN.format(dataset="{dataset}", model="{slide_model}")),
     params:
@@ -89,7 +89,7 @@ rule evaluate_slide_classifier:
 rule evaluate_slide_folds:
     input:
         folds=cv_fold_weights,
-        features=slide_feature_stores,
+        features=CONFIGURED_FEATURE_INDEX,
     output:
         json="results/cv/{dataset}/{slide_model}.json",
         csv="results/cv/{dataset}/{slide_model}.csv",
@@ -142,8 +142,8 @@ rule lesion_visibility:
 rule slide_robustness:
     input:
         model="results/models/{dataset}/{slide_model}/model.safetensors",
-        features=test_feature_stores,
-        tiles=test_tile_stores,
+        features=CONFIGURED_FEATURE_INDEX,
+        tiles=TILE_INDEX,
         perturbed=lambda wildcards: list(slide_perturbation_runs(wildcards).values()),
     output:
         directory(plan.SLIDE_ROBUSTNESS_RUN.format(dataset="{dataset}", model="{slide_model}")),
@@ -176,8 +176,8 @@ rule slide_robustness:
 rule slide_attention:
     input:
         model="results/models/{dataset}/{slide_model}/model.safetensors",
-        features=slide_feature_stores,
-        tiles=slide_tile_stores,
+        features=CONFIGURED_FEATURE_INDEX,
+        tiles=TILE_INDEX,
         dataset="resources/{dataset}",  # the slides (thumbnails) and tumour masks
     output:
         directory(ATTENTION_RUN),

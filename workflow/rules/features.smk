@@ -6,13 +6,13 @@
 rule extract_features:
     input:
         "results/tiles/{dataset}/{slide}.zarr",
-        weights=feature_weights_file,
+        weights=FEATURE_WEIGHTS_FILE,
     output:
         directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
     wildcard_constraints:
         dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
-        features=feature_params,
+        features=FEATURE_PARAMS,
         device=config["device"],
         code=code_fingerprint("features"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
@@ -71,3 +71,22 @@ rule link_slide_features:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/link_slide_outputs.py"
+
+
+# Every slide's feature store of a dataset in one index, as index_slide_tiles.
+rule index_slide_features:
+    input:
+        features=dataset_feature_stores,
+        dataset="resources/{dataset}",
+    output:
+        FEATURE_INDEX,
+    params:
+        code=code_fingerprint("slide_index"),
+    log:
+        "logs/index_slide_features/{dataset}/{backbone}.log",
+    localrule: True
+    priority: SLIDE_STUDY_PRIORITY
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/index_slide_stores.py"

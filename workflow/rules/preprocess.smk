@@ -98,3 +98,23 @@ rule link_slide_tiles:
         "../../envs/medrobust.yaml"
     script:
         "../scripts/link_slide_outputs.py"
+
+
+# Every slide's tile store and QC picture of a dataset in one index, which the jobs
+# that read them all take as input (medrobust.slide_index: planning cost).
+rule index_slide_tiles:
+    input:
+        unpack(dataset_tile_outputs),
+        dataset="resources/{dataset}",
+    output:
+        TILE_INDEX,
+    params:
+        code=code_fingerprint("slide_index"),
+    log:
+        "logs/index_slide_tiles/{dataset}.log",
+    localrule: True
+    priority: SLIDE_STUDY_PRIORITY
+    conda:
+        "../../envs/medrobust.yaml"
+    script:
+        "../scripts/index_slide_stores.py"

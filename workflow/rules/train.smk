@@ -32,7 +32,7 @@ rule train_image_classifier:
 
 rule train_slide_classifier:
     input:
-        features=slide_feature_stores,
+        features=CONFIGURED_FEATURE_INDEX,
         teacher=mhim_teacher_weights,  # MHIM-MIL: the trained model its teacher starts from
     output:
         weights="results/models/{dataset}/{slide_model}/model.safetensors",
@@ -63,7 +63,7 @@ rule train_slide_classifier:
 # (and on a cluster, on separate GPUs); its validation slides are its own fold.
 rule train_slide_fold:
     input:
-        features=slide_feature_stores,
+        features=CONFIGURED_FEATURE_INDEX,
         teacher=mhim_teacher_weights,  # MHIM-MIL: the same fold of its base model
     output:
         weights="results/models/{dataset}/{slide_model}/folds/{fold}/model.safetensors",

@@ -2,10 +2,11 @@ from medrobust.device import select_device
 from medrobust.features.extract import FeatureConfig
 from medrobust.logs import script_logging
 from medrobust.perturbations.slide_tiles import slide_perturbation_run
+from medrobust.slide_index import read_slide_index
 
 with script_logging(snakemake):
     slide_perturbation_run(
-        list(snakemake.input),
+        read_slide_index(snakemake.input[0], "tiles", split="test"),
         snakemake.output[0],
         name=snakemake.wildcards.tile_perturbation,
         severities=snakemake.params.severities,

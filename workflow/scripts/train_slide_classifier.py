@@ -3,11 +3,12 @@ from pathlib import Path
 from medrobust.device import select_device
 from medrobust.logs import script_logging
 from medrobust.train.slide_classifier import train_slide_classifier
+from medrobust.slide_index import read_slide_index
 
 with script_logging(snakemake):
     fold = snakemake.wildcards.get("fold")  # set in train_slide_fold's jobs only
     train_slide_classifier(
-        list(snakemake.input.features),
+        read_slide_index(snakemake.input.features, "features"),
         Path(snakemake.output.weights).parent,
         model_config=snakemake.params.model,
         device=select_device(snakemake.params.device, threads=snakemake.threads),

@@ -1,0 +1,72 @@
+"""A slide dataset's index: one small CSV that stands for all its per-slide stores.
+
+Every slide-model job (train, evaluate, robustness, attention) and the report read
+all of a dataset's tile or feature stores. Listed as their inputs, each store is a
+DAG edge per such job, and Snakemake's planning cost grows with edges: with ~9 of
+them per slide, planning a cohort cost ~1.7× a bare workflow with the same jobs
+(docs/benchmarks.md, "Planning"). So one local job per dataset takes the stores as
+input once (`index_slide_tiles`, `index_slide_features`) and writes this index; the
+slide-model jobs take the index. A store that changes rewrites the index, so the
+jobs that read it rerun as before.
+
+Columns: `slide_id`, `split` (from the manifest), then one column of paths per kind
+of store (`tiles` and `qc`, or `features`), in manifest order. Only the standard
+library.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from medrobust.errors import InputError
+from medrobust.io.atomic import atomic_path
+from medrobust.io.manifest_cache import manifest_rows
+
+FIXED_COLUMNS = ("slide_id", "split")
+
+
+def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
+                      stores: Mapping[str, Sequence[str | os.PathLike]]) -> None:
+    """Index the stores of every slide of `manifest`, each kind a list in manifest order.
+
+    A path is matched to its slide by its file name (`{slide_id}.zarr`,
+    `{slide_id}.qc.png`), so lists in another order or of another dataset are refused.
+    """
+    rows = manifest_rows(manifest)
+    for kind, paths in stores.items():
+        if kind in FIXED_COLUMNS:
+            raise ValueError(f"a store kind may not be called {kind!r}")
+        if len(paths) != len(rows):
+            raise InputError(f"{manifest}: {len(rows)} slides, but {len(paths)} {kind} paths")
+        for slide_id, path in zip(rows, paths):
+            if not Path(path).name.startswith(f"{slide_id}."):
+                raise InputError(f"{manifest}: {kind} path {path} is not slide {slide_id!r}'s")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*FIXED_COLUMNS, *stores])
+    for index, (slide_id, row) in enumerate(rows.items()):
+        writer.writerow([slide_id, row["split"], *(os.fspath(paths[index])
+                                                   for paths in stores.values())])
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(text.getvalue())
+
+
+def read_slide_index(paths: str | os.PathLike | Sequence[str | os.PathLike], kind: str,
+                     split: str | None = None) -> list[str]:
+    """The `kind` paths of one index or several (one per dataset, concatenated), in order;
+    with `split`, only that split's slides."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[str] = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if kind not in (reader.fieldnames or ()) or "split" not in reader.fieldnames:
+                raise InputError(f"{path}: not a slide index with a {kind!r} column "
+                                 f"(columns: {', '.join(reader.fieldnames or ()) or 'none'})")
+            found.extend(row[kind] for row in reader if split is None or row["split"] == split)
+    return found

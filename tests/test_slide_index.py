@@ -1,0 +1,69 @@
+"""The slide index: a dataset's per-slide stores listed in one file (medrobust.slide_index)."""
+
+import pytest
+
+from medrobust.errors import InputError
+from medrobust.slide_index import read_slide_index, write_slide_index
+
+SLIDES = [("slide_a", "train"), ("slide_b", "test"), ("slide_c", "val"), ("slide_d", "test")]
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("sample_id,path,label,split\n" + "".join(
+        f"{slide},slides/{slide}.tiff,tumor,{split}\n" for slide, split in SLIDES))
+    return path
+
+
+def tile_outputs(dataset="cohort"):
+    return {"tiles": [f"results/tiles/{dataset}/{slide}.zarr" for slide, _ in SLIDES],
+            "qc": [f"results/tiles/{dataset}/{slide}.qc.png" for slide, _ in SLIDES]}
+
+
+def test_index_lists_every_kind_in_manifest_order_and_filters_by_split(manifest, tmp_path):
+    index = tmp_path / "index.csv"
+    write_slide_index(manifest, index, tile_outputs())
+    assert index.read_text().splitlines()[:2] == [
+        "slide_id,split,tiles,qc",
+        "slide_a,train,results/tiles/cohort/slide_a.zarr,results/tiles/cohort/slide_a.qc.png"]
+    assert read_slide_index(index, "tiles") == tile_outputs()["tiles"]
+    assert read_slide_index(index, "qc") == tile_outputs()["qc"]
+    assert read_slide_index(index, "tiles", split="test") == [
+        "results/tiles/cohort/slide_b.zarr", "results/tiles/cohort/slide_d.zarr"]
+
+
+def test_several_indexes_read_as_one_list_in_the_given_order(manifest, tmp_path):
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    write_slide_index(manifest, first, tile_outputs("one"))
+    write_slide_index(manifest, second, tile_outputs("two"))
+    assert read_slide_index([second, first], "qc") == tile_outputs("two")["qc"] + tile_outputs("one")["qc"]
+
+
+def test_paths_out_of_manifest_order_are_refused_naming_the_path(manifest, tmp_path):
+    stores = [f"results/features/cohort/resnet18/{slide}.zarr" for slide, _ in SLIDES]
+    stores[1], stores[2] = stores[2], stores[1]
+    index = tmp_path / "index.csv"
+    with pytest.raises(InputError, match=r"slide_c\.zarr is not slide 'slide_b'"):
+        write_slide_index(manifest, index, {"features": stores})
+    assert not index.exists()
+
+
+def test_a_missing_slide_is_refused_naming_the_manifest(manifest, tmp_path):
+    stores = [f"results/features/cohort/resnet18/{slide}.zarr" for slide, _ in SLIDES[:3]]
+    with pytest.raises(InputError, match=r"manifest\.csv: 4 slides, but 3 features paths"):
+        write_slide_index(manifest, tmp_path / "index.csv", {"features": stores})
+
+
+def test_a_slide_id_that_prefixes_another_is_not_taken_for_it(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("sample_id,split\nslide_1,train\n")
+    with pytest.raises(InputError, match="slide_10.zarr is not slide 'slide_1'"):
+        write_slide_index(manifest, tmp_path / "index.csv", {"features": ["f/slide_10.zarr"]})
+
+
+def test_reading_a_file_that_is_not_such_an_index_names_it(manifest, tmp_path):
+    index = tmp_path / "index.csv"
+    write_slide_index(manifest, index, tile_outputs())
+    with pytest.raises(InputError, match=r"index\.csv: not a slide index with a 'features' column"):
+        read_slide_index(index, "features")
