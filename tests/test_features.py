@@ -1,6 +1,7 @@
 """Backbones and per-slide feature extraction, on CPU with tiny tiles and random weights."""
 
 import urllib.error
+from pathlib import Path
 
 from safetensors.torch import save_file
 
@@ -169,6 +170,32 @@ def test_a_group_job_builds_one_backbone_and_writes_what_slide_jobs_write(tmp_pa
                           for folder in ("alone", "group"))
         np.testing.assert_array_equal(grouped.features, alone.features)
         assert grouped.attrs == alone.attrs
+
+
+def test_a_failed_group_job_keeps_its_embedded_slides_for_the_rerun(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    stores = [tmp_path / "tiles" / f"{name}.zarr" for name in ("slide_a", "slide_b", "slide_c")]
+    for store in stores[:2]:
+        _tile_store(store, rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+                    {**SLIDE_ATTRS, "slide_id": store.stem})
+    _tile_store(stores[2], np.zeros((1, 32, 32, 3), np.uint8), {"slide_id": "slide_c"})
+    config = FeatureConfig.from_mapping({"backbone": "resnet18", "batch_size": 2})
+    group_dir = tmp_path / "features" / ".groups" / "group-000000"
+    with pytest.raises(InputError, match="slide_c.zarr"):   # it has no label
+        extract_group_features(stores, group_dir, config, code="abc")
+    assert not group_dir.exists()
+
+    _tile_store(stores[2], np.zeros((1, 32, 32, 3), np.uint8),   # tiled again, labelled
+                {**SLIDE_ATTRS, "slide_id": "slide_c"})
+    embedded = []
+    monkeypatch.setattr(groups, "extract_slide_features",
+                        lambda store, *args, **kwargs: embedded.append(Path(store).name)
+                        or extract_slide_features(store, *args, **kwargs))
+    extract_group_features(stores, group_dir, config, code="abc")
+    assert embedded == ["slide_c.zarr"]
+    for store in stores:
+        features = open_feature_store(group_dir / store.name)
+        assert features.attrs["slide_id"] == store.stem and len(features.features) > 0
 
 
 def test_tile_store_without_labels_is_an_input_error(tmp_path):

@@ -1,5 +1,5 @@
-"""Slides per job: the grouping of a manifest's slides, and the links from each slide's
-usual path to the copy its group job wrote."""
+"""Slides per job: the grouping of a manifest's slides, the links from each slide's
+usual path to the copy its group job wrote, and a group job's work kept across a failure."""
 
 import os
 import re
@@ -7,7 +7,8 @@ import re
 import pytest
 
 from medrobust.errors import ConfigError, InputError
-from medrobust.slide_groups import GROUP_PATTERN, group_slides, link_group_member, plan_slide_groups
+from medrobust.slide_groups import (GROUP_PATTERN, UNFINISHED_SUFFIX, GroupWork, group_slides,
+                                   link_group_member, plan_slide_groups)
 
 
 def test_groups_take_the_slides_in_order_k_at_a_time():
@@ -48,3 +49,43 @@ def test_a_slide_path_links_to_its_groups_copy(tmp_path):
     assert "a.zarr" in log.read_text()
     with pytest.raises(InputError, match="wrote no b.zarr.*--forcerun"):
         link_group_member(group, tmp_path / "tiles/b.zarr", log)
+
+
+def test_group_work_keeps_finished_slides_for_a_rerun_with_the_same_settings(tmp_path):
+    group_dir = tmp_path / ".groups" / "group-000000"
+    work = GroupWork(group_dir, {"tile_size": 224, "code": "abc"})
+    assert work.folder == tmp_path / ".groups" / f"group-000000{UNFINISHED_SUFFIX}"
+    (work.folder / "slide_a.zarr").mkdir()
+    work.mark_done("slide_a", {"sha256": "1" * 64})
+    # the job dies here; its rerun:
+    again = GroupWork(group_dir, {"tile_size": 224, "code": "abc"})
+    assert again.finished == 1
+    assert again.done("slide_a", {"sha256": "1" * 64})
+    assert not again.done("slide_a", {"sha256": "2" * 64})   # the slide file changed
+    assert not again.done("slide_b", {"sha256": "1" * 64})
+    assert (again.folder / "slide_a.zarr").is_dir()
+
+
+@pytest.mark.parametrize("ledger", [None, "not json {"])
+def test_group_work_starts_afresh_for_other_settings_or_an_unreadable_ledger(tmp_path, ledger):
+    group_dir = tmp_path / "group-000000"
+    work = GroupWork(group_dir, {"code": "abc"})
+    (work.folder / "slide_a.zarr").mkdir()
+    work.mark_done("slide_a", {})
+    if ledger is None:
+        again = GroupWork(group_dir, {"code": "edited"})
+    else:
+        (work.folder / "finished.json").write_text(ledger)
+        again = GroupWork(group_dir, {"code": "abc"})
+    assert again.finished == 0 and not again.done("slide_a", {})
+    assert list(again.folder.iterdir()) == []
+
+
+def test_a_completed_group_becomes_the_output_folder(tmp_path):
+    group_dir = tmp_path / "group-000000"
+    work = GroupWork(group_dir, {"code": "abc"})
+    (work.folder / "slide_a.zarr").mkdir()
+    work.mark_done("slide_a", {})
+    work.complete()
+    assert sorted(path.name for path in group_dir.iterdir()) == ["slide_a.zarr"]
+    assert not work.folder.exists()

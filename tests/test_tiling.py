@@ -16,6 +16,7 @@ from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import create_tile_store, open_tile_store, write_tile_shard
 from medrobust.io.slides import MAX_SLIDE_MPP, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
+from medrobust.preprocess import groups
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_map
 from medrobust.preprocess.tissue import hsv_saturation, tissue_mask
 
@@ -350,3 +351,43 @@ def test_a_dicom_whole_slide_image_is_tiled(tmp_path):
     for tile, (x, y) in zip(store.tiles[:], store.coords.tolist()):
         expected = reference.read_region((x, y), 0, (8, 8)).convert("RGB")
         np.testing.assert_array_equal(tile, np.asarray(expected))
+
+
+@pytest.mark.parametrize("rerun_code, retiled", [("abc", ["c.tiff"]),
+                                                   ("edited", ["a.tiff", "b.tiff", "c.tiff"])])
+def test_a_failed_group_job_keeps_its_finished_slides_for_the_rerun(tmp_path, monkeypatch,
+                                                                    rerun_code, retiled):
+    """Under "fail" a bad slide stops its group job; once it is fixed, the rerun tiles only
+    it (with the code unchanged) and the group folder holds every slide."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.tiff", "b.tiff"):
+        (data / name).write_bytes(BOXES.read_bytes())
+    truncated(data).rename(data / "c.tiff")
+    slides = [{"slide_id": name, "path": f"{name}.tiff", "label": "tumor", "split": "train",
+               "sha256": sha256_file(data / f"{name}.tiff")} for name in "abc"]
+    config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
+                          fallback_mpp=BOXES_MPP)
+    group_dir = tmp_path / "tiles" / ".groups" / "group-000000"
+    with pytest.raises(InputError, match="c.tiff"):
+        groups.tile_slide_group(data, group_dir, slides, config, code="abc")
+    assert not group_dir.exists()
+
+    (data / "c.tiff").write_bytes(BOXES.read_bytes())   # the bad slide replaced
+    slides[2]["sha256"] = sha256_file(data / "c.tiff")
+    tiled = []
+    monkeypatch.setattr(groups, "tile_slide",
+                        lambda path, *args, **kwargs: tiled.append(path.name)
+                        or tile_slide(path, *args, **kwargs))
+    counts = groups.tile_slide_group(data, group_dir, slides, config, code=rerun_code)
+    assert tiled == retiled
+    assert [count is None for count in counts.values()] == [
+        f"{name}.tiff" not in retiled for name in "abc"]
+    assert sorted(path.name for path in group_dir.iterdir()) == [
+        f"{name}.{suffix}" for name in "abc" for suffix in ("qc.png", "zarr")]
+    assert list(group_dir.parent.iterdir()) == [group_dir]   # no unfinished folder left
+    reference = open_tile_store(group_dir / "a.zarr").tiles[:]
+    for name in "abc":
+        store = open_tile_store(group_dir / f"{name}.zarr")
+        assert store.attrs["source_sha256"] == slides["abc".index(name)]["sha256"]
+        np.testing.assert_array_equal(store.tiles[:], reference)   # the same image

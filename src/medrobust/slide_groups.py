@@ -14,6 +14,13 @@ per slide then links the slide's usual path to its copy there
 are and the rules that read them do not change. The link jobs are local
 script jobs: an interpreter's start-up each, and on a cluster no submission.
 
+A group job that fails (killed, out of time, a bad slide under "fail") loses its
+output folder: Snakemake deletes a failed job's outputs, and a rerun's before it
+starts. So a group job writes into `.groups/{group}.unfinished/` instead
+(`GroupWork`), notes each slide there once both its outputs are written, and
+renames the folder to `.groups/{group}` when every slide is done. A rerun with
+the same settings finds the finished slides and does only the rest.
+
 Only the standard library: the workflow imports this at every parse, and the
 input functions call `plan_slide_groups` once per job, so the grouping is
 computed once per version of the manifest (as `io.manifest_cache` reads it).
@@ -22,16 +29,19 @@ computed once per version of the manifest (as `io.manifest_cache` reads it).
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.manifest_cache import manifest_rows
 
 GROUPS_FOLDER = ".groups"  # beside the per-slide outputs: results/tiles/{dataset}/.groups/{group}
 GROUP_PATTERN = r"group-\d{6}"
+UNFINISHED_SUFFIX = ".unfinished"  # results/tiles/{dataset}/.groups/{group}.unfinished
 
 
 @dataclass(frozen=True)
@@ -77,3 +87,51 @@ def link_group_member(group_dir: str | os.PathLike, output: str | os.PathLike,
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle:
         handle.write(f"{output} -> {member}\n")
+
+
+class GroupWork:
+    """Where a group job writes its slides' outputs, kept across a failed run.
+
+    `job_key`: what decides every slide's outputs besides the slide itself (the job's
+    settings and code fingerprint, JSON-able); a different key starts afresh. Per slide,
+    `slide_key` says what decides its outputs (its manifest row, or its input store's
+    metadata): `done` is true only for a slide noted with the same key.
+    """
+
+    def __init__(self, group_dir: str | os.PathLike, job_key: Any):
+        self.group_dir = Path(group_dir)
+        self.folder = self.group_dir.with_name(self.group_dir.name + UNFINISHED_SUFFIX)
+        self._ledger = self.folder / "finished.json"
+        self._job_key = json.loads(json.dumps(job_key))  # as the ledger will read back
+        state = None
+        if self._ledger.is_file():
+            try:
+                state = json.loads(self._ledger.read_text())
+            except ValueError:
+                state = None
+        if not isinstance(state, dict) or state.get("job") != self._job_key:
+            shutil.rmtree(self.folder, ignore_errors=True)  # another run's, or unreadable
+            state = {"job": self._job_key, "slides": {}}
+        self._finished: dict[str, Any] = state["slides"]
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def finished(self) -> int:
+        return len(self._finished)
+
+    def done(self, slide_id: str, slide_key: Any) -> bool:
+        return self._finished.get(slide_id, None) == json.loads(json.dumps(slide_key))
+
+    def mark_done(self, slide_id: str, slide_key: Any) -> None:
+        """Note a slide whose outputs are all written (the ledger is replaced atomically)."""
+        self._finished[slide_id] = slide_key
+        tmp = self._ledger.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"job": self._job_key, "slides": self._finished}))
+        os.replace(tmp, self._ledger)
+
+    def complete(self) -> None:
+        """Every slide done: the folder becomes the group's output folder."""
+        self._ledger.unlink()
+        if self.group_dir.exists():
+            shutil.rmtree(self.group_dir)
+        os.replace(self.folder, self.group_dir)

@@ -9,4 +9,5 @@ with script_logging(snakemake):
         snakemake.output[0],
         FeatureConfig.from_mapping(snakemake.params.features),
         device=select_device(snakemake.params.device, threads=snakemake.threads),
+        code=snakemake.params.code,
     )

@@ -10,4 +10,5 @@ with script_logging(snakemake):
         TilingConfig.from_mapping(snakemake.params.tiling),
         workers=snakemake.threads,
         on_bad_input=snakemake.params.on_bad_input,
+        code=snakemake.params.code,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -9,17 +10,36 @@ from typing import Sequence
 import torch
 
 from medrobust.features.extract import FeatureConfig, backbone_for, extract_slide_features
+from medrobust.io.slide_stores import open_tile_store
+from medrobust.logs import get_logger
 from medrobust.progress import progress
+from medrobust.slide_groups import GroupWork
+
+log = get_logger(__name__)
 
 
 def extract_group_features(tile_stores: Sequence[str | os.PathLike], group_dir: str | os.PathLike,
-                           config: FeatureConfig, device: torch.device | str = "cpu") -> None:
+                           config: FeatureConfig, device: torch.device | str = "cpu",
+                           code: str | None = None) -> None:
     """Each tile store's feature store in `group_dir`, under the tile store's name
     (`{slide_id}.zarr`), as `extract_slide_features` writes it for a slide's own job,
-    with one backbone built for all of them."""
-    group_dir = Path(group_dir)
-    group_dir.mkdir(parents=True, exist_ok=True)
-    backbone = backbone_for(config)
-    for tile_store in progress(tile_stores, desc=f"features {group_dir.name}", unit="slide"):
-        extract_slide_features(tile_store, group_dir / Path(tile_store).name, config, device,
-                               backbone=backbone)
+    with one backbone built for all of them.
+
+    Slides a failed run of the same settings and `code` (the workflow's fingerprint)
+    embedded from a tile store with the same metadata are kept, not embedded again
+    (`medrobust.slide_groups.GroupWork`).
+    """
+    work = GroupWork(group_dir, {"features": dataclasses.asdict(config),
+                                 "device": torch.device(device).type, "code": code})
+    if work.finished:
+        log.info("%s: %d slides finished by a failed run are kept", group_dir, work.finished)
+    backbone = None  # built for the first slide that needs it
+    for tile_store in progress(tile_stores, desc=f"features {work.group_dir.name}", unit="slide"):
+        name = Path(tile_store).name
+        tiles_metadata = open_tile_store(tile_store).attrs
+        if work.done(name, tiles_metadata):
+            continue
+        backbone = backbone or backbone_for(config)
+        extract_slide_features(tile_store, work.folder / name, config, device, backbone=backbone)
+        work.mark_done(name, tiles_metadata)
+    work.complete()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -9,30 +10,43 @@ from typing import Mapping, Sequence
 from medrobust.logs import get_logger
 from medrobust.preprocess.tiling import TilingConfig, tile_slide
 from medrobust.progress import progress
+from medrobust.slide_groups import GroupWork
 
 log = get_logger(__name__)
 
 
 def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.PathLike,
                      slides: Sequence[Mapping[str, str]], config: TilingConfig,
-                     workers: int = 1, on_bad_input: str = "fail") -> dict[str, int]:
+                     workers: int = 1, on_bad_input: str = "fail",
+                     code: str | None = None) -> dict[str, int | None]:
     """Tile each slide (its manifest row plus `slide_id`) into `group_dir`, one after another:
     `{slide_id}.zarr` and `{slide_id}.qc.png`, as `tile_slide` writes them for a slide's own job.
 
     A bad slide is handled by `tile_slide` alone: under "skip" it gets its empty store with
     the reason and the next slide is tiled; under "fail" its InputError, naming the file,
-    stops the group. Returns the number of tiles per slide.
+    stops the group. Slides a failed run of the same settings and `code` (the workflow's
+    fingerprint) finished are kept, not tiled again (`medrobust.slide_groups.GroupWork`).
+    Returns the number of tiles per slide tiled now (None for a kept slide).
     """
-    group_dir = Path(group_dir)
-    group_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for slide in progress(slides, desc=f"tiling {group_dir.name}", unit="slide"):
-        slide_id = slide["slide_id"]
+    work = GroupWork(group_dir, {"tiling": dataclasses.asdict(config),
+                                 "on_bad_input": on_bad_input, "code": code})
+    if work.finished:
+        log.info("%s: %d slides finished by a failed run are kept", group_dir, work.finished)
+    counts: dict[str, int | None] = {}
+    for slide in progress(slides, desc=f"tiling {work.group_dir.name}", unit="slide"):
+        slide_id, row = slide["slide_id"], dict(slide)
+        if work.done(slide_id, row):
+            counts[slide_id] = None
+            continue
         counts[slide_id] = tile_slide(
-            Path(dataset_folder) / slide["path"], group_dir / f"{slide_id}.zarr", config,
+            Path(dataset_folder) / slide["path"], work.folder / f"{slide_id}.zarr", config,
             slide_id=slide_id, label=slide["label"], split=slide["split"],
             source_sha256=slide["sha256"], workers=workers,
-            qc_path=group_dir / f"{slide_id}.qc.png", on_bad_input=on_bad_input)
-    log.info("%s: %d slides, %d tiles, %d slides without tiles", group_dir, len(counts),
-             sum(counts.values()), sum(count == 0 for count in counts.values()))
+            qc_path=work.folder / f"{slide_id}.qc.png", on_bad_input=on_bad_input)
+        work.mark_done(slide_id, row)
+    work.complete()
+    tiled = [count for count in counts.values() if count is not None]
+    log.info("%s: %d slides (%d kept from a failed run), %d tiles, %d slides without tiles",
+             group_dir, len(counts), len(counts) - len(tiled), sum(tiled),
+             sum(count == 0 for count in tiled))
     return counts
