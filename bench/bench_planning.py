@@ -1,7 +1,7 @@
 """Benchmark planning a slide cohort: `snakemake -n` of medrobust against a bare workflow.
 
 For each cohort size N, a temporary folder gets N placeholder slide files (empty:
-planning never opens them) and a labels table, and two workflows download it:
+planning never opens them) and a labels table, and three workflows download it:
 
 - medrobust: the embedded config.yaml with its `slides` dataset turned into a
   `local` source over that folder (every other dataset and model as shipped);
@@ -16,11 +16,12 @@ planning never opens them) and a labels table, and two workflows download it:
   and a Python `script:`), which Snakemake sets up per job even in a dry run.
 
 Then `snakemake -n` of each workflow's default target is timed (wall clock,
-the whole process: parse, config validation, DAG). Both plan 2N per-slide
-jobs behind the checkpoint; medrobust plans its image branch (tens of jobs) too.
-With `--slides-per-job K` medrobust is also planned with the cohort in groups
-of K slides per tiling and feature job (`datasets.<name>.slides_per_job`): 2N/K
-group jobs plus 2N per-slide link jobs, printed as its own column and ratio.
+the whole process: parse, config validation, DAG). All plan 2N per-slide
+jobs behind the checkpoint; medrobust plans its image branch (tens of jobs) and
+two index jobs too. With `--slides-per-job K` medrobust is also planned with the
+cohort in groups of K slides per tiling and feature job
+(`datasets.<name>.slides_per_job`): 2N/K group jobs and no job per slide,
+printed as its own column and ratio.
 
     .venv/bin/python bench/bench_planning.py                  # N = 1000 3000 10000
     .venv/bin/python bench/bench_planning.py --sizes 500 2000 --repeats 3

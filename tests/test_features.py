@@ -163,7 +163,7 @@ def test_a_group_job_builds_one_backbone_and_writes_what_slide_jobs_write(tmp_pa
     built = []
     monkeypatch.setattr(groups, "backbone_for",
                         lambda config: built.append(config) or backbone_for(config))
-    extract_group_features(stores, tmp_path / "group", config)
+    extract_group_features(stores, tmp_path / "group", config, code="abc")
     assert len(built) == 1
     for store in stores:
         alone, grouped = (open_feature_store(tmp_path / folder / store.name)
@@ -180,19 +180,21 @@ def test_a_failed_group_job_keeps_its_embedded_slides_for_the_rerun(tmp_path, mo
                     {**SLIDE_ATTRS, "slide_id": store.stem})
     _tile_store(stores[2], np.zeros((1, 32, 32, 3), np.uint8), {"slide_id": "slide_c"})
     config = FeatureConfig.from_mapping({"backbone": "resnet18", "batch_size": 2})
-    group_dir = tmp_path / "features" / ".groups" / "group-000000"
+    group_dir = tmp_path / "features" / "groups" / "group-000000"
     with pytest.raises(InputError, match="slide_c.zarr"):   # it has no label
         extract_group_features(stores, group_dir, config, code="abc")
     assert not group_dir.exists()
 
     _tile_store(stores[2], np.zeros((1, 32, 32, 3), np.uint8),   # tiled again, labelled
                 {**SLIDE_ATTRS, "slide_id": "slide_c"})
+    _tile_store(stores[0], rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),  # tiled again:
+                {**SLIDE_ATTRS, "slide_id": "slide_a"})   # same attrs, other tiles
     embedded = []
     monkeypatch.setattr(groups, "extract_slide_features",
                         lambda store, *args, **kwargs: embedded.append(Path(store).name)
                         or extract_slide_features(store, *args, **kwargs))
     extract_group_features(stores, group_dir, config, code="abc")
-    assert embedded == ["slide_c.zarr"]
+    assert embedded == ["slide_a.zarr", "slide_c.zarr"]
     for store in stores:
         features = open_feature_store(group_dir / store.name)
         assert features.attrs["slide_id"] == store.stem and len(features.features) > 0

@@ -1,14 +1,13 @@
-"""Slides per job: the grouping of a manifest's slides, the links from each slide's
-usual path to the copy its group job wrote, and a group job's work kept across a failure."""
+"""Slides per job: the grouping of a manifest's slides, and a group job's work kept
+across a failure."""
 
-import os
 import re
 
 import pytest
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.slide_groups import (GROUP_PATTERN, UNFINISHED_SUFFIX, GroupWork, group_slides,
-                                   link_group_member, plan_slide_groups)
+                                   plan_slide_groups)
 
 
 def test_groups_take_the_slides_in_order_k_at_a_time():
@@ -37,32 +36,19 @@ def test_a_manifest_is_grouped_once_per_version(tmp_path):
     assert list(plan_slide_groups(manifest, 2).members.values()) == [("a", "b"), ("c",)]
 
 
-def test_a_slide_path_links_to_its_groups_copy(tmp_path):
-    group = tmp_path / "tiles/.groups/group-000000"
-    (group / "a.zarr").mkdir(parents=True)
-    (group / "a.zarr/zarr.json").write_text("{}")
-    log = tmp_path / "logs/a.log"
-    link_group_member(group, tmp_path / "tiles/a.zarr", log)
-    assert (tmp_path / "tiles/a.zarr").is_symlink()
-    assert not os.path.isabs(os.readlink(tmp_path / "tiles/a.zarr"))  # the folder can move
-    assert (tmp_path / "tiles/a.zarr/zarr.json").read_text() == "{}"
-    assert "a.zarr" in log.read_text()
-    with pytest.raises(InputError, match="wrote no b.zarr.*--forcerun"):
-        link_group_member(group, tmp_path / "tiles/b.zarr", log)
-
-
 def test_group_work_keeps_finished_slides_for_a_rerun_with_the_same_settings(tmp_path):
-    group_dir = tmp_path / ".groups" / "group-000000"
+    group_dir = tmp_path / "groups" / "group-000000"
     work = GroupWork(group_dir, {"tile_size": 224, "code": "abc"})
-    assert work.folder == tmp_path / ".groups" / f"group-000000{UNFINISHED_SUFFIX}"
+    assert work.folder == tmp_path / "groups" / f"group-000000{UNFINISHED_SUFFIX}"
     (work.folder / "slide_a.zarr").mkdir()
     work.mark_done("slide_a", {"sha256": "1" * 64})
     # the job dies here; its rerun:
     again = GroupWork(group_dir, {"tile_size": 224, "code": "abc"})
     assert again.finished == 1
-    assert again.done("slide_a", {"sha256": "1" * 64})
-    assert not again.done("slide_a", {"sha256": "2" * 64})   # the slide file changed
-    assert not again.done("slide_b", {"sha256": "1" * 64})
+    assert again.kept("slide_a", {"sha256": "1" * 64})
+    assert again.kept("slide_a", {"sha256": "2" * 64}, {"sha256": "1" * 64})
+    assert not again.kept("slide_a", {"sha256": "2" * 64})   # the slide file changed
+    assert not again.kept("slide_b", {"sha256": "1" * 64})
     assert (again.folder / "slide_a.zarr").is_dir()
 
 
@@ -77,15 +63,17 @@ def test_group_work_starts_afresh_for_other_settings_or_an_unreadable_ledger(tmp
     else:
         (work.folder / "finished.json").write_text(ledger)
         again = GroupWork(group_dir, {"code": "abc"})
-    assert again.finished == 0 and not again.done("slide_a", {})
+    assert again.finished == 0 and not again.kept("slide_a", {})
     assert list(again.folder.iterdir()) == []
 
 
-def test_a_completed_group_becomes_the_output_folder(tmp_path):
+def test_a_completed_group_becomes_the_output_folder_with_only_its_outputs(tmp_path):
     group_dir = tmp_path / "group-000000"
     work = GroupWork(group_dir, {"code": "abc"})
-    (work.folder / "slide_a.zarr").mkdir()
+    for name in ("slide_a.zarr", "slide_old.zarr", ".slide_b.zarr.x1y2.partial"):
+        (work.folder / name).mkdir()   # a member, a former member, a killed write's temporary
+    (work.folder / "slide_a.qc.png").write_bytes(b"png")
     work.mark_done("slide_a", {})
-    work.complete()
-    assert sorted(path.name for path in group_dir.iterdir()) == ["slide_a.zarr"]
+    work.complete({"slide_a.zarr", "slide_a.qc.png"})
+    assert sorted(path.name for path in group_dir.iterdir()) == ["slide_a.qc.png", "slide_a.zarr"]
     assert not work.folder.exists()

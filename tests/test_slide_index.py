@@ -55,11 +55,14 @@ def test_a_missing_slide_is_refused_naming_the_manifest(manifest, tmp_path):
         write_slide_index(manifest, tmp_path / "index.csv", {"features": stores})
 
 
-def test_a_slide_id_that_prefixes_another_is_not_taken_for_it(tmp_path):
+def test_slide_ids_that_prefix_each_other_keep_their_own_paths(tmp_path):
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("sample_id,split\nslide_1,train\n")
-    with pytest.raises(InputError, match="slide_10.zarr is not slide 'slide_1'"):
-        write_slide_index(manifest, tmp_path / "index.csv", {"features": ["f/slide_10.zarr"]})
+    manifest.write_text("sample_id,split\na,train\na.qc,test\n")   # ids "a" and "a.qc"
+    right = {"qc": ["t/a.qc.png", "t/a.qc.qc.png"]}
+    write_slide_index(manifest, tmp_path / "index.csv", right)
+    assert read_slide_index(tmp_path / "index.csv", "qc", split="test") == ["t/a.qc.qc.png"]
+    with pytest.raises(InputError, match=r"t/a\.qc\.png is not slide 'a\.qc'"):
+        write_slide_index(manifest, tmp_path / "index.csv", {"qc": right["qc"][::-1]})
 
 
 def test_reading_a_file_that_is_not_such_an_index_names_it(manifest, tmp_path):

@@ -1,5 +1,8 @@
 """Tissue detection and slide tiling into tile stores."""
 
+import contextlib
+import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -368,7 +371,7 @@ def test_a_failed_group_job_keeps_its_finished_slides_for_the_rerun(tmp_path, mo
                "sha256": sha256_file(data / f"{name}.tiff")} for name in "abc"]
     config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
                           fallback_mpp=BOXES_MPP)
-    group_dir = tmp_path / "tiles" / ".groups" / "group-000000"
+    group_dir = tmp_path / "tiles" / "groups" / "group-000000"
     with pytest.raises(InputError, match="c.tiff"):
         groups.tile_slide_group(data, group_dir, slides, config, code="abc")
     assert not group_dir.exists()
@@ -391,3 +394,41 @@ def test_a_failed_group_job_keeps_its_finished_slides_for_the_rerun(tmp_path, mo
         store = open_tile_store(group_dir / f"{name}.zarr")
         assert store.attrs["source_sha256"] == slides["abc".index(name)]["sha256"]
         np.testing.assert_array_equal(store.tiles[:], reference)   # the same image
+
+
+def test_after_a_bad_slide_stops_its_group_skip_keeps_the_finished_slides(tmp_path, monkeypatch):
+    """The failure's advice (set on_bad_input: skip) costs no finished slide; a slide the
+    skip run left out is kept under skip, tiled again under fail."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.tiff").write_bytes(BOXES.read_bytes())
+    truncated(data).rename(data / "b.tiff")
+    slides = [{"slide_id": name, "path": f"{name}.tiff", "label": "tumor", "split": "train",
+               "sha256": sha256_file(data / f"{name}.tiff")} for name in "ab"]
+    config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
+                          fallback_mpp=BOXES_MPP)
+    group_dir = tmp_path / "tiles" / "groups" / "group-000000"
+    with pytest.raises(InputError, match="b.tiff"):
+        groups.tile_slide_group(data, group_dir, slides, config, code="abc")
+    tiled = []
+    monkeypatch.setattr(groups, "tile_slide",
+                        lambda path, *args, **kwargs: tiled.append(path.name)
+                        or tile_slide(path, *args, **kwargs))
+    counts = groups.tile_slide_group(data, group_dir, slides, config, code="abc",
+                                     on_bad_input="skip")
+    assert tiled == ["b.tiff"] and counts == {"a": None, "b": 0}
+
+    # a failed run had left b out under skip (its ledger, written here); the rerun keeps
+    # that only under skip, and under fail tiles b again, which stops the group again
+    shutil.rmtree(group_dir)
+    for on_bad_input, retiled in (("skip", []), ("fail", ["b.tiff"])):
+        work = groups.GroupWork(group_dir, {"tiling": dataclasses.asdict(config), "code": "abc"})
+        for slide, left_out in (("a", False), ("b", True)):
+            (work.folder / f"{slide}.zarr").mkdir(exist_ok=True)
+            work.mark_done(slide, {"row": slides["ab".index(slide)], "left_out": left_out})
+        tiled.clear()
+        with pytest.raises(InputError) if on_bad_input == "fail" else contextlib.nullcontext():
+            groups.tile_slide_group(data, group_dir, slides, config, code="abc",
+                                    on_bad_input=on_bad_input)
+        assert tiled == retiled
+        shutil.rmtree(group_dir, ignore_errors=True)

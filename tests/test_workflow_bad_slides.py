@@ -3,17 +3,21 @@ is left out with its reason and the run completes; under `fail` its tiling job s
 the run naming the file. Both with one slide per job and with slides in groups
 (`slides_per_job`), where a bad slide shares its jobs with good ones."""
 
+import itertools
+import json
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import yaml
 
 from medrobust.data.synthetic.slides import SlideConfig, generate_slides
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
+from medrobust.slide_groups import plan_slide_groups
 from workflow_runner import run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -75,21 +79,30 @@ def run(request, tmp_path_factory):
             "slides_per_job": request.param}
 
 
+def indexed(workdir, index, kind):
+    """{slide id: path} of one kind of store, as the dataset's index lists them."""
+    table = pd.read_csv(workdir / index)
+    return {slide: workdir / path for slide, path in zip(table["slide_id"], table[kind])}
+
+
 def test_bad_slides_are_left_out_with_their_reason(run):
-    tiles = run["workdir"] / "results/tiles/cohort"
+    workdir = run["workdir"]
+    tiles = indexed(workdir, "results/tiles/cohort/index.csv", "tiles")
+    features = indexed(workdir, "results/features/cohort/resnet18/index.csv", "features")
+    qc = indexed(workdir, "results/tiles/cohort/index.csv", "qc")
+    assert set(tiles) == set(features) == set(qc) == set(REASONS) | set(run["good"])
     for slide, reason in REASONS.items():
-        store = open_tile_store(tiles / f"{slide}.zarr")
+        store = open_tile_store(tiles[slide])
         [record] = store.attrs["rejected"]
         assert len(store) == 0 and record["sample_id"] == slide and reason in record["reason"]
         assert record["path"].endswith(("tiff", "tif")) and slide in record["path"]
-        features = open_feature_store(
-            run["workdir"] / f"results/features/cohort/resnet18/{slide}.zarr")
-        assert len(features.features) == 0 and features.attrs["rejected"] == [record]
+        embedded = open_feature_store(features[slide])
+        assert len(embedded.features) == 0 and embedded.attrs["rejected"] == [record]
     for slide in run["good"]:
-        store = open_tile_store(tiles / f"{slide}.zarr")
+        store = open_tile_store(tiles[slide])
         assert len(store) > 0 and store.attrs["rejected"] == []
-    assert {path.stem.removesuffix(".qc") for path in tiles.glob("*.qc.png")} \
-        == set(REASONS) | set(run["good"])
+        assert open_feature_store(features[slide]).attrs["slide_id"] == slide
+    assert all(path.is_file() for path in qc.values())
 
 
 def test_the_report_lists_the_left_out_slides_and_shows_the_qc_pictures(run):
@@ -104,33 +117,45 @@ def test_the_report_lists_the_left_out_slides_and_shows_the_qc_pictures(run):
     assert page.count("green: tissue outline") == 2 * len(run["good"])  # alt text, caption
 
 
-def test_grouped_slides_run_in_one_job_per_group_and_keep_their_paths(run):
+def test_grouped_slides_run_in_one_job_per_group_and_no_job_per_slide(run):
     workdir, k = run["workdir"], run["slides_per_job"]
     n_slides = len(run["good"]) + len(BAD)
     n_groups = -(-n_slides // k)  # ceiling
+    tiles = indexed(workdir, "results/tiles/cohort/index.csv", "tiles")
     if k == 1:
         assert len(list((workdir / "benchmarks/tile_slide/cohort").glob("*.tsv"))) == n_slides
-        assert not (workdir / "results/tiles/cohort/.groups").exists()
+        assert not (workdir / "results/tiles/cohort/groups").exists()
+        assert {path.parent for path in tiles.values()} == {workdir / "results/tiles/cohort"}
         return
     for stage in ("tile_slide_group/cohort", "extract_features_group/cohort/resnet18"):
         assert len(list((workdir / "benchmarks" / stage).glob("*.tsv"))) == n_groups
-    assert not (workdir / "benchmarks/tile_slide").exists()
-    groups = sorted((workdir / "results/tiles/cohort/.groups").iterdir())
+    # no job per slide: every log is a group's, a dataset's or a model's
+    assert {path.name for path in (workdir / "logs").iterdir()} == {
+        "download", "tile_slide_group", "extract_features_group", "index_slide_tiles",
+        "index_slide_features", "train_slide_classifier", "evaluate_slide_classifier",
+        "summarize.log", "report.log"}
+    groups = sorted((workdir / "results/tiles/cohort/groups").iterdir())
     assert [len(list(group.glob("*.zarr"))) for group in groups] == \
         [k] * (n_slides // k) + ([n_slides % k] if n_slides % k else [])
-    # every slide's usual paths lead to its group's copy
+    # the indexes list each slide's stores in its group's folders
+    features = indexed(workdir, "results/features/cohort/resnet18/index.csv", "features")
     for slide in [*run["good"], *BAD]:
-        tiles = workdir / f"results/tiles/cohort/{slide}.zarr"
-        features = workdir / f"results/features/cohort/resnet18/{slide}.zarr"
-        assert tiles.is_symlink() and tiles.resolve().parent.parent.name == ".groups"
-        assert features.is_symlink() and open_feature_store(features).attrs["slide_id"] == slide
+        assert tiles[slide].parent.parent.name == features[slide].parent.parent.name == "groups"
+        assert tiles[slide].parent.name == features[slide].parent.name
 
 
 def test_under_fail_a_bad_slide_stops_the_run_naming_the_file(run, tmp_path):
     workdir = tmp_path / "fail"
     shutil.copytree(run["workdir"] / "resources", workdir / "resources", symlinks=True)
-    result = run_snakemake(workdir, run["configfile"], "--cores", "1",
-                           "results/tiles/cohort/notes.zarr", "--config", "on_bad_input=fail")
+    if run["slides_per_job"] == 1:
+        target = "results/tiles/cohort/notes.zarr"
+    else:   # the group that holds notes.tif
+        [(group, members)] = [(group, slides) for group, slides in plan_slide_groups(
+            workdir / "resources/cohort/manifest.csv", run["slides_per_job"]).members.items()
+            if "notes" in slides]
+        target = f"results/tiles/cohort/groups/{group}"
+    result = run_snakemake(workdir, run["configfile"], "--cores", "1", target,
+                           "--config", "on_bad_input=fail")
     assert result.returncode != 0
     if run["slides_per_job"] == 1:
         log = (workdir / "logs/tile_slide/cohort/notes.log").read_text()
@@ -139,7 +164,11 @@ def test_under_fail_a_bad_slide_stops_the_run_naming_the_file(run, tmp_path):
         [log] = [path.read_text() for path in (workdir / "logs/tile_slide_group").rglob("*.log")]
         assert re.search(r"slides/(truncated\.tiff|notes\.tif): OpenSlide cannot open it", log)
         assert "on_bad_input: skip" in log
-        # the failed group has no output; what it finished waits for the rerun
-        [unfinished] = (workdir / "results/tiles/cohort/.groups").iterdir()
-        assert unfinished.name.endswith(".unfinished")
+        # the failed group has no output; the slide it finished waits for the rerun
+        assert not (workdir / target).exists()
+        unfinished = workdir / f"{target}.unfinished"
+        ledger = unfinished / "finished.json"
+        finished = json.loads(ledger.read_text())["slides"] if ledger.exists() else {}
+        assert list(finished) == list(itertools.takewhile(lambda slide: slide not in BAD, members))
+        assert all((unfinished / f"{slide}.zarr").is_dir() for slide in finished)
     assert not (workdir / "results/tiles/cohort/notes.zarr").exists()

@@ -7,18 +7,18 @@ Groups take the manifest's rows in order, k at a time, and are numbered
 (`group-000000`, ...), so appending slides to a cohort adds groups (and reruns
 the last one if it was short) without renaming the others.
 
-A group job writes each slide's usual outputs (tile store and QC picture, or
-feature store) into its own folder `.groups/{group}/` beside them; a local rule
-per slide then links the slide's usual path to its copy there
-(`link_group_member`), so every per-slide path and its contract stay as they
-are and the rules that read them do not change. The link jobs are local
-script jobs: an interpreter's start-up each, and on a cluster no submission.
+A group job writes each slide's outputs (tile store and QC picture, or feature
+store) into its own folder `groups/{group}/` beside where a slide's own job
+would write them, and the dataset's index (`medrobust.slide_index`) lists them
+there; the jobs that read a dataset's slides read its index. So a grouped
+cohort has no job per slide at all: 30,000 slides in groups of 100 are 600
+tiling and 600 feature jobs.
 
 A group job that fails (killed, out of time, a bad slide under "fail") loses its
 output folder: Snakemake deletes a failed job's outputs, and a rerun's before it
-starts. So a group job writes into `.groups/{group}.unfinished/` instead
+starts. So a group job writes into `groups/{group}.unfinished/` instead
 (`GroupWork`), notes each slide there once both its outputs are written, and
-renames the folder to `.groups/{group}` when every slide is done. A rerun with
+renames the folder to `groups/{group}` when every slide is done. A rerun with
 the same settings finds the finished slides and does only the rest.
 
 Only the standard library: the workflow imports this at every parse, and the
@@ -39,9 +39,9 @@ from typing import Any, Mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.manifest_cache import manifest_rows
 
-GROUPS_FOLDER = ".groups"  # beside the per-slide outputs: results/tiles/{dataset}/.groups/{group}
+GROUPS_FOLDER = "groups"  # beside the per-slide outputs: results/tiles/{dataset}/groups/{group}
 GROUP_PATTERN = r"group-\d{6}"
-UNFINISHED_SUFFIX = ".unfinished"  # results/tiles/{dataset}/.groups/{group}.unfinished
+UNFINISHED_SUFFIX = ".unfinished"  # results/tiles/{dataset}/groups/{group}.unfinished
 
 
 @dataclass(frozen=True)
@@ -73,36 +73,20 @@ def _plan(manifest: str, mtime_ns: int, size: int, slides_per_job: int) -> Slide
     return group_slides(list(manifest_rows(manifest)), slides_per_job)
 
 
-def link_group_member(group_dir: str | os.PathLike, output: str | os.PathLike,
-                      log: str | os.PathLike) -> None:
-    """Link a slide's usual output path to the copy its group job wrote (a relative link,
-    so the results folder can move), and say so in `log`."""
-    output = Path(output)
-    member = Path(group_dir) / output.name
-    if not member.exists():
-        raise InputError(f"{group_dir}: its group job wrote no {output.name}; rerun the group: "
-                         f"snakemake --forcerun {group_dir}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.symlink_to(os.path.relpath(member, output.parent))
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as handle:
-        handle.write(f"{output} -> {member}\n")
-
-
 class GroupWork:
     """Where a group job writes its slides' outputs, kept across a failed run.
 
     `job_key`: what decides every slide's outputs besides the slide itself (the job's
     settings and code fingerprint, JSON-able); a different key starts afresh. Per slide,
-    `slide_key` says what decides its outputs (its manifest row, or its input store's
-    metadata): `done` is true only for a slide noted with the same key.
+    a key says what decided its outputs (its manifest row, or its input store's metadata
+    and write time): `kept` is true only for a slide noted with an equal key.
     """
 
     def __init__(self, group_dir: str | os.PathLike, job_key: Any):
         self.group_dir = Path(group_dir)
         self.folder = self.group_dir.with_name(self.group_dir.name + UNFINISHED_SUFFIX)
         self._ledger = self.folder / "finished.json"
-        self._job_key = json.loads(json.dumps(job_key))  # as the ledger will read back
+        self._job_key = _as_json(job_key)
         state = None
         if self._ledger.is_file():
             try:
@@ -119,19 +103,29 @@ class GroupWork:
     def finished(self) -> int:
         return len(self._finished)
 
-    def done(self, slide_id: str, slide_key: Any) -> bool:
-        return self._finished.get(slide_id, None) == json.loads(json.dumps(slide_key))
+    def kept(self, slide_id: str, *slide_keys: Any) -> bool:
+        """Whether a failed run finished the slide with one of `slide_keys`."""
+        return slide_id in self._finished and self._finished[slide_id] in map(_as_json, slide_keys)
 
     def mark_done(self, slide_id: str, slide_key: Any) -> None:
         """Note a slide whose outputs are all written (the ledger is replaced atomically)."""
-        self._finished[slide_id] = slide_key
+        self._finished[slide_id] = _as_json(slide_key)
         tmp = self._ledger.with_suffix(".tmp")
         tmp.write_text(json.dumps({"job": self._job_key, "slides": self._finished}))
         os.replace(tmp, self._ledger)
 
-    def complete(self) -> None:
-        """Every slide done: the folder becomes the group's output folder."""
-        self._ledger.unlink()
+    def complete(self, outputs: set[str]) -> None:
+        """Every slide done: the folder, with only `outputs` (file names) in it, becomes the
+        group's output folder. Anything else there (a slide the group no longer holds, a
+        killed write's temporary) is removed first."""
+        for entry in self.folder.iterdir():
+            if entry.name not in outputs:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         if self.group_dir.exists():
             shutil.rmtree(self.group_dir)
         os.replace(self.folder, self.group_dir)
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), so keys compare equal."""
+    return json.loads(json.dumps(value))

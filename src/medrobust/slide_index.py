@@ -1,13 +1,16 @@
 """A slide dataset's index: one small CSV that stands for all its per-slide stores.
 
-Every slide-model job (train, evaluate, robustness, attention) and the report read
-all of a dataset's tile or feature stores. Listed as their inputs, each store is a
-DAG edge per such job, and Snakemake's planning cost grows with edges: with ~9 of
-them per slide, planning a cohort cost ~1.7× a bare workflow with the same jobs
-(docs/benchmarks.md, "Planning"). So one local job per dataset takes the stores as
-input once (`index_slide_tiles`, `index_slide_features`) and writes this index; the
-slide-model jobs take the index. A store that changes rewrites the index, so the
-jobs that read it rerun as before.
+The slide-model jobs (train, evaluate, attention, robustness), the tile perturbations
+and the report read all of a dataset's tile or feature stores, or all of its test
+slides'. Listed as their inputs, each store is a DAG edge per such job, and
+Snakemake's planning cost grows with edges: about 12.6 per slide made planning a
+10,000-slide cohort 1.7× a bare workflow with the same jobs (docs/benchmarks.md,
+"Planning"). So one local job per dataset takes the stores as input once
+(`index_slide_tiles`, `index_slide_features`) and writes this index, and those jobs
+take the index. A store that changes rewrites the index, so the jobs that read it
+rerun; those that read only the test slides now rerun for any slide's change too.
+With slides in groups (`medrobust.slide_groups`) the index lists each slide's stores
+in its group's folder, and the index jobs take the group folders as input.
 
 Columns: `slide_id`, `split` (from the manifest), then one column of paths per kind
 of store (`tiles` and `qc`, or `features`), in manifest order. Only the standard
@@ -33,8 +36,8 @@ def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
                       stores: Mapping[str, Sequence[str | os.PathLike]]) -> None:
     """Index the stores of every slide of `manifest`, each kind a list in manifest order.
 
-    A path is matched to its slide by its file name (`{slide_id}.zarr`,
-    `{slide_id}.qc.png`), so lists in another order or of another dataset are refused.
+    A path must be named after its slide, with the same suffix for every slide of a kind
+    (`{slide_id}.zarr`, `{slide_id}.qc.png`), so lists in another order are refused.
     """
     rows = manifest_rows(manifest)
     for kind, paths in stores.items():
@@ -42,8 +45,9 @@ def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
             raise ValueError(f"a store kind may not be called {kind!r}")
         if len(paths) != len(rows):
             raise InputError(f"{manifest}: {len(rows)} slides, but {len(paths)} {kind} paths")
+        suffix = Path(paths[0]).name.removeprefix(next(iter(rows), "")) if paths else ""
         for slide_id, path in zip(rows, paths):
-            if not Path(path).name.startswith(f"{slide_id}."):
+            if Path(path).name != f"{slide_id}{suffix}" or not suffix.startswith("."):
                 raise InputError(f"{manifest}: {kind} path {path} is not slide {slide_id!r}'s")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")

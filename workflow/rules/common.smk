@@ -142,41 +142,37 @@ def group_slide_records(wildcards):
     return [{**rows[slide], "slide_id": slide} for slide in group_members(wildcards)]
 
 
-def group_tile_stores(wildcards):
-    """The tile stores of a group's slides, the input of its feature job."""
-    return [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in group_members(wildcards)]
-
-
-def group_folder(stage):
-    """Input function: the folder of the group job that wrote a slide's output of `stage`
-    (a path template with {dataset} and, for features, {backbone})."""
-    def folder(wildcards):
-        group = slide_groups(wildcards.dataset).group_of.get(wildcards.slide)
-        if group is None:
-            raise WorkflowError(f"slide {wildcards.slide!r} is not in the manifest of "
-                                f"{wildcards.dataset!r}")
-        return f"{stage.format(**dict(wildcards.items()))}/{GROUPS_FOLDER}/{group}"
-    return folder
-
-
 def slide_datasets():
     """The slide datasets some slide classifier uses."""
     return sorted({settings["dataset"] for settings in SLIDE_CLASSIFIERS.values()})
 
 
-def dataset_tile_outputs(wildcards):
-    """Every slide's tile store and QC picture of a dataset, in manifest order: what the
-    dataset's tile index lists."""
+# Where each slide's tiling and feature outputs are: `{stage}/{slide}.{suffix}` with a
+# job per slide, `{stage}/groups/{group}/{slide}.{suffix}` with slides in groups
+# (medrobust.slide_groups). The dataset's indexes list them; nothing else needs them.
+TILES_STAGE = "results/tiles/{dataset}"
+FEATURES_STAGE = "results/features/{dataset}/{backbone}"
+
+
+def slide_outputs(stage, suffix, wildcards):
+    """Every slide's output of `stage` with `suffix` (zarr, qc.png), in manifest order."""
+    folder = stage.format(**dict(wildcards.items()))
     slides = manifest_rows(wildcards.dataset)
-    return {"tiles": [f"results/tiles/{wildcards.dataset}/{slide}.zarr" for slide in slides],
-            "qc": [f"results/tiles/{wildcards.dataset}/{slide}.qc.png" for slide in slides]}
+    if wildcards.dataset not in SLIDES_GROUPED:
+        return [f"{folder}/{slide}.{suffix}" for slide in slides]
+    group_of = slide_groups(wildcards.dataset).group_of
+    return [f"{folder}/{GROUPS_FOLDER}/{group_of[slide]}/{slide}.{suffix}" for slide in slides]
 
 
-def dataset_feature_stores(wildcards):
-    """Every slide's feature store of a dataset, in manifest order: what its feature index
-    lists."""
-    return [f"results/features/{wildcards.dataset}/{wildcards.backbone}/{slide}.zarr"
-            for slide in manifest_rows(wildcards.dataset)]
+def stage_jobs_outputs(stage):
+    """Input function of an index: what the stage's jobs write, a store per slide or a
+    folder per group (a QC picture comes from the same job as its tile store)."""
+    def outputs(wildcards):
+        if wildcards.dataset not in SLIDES_GROUPED:
+            return slide_outputs(stage, "zarr", wildcards)
+        folder = stage.format(**dict(wildcards.items()))
+        return [f"{folder}/{GROUPS_FOLDER}/{group}" for group in slide_groups(wildcards.dataset).members]
+    return outputs
 
 
 def slide_model_folder(wildcards, model=None):

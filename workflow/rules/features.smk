@@ -1,6 +1,6 @@
 # Tile embeddings per slide with a CNN backbone; on a GPU when one is free.
-# A dataset with slides_per_job > 1 is embedded a group of slides per job, each
-# slide's feature store linked to its usual path (medrobust.slide_groups).
+# A dataset with slides_per_job > 1 is embedded a group of slides per job, from its
+# tiling group's folder into a folder of its own (medrobust.slide_groups).
 
 
 rule extract_features:
@@ -32,11 +32,13 @@ rule extract_features:
 
 rule extract_features_group:
     input:
-        group_tile_stores,
+        f"{TILES_STAGE}/{GROUPS_FOLDER}/{{group}}",
+        weights=FEATURE_WEIGHTS_FILE,
     output:
-        directory(f"results/features/{{dataset}}/{{backbone}}/{GROUPS_FOLDER}/{{group}}"),
+        directory(f"{FEATURES_STAGE}/{GROUPS_FOLDER}/{{group}}"),
     params:
-        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        slides=group_members,
+        features=FEATURE_PARAMS,
         device=config["device"],
         code=code_fingerprint("features"),
     threads: 1
@@ -54,33 +56,15 @@ rule extract_features_group:
         "../scripts/extract_features_group.py"
 
 
-# On the submit host (no cluster submission). A script, as a `run:` block would cost a
-# whole Snakemake process per slide that parses the workflow again (Snakemake 9).
-rule link_slide_features:
-    input:
-        group_folder("results/features/{dataset}/{backbone}"),
-    output:
-        directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
-    wildcard_constraints:
-        dataset=_alternatives(SLIDES_GROUPED),
-    log:
-        "logs/link_slide_features/{dataset}/{backbone}/{slide}.log",
-    localrule: True
-    priority: SLIDE_STUDY_PRIORITY
-    conda:
-        "../../envs/medrobust.yaml"
-    script:
-        "../scripts/link_slide_outputs.py"
-
-
 # Every slide's feature store of a dataset in one index, as index_slide_tiles.
 rule index_slide_features:
     input:
-        features=dataset_feature_stores,
+        stage_jobs_outputs(FEATURES_STAGE),
         dataset="resources/{dataset}",
     output:
         FEATURE_INDEX,
     params:
+        stores=lambda wildcards: {"features": slide_outputs(FEATURES_STAGE, "zarr", wildcards)},
         code=code_fingerprint("slide_index"),
     log:
         "logs/index_slide_features/{dataset}/{backbone}.log",

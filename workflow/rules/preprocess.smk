@@ -2,8 +2,8 @@
 # become one Zarr store of tissue tiles per slide, with its QC picture. A slide
 # left out under on_bad_input: skip still gets both (an empty store with the
 # reason), so every slide's downstream jobs run and know why it is missing.
-# A dataset with slides_per_job > 1 is tiled a group of slides per job, each
-# slide's outputs linked to their usual paths (medrobust.slide_groups).
+# A dataset with slides_per_job > 1 is tiled a group of slides per job, into a
+# folder per group (medrobust.slide_groups); the dataset's tile index lists them.
 
 
 rule preprocess_images:
@@ -60,7 +60,7 @@ rule tile_slide_group:
     input:
         "resources/{dataset}",
     output:
-        directory(f"results/tiles/{{dataset}}/{GROUPS_FOLDER}/{{group}}"),
+        directory(f"{TILES_STAGE}/{GROUPS_FOLDER}/{{group}}"),
     params:
         tiling=lambda wildcards: DATASETS[wildcards.dataset]["tiling"],
         slides=group_slide_records,
@@ -80,35 +80,18 @@ rule tile_slide_group:
         "../scripts/tile_slide_group.py"
 
 
-# On the submit host (no cluster submission). A script, as a `run:` block would cost a
-# whole Snakemake process per slide that parses the workflow again (Snakemake 9).
-rule link_slide_tiles:
-    input:
-        group_folder("results/tiles/{dataset}"),
-    output:
-        tiles=directory("results/tiles/{dataset}/{slide}.zarr"),
-        qc="results/tiles/{dataset}/{slide}.qc.png",
-    wildcard_constraints:
-        dataset=_alternatives(SLIDES_GROUPED),
-    log:
-        "logs/link_slide_tiles/{dataset}/{slide}.log",
-    localrule: True
-    priority: SLIDE_STUDY_PRIORITY
-    conda:
-        "../../envs/medrobust.yaml"
-    script:
-        "../scripts/link_slide_outputs.py"
-
-
 # Every slide's tile store and QC picture of a dataset in one index, which the jobs
-# that read them all take as input (medrobust.slide_index: planning cost).
+# that read them all take as input (medrobust.slide_index: planning cost). With slides
+# in groups it lists them in their group folders: no job per slide at all.
 rule index_slide_tiles:
     input:
-        unpack(dataset_tile_outputs),
+        stage_jobs_outputs(TILES_STAGE),
         dataset="resources/{dataset}",
     output:
         TILE_INDEX,
     params:
+        stores=lambda wildcards: {"tiles": slide_outputs(TILES_STAGE, "zarr", wildcards),
+                                  "qc": slide_outputs(TILES_STAGE, "qc.png", wildcards)},
         code=code_fingerprint("slide_index"),
     log:
         "logs/index_slide_tiles/{dataset}.log",

@@ -7,5 +7,5 @@ with script_logging(snakemake):
     write_slide_index(
         Path(snakemake.input.dataset) / "manifest.csv",
         snakemake.output[0],
-        {kind: list(paths) for kind, paths in snakemake.input.items() if kind != "dataset"},
+        snakemake.params.stores,
     )

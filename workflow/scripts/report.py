@@ -1,6 +1,5 @@
 from medrobust.logs import script_logging
 from medrobust.report.page import write_report
-from medrobust.slide_index import read_slide_index
 
 with script_logging(snakemake):
     write_report(
@@ -14,8 +13,7 @@ with script_logging(snakemake):
         settings=snakemake.params.settings,
         config=snakemake.params.config,
         repository=snakemake.params.repository,
-        tile_stores=read_slide_index(snakemake.input.tile_indexes, "tiles"),
-        qc_pictures=read_slide_index(snakemake.input.tile_indexes, "qc"),
+        tile_indexes=list(snakemake.input.tile_indexes),
         cv_results=list(snakemake.input.cv),
         heatmaps=snakemake.params.heatmaps,
         lesion_folders=list(snakemake.input.lesion_visibility),

@@ -16,26 +16,28 @@ log = get_logger(__name__)
 
 
 def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.PathLike,
-                     slides: Sequence[Mapping[str, str]], config: TilingConfig,
-                     workers: int = 1, on_bad_input: str = "fail",
-                     code: str | None = None) -> dict[str, int | None]:
+                     slides: Sequence[Mapping[str, str]], config: TilingConfig, *, code: str,
+                     workers: int = 1, on_bad_input: str = "fail") -> dict[str, int | None]:
     """Tile each slide (its manifest row plus `slide_id`) into `group_dir`, one after another:
     `{slide_id}.zarr` and `{slide_id}.qc.png`, as `tile_slide` writes them for a slide's own job.
 
     A bad slide is handled by `tile_slide` alone: under "skip" it gets its empty store with
     the reason and the next slide is tiled; under "fail" its InputError, naming the file,
-    stops the group. Slides a failed run of the same settings and `code` (the workflow's
-    fingerprint) finished are kept, not tiled again (`medrobust.slide_groups.GroupWork`).
-    Returns the number of tiles per slide tiled now (None for a kept slide).
+    stops the group. Slides a failed run with the same tiling settings and `code` (the
+    workflow's fingerprint) finished are kept, not tiled again; a slide it left out is kept
+    only under "skip" (`medrobust.slide_groups.GroupWork`). Returns the number of tiles per
+    slide tiled now (None for a kept slide).
     """
-    work = GroupWork(group_dir, {"tiling": dataclasses.asdict(config),
-                                 "on_bad_input": on_bad_input, "code": code})
+    work = GroupWork(group_dir, {"tiling": dataclasses.asdict(config), "code": code})
     if work.finished:
         log.info("%s: %d slides finished by a failed run are kept", group_dir, work.finished)
     counts: dict[str, int | None] = {}
     for slide in progress(slides, desc=f"tiling {work.group_dir.name}", unit="slide"):
         slide_id, row = slide["slide_id"], dict(slide)
-        if work.done(slide_id, row):
+        kept_keys = [{"row": row, "left_out": False}]
+        if on_bad_input == "skip":
+            kept_keys.append({"row": row, "left_out": True})
+        if work.kept(slide_id, *kept_keys):
             counts[slide_id] = None
             continue
         counts[slide_id] = tile_slide(
@@ -43,8 +45,8 @@ def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.Path
             slide_id=slide_id, label=slide["label"], split=slide["split"],
             source_sha256=slide["sha256"], workers=workers,
             qc_path=work.folder / f"{slide_id}.qc.png", on_bad_input=on_bad_input)
-        work.mark_done(slide_id, row)
-    work.complete()
+        work.mark_done(slide_id, {"row": row, "left_out": counts[slide_id] == 0})
+    work.complete({f"{slide['slide_id']}.{suffix}" for slide in slides for suffix in ("zarr", "qc.png")})
     tiled = [count for count in counts.values() if count is not None]
     log.info("%s: %d slides (%d kept from a failed run), %d tiles, %d slides without tiles",
              group_dir, len(counts), len(counts) - len(tiled), sum(tiled),

@@ -41,6 +41,7 @@ from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
     COMPARISON_COLUMNS, MASKING_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS)
+from medrobust.slide_index import read_slide_index
 
 log = get_logger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
@@ -512,16 +513,16 @@ def recipe_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
 
 def dataset_rows(folders: Sequence[str | os.PathLike],
                  evaluations: Sequence[Mapping[str, Any]],
-                 tile_stores: Sequence[str | os.PathLike] = ()) -> list[dict[str, Any]]:
+                 slides: Mapping[str, Sequence[tuple[str, str]]] | None = None
+                 ) -> list[dict[str, Any]]:
     """Class counts per split, and the inputs preprocessing left out with the reason: from the
-    image store's `rejected` attr, or for slides from each tile store's (under
-    results/tiles/{dataset}/)."""
+    image store's `rejected` attr, or for slides from each tile store's (`slides`: each
+    slide dataset's (tile store, QC picture) pairs, `read_slide_tiles`)."""
     clean_stores = {r["dataset"]: r["store"] for r in evaluations
                     if r["family"] == "image" and r["condition"] == "clean"}
-    left_out_slides: dict[str, list] = {}
-    for path in tile_stores:
-        left_out_slides.setdefault(Path(path).parent.name, []).extend(
-            open_tile_store(path).attrs.get("rejected", []))
+    left_out_slides = {dataset: [record for store, _ in pairs
+                                 for record in open_tile_store(store).attrs.get("rejected", [])]
+                       for dataset, pairs in (slides or {}).items()}
     rows = []
     for folder in folders:
         folder = Path(folder)
@@ -538,13 +539,23 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
     return rows
 
 
-def slide_qc_figures(tile_stores: Sequence[str | os.PathLike],
-                     qc_pictures: Sequence[str | os.PathLike]) -> dict[str, tuple[bytes, str]]:
+def read_slide_tiles(tile_indexes: Sequence[str | os.PathLike]) -> dict[str, list[tuple[str, str]]]:
+    """Each slide dataset's (tile store, QC picture) pairs, from its tile index
+    (results/tiles/{dataset}/index.csv, `medrobust.slide_index`)."""
+    return {Path(index).parent.name: list(zip(read_slide_index(index, "tiles"),
+                                              read_slide_index(index, "qc"), strict=True))
+            for index in tile_indexes}
+
+
+def slide_qc_figures(slides: Mapping[str, Sequence[tuple[str, str]]]
+                     ) -> dict[str, tuple[bytes, str]]:
     """The tiling jobs' QC pictures (at most MAX_QC_FIGURES), with what each store holds."""
     found = {}
-    for store_path, picture in list(zip(tile_stores, qc_pictures, strict=True))[:MAX_QC_FIGURES]:
+    pairs = [(dataset, store, picture) for dataset, tiles in slides.items()
+             for store, picture in tiles]
+    for dataset, store_path, picture in pairs[:MAX_QC_FIGURES]:
         attrs = open_tile_store(store_path).attrs
-        where = f"{Path(store_path).parent.name}/{attrs['slide_id']} ({attrs['label']}, {attrs['split']})"
+        where = f"{dataset}/{attrs['slide_id']} ({attrs['label']}, {attrs['split']})"
         if attrs.get("rejected"):
             caption = f"{where}: left out, {attrs['rejected'][0]['reason']}"
         else:
@@ -555,7 +566,7 @@ def slide_qc_figures(tile_stores: Sequence[str | os.PathLike],
             png = Path(picture).read_bytes()
         except OSError as error:
             raise InputError(f"{picture}: unreadable QC picture ({error})") from error
-        found[f"slide_qc_{Path(store_path).parent.name}_{attrs['slide_id']}"] = (png, caption)
+        found[f"slide_qc_{dataset}_{attrs['slide_id']}"] = (png, caption)
     return found
 
 
@@ -570,16 +581,15 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  evaluations: Sequence[Mapping[str, Any]],
                  models: Mapping[str, str], datasets: Sequence[str | os.PathLike],
                  settings: Mapping[str, Any], config: Mapping[str, Any],
-                 repository: str | os.PathLike, tile_stores: Sequence[str | os.PathLike] = (),
-                 qc_pictures: Sequence[str | os.PathLike] = (),
+                 repository: str | os.PathLike, tile_indexes: Sequence[str | os.PathLike] = (),
                  heatmaps: Mapping[str, str | os.PathLike] | None = None,
                  lesion_folders: Sequence[str | os.PathLike] = (),
                  slide_robustness_folders: Sequence[str | os.PathLike] = (),
                  attention_runs: Sequence[str | os.PathLike] = (),
                  cv_results: Sequence[str | os.PathLike] = ()) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
-    written on error. `tile_stores` and `qc_pictures`, pairwise, are the slides' tiling
-    outputs; `heatmaps`: each model's Fourier heat-map table, by model;
+    written on error. `tile_indexes`: each slide dataset's tile index, which lists its
+    slides' tiling outputs; `heatmaps`: each model's Fourier heat-map table, by model;
     `slide_robustness_folders`: each slide model's robustness run; `attention_runs`: the
     slide_attention jobs' folders; `cv_results`: the slide models' cross-validation
     summaries (`evaluate.cross_validation`)."""
@@ -615,7 +625,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                 f"Training of the {family} classifiers; a star marks the epoch kept"
                 + (" (slide models: the best validation AUC)." if family == "slide" else "."))
     figure_files.update(image_figures(robustness, evaluations, int(settings["n_examples"])))
-    figure_files.update(slide_qc_figures(tile_stores, qc_pictures))
+    slides = read_slide_tiles(tile_indexes)
+    figure_files.update(slide_qc_figures(slides))
     lesions_k = lesion_visibility.LesionVisibilityConfig.from_mapping(
         config.get("lesion_visibility", {})).k
     lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k)
@@ -668,9 +679,9 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "figures": {name: {"src": _data_uri(png), "caption": caption}
                     for name, (png, caption) in figure_files.items()},
         "recipes": recipe_rows(trained),
-        "datasets": dataset_rows(datasets, evaluations, tile_stores),
+        "datasets": dataset_rows(datasets, evaluations, slides),
         "attention": attention,
-        "slide_qc": {"total": len(tile_stores),
+        "slide_qc": {"total": sum(map(len, slides.values())),
                      "shown": sum(name.startswith("slide_qc_") for name in figure_files)},
         "provenance": provenance(repository, datasets, config,
                                  {name: model["history"].get("device", "not recorded")
