@@ -39,7 +39,7 @@ from typing import Any, Mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.manifest_cache import manifest_rows
 
-GROUPS_FOLDER = "groups"  # beside the per-slide outputs: results/tiles/{dataset}/groups/{group}
+GROUPS_FOLDER = "groups"  # results/tiles/{dataset}/groups/{group}, and the same under results/features
 GROUP_PATTERN = r"group-\d{6}"
 UNFINISHED_SUFFIX = ".unfinished"  # results/tiles/{dataset}/groups/{group}.unfinished
 
