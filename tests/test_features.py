@@ -1,5 +1,6 @@
 """Backbones and per-slide feature extraction, on CPU with tiny tiles and random weights."""
 
+import os
 import urllib.error
 from pathlib import Path
 
@@ -198,6 +199,34 @@ def test_a_failed_group_job_keeps_its_embedded_slides_for_the_rerun(tmp_path, mo
     for store in stores:
         features = open_feature_store(group_dir / store.name)
         assert features.attrs["slide_id"] == store.stem and len(features.features) > 0
+
+
+def test_a_feature_group_embeds_again_when_its_weights_file_is_replaced(tmp_path, monkeypatch):
+    stores = [tmp_path / "tiles" / f"{name}.zarr" for name in ("slide_a", "slide_b")]
+    for store in stores:
+        _tile_store(store, np.zeros((1, 32, 32, 3), np.uint8), {**SLIDE_ATTRS, "slide_id": store.stem})
+    weights = tmp_path / "pathology.safetensors"
+    weights.write_bytes(b"first")
+    config = FeatureConfig.from_mapping({"backbone": "resnet18", "weights": str(weights)})
+    embedded, failing = [], {"slide_b.zarr"}
+
+    def embed(store, out, *args, **kwargs):   # stands in for the backbone's forward passes
+        embedded.append(Path(store).name)
+        if Path(store).name in failing:
+            raise InputError(f"{store}: unreadable")
+        Path(out).mkdir()
+
+    monkeypatch.setattr(groups, "backbone_for", lambda config: "backbone")
+    monkeypatch.setattr(groups, "extract_slide_features", embed)
+    group_dir = tmp_path / "features" / "groups" / "group-000000"
+    with pytest.raises(InputError):
+        extract_group_features(stores, group_dir, config, code="abc")
+    failing.clear()
+    weights.write_bytes(b"other")   # same name and size, new weights
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    embedded.clear()
+    extract_group_features(stores, group_dir, config, code="abc")
+    assert embedded == ["slide_a.zarr", "slide_b.zarr"]
 
 
 def test_tile_store_without_labels_is_an_input_error(tmp_path):

@@ -1,5 +1,7 @@
 """The slide index: a dataset's per-slide stores listed in one file (medrobust.slide_index)."""
 
+from pathlib import Path
+
 import pytest
 
 from medrobust.errors import InputError
@@ -9,7 +11,12 @@ SLIDES = [("slide_a", "train"), ("slide_b", "test"), ("slide_c", "val"), ("slide
 
 
 @pytest.fixture
-def manifest(tmp_path):
+def manifest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the indexed paths, relative as the workflow writes them
+    for dataset in ("cohort", "one", "two"):
+        for slide, _ in SLIDES:
+            Path(f"results/tiles/{dataset}/{slide}.zarr").mkdir(parents=True)
+            Path(f"results/tiles/{dataset}/{slide}.qc.png").touch()
     path = tmp_path / "manifest.csv"
     path.write_text("sample_id,path,label,split\n" + "".join(
         f"{slide},slides/{slide}.tiff,tumor,{split}\n" for slide, split in SLIDES))
@@ -41,7 +48,7 @@ def test_several_indexes_read_as_one_list_in_the_given_order(manifest, tmp_path)
 
 
 def test_paths_out_of_manifest_order_are_refused_naming_the_path(manifest, tmp_path):
-    stores = [f"results/features/cohort/resnet18/{slide}.zarr" for slide, _ in SLIDES]
+    stores = [f"results/tiles/cohort/{slide}.zarr" for slide, _ in SLIDES]
     stores[1], stores[2] = stores[2], stores[1]
     index = tmp_path / "index.csv"
     with pytest.raises(InputError, match=r"slide_c\.zarr is not slide 'slide_b'"):
@@ -50,17 +57,27 @@ def test_paths_out_of_manifest_order_are_refused_naming_the_path(manifest, tmp_p
 
 
 def test_a_missing_slide_is_refused_naming_the_manifest(manifest, tmp_path):
-    stores = [f"results/features/cohort/resnet18/{slide}.zarr" for slide, _ in SLIDES[:3]]
+    stores = [f"results/tiles/cohort/{slide}.zarr" for slide, _ in SLIDES[:3]]
     with pytest.raises(InputError, match=r"manifest\.csv: 4 slides, but 3 features paths"):
         write_slide_index(manifest, tmp_path / "index.csv", {"features": stores})
+
+
+def test_a_listed_store_that_is_not_there_is_refused_naming_it(manifest, tmp_path):
+    Path("results/tiles/cohort/slide_c.qc.png").unlink()   # deleted by hand
+    with pytest.raises(InputError, match=r"slide_c\.qc\.png: slide 'slide_c'.s qc is missing"):
+        write_slide_index(manifest, tmp_path / "index.csv", tile_outputs())
+    assert not (tmp_path / "index.csv").exists()
 
 
 def test_slide_ids_that_prefix_each_other_keep_their_own_paths(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("sample_id,split\na,train\na.qc,test\n")   # ids "a" and "a.qc"
-    right = {"qc": ["t/a.qc.png", "t/a.qc.qc.png"]}
+    right = {"qc": [str(tmp_path / "t/a.qc.png"), str(tmp_path / "t/a.qc.qc.png")]}
+    (tmp_path / "t").mkdir()
+    for path in right["qc"]:
+        Path(path).touch()
     write_slide_index(manifest, tmp_path / "index.csv", right)
-    assert read_slide_index(tmp_path / "index.csv", "qc", split="test") == ["t/a.qc.qc.png"]
+    assert read_slide_index(tmp_path / "index.csv", "qc", split="test") == [right["qc"][1]]
     with pytest.raises(InputError, match=r"t/a\.qc\.png is not slide 'a\.qc'"):
         write_slide_index(manifest, tmp_path / "index.csv", {"qc": right["qc"][::-1]})
 

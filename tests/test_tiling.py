@@ -419,13 +419,18 @@ def test_after_a_bad_slide_stops_its_group_skip_keeps_the_finished_slides(tmp_pa
     assert tiled == ["b.tiff"] and counts == {"a": None, "b": 0}
 
     # a failed run had left b out under skip (its ledger, written here); the rerun keeps
-    # that only under skip, and under fail tiles b again, which stops the group again
+    # that only under skip, and under fail tiles b again, which stops the group again;
+    # a slide whose files are gone is tiled again
     shutil.rmtree(group_dir)
-    for on_bad_input, retiled in (("skip", []), ("fail", ["b.tiff"])):
+    for on_bad_input, deleted, retiled in (("skip", None, []), ("fail", None, ["b.tiff"]),
+                                           ("skip", "a.qc.png", ["a.tiff"])):
         work = groups.GroupWork(group_dir, {"tiling": dataclasses.asdict(config), "code": "abc"})
         for slide, left_out in (("a", False), ("b", True)):
             (work.folder / f"{slide}.zarr").mkdir(exist_ok=True)
+            (work.folder / f"{slide}.qc.png").touch()
             work.mark_done(slide, {"row": slides["ab".index(slide)], "left_out": left_out})
+        if deleted:
+            (work.folder / deleted).unlink()
         tiled.clear()
         with pytest.raises(InputError) if on_bad_input == "fail" else contextlib.nullcontext():
             groups.tile_slide_group(data, group_dir, slides, config, code="abc",

@@ -49,6 +49,9 @@ def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
         for slide_id, path in zip(rows, paths):
             if Path(path).name != f"{slide_id}{suffix}" or not suffix.startswith("."):
                 raise InputError(f"{manifest}: {kind} path {path} is not slide {slide_id!r}'s")
+            if not os.path.lexists(path):  # e.g. deleted from a group's folder by hand
+                raise InputError(f"{path}: slide {slide_id!r}'s {kind} is missing; rerun the job "
+                                 f"that writes it (snakemake --forcerun {Path(path).parent})")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow([*FIXED_COLUMNS, *stores])

@@ -32,6 +32,9 @@ def extract_group_features(tile_stores: Sequence[str | os.PathLike], group_dir: 
     """
     settings = {key: value for key, value in dataclasses.asdict(config).items()
                 if key not in FEATURE_LOADER_KEYS}
+    if Path(config.weights).is_file():  # a weights file replaced under the same name
+        stat = Path(config.weights).stat()
+        settings["weights_file"] = [stat.st_size, stat.st_mtime_ns]
     work = GroupWork(group_dir, {"features": settings, "device": torch.device(device).type,
                                  "code": code})
     if work.finished:
@@ -41,7 +44,7 @@ def extract_group_features(tile_stores: Sequence[str | os.PathLike], group_dir: 
         name = Path(tile_store).name
         tiles = {"attrs": open_tile_store(tile_store).attrs,
                  "written_ns": (Path(tile_store) / "zarr.json").stat().st_mtime_ns}
-        if work.kept(name, tiles):
+        if work.kept(name, tiles) and (work.folder / name).exists():
             continue
         backbone = backbone or backbone_for(config)
         extract_slide_features(tile_store, work.folder / name, config, device, backbone=backbone)

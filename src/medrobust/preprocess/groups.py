@@ -37,7 +37,8 @@ def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.Path
         kept_keys = [{"row": row, "left_out": False}]
         if on_bad_input == "skip":
             kept_keys.append({"row": row, "left_out": True})
-        if work.kept(slide_id, *kept_keys):
+        if work.kept(slide_id, *kept_keys) and all(
+                (work.folder / f"{slide_id}.{suffix}").exists() for suffix in ("zarr", "qc.png")):
             counts[slide_id] = None
             continue
         counts[slide_id] = tile_slide(
