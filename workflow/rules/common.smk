@@ -348,12 +348,6 @@ def dataset_folders(wildcards=None):
     return [f"resources/{dataset}" for dataset in sorted(used)]
 
 
-def image_stores(wildcards=None):
-    """Clean image stores of every image dataset a model uses (class counts, left-out inputs)."""
-    used = {settings["dataset"] for settings in IMAGE_CLASSIFIERS.values()}
-    return [plan.CLEAN.store(dataset) for dataset in sorted(used)]
-
-
 def defenses():
     """Each image model's defenses ("none" when undefended) and each MHIM-MIL slide model's
     "MHIM-MIL", for the paired comparisons."""
