@@ -7,7 +7,7 @@ import pytest
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.slide_groups import (GROUP_PATTERN, UNFINISHED_SUFFIX, GroupWork, group_slides,
-                                   plan_slide_groups)
+                                   plan_slide_groups, unused_group_folders)
 
 
 def test_groups_take_the_slides_in_order_k_at_a_time():
@@ -77,3 +77,13 @@ def test_a_completed_group_becomes_the_output_folder_with_only_its_outputs(tmp_p
     work.complete({"slide_a.zarr", "slide_a.qc.png"})
     assert sorted(path.name for path in group_dir.iterdir()) == ["slide_a.qc.png", "slide_a.zarr"]
     assert not work.folder.exists()
+
+
+def test_group_folders_no_listed_store_is_in_are_found_for_the_log(tmp_path):
+    stage = tmp_path / "results/tiles/cohort"
+    for name in ("group-000000", "group-000001", "group-000001.unfinished", "group-000007"):
+        (stage / "groups" / name).mkdir(parents=True)
+    listed = [str(stage / "groups/group-000000/a.zarr"), str(stage / "groups/group-000001/b.zarr")]
+    assert [path.name for path in unused_group_folders(stage, listed)] == [
+        "group-000001.unfinished", "group-000007"]
+    assert unused_group_folders(tmp_path / "results/tiles/other", listed) == []

@@ -142,6 +142,17 @@ def test_grouped_slides_run_in_one_job_per_group_and_no_job_per_slide(run):
     for slide in [*run["good"], *BAD]:
         assert tiles[slide].parent.parent.name == features[slide].parent.parent.name == "groups"
         assert tiles[slide].parent.name == features[slide].parent.name
+    # a folder no run uses (here: of an earlier grouping) is named in the index job's log
+    # and left alone
+    stale = workdir / "results/tiles/cohort/groups/group-000099"
+    stale.mkdir()
+    result = run_snakemake(workdir, run["configfile"], "--cores", "1",
+                           "--forcerun", "index_slide_tiles", "results/tiles/cohort/index.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (workdir / "logs/index_slide_tiles/cohort.log").read_text()
+    assert "1 folder(s) that this run does not use (group-000099)" in log
+    assert stale.is_dir()
+    stale.rmdir()
 
 
 def test_under_fail_a_bad_slide_stops_the_run_naming_the_file(run, tmp_path):

@@ -73,6 +73,16 @@ def _plan(manifest: str, mtime_ns: int, size: int, slides_per_job: int) -> Slide
     return group_slides(list(manifest_rows(manifest)), slides_per_job)
 
 
+def unused_group_folders(stage_dir: str | os.PathLike, listed: list[str]) -> list[Path]:
+    """The folders under `stage_dir`/groups that hold none of the `listed` stores: groups a
+    failed job left unfinished and never reran, and the groups of an earlier grouping."""
+    groups_dir = Path(stage_dir) / GROUPS_FOLDER
+    if not groups_dir.is_dir():
+        return []
+    in_use = {Path(path).parent.name for path in listed if Path(path).parent.parent == groups_dir}
+    return sorted(path for path in groups_dir.iterdir() if path.name not in in_use)
+
+
 class GroupWork:
     """Where a group job writes its slides' outputs, kept across a failed run.
 

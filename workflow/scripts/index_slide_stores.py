@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from medrobust.logs import script_logging
+from medrobust.logs import get_logger, script_logging
+from medrobust.slide_groups import unused_group_folders
 from medrobust.slide_index import write_slide_index
 
 with script_logging(snakemake):
@@ -9,3 +10,12 @@ with script_logging(snakemake):
         snakemake.output[0],
         snakemake.params.stores,
     )
+    # never deleted here: they may be all a failed run has; the log says they are unused
+    stage = Path(snakemake.output[0]).parent
+    unused = unused_group_folders(stage, [path for paths in snakemake.params.stores.values()
+                                          for path in paths])
+    if unused:
+        get_logger("index_slide_stores").warning(
+            "%s: %d folder(s) that this run does not use (%s): left by a failed group job "
+            "never rerun, or by an earlier slides_per_job; delete them to free their space",
+            stage / "groups", len(unused), ", ".join(path.name for path in unused))
