@@ -45,10 +45,12 @@ def test_group_work_keeps_finished_slides_for_a_rerun_with_the_same_settings(tmp
     # the job dies here; its rerun:
     again = GroupWork(group_dir, {"tile_size": 224, "code": "abc"})
     assert again.finished == 1
-    assert again.kept("slide_a", {"sha256": "1" * 64})
-    assert again.kept("slide_a", {"sha256": "2" * 64}, {"sha256": "1" * 64})
-    assert not again.kept("slide_a", {"sha256": "2" * 64})   # the slide file changed
-    assert not again.kept("slide_b", {"sha256": "1" * 64})
+    outputs = ["slide_a.zarr"]
+    assert again.kept("slide_a", {"sha256": "1" * 64}, outputs=outputs)
+    assert again.kept("slide_a", {"sha256": "2" * 64}, {"sha256": "1" * 64}, outputs=outputs)
+    assert not again.kept("slide_a", {"sha256": "2" * 64}, outputs=outputs)   # file changed
+    assert not again.kept("slide_b", {"sha256": "1" * 64}, outputs=["slide_b.zarr"])
+    assert not again.kept("slide_a", {"sha256": "1" * 64}, outputs=[*outputs, "slide_a.qc.png"])
     assert (again.folder / "slide_a.zarr").is_dir()
 
 
@@ -63,7 +65,7 @@ def test_group_work_starts_afresh_for_other_settings_or_an_unreadable_ledger(tmp
     else:
         (work.folder / "finished.json").write_text(ledger)
         again = GroupWork(group_dir, {"code": "abc"})
-    assert again.finished == 0 and not again.kept("slide_a", {})
+    assert again.finished == 0 and not again.kept("slide_a", {}, outputs=[])
     assert list(again.folder.iterdir()) == []
 
 

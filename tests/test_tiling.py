@@ -356,32 +356,48 @@ def test_a_dicom_whole_slide_image_is_tiled(tmp_path):
         np.testing.assert_array_equal(tile, np.asarray(expected))
 
 
+GROUP_CONFIG = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
+                            fallback_mpp=BOXES_MPP)
+
+
+def group_of_slides(tmp_path, good: str, bad: str) -> tuple[Path, list[dict], Path]:
+    """A data folder of boxes.tiff copies named by `good` and truncated ones by `bad`
+    (`ab` -> a.tiff, b.tiff), their manifest rows, and a group's output folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in good:
+        (data / f"{name}.tiff").write_bytes(BOXES.read_bytes())
+    for name in bad:
+        truncated(data).rename(data / f"{name}.tiff")
+    slides = [{"slide_id": name, "path": f"{name}.tiff", "label": "tumor", "split": "train",
+               "sha256": sha256_file(data / f"{name}.tiff")} for name in sorted(good + bad)]
+    return data, slides, tmp_path / "tiles" / "groups" / "group-000000"
+
+
+def counting_tile_slide(monkeypatch) -> list[str]:
+    """The file names `tile_slide` is called with from a group job, from now on."""
+    tiled = []
+    monkeypatch.setattr(groups, "tile_slide",
+                        lambda path, *args, **kwargs: tiled.append(path.name)
+                        or tile_slide(path, *args, **kwargs))
+    return tiled
+
+
 @pytest.mark.parametrize("rerun_code, retiled", [("abc", ["c.tiff"]),
                                                    ("edited", ["a.tiff", "b.tiff", "c.tiff"])])
 def test_a_failed_group_job_keeps_its_finished_slides_for_the_rerun(tmp_path, monkeypatch,
                                                                     rerun_code, retiled):
     """Under "fail" a bad slide stops its group job; once it is fixed, the rerun tiles only
     it (with the code unchanged) and the group folder holds every slide."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("a.tiff", "b.tiff"):
-        (data / name).write_bytes(BOXES.read_bytes())
-    truncated(data).rename(data / "c.tiff")
-    slides = [{"slide_id": name, "path": f"{name}.tiff", "label": "tumor", "split": "train",
-               "sha256": sha256_file(data / f"{name}.tiff")} for name in "abc"]
-    config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
-                          fallback_mpp=BOXES_MPP)
-    group_dir = tmp_path / "tiles" / "groups" / "group-000000"
+    data, slides, group_dir = group_of_slides(tmp_path, good="ab", bad="c")
+    config = GROUP_CONFIG
     with pytest.raises(InputError, match="c.tiff"):
         groups.tile_slide_group(data, group_dir, slides, config, code="abc")
     assert not group_dir.exists()
 
     (data / "c.tiff").write_bytes(BOXES.read_bytes())   # the bad slide replaced
     slides[2]["sha256"] = sha256_file(data / "c.tiff")
-    tiled = []
-    monkeypatch.setattr(groups, "tile_slide",
-                        lambda path, *args, **kwargs: tiled.append(path.name)
-                        or tile_slide(path, *args, **kwargs))
+    tiled = counting_tile_slide(monkeypatch)
     counts = groups.tile_slide_group(data, group_dir, slides, config, code=rerun_code)
     assert tiled == retiled
     assert [count is None for count in counts.values()] == [
@@ -399,21 +415,11 @@ def test_a_failed_group_job_keeps_its_finished_slides_for_the_rerun(tmp_path, mo
 def test_after_a_bad_slide_stops_its_group_skip_keeps_the_finished_slides(tmp_path, monkeypatch):
     """The failure's advice (set on_bad_input: skip) costs no finished slide; a slide the
     skip run left out is kept under skip, tiled again under fail."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "a.tiff").write_bytes(BOXES.read_bytes())
-    truncated(data).rename(data / "b.tiff")
-    slides = [{"slide_id": name, "path": f"{name}.tiff", "label": "tumor", "split": "train",
-               "sha256": sha256_file(data / f"{name}.tiff")} for name in "ab"]
-    config = TilingConfig(target_mpp=BOXES_MPP, tile_size=32, tissue_threshold=0.5,
-                          fallback_mpp=BOXES_MPP)
-    group_dir = tmp_path / "tiles" / "groups" / "group-000000"
+    data, slides, group_dir = group_of_slides(tmp_path, good="a", bad="b")
+    config = GROUP_CONFIG
     with pytest.raises(InputError, match="b.tiff"):
         groups.tile_slide_group(data, group_dir, slides, config, code="abc")
-    tiled = []
-    monkeypatch.setattr(groups, "tile_slide",
-                        lambda path, *args, **kwargs: tiled.append(path.name)
-                        or tile_slide(path, *args, **kwargs))
+    tiled = counting_tile_slide(monkeypatch)
     counts = groups.tile_slide_group(data, group_dir, slides, config, code="abc",
                                      on_bad_input="skip")
     assert tiled == ["b.tiff"] and counts == {"a": None, "b": 0}

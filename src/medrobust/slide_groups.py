@@ -34,7 +34,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.manifest_cache import manifest_rows
@@ -113,9 +113,11 @@ class GroupWork:
     def finished(self) -> int:
         return len(self._finished)
 
-    def kept(self, slide_id: str, *slide_keys: Any) -> bool:
-        """Whether a failed run finished the slide with one of `slide_keys`."""
-        return slide_id in self._finished and self._finished[slide_id] in map(_as_json, slide_keys)
+    def kept(self, slide_id: str, *slide_keys: Any, outputs: Iterable[str]) -> bool:
+        """Whether a failed run finished the slide with one of `slide_keys` and its `outputs`
+        (file names) are still there."""
+        return (slide_id in self._finished and self._finished[slide_id] in map(_as_json, slide_keys)
+                and all((self.folder / name).exists() for name in outputs))
 
     def mark_done(self, slide_id: str, slide_key: Any) -> None:
         """Note a slide whose outputs are all written (the ledger is replaced atomically)."""

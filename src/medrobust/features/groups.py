@@ -44,7 +44,7 @@ def extract_group_features(tile_stores: Sequence[str | os.PathLike], group_dir: 
         name = Path(tile_store).name
         tiles = {"attrs": open_tile_store(tile_store).attrs,
                  "written_ns": (Path(tile_store) / "zarr.json").stat().st_mtime_ns}
-        if work.kept(name, tiles) and (work.folder / name).exists():
+        if work.kept(name, tiles, outputs=[name]):
             continue
         backbone = backbone or backbone_for(config)
         extract_slide_features(tile_store, work.folder / name, config, device, backbone=backbone)

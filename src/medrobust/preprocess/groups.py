@@ -37,8 +37,7 @@ def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.Path
         kept_keys = [{"row": row, "left_out": False}]
         if on_bad_input == "skip":
             kept_keys.append({"row": row, "left_out": True})
-        if work.kept(slide_id, *kept_keys) and all(
-                (work.folder / f"{slide_id}.{suffix}").exists() for suffix in ("zarr", "qc.png")):
+        if work.kept(slide_id, *kept_keys, outputs=_outputs(slide_id)):
             counts[slide_id] = None
             continue
         counts[slide_id] = tile_slide(
@@ -47,9 +46,14 @@ def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.Path
             source_sha256=slide["sha256"], workers=workers,
             qc_path=work.folder / f"{slide_id}.qc.png", on_bad_input=on_bad_input)
         work.mark_done(slide_id, {"row": row, "left_out": counts[slide_id] == 0})
-    work.complete({f"{slide['slide_id']}.{suffix}" for slide in slides for suffix in ("zarr", "qc.png")})
+    work.complete({name for slide in slides for name in _outputs(slide["slide_id"])})
     tiled = [count for count in counts.values() if count is not None]
     log.info("%s: %d slides (%d kept from a failed run), %d tiles, %d slides without tiles",
              group_dir, len(counts), len(counts) - len(tiled), sum(tiled),
              sum(count == 0 for count in tiled))
     return counts
+
+
+def _outputs(slide_id: str) -> tuple[str, str]:
+    """A slide's files in its group's folder: tile store and QC picture."""
+    return f"{slide_id}.zarr", f"{slide_id}.qc.png"
