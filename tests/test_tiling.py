@@ -11,7 +11,10 @@ import pytest
 import tifffile
 import zarr
 from PIL import Image
+from scipy import ndimage
 from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+from skimage.morphology import closing, disk, opening
 from skimage.transform import resize
 
 from medrobust.errors import ConfigError, InputError
@@ -21,7 +24,8 @@ from medrobust.io.slides import MAX_SLIDE_MPP, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
 from medrobust.preprocess import groups
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_map
-from medrobust.preprocess.tissue import hsv_saturation, tissue_mask
+from medrobust.preprocess.tissue import (MAX_SATURATION, MIN_SATURATION, hsv_saturation,
+                                         tissue_mask)
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -49,6 +53,29 @@ def test_tissue_mask_of_blank_and_full_slides():
     pink = np.clip(rng.normal((200, 120, 170), 10, (64, 64, 3)), 0, 255).astype(np.uint8)
     assert not tissue_mask(glass).any()
     assert tissue_mask(pink).all()  # all tissue: Otsu must not split it in two
+
+
+def skimage_tissue_mask(rgb):
+    """tissue_mask as skimage's own functions compute it: rgb2hsv, closing, opening."""
+    saturation = ndimage.median_filter(rgb2hsv(rgb)[..., 1], size=3)
+    threshold = MIN_SATURATION
+    if np.ptp(saturation) > 0:
+        threshold = np.clip(threshold_otsu(saturation), MIN_SATURATION, MAX_SATURATION)
+    return opening(closing(saturation > threshold, disk(2)), disk(1))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (2, 3), (5, 5), (9, 40), (64, 48)])
+def test_tissue_mask_is_skimages_at_every_size_and_border(shape):
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(20):  # speckled glass and tissue: every morphology step changes pixels
+        glass = rng.normal(235, 4, (*shape, 3))
+        tissue = rng.normal((190, 110, 165), 25, (*shape, 3))
+        rgb = np.clip(np.where(rng.random((*shape, 1)) < rng.random(), tissue, glass), 0, 255)
+        rgb = rgb.astype(np.uint8)
+        np.testing.assert_array_equal(tissue_mask(rgb), skimage_tissue_mask(rgb))
+    with open_slide(CMU) as slide:
+        thumbnail, _ = slide.thumbnail(8)
+    np.testing.assert_array_equal(tissue_mask(thumbnail), skimage_tissue_mask(thumbnail))
 
 
 def test_hsv_saturation_is_rgb2hsvs():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
-from skimage.morphology import closing, disk, opening
+from skimage.morphology import disk
 
 MIN_SATURATION = 0.05   # below: glass, whatever Otsu says
 MAX_SATURATION = 0.15   # above: tissue, whatever Otsu says
@@ -26,9 +26,24 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     else:
         threshold = MIN_SATURATION
     mask = saturation > threshold
-    # close small gaps inside tissue, then drop isolated specks (dust, debris);
-    # reflecting at the border keeps tissue that touches the edge
-    return opening(closing(mask, disk(2)), disk(1))
+    # close small gaps inside tissue, then drop isolated specks (dust, debris): skimage's
+    # closing with disk(2), then opening with disk(1)
+    closed = _disk_filter(_disk_filter(mask, 2, np.logical_or), 2, np.logical_and)
+    return _disk_filter(_disk_filter(closed, 1, np.logical_and), 1, np.logical_or)
+
+
+def _disk_filter(mask: np.ndarray, radius: int, combine) -> np.ndarray:
+    """Binary dilation (`combine` logical_or) or erosion (logical_and) of `mask` by skimage's
+    `disk(radius)`, the border reflected as skimage's morphology reflects it (its default), so
+    the result is skimage's; combining the mask's shifted views is 18x faster than skimage's
+    grey-level filters on a 900^2 mask (docs/benchmarks.md)."""
+    height, width = mask.shape
+    padded = np.pad(mask, radius, mode="symmetric")  # numpy's "symmetric" is scipy's "reflect"
+    out = None
+    for dy, dx in zip(*np.nonzero(disk(radius))):
+        view = padded[dy:dy + height, dx:dx + width]
+        out = view.copy() if out is None else combine(out, view, out=out)
+    return out
 
 
 def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
