@@ -19,8 +19,9 @@ from skimage.transform import resize
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import sha256_file
-from medrobust.io.slide_stores import create_tile_store, open_tile_store, write_tile_shard
-from medrobust.io.slides import MAX_SLIDE_MPP, open_slide
+from medrobust.io.slide_stores import (TILES_PER_SHARD, create_tile_store, open_tile_store,
+                                       write_tile_shard)
+from medrobust.io.slides import MAX_SLIDE_MPP, Slide, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
 from medrobust.preprocess import groups
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_map
@@ -152,10 +153,11 @@ def test_row_runs_join_only_adjacent_tiles_of_one_row_up_to_the_longest():
     assert _row_runs(np.array([[0, 0], [10, 10]]), step, longest=8) == [(0, 1), (1, 1)]
 
 
-def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path, workers):
     out = tmp_path / "cmu.zarr"
     config = TilingConfig(target_mpp=CMU_MPP, tile_size=128, tissue_threshold=0.5)
-    n_tiles = tile_slide(CMU, out, config, "cmu", "tumor", "train", workers=2)
+    n_tiles = tile_slide(CMU, out, config, "cmu", "tumor", "train", workers=workers)
     store = open_tile_store(out)
     assert set(store.attrs) == TILE_ATTRS
     assert store.attrs["n_tiles"] == n_tiles == len(store) > 50
@@ -167,10 +169,28 @@ def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path):
     assert (store.coords + 128 <= (2220, 2967)).all()
     assert (store.tissue_fraction >= 0.5).all()
     reference = openslide.OpenSlide(CMU)
-    for index in (0, n_tiles // 2, n_tiles - 1):
+    # every tile: shards are filled in parts by several workers, the last ones partly
+    assert n_tiles % TILES_PER_SHARD % 16
+    for index in range(n_tiles):
         x, y = map(int, store.coords[index])
         expected = np.asarray(reference.read_region((x, y), 0, (128, 128)).convert("RGB"))
         np.testing.assert_array_equal(store.tiles[index], expected)
+
+
+def test_a_slide_is_read_front_to_back_whatever_order_dask_starts_tasks_in(tmp_path,
+                                                                            monkeypatch):
+    # parts taken out of order would leave many shards half-filled in memory at once
+    locations = []
+    read_rgb = Slide.read_rgb
+
+    def recording(self, location, level, size):
+        locations.append(location[::-1])  # (y, x): row-major order
+        return read_rgb(self, location, level, size)
+
+    monkeypatch.setattr(Slide, "read_rgb", recording)
+    config = TilingConfig(target_mpp=CMU_MPP, tile_size=64, tissue_threshold=0.5)
+    tile_slide(CMU, tmp_path / "cmu.zarr", config, "cmu", "tumor", "train", workers=1)
+    assert len(locations) > 10 and locations == sorted(locations)
 
 
 def test_tiles_come_from_the_matching_pyramid_level(tmp_path):

@@ -52,7 +52,7 @@ log = get_logger(__name__)
 # A mask source coarser than `mask_pixels_per_tile` asks is taken down to this share of
 # its pixels per tile side (3 of 4): a pyramid level that close spares decoding a finer one
 COARSEST_MASK_SHARE = 0.75
-_BATCH = TILES_PER_SHARD   # tiles per dask task: each task reads one whole shard
+_PART = TILES_PER_SHARD // 4   # tiles per dask task: a quarter of a shard
 _RUN_PIXELS = 4096         # widest region read at once, in pixels at the read level
 
 
@@ -221,17 +221,23 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_si
                 workers: int, slide_id: str) -> None:
     """Read, resize and store every tile, a whole shard per write (docs/benchmarks.md, "Tiling").
 
-    `workers` threads read shards (dask); one more thread compresses and writes
-    the finished shards, so a write overlaps the next reads. Neighbouring tiles
-    of a grid row are read in one region and cut apart: fewer OpenSlide calls
-    and less per-tile Python.
+    `workers` threads read parts of shards (dask); one more thread compresses
+    and writes each shard once its parts are read, so a write overlaps the next
+    reads. A part is a quarter shard, so a slide of one or a few shards still
+    keeps every worker reading. Each task reads the next unread part, not a
+    part of its own: dask starts independent tasks in no fixed order, and parts
+    taken in order leave at most a shard per worker half-filled in memory (and
+    read the slide front to back). Neighbouring tiles of a grid row are read in
+    one region and cut apart: fewer OpenSlide calls and less per-tile Python.
     """
     read_size = grid.read_size
     longest_run = max(1, _RUN_PIXELS // read_size)
     bar = progress(total=len(coords), desc=f"tile {slide_id}", unit="tile")
-    lock = threading.Lock()  # the bar's counter is not safe to bump from several threads
+    lock = threading.Lock()  # guards the shards being filled and the bar's counter
     # at most this many read shards wait for the writer, so memory stays bounded
     pending = threading.BoundedSemaphore(workers + 1)
+    filling: dict[int, list] = {}  # shard start -> [its tiles, how many are still unread]
+    parts = iter(range(0, len(coords), _PART))
 
     def write(start: int, batch: np.ndarray) -> None:
         try:
@@ -241,28 +247,40 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles, tile_si
         with lock:
             bar.update(len(batch))
 
-    def read_shard(start: int, stop: int) -> Future:
-        batch = np.empty((stop - start, tile_size, tile_size, 3), dtype=np.uint8)
+    def read_next_part() -> Future | None:
+        with lock:
+            start = next(parts)
+            stop = min(start + _PART, len(coords))
+            shard = start - start % TILES_PER_SHARD
+            if shard not in filling:
+                size = min(TILES_PER_SHARD, len(coords) - shard)
+                filling[shard] = [np.empty((size, tile_size, tile_size, 3), np.uint8), size]
+            batch = filling[shard][0]
         for first, count in _row_runs(coords[start:stop], grid.tile_size_level0, longest_run):
             run = coords[start + first:start + first + count]
             # each tile's offset in the region, rounded as a read of that tile alone would be
             offsets = np.rint((run[:, 0] - run[0, 0]) / grid.level_downsample).astype(np.int64)
             region = slide.read_rgb((int(run[0, 0]), int(run[0, 1])), grid.level,
                                     (int(offsets[-1]) + read_size, read_size))
-            for index, left in enumerate(offsets, start=first):
+            for index, left in enumerate(offsets, start=start - shard + first):
                 tile = region[:, left:left + read_size]
                 if read_size != tile_size:
                     tile = np.asarray(Image.fromarray(tile).resize(
                         (tile_size, tile_size), Image.Resampling.LANCZOS))
                 batch[index] = tile
+        with lock:
+            filling[shard][1] -= stop - start
+            if filling[shard][1]:
+                return None  # another part of this shard is still being read
+            del filling[shard]
         pending.acquire()
-        return writer.submit(write, start, batch)
+        return writer.submit(write, shard, batch)
 
     with bar, ThreadPoolExecutor(1, thread_name_prefix="tile-writer") as writer:
-        tasks = [dask.delayed(read_shard)(start, min(start + _BATCH, len(coords)))
-                 for start in range(0, len(coords), _BATCH)]
+        tasks = [dask.delayed(read_next_part)() for _ in range(0, len(coords), _PART)]
         for written in dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers)):
-            written.result()  # a failed write raises here
+            if written is not None:
+                written.result()  # a failed write raises here
 
 
 def _row_runs(coords: np.ndarray, step: int, longest: int) -> list[tuple[int, int]]:
