@@ -5,8 +5,8 @@ The slide is cut into a grid of whole tiles of `tile_size` pixels at
 `tissue_threshold` of it. Tiles are read one at a time from the pyramid level
 closest to (and not coarser than) the target resolution, a row of neighbouring
 tiles per read, and resized when that level does not match exactly, so the
-slide is never held in memory; dask's threaded scheduler reads shards of tiles
-in parallel while another thread writes the finished ones, each tile its own
+slide is never held in memory; dask's threaded scheduler reads parts of shards
+in parallel while another thread writes each finished shard, each tile its own
 chunk.
 
 A slide that cannot be opened or read, states an impossible resolution, or
