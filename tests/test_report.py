@@ -24,7 +24,7 @@ from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.image_store import write_image_store
 from medrobust.perturbations import GaussianNoise
 from medrobust.report import figures
-from medrobust.report.page import write_report
+from medrobust.report.page import mil_headline, one_class_models, write_report
 from medrobust.report.provenance import applicable_config
 from medrobust.report.summary import (
     SUMMARY_COLUMNS, Evaluation, StatisticsConfig, summarize, summarize_evaluations)
@@ -566,3 +566,51 @@ def test_an_mhim_model_is_compared_with_its_base_model_alone():
     assert comparison["accuracy_difference"] == pytest.approx(10 / 30)
     # without baselines, slide models evaluated clean only are not compared
     assert summarize(evaluations, {}, StatisticsConfig(**STATISTICS)).comparisons.empty
+
+
+def test_a_low_pass_sweep_draws_the_clean_test_set_right_of_its_widest_radius():
+    # the clean images are the limit of a growing radius: drawn at radius 0 they would sit
+    # beside the harshest filter and the curve would seem to fall and then recover
+    rows = [{"model": "m", "kind": "clean", "perturbation": None, "severity": None,
+             "accuracy": 0.9}]
+    rows += [{"model": "m", "kind": "perturbation", "perturbation": name, "severity": severity,
+              "accuracy": accuracy}
+             for name, severity, accuracy in (("lowpass", 2.0, 0.5), ("lowpass", 8.0, 0.7),
+                                              ("gaussian_noise", 0.1, 0.6))]
+    robustness = pd.DataFrame(rows)
+    for column in ("accuracy_low", "accuracy_high"):
+        robustness[column] = robustness["accuracy"]
+    figure = figures.perturbation_curves(robustness)
+    noise, lowpass = figure.axes[:2]  # one column per perturbation, sorted by name
+    assert lowpass.get_title() == "lowpass" and lowpass.get_xscale() == "log"
+    assert [text.get_text() for text in lowpass.get_xticklabels()] == ["2", "8", "clean"]
+    [line] = lowpass.get_lines()
+    assert list(line.get_xdata()) == [2.0, 8.0, 16.0]
+    assert list(line.get_ydata()) == [0.5, 0.7, 0.9]
+    [line] = noise.get_lines()  # noise is gone at σ 0: the clean set starts its curve
+    assert list(line.get_xdata()) == [0.0, 0.1] and list(line.get_ydata()) == [0.9, 0.6]
+
+
+def test_a_model_that_predicts_one_class_for_every_clean_input_is_flagged():
+    def matrix(model, condition, counts, family="slide"):
+        return {"model": model, "condition": condition, "dataset": "slides", "family": family,
+                "classes": ["normal", "tumor"], "matrix": counts}
+
+    flagged = one_class_models([
+        matrix("mhim", "clean", [[0, 8], [0, 8]]),          # tumour for every slide
+        matrix("abmil", "clean", [[8, 0], [6, 2]]),         # both classes predicted
+        matrix("abmil", "stain_shift", [[0, 8], [0, 8]]),   # only the clean set counts
+        matrix("cnn", "clean", [[5, 0], [5, 0]], family="image")])
+    assert flagged == [
+        {"dataset": "slides", "model": "mhim", "class": "tumor", "n": 16, "unit": "slides"},
+        {"dataset": "slides", "model": "cnn", "class": "normal", "n": 10, "unit": "images"}]
+
+
+@pytest.mark.parametrize("verdict, words", [("helped", "beats"), ("hurt", "does worse than"),
+                                            ("no detectable difference", "does not beat")])
+def test_the_mhim_section_says_in_words_whether_mhim_beats_its_base(verdict, words):
+    pair = {"model": "mhim_abmil", "reference": "abmil",
+            "rows": [{"kind": "worst_case", "verdict": "helped"},
+                     {"kind": "clean", "verdict": verdict}]}
+    assert mil_headline(pair) == f"mhim_abmil {words} abmil on the clean test slides"
+    assert mil_headline({**pair, "rows": pair["rows"][:1]}) is None

@@ -28,6 +28,9 @@ class Perturbation(ABC):
 
     # what the severity measures, in its units, as the report's axes and tables name it
     severity_unit: str = "severity"
+    # the severity that leaves images as they are: the report draws the clean test set there,
+    # and right of the largest severity, marked "clean", where that is infinite
+    clean_severity: float = 0.0
 
     def __init__(self, severity: float):
         if not (math.isfinite(severity) and severity >= 0):

@@ -23,6 +23,7 @@ The FFTs run in torch on the batch's device, in float64 as numpy's do.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import Sequence
 
@@ -69,6 +70,8 @@ class FourierFilter(Perturbation):
 
 
 class LowPass(FourierFilter):
+    clean_severity = math.inf  # a wider mask keeps more: the identity as the radius grows
+
     def mask(self, height: int, width: int) -> np.ndarray:
         return gaussian_lowpass_mask(height, width, self.severity)
 

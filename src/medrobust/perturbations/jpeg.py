@@ -11,6 +11,7 @@ quantisation. Encoding runs on the CPU, image by image.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ class JPEG(Perturbation):
     """Encode and decode each image as a JPEG of quality `severity`."""
 
     severity_unit = "JPEG quality (1-100, lower is stronger)"
+    clean_severity = math.inf  # even quality 100 is lossy: no quality is the clean image
 
     def __init__(self, severity: float):
         super().__init__(severity)

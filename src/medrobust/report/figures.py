@@ -24,6 +24,7 @@ EPSILON_LABELS = {"linf": "ε (L∞ budget, 1/255 of the intensity range)",
                   "l2": "ε (L2 radius, image units in [0, 1])"}
 NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 ACCURACY_LABEL = "accuracy (fraction of test images)"
+LOWPASS_RADIUS = "low-pass radius (cycles per image)"
 
 
 def png(figure: Figure) -> bytes:
@@ -63,13 +64,15 @@ def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, metric: str =
                       color=style.get("color"), alpha=0.15, linewidth=0)
 
 
-def _from_clean(rows: pd.DataFrame, level: str,
-                clean: pd.DataFrame) -> tuple[list[float], pd.DataFrame]:
-    """The sweep's rows by level, starting at level 0 with the clean images."""
+def _from_clean(rows: pd.DataFrame, level: str, clean: pd.DataFrame,
+                clean_level: float = 0.0) -> tuple[list[float], pd.DataFrame]:
+    """The sweep's rows by level, with the clean images at `clean_level`."""
     rows = rows.sort_values(level)
     levels = [float(value) for value in rows[level]]
     if not clean.empty:
-        rows, levels = pd.concat([clean.iloc[:1], rows]), [0.0, *levels]
+        rows, levels = pd.concat([clean.iloc[:1], rows]), [clean_level, *levels]
+        order = np.argsort(levels, kind="stable")
+        rows, levels = rows.iloc[order], [levels[i] for i in order]
     return levels, rows
 
 
@@ -116,6 +119,16 @@ def severity_unit(name: str) -> str:
     return getattr(PERTURBATIONS.get(name), "severity_unit", "severity")
 
 
+def _clean_position(panels: Sequence[Axes], name: str, levels: Sequence[float]) -> float:
+    """Where a perturbation's panels draw the clean test set: at the severity that leaves
+    images as they are, or, where that is infinite (a low-pass radius, a JPEG quality),
+    right of the largest severity on a log axis, marked "clean"."""
+    clean = float(getattr(PERTURBATIONS.get(name), "clean_severity", 0.0))
+    for panel in panels if np.isinf(clean) else ():
+        clean = _levels_axis(panel, levels)["clean"]
+    return clean
+
+
 def perturbation_curves(robustness: pd.DataFrame) -> Figure:
     """Accuracy, AUC and sensitivity at the clean operating point against severity: one column
     of panels per perturbation, severity in its own units; rows of a metric with no values
@@ -128,9 +141,11 @@ def perturbation_curves(robustness: pd.DataFrame) -> Figure:
     figure = _new_figure(3.8 * len(names) + 2.0, 3.0 * len(metrics) + 0.4)
     axes = figure.subplots(len(metrics), len(names), squeeze=False, sharey="row")
     for column, name in enumerate(names):
-        for model, group in perturbed[perturbed["perturbation"] == name].groupby("model"):
+        sweep = perturbed[perturbed["perturbation"] == name]
+        clean_x = _clean_position(axes[:, column], name, sweep["severity"].unique())
+        for model, group in sweep.groupby("model"):
             clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
-            levels, group = _from_clean(group, "severity", clean)
+            levels, group = _from_clean(group, "severity", clean, clean_x)
             for row, (metric, _) in enumerate(metrics):
                 _line(axes[row, column], levels, group, metric, color=colours[model],
                       label=model)
@@ -239,15 +254,18 @@ def image_panel_grid(rows: Sequence[Sequence[tuple[np.ndarray, str, str]]],
     return figure
 
 
-def _levels_axis(axes: Axes, radii: Sequence[float]) -> dict[str, float]:
-    """x positions of the low-pass levels: each radius (log scale), and clean right of the
-    largest, where the filter's strength runs out."""
-    radii = sorted(radii)
-    clean = 2.0 * radii[-1]
+def _levels_axis(axes: Axes, levels: Sequence[float],
+                 label: str | None = None) -> dict[str, float]:
+    """x positions of the levels of a perturbation that weakens as its level grows (a
+    low-pass radius): each level (log scale), and clean right of the largest, where the
+    perturbation's strength runs out."""
+    levels = sorted(float(level) for level in levels)
+    clean = 2.0 * levels[-1]
     axes.set_xscale("log")
-    axes.set_xticks([*radii, clean], [f"{radius:g}" for radius in radii] + ["clean"])
+    axes.set_xticks([*levels, clean], [f"{level:g}" for level in levels] + ["clean"])
     axes.minorticks_off()
-    axes.set_xlabel("low-pass radius (cycles per image)")
+    if label is not None:
+        axes.set_xlabel(label)
     return {"clean": clean}
 
 
@@ -278,7 +296,7 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
 
     for panel, column, title in ((axes[0], "detectable", "lesions still detectable"),
                                  (axes[1], "cnr_median", "median contrast-to-noise ratio")):
-        positions = _levels_axis(panel, radii)
+        positions = _levels_axis(panel, radii, LOWPASS_RADIUS)
         for lesion_type, rows in visibility.groupby("lesion_type", sort=True):
             colour, line = styles[lesion_type]
             rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
@@ -288,7 +306,7 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
         panel.grid(alpha=0.3)
     axes[0].set(ylim=(-0.02, 1.02), ylabel="fraction of lesions")
     axes[1].axhline(0.0, color="grey", linewidth=0.8)
-    positions = _levels_axis(axes[2], radii)
+    positions = _levels_axis(axes[2], radii, LOWPASS_RADIUS)
     colours = model_colours(sensitivity["model"]) if len(sensitivity) else {}
     for (model, group), rows in sensitivity.groupby(["model", "group"], sort=True):
         rows = rows.assign(x=x_of(rows, positions)).sort_values("x")

@@ -185,6 +185,32 @@ def comparison_row(row: Mapping[str, Any]) -> dict[str, Any]:
             "auc_difference": _interval(row, "auc_difference")}
 
 
+def one_class_models(confusion_matrices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Models that predict one class for every clean test input: their accuracy is that
+    class's share, whatever they learnt, and only their AUC (the ranking) says more."""
+    flagged = []
+    for item in confusion_matrices:
+        predicted = np.asarray(item["matrix"]).sum(axis=0)  # rows true, columns predicted
+        if item["condition"] != "clean" or predicted.sum() == 0 \
+                or np.count_nonzero(predicted) != 1:
+            continue
+        flagged.append({"dataset": item["dataset"], "model": item["model"],
+                        "class": item["classes"][int(np.flatnonzero(predicted)[0])],
+                        "n": int(predicted.sum()),
+                        "unit": "slides" if item["family"] == "slide" else "images"})
+    return flagged
+
+
+def mil_headline(pair: Mapping[str, Any]) -> str | None:
+    """Whether an MHIM-MIL model beats its base model on the clean test set, in words."""
+    clean = next((row for row in pair["rows"] if row["kind"] == "clean"), None)
+    if clean is None:
+        return None
+    verb = {"helped": "beats", "hurt": "does worse than"}.get(clean["verdict"],
+                                                             "does not beat")
+    return f"{pair['model']} {verb} {pair['reference']} on the clean test slides"
+
+
 def small_test_sets(robustness: pd.DataFrame, threshold: int, alpha: float) -> list[dict]:
     """A warning per dataset whose test set is below `threshold`."""
     warnings = []
@@ -608,7 +634,9 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         figure_files["accuracy_vs_severity"] = (
             figures.png(figures.perturbation_curves(images)), "Accuracy, AUC and sensitivity "
             "at the clean operating point against severity per perturbation, in its own units; "
-            "severity 0 is the clean test set; bands are 95% intervals.")
+            "the clean test set is at severity 0, or, for a perturbation that weakens as its "
+            "severity grows (a low-pass radius, a JPEG quality), at the right end, marked "
+            "\"clean\"; bands are 95% intervals.")
     if heatmaps:
         figure_files["fourier_heatmap"] = (
             figures.png(figures.fourier_heatmaps({model: read_heatmap(path)
@@ -653,13 +681,16 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "glance_headers": glance_headers, "glance": glance,
         # MHIM-MIL against its base model goes with the slide study, not the defenses
         "verdicts": [pair for pair in verdicts(comparisons) if pair["model"] not in baselines],
-        "mil_verdicts": [pair for pair in verdicts(comparisons) if pair["model"] in baselines],
+        "mil_verdicts": [{**pair, "headline": mil_headline(pair)}
+                         for pair in verdicts(comparisons) if pair["model"] in baselines],
+        "one_class": one_class_models(summary["confusion_matrices"]),
         "defense_tables": [defense_table_view(table, warnings) for table in tables],
         "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
         "has_attacks": bool((images["kind"] == "attack").any()),
         "has_perturbations": bool((images["kind"] == "perturbation").any()) or bool(heatmaps),
         "severity_units": {name: figures.severity_unit(name)
-                           for name in sorted(images["perturbation"].dropna().unique())},
+                           for name in sorted(images.loc[images["kind"] == "perturbation",
+                                                         "perturbation"].unique())},
         "lesions": lesions, "lesions_k": lesions_k,
         "slide_robustness": slide_robustness,
         "small_test_set": int(settings["small_test_set"]),
