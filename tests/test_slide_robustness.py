@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,9 @@ def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(coh
         "clean", "gaussian_noise 0.1, 50% of tiles", "gaussian_noise 0.1, 100% of tiles",
         "PGD ε 4/255 on the top 2 tiles"]
     assert view["fewest_slides"] == 4
+    # each condition says which classes its slides were called: counts of every slide once
+    for row in view["rows"]:
+        assert sum(int(count) for count in re.findall(r"\d+", row["predicted"])) == row["n"]
     figures = {name: {"src": "", "caption": caption} for name, (_, caption) in found.items()}
     page = _environment().get_template("slide_robustness.html.j2").render(
         slide_robustness=view, figures=figures, small_test_set=200)
@@ -184,3 +188,11 @@ def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(coh
     assert "Few test slides" not in _environment().get_template("slide_robustness.html.j2").render(
         slide_robustness=view, figures=figures, small_test_set=4)
     assert slide_robustness_view([]) == (None, {})
+
+
+def test_a_condition_that_calls_every_slide_one_class_says_so():
+    from medrobust.report.slide_robustness import _predicted
+
+    classes = ["normal", "tumor"]
+    assert _predicted(pd.Series([1, 1, 1]), classes) == "all 3 tumor"
+    assert _predicted(pd.Series([1, 0, 1]), classes) == "1 normal, 2 tumor"

@@ -11,15 +11,36 @@ from typing import Any, Sequence
 import pandas as pd
 
 from medrobust.errors import InputError
-from medrobust.evaluate.slide_robustness import METRICS, RUN
+from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS, METRICS, PREDICTIONS, RUN
 from medrobust.report import figures
 
 
 def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A run's metrics, each condition with its `predicted` classes, and its run record."""
     try:
-        return pd.read_csv(folder / METRICS), json.loads((folder / RUN).read_text())
+        metrics, predictions = pd.read_csv(folder / METRICS), pd.read_csv(folder / PREDICTIONS)
+        run = json.loads((folder / RUN).read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"{folder}: unreadable slide robustness run ({error})") from error
+    predicted = (predictions.groupby(list(CONDITION_COLUMNS), dropna=False)["prediction"]
+                 .agg(lambda column: _predicted(column, _classes(predictions)))
+                 .rename("predicted").reset_index())
+    return metrics.merge(predicted, on=list(CONDITION_COLUMNS), how="left"), run
+
+
+def _classes(predictions: pd.DataFrame) -> list[str]:
+    """Class names in index order, from the probability columns."""
+    return [column.removeprefix("prob_") for column in predictions.columns
+            if column.startswith("prob_")]
+
+
+def _predicted(indices: pd.Series, classes: Sequence[str]) -> str:
+    """How many slides a condition called each class: a collapse to one class shows here,
+    where accuracy alone reads as the class's share (0.5 on a balanced set)."""
+    counts = indices.value_counts().sort_index()
+    if len(counts) == 1:
+        return f"all {int(counts.iloc[0])} {classes[int(counts.index[0])]}"
+    return ", ".join(f"{int(count)} {classes[int(index)]}" for index, count in counts.items())
 
 
 def _interval(row: pd.Series, metric: str) -> dict[str, Any]:
@@ -63,7 +84,8 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike]
                "class_counts": run["class_counts"], "attack": run["attack"]} for run in runs]
     units = {name: unit for run in runs for name, unit in run["severity_units"].items()}
     rows = [{"model": row["model"], "condition": _condition(row), "n": int(row["n"]),
-             "accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc")}
+             "accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc"),
+             "predicted": row["predicted"]}
             for _, row in metrics.iterrows()]
     return {"models": models, "rows": rows, "severity_units": units,
             "fewest_slides": min(model["n"] for model in models)}, found
