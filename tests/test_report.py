@@ -24,7 +24,7 @@ from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.image_store import write_image_store
 from medrobust.perturbations import GaussianNoise
 from medrobust.report import figures
-from medrobust.report.page import mil_headline, one_class_models, write_report
+from medrobust.report.page import mil_headline, one_class_models, recipe_rows, write_report
 from medrobust.report.provenance import applicable_config
 from medrobust.report.summary import (
     SUMMARY_COLUMNS, Evaluation, StatisticsConfig, summarize, summarize_evaluations)
@@ -614,3 +614,12 @@ def test_the_mhim_section_says_in_words_whether_mhim_beats_its_base(verdict, wor
                      {"kind": "clean", "verdict": verdict}]}
     assert mil_headline(pair) == f"mhim_abmil {words} abmil on the clean test slides"
     assert mil_headline({**pair, "rows": pair["rows"][:1]}) is None
+
+
+def test_the_training_table_names_an_mhim_model_as_at_a_glance_does():
+    history = {"epochs": [{}], "recipe": {"defense": {"name": "none"}, "mhim": {"teacher": "a"}}}
+    plain = {"epochs": [{}], "recipe": {"defense": {"name": "none"}}}
+    rows = recipe_rows({"mhim": {"history": history, "config": {"family": "slide"}},
+                        "a": {"history": plain, "config": {"family": "slide"}}})
+    assert [row["defense"] for row in rows] == ["MHIM-MIL", "none"]
+    assert rows[0]["recipe"]["mhim"] == {"teacher": "a"}  # its settings stay in the recipe

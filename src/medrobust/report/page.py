@@ -526,10 +526,13 @@ def recipe_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
     for name, model in models.items():
         history, config = model["history"], model["config"]
         recipe = dict(history.get("recipe") or {})
-        defense = recipe.pop("defense", None) or config.get("defense") or {"name": "none"}
+        defense = describe_defense(
+            recipe.pop("defense", None) or config.get("defense") or {"name": "none"})
+        if recipe.get("mhim"):  # named as "At a glance" names it; its settings are in the recipe
+            defense = "MHIM-MIL" if defense == "none" else f"{defense} + MHIM-MIL"
         rows.append({"model": name, "family": config.get("family"), "arch": config.get("arch"),
                      "dataset": config.get("dataset"), "seed": config.get("seed"),
-                     "defense": describe_defense(defense),
+                     "defense": defense,
                      "recipe": recipe, "epochs_run": len(history.get("epochs", [])),
                      "best_epoch": history.get("best_epoch"),
                      "selected_by": history.get("selected_by"),
