@@ -623,3 +623,16 @@ def test_the_training_table_names_an_mhim_model_as_at_a_glance_does():
                         "a": {"history": plain, "config": {"family": "slide"}}})
     assert [row["defense"] for row in rows] == ["MHIM-MIL", "none"]
     assert rows[0]["recipe"]["mhim"] == {"teacher": "a"}  # its settings stay in the recipe
+
+
+def test_losses_of_different_magnitudes_share_a_log_scale():
+    def history(losses):
+        return {"epochs": [{"epoch": e, "train_loss": loss, "val_loss": loss / 2,
+                            "val_accuracy": 0.5} for e, loss in enumerate(losses, 1)],
+                "best_epoch": 1}
+
+    figure = figures.training_curves({"denoising": history([575.0, 310.0]),
+                                      "baseline": history([0.7, 0.3])})
+    assert [panel.get_yscale() for panel in figure.axes[:3]] == ["log", "log", "linear"]
+    alike = figures.training_curves({"a": history([0.7, 0.3]), "b": history([0.8, 0.2])})
+    assert alike.axes[0].get_yscale() == "linear"

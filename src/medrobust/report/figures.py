@@ -198,12 +198,14 @@ def training_curves(histories: Mapping[str, Mapping]) -> Figure:
     figure = _new_figure(4.0 * len(panels), 3.2)
     axes = figure.subplots(1, len(panels))
     for panel, (key, title) in zip(axes, panels):
+        plotted: list[float] = []
         for model, history in sorted(histories.items()):
             epochs = [record["epoch"] for record in history["epochs"]
                       if record.get(key) is not None]
             values = [record[key] for record in history["epochs"] if record.get(key) is not None]
             if not values:
                 continue
+            plotted += values
             panel.plot(epochs, values, color=colours[model], label=model)
             if history["best_epoch"] in epochs:
                 kept = epochs.index(history["best_epoch"])
@@ -213,6 +215,10 @@ def training_curves(histories: Mapping[str, Mapping]) -> Figure:
         panel.grid(alpha=0.3)
         if key in ("val_accuracy", "val_auc"):
             panel.set_ylim(-0.02, 1.02)
+        elif plotted and min(plotted) > 0 and max(plotted) > 10 * min(plotted):
+            # a defense's loss terms can be 100x the others' cross-entropy: on a linear
+            # scale every other model's curve would lie flat on 0
+            panel.set_yscale("log")
     _legend_outside(figure, axes)
     return figure
 
