@@ -636,3 +636,13 @@ def test_losses_of_different_magnitudes_share_a_log_scale():
     assert [panel.get_yscale() for panel in figure.axes[:3]] == ["log", "log", "linear"]
     alike = figures.training_curves({"a": history([0.7, 0.3]), "b": history([0.8, 0.2])})
     assert alike.axes[0].get_yscale() == "linear"
+
+
+def test_models_that_share_a_point_both_show_there():
+    # the same colour order as before, plus a marker of its own, hollow: where two models'
+    # curves coincide (0.5 after a collapse) both markers stay visible
+    styles = figures.model_styles(["b", "a", "b", "c"])
+    assert list(styles) == ["a", "b", "c"]
+    assert [style["color"] for style in styles.values()] == ["C0", "C1", "C2"]
+    assert len({style["marker"] for style in styles.values()}) == 3
+    assert all(style["markerfacecolor"] == "none" for style in styles.values())

@@ -49,16 +49,22 @@ def _legend_outside(figure: Figure, axes: Sequence[Axes]) -> None:
                       fontsize="small")
 
 
-def model_colours(models: Sequence[str]) -> dict[str, str]:
-    """One colour per model across every figure."""
-    return {model: f"C{index % 10}" for index, model in enumerate(sorted(set(models)))}
+# hollow and of different shapes, so points that two models share show both
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+
+
+def model_styles(models: Sequence[str]) -> dict[str, dict[str, str]]:
+    """One colour and marker per model across every figure (plot keyword arguments)."""
+    return {model: {"color": f"C{index % 10}", "marker": _MARKERS[index % len(_MARKERS)],
+                    "markerfacecolor": "none"}
+            for index, model in enumerate(sorted(set(models)))}
 
 
 def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, metric: str = "accuracy",
           **style) -> None:
     """`metric` with its interval band against `levels` (gaps where it is undefined)."""
     values = pd.to_numeric(rows[metric], errors="coerce")
-    axes.plot(levels, values, marker="o", **style)
+    axes.plot(levels, values, **{"marker": "o", **style})
     axes.fill_between(levels, pd.to_numeric(rows[f"{metric}_low"], errors="coerce"),
                       pd.to_numeric(rows[f"{metric}_high"], errors="coerce"),
                       color=style.get("color"), alpha=0.15, linewidth=0)
@@ -89,7 +95,7 @@ def attack_curves(robustness: pd.DataFrame) -> Figure:
         worst = attacked[attacked["kind"] == "worst_case"]
         panels += [(f"worst case over {NORM_NAMES.get(norm, norm)} attacks",
                     worst[worst["norm"] == norm]) for norm in sorted(worst["norm"].unique())]
-    colours = model_colours(robustness["model"])
+    styles = model_styles(robustness["model"])
     figure = _new_figure(3.6 * len(panels) + 2.4, 3.4)
     axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for panel, (name, rows) in zip(axes, panels):
@@ -99,7 +105,7 @@ def attack_curves(robustness: pd.DataFrame) -> Figure:
             levels, group = _from_clean(group, "epsilon", clean)
             label = (f"{model}, white-box" if threat == "white-box"
                      else f"{model}, transfer from {source}")
-            _line(panel, levels, group, color=colours[model], label=label,
+            _line(panel, levels, group, **styles[model], label=label,
                   linestyle="-" if threat == "white-box" else "--")
         norm = rows["norm"].iloc[0] if len(rows) else "linf"
         panel.set(title=name, xlabel=EPSILON_LABELS.get(norm, "ε"), ylim=(-0.02, 1.02))
@@ -137,7 +143,7 @@ def perturbation_curves(robustness: pd.DataFrame) -> Figure:
     names = sorted(perturbed["perturbation"].unique())
     metrics = [(metric, label) for metric, label in SWEEP_METRICS
                if metric in perturbed and perturbed[metric].notna().any()]
-    colours = model_colours(robustness["model"])
+    styles = model_styles(robustness["model"])
     figure = _new_figure(3.8 * len(names) + 2.0, 3.0 * len(metrics) + 0.4)
     axes = figure.subplots(len(metrics), len(names), squeeze=False, sharey="row")
     for column, name in enumerate(names):
@@ -147,7 +153,7 @@ def perturbation_curves(robustness: pd.DataFrame) -> Figure:
             clean = robustness[(robustness["model"] == model) & (robustness["kind"] == "clean")]
             levels, group = _from_clean(group, "severity", clean, clean_x)
             for row, (metric, _) in enumerate(metrics):
-                _line(axes[row, column], levels, group, metric, color=colours[model],
+                _line(axes[row, column], levels, group, metric, **styles[model],
                       label=model)
         axes[0, column].set_title(name)
         for row in range(len(metrics)):
@@ -188,7 +194,7 @@ def fourier_heatmaps(tables: Mapping[str, pd.DataFrame]) -> Figure:
 def training_curves(histories: Mapping[str, Mapping]) -> Figure:
     """Loss and validation accuracy per epoch for each model, and validation AUC where the
     histories record it (slide models select their epoch by it); a star marks the epoch kept."""
-    colours = model_colours(list(histories))
+    styles = model_styles(list(histories))
     panels = [("train_loss", "training loss (with any defense terms)"),
               ("val_loss", "validation loss (cross-entropy)"),
               ("val_accuracy", "validation accuracy")]
@@ -206,11 +212,11 @@ def training_curves(histories: Mapping[str, Mapping]) -> Figure:
             if not values:
                 continue
             plotted += values
-            panel.plot(epochs, values, color=colours[model], label=model)
+            panel.plot(epochs, values, color=styles[model]["color"], label=model)
             if history["best_epoch"] in epochs:
                 kept = epochs.index(history["best_epoch"])
                 panel.plot(epochs[kept], values[kept], marker="*", markersize=12,
-                           color=colours[model], linestyle="none")
+                           color=styles[model]["color"], linestyle="none")
         panel.set(title=title, xlabel="epoch")
         panel.grid(alpha=0.3)
         if key in ("val_accuracy", "val_auc"):
@@ -276,7 +282,7 @@ def _levels_axis(axes: Axes, levels: Sequence[float],
 
 
 def _band(axes: Axes, x: Sequence[float], rows: pd.DataFrame, column: str, **style) -> None:
-    axes.plot(x, rows[column], marker="o", **style)
+    axes.plot(x, rows[column], **{"marker": "o", **style})
     if f"{column}_low" in rows:
         axes.fill_between(x, rows[f"{column}_low"].astype(float),
                           rows[f"{column}_high"].astype(float), color=style.get("color"),
@@ -294,8 +300,8 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
     figure = _new_figure(13.0, 3.4)
     axes = figure.subplots(1, 3)
     # visibility in black and grey, so it is not read as one of the models' colours
-    styles = {"calcification": ("black", "-"), "mass": ("grey", "--"),
-              "calcification only": (None, "-"), "mass only": (None, "--")}
+    lesion_styles = {"calcification": ("black", "-"), "mass": ("grey", "--"),
+                     "calcification only": (None, "-"), "mass only": (None, "--")}
 
     def x_of(rows: pd.DataFrame, positions: Mapping[str, float]) -> list[float]:
         return [positions["clean"] if pd.isna(r) else float(r) for r in rows["radius"]]
@@ -304,7 +310,7 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
                                  (axes[1], "cnr_median", "median contrast-to-noise ratio")):
         positions = _levels_axis(panel, radii, LOWPASS_RADIUS)
         for lesion_type, rows in visibility.groupby("lesion_type", sort=True):
-            colour, line = styles[lesion_type]
+            colour, line = lesion_styles[lesion_type]
             rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
             _band(panel, rows["x"], rows, column, color=colour, linestyle=line,
                   label=f"{lesion_type} (visibility)")
@@ -313,12 +319,12 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
     axes[0].set(ylim=(-0.02, 1.02), ylabel="fraction of lesions")
     axes[1].axhline(0.0, color="grey", linewidth=0.8)
     positions = _levels_axis(axes[2], radii, LOWPASS_RADIUS)
-    colours = model_colours(sensitivity["model"]) if len(sensitivity) else {}
+    styles = model_styles(sensitivity["model"]) if len(sensitivity) else {}
     for (model, group), rows in sensitivity.groupby(["model", "group"], sort=True):
         rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
         n = int(rows["n_positives"].max())
-        _band(axes[2], rows["x"], rows, "sensitivity", color=colours[model],
-              linestyle=styles[group][1], label=f"{model}: {group} (n = {n})")
+        _band(axes[2], rows["x"], rows, "sensitivity", **styles[model],
+              linestyle=lesion_styles[group][1], label=f"{model}: {group} (n = {n})")
     axes[2].set(title="model sensitivity", ylim=(-0.02, 1.02),
                 ylabel="fraction of malignant images found")
     axes[2].grid(alpha=0.3)
@@ -337,7 +343,7 @@ def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
     sweeps = metrics[metrics["kind"] == "tile_fraction"]
     panels = sorted({(name, float(severity)) for name, severity
                      in zip(sweeps["perturbation"], sweeps["severity"])})
-    colours = model_colours(metrics["model"])
+    styles = model_styles(metrics["model"])
     figure = _new_figure(3.4 * len(panels) + 2.4, 2.8 * len(SLIDE_METRICS))
     axes = figure.subplots(len(SLIDE_METRICS), len(panels), squeeze=False, sharey=True)
     for column, (name, severity) in enumerate(panels):
@@ -346,7 +352,7 @@ def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
             clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
             levels, rows = _from_clean(rows, "fraction", clean)
             for row, (metric, _) in enumerate(SLIDE_METRICS):
-                _line(axes[row][column], levels, rows, metric, color=colours[model], label=model)
+                _line(axes[row][column], levels, rows, metric, **styles[model], label=model)
         for row, (metric, label) in enumerate(SLIDE_METRICS):
             panel = axes[row][column]
             panel.set(ylim=(-0.02, 1.02), xlim=(-0.03, 1.03))
@@ -365,17 +371,17 @@ def adversarial_tile_curves(metrics: pd.DataFrame) -> Figure:
     """Slide accuracy and AUC against k, the most-attended tiles attacked: one line per model
     and ε, k = 0 the clean bags; 95% bands."""
     attacked = metrics[metrics["kind"] == "adversarial_tiles"]
-    colours = model_colours(metrics["model"])
+    styles = model_styles(metrics["model"])
     epsilons = sorted(attacked["epsilon"].unique())
-    styles = dict(zip(epsilons, ["-", "--", ":", "-."] * len(epsilons)))
+    lines = dict(zip(epsilons, ["-", "--", ":", "-."] * len(epsilons)))
     figure = _new_figure(3.6 * len(SLIDE_METRICS) + 2.4, 3.2)
     axes = figure.subplots(1, len(SLIDE_METRICS), squeeze=False, sharey=True)[0]
     for (model, epsilon), rows in attacked.groupby(["model", "epsilon"]):
         clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
         levels, rows = _from_clean(rows, "k", clean)
         for panel, (metric, _) in zip(axes, SLIDE_METRICS):
-            _line(panel, levels, rows, metric, color=colours[model],
-                  linestyle=styles[epsilon], label=f"{model}, ε {epsilon:g}/255")
+            _line(panel, levels, rows, metric, **styles[model],
+                  linestyle=lines[epsilon], label=f"{model}, ε {epsilon:g}/255")
     for panel, (metric, label) in zip(axes, SLIDE_METRICS):
         panel.set(xlabel="k, most-attended tiles attacked (PGD-L∞)", ylabel=label,
                   ylim=(-0.02, 1.02))
@@ -389,7 +395,7 @@ def top_k_curves(rows: pd.DataFrame) -> Figure:
     per model, solid for the most-attended tiles, dashed for as many random tiles; k = 0 is
     the full bag, shared by both lines. Columns: model, k, removal (none/top/random), and
     auc, accuracy with their _low/_high interval bounds."""
-    colours = model_colours(rows["model"])
+    styles = model_styles(rows["model"])
     figure = _new_figure(10.0, 3.4)
     axes = figure.subplots(1, 2, sharey=True)
     for panel, metric in zip(axes, ("auc", "accuracy")):
@@ -398,11 +404,8 @@ def top_k_curves(rows: pd.DataFrame) -> Figure:
             for removal, style in (("top", "-"), ("random", "--")):
                 line = pd.concat([full, group[group["removal"] == removal]]).sort_values("k")
                 label = f"{model}: {'most-attended' if removal == 'top' else 'random'} tiles removed"
-                panel.plot(line["k"], line[metric], marker="o", linestyle=style,
-                           color=colours[model], label=label)
-                panel.fill_between(line["k"], line[f"{metric}_low"].astype(float),
-                                   line[f"{metric}_high"].astype(float), color=colours[model],
-                                   alpha=0.1, linewidth=0)
+                _line(panel, line["k"], line, metric, linestyle=style, label=label,
+                      **styles[model])
         panel.set(title=f"{'AUC' if metric == 'auc' else 'accuracy'} of the test slides",
                   xlabel="tiles removed per slide (k)", ylim=(-0.02, 1.02))
         panel.grid(alpha=0.3)
