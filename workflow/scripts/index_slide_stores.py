@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from medrobust.logs import get_logger, script_logging
-from medrobust.slide_groups import unused_group_folders
+from medrobust.slide_groups import GROUPS_FOLDER, unused_group_folders
 from medrobust.slide_index import write_slide_index
 
 with script_logging(snakemake):
@@ -18,4 +18,4 @@ with script_logging(snakemake):
         get_logger("index_slide_stores").warning(
             "%s: %d folder(s) that this run does not use (%s): left by a failed group job "
             "never rerun, or by an earlier slides_per_job; delete them to free their space",
-            stage / "groups", len(unused), ", ".join(path.name for path in unused))
+            stage / GROUPS_FOLDER, len(unused), ", ".join(path.name for path in unused))

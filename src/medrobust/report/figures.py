@@ -62,12 +62,14 @@ def model_styles(models: Sequence[str]) -> dict[str, dict[str, str]]:
 
 def _line(axes: Axes, levels: Sequence[float], rows: pd.DataFrame, metric: str = "accuracy",
           **style) -> None:
-    """`metric` with its interval band against `levels` (gaps where it is undefined)."""
+    """`metric` against `levels` (gaps where it is undefined), with its interval band where
+    `rows` has one (`metric`_low and _high)."""
     values = pd.to_numeric(rows[metric], errors="coerce")
     axes.plot(levels, values, **{"marker": "o", **style})
-    axes.fill_between(levels, pd.to_numeric(rows[f"{metric}_low"], errors="coerce"),
-                      pd.to_numeric(rows[f"{metric}_high"], errors="coerce"),
-                      color=style.get("color"), alpha=0.15, linewidth=0)
+    if f"{metric}_low" in rows:
+        axes.fill_between(levels, pd.to_numeric(rows[f"{metric}_low"], errors="coerce"),
+                          pd.to_numeric(rows[f"{metric}_high"], errors="coerce"),
+                          color=style.get("color"), alpha=0.15, linewidth=0)
 
 
 def _from_clean(rows: pd.DataFrame, level: str, clean: pd.DataFrame,
@@ -130,9 +132,11 @@ def _clean_position(panels: Sequence[Axes], name: str, levels: Sequence[float]) 
     images as they are, or, where that is infinite (a low-pass radius, a JPEG quality),
     right of the largest severity on a log axis, marked "clean"."""
     clean = float(getattr(PERTURBATIONS.get(name), "clean_severity", 0.0))
-    for panel in panels if np.isinf(clean) else ():
-        clean = _levels_axis(panel, levels)["clean"]
-    return clean
+    if np.isfinite(clean):
+        return clean
+    for panel in panels:  # each row's panel gets the axis; the position is the same on all
+        position = _levels_axis(panel, levels)["clean"]
+    return position
 
 
 def perturbation_curves(robustness: pd.DataFrame) -> Figure:
@@ -281,14 +285,6 @@ def _levels_axis(axes: Axes, levels: Sequence[float],
     return {"clean": clean}
 
 
-def _band(axes: Axes, x: Sequence[float], rows: pd.DataFrame, column: str, **style) -> None:
-    axes.plot(x, rows[column], **{"marker": "o", **style})
-    if f"{column}_low" in rows:
-        axes.fill_between(x, rows[f"{column}_low"].astype(float),
-                          rows[f"{column}_high"].astype(float), color=style.get("color"),
-                          alpha=0.15, linewidth=0)
-
-
 def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame) -> Figure:
     """Lesion visibility against the low-pass radius beside each model's sensitivity.
 
@@ -312,7 +308,7 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
         for lesion_type, rows in visibility.groupby("lesion_type", sort=True):
             colour, line = lesion_styles[lesion_type]
             rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
-            _band(panel, rows["x"], rows, column, color=colour, linestyle=line,
+            _line(panel, rows["x"], rows, column, color=colour, linestyle=line,
                   label=f"{lesion_type} (visibility)")
         panel.set(title=title)
         panel.grid(alpha=0.3)
@@ -323,7 +319,7 @@ def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame
     for (model, group), rows in sensitivity.groupby(["model", "group"], sort=True):
         rows = rows.assign(x=x_of(rows, positions)).sort_values("x")
         n = int(rows["n_positives"].max())
-        _band(axes[2], rows["x"], rows, "sensitivity", **styles[model],
+        _line(axes[2], rows["x"], rows, "sensitivity", **styles[model],
               linestyle=lesion_styles[group][1], label=f"{model}: {group} (n = {n})")
     axes[2].set(title="model sensitivity", ylim=(-0.02, 1.02),
                 ylabel="fraction of malignant images found")

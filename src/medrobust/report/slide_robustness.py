@@ -22,8 +22,9 @@ def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         run = json.loads((folder / RUN).read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"{folder}: unreadable slide robustness run ({error})") from error
+    classes = _classes(predictions)
     predicted = (predictions.groupby(list(CONDITION_COLUMNS), dropna=False)["prediction"]
-                 .agg(lambda column: _predicted(column, _classes(predictions)))
+                 .agg(lambda column: _predicted(column, classes))
                  .rename("predicted").reset_index())
     return metrics.merge(predicted, on=list(CONDITION_COLUMNS), how="left"), run
 
