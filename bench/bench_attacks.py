@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         functions[f"{key}_medrobust"] = (lambda attack: lambda: attack(images, labels))(ours[key])
         functions[f"{key}_torchattacks"] = (lambda attack: lambda: attack(images, labels))(
             reference[key])
+    if device.type == "cuda":
+        # torchattacks 3.3's CW indexes a CPU `torch.eye` with the CUDA labels, which fails;
+        # made under `torch.device`, the eye is on the GPU (the later `.to` is then a no-op)
+        functions["cw_torchattacks"] = (lambda run: lambda: _on_device(run, device))(
+            functions["cw_torchattacks"])
     functions = {name: synced(function) for name, function in functions.items()}
     calls = count_model_calls(model, functions)
     medians = interleaved_medians(functions, args.repeats)
@@ -143,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         if calls[f"{key}_medrobust"] != calls[f"{key}_torchattacks"]:
             print(f"  note: {key}: the two ran a different number of model calls, so its ratio "
                   "is not at equal work")
+
+
+def _on_device(function: Callable[[], object], device: torch.device) -> object:
+    with torch.device(device):
+        return function()
 
 
 def count_model_calls(model: torch.nn.Module, functions) -> dict[str, int]:

@@ -36,7 +36,7 @@ from medrobust.features.extract import (FeatureConfig, autocast_dtype, embed_til
                                         extract_slide_features, prepare_model)
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import (TILES_PER_SHARD, create_tile_store, open_feature_store,
-                                       open_tile_store)
+                                       open_tile_store, read_tiles, write_tile_shard)
 from medrobust.io.slides import open_slide
 from medrobust.preprocess.tiling import TilingConfig, tile_slide
 from timing import interleaved_medians, machine_line
@@ -54,7 +54,7 @@ def repeated_store(source: Path, path: Path, n_tiles: int) -> None:
         array = create_tile_store(tmp, n_tiles, tiles.shape[1], store.coords[index],
                                   store.tissue_fraction[index], store.attrs)
         for start in range(0, n_tiles, TILES_PER_SHARD):
-            array[start:start + TILES_PER_SHARD] = tiles[index[start:start + TILES_PER_SHARD]]
+            write_tile_shard(array, start, tiles[index[start:start + TILES_PER_SHARD]])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,6 +141,13 @@ def main(argv: list[str] | None = None) -> None:
             "inline": loop(0),
             "extract": lambda: extract_slide_features(tiles_path, out, config, device),
             "build": lambda: build_backbone(args.backbone, "random", 0),
+            # the reads alone, one thread: medrobust's shard reader and zarr's own slicing
+            "read_tiles": lambda: [read_tiles(store.tiles, range(start, start + args.batch_size))
+                                   for start in range(0, n - args.batch_size + 1,
+                                                      args.batch_size)],
+            "zarr_read": lambda: [np.asarray(store.tiles[start:start + args.batch_size])
+                                  for start in range(0, n - args.batch_size + 1,
+                                                     args.batch_size)],
         }
         # the warm-up round covers first-call allocations, cuDNN and oneDNN kernel selection
         medians = interleaved_medians(rows, args.repeats,
@@ -169,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:62s} {seconds:9.3f} {rate} {ratio}")
     print("  ratio = baseline seconds / row seconds (throughput ratio; < 1 means slower "
           "than the baseline)")
+    read = n - n % args.batch_size
+    print(f"  reads alone, 1 thread, {read} tiles in batches: read_tiles "
+          f"{read / medians['read_tiles']:.0f} tiles/s, zarr's own slicing "
+          f"{read / medians['zarr_read']:.0f} tiles/s "
+          f"({medians['zarr_read'] / medians['read_tiles']:.1f}x)")
     print(f"  features vs the bare forward: max |diff| embed_tiles {diff_embed:.2e}, "
           f"written store {diff_written:.2e}")
 

@@ -20,7 +20,7 @@ from skimage.transform import resize
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import (TILES_PER_SHARD, create_tile_store, open_tile_store,
-                                       write_tile_shard)
+                                       read_tiles, write_tile_shard)
 from medrobust.io.slides import MAX_SLIDE_MPP, Slide, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
 from medrobust.preprocess import groups
@@ -125,6 +125,46 @@ def test_whole_shards_written_directly_are_zarrs_bytes_and_read_back(tmp_path):
     np.testing.assert_array_equal(open_tile_store(tmp_path / "ours5.zarr").tiles[:], tiles)
     with pytest.raises(ValueError, match="not one whole shard"):
         write_tile_shard(zarrs, 1, tiles[:4])
+
+
+def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
+    rng = np.random.default_rng(1)
+    tiles = rng.integers(0, 256, (150, 8, 8, 3), dtype=np.uint8)
+    tiles[3] = 0      # zarr leaves an all-zero tile out of its shard
+    tiles[64:128] = 0  # and this shard is never written: zarr reads the fill value
+    array = create_tile_store(tmp_path / "tiles.zarr", 150, 8, np.zeros((150, 2)),
+                              np.zeros(150), {})
+    array[:64] = tiles[:64]
+    array[128:] = tiles[128:]   # written by zarr itself, the partial last shard too
+    assert not list((tmp_path / "tiles.zarr" / "tiles").rglob("c/1/0/0/0"))
+    unsorted = [149, 3, 0, 70, 64, 128, 3, 5, 63]
+    plain = zarr.create_array(tmp_path / "plain.zarr", data=tiles, chunks=(7, 8, 8, 3))
+    for source in (array, plain, tiles):
+        for positions in (unsorted, range(60, 140), range(0), [149]):
+            np.testing.assert_array_equal(read_tiles(source, positions), tiles[list(positions)])
+    out = np.empty((3, 8, 8, 3), dtype=np.uint8)
+    assert read_tiles(array, [2, 1, 0], out=out) is out
+    np.testing.assert_array_equal(out, tiles[[2, 1, 0]])
+    with pytest.raises(ValueError, match="out must be"):
+        read_tiles(array, [2, 1], out=out)
+    with pytest.raises(IndexError, match="0..149"):
+        read_tiles(array, [150])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "index fails its checksum"),
+    (lambda data: data[:-600], "index fails its checksum"),
+    (lambda data: b"\0\0\0\0" + data[4:], "a tile does not decompress"),
+])
+def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, message):
+    tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    array = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
+                              np.zeros(64), {})
+    write_tile_shard(array, 0, tiles)
+    shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(InputError, match=f"{shard}: damaged tile shard .*{message}"):
+        read_tiles(array, range(64))
 
 
 def test_tiling_config_rejects_unknown_and_bad_values():

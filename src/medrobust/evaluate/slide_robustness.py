@@ -38,10 +38,10 @@ from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import classification_statistics
 from medrobust.features.extract import FeatureConfig, backbone_for
 from medrobust.io.atomic import atomic_path, write_json
-from medrobust.io.slide_stores import open_tile_store
+from medrobust.io.slide_stores import open_tile_store, read_tiles
 from medrobust.logs import get_logger
 from medrobust.perturbations import build_perturbation
-from medrobust.perturbations.slide_tiles import TEST, perturbed_count, read_tiles
+from medrobust.perturbations.slide_tiles import TEST, perturbed_count
 from medrobust.progress import progress
 
 log = get_logger(__name__)
@@ -180,7 +180,7 @@ def adversarial_tile_logits(attack: TilePGD, bags, tile_stores: Mapping[str, Any
         store = tile_stores[bag.slide_id]
 
         def tiles_at(positions, store=store):
-            pixels = torch.from_numpy(read_tiles(store, positions)).to(device)
+            pixels = torch.from_numpy(read_tiles(store.tiles, positions)).to(device)
             return pixels.permute(0, 3, 1, 2).float().div_(255)
 
         result = attack.attack_slide(bag.features.to(device), tiles_at, bag.label, k)

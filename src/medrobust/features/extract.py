@@ -2,10 +2,10 @@
 
 The tiles stream from the Zarr tile store in batches that reader threads
 fetch ahead of the model (`TileBatches`), so decompression overlaps the
-forward pass; on CUDA each batch lands in pinned memory and is copied
-without blocking, the model runs channels-last under autocast
-(`features.precision`), and the features stay on the device until the slide
-is done, so no per-batch copy back stalls the queue.
+forward pass; on CUDA each batch is decompressed into pinned memory and
+copied on a side stream while the batch before it runs, the model runs
+channels-last under autocast (`features.precision`), and the features stay on
+the device until the slide is done, so no per-batch copy back stalls the queue.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.features.backbones import Backbone, build_backbone
 from medrobust.io.atomic import atomic_path
-from medrobust.io.slide_stores import TileStore, open_tile_store, write_feature_store
+from medrobust.io.slide_stores import (TileStore, open_tile_store, read_tiles,
+                                       write_feature_store)
 from medrobust.logs import get_logger
 from medrobust.progress import progress
 
@@ -115,8 +116,8 @@ class TileBatches:
     """uint8 tile batches `(n, T, T, 3)` of an array (Zarr or numpy), read ahead in threads.
 
     `workers` threads each read whole batches; up to `prefetch` batches are in
-    flight ahead of the consumer, in order. Zarr decompresses outside the GIL,
-    so the reads overlap the model's forward pass. `pin` puts each batch in
+    flight ahead of the consumer, in order. `read_tiles` decompresses outside the
+    GIL, so the reads overlap the model's forward pass. `pin` puts each batch in
     page-locked memory, ready for a non-blocking copy to a GPU.
     """
 
@@ -130,8 +131,12 @@ class TileBatches:
         return len(self.starts)
 
     def _read(self, start: int) -> torch.Tensor:
-        batch = torch.from_numpy(np.ascontiguousarray(self.tiles[start:start + self.batch_size]))
-        return batch.pin_memory() if self.pin else batch
+        stop = min(start + self.batch_size, int(self.tiles.shape[0]))
+        # decompressed straight into (pinned) memory: no copy between read and transfer
+        batch = torch.empty((stop - start, *self.tiles.shape[1:]), dtype=torch.uint8,
+                            pin_memory=self.pin)
+        read_tiles(self.tiles, range(start, stop), out=batch.numpy())
+        return batch
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         if self.workers == 0:
@@ -171,6 +176,21 @@ def _forward(model: torch.nn.Module, batch: torch.Tensor, device: torch.device,
         return model(images).float()
 
 
+def _to_device(batch: torch.Tensor, device: torch.device,
+               copies: torch.cuda.Stream | None) -> torch.Tensor:
+    """The batch on `device`. On CUDA it is copied on the side stream `copies`, so the copy
+    of the next batch runs while this one's forward pass does (on the compute stream
+    the copy would wait for the forward pass and the next forward pass for the copy)."""
+    if copies is None:
+        return batch.to(device)
+    with torch.cuda.stream(copies):
+        moved = batch.to(device, non_blocking=True)
+    compute = torch.cuda.current_stream(device)
+    compute.wait_stream(copies)
+    moved.record_stream(compute)  # allocated on `copies`, used on `compute`
+    return moved
+
+
 def embed_batch(backbone: Backbone, tiles: np.ndarray | torch.Tensor,
                 device: torch.device | str = "cpu", precision: str = "auto") -> np.ndarray:
     """Features `(n, dim)` float32 of an in-memory uint8 batch `(n, T, T, 3)` (e.g. tiles
@@ -191,9 +211,10 @@ def embed_tiles(store: TileStore, backbone: Backbone, batch_size: int,
     batches = TileBatches(store.tiles, batch_size, workers, prefetch, pin=device.type == "cuda")
     # filled on the device: copying each batch back would wait for its forward pass
     features = torch.empty((len(store), backbone.dim), dtype=torch.float32, device=device)
+    copies = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.inference_mode():
         for start, batch in progress(batches, desc=f"embed {store.path.name}", unit="batch"):
-            out = _forward(model, batch, device, dtype)
+            out = _forward(model, _to_device(batch, device, copies), device, dtype)
             if out.shape[1] != backbone.dim:
                 raise ConfigError(f"backbone {backbone.name} gives {out.shape[1]} features "
                                   f"per tile, not the {backbone.dim} it declares")

@@ -5,7 +5,8 @@ Tiles: chunk = one tile (any tile reads alone), grouped into shards of
 writers never share one, and a shard costs one file write instead of one per
 tile (5x faster tiling, docs/benchmarks.md). `write_tile_shard` writes a shard
 file's bytes itself, in the layout zarr's sharding codec reads, without zarr's
-per-chunk work. Layouts are in docs/architecture.md.
+per-chunk work, and `read_tiles` reads them back the same way. Layouts are in
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import (BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation,
+                         ZstdCodec)
 from zarr.storage import LocalStore
 
 from medrobust.errors import InputError
@@ -120,6 +122,87 @@ def write_tile_shard(tiles: zarr.Array, start: int, batch: np.ndarray) -> None:
         file.writelines(chunks)
         file.write(index_bytes)
         file.write(google_crc32c.value(index_bytes).to_bytes(4, "little"))
+
+
+def _shard_folder(tiles: zarr.Array) -> Path | None:
+    """Where a tile array's shard files lie, if it has `create_tile_store`'s layout (one
+    tile per chunk, zstd, index at the end with its crc32c, in a local store); else None."""
+    codecs = tiles.metadata.codecs
+    if not (isinstance(tiles.store_path.store, LocalStore) and len(codecs) == 1
+            and isinstance(codecs[0], ShardingCodec)):
+        return None
+    sharding = codecs[0]
+    if (sharding.index_location != ShardingCodecIndexLocation.end or tiles.chunks[0] != 1
+            or tiles.dtype != np.uint8
+            or [type(codec) for codec in sharding.codecs] != [BytesCodec, ZstdCodec]
+            or [type(codec) for codec in sharding.index_codecs] != [BytesCodec, Crc32cCodec]):
+        return None
+    return Path(tiles.store_path.store.root) / tiles.store_path.path
+
+
+def read_tiles(tiles: zarr.Array | np.ndarray, positions: Sequence[int] | np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """`tiles[positions]`, `(k, T, T, 3)` uint8 in the order given, into `out` if given.
+
+    A tile store's shards are read as files: one read of the index and one of the
+    bytes the wanted tiles span per shard, each tile decompressed straight into
+    `out` (numcodecs' zstd, outside the GIL, so reader threads scale). zarr's own
+    read costs about 0.8 ms of per-chunk pipeline work per tile, 5x the decompression
+    (docs/benchmarks.md, "Features"). Any other array (numpy, another layout) is
+    read by indexing.
+    """
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    shape = (len(positions), *tiles.shape[1:])
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {shape}, not {out.dtype} {out.shape}")
+    if len(positions) and (positions.min() < 0 or positions.max() >= tiles.shape[0]):
+        raise IndexError(f"tile positions must lie in 0..{tiles.shape[0] - 1}")
+    folder = _shard_folder(tiles) if isinstance(tiles, zarr.Array) else None
+    if folder is None:
+        out[...] = tiles.oindex[positions] if isinstance(tiles, zarr.Array) else tiles[positions]
+        return out
+    per_shard = tiles.shards[0]
+    shards = positions // per_shard
+    for shard in np.unique(shards):
+        rows = np.flatnonzero(shards == shard)
+        path = folder / tiles.metadata.encode_chunk_key((int(shard), 0, 0, 0))
+        _read_shard(path, per_shard, positions[rows] % per_shard, rows, out, tiles.fill_value)
+    return out
+
+
+def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray,
+                out: np.ndarray, fill_value) -> None:
+    """Decompress the shard file's tiles `within` into `out[rows]`."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:  # zarr's meaning of a shard never written: the fill value
+        out[rows] = fill_value
+        return
+    index_size = per_shard * 16 + 4
+    with file:
+        size = os.fstat(file.fileno()).st_size
+        raw = os.pread(file.fileno(), index_size, size - index_size) if size >= index_size else b""
+        if (len(raw) != index_size or google_crc32c.value(raw[:-4])
+                != int.from_bytes(raw[-4:], "little")):
+            raise InputError(f"{path}: damaged tile shard (its index fails its checksum)")
+        index = np.frombuffer(raw, dtype="<u8", count=per_shard * 2).reshape(per_shard, 2)[within]
+        stored = index[:, 0] != _NO_CHUNK
+        first = int(index[stored, 0].min()) if stored.any() else 0
+        end = int((index[stored, 0] + index[stored, 1]).max()) if stored.any() else 0
+        data = memoryview(os.pread(file.fileno(), end - first, first))
+    if len(data) != end - first:
+        raise InputError(f"{path}: damaged tile shard (shorter than its index says)")
+    for row, (offset, length), present in zip(rows.tolist(), index.tolist(), stored.tolist()):
+        if not present:
+            out[row] = fill_value
+            continue
+        try:
+            _TILE_COMPRESSOR.decode(data[offset - first:offset - first + length], out=out[row])
+        except (RuntimeError, ValueError) as error:
+            raise InputError(f"{path}: damaged tile shard (a tile does not decompress: "
+                             f"{error})") from error
 
 
 def open_feature_store(path: str | os.PathLike) -> FeatureStore:

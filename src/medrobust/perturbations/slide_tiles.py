@@ -33,7 +33,7 @@ from medrobust.errors import InputError
 from medrobust.features.backbones import Backbone
 from medrobust.features.extract import FeatureConfig, backbone_for, embed_batch
 from medrobust.io.atomic import atomic_path
-from medrobust.io.slide_stores import TileStore, open_tile_store
+from medrobust.io.slide_stores import TileStore, open_tile_store, read_tiles
 from medrobust.logs import get_logger
 from medrobust.perturbations import Perturbation, build_perturbation
 
@@ -60,14 +60,6 @@ def perturbed_count(fraction: float, n_tiles: int) -> int:
     return min(n_tiles, math.ceil(round(fraction * n_tiles, 9)))
 
 
-def read_tiles(store: TileStore, positions: np.ndarray) -> np.ndarray:
-    """Tiles `(k, T, T, 3)` uint8 at `positions`, in that order."""
-    positions = np.asarray(positions, dtype=np.int64)
-    if len(positions) == 0:
-        return np.zeros((0, *store.tiles.shape[1:]), dtype=np.uint8)
-    return np.asarray(store.tiles.oindex[positions])
-
-
 def perturb_tiles(tiles: np.ndarray, perturbation: Perturbation, rng: np.random.Generator,
                   device: torch.device) -> np.ndarray:
     """uint8 tiles `(k, T, T, 3)` -> perturbed uint8 tiles, the perturbation run on `device`."""
@@ -86,7 +78,7 @@ def perturbed_slide_features(store: TileStore, backbone: Backbone, perturbation:
     features = np.zeros((count, backbone.dim), dtype=np.float32)
     for start in range(0, count, CHUNK):
         positions = order[start:start + CHUNK]
-        tiles = perturb_tiles(read_tiles(store, positions), perturbation, rng, device)
+        tiles = perturb_tiles(read_tiles(store.tiles, positions), perturbation, rng, device)
         # CHUNK (not batch_size) sets the random draws, so features do not depend on the batch
         for offset in range(0, len(tiles), batch_size):
             features[start + offset:start + offset + batch_size] = embed_batch(
