@@ -21,9 +21,11 @@ from medrobust.data.manifest import write_dataset
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import clopper_pearson
+from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import write_image_store
+from medrobust.io.slide_stores import create_tile_store
 from medrobust.perturbations import GaussianNoise
-from medrobust.report import figures
+from medrobust.report import figures, page
 from medrobust.report.page import mil_headline, one_class_models, recipe_rows, write_report
 from medrobust.report.provenance import applicable_config
 from medrobust.report.summary import (
@@ -646,3 +648,25 @@ def test_models_that_share_a_point_both_show_there():
     assert [style["color"] for style in styles.values()] == ["C0", "C1", "C2"]
     assert len({style["marker"] for style in styles.values()}) == 3
     assert all(style["markerfacecolor"] == "none" for style in styles.values())
+
+
+def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test_slides(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(page, "MAX_QC_FIGURES", 3)
+    splits = ["train", "val", "test", "train", "test", "train"]
+    rejected = {3: [{"slide": "s3", "reason": "no tissue"}]}
+    pairs = []
+    for i, split in enumerate(splits):
+        store = tmp_path / f"s{i}.zarr"
+        attrs = {"slide_id": f"s{i}", "label": "tumor", "split": split, "tile_size": 32,
+                 "target_mpp": 1.0, "tissue_threshold": 0.5, "rejected": rejected.get(i, [])}
+        with atomic_path(store) as tmp:
+            create_tile_store(tmp, 0, 32, np.zeros((0, 2)), np.zeros(0), attrs)
+        picture = tmp_path / f"s{i}.png"
+        picture.write_bytes(f"png of s{i}".encode())
+        pairs.append((str(store), str(picture)))
+    shown = page.slide_qc_figures({"cohort": pairs})
+    # in the index's order within each group: left out, then test, then the rest
+    assert list(shown) == ["slide_qc_cohort_s3", "slide_qc_cohort_s2", "slide_qc_cohort_s4"]
+    assert shown["slide_qc_cohort_s3"] == (b"png of s3", "cohort/s3 (tumor, train): left out, "
+                                                        "no tissue")

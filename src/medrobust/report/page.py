@@ -578,12 +578,15 @@ def read_slide_tiles(tile_indexes: Sequence[str | os.PathLike]) -> dict[str, lis
 
 def slide_qc_figures(slides: Mapping[str, Sequence[tuple[str, str]]]
                      ) -> dict[str, tuple[bytes, str]]:
-    """The tiling jobs' QC pictures (at most MAX_QC_FIGURES), with what each store holds."""
+    """The tiling jobs' QC pictures, with what each store holds: at most MAX_QC_FIGURES,
+    the slides left out first, then the test slides (those the slide sections score),
+    then the rest, each group in the index's order."""
     found = {}
-    pairs = [(dataset, store, picture) for dataset, tiles in slides.items()
-             for store, picture in tiles]
-    for dataset, store_path, picture in pairs[:MAX_QC_FIGURES]:
-        attrs = open_tile_store(store_path).attrs
+    stores = [(dataset, open_tile_store(store).attrs, picture)
+              for dataset, tiles in slides.items() for store, picture in tiles]
+    stores.sort(key=lambda item: 0 if item[1].get("rejected") else 1 if item[1]["split"] == "test"
+                else 2)
+    for dataset, attrs, picture in stores[:MAX_QC_FIGURES]:
         where = f"{dataset}/{attrs['slide_id']} ({attrs['label']}, {attrs['split']})"
         if attrs.get("rejected"):
             caption = f"{where}: left out, {attrs['rejected'][0]['reason']}"
