@@ -168,9 +168,11 @@ def test_report_reads_right_in_a_browser(workdir, browser):
                             "Study 2: perturbation sweeps", "Study 3: slide classifiers",
                             "Slides: attention",
                             "Every condition: sensitivity, specificity, balanced accuracy"]
-    # the attention heatmaps share rows, not one per row
-    heatmaps = browser.find_elements(By.CSS_SELECTOR, ".heatmaps figure")
+    # the attention heatmaps and the QC pictures share rows, not one per row
+    heatmaps = browser.find_elements(By.CSS_SELECTOR, "#slide-attention .gallery figure")
     assert len(heatmaps) == 2 and heatmaps[0].location["y"] == heatmaps[1].location["y"]
+    qc = browser.find_elements(By.CSS_SELECTOR, "#slide-qc .gallery figure")
+    assert len(qc) >= 2 and qc[0].location["y"] == qc[1].location["y"]
     assert headings[-4:] == ["Slides: quality control", "Data", "Provenance", "Configuration"]
     # the small-test-set warnings are on screen, before the tables
     warnings = [warning for warning in browser.find_elements(By.CSS_SELECTOR, "#glance .warning")
