@@ -664,8 +664,12 @@ def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test
             create_tile_store(tmp, 0, 32, np.zeros((0, 2)), np.zeros(0), attrs)
         picture = tmp_path / f"s{i}.png"
         picture.write_bytes(f"png of s{i}".encode())
-        pairs.append((str(store), str(picture)))
-    shown = page.slide_qc_figures({"cohort": pairs})
+        pairs.append((store, picture))
+    index = tmp_path / "cohort" / "index.csv"
+    index.parent.mkdir()
+    pd.DataFrame({"split": splits, "tiles": [str(store) for store, _ in pairs],
+                  "qc": [str(picture) for _, picture in pairs]}).to_csv(index, index=False)
+    shown = page.slide_qc_figures(page.read_slide_tiles([index]))
     # in the index's order within each group: left out, then test, then the rest
     assert list(shown) == ["slide_qc_cohort_s3", "slide_qc_cohort_s2", "slide_qc_cohort_s4"]
     assert shown["slide_qc_cohort_s3"] == (b"png of s3", "cohort/s3 (tumor, train): left out, "

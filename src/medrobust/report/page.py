@@ -542,15 +542,15 @@ def recipe_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
 
 def dataset_rows(folders: Sequence[str | os.PathLike],
                  evaluations: Sequence[Mapping[str, Any]],
-                 slides: Mapping[str, Sequence[tuple[str, str]]] | None = None
+                 slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]] | None = None
                  ) -> list[dict[str, Any]]:
     """Class counts per split, and the inputs preprocessing left out with the reason: from the
     image store's `rejected` attr, or for slides from each tile store's (`slides`: each
-    slide dataset's (tile store, QC picture) pairs, `read_slide_tiles`)."""
+    slide dataset's (tile store attrs, QC picture) pairs, `read_slide_tiles`)."""
     clean_stores = {r["dataset"]: r["store"] for r in evaluations
                     if r["family"] == "image" and r["condition"] == "clean"}
-    left_out_slides = {dataset: [record for store, _ in pairs
-                                 for record in open_tile_store(store).attrs.get("rejected", [])]
+    left_out_slides = {dataset: [record for attrs, _ in pairs
+                                 for record in attrs.get("rejected", [])]
                        for dataset, pairs in (slides or {}).items()}
     rows = []
     for folder in folders:
@@ -568,22 +568,24 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
     return rows
 
 
-def read_slide_tiles(tile_indexes: Sequence[str | os.PathLike]) -> dict[str, list[tuple[str, str]]]:
-    """Each slide dataset's (tile store, QC picture) pairs, from its tile index
-    (results/tiles/{dataset}/index.csv, `medrobust.slide_index`)."""
-    return {Path(index).parent.name: list(zip(read_slide_index(index, "tiles"),
-                                              read_slide_index(index, "qc"), strict=True))
+def read_slide_tiles(tile_indexes: Sequence[str | os.PathLike]
+                     ) -> dict[str, list[tuple[dict[str, Any], str]]]:
+    """Each slide dataset's (tile store attrs, QC picture) pairs, from its tile index
+    (results/tiles/{dataset}/index.csv, `medrobust.slide_index`); each store opened once."""
+    return {Path(index).parent.name: [(open_tile_store(store).attrs, picture) for store, picture
+                                      in zip(read_slide_index(index, "tiles"),
+                                             read_slide_index(index, "qc"), strict=True)]
             for index in tile_indexes}
 
 
-def slide_qc_figures(slides: Mapping[str, Sequence[tuple[str, str]]]
+def slide_qc_figures(slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]]
                      ) -> dict[str, tuple[bytes, str]]:
     """The tiling jobs' QC pictures, with what each store holds: at most MAX_QC_FIGURES,
     the slides left out first, then the test slides (those the slide sections score),
     then the rest, each group in the index's order."""
     found = {}
-    stores = [(dataset, open_tile_store(store).attrs, picture)
-              for dataset, tiles in slides.items() for store, picture in tiles]
+    stores = [(dataset, attrs, picture)
+              for dataset, tiles in slides.items() for attrs, picture in tiles]
     stores.sort(key=lambda item: 0 if item[1].get("rejected") else 1 if item[1]["split"] == "test"
                 else 2)
     for dataset, attrs, picture in stores[:MAX_QC_FIGURES]:
