@@ -6,7 +6,8 @@ Rows (same backbone, tiles, batch and autocast as bench_features.py, all on CUDA
 - uint8 batches already on the device, converted there (the conversion's cost);
 - pinned uint8 batches in host memory copied on the compute stream, then on a side
   stream (the host-to-device copy's cost, and what overlapping it saves);
-- the reader alone (`TileBatches` with N threads into pinned memory, no model);
+- the reader alone (`TileBatches` with N threads into pinned memory, no model),
+  and its first batch alone (how long the model waits before its first forward pass);
 - `embed_tiles` with N reader threads: all of it together.
 
     .venv/bin/python bench/bench_features_breakdown.py --backbone resnet50_layer3 --tiles 8192
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
 
         medians = interleaved_medians({name: synced(f) for name, f in rows.items()},
                                       args.repeats, time.perf_counter)
+        first_batch = {readers: first_batch_seconds(store.tiles, size, readers, args.prefetch,
+                                                    args.repeats)
+                       for readers in sorted({1, *args.readers})}
     base = medians["bare forward, float tiles on the device"]
     print(f"\n{args.backbone}, {args.tiles} tiles of 224 px, batch {size}, bf16 autocast, "
           f"median of {args.repeats}")
@@ -108,6 +112,21 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in medians.items():
         print(f"  {name:48s} {seconds:9.3f} {args.tiles / seconds:9.0f} {base / seconds:6.2f}")
     print("  ratio = bare-forward seconds / row seconds")
+    for readers, seconds in first_batch.items():
+        print(f"  the model's wait for the first batch, {readers} reader threads: "
+              f"{seconds * 1e3:.1f} ms (median)")
+
+
+def first_batch_seconds(tiles, size: int, readers: int, prefetch: int, repeats: int) -> float:
+    """Median seconds until `TileBatches` hands out its first batch."""
+    waits = []
+    for _ in range(repeats + 1):  # the first round warms up the pinned-memory cache
+        batches = iter(TileBatches(tiles, size, readers, prefetch, pin=True))
+        began = time.perf_counter()
+        next(batches)
+        waits.append(time.perf_counter() - began)
+        batches.close()
+    return float(np.median(waits[1:]))
 
 
 if __name__ == "__main__":

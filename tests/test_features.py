@@ -1,6 +1,7 @@
 """Backbones and per-slide feature extraction, on CPU with tiny tiles and random weights."""
 
 import os
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -250,6 +251,25 @@ def test_tile_batches_come_in_order_and_cover_every_tile_once(workers, prefetch)
     assert [start for start, _ in got] == [0, 4, 8]
     assert [len(batch) for _, batch in got] == [4, 4, 3]
     np.testing.assert_array_equal(torch.cat([batch for _, batch in got]).numpy(), tiles)
+
+
+def test_the_readers_share_each_batch_in_parts_of_at_least_a_shard():
+    both_halves = threading.Barrier(2, timeout=10)
+    reads = []
+
+    class Halves:  # passes only once two threads read the first batch's halves at the same time
+        shape = (2 * 128 + 5, 2, 2, 3)
+
+        def __getitem__(self, positions):
+            reads.append((int(positions[0]), len(positions)))
+            if positions[0] < 128:
+                both_halves.wait()
+            return np.zeros((len(positions), 2, 2, 3), np.uint8)
+
+    # 4 readers, yet parts of a shard (64 tiles), not of 32
+    batches = list(TileBatches(Halves(), 128, workers=4, prefetch=1))
+    assert [len(batch) for _, batch in batches] == [128, 128, 5]
+    assert sorted(reads) == [(0, 64), (64, 64), (128, 64), (192, 64), (256, 5)]
 
 
 def test_a_consumer_that_stops_early_leaves_no_reader_behind():

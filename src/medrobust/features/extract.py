@@ -25,7 +25,7 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.features.backbones import Backbone, build_backbone
 from medrobust.io.atomic import atomic_path
-from medrobust.io.slide_stores import (TileStore, open_tile_store, read_tiles,
+from medrobust.io.slide_stores import (TILES_PER_SHARD, TileStore, open_tile_store, read_tiles,
                                        write_feature_store)
 from medrobust.logs import get_logger
 from medrobust.progress import progress
@@ -115,49 +115,70 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class TileBatches:
     """uint8 tile batches `(n, T, T, 3)` of an array (Zarr or numpy), read ahead in threads.
 
-    `workers` threads each read whole batches; up to `prefetch` batches are in
-    flight ahead of the consumer, in order. `read_tiles` decompresses outside the
-    GIL, so the reads overlap the model's forward pass. `pin` puts each batch in
-    page-locked memory, ready for a non-blocking copy to a GPU.
+    Each batch is read in up to `workers` parts at once, one per thread, and up to
+    `prefetch` batches are in flight ahead of the consumer, in order. Parts rather
+    than a batch per thread: the model waits for the first batch, and one thread
+    reading 256 tiles of 224 px took 30-45 ms, a tenth of the forward passes of an
+    8,192-tile slide on an H200. A part holds at least a shard's tiles: smaller
+    parts re-read shard indexes and cost the readers a seventh of their rate
+    (docs/benchmarks.md, "On a GPU"). `read_tiles` decompresses outside the GIL,
+    so the reads overlap the model's forward pass.
+    `pin` puts each batch in page-locked memory, ready for a non-blocking copy to a GPU.
     """
 
     def __init__(self, tiles, batch_size: int, workers: int = 1, prefetch: int = 2,
                  pin: bool = False):
         self.tiles, self.batch_size, self.pin = tiles, batch_size, pin
         self.workers, self.prefetch = workers, max(prefetch, 1)
-        self.starts = range(0, int(tiles.shape[0]), batch_size)
+        self.n = int(tiles.shape[0])
+        self.starts = range(0, self.n, batch_size)
 
     def __len__(self) -> int:
         return len(self.starts)
 
-    def _read(self, start: int) -> torch.Tensor:
-        stop = min(start + self.batch_size, int(self.tiles.shape[0]))
+    def _empty(self, start: int) -> torch.Tensor:
         # decompressed straight into (pinned) memory: no copy between read and transfer
-        batch = torch.empty((stop - start, *self.tiles.shape[1:]), dtype=torch.uint8,
-                            pin_memory=self.pin)
-        read_tiles(self.tiles, range(start, stop), out=batch.numpy())
-        return batch
+        stop = min(start + self.batch_size, self.n)
+        return torch.empty((stop - start, *self.tiles.shape[1:]), dtype=torch.uint8,
+                           pin_memory=self.pin)
+
+    def _parts(self, start: int, batch: torch.Tensor) -> list[tuple[range, np.ndarray]]:
+        """The batch's tile positions in parts, each with its rows of `batch`."""
+        rows = batch.numpy()
+        size = max(-(-len(batch) // max(self.workers, 1)), TILES_PER_SHARD)
+        return [(range(start + first, start + min(first + size, len(batch))),
+                 rows[first:first + size]) for first in range(0, len(batch), size)]
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         if self.workers == 0:
             for start in self.starts:
-                yield start, self._read(start)
+                batch = self._empty(start)
+                read_tiles(self.tiles, range(start, start + len(batch)), out=batch.numpy())
+                yield start, batch
             return
         with ThreadPoolExecutor(self.workers, thread_name_prefix="tile-reader") as pool:
             pending: deque = deque()
-            starts = iter(self.starts)
+
+            def handed_out():
+                start, batch, reads = pending.popleft()
+                for read in reads:
+                    read.result()
+                return start, batch
+
             try:
-                for start in starts:
-                    pending.append((start, pool.submit(self._read, start)))
+                for start in self.starts:
+                    batch = self._empty(start)
+                    pending.append((start, batch, [
+                        pool.submit(read_tiles, self.tiles, positions, rows)
+                        for positions, rows in self._parts(start, batch)]))
                     if len(pending) > self.prefetch:
-                        first, batch = pending.popleft()
-                        yield first, batch.result()
+                        yield handed_out()
                 while pending:
-                    first, batch = pending.popleft()
-                    yield first, batch.result()
+                    yield handed_out()
             finally:  # a consumer that stops early leaves no reads running
-                for _, batch in pending:
-                    batch.cancel()
+                for _, _, reads in pending:
+                    for read in reads:
+                        read.cancel()
 
 
 def prepare_model(backbone: Backbone, device: torch.device) -> torch.nn.Module:
