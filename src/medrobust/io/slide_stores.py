@@ -103,14 +103,24 @@ def write_tile_shard(tiles: zarr.Array, start: int, batch: np.ndarray) -> None:
     pipeline work per tile (docs/benchmarks.md). `tiles` is an array from
     `create_tile_store`, whose codecs this layout matches.
     """
+    write_compressed_shard(tiles, start, compress_tiles(batch))
+
+
+def compress_tiles(batch: np.ndarray) -> list[bytes]:
+    """Each tile of `batch` compressed alone, as a tile store's chunk (outside the GIL)."""
+    return [_TILE_COMPRESSOR.encode(np.ascontiguousarray(tile)) for tile in batch]
+
+
+def write_compressed_shard(tiles: zarr.Array, start: int, chunks: Sequence[bytes]) -> None:
+    """`write_tile_shard` of tiles already compressed by `compress_tiles` (a tiler compresses
+    each part of a shard as soon as it is read)."""
     per_shard = tiles.shards[0]
-    if start % per_shard or not 0 < len(batch) <= min(per_shard, tiles.shape[0] - start):
-        raise ValueError(f"tiles {start}:{start + len(batch)} are not one whole shard of "
+    if start % per_shard or not 0 < len(chunks) <= min(per_shard, tiles.shape[0] - start):
+        raise ValueError(f"tiles {start}:{start + len(chunks)} are not one whole shard of "
                          f"{per_shard} tiles in an array of {tiles.shape[0]}")
     store = tiles.store_path.store
     if not isinstance(store, LocalStore):
         raise TypeError(f"write_tile_shard writes files; {store} is not a local store")
-    chunks = [_TILE_COMPRESSOR.encode(np.ascontiguousarray(tile)) for tile in batch]
     index = np.full((per_shard, 2), _NO_CHUNK, dtype="<u8")
     index[:len(chunks), 1] = [len(chunk) for chunk in chunks]
     index[:len(chunks), 0] = np.cumsum(index[:len(chunks), 1]) - index[:len(chunks), 1]
