@@ -3,6 +3,8 @@
 import contextlib
 import dataclasses
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -430,6 +432,42 @@ def test_a_corrupt_slide_fails_without_leaving_a_store(tmp_path, corrupt_tiff):
         thumbnail, _ = slide.thumbnail(32 / 8)
         assert picture.height / picture.width == pytest.approx(
             thumbnail.shape[0] / thumbnail.shape[1], rel=0.02)  # not the card's
+
+
+def test_a_failed_read_waits_for_the_other_readers_before_the_slide_is_closed(tmp_path,
+                                                                             monkeypatch):
+    # dask raises at a task's failure while others still read; closing the slide under a
+    # read inside OpenSlide aborts the process (SIGABRT), so no read may outlive the slide
+    read, close = Slide.read_rgb, Slide.close
+    lock, calls, inside, inside_at_close = threading.Lock(), [0], [0], []
+
+    def slow_or_failing_read(self, *args):
+        with lock:
+            calls[0] += 1
+            failing = calls[0] == 2
+            inside[0] += not failing
+        if failing:
+            raise InputError(f"{self.path}: cannot read region (injected)")
+        try:
+            time.sleep(0.2)  # the other readers are mid-read when the second read fails
+            return read(self, *args)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    def recording_close(self):
+        inside_at_close.append(inside[0])
+        close(self)
+
+    monkeypatch.setattr(Slide, "read_rgb", slow_or_failing_read)
+    monkeypatch.setattr(Slide, "close", recording_close)
+    config = TilingConfig(target_mpp=CMU_MPP, tile_size=64, tissue_threshold=0.0)
+    out = tmp_path / "cmu.zarr"
+    assert tile_slide(CMU, out, config, "s", "tumor", "train", workers=3,
+                      on_bad_input="skip") == 0
+    assert inside_at_close == [0]
+    assert "injected" in open_tile_store(out).attrs["rejected"][0]["reason"]
+    assert calls[0] <= 3 + 3  # the readers stop after their current read, not at the end
 
 
 def test_a_dicom_whole_slide_image_is_tiled(tmp_path):

@@ -242,6 +242,11 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
     starts independent tasks in no fixed order, and parts taken in order read
     the slide front to back. Neighbouring tiles of a grid row are read in one
     region and cut apart: fewer OpenSlide calls and less per-tile Python.
+
+    A failed read stops the parts not yet started and is raised only once every
+    task has returned: dask raises at the first failure while other tasks are
+    still inside OpenSlide, and the caller's closing the slide under them made
+    OpenSlide abort the whole process (`tc->outstanding == 0`), skip or not.
     """
     read_size = grid.read_size
     longest_run = max(1, _RUN_PIXELS // read_size)
@@ -251,6 +256,7 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
     # at most this many read parts wait for the writer, so memory stays bounded
     waiting = threading.BoundedSemaphore(2 * max(1, workers) + 2)
     compressed: dict[int, list] = {}  # shard start -> its chunks; the writer thread's alone
+    failed = threading.Event()
 
     def compress(start: int, batch: np.ndarray) -> None:
         try:
@@ -264,12 +270,23 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
             waiting.release()
         bar.update(len(batch))
 
-    def read_next_part() -> Future:
+    def read_next_part() -> Future | BaseException | None:
+        if failed.is_set():
+            return None  # another part failed: the slide is left, not read on
+        try:
+            return read_and_submit()
+        except BaseException as error:  # handed back, so dask waits for the other parts
+            failed.set()
+            return error
+
+    def read_and_submit() -> Future | None:
         with next_part:
             start = next(parts)
         stop = min(start + _PART, len(coords))
         batch = np.empty((stop - start, tile_size, tile_size, 3), np.uint8)
         for first, count in _row_runs(coords[start:stop], grid.tile_size_level0, longest_run):
+            if failed.is_set():
+                return None
             run = coords[start + first:start + first + count]
             # each tile's offset in the region, rounded as a read of that tile alone would be
             offsets = np.rint((run[:, 0] - run[0, 0]) / grid.level_downsample).astype(np.int64)
@@ -286,7 +303,11 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
 
     with bar:
         tasks = [dask.delayed(read_next_part)() for _ in range(0, len(coords), _PART)]
-        for written in dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers)):
+        results = dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        for written in results:
             written.result()  # a failed compression or write raises here
 
 
