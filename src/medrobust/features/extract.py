@@ -119,9 +119,9 @@ class TileBatches:
     `prefetch` batches are in flight ahead of the consumer, in order. Parts rather
     than a batch per thread: the model waits for the first batch, and one thread
     reading 256 tiles of 224 px took 30-45 ms, a tenth of the forward passes of an
-    8,192-tile slide on an H200. A part holds at least a shard's tiles: smaller
-    parts re-read shard indexes and cost the readers a seventh of their rate
-    (docs/benchmarks.md, "On a GPU"). `read_tiles` decompresses outside the GIL,
+    8,192-tile slide on an H200. A part holds whole shards' worth of tiles:
+    smaller parts re-read shard indexes and cost the readers a seventh of their
+    rate (docs/benchmarks.md, "On a GPU"). `read_tiles` decompresses outside the GIL,
     so the reads overlap the model's forward pass.
     `pin` puts each batch in page-locked memory, ready for a non-blocking copy to a GPU.
     """
@@ -145,7 +145,9 @@ class TileBatches:
     def _parts(self, start: int, batch: torch.Tensor) -> list[tuple[range, np.ndarray]]:
         """The batch's tile positions in parts, each with its rows of `batch`."""
         rows = batch.numpy()
-        size = max(-(-len(batch) // max(self.workers, 1)), TILES_PER_SHARD)
+        share = -(-len(batch) // max(self.workers, 1))
+        # a multiple of a shard: the parts align with shards when the batches do
+        size = -(-share // TILES_PER_SHARD) * TILES_PER_SHARD
         return [(range(start + first, start + min(first + size, len(batch))),
                  rows[first:first + size]) for first in range(0, len(batch), size)]
 
