@@ -13,11 +13,15 @@ the baseline, so the resampling share is visible.
     .venv/bin/python bench/bench_tiling.py --synthetic 8192x6144
     .venv/bin/python bench/bench_tiling.py --target-mpp 2.0 --tile-size 64
     .venv/bin/python bench/bench_tiling.py --large 50000x50000 --tile-size 224 256
+    .venv/bin/python bench/bench_tiling.py --no-slide --large 50000x50000 --large-discs 40
     .venv/bin/python bench/bench_tiling.py --clock cpu --workers 1 --no-hs2p   # busy machine
 
 `--large 50000x50000` adds a synthetic pyramidal TIFF of that size (levels 1, 4,
 16, 64; 256-px JPEG tiles; mostly glass with patches of the CMU slide's tissue,
-so it stays small on disk), made in the temp dir and not timed. With hs2p
+so it stays small on disk), made in the temp dir and not timed. Its tissue is
+`--large-discs` discs of about 0.4 % of the slide each: the default 4 give a few
+hundred tiles, so fixed costs weigh; 40 give a few thousand, as a real slide of
+that size has, so the per-tile work does. With hs2p
 installed (`pip install -e '.[bench]'`) every slide also gets hs2p's rows:
 `hs2p.tile_slide` (its tissue segmentation and grid) plus `extract_tiles_to_tar`
 (its reads, JPEG encoding, tar writes) at the same target mpp and tile size.
@@ -137,8 +141,8 @@ LARGE_DOWNSAMPLES = (1, 4, 16, 64)
 LARGE_CELL = 1024   # level-0 pixels per cell of the tissue layout
 
 
-def make_large(size: str, out_dir: Path) -> Path:
-    """A large pyramidal TIFF, mostly glass: a few discs of tissue copied from the CMU slide."""
+def make_large(size: str, out_dir: Path, discs: int = 4) -> Path:
+    """A large pyramidal TIFF, mostly glass: `discs` discs of tissue copied from the CMU slide."""
     import tifffile
     from medrobust.data.synthetic.slides import JPEG_QUALITY, TILE
 
@@ -154,7 +158,7 @@ def make_large(size: str, out_dir: Path) -> Path:
     cells_y, cells_x = -(-height // LARGE_CELL), -(-width // LARGE_CELL)
     yy, xx = np.mgrid[:cells_y, :cells_x]
     tissue = np.zeros((cells_y, cells_x), bool)
-    for _ in range(4):  # about 1.5 % of the slide: hundreds of tiles, seconds per row
+    for _ in range(discs):  # each about 0.4 % of the slide (4: hundreds of tiles)
         cy, cx = rng.uniform(0.15, 0.85, 2) * (cells_y, cells_x)
         tissue |= (yy - cy) ** 2 + (xx - cx) ** 2 < (0.035 * min(cells_y, cells_x)) ** 2
     glass = np.full((TILE, TILE, 3), 243, np.uint8)
@@ -175,7 +179,7 @@ def make_large(size: str, out_dir: Path) -> Path:
                 tile = small[np.ix_(rows % small.shape[0], cols % small.shape[1])]
                 yield np.where(mask[..., None], tile, glass)
 
-    path = out_dir / f"large_{width}x{height}.tiff"
+    path = out_dir / f"large_{width}x{height}_{discs}discs.tiff"
     start = time.perf_counter()
     mpp = 0.5
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
@@ -311,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", metavar="WxH",
                         help="also benchmark a large, mostly-glass pyramidal TIFF, e.g. "
                              "50000x50000 (generation is not timed)")
+    parser.add_argument("--large-discs", type=int, default=4, metavar="N",
+                        help="discs of tissue on the --large slide, each about 0.4 %% of it "
+                             "(default 4: a few hundred tiles; 40: a few thousand)")
     parser.add_argument("--no-hs2p", action="store_true", help="leave out hs2p's rows")
     parser.add_argument("--no-slide", action="store_true",
                         help="skip --slide (only the synthetic slide)")
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.synthetic:
             slides.append(make_synthetic(args.synthetic, work))
         if args.large:
-            slides.append(make_large(args.large, work))
+            slides.append(make_large(args.large, work, args.large_discs))
         for path in slides:
             for tile_size in args.tile_size:
                 bench_slide(path, tile_size, args, work)

@@ -20,18 +20,22 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import (BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation,
-                         ZstdCodec)
+from zarr.codecs import (BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec,
+                         ShardingCodecIndexLocation)
 from zarr.storage import LocalStore
 
 from medrobust.errors import InputError
 
 TILES_PER_SHARD = 64
-# zstd level 1: as small as zarr's default (level 3) on H&E tiles, 3x faster to write
-# (docs/benchmarks.md, "Tiling")
-TILE_CODEC = ZstdCodec(level=1)
-# the same compressor as TILE_CODEC (zarr's zstd codec wraps numcodecs'), for write_tile_shard
-_TILE_COMPRESSOR = numcodecs.Zstd(level=TILE_CODEC.level, checksum=TILE_CODEC.checksum)
+# LZ4 in blosc (a core zarr v3 codec): on H&E tiles 4 % larger than zstd level 1, 3-4x
+# faster to compress and decompress, so the tiler's writer thread and the feature
+# loader's readers need a fraction of the CPU (docs/benchmarks.md, "Tiling")
+TILE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
+# the compressor TILE_CODEC wraps, for write_tile_shard and read_tiles; a blosc chunk's
+# header names its compressor, so this decodes any blosc tile store
+_TILE_COMPRESSOR = numcodecs.Blosc(cname=TILE_CODEC.cname.value, clevel=TILE_CODEC.clevel,
+                                   shuffle=numcodecs.Blosc.NOSHUFFLE,
+                                   typesize=TILE_CODEC.typesize)
 _NO_CHUNK = 2**64 - 1   # a shard index entry's offset and length for a chunk not stored
 
 
@@ -136,7 +140,7 @@ def write_compressed_shard(tiles: zarr.Array, start: int, chunks: Sequence[bytes
 
 def _shard_folder(tiles: zarr.Array) -> Path | None:
     """Where a tile array's shard files lie, if it has `create_tile_store`'s layout (one
-    tile per chunk, zstd, index at the end with its crc32c, in a local store); else None."""
+    tile per chunk, blosc, index at the end with its crc32c, in a local store); else None."""
     codecs = tiles.metadata.codecs
     if not (isinstance(tiles.store_path.store, LocalStore) and len(codecs) == 1
             and isinstance(codecs[0], ShardingCodec)):
@@ -144,7 +148,7 @@ def _shard_folder(tiles: zarr.Array) -> Path | None:
     sharding = codecs[0]
     if (sharding.index_location != ShardingCodecIndexLocation.end or tiles.chunks[0] != 1
             or tiles.dtype != np.uint8
-            or [type(codec) for codec in sharding.codecs] != [BytesCodec, ZstdCodec]
+            or [type(codec) for codec in sharding.codecs] != [BytesCodec, BloscCodec]
             or [type(codec) for codec in sharding.index_codecs] != [BytesCodec, Crc32cCodec]):
         return None
     return Path(tiles.store_path.store.root) / tiles.store_path.path
@@ -156,7 +160,7 @@ def read_tiles(tiles: zarr.Array | np.ndarray, positions: Sequence[int] | np.nda
 
     A tile store's shards are read as files: one read of the index and one of the
     bytes the wanted tiles span per shard, each tile decompressed straight into
-    `out` (numcodecs' zstd, outside the GIL, so reader threads scale). zarr's own
+    `out` (numcodecs' blosc, outside the GIL, so reader threads scale). zarr's own
     read costs about 0.8 ms of per-chunk pipeline work per tile, 5x the decompression
     (docs/benchmarks.md, "Features"). Any other array (numpy, another layout) is
     read by indexing.
