@@ -51,6 +51,37 @@ def test_read_rgb_matches_openslide_and_fills_outside_with_background():
     assert (edge[:, 10:] == 255).all()  # beyond the slide: white, not black
 
 
+def test_read_rgb_composites_partly_transparent_edges_as_pil_does():
+    # a downsampled level's last column is partly covered: alpha between 0 and 255
+    reference = openslide.OpenSlide(BOXES)
+    width, height = reference.dimensions
+    for location in [(width - 37, 5), (width - 37, height - 41), (-13, -7)]:
+        rgba = reference.read_region(location, 2, (40, 40))
+        alpha = np.asarray(rgba)[..., 3]
+        expected = Image.new("RGB", rgba.size, "#ffffff")
+        expected.paste(rgba, mask=rgba)
+        with open_slide(BOXES, BOXES_MPP) as slide:
+            ours = slide.read_rgb(location, 2, (40, 40))
+        if location[0] > 0:
+            assert ((alpha > 0) & (alpha < 255)).any()
+        # OpenSlide's public read un-premultiplies before PIL blends: a rounding apart
+        difference = np.abs(ours.astype(int) - np.asarray(expected).astype(int))
+        assert difference.max() <= 1
+        np.testing.assert_array_equal(ours[alpha == 255], np.asarray(expected)[alpha == 255])
+        assert (ours[alpha == 0] == 255).all()
+
+
+def test_read_rgb_reuses_a_buffer_per_thread_but_returns_fresh_arrays():
+    with open_slide(CMU) as slide:
+        first = slide.read_rgb((0, 0), 0, (32, 32))
+        kept = first.copy()
+        second = slide.read_rgb((1000, 1000), 0, (32, 32))
+        big = slide.read_rgb((0, 0), 0, (2220, 1900))  # over _REUSED_PIXELS: its own buffer
+    np.testing.assert_array_equal(first, kept)  # not overwritten by the second read
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(big[:32, :32], first)
+
+
 def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch, write_tiff):
     # the CMU slide's pixels in a TIFF without the SVS file's own thumbnail: level 0 is decoded
     with open_slide(CMU) as slide:

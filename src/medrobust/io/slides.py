@@ -4,16 +4,27 @@
 reads regions as RGB arrays, transparent areas (outside the scanned region)
 filled with the slide's background colour. OpenSlide handles are safe to
 share between threads, so tiles can be read in parallel from one `Slide`.
+
+Regions are read with openslide-python's binding of `openslide_read_region`
+(`lowlevel._read_region`) into a buffer each thread reuses, not through its
+`read_region`: that one returns a PIL image in a fresh buffer, and for the
+wide regions the tiler reads, converting it to an RGB array and the page faults
+of its fresh buffers had cost about a third of the tiler's time
+(docs/benchmarks.md, "Tiling"). tests/test_slides.py checks both give the same pixels.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import openslide
-from PIL import Image
+from openslide import lowlevel
+from PIL import Image, ImageColor
 
 from medrobust.errors import InputError
 
@@ -26,6 +37,12 @@ _WHITE = "ffffff"
 # No slide scanner images coarser than this; a larger stated mpp comes from a
 # TIFF's display dpi (72 dpi reads as 352.8 µm/px), not from a microscope.
 MAX_SLIDE_MPP = 20.0
+# Regions up to this many pixels are read into a buffer the reading thread keeps (16 MiB);
+# larger ones (thumbnail strips) into a fresh one
+_REUSED_PIXELS = 1 << 22
+# OpenSlide writes premultiplied ARGB as native-endian uint32: which byte of each is R, G, B, A
+_RGBA_BYTES = (2, 1, 0, 3) if sys.byteorder == "little" else (1, 2, 3, 0)
+_OPAQUE = np.uint32(0xFF000000)
 
 
 class Slide:
@@ -40,6 +57,8 @@ class Slide:
         self.level_downsamples: tuple[float, ...] = handle.level_downsamples
         color = handle.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, _WHITE)
         self._background = "#" + color
+        self._background_rgb = np.array(ImageColor.getrgb(self._background), np.float32)
+        self._buffers = threading.local()
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample`, so reads
@@ -47,16 +66,40 @@ class Slide:
         return self._slide.get_best_level_for_downsample(downsample * (1 + _LEVEL_TOLERANCE))
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """`(height, width, 3)` uint8 of the region at `level`; `location` is level-0 (x, y)."""
+        """`(height, width, 3)` uint8 of the region at `level`; `location` is level-0 (x, y).
+
+        Pixels that are not opaque (outside the scanned area) are composited over
+        the background: premultiplied, that is colour + background * (1 - alpha).
+        """
+        width, height = size
+        argb = self._argb_buffer(width * height).reshape(height, width)
         try:
-            region = self._slide.read_region(location, level, size)
+            lowlevel._read_region(self._slide._osr,
+                                  argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
+                                  int(location[0]), int(location[1]), level, width, height)
         except openslide.OpenSlideError as error:
             raise InputError(f"{self.path}: cannot read region at {location} level {level} "
                              f"({error}); the slide file is corrupt") from error
-        return self._rgb(region)
+        channels = argb.view(np.uint8).reshape(height, width, 4)
+        rgb = np.empty((height, width, 3), np.uint8)
+        for index in range(3):  # a plain copy per channel: several times faster than one strided copy
+            rgb[..., index] = channels[..., _RGBA_BYTES[index]]
+        if not (argb >= _OPAQUE).all():
+            clear = (255 - channels[..., _RGBA_BYTES[3], None]) / np.float32(255)
+            rgb += np.rint(self._background_rgb * clear).astype(np.uint8)
+        return rgb
+
+    def _argb_buffer(self, pixels: int) -> np.ndarray:
+        """A uint32 buffer of `pixels`, this thread's own for reads up to _REUSED_PIXELS."""
+        if pixels > _REUSED_PIXELS:
+            return np.empty(pixels, np.uint32)
+        buffer = getattr(self._buffers, "argb", None)
+        if buffer is None or len(buffer) < pixels:
+            buffer = self._buffers.argb = np.empty(pixels, np.uint32)
+        return buffer[:pixels]
 
     def _rgb(self, image: Image.Image) -> np.ndarray:
-        """An RGBA image from OpenSlide as RGB, unscanned (transparent) pixels the background.
+        """An RGBA image (an associated image) as RGB, transparent pixels the background.
 
         PIL drops the alpha band: numpy's copies of an RGBA array's RGB view cost
         about 1 ms per 224-px tile, as much as OpenSlide's read (docs/benchmarks.md).
