@@ -71,22 +71,23 @@ class Slide:
         Pixels that are not opaque (outside the scanned area) are composited over
         the background: premultiplied, that is colour + background * (1 - alpha).
         """
-        width, height = size
+        width, height = int(size[0]), int(size[1])
         argb = self._argb_buffer(width * height).reshape(height, width)
         try:
             lowlevel._read_region(self._slide._osr,
                                   argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
-                                  int(location[0]), int(location[1]), level, width, height)
+                                  int(location[0]), int(location[1]), int(level), width, height)
         except openslide.OpenSlideError as error:
             raise InputError(f"{self.path}: cannot read region at {location} level {level} "
                              f"({error}); the slide file is corrupt") from error
         channels = argb.view(np.uint8).reshape(height, width, 4)
         rgb = np.empty((height, width, 3), np.uint8)
-        for index in range(3):  # a plain copy per channel: several times faster than one strided copy
+        # a plain copy per channel: several times faster than one strided copy of all three
+        for index in range(3):
             rgb[..., index] = channels[..., _RGBA_BYTES[index]]
         if not (argb >= _OPAQUE).all():
             clear = (255 - channels[..., _RGBA_BYTES[3], None]) / np.float32(255)
-            rgb += np.rint(self._background_rgb * clear).astype(np.uint8)
+            rgb[...] = np.minimum(rgb + np.rint(self._background_rgb * clear), 255)
         return rgb
 
     def _argb_buffer(self, pixels: int) -> np.ndarray:
