@@ -21,8 +21,8 @@ from skimage.transform import resize
 
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import sha256_file
-from medrobust.io.slide_stores import (TILES_PER_SHARD, create_tile_store, open_tile_store,
-                                       read_tiles, write_tile_shard)
+from medrobust.io.slide_stores import (TILE_CODEC, TILES_PER_SHARD, create_tile_store,
+                                       open_tile_store, read_tiles, write_tile_shard)
 from medrobust.io.slides import MAX_SLIDE_MPP, Slide, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
 from medrobust.preprocess import groups
@@ -141,7 +141,10 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
     assert not list((tmp_path / "tiles.zarr" / "tiles").rglob("c/1/0/0/0"))
     unsorted = [149, 3, 0, 70, 64, 128, 3, 5, 63]
     plain = zarr.create_array(tmp_path / "plain.zarr", data=tiles, chunks=(7, 8, 8, 3))
-    for source in (array, plain, tiles):
+    # sharded like a tile store but a tile split across two chunks: zarr's read, not ours
+    split = zarr.create_array(tmp_path / "split.zarr", data=tiles, shards=(8, 8, 8, 3),
+                              chunks=(1, 4, 8, 3), compressors=TILE_CODEC)
+    for source in (array, plain, split, tiles):
         for positions in (unsorted, range(60, 140), range(0), [149]):
             np.testing.assert_array_equal(read_tiles(source, positions), tiles[list(positions)])
     out = np.empty((3, 8, 8, 3), dtype=np.uint8)
@@ -157,6 +160,12 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
     (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "index fails its checksum"),
     (lambda data: data[:-600], "index fails its checksum"),
     (lambda data: b"\0\0\0\0" + data[4:], "a tile does not decompress"),
+    # the first tile's blosc header: a stored size and first block far beyond the chunk
+    # (c-blosc trusted them and read outside the file's bytes: a crash, not an error)
+    (lambda data: data[:12] + (2**30 + 100).to_bytes(4, "little") + (2**30).to_bytes(4, "little")
+     + data[20:], "says 1073741924 bytes stored"),
+    # a decoded size short of a tile: part of the tile would be left as it was
+    (lambda data: data[:4] + (8 * 8 * 3 - 1).to_bytes(4, "little") + data[8:], "191 decoded"),
 ])
 def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, message):
     tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)

@@ -31,11 +31,12 @@ TILES_PER_SHARD = 64
 # faster to compress and decompress, so the tiler's writer thread and the feature
 # loader's readers need a fraction of the CPU (docs/benchmarks.md, "Tiling")
 TILE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
-# the compressor TILE_CODEC wraps, for write_tile_shard and read_tiles; a blosc chunk's
-# header names its compressor, so this decodes any blosc tile store
+# the compressor TILE_CODEC wraps, for write_tile_shard and read_tiles (uint8 tiles: the
+# typesize is 1 without saying so, as numcodecs < 0.16 cannot); a blosc chunk's header
+# names its compressor, so this decodes any blosc tile store
 _TILE_COMPRESSOR = numcodecs.Blosc(cname=TILE_CODEC.cname.value, clevel=TILE_CODEC.clevel,
-                                   shuffle=numcodecs.Blosc.NOSHUFFLE,
-                                   typesize=TILE_CODEC.typesize)
+                                   shuffle=numcodecs.Blosc.NOSHUFFLE)
+_BLOSC_HEADER = 16  # version, versionlz, flags, typesize; uint32 nbytes, blocksize, cbytes
 _NO_CHUNK = 2**64 - 1   # a shard index entry's offset and length for a chunk not stored
 
 
@@ -146,8 +147,9 @@ def _shard_folder(tiles: zarr.Array) -> Path | None:
             and isinstance(codecs[0], ShardingCodec)):
         return None
     sharding = codecs[0]
+    whole_tiles = tiles.chunks[1:] == tiles.shape[1:] == tiles.shards[1:]
     if (sharding.index_location != ShardingCodecIndexLocation.end or tiles.chunks[0] != 1
-            or tiles.dtype != np.uint8
+            or not whole_tiles or tiles.dtype != np.uint8
             or [type(codec) for codec in sharding.codecs] != [BytesCodec, BloscCodec]
             or [type(codec) for codec in sharding.index_codecs] != [BytesCodec, Crc32cCodec]):
         return None
@@ -212,11 +214,28 @@ def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray
         if not present:
             out[row] = fill_value
             continue
+        chunk = data[offset - first:offset - first + length]
         try:
-            _TILE_COMPRESSOR.decode(data[offset - first:offset - first + length], out=out[row])
+            _check_blosc_header(chunk, out[row].nbytes)
+            _TILE_COMPRESSOR.decode(chunk, out=out[row])
         except (RuntimeError, ValueError) as error:
             raise InputError(f"{path}: damaged tile shard (a tile does not decompress: "
                              f"{error})") from error
+
+
+def _check_blosc_header(chunk: memoryview, tile_bytes: int) -> None:
+    """ValueError unless the chunk's blosc header states its own length and one tile's bytes.
+
+    c-blosc trusts the header's compressed size: a damaged one made it read past
+    the chunk and crash the process, and a short decoded size would leave part of
+    the tile unwritten.
+    """
+    if len(chunk) < _BLOSC_HEADER:
+        raise ValueError(f"{len(chunk)} bytes, shorter than a blosc header")
+    decoded, stored = (int.from_bytes(chunk[at:at + 4], "little") for at in (4, 12))
+    if stored != len(chunk) or decoded != tile_bytes:
+        raise ValueError(f"the blosc header says {stored} bytes stored and {decoded} decoded, "
+                         f"not {len(chunk)} and {tile_bytes}")
 
 
 def open_feature_store(path: str | os.PathLike) -> FeatureStore:

@@ -72,6 +72,8 @@ class Slide:
         the background: premultiplied, that is colour + background * (1 - alpha).
         """
         width, height = int(size[0]), int(size[1])
+        if width < 0 or height < 0:  # OpenSlide would latch an error for every later read
+            raise ValueError(f"region size must not be negative, not {size}")
         argb = self._argb_buffer(width * height).reshape(height, width)
         try:
             lowlevel._read_region(self._slide._osr,
