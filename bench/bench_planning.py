@@ -13,7 +13,8 @@ planning never opens them) and a labels table, and three workflows download it:
   feature stores from the manifest (read once per call, as any workflow would).
 - bare+directives: the same, with the per-slide rules declared as medrobust's
   are (a params function, threads, priority, resources, log, benchmark, conda,
-  and a Python `script:`), which Snakemake sets up per job even in a dry run.
+  and a shell command that uses the params), which Snakemake sets up per job
+  even in a dry run.
 
 Then `snakemake -n` of each workflow's default target is timed (wall clock,
 the whole process: parse, config validation, DAG). All plan 2N per-slide
@@ -112,8 +113,8 @@ rule evaluate:
 
 # How the bare workflow's per-slide rules run: a shell command, or ("directives") as
 # medrobust's do, with a params function, threads, priority, resources, log,
-# benchmark, conda environment and a Python script. Snakemake's own work per job
-# differs between the two; the second isolates what medrobust adds beyond it.
+# benchmark and conda environment. Snakemake's own work per job differs between
+# the two; the second isolates what medrobust adds beyond it.
 PLAIN_BODY = '''\
     shell:
         "mkdir -p {output}"
@@ -131,8 +132,8 @@ DIRECTIVES_BODY = '''\
         "benchmarks/RULE/{dataset}/{slide}.tsv",
     conda:
         "environment.yaml"
-    script:
-        "make_folder.py"
+    shell:
+        "echo {params.slide:q} > {log:q}; mkdir -p {output:q}"
 '''
 
 
@@ -191,7 +192,6 @@ def bare_cohort(work: Path, n: int, body: str, name: str) -> Path:
         snakefile = snakefile.replace(f"__{rule.upper()}__", body.replace("RULE", rule))
     (workdir / "Snakefile").write_text(snakefile)
     (workdir / "environment.yaml").write_text("channels: [conda-forge]\ndependencies: [python]\n")
-    (workdir / "make_folder.py").write_text("import os\nos.makedirs(snakemake.output[0])\n")
     run(snakemake_command("--cores", "1", "resources/slides", "--config", f"slides={n}"), workdir)
     return workdir
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{1000 * ours / n:24.2f}{grouped}", flush=True)
     print("ratio = medrobust seconds / that workflow's seconds (goal <= 1.5 against the bare "
           "workflow at 10,000 slides); bare+directives: the bare workflow with medrobust's "
-          "per-slide directives (script, log, benchmark, conda, resources, params); "
+          "per-slide directives (log, benchmark, conda, resources, params); "
           "vs 1/job = grouped seconds / one-slide-per-job seconds")
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from medrobust.fingerprint import code_fingerprint
-from workflow_runner import ROOT
+from workflow_runner import ROOT, job_counts
 
 CONFIG = {
     "device": "cpu",
@@ -72,14 +72,6 @@ class Copy:
         # every job, so that every output gets its metadata (params included)
         result, output = self.snakemake("--touch", "--forceall", "--cores", "1")
         assert result.returncode == 0, output[-3000:]
-
-
-def job_counts(output):
-    """{rule: jobs} from the `Job stats` table of a dry run ({} when nothing is to be done)."""
-    if "Nothing to be done" in output:
-        return {}
-    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {match[1]: int(match[2]) for match in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import yaml
 from medrobust.data.synthetic.slides import SlideConfig, generate_slides
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.slide_groups import plan_slide_groups
-from workflow_runner import run_snakemake
+from workflow_runner import job_counts, run_snakemake
 
 pytestmark = pytest.mark.workflow
 CLASSES = ["normal", "tumor"]
@@ -183,3 +183,30 @@ def test_under_fail_a_bad_slide_stops_the_run_naming_the_file(run, tmp_path):
         assert list(finished) == list(itertools.takewhile(lambda slide: slide not in BAD, members))
         assert all((unfinished / f"{slide}.zarr").is_dir() for slide in finished)
     assert not (workdir / "results/tiles/cohort/notes.zarr").exists()
+
+
+def test_loader_settings_rerun_nothing_and_feature_settings_rerun_the_features(run):
+    """The loader's speed settings are the feature jobs' resources, not params: only
+    the report (which shows the config) reruns when they change."""
+    workdir, configfile = run["workdir"], run["configfile"]
+    n_slides = len(run["good"]) + len(BAD)
+    embed, n_jobs = (("extract_features", n_slides) if run["slides_per_job"] == 1 else
+                     ("extract_features_group", -(-n_slides // run["slides_per_job"])))
+
+    def dry_run(**features):
+        config = yaml.safe_load(configfile.read_text())
+        config["features"].update(features)
+        changed = workdir / "changed.yaml"
+        changed.write_text(yaml.safe_dump(config))
+        result = run_snakemake(workdir, changed, "--dry-run", "--printshellcmds",
+                               "--set-resources", f"{embed}:loader_workers=3")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    assert job_counts(dry_run(loader_workers=0, prefetch_batches=5)) == {"report": 1, "all": 1}
+    output = dry_run(batch_size=8)
+    assert job_counts(output)[embed] == n_jobs
+    if embed == "extract_features":  # its shell command carries the resource
+        commands = re.findall(r"python3 -m medrobust.slide_jobs extract_features .*", output)
+        assert len(commands) == n_jobs
+        assert all("--loader-workers 3 " in command for command in commands)

@@ -1,6 +1,7 @@
 """One logging set-up for scripts and library code.
 
-A workflow script runs inside `script_logging(snakemake)`, which sends
+A workflow script runs inside `script_logging(snakemake)` (a shell rule's job
+inside `job_logging`, medrobust.slide_jobs), which sends
 everything the job says to stderr and to the rule's log file: log records,
 warnings (`warnings.warn`, e.g. from pydicom or torch), the one-line summary
 of each progress bar (`medrobust.progress`) and, for an unexpected exception
@@ -69,9 +70,14 @@ def configure_logging(log_file: str | None = None, level: int = logging.INFO,
         warnings_logger.addFilter(_StripTrailingNewlines())
 
 
+def script_logging(snakemake) -> contextlib.AbstractContextManager[None]:
+    """`job_logging` for a workflow script, with its rule's log file and job name."""
+    return job_logging(snakemake.log[0] if snakemake.log else None, describe_job(snakemake))
+
+
 @contextlib.contextmanager
-def script_logging(snakemake) -> Iterator[None]:
-    """Set up logging for a workflow script and report errors where the log file holds them.
+def job_logging(log_file: str | None, job: str | None) -> Iterator[None]:
+    """Set up logging for a workflow job and report errors where the log file holds them.
 
     A MedrobustError (bad input, bad config) is logged as one clear message and
     ends the job with exit code 1. Any other exception is a bug: its full
@@ -81,8 +87,8 @@ def script_logging(snakemake) -> Iterator[None]:
     from medrobust.errors import MedrobustError
 
     global _job
-    _job = describe_job(snakemake)
-    configure_logging(snakemake.log[0] if snakemake.log else None, job=_job)
+    _job = job
+    configure_logging(log_file, job=job)
     log = logging.getLogger("medrobust")
     try:
         yield

@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and the input functions that turn
 # the config into the DAG. Everything here is plain Python over `config`.
 
+import json
 import os
 import re
 import sys
@@ -11,6 +12,10 @@ from pathlib import Path
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+# Shell rules run `python3`: the one running Snakemake (which scripts run in too),
+# or the job's conda environment's, whose activation goes in front of this.
+os.environ.update(PATH=os.pathsep.join(filter(None, [str(Path(sys.executable).parent),
+                                                     os.environ.get("PATH")])))
 
 from medrobust import conditions as plan
 from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_WEIGHTS, PRETRAINED,
@@ -275,6 +280,9 @@ FEATURE_WEIGHTS_FILE = ([] if config["features"]["weights"] in FEATURE_WEIGHTS
 # what decides a slide's features: `features` without the loader's speed settings
 FEATURE_PARAMS = {key: value for key, value in config["features"].items()
                   if key not in FEATURE_LOADER_KEYS}
+# ... and those settings, as resources of the feature jobs: how a job runs, not what
+# it computes, so changing them (or `--set-resources`) reruns nothing
+FEATURE_LOADER = {key: config["features"][key] for key in FEATURE_LOADER_KEYS}
 
 
 def denoiser_folder(model):

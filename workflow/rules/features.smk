@@ -5,29 +5,36 @@
 
 rule extract_features:
     input:
-        "results/tiles/{dataset}/{slide}.zarr",
+        tiles="results/tiles/{dataset}/{slide}.zarr",
         weights=FEATURE_WEIGHTS_FILE,
     output:
         directory("results/features/{dataset}/{backbone}/{slide}.zarr"),
     wildcard_constraints:
         dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
-        features=FEATURE_PARAMS,
+        features=json.dumps(FEATURE_PARAMS),
         device=config["device"],
-        code=code_fingerprint("features"),
+        code=code_fingerprint("features", "slide_jobs"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
         mem_mb=4000,
+        **FEATURE_LOADER,
     log:
         "logs/extract_features/{dataset}/{backbone}/{slide}.log",
     benchmark:
         "benchmarks/extract_features/{dataset}/{backbone}/{slide}.tsv",
     conda:
         "../../envs/medrobust.yaml"
-    script:
-        "../scripts/extract_features.py"
+    # a shell command, not a script: planning one job per slide (medrobust.slide_jobs)
+    shell:
+        "python3 -m medrobust.slide_jobs extract_features {input.tiles:q}"
+        " --features {output:q} --config {params.features:q}"
+        " --loader-workers {resources.loader_workers}"
+        " --prefetch-batches {resources.prefetch_batches}"
+        " --device {params.device} --threads {threads} --log {log:q}"
+        " --wildcards {wildcards.dataset:q} {wildcards.backbone:q} {wildcards.slide:q}"
 
 
 rule extract_features_group:
@@ -46,6 +53,7 @@ rule extract_features_group:
     resources:
         gpu=1,
         mem_mb=4000,  # slides are embedded one after another
+        **FEATURE_LOADER,
     log:
         "logs/extract_features_group/{dataset}/{backbone}/{group}.log",
     benchmark:

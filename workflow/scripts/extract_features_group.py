@@ -6,8 +6,8 @@ from medrobust.features.extract import FeatureConfig
 from medrobust.features.groups import extract_group_features
 from medrobust.logs import script_logging
 
-# the loader's speed settings come from the config, not params: tuning them reruns nothing
-loader = {key: snakemake.config["features"][key] for key in FEATURE_LOADER_KEYS}
+# the loader's speed settings are resources, not params: tuning them reruns nothing
+loader = {key: getattr(snakemake.resources, key) for key in FEATURE_LOADER_KEYS}
 with script_logging(snakemake):
     extract_group_features(
         [Path(snakemake.input[0]) / f"{slide}.zarr" for slide in snakemake.params.slides],
