@@ -267,3 +267,13 @@ def test_the_interval_can_be_set_from_the_environment(monkeypatch, value, expect
 
     monkeypatch.setenv("MEDROBUST_PROGRESS_INTERVAL", value)
     assert line_interval(terminal=False) == expected
+
+
+def test_a_shell_jobs_name_comes_from_its_log_path():
+    from medrobust.slide_jobs import job_name
+
+    assert job_name("tile_slide", "logs/tile_slide/cohort/slide_001.log") == \
+        "tile_slide cohort/slide_001"
+    assert job_name("extract_features", "/w/logs/extract_features/c/resnet18/s.log") == \
+        "extract_features c/resnet18/s"
+    assert job_name("tile_slide", "elsewhere.log") == "tile_slide"

@@ -4,10 +4,11 @@ The rules `tile_slide` and `extract_features` run one job per slide, and run it
 through `shell:` with this command rather than through `script:` like every
 other rule: Snakemake looks up a rule's script for each job while it plans,
 which cost a third of medrobust's planning time for a cohort planned one slide
-per job (docs/benchmarks.md, "planning"). Everything else a script would take
-from its `snakemake` object comes as arguments: the rule's params as JSON, the
-feature loader's speed settings from the rule's resources (so that tuning them
-reruns nothing), the log file, and the wildcards that name the job in the log.
+per job (docs/benchmarks.md, "planning"). What a script would take from its
+`snakemake` object comes as arguments: the rule's `job` param (JSON), its
+files, threads and log, and the feature loader's speed settings from the rule's
+resources (so that tuning them reruns nothing). Few arguments, because
+Snakemake formats each job's command while it plans, too.
 """
 
 from __future__ import annotations
@@ -23,60 +24,66 @@ def _parser() -> argparse.ArgumentParser:
     jobs = parser.add_subparsers(dest="rule", required=True)
 
     tile = jobs.add_parser("tile_slide", help="cut one slide into its tile store and QC picture")
+    tile.add_argument("job", type=json.loads,
+                      help='JSON: {"slide": manifest row, "tiling": config, "on_bad_input": ...}')
     tile.add_argument("slides_folder", help="the downloaded dataset (its manifest's folder)")
     tile.add_argument("--tiles", required=True, help="the tile store to write")
     tile.add_argument("--qc", required=True, help="the QC picture to write")
-    tile.add_argument("--slide", required=True, type=json.loads, help="the manifest row, JSON")
-    tile.add_argument("--tiling", required=True, type=json.loads, help="tiling config, JSON")
-    tile.add_argument("--on-bad-input", required=True, choices=("fail", "skip"))
     tile.add_argument("--workers", required=True, type=int, help="reader threads")
 
     embed = jobs.add_parser("extract_features", help="embed one slide's tiles")
+    embed.add_argument("job", type=json.loads,
+                       help='JSON: {"features": config without the loader settings, "device": ...}')
     embed.add_argument("tiles", help="the slide's tile store")
     embed.add_argument("--features", required=True, help="the feature store to write")
-    embed.add_argument("--config", required=True, type=json.loads,
-                       help="features config (without the loader settings), JSON")
     embed.add_argument("--loader-workers", required=True, type=int)
     embed.add_argument("--prefetch-batches", required=True, type=int)
-    embed.add_argument("--device", required=True)
     embed.add_argument("--threads", required=True, type=int, help="the job's CPU threads")
 
     for job in (tile, embed):
-        job.add_argument("--log", required=True, help="the rule's log file")
-        job.add_argument("--wildcards", nargs="+", default=[],
-                         help="the job's wildcard values, which name it in the log")
+        job.add_argument("--log", required=True,
+                         help="the rule's log file, logs/<rule>/<wildcard values>.log")
     return parser
 
 
 def tile_slide_job(args: argparse.Namespace) -> None:
     from medrobust.preprocess.tiling import TilingConfig, tile_slide
 
-    slide = args.slide
+    slide = args.job["slide"]
     tile_slide(Path(args.slides_folder) / slide["path"], args.tiles,
-               TilingConfig.from_mapping(args.tiling), slide_id=slide["slide_id"],
+               TilingConfig.from_mapping(args.job["tiling"]), slide_id=slide["slide_id"],
                label=slide["label"], split=slide["split"], source_sha256=slide["sha256"],
-               workers=args.workers, qc_path=args.qc, on_bad_input=args.on_bad_input)
+               workers=args.workers, qc_path=args.qc, on_bad_input=args.job["on_bad_input"])
 
 
 def extract_features_job(args: argparse.Namespace) -> None:
     from medrobust.device import select_device
     from medrobust.features.extract import FeatureConfig, extract_slide_features
 
-    config = FeatureConfig.from_mapping({**args.config, "loader_workers": args.loader_workers,
+    config = FeatureConfig.from_mapping({**args.job["features"],
+                                         "loader_workers": args.loader_workers,
                                          "prefetch_batches": args.prefetch_batches})
     extract_slide_features(args.tiles, args.features, config,
-                           device=select_device(args.device, threads=args.threads))
+                           device=select_device(args.job["device"], threads=args.threads))
 
 
 JOBS = {"tile_slide": tile_slide_job, "extract_features": extract_features_job}
+
+
+def job_name(rule: str, log: str) -> str:
+    """'tile_slide cohort/slide_001' from logs/tile_slide/cohort/slide_001.log: what
+    `medrobust.logs.describe_job` makes of a script's rule and wildcards."""
+    parts = Path(log).with_suffix("").parts
+    if rule not in parts:
+        return rule
+    return " ".join([rule, "/".join(parts[parts.index(rule) + 1:])]).strip()
 
 
 def main(argv: list[str] | None = None) -> None:
     from medrobust.logs import job_logging
 
     args = _parser().parse_args(argv)
-    job = f"{args.rule} {'/'.join(args.wildcards)}" if args.wildcards else args.rule
-    with job_logging(args.log, job):
+    with job_logging(args.log, job_name(args.rule, args.log)):
         JOBS[args.rule](args)
 
 

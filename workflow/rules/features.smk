@@ -12,8 +12,7 @@ rule extract_features:
     wildcard_constraints:
         dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
-        features=json.dumps(FEATURE_PARAMS),
-        device=config["device"],
+        job=json.dumps({"features": FEATURE_PARAMS, "device": config["device"]}),
         code=code_fingerprint("features", "slide_jobs"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     priority: SLIDE_STUDY_PRIORITY
@@ -29,12 +28,9 @@ rule extract_features:
         "../../envs/medrobust.yaml"
     # a shell command, not a script: planning one job per slide (medrobust.slide_jobs)
     shell:
-        "python3 -m medrobust.slide_jobs extract_features {input.tiles:q}"
-        " --features {output:q} --config {params.features:q}"
-        " --loader-workers {resources.loader_workers}"
-        " --prefetch-batches {resources.prefetch_batches}"
-        " --device {params.device} --threads {threads} --log {log:q}"
-        " --wildcards {wildcards.dataset:q} {wildcards.backbone:q} {wildcards.slide:q}"
+        "python3 -m medrobust.slide_jobs extract_features {params.job:q} {input.tiles:q}"
+        " --features {output:q} --loader-workers {resources.loader_workers}"
+        " --prefetch-batches {resources.prefetch_batches} --threads {threads} --log {log:q}"
 
 
 rule extract_features_group:

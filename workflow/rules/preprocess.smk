@@ -36,9 +36,9 @@ rule tile_slide:
     wildcard_constraints:
         dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
-        tiling=lambda wildcards: json.dumps(DATASETS[wildcards.dataset]["tiling"]),
-        slide=lambda wildcards: json.dumps(slide_record(wildcards)),
-        on_bad_input=config["on_bad_input"],
+        job=lambda wildcards: json.dumps({"slide": slide_record(wildcards),
+                                          "tiling": DATASETS[wildcards.dataset]["tiling"],
+                                          "on_bad_input": config["on_bad_input"]}),
         code=code_fingerprint("preprocess", "io", "slide_jobs"),
     # a small slide's tiling is start-up-bound, and a 2-thread job waits for two free
     # cores while 1-thread jobs keep taking them (the profiles raise it for real slides)
@@ -54,10 +54,8 @@ rule tile_slide:
         "../../envs/medrobust.yaml"
     # a shell command, not a script: planning one job per slide (medrobust.slide_jobs)
     shell:
-        "python3 -m medrobust.slide_jobs tile_slide {input:q} --tiles {output.tiles:q}"
-        " --qc {output.qc:q} --slide {params.slide:q} --tiling {params.tiling:q}"
-        " --on-bad-input {params.on_bad_input} --workers {threads} --log {log:q}"
-        " --wildcards {wildcards.dataset:q} {wildcards.slide:q}"
+        "python3 -m medrobust.slide_jobs tile_slide {params.job:q} {input:q}"
+        " --tiles {output.tiles:q} --qc {output.qc:q} --workers {threads} --log {log:q}"
 
 
 rule tile_slide_group:
