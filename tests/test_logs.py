@@ -276,4 +276,6 @@ def test_a_shell_jobs_name_comes_from_its_log_path():
         "tile_slide cohort/slide_001"
     assert job_name("extract_features", "/w/logs/extract_features/c/resnet18/s.log") == \
         "extract_features c/resnet18/s"
+    assert job_name("tile_slide", "/data/tile_slide/w/logs/tile_slide/c/s.log") == \
+        "tile_slide c/s"
     assert job_name("tile_slide", "elsewhere.log") == "tile_slide"

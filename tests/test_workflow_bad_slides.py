@@ -207,6 +207,6 @@ def test_loader_settings_rerun_nothing_and_feature_settings_rerun_the_features(r
     output = dry_run(batch_size=8)
     assert job_counts(output)[embed] == n_jobs
     if embed == "extract_features":  # its shell command carries the resource
-        commands = re.findall(r"python3 -m medrobust.slide_jobs extract_features .*", output)
+        commands = re.findall(r"-m medrobust.slide_jobs extract_features .*", output)
         assert len(commands) == n_jobs
         assert all("--loader-workers 3 " in command for command in commands)

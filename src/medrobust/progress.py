@@ -6,7 +6,7 @@ bar shows depends on where stderr goes:
 
 - an interactive terminal, outside a workflow job: tqdm's usual bar, redrawn in
   place;
-- inside a workflow job (`medrobust.logs.script_logging` names the job) or
+- inside a workflow job (`medrobust.logs.script_logging` or `job_logging` names it) or
   when stderr is not a terminal (a pipe, a file, a SLURM log): no carriage
   return redraws but whole lines, each naming the job, written in one piece
   at most every `MEDROBUST_PROGRESS_INTERVAL` seconds (10 s on a terminal,

@@ -1,10 +1,12 @@
-"""The per-slide jobs: `python3 -m medrobust.slide_jobs tile_slide|extract_features ...`.
+"""The per-slide jobs: `python -m medrobust.slide_jobs tile_slide|extract_features ...`.
 
 The rules `tile_slide` and `extract_features` run one job per slide, and run it
 through `shell:` with this command rather than through `script:` like every
 other rule: Snakemake looks up a rule's script for each job while it plans,
-which cost a third of medrobust's planning time for a cohort planned one slide
-per job (docs/benchmarks.md, "planning"). What a script would take from its
+which was about 40 % of what planning a cohort one slide per job cost medrobust
+over a bare workflow (docs/benchmarks.md, "Planning without per-job scripts").
+The command runs the Python a script would (workflow/rules/common.smk,
+`slide_job_command`). What a script would take from its
 `snakemake` object comes as arguments: the rule's `job` param (JSON), its
 files, threads and log, and the feature loader's speed settings from the rule's
 resources (so that tuning them reruns nothing). Few arguments, because
@@ -20,7 +22,7 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python3 -m medrobust.slide_jobs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m medrobust.slide_jobs", description=__doc__)
     jobs = parser.add_subparsers(dest="rule", required=True)
 
     tile = jobs.add_parser("tile_slide", help="cut one slide into its tile store and QC picture")
@@ -74,9 +76,11 @@ def job_name(rule: str, log: str) -> str:
     """'tile_slide cohort/slide_001' from logs/tile_slide/cohort/slide_001.log: what
     `medrobust.logs.describe_job` makes of a script's rule and wildcards."""
     parts = Path(log).with_suffix("").parts
-    if rule not in parts:
+    starts = [index for index in range(1, len(parts) - 1)
+              if parts[index - 1:index + 1] == ("logs", rule)]
+    if not starts:
         return rule
-    return " ".join([rule, "/".join(parts[parts.index(rule) + 1:])]).strip()
+    return f"{rule} {'/'.join(parts[starts[-1] + 1:])}"
 
 
 def main(argv: list[str] | None = None) -> None:

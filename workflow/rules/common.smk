@@ -7,15 +7,32 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
 # Jobs import medrobust from this clone's src/, installed or not (e.g. in
 # --use-conda environments, which hold only the dependencies).
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
-# Shell rules run `python3`: the one running Snakemake (which scripts run in too),
-# or the job's conda environment's, whose activation goes in front of this.
-os.environ.update(PATH=os.pathsep.join(filter(None, [str(Path(sys.executable).parent),
-                                                     os.environ.get("PATH")])))
+
+# The per-slide rules' shell command (medrobust.slide_jobs) runs the Python a script
+# would: this one, or under --sdm conda the environment's `python`, and finds the
+# package in src/ by its own variable, since Snakemake drops PYTHONPATH for conda jobs.
+# Variables rather than paths in the command: the command is the rules' code to
+# Snakemake's rerun triggers, and a moved clone or venv must not rerun every slide.
+os.environ.update(MEDROBUST_SRC=SRC)
+_deployment = getattr(workflow, "deployment_settings", None)
+if _deployment is not None and DeploymentMethod.CONDA in _deployment.deployment_method:
+    os.environ.pop("MEDROBUST_PYTHON", None)
+else:
+    os.environ.update(MEDROBUST_PYTHON=sys.executable)
+
+
+def slide_job_command(arguments):
+    """A per-slide rule's shell command: medrobust.slide_jobs with `arguments`, a shell
+    template (`{params.job:q}` and the like)."""
+    return ('PYTHONPATH="$MEDROBUST_SRC${{PYTHONPATH:+:$PYTHONPATH}}" '
+            f'"${{{{MEDROBUST_PYTHON:-python}}}}" -m medrobust.slide_jobs {arguments}')
 
 from medrobust import conditions as plan
 from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_WEIGHTS, PRETRAINED,
@@ -283,6 +300,8 @@ FEATURE_PARAMS = {key: value for key, value in config["features"].items()
 # ... and those settings, as resources of the feature jobs: how a job runs, not what
 # it computes, so changing them (or `--set-resources`) reruns nothing
 FEATURE_LOADER = {key: config["features"][key] for key in FEATURE_LOADER_KEYS}
+# what the per-slide feature job computes with, for its shell command (medrobust.slide_jobs)
+FEATURE_JOB = json.dumps({"features": FEATURE_PARAMS, "device": config["device"]})
 
 
 def denoiser_folder(model):

@@ -12,7 +12,7 @@ rule extract_features:
     wildcard_constraints:
         dataset=_alternatives(SLIDES_ONE_PER_JOB),
     params:
-        job=json.dumps({"features": FEATURE_PARAMS, "device": config["device"]}),
+        job=lambda wildcards: FEATURE_JOB,  # a function: Snakemake leaves its braces alone
         code=code_fingerprint("features", "slide_jobs"),
     threads: 1  # start-up dominates; raise with --set-threads for big CPU runs
     priority: SLIDE_STUDY_PRIORITY
@@ -28,9 +28,10 @@ rule extract_features:
         "../../envs/medrobust.yaml"
     # a shell command, not a script: planning one job per slide (medrobust.slide_jobs)
     shell:
-        "python3 -m medrobust.slide_jobs extract_features {params.job:q} {input.tiles:q}"
-        " --features {output:q} --loader-workers {resources.loader_workers}"
-        " --prefetch-batches {resources.prefetch_batches} --threads {threads} --log {log:q}"
+        slide_job_command("extract_features {params.job:q} {input.tiles:q} --features {output:q}"
+                          " --loader-workers {resources.loader_workers}"
+                          " --prefetch-batches {resources.prefetch_batches}"
+                          " --threads {threads} --log {log:q}")
 
 
 rule extract_features_group:

@@ -54,8 +54,8 @@ rule tile_slide:
         "../../envs/medrobust.yaml"
     # a shell command, not a script: planning one job per slide (medrobust.slide_jobs)
     shell:
-        "python3 -m medrobust.slide_jobs tile_slide {params.job:q} {input:q}"
-        " --tiles {output.tiles:q} --qc {output.qc:q} --workers {threads} --log {log:q}"
+        slide_job_command("tile_slide {params.job:q} {input:q} --tiles {output.tiles:q}"
+                          " --qc {output.qc:q} --workers {threads} --log {log:q}")
 
 
 rule tile_slide_group:
