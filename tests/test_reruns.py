@@ -6,7 +6,6 @@ marked up to date with `--touch`: no job really runs, the DAG and Snakemake's
 rerun decisions (the rules' `code` params, see medrobust.fingerprint) are real.
 """
 
-import re
 import shutil
 import subprocess
 import sys

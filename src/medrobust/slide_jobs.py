@@ -59,12 +59,12 @@ def tile_slide_job(args: argparse.Namespace) -> None:
 
 
 def extract_features_job(args: argparse.Namespace) -> None:
+    from medrobust.config import FEATURE_LOADER_KEYS
     from medrobust.device import select_device
     from medrobust.features.extract import FeatureConfig, extract_slide_features
 
-    config = FeatureConfig.from_mapping({**args.job["features"],
-                                         "loader_workers": args.loader_workers,
-                                         "prefetch_batches": args.prefetch_batches})
+    loader = {key: getattr(args, key) for key in FEATURE_LOADER_KEYS}
+    config = FeatureConfig.from_mapping({**args.job["features"], **loader})
     extract_slide_features(args.tiles, args.features, config,
                            device=select_device(args.job["device"], threads=args.threads))
 

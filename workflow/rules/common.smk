@@ -31,8 +31,8 @@ else:
 def slide_job_command(arguments):
     """A per-slide rule's shell command: medrobust.slide_jobs with `arguments`, a shell
     template (`{params.job:q}` and the like)."""
-    return ('PYTHONPATH="$MEDROBUST_SRC${{PYTHONPATH:+:$PYTHONPATH}}" '
-            f'"${{{{MEDROBUST_PYTHON:-python}}}}" -m medrobust.slide_jobs {arguments}')
+    return " ".join(['PYTHONPATH="$MEDROBUST_SRC${{PYTHONPATH:+:$PYTHONPATH}}"',
+                     '"${{MEDROBUST_PYTHON:-python}}" -m medrobust.slide_jobs', arguments])
 
 from medrobust import conditions as plan
 from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_WEIGHTS, PRETRAINED,
