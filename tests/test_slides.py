@@ -1,15 +1,18 @@
 """Opening and reading whole-slide images through OpenSlide."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
+import tifffile
 from PIL import Image
 
 import medrobust.io.slides as slides
 from medrobust.errors import InputError
 from medrobust.io.slides import open_slide
+from medrobust.io.tiff_tiles import TiffTileLevel
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -80,6 +83,95 @@ def test_read_rgb_reuses_a_buffer_per_thread_but_returns_fresh_arrays():
     np.testing.assert_array_equal(first, kept)  # not overwritten by the second read
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(big[:32, :32], first)
+
+
+def _jpeg_pyramid(tmp_path: Path) -> Path:
+    """The CMU slide's pixels as a two-level TIFF of YCbCr JPEG tiles, as the synthetic
+    slides and bench_tiling's large slide are written."""
+    with open_slide(CMU) as slide:
+        pixels = slide.read_rgb((0, 0), 0, slide.dimensions)
+    path = tmp_path / "jpeg_pyramid.tiff"
+    with tifffile.TiffWriter(path) as tiff:
+        for downsample in (1, 2):
+            tiff.write(np.asarray(Image.fromarray(pixels).reduce(downsample)), tile=(256, 256),
+                       photometric="rgb", compression="jpeg", subfiletype=int(downsample > 1),
+                       resolution=(1e4 / 0.5 / downsample,) * 2, resolutionunit="CENTIMETER")
+    return path
+
+
+def _openslide_rgb(path: Path, location, level: int, size) -> np.ndarray:
+    with openslide.OpenSlide(path) as reference:
+        return np.asarray(reference.read_region(location, level, size).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", ["aperio JPEG (RGB)", "generic TIFF, JPEG (YCbCr)",
+                                  "generic TIFF, deflate"])
+def test_tiff_mosaic_levels_are_decoded_directly_with_openslides_pixels(tmp_path, name):
+    path, mpp = {"aperio JPEG (RGB)": (CMU, None), "generic TIFF, deflate": (BOXES, BOXES_MPP),
+                 "generic TIFF, JPEG (YCbCr)": (_jpeg_pyramid(tmp_path), None)}[name]
+    rng = np.random.default_rng(0)
+    with open_slide(path, mpp) as slide:
+        assert slide.reads_tiff_tiles(0)
+        width, height = slide.level_dimensions[0]
+        regions = [((0, 0), (width, height)),                  # the whole level
+                   ((width - 70, height - 50), (70, 50))]      # up to its corner
+        regions += [((int(rng.integers(0, width - 100)), int(rng.integers(0, height - 100))),
+                     (int(rng.integers(1, 100)), int(rng.integers(1, 100)))) for _ in range(30)]
+        for location, size in regions:
+            np.testing.assert_array_equal(slide.read_rgb(location, 0, size),
+                                          _openslide_rgb(path, location, 0, size))
+        # from four threads at once: one file position, shared under a lock
+        with ThreadPoolExecutor(4) as pool:
+            reads = list(pool.map(lambda region: slide.read_rgb(region[0], 0, region[1]),
+                                  regions))
+    for (location, size), read in zip(regions, reads):
+        np.testing.assert_array_equal(read, _openslide_rgb(path, location, 0, size))
+
+
+def test_regions_tiff_tiles_cannot_give_are_read_through_openslide(monkeypatch):
+    with open_slide(DATA / "boxes_0.dcm") as slide:
+        assert not slide.reads_tiff_tiles(0)  # DICOM: not a TIFF
+    with open_slide(BOXES, BOXES_MPP) as slide:
+        # downsample 4.016: whole pixels of level 2 are fractions of level 0's
+        assert not slide.reads_tiff_tiles(2)
+        assert slide.reads_tiff_tiles(0) and slide.reads_tiff_tiles(1)  # checked, so not below
+
+        def no_decoding(*args):
+            raise AssertionError("decoded directly")
+
+        monkeypatch.setattr(TiffTileLevel, "read", no_decoding)
+        # beyond the level, between two of its pixels: OpenSlide's background and resampling
+        for location, level in [((280, 240), 0), ((-4, 0), 0), ((3, 4), 1)]:
+            np.testing.assert_array_equal(slide.read_rgb(location, level, (30, 20)),
+                                          slides.Slide._read_openslide(slide, location, level,
+                                                                       30, 20))
+
+
+def test_a_level_whose_decoded_tiles_differ_from_openslide_is_read_through_it(monkeypatch):
+    decode = TiffTileLevel.read
+    monkeypatch.setattr(TiffTileLevel, "read", lambda *args: 255 - decode(*args))
+    with open_slide(CMU) as slide:
+        assert not slide.reads_tiff_tiles(0)
+        np.testing.assert_array_equal(slide.read_rgb((100, 200), 0, (300, 300)),
+                                      _openslide_rgb(CMU, (100, 200), 0, (300, 300)))
+
+
+def test_a_corrupt_tile_decoded_directly_raises_an_input_error_naming_the_file(tmp_path):
+    data = bytearray(CMU.read_bytes())
+    with tifffile.TiffFile(CMU) as tiff:
+        page = tiff.pages[0]
+        counts = np.asarray(page.databytecounts)
+        index = int(np.argmin(counts))  # not the tile the level is checked on, the largest
+        offset, count = page.dataoffsets[index], counts[index]
+        row, column = divmod(index, -(-page.imagewidth // page.tilewidth))
+        location = (column * page.tilewidth, row * page.tilelength)
+    data[offset:offset + count] = b"\xff" * count  # no JPEG markers left
+    path = tmp_path / "corrupt.svs"
+    path.write_bytes(bytes(data))
+    with open_slide(path) as slide, pytest.raises(InputError, match="corrupt") as caught:
+        assert slide.reads_tiff_tiles(0)
+        slide.read_rgb(location, 0, (16, 16))
+    assert str(path) in str(caught.value) and f"tile {index}" in str(caught.value)
 
 
 def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch, write_tiff):

@@ -11,6 +11,12 @@ Regions are read with openslide-python's binding of `openslide_read_region`
 wide regions the tiler reads, converting it to an RGB array and the page faults
 of its fresh buffers had cost about a third of the tiler's time
 (docs/benchmarks.md, "Tiling"). tests/test_slides.py checks both give the same pixels.
+
+Where a level is a plain mosaic of TIFF tiles (generic TIFF, Aperio SVS) and
+a region starts at whole pixels of that level, its tiles are decoded directly
+(io/tiff_tiles.py): the same pixels at a quarter of OpenSlide's cost. Each
+level is trusted only after one of its tiles decoded so matched OpenSlide's
+read exactly; every other read goes through OpenSlide.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from openslide import lowlevel
 from PIL import Image, ImageColor
 
 from medrobust.errors import InputError
+from medrobust.io.tiff_tiles import TiffTileLevel
+from medrobust.logs import get_logger
+
+log = get_logger(__name__)
 
 # A level whose downsample exceeds the wanted one by less than this still
 # counts as matching, so float noise in mpp ratios doesn't skip a level.
@@ -59,6 +69,9 @@ class Slide:
         self._background = "#" + color
         self._background_rgb = np.array(ImageColor.getrgb(self._background), np.float32)
         self._buffers = threading.local()
+        self._vendor = handle.properties.get(openslide.PROPERTY_NAME_VENDOR)
+        self._tiff_levels: dict[int, TiffTileLevel | None] = {}  # level -> its tiles, once checked
+        self._tiff_lock = threading.Lock()
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample`, so reads
@@ -74,6 +87,53 @@ class Slide:
         width, height = int(size[0]), int(size[1])
         if width < 0 or height < 0:  # OpenSlide would latch an error for every later read
             raise ValueError(f"region size must not be negative, not {size}")
+        downsample = self.level_downsamples[level]
+        x, y = location[0] / downsample, location[1] / downsample
+        # OpenSlide resamples a region that starts between two pixels of the level
+        if x.is_integer() and y.is_integer():
+            tiles = self._tiff_level(level)
+            if tiles is not None and tiles.covers(int(x), int(y), width, height):
+                return tiles.read(int(x), int(y), width, height)
+        return self._read_openslide(location, level, width, height)
+
+    def reads_tiff_tiles(self, level: int) -> bool:
+        """Whether whole-pixel regions of `level` are decoded from its TIFF tiles directly."""
+        return self._tiff_level(level) is not None
+
+    def _tiff_level(self, level: int) -> TiffTileLevel | None:
+        with self._tiff_lock:
+            if level not in self._tiff_levels:
+                self._tiff_levels[level] = self._checked_tiff_level(level)
+            return self._tiff_levels[level]
+
+    def _checked_tiff_level(self, level: int) -> TiffTileLevel | None:
+        """The level's TIFF tiles if one decoded directly equals OpenSlide's read of it: the
+        stored tile with the most data, so tissue rather than glass where the slide has any."""
+        tiles = TiffTileLevel.open(self.path, self._vendor, self.level_dimensions[level])
+        if tiles is None:
+            return None
+        row, column = divmod(int(np.argmax(tiles.byte_counts)), tiles.columns)
+        x, y = column * tiles.tile_width, row * tiles.tile_height
+        width = min(tiles.tile_width, tiles.width - x)
+        height = min(tiles.tile_height, tiles.height - y)
+        downsample = self.level_downsamples[level]
+        location = (round(x * downsample), round(y * downsample))
+        try:
+            same = tiles.covers(x, y, width, height) and np.array_equal(
+                tiles.read(x, y, width, height),
+                self._read_openslide(location, level, width, height))
+        except InputError as error:  # a corrupt tile: OpenSlide reports it when it is read
+            log.debug("%s: checking level %d's TIFF tiles failed: %s", self.path, level, error)
+            same = False
+        if not same:
+            log.info("%s: level %d's TIFF tiles decoded directly differ from OpenSlide's "
+                     "read; reading the level through OpenSlide", self.path, level)
+            tiles.close()
+            return None
+        return tiles
+
+    def _read_openslide(self, location: tuple[int, int], level: int, width: int,
+                        height: int) -> np.ndarray:
         argb = self._argb_buffer(width * height).reshape(height, width)
         try:
             lowlevel._read_region(self._slide._osr,
@@ -166,6 +226,9 @@ class Slide:
         return self._rgb(image.resize(size, Image.Resampling.BOX)), width / size[0]
 
     def close(self) -> None:
+        for tiles in self._tiff_levels.values():
+            if tiles is not None:
+                tiles.close()
         self._slide.close()
 
     def __enter__(self) -> "Slide":
