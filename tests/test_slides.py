@@ -156,22 +156,110 @@ def test_a_level_whose_decoded_tiles_differ_from_openslide_is_read_through_it(mo
                                       _openslide_rgb(CMU, (100, 200), 0, (300, 300)))
 
 
-def test_a_corrupt_tile_decoded_directly_raises_an_input_error_naming_the_file(tmp_path):
-    data = bytearray(CMU.read_bytes())
-    with tifffile.TiffFile(CMU) as tiff:
+def _patched(source: Path, tmp_path: Path, patch) -> Path:
+    """A copy of a slide whose bytes `patch(data, tiff)` has changed in place."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tiff:
+        patch(data, tiff)
+    path = tmp_path / f"patched{source.suffix}"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _smallest_tile(tiff: tifffile.TiffFile) -> tuple[int, int, int]:
+    """(index, offset, byte count) of level 0's smallest tile: not the one the level is
+    checked on, the largest."""
+    page = tiff.pages[0]
+    index = int(np.argmin(page.databytecounts))
+    return index, page.dataoffsets[index], page.databytecounts[index]
+
+
+def _end_marker_in_the_scan(data, tiff):
+    _, offset, count = _smallest_tile(tiff)
+    data[offset + count // 2:offset + count // 2 + 2] = b"\xff\xd9"
+
+
+def _second_half_zeroed(data, tiff):
+    _, offset, count = _smallest_tile(tiff)
+    data[offset + count // 2:offset + count] = bytes(count - count // 2)
+
+
+def _no_jpeg_markers(data, tiff):
+    _, offset, count = _smallest_tile(tiff)
+    data[offset:offset + count] = b"\xff" * count
+
+
+def _file_ends_inside_the_tile(data, tiff):
+    # the tile's first half moved to the end of the file, its byte count left whole
+    index, offset, count = _smallest_tile(tiff)
+    entry = tiff.pages[0].tags["TileOffsets"].valueoffset + 4 * index
+    data[entry:entry + 4] = len(data).to_bytes(4, "little")
+    data += data[offset:offset + count // 2]
+
+
+# OpenSlide reads every tile of a one-level slide when it opens it: the pyramid for the short one
+@pytest.mark.parametrize("source, patch", [
+    ("cmu", _end_marker_in_the_scan), ("cmu", _second_half_zeroed), ("cmu", _no_jpeg_markers),
+    ("pyramid", _file_ends_inside_the_tile)])
+def test_a_corrupt_tile_decoded_directly_raises_an_input_error_naming_the_file(tmp_path, source,
+                                                                               patch):
+    source = CMU if source == "cmu" else _jpeg_pyramid(tmp_path)
+    path = _patched(source, tmp_path, patch)
+    with tifffile.TiffFile(source) as tiff:
+        index, _, _ = _smallest_tile(tiff)
         page = tiff.pages[0]
-        counts = np.asarray(page.databytecounts)
-        index = int(np.argmin(counts))  # not the tile the level is checked on, the largest
-        offset, count = page.dataoffsets[index], counts[index]
         row, column = divmod(index, -(-page.imagewidth // page.tilewidth))
         location = (column * page.tilewidth, row * page.tilelength)
-    data[offset:offset + count] = b"\xff" * count  # no JPEG markers left
-    path = tmp_path / "corrupt.svs"
-    path.write_bytes(bytes(data))
+    # libjpeg only warns about most of these; OpenSlide, as medrobust, takes a warning as an error
+    with pytest.raises(openslide.OpenSlideError), openslide.OpenSlide(path) as reference:
+        reference.read_region(location, 0, (16, 16))
     with open_slide(path) as slide, pytest.raises(InputError, match="corrupt") as caught:
         assert slide.reads_tiff_tiles(0)
         slide.read_rgb(location, 0, (16, 16))
     assert str(path) in str(caught.value) and f"tile {index}" in str(caught.value)
+
+
+def _tile_counts_cut(data, tiff):
+    for name in ("TileOffsets", "TileByteCounts"):  # each tag entry's count field
+        entry = tiff.pages[0].tags[name].offset + 4
+        data[entry:entry + 4] = (130 - 2).to_bytes(4, "little")
+
+
+def _a_tag_of_the_wrong_type(data, tiff):
+    entry = tiff.pages[1].tags["ImageLength"].offset + 2  # the thumbnail's; its type field
+    data[entry:entry + 2] = (2).to_bytes(2, "little")  # ASCII
+
+
+@pytest.mark.parametrize("patch", [_tile_counts_cut, _a_tag_of_the_wrong_type])
+def test_tags_tifffile_cannot_use_leave_the_slide_to_openslide(tmp_path, patch):
+    path = _patched(CMU, tmp_path, patch)
+    with open_slide(path) as slide:
+        assert not slide.reads_tiff_tiles(0)
+        np.testing.assert_array_equal(slide.read_rgb((100, 200), 0, (300, 300)),
+                                      _openslide_rgb(path, (100, 200), 0, (300, 300)))
+
+
+def test_aperio_levels_coarser_than_a_missing_tile_are_read_through_openslide(tmp_path):
+    # OpenSlide draws such a level's tile from the finer level, not from the stored tile
+    rng = np.random.default_rng(0)
+    path = tmp_path / "missing.svs"
+    description = ("Aperio Image Library v12.0.0\r\n1024x1024 [0,0 1024x1024] (256x256) "
+                   "JPEG/RGB Q=90|AppMag = 20|MPP = 0.5")
+    with tifffile.TiffWriter(path) as tiff:
+        for size in (1024, 512):
+            pixels = rng.integers(0, 255, (size, size, 3), np.uint8)
+            pixels[:256, :256] = 128  # level 1's tile 0 is not the one the level is checked on
+            tiff.write(pixels, tile=(256, 256), photometric="rgb", compression="jpeg",
+                       description=description, subfiletype=int(size < 1024), metadata=None)
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tiff:
+        counts = tiff.pages[0].tags["TileByteCounts"].valueoffset
+    data[counts:counts + 4] = bytes(4)  # level 0's first tile: stored as missing
+    path.write_bytes(bytes(data))
+    with open_slide(path) as slide:
+        assert slide.reads_tiff_tiles(0) and not slide.reads_tiff_tiles(1)
+        np.testing.assert_array_equal(slide.read_rgb((0, 0), 1, (256, 256)),
+                                      slides.Slide._read_openslide(slide, (0, 0), 1, 256, 256))
 
 
 def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch, write_tiff):

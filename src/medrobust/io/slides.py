@@ -122,7 +122,8 @@ class Slide:
             same = tiles.covers(x, y, width, height) and np.array_equal(
                 tiles.read(x, y, width, height),
                 self._read_openslide(location, level, width, height))
-        except InputError as error:  # a corrupt tile: OpenSlide reports it when it is read
+        # a corrupt tile or a damaged file: OpenSlide reports what it finds when it reads
+        except Exception as error:
             log.debug("%s: checking level %d's TIFF tiles failed: %s", self.path, level, error)
             same = False
         if not same:
@@ -226,9 +227,11 @@ class Slide:
         return self._rgb(image.resize(size, Image.Resampling.BOX)), width / size[0]
 
     def close(self) -> None:
-        for tiles in self._tiff_levels.values():
-            if tiles is not None:
-                tiles.close()
+        with self._tiff_lock:
+            for tiles in self._tiff_levels.values():
+                if tiles is not None:
+                    tiles.close()
+            self._tiff_levels.clear()
         self._slide.close()
 
     def __enter__(self) -> "Slide":

@@ -3,14 +3,16 @@
 For a region that starts at a whole pixel of a level, OpenSlide's
 `read_region` returns the stored tiles' decoded pixels unchanged, but it
 decodes them into premultiplied ARGB and paints them through cairo: on the
-tiler's slides that costs about four times the JPEG decode itself (1.7 ms against
-0.4 ms per 256-px tile; docs/benchmarks.md, "sixth session: decoding TIFF tiles
-directly"). `TiffTileLevel` reads a level's compressed tiles from the file
-and decodes them with tifffile's decoder for that page (libjpeg-turbo through
-imagecodecs for JPEG), which gives the same pixels. A tile that a region only
-partly covers is kept decoded for a while, as OpenSlide's tile cache does:
-when tiles of 224 px are cut from a file of 256-px tiles, the neighbouring
-region needs the rest of it.
+tiler's slides `read_region` costs about four times the JPEG decode itself
+(1.7 ms against 0.4 ms per 256-px tile; docs/benchmarks.md, "sixth session:
+decoding TIFF tiles directly"). `TiffTileLevel` reads a level's compressed
+tiles from the file and decodes them itself, which gives the same pixels:
+JPEG tiles with libjpeg-turbo through simplejpeg, whose strict mode fails on
+corrupt data as OpenSlide does (imagecodecs, under tifffile's decoder, only
+warns and returns damaged pixels); deflate, LZW and uncompressed tiles with
+tifffile's decoder. A tile that a region only partly covers is kept decoded
+for a while, as OpenSlide's tile cache does: when tiles of 224 px are cut
+from a file of 256-px tiles, the neighbouring region needs the rest of it.
 
 Only levels of the vendors whose levels are such a mosaic (`MOSAIC_VENDORS`)
 are read this way; `io/slides.py` checks one tile against OpenSlide before
@@ -24,6 +26,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import tifffile
 
 from medrobust.errors import InputError
@@ -35,6 +38,15 @@ log = get_logger(__name__)
 MOSAIC_VENDORS = ("generic-tiff", "aperio")
 # decoded tiles kept per level: about 340 of 256 px, two rows of tissue on most slides
 CACHE_BYTES = 64 << 20
+JPEG = tifffile.COMPRESSION.JPEG
+# what is decoded here; JPEG 2000 (Aperio's 33003 and 33005) is left to OpenSlide
+COMPRESSIONS = (tifffile.COMPRESSION.NONE, tifffile.COMPRESSION.LZW, JPEG,
+                tifffile.COMPRESSION.ADOBE_DEFLATE, tifffile.COMPRESSION.DEFLATE)
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+# libjpeg reads a 3-channel JPEG without a JFIF or Adobe segment as YCbCr unless its
+# components are named R, G, B; an Adobe segment with transform 0 says "RGB as stored", which
+# is what a TIFF page of photometric RGB says of its JPEG tiles (Aperio's)
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
 class TiffTileLevel:
@@ -48,8 +60,9 @@ class TiffTileLevel:
         self._offsets = np.asarray(page.dataoffsets, np.int64)
         self.byte_counts = np.asarray(page.databytecounts, np.int64)
         self._decode = page.decode
-        self._tables = page.jpegtables
+        self._jpeg_header = _jpeg_header(page) if page.compression == JPEG else None
         self._tiff = tiff
+        self._buffers = threading.local()  # a decoded tile's pixels, each thread its own
         self._file = open(path, "rb")  # kept open until close()
         self._lock = threading.Lock()  # one file position shared by the reading threads
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
@@ -59,22 +72,31 @@ class TiffTileLevel:
     @classmethod
     def open(cls, path: Path, vendor: str | None,
              dimensions: tuple[int, int]) -> "TiffTileLevel | None":
-        """The level of `dimensions` if it is one tiled 8-bit RGB page of a mosaic vendor's file,
-        else None (read it through OpenSlide)."""
+        """The level of `dimensions` if it is one tiled 8-bit RGB page of a mosaic vendor's file
+        that can be decoded here, else None (read it through OpenSlide)."""
         if vendor not in MOSAIC_VENDORS:
             return None
         try:
             tiff = tifffile.TiffFile(path)
-        except (OSError, ValueError, tifffile.TiffFileError) as error:
+        except Exception as error:  # tifffile raises many kinds on a damaged file
             log.debug("%s: tifffile cannot parse it (%s); reading through OpenSlide", path, error)
             return None
-        pages = [page for page in tiff.pages
-                 if isinstance(page, tifffile.TiffPage) and page.is_tiled
-                 and (page.imagewidth, page.imagelength) == tuple(dimensions)]
-        if len(pages) != 1 or not _plain_rgb(pages[0]):
-            tiff.close()
-            return None
-        return cls(path, tiff, pages[0])
+        try:
+            tiled = [page for page in tiff.pages
+                     if isinstance(page, tifffile.TiffPage) and page.is_tiled]
+            level = [page for page in tiled
+                     if (page.imagewidth, page.imagelength) == tuple(dimensions)]
+            # OpenSlide's Aperio reader draws a level's tile from the finer level instead
+            # where a finer level lacks the tile's data, which a stored tile cannot show
+            finer_missing = vendor == "aperio" and any(
+                page.imagewidth > dimensions[0] and 0 in page.databytecounts for page in tiled)
+            if len(level) == 1 and _decodable(level[0]) and not finer_missing:
+                return cls(path, tiff, level[0])
+        except Exception as error:  # a damaged tag: OpenSlide decides what the file holds
+            log.debug("%s: tifffile cannot read its levels (%s); reading through OpenSlide",
+                      path, error)
+        tiff.close()
+        return None
 
     def covers(self, x: int, y: int, width: int, height: int) -> bool:
         """Whether the region lies inside the level and every tile it needs is stored."""
@@ -104,13 +126,14 @@ class TiffTileLevel:
 
     def _tile(self, index: int, keep: bool) -> np.ndarray:
         """The decoded tile, from the cache if there; `keep` caches it (a tile used whole is
-        not needed again: the tiler's regions do not overlap)."""
+        not needed again: the tiler's regions do not overlap, so it is decoded into this
+        thread's buffer, sparing a fresh array's page faults)."""
         with self._cache_lock:
             tile = self._cache.get(index)
             if tile is not None:
                 self._cache.move_to_end(index)
                 return tile
-        tile = self._decoded(index)
+        tile = self._decoded(index, out=None if keep else self._buffer())
         if keep:
             with self._cache_lock:
                 if index not in self._cache:  # another thread may have decoded it too
@@ -120,18 +143,41 @@ class TiffTileLevel:
                     self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
 
-    def _decoded(self, index: int) -> np.ndarray:
+    def _buffer(self) -> np.ndarray:
+        buffer = getattr(self._buffers, "tile", None)
+        if buffer is None:
+            buffer = self._buffers.tile = np.empty(
+                (self.tile_height, self.tile_width, 3), np.uint8)
+        return buffer
+
+    def _decoded(self, index: int, out: np.ndarray | None) -> np.ndarray:
+        """Tile `index` decoded, `(tile_height, tile_width, 3)`, into `out` if given; an
+        InputError naming the file if its data is short or corrupt."""
+        count = int(self.byte_counts[index])
         with self._lock:
             self._file.seek(int(self._offsets[index]))
-            data = self._file.read(int(self.byte_counts[index]))
+            data = self._file.read(count)
         try:
-            decoded, _, _ = self._decode(data, index, jpegtables=self._tables)
-        # the codecs raise their own error types (imagecodecs.JpegError, zlib.error, ...)
+            if len(data) < count:
+                raise ValueError(f"the file ends {count - len(data)} bytes into the tile")
+            if self._jpeg_header is None:
+                decoded, _, _ = self._decode(data, index)
+                decoded = decoded.reshape(decoded.shape[-3:])
+            elif data[:2] != _SOI:
+                raise ValueError("the tile's data is not a JPEG stream")
+            else:  # strict: libjpeg's warnings (premature end, bad Huffman code) are errors
+                decoded = simplejpeg.decode_jpeg(self._jpeg_header + data[2:], colorspace="RGB",
+                                                 strict=True, buffer=out)
+            if decoded.shape != (self.tile_height, self.tile_width, 3):
+                raise ValueError(f"it decodes to {decoded.shape[1]} x {decoded.shape[0]} "
+                                 f"pixels, not the level's {self.tile_width} x "
+                                 f"{self.tile_height}")
+        # the codecs raise their own error types (ValueError, zlib.error, ...)
         except Exception as error:
             raise InputError(f"{self.path}: cannot decode tile {index} of the "
                              f"{self.width} x {self.height} level ({error}); the slide file "
                              "is corrupt") from error
-        return decoded.reshape(decoded.shape[-3:])
+        return decoded
 
     def _tile_indices(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         columns = np.arange(x // self.tile_width, (x + width - 1) // self.tile_width + 1)
@@ -141,11 +187,32 @@ class TiffTileLevel:
     def close(self) -> None:
         self._file.close()
         self._tiff.close()
+        with self._cache_lock:
+            self._cache.clear()
 
 
-def _plain_rgb(page: tifffile.TiffPage) -> bool:
-    """A page of 8-bit RGB (or JPEG's YCbCr) pixels stored side by side, one plane deep."""
+def _decodable(page: tifffile.TiffPage) -> bool:
+    """A page of 8-bit RGB pixels side by side (YCbCr only inside JPEG, whose decoder converts
+    it), one plane deep, in a grid of as many tiles as stored, compressed as decoded here."""
+    columns = -(-page.imagewidth // page.tilewidth) if page.tilewidth else 0
+    rows = -(-page.imagelength // page.tilelength) if page.tilelength else 0
+    colour = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) \
+        if page.compression == JPEG else (tifffile.PHOTOMETRIC.RGB,)
     return (page.samplesperpixel == 3 and page.bitspersample == 8
             and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
             and page.imagedepth == 1 and page.tiledepth == 1
-            and page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR))
+            and page.compression in COMPRESSIONS and page.photometric in colour
+            and columns * rows > 0
+            and len(page.dataoffsets) == len(page.databytecounts) == columns * rows)
+
+
+def _jpeg_header(page: tifffile.TiffPage) -> bytes:
+    """What goes before a tile's data (less its start marker) to make a whole JPEG stream:
+    the start marker, the Adobe segment for RGB, and the page's shared tables if any."""
+    header = _SOI + (_ADOBE_RGB if page.photometric == tifffile.PHOTOMETRIC.RGB else b"")
+    tables = page.jpegtables or b""
+    if tables:
+        if tables[:2] != _SOI or tables[-2:] != _EOI:
+            raise ValueError("its JPEGTables are not a JPEG tables stream")
+        header += tables[2:-2]
+    return header

@@ -24,7 +24,7 @@ from medrobust.io.checksums import sha256_file
 # distributions whose versions change numbers or formats, in the order a reader looks
 KEY_LIBRARIES = ("snakemake", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "pandas",
                  "zarr", "dask", "pydicom", "openslide-python", "openslide-bin", "tifffile",
-                 "imagecodecs", "matplotlib", "jinja2")
+                 "imagecodecs", "simplejpeg", "matplotlib", "jinja2")
 
 
 def git_commit(repository: str | os.PathLike) -> str:
