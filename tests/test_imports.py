@@ -140,9 +140,12 @@ def declared_pypi() -> set[str]:
 
 
 def declared_conda() -> set[str]:
+    """The conda environment's packages, those it installs with pip included."""
     environment = yaml.safe_load((ROOT / "envs" / "medrobust.yaml").read_text())
-    return {normalise(re.match(r"[A-Za-z0-9_.-]+", spec).group())
-            for spec in environment["dependencies"] if isinstance(spec, str)}
+    specs = [spec for spec in environment["dependencies"] if isinstance(spec, str)]
+    specs += [spec for entry in environment["dependencies"] if isinstance(entry, dict)
+              for spec in entry.get("pip", [])]
+    return {normalise(re.match(r"[A-Za-z0-9_.-]+", spec).group()) for spec in specs}
 
 
 def test_every_imported_distribution_is_declared():

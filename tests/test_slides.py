@@ -1,5 +1,6 @@
 """Opening and reading whole-slide images through OpenSlide."""
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -197,26 +198,71 @@ def _file_ends_inside_the_tile(data, tiff):
     data += data[offset:offset + count // 2]
 
 
-# OpenSlide reads every tile of a one-level slide when it opens it: the pyramid for the short one
-@pytest.mark.parametrize("source, patch", [
-    ("cmu", _end_marker_in_the_scan), ("cmu", _second_half_zeroed), ("cmu", _no_jpeg_markers),
-    ("pyramid", _file_ends_inside_the_tile)])
-def test_a_corrupt_tile_decoded_directly_raises_an_input_error_naming_the_file(tmp_path, source,
-                                                                               patch):
-    source = CMU if source == "cmu" else _jpeg_pyramid(tmp_path)
-    path = _patched(source, tmp_path, patch)
+def _replacing_the_smallest_tile(new_tile):
+    """A patch storing `new_tile(the tile's bytes)` at the file's end as level 0's smallest tile."""
+    def patch(data, tiff):
+        index, offset, count = _smallest_tile(tiff)
+        tile = new_tile(bytes(data[offset:offset + count]))
+        for name, value in (("TileOffsets", len(data)), ("TileByteCounts", len(tile))):
+            entry = tiff.pages[0].tags[name].valueoffset + 4 * index
+            data[entry:entry + 4] = value.to_bytes(4, "little")
+        data += tile
+    return patch
+
+
+def _grey_jpeg(tile: bytes) -> bytes:
+    encoded = io.BytesIO()
+    Image.new("L", (240, 240), 128).save(encoded, "JPEG")
+    return encoded.getvalue()
+
+
+_a_grey_tile = _replacing_the_smallest_tile(_grey_jpeg)
+# a JFIF segment would make libjpeg read the Aperio page's RGB tile as YCbCr
+_a_jfif_segment = _replacing_the_smallest_tile(
+    lambda tile: tile[:2] + b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    + tile[2:])
+# libjpeg's last step, which OpenSlide never runs, warns about bytes before the end marker
+_bytes_before_the_end_marker = _replacing_the_smallest_tile(
+    lambda tile: tile[:-2] + bytes(16) + tile[-2:])
+
+
+def _smallest_tile_location(source: Path) -> tuple[int, int]:
     with tifffile.TiffFile(source) as tiff:
         index, _, _ = _smallest_tile(tiff)
         page = tiff.pages[0]
         row, column = divmod(index, -(-page.imagewidth // page.tilewidth))
-        location = (column * page.tilewidth, row * page.tilelength)
+        return column * page.tilewidth, row * page.tilelength
+
+
+# OpenSlide reads every tile of a one-level slide when it opens it: the pyramid for the short one
+@pytest.mark.parametrize("source, patch", [
+    ("cmu", _end_marker_in_the_scan), ("cmu", _second_half_zeroed), ("cmu", _no_jpeg_markers),
+    ("cmu", _a_grey_tile), ("pyramid", _file_ends_inside_the_tile)],
+    ids=["end marker in the scan", "second half zeroed", "no JPEG markers", "grey tile",
+         "file ends inside the tile"])
+def test_a_corrupt_tile_raises_an_input_error_naming_the_file_as_openslide_does(tmp_path, source,
+                                                                                patch):
+    source = CMU if source == "cmu" else _jpeg_pyramid(tmp_path)
+    path = _patched(source, tmp_path, patch)
+    location = _smallest_tile_location(source)
     # libjpeg only warns about most of these; OpenSlide, as medrobust, takes a warning as an error
     with pytest.raises(openslide.OpenSlideError), openslide.OpenSlide(path) as reference:
         reference.read_region(location, 0, (16, 16))
     with open_slide(path) as slide, pytest.raises(InputError, match="corrupt") as caught:
         assert slide.reads_tiff_tiles(0)
         slide.read_rgb(location, 0, (16, 16))
-    assert str(path) in str(caught.value) and f"tile {index}" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("patch", [_a_jfif_segment, _bytes_before_the_end_marker],
+                         ids=["JFIF segment", "bytes before the end marker"])
+def test_tiles_decoded_directly_have_openslides_colours_and_leniency(tmp_path, patch):
+    path = _patched(CMU, tmp_path, patch)
+    location = _smallest_tile_location(CMU)
+    with open_slide(path) as slide:
+        assert slide.reads_tiff_tiles(0)
+        np.testing.assert_array_equal(slide.read_rgb(location, 0, (240, 240)),
+                                      _openslide_rgb(path, location, 0, (240, 240)))
 
 
 def _tile_counts_cut(data, tiff):
@@ -230,7 +276,8 @@ def _a_tag_of_the_wrong_type(data, tiff):
     data[entry:entry + 2] = (2).to_bytes(2, "little")  # ASCII
 
 
-@pytest.mark.parametrize("patch", [_tile_counts_cut, _a_tag_of_the_wrong_type])
+@pytest.mark.parametrize("patch", [_tile_counts_cut, _a_tag_of_the_wrong_type],
+                         ids=["tile counts cut", "a tag of the wrong type"])
 def test_tags_tifffile_cannot_use_leave_the_slide_to_openslide(tmp_path, patch):
     path = _patched(CMU, tmp_path, patch)
     with open_slide(path) as slide:

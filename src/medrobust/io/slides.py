@@ -16,7 +16,8 @@ Where a level is a plain mosaic of TIFF tiles (generic TIFF, Aperio SVS) and
 a region starts at whole pixels of that level, its tiles are decoded directly
 (io/tiff_tiles.py): the same pixels at a quarter of OpenSlide's cost. Each
 level is trusted only after one of its tiles decoded so matched OpenSlide's
-read exactly; every other read goes through OpenSlide.
+read exactly; every other read goes through OpenSlide, and so does a region
+with a tile that cannot be decoded so, for OpenSlide to read or to refuse.
 """
 
 from __future__ import annotations
@@ -93,7 +94,12 @@ class Slide:
         if x.is_integer() and y.is_integer():
             tiles = self._tiff_level(level)
             if tiles is not None and tiles.covers(int(x), int(y), width, height):
-                return tiles.read(int(x), int(y), width, height)
+                try:
+                    return tiles.read(int(x), int(y), width, height)
+                # OpenSlide decides: it raises where the tile is corrupt and reads it where
+                # only libjpeg's final checks complained (bytes before the end marker)
+                except InputError as error:
+                    log.debug("%s; reading the region through OpenSlide", error)
         return self._read_openslide(location, level, width, height)
 
     def reads_tiff_tiles(self, level: int) -> bool:

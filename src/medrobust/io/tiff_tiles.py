@@ -7,10 +7,14 @@ tiler's slides `read_region` costs about four times the JPEG decode itself
 (1.7 ms against 0.4 ms per 256-px tile; docs/benchmarks.md, "sixth session:
 decoding TIFF tiles directly"). `TiffTileLevel` reads a level's compressed
 tiles from the file and decodes them itself, which gives the same pixels:
-JPEG tiles with libjpeg-turbo through simplejpeg, whose strict mode fails on
-corrupt data as OpenSlide does (imagecodecs, under tifffile's decoder, only
-warns and returns damaged pixels); deflate, LZW and uncompressed tiles with
-tifffile's decoder. A tile that a region only partly covers is kept decoded
+JPEG tiles with libjpeg-turbo through simplejpeg, in the colour space the
+page's photometric tag states, as OpenSlide does (the tile's own JFIF or
+Adobe segment is replaced), and in strict mode: a tile libjpeg warns about
+(a premature end, a bad Huffman code) is read through OpenSlide instead,
+which raises where it is corrupt and reads it where libjpeg's final checks
+alone complained (imagecodecs, under tifffile's decoder, returns damaged
+pixels without an error); deflate, LZW and uncompressed tiles with tifffile's
+decoder. A tile that a region only partly covers is kept decoded
 for a while, as OpenSlide's tile cache does: when tiles of 224 px are cut
 from a file of 256-px tiles, the neighbouring region needs the rest of it.
 
@@ -42,11 +46,14 @@ JPEG = tifffile.COMPRESSION.JPEG
 # what is decoded here; JPEG 2000 (Aperio's 33003 and 33005) is left to OpenSlide
 COMPRESSIONS = (tifffile.COMPRESSION.NONE, tifffile.COMPRESSION.LZW, JPEG,
                 tifffile.COMPRESSION.ADOBE_DEFLATE, tifffile.COMPRESSION.DEFLATE)
-_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
-# libjpeg reads a 3-channel JPEG without a JFIF or Adobe segment as YCbCr unless its
-# components are named R, G, B; an Adobe segment with transform 0 says "RGB as stored", which
-# is what a TIFF page of photometric RGB says of its JPEG tiles (Aperio's)
-_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+_SOI, _EOI, _SOS = b"\xff\xd8", b"\xff\xd9", 0xDA
+# frame headers: SOF0-SOF15 less DHT (C4), JPG (C8) and DAC (CC)
+_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# JFIF (APP0) and Adobe (APP14) segments decide the colour space libjpeg reads: OpenSlide takes
+# it from the page's photometric tag instead, so they are replaced by one Adobe segment saying
+# what the tag says (transform 0: RGB as stored, as Aperio's tiles are; 1: YCbCr)
+_COLOUR_SEGMENTS = (0xE0, 0xEE)
+_ADOBE = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"
 
 
 class TiffTileLevel:
@@ -166,8 +173,10 @@ class TiffTileLevel:
             elif data[:2] != _SOI:
                 raise ValueError("the tile's data is not a JPEG stream")
             else:  # strict: libjpeg's warnings (premature end, bad Huffman code) are errors
-                decoded = simplejpeg.decode_jpeg(self._jpeg_header + data[2:], colorspace="RGB",
-                                                 strict=True, buffer=out)
+                segments, scan = _marker_segments(data, 2)
+                decoded = simplejpeg.decode_jpeg(
+                    self._jpeg_header + _colour_free(data, segments) + data[scan:],
+                    colorspace="RGB", strict=True, buffer=out)
             if decoded.shape != (self.tile_height, self.tile_width, 3):
                 raise ValueError(f"it decodes to {decoded.shape[1]} x {decoded.shape[0]} "
                                  f"pixels, not the level's {self.tile_width} x "
@@ -207,12 +216,36 @@ def _decodable(page: tifffile.TiffPage) -> bool:
 
 
 def _jpeg_header(page: tifffile.TiffPage) -> bytes:
-    """What goes before a tile's data (less its start marker) to make a whole JPEG stream:
-    the start marker, the Adobe segment for RGB, and the page's shared tables if any."""
-    header = _SOI + (_ADOBE_RGB if page.photometric == tifffile.PHOTOMETRIC.RGB else b"")
+    """What goes before a tile's own segments to make a whole JPEG stream: the start marker,
+    the Adobe segment for the page's photometric, and the page's shared tables if any."""
+    transform = b"\x01" if page.photometric == tifffile.PHOTOMETRIC.YCBCR else b"\x00"
     tables = page.jpegtables or b""
-    if tables:
-        if tables[:2] != _SOI or tables[-2:] != _EOI:
-            raise ValueError("its JPEGTables are not a JPEG tables stream")
-        header += tables[2:-2]
-    return header
+    if tables and (tables[:2] != _SOI or tables[-2:] != _EOI):
+        raise ValueError("its JPEGTables are not a JPEG tables stream")
+    tables = tables[:-2]
+    return _SOI + _ADOBE + transform + _colour_free(tables, _marker_segments(tables, 2)[0])
+
+
+def _marker_segments(stream: bytes, position: int) -> tuple[list[tuple[int, int, int]], int]:
+    """(marker, start, end) of each marker segment from `position` to the start of scan or the
+    stream's end, and where that is; ValueError if they are not well formed or a frame header
+    states other than 3 components (OpenSlide refuses a grey tile in an RGB page)."""
+    segments = []
+    while position < len(stream):
+        if position + 4 > len(stream) or stream[position] != 0xFF:
+            raise ValueError("its JPEG marker segments are not well formed")
+        marker = stream[position + 1]
+        if marker == _SOS:
+            break
+        end = position + 2 + int.from_bytes(stream[position + 2:position + 4], "big")
+        if marker in _FRAMES and (end > len(stream) or stream[position + 9] != 3):
+            raise ValueError("its JPEG frame is not of 3 components")
+        segments.append((marker, position, end))
+        position = end
+    return segments, position
+
+
+def _colour_free(stream: bytes, segments: list[tuple[int, int, int]]) -> bytes:
+    """The segments less the JFIF and Adobe ones."""
+    return b"".join(stream[start:end] for marker, start, end in segments
+                    if marker not in _COLOUR_SEGMENTS)
