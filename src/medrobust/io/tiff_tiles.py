@@ -59,7 +59,7 @@ _ADOBE = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"
 class TiffTileLevel:
     """The tiles of one TIFF page, read with a lock and decoded by the calling thread."""
 
-    def __init__(self, path: Path, tiff: tifffile.TiffFile, page: tifffile.TiffPage):
+    def __init__(self, path: Path, page: tifffile.TiffPage):
         self.path = path
         self.width, self.height = page.imagewidth, page.imagelength
         self.tile_width, self.tile_height = page.tilewidth, page.tilelength
@@ -68,7 +68,6 @@ class TiffTileLevel:
         self.byte_counts = np.asarray(page.databytecounts, np.int64)
         self._decode = page.decode
         self._jpeg_header = _jpeg_header(page) if page.compression == JPEG else None
-        self._tiff = tiff
         self._buffers = threading.local()  # a decoded tile's pixels, each thread its own
         self._file = open(path, "rb")  # kept open until close()
         self._lock = threading.Lock()  # one file position shared by the reading threads
@@ -88,21 +87,22 @@ class TiffTileLevel:
         except Exception as error:  # tifffile raises many kinds on a damaged file
             log.debug("%s: tifffile cannot parse it (%s); reading through OpenSlide", path, error)
             return None
-        try:
-            tiled = [page for page in tiff.pages
-                     if isinstance(page, tifffile.TiffPage) and page.is_tiled]
-            level = [page for page in tiled
-                     if (page.imagewidth, page.imagelength) == tuple(dimensions)]
-            # OpenSlide's Aperio reader draws a level's tile from the finer level instead
-            # where a finer level lacks the tile's data, which a stored tile cannot show
-            finer_missing = vendor == "aperio" and any(
-                page.imagewidth > dimensions[0] and 0 in page.databytecounts for page in tiled)
-            if len(level) == 1 and _decodable(level[0]) and not finer_missing:
-                return cls(path, tiff, level[0])
-        except Exception as error:  # a damaged tag: OpenSlide decides what the file holds
-            log.debug("%s: tifffile cannot read its levels (%s); reading through OpenSlide",
-                      path, error)
-        tiff.close()
+        with tiff:  # the level keeps what it needs: its decoder does not use the TiffFile
+            try:
+                tiled = [page for page in tiff.pages
+                         if isinstance(page, tifffile.TiffPage) and page.is_tiled]
+                level = [page for page in tiled
+                         if (page.imagewidth, page.imagelength) == tuple(dimensions)]
+                # OpenSlide's Aperio reader draws a level's tile from the finer level instead
+                # where a finer level lacks the tile's data, which a stored tile cannot show
+                finer_missing = vendor == "aperio" and any(
+                    page.imagewidth > dimensions[0] and 0 in page.databytecounts
+                    for page in tiled)
+                if len(level) == 1 and _decodable(level[0]) and not finer_missing:
+                    return cls(path, level[0])
+            except Exception as error:  # a damaged tag: OpenSlide decides what the file holds
+                log.debug("%s: tifffile cannot read its levels (%s); reading through OpenSlide",
+                          path, error)
         return None
 
     def covers(self, x: int, y: int, width: int, height: int) -> bool:
@@ -195,7 +195,6 @@ class TiffTileLevel:
 
     def close(self) -> None:
         self._file.close()
-        self._tiff.close()
         with self._cache_lock:
             self._cache.clear()
 
