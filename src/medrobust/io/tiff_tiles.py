@@ -25,6 +25,7 @@ trusting a level and reads everything else through OpenSlide.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -57,7 +58,8 @@ _ADOBE = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"
 
 
 class TiffTileLevel:
-    """The tiles of one TIFF page, read with a lock and decoded by the calling thread."""
+    """The tiles of one TIFF page, read (pread: no shared file position) and decoded by the
+    calling thread."""
 
     def __init__(self, path: Path, page: tifffile.TiffPage):
         self.path = path
@@ -66,11 +68,11 @@ class TiffTileLevel:
         self.columns = -(-self.width // self.tile_width)
         self._offsets = np.asarray(page.dataoffsets, np.int64)
         self.byte_counts = np.asarray(page.databytecounts, np.int64)
+        self._all_stored = bool((self.byte_counts > 0).all())  # spares `covers` a lookup
         self._decode = page.decode
         self._jpeg_header = _jpeg_header(page) if page.compression == JPEG else None
         self._buffers = threading.local()  # a decoded tile's pixels, each thread its own
-        self._file = open(path, "rb")  # kept open until close()
-        self._lock = threading.Lock()  # one file position shared by the reading threads
+        self._fd = os.open(path, os.O_RDONLY)  # kept open until close()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
         self._cache_lock = threading.Lock()
         self._cache_bytes = 0
@@ -109,7 +111,8 @@ class TiffTileLevel:
         """Whether the region lies inside the level and every tile it needs is stored."""
         if x < 0 or y < 0 or x + width > self.width or y + height > self.height:
             return False
-        return bool((self.byte_counts[self._tile_indices(x, y, width, height)] > 0).all())
+        return self._all_stored or bool(
+            (self.byte_counts[self._tile_indices(x, y, width, height)] > 0).all())
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """`(height, width, 3)` uint8 of a region that `covers` accepts, at level coordinates."""
@@ -161,9 +164,7 @@ class TiffTileLevel:
         """Tile `index` decoded, `(tile_height, tile_width, 3)`, into `out` if given; an
         InputError naming the file if its data is short or corrupt."""
         count = int(self.byte_counts[index])
-        with self._lock:
-            self._file.seek(int(self._offsets[index]))
-            data = self._file.read(count)
+        data = os.pread(self._fd, count, int(self._offsets[index]))
         try:
             if len(data) < count:
                 raise ValueError(f"the file ends {count - len(data)} bytes into the tile")
@@ -174,9 +175,10 @@ class TiffTileLevel:
                 raise ValueError("the tile's data is not a JPEG stream")
             else:  # strict: libjpeg's warnings (premature end, bad Huffman code) are errors
                 segments, scan = _marker_segments(data, 2)
-                decoded = simplejpeg.decode_jpeg(
-                    self._jpeg_header + _colour_free(data, segments) + data[scan:],
-                    colorspace="RGB", strict=True, buffer=out)
+                stream = b"".join((self._jpeg_header, _colour_free(data, segments),
+                                   memoryview(data)[scan:]))  # one copy of the scan
+                decoded = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True,
+                                                 buffer=out)
             if decoded.shape != (self.tile_height, self.tile_width, 3):
                 raise ValueError(f"it decodes to {decoded.shape[1]} x {decoded.shape[0]} "
                                  f"pixels, not the level's {self.tile_width} x "
@@ -194,7 +196,7 @@ class TiffTileLevel:
         return (rows[:, None] * self.columns + columns[None, :]).ravel()
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
         with self._cache_lock:
             self._cache.clear()
 

@@ -238,10 +238,11 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
     as it is read and writes a shard's file once all its parts are compressed,
     so compression overlaps the reads, even on a slide of one shard. A part is
     a quarter shard, so a slide of a few shards still keeps every worker
-    reading. Each task reads the next unread part, not a part of its own: dask
-    starts independent tasks in no fixed order, and parts taken in order read
-    the slide front to back. Neighbouring tiles of a grid row are read in one
-    region and cut apart: fewer OpenSlide calls and less per-tile Python.
+    reading. There is one dask task per worker, each reading the next unread
+    part until none is left: parts taken in order read the slide front to back,
+    and dask's scheduler, at about 0.3 ms of the GIL per task, is not paid per
+    part. Neighbouring tiles of a grid row are read in one region and cut
+    apart: fewer OpenSlide calls and less per-tile Python.
 
     A failed read stops the parts not yet started and is raised only once every
     task has returned: dask raises at the first failure while other tasks are
@@ -270,28 +271,37 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
             waiting.release()
         bar.update(len(batch))
 
-    def read_next_part() -> Future | BaseException | None:
-        if failed.is_set():
-            return None  # another part failed: the slide is left, not read on
-        try:
-            return read_and_submit()
-        except BaseException as error:  # handed back, so dask waits for the other parts
-            failed.set()
-            return error
+    def read_parts() -> tuple[list[Future], BaseException | None]:
+        """One worker's task: its parts' writes, and the error that stopped it if any."""
+        written: list[Future] = []
+        while not failed.is_set():  # else another part failed: the slide is left, not read on
+            with next_part:
+                start = next(parts, None)
+            if start is None:
+                break
+            try:
+                future = read_and_submit(start)
+            except BaseException as error:  # handed back, so dask waits for the other parts
+                failed.set()
+                return written, error
+            if future is None:
+                break
+            written.append(future)
+        return written, None
 
-    def read_and_submit() -> Future | None:
-        with next_part:
-            start = next(parts)
+    def read_and_submit(start: int) -> Future | None:
         stop = min(start + _PART, len(coords))
         batch = np.empty((stop - start, tile_size, tile_size, 3), np.uint8)
         for first, count in _row_runs(coords[start:stop], grid.tile_size_level0, longest_run):
             if failed.is_set():
                 return None
-            run = coords[start + first:start + first + count]
+            xs = coords[start + first:start + first + count, 0].tolist()
+            y = int(coords[start + first, 1])
             # each tile's offset in the region, rounded as a read of that tile alone would be
-            offsets = np.rint((run[:, 0] - run[0, 0]) / grid.level_downsample).astype(np.int64)
-            region = slide.read_rgb((int(run[0, 0]), int(run[0, 1])), grid.level,
-                                    (int(offsets[-1]) + read_size, read_size))
+            # (Python's round, like numpy's rint, rounds halves to even; on a run of a few
+            # tiles it costs a fraction of numpy's per-call overhead)
+            offsets = [round((x - xs[0]) / grid.level_downsample) for x in xs]
+            region = slide.read_rgb((xs[0], y), grid.level, (offsets[-1] + read_size, read_size))
             for index, left in enumerate(offsets, start=first):
                 tile = region[:, left:left + read_size]
                 if read_size != tile_size:
@@ -302,13 +312,15 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
         return writer.submit(compress, start, batch)
 
     with bar:
-        tasks = [dask.delayed(read_next_part)() for _ in range(0, len(coords), _PART)]
-        results = dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        for written in results:
-            written.result()  # a failed compression or write raises here
+        workers = max(1, min(workers, -(-len(coords) // _PART)))
+        tasks = [dask.delayed(read_parts)() for _ in range(workers)]
+        results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        for _, error in results:
+            if error is not None:
+                raise error
+        for written, _ in results:
+            for future in written:
+                future.result()  # a failed compression or write raises here
 
 
 def _row_runs(coords: np.ndarray, step: int, longest: int) -> list[tuple[int, int]]:
