@@ -15,6 +15,7 @@ the baseline, so the resampling share is visible.
     .venv/bin/python bench/bench_tiling.py --large 50000x50000 --tile-size 224 256
     .venv/bin/python bench/bench_tiling.py --no-slide --large 50000x50000 --large-discs 40
     .venv/bin/python bench/bench_tiling.py --clock cpu --workers 1 --no-hs2p   # busy machine
+    .venv/bin/python bench/bench_tiling.py --pin --workers 1 2   # N threads on N cores
 
 `--large 50000x50000` adds a synthetic pyramidal TIFF of that size (levels 1, 4,
 16, 64; 256-px JPEG tiles; mostly glass with patches of the CMU slide's tissue,
@@ -25,6 +26,11 @@ that size has, so the per-tile work does. With hs2p
 installed (`pip install -e '.[bench]'`) every slide also gets hs2p's rows:
 `hs2p.tile_slide` (its tissue segmentation and grid) plus `extract_tiles_to_tar`
 (its reads, JPEG encoding, tar writes) at the same target mpp and tile size.
+
+`--pin` (Linux) runs every row on as many CPU cores as it has threads: the
+writer thread of `tile_slide` then shares its workers' cores, as a Snakemake
+job of `threads: N` gets N cores on a machine full of jobs, and scaling with
+workers is scaling with cores. hs2p's worker processes are pinned alike.
 
 Each measurement is repeated `--repeats` times, interleaved (every row once per
 round, after one warm-up round); the table shows the medians. Each slide ends
@@ -216,6 +222,31 @@ def hs2p_tiler(path: Path, target_mpp: float, tile_size: int, workers: int, out:
     return run, counts
 
 
+def pinned(function, cores: int):
+    """`function`, run with every thread of this process (and the threads and processes
+    it starts) on the first `cores` of the CPUs it may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores > len(allowed):
+        raise SystemExit(f"--pin: a row of {cores} threads needs {cores} cores; this process "
+                         f"may use {len(allowed)}")
+
+    def set_affinity(cpus: list[int]) -> None:
+        for thread in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(thread), cpus)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
+
+    def run() -> None:
+        set_affinity(allowed[:cores])
+        try:
+            function()
+        finally:
+            set_affinity(allowed)
+
+    return run
+
+
 def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
     with open_slide(path) as slide:
         target_mpp = args.target_mpp if args.target_mpp is not None else slide.mpp
@@ -230,7 +261,8 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
     print(f"\n{path.name}: {dims[0]}x{dims[1]} level 0, mpp {slide.mpp:g}; target_mpp "
           f"{target_mpp:g}, tile {tile_size} px -> read {grid.read_size} px at level "
           f"{grid.level} (downsample {grid.level_downsample:g}); {n} of {len(grid.coords)} "
-          f"grid tiles kept (tissue >= {config.tissue_threshold:g}); median of {args.repeats}")
+          f"grid tiles kept (tissue >= {config.tissue_threshold:g}); median of {args.repeats}"
+          + ("; each row on as many cores as it has threads" if args.pin else ""))
     if n == 0:
         print("  no tiles kept; nothing to time")
         return
@@ -269,8 +301,9 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
             setups.append((f"hs2p tile_slide + extract_tiles_to_tar, workers={workers}",
                            run, workers))
 
-    medians = interleaved_medians({name: function for name, function, _ in setups}, args.repeats,
-                                  clock=CLOCKS[args.clock])
+    medians = interleaved_medians({name: pinned(function, max(1, threads)) if args.pin
+                                   else function for name, function, threads in setups},
+                                  args.repeats, clock=CLOCKS[args.clock])
     rows = [(name, medians[name], threads, n) for name, _, threads in setups]
     rows = [(name, seconds, threads, hs2p_counts[threads][-1] if name.startswith("hs2p") else count)
             for name, seconds, threads, count in rows]
@@ -332,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="thread counts to time; the first is the reference (default 1 2)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pin", action="store_true",
+                        help="run each row on as many CPU cores as it has threads (Linux)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall-clock seconds (default) or the process's CPU seconds")
     args = parser.parse_args(argv)
