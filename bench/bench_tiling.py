@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall-clock seconds (default) or the process's CPU seconds")
     args = parser.parse_args(argv)
+    if args.pin and not hasattr(os, "sched_setaffinity"):
+        parser.error("--pin sets CPU affinity, which this platform's Python cannot (Linux only)")
     global HAVE_HS2P
     HAVE_HS2P = HAVE_HS2P and not args.no_hs2p
 
