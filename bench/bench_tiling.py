@@ -30,7 +30,9 @@ installed (`pip install -e '.[bench]'`) every slide also gets hs2p's rows:
 `--pin` (Linux) runs every row on as many CPU cores as it has threads: the
 writer thread of `tile_slide` then shares its workers' cores, as a Snakemake
 job of `threads: N` gets N cores on a machine full of jobs, and scaling with
-workers is scaling with cores. hs2p's worker processes are pinned alike.
+workers is scaling with cores. hs2p's worker processes are pinned alike. The
+cores are the first N CPUs the process may use: where a machine numbers two
+hyperthreads of one core next to each other, pick the CPUs with `taskset`.
 
 Each measurement is repeated `--repeats` times, interleaved (every row once per
 round, after one warm-up round); the table shows the medians. Each slide ends

@@ -11,6 +11,7 @@ import tifffile
 from PIL import Image
 
 import medrobust.io.slides as slides
+import medrobust.io.tiff_tiles as tiff_tiles
 from medrobust.errors import InputError
 from medrobust.io.slides import open_slide
 from medrobust.io.tiff_tiles import TiffTileLevel
@@ -121,7 +122,7 @@ def test_tiff_mosaic_levels_are_decoded_directly_with_openslides_pixels(tmp_path
         for location, size in regions:
             np.testing.assert_array_equal(slide.read_rgb(location, 0, size),
                                           _openslide_rgb(path, location, 0, size))
-        # from four threads at once: one file position, shared under a lock
+        # from four threads at once, each reading its tiles at their own offsets (pread)
         with ThreadPoolExecutor(4) as pool:
             reads = list(pool.map(lambda region: slide.read_rgb(region[0], 0, region[1]),
                                   regions))
@@ -307,6 +308,51 @@ def test_aperio_levels_coarser_than_a_missing_tile_are_read_through_openslide(tm
         assert slide.reads_tiff_tiles(0) and not slide.reads_tiff_tiles(1)
         np.testing.assert_array_equal(slide.read_rgb((0, 0), 1, (256, 256)),
                                       slides.Slide._read_openslide(slide, (0, 0), 1, 256, 256))
+
+
+def _noise_tiff(tmp_path: Path) -> Path:
+    path = tmp_path / "noise.tiff"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8),
+                     tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None)
+    return path
+
+
+def test_a_level_with_a_missing_tile_does_not_cover_it(tmp_path):
+    path = _noise_tiff(tmp_path)
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tiff:
+        counts = tiff.pages[0].tags["TileByteCounts"].valueoffset
+    data[counts:counts + 4] = bytes(4)  # tile 0 stored as missing
+    path.write_bytes(bytes(data))
+    level = TiffTileLevel.open(path, "generic-tiff", (512, 512))
+    try:
+        assert not level.covers(0, 0, 16, 16) and not level.covers(200, 0, 100, 16)
+        assert level.covers(256, 0, 256, 256) and level.covers(0, 256, 512, 256)
+    finally:
+        level.close()
+
+
+def test_tiles_read_in_pieces_are_read_whole(tmp_path, monkeypatch):
+    # one pread may return part of what it is asked on a network file system
+    path = _noise_tiff(tmp_path)
+    pread = tiff_tiles.os.pread
+    monkeypatch.setattr(tiff_tiles.os, "pread",
+                        lambda fd, count, offset: pread(fd, min(count, 1000), offset))
+    with open_slide(path, BOXES_MPP) as slide:
+        assert slide.reads_tiff_tiles(0)
+        np.testing.assert_array_equal(slide.read_rgb((0, 0), 0, (512, 512)),
+                                      _openslide_rgb(path, (0, 0), 0, (512, 512)))
+
+
+def test_a_closed_level_reads_nothing_and_closes_its_file_once(tmp_path):
+    path = _noise_tiff(tmp_path)
+    level = TiffTileLevel.open(path, "generic-tiff", (512, 512))
+    level.close()
+    with open(path, "rb") as other:  # may take the closed file's descriptor number
+        level.close()
+        with pytest.raises(OSError):
+            level.read(0, 0, 16, 16)
+        assert other.read(2) == b"II"  # still open
 
 
 def test_thumbnail_is_a_block_average_whatever_the_strip_height(monkeypatch, write_tiff):

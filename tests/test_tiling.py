@@ -228,20 +228,86 @@ def test_tiles_at_level0_lie_on_the_grid_and_match_openslide(tmp_path, workers):
         np.testing.assert_array_equal(store.tiles[index], expected)
 
 
-def test_a_slide_is_read_front_to_back_whatever_order_dask_starts_tasks_in(tmp_path,
-                                                                            monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_slide_is_read_front_to_back(tmp_path, monkeypatch, workers):
     # parts taken out of order would leave many shards half-filled in memory at once
-    locations = []
+    locations: dict[int, list] = {}  # per reading thread
     read_rgb = Slide.read_rgb
 
     def recording(self, location, level, size):
-        locations.append(location[::-1])  # (y, x): row-major order
+        # (y, x): row-major order
+        locations.setdefault(threading.get_ident(), []).append(location[::-1])
         return read_rgb(self, location, level, size)
 
     monkeypatch.setattr(Slide, "read_rgb", recording)
     config = TilingConfig(target_mpp=CMU_MPP, tile_size=64, tissue_threshold=0.5)
-    tile_slide(CMU, tmp_path / "cmu.zarr", config, "cmu", "tumor", "train", workers=1)
-    assert len(locations) > 10 and locations == sorted(locations)
+    tile_slide(CMU, tmp_path / "cmu.zarr", config, "cmu", "tumor", "train", workers=workers)
+    reads = [read for thread in locations.values() for read in thread]
+    assert len(reads) > 10
+    assert all(thread == sorted(thread) for thread in locations.values())
+
+
+def test_tiling_slides_of_any_size_in_one_process_reuses_its_reading_threads(tmp_path):
+    # a group job tiles its slides in turn; dask keeps a thread pool per num_workers
+    def tile(tile_size):
+        config = TilingConfig(target_mpp=CMU_MPP, tile_size=tile_size, tissue_threshold=0.0)
+        tile_slide(CMU, tmp_path / f"{tile_size}.zarr", config, "cmu", "tumor", "train",
+                   workers=4)
+
+    def threads() -> int:  # less zarr's file I/O pool, which grows as it likes
+        return sum(not thread.name.startswith("asyncio") for thread in threading.enumerate())
+
+    tile(200)  # 10 parts: every worker reads
+    before = threads()
+    for tile_size in (1024, 512, 400):  # 1, 2 and 3 parts
+        tile(tile_size)
+    assert threads() == before
+
+
+@pytest.fixture
+def noise_pyramid(tmp_path):
+    """Three levels of independent noise (downsamples 1, 2, about 4.03), stored losslessly:
+    a tile one pixel off shows."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.tiff"
+    with tifffile.TiffWriter(path) as tiff:
+        for index, (width, height) in enumerate([(660, 528), (330, 264), (164, 131)]):
+            tiff.write(rng.integers(0, 256, (height, width, 3), np.uint8), tile=(64, 64),
+                       photometric="rgb", compression="zlib", subfiletype=int(index > 0),
+                       metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("downsample, level, step, read_size", [
+    (2.0625, 1, 33, 16),   # level downsample 2: offsets 16.5 k, halves rounded to even
+    (4.3, 2, 69, 17),      # level downsample ~4.03: offsets ~17.13 k, resized to 16
+])
+def test_tiles_of_a_row_sit_at_offsets_rounded_as_a_read_of_each_alone(
+        tmp_path, noise_pyramid, workers, downsample, level, step, read_size):
+    config = TilingConfig(target_mpp=downsample * 0.5, tile_size=16, tissue_threshold=0.0,
+                          fallback_mpp=0.5)
+    tile_slide(noise_pyramid, tmp_path / "noise.zarr", config, "noise", "normal", "test",
+               workers=workers)
+    store = open_tile_store(tmp_path / "noise.zarr")
+    assert (store.attrs["level"], store.attrs["tile_size_level0"]) == (level, step)
+    reference = openslide.OpenSlide(noise_pyramid)
+    level_downsample = reference.level_downsamples[level]
+    pixels = np.asarray(reference.read_region((0, 0), level, reference.level_dimensions[level])
+                        .convert("RGB"))
+    checked = 0
+    for index, (x, y) in enumerate(store.coords.tolist()):
+        top = y / level_downsample
+        if not top.is_integer():  # OpenSlide resamples a region starting between two pixels
+            continue
+        left = int(np.rint(x / level_downsample))  # each row is one run from x = 0
+        expected = pixels[int(top):int(top) + read_size, left:left + read_size]
+        if read_size != 16:
+            expected = np.asarray(Image.fromarray(expected).resize(
+                (16, 16), Image.Resampling.LANCZOS))
+        np.testing.assert_array_equal(store.tiles[index], expected, err_msg=f"tile at {x, y}")
+        checked += 1
+    assert checked >= 9
 
 
 def test_tiles_come_from_the_matching_pyramid_level(tmp_path):

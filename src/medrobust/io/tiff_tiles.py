@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -72,7 +73,8 @@ class TiffTileLevel:
         self._decode = page.decode
         self._jpeg_header = _jpeg_header(page) if page.compression == JPEG else None
         self._buffers = threading.local()  # a decoded tile's pixels, each thread its own
-        self._fd = os.open(path, os.O_RDONLY)  # kept open until close()
+        self._fd = os.open(path, os.O_RDONLY)  # kept open until close() or garbage collection
+        self._close_fd = weakref.finalize(self, os.close, self._fd)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
         self._cache_lock = threading.Lock()
         self._cache_bytes = 0
@@ -164,7 +166,7 @@ class TiffTileLevel:
         """Tile `index` decoded, `(tile_height, tile_width, 3)`, into `out` if given; an
         InputError naming the file if its data is short or corrupt."""
         count = int(self.byte_counts[index])
-        data = os.pread(self._fd, count, int(self._offsets[index]))
+        data = self._pread(count, int(self._offsets[index]))
         try:
             if len(data) < count:
                 raise ValueError(f"the file ends {count - len(data)} bytes into the tile")
@@ -190,13 +192,26 @@ class TiffTileLevel:
                              "is corrupt") from error
         return decoded
 
+    def _pread(self, count: int, offset: int) -> bytes:
+        """`count` bytes at `offset`, fewer only at the end of the file: one pread may return
+        part of them on a network file system."""
+        data = os.pread(self._fd, count, offset)
+        while 0 < len(data) < count:
+            more = os.pread(self._fd, count - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
     def _tile_indices(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         columns = np.arange(x // self.tile_width, (x + width - 1) // self.tile_width + 1)
         rows = np.arange(y // self.tile_height, (y + height - 1) // self.tile_height + 1)
         return (rows[:, None] * self.columns + columns[None, :]).ravel()
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Close the file (once: its descriptor's number may be another file's afterwards)."""
+        self._fd = -1  # a read after close fails (EBADF) rather than read another file
+        self._close_fd()
         with self._cache_lock:
             self._cache.clear()
 

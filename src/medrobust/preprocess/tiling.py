@@ -312,9 +312,11 @@ def _read_tiles(slide: Slide, grid: TileGrid, coords: np.ndarray, tiles: Future,
         return writer.submit(compress, start, batch)
 
     with bar:
-        workers = max(1, min(workers, -(-len(coords) // _PART)))
-        tasks = [dask.delayed(read_parts)() for _ in range(workers)]
-        results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        tasks = [dask.delayed(read_parts)()
+                 for _ in range(max(1, min(workers, -(-len(coords) // _PART))))]
+        # num_workers stays `workers` whatever the slide's size: dask keeps one thread pool
+        # per num_workers for the life of the process, which tiles a group's slides in turn
+        results = dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))
         for _, error in results:
             if error is not None:
                 raise error
