@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import google_crc32c
-import numcodecs
 import numpy as np
+from numcodecs import blosc
 import zarr
 from zarr.codecs import (BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec,
                          ShardingCodecIndexLocation)
@@ -31,11 +31,13 @@ TILES_PER_SHARD = 64
 # faster to compress and decompress, so the tiler's writer thread and the feature
 # loader's readers need a fraction of the CPU (docs/benchmarks.md, "Tiling")
 TILE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
-# the compressor TILE_CODEC wraps, for write_tile_shard and read_tiles (uint8 tiles: the
-# typesize is 1 without saying so, as numcodecs < 0.16 cannot); a blosc chunk's header
-# names its compressor, so this decodes any blosc tile store
-_TILE_COMPRESSOR = numcodecs.Blosc(cname=TILE_CODEC.cname.value, clevel=TILE_CODEC.clevel,
-                                   shuffle=numcodecs.Blosc.NOSHUFFLE)
+# TILE_CODEC's settings for numcodecs' blosc functions, which write_tile_shard calls
+# directly: numcodecs.Blosc's bytes, less its per-call checks (uint8 tiles: the typesize is
+# 1 without saying so, as numcodecs < 0.16 cannot). read_tiles decompresses with the same
+# module; a chunk's header names its compressor, so any blosc tile store reads
+_TILE_CNAME, _TILE_CLEVEL = TILE_CODEC.cname.value.encode(), TILE_CODEC.clevel
+_TILE_SHUFFLE = {"noshuffle": blosc.NOSHUFFLE, "shuffle": blosc.SHUFFLE,
+                 "bitshuffle": blosc.BITSHUFFLE}[TILE_CODEC.shuffle.value]
 _BLOSC_HEADER = 16  # version, versionlz, flags, typesize; uint32 nbytes, blocksize, cbytes
 _NO_CHUNK = 2**64 - 1   # a shard index entry's offset and length for a chunk not stored
 
@@ -113,7 +115,8 @@ def write_tile_shard(tiles: zarr.Array, start: int, batch: np.ndarray) -> None:
 
 def compress_tiles(batch: np.ndarray) -> list[bytes]:
     """Each tile of `batch` compressed alone, as a tile store's chunk (outside the GIL)."""
-    return [_TILE_COMPRESSOR.encode(np.ascontiguousarray(tile)) for tile in batch]
+    return [blosc.compress(np.ascontiguousarray(tile), _TILE_CNAME, _TILE_CLEVEL, _TILE_SHUFFLE)
+            for tile in batch]
 
 
 def write_compressed_shard(tiles: zarr.Array, start: int, chunks: Sequence[bytes]) -> None:
@@ -162,10 +165,11 @@ def read_tiles(tiles: zarr.Array | np.ndarray, positions: Sequence[int] | np.nda
 
     A tile store's shards are read as files: one read of the index and one of the
     bytes the wanted tiles span per shard, each tile decompressed straight into
-    `out` (numcodecs' blosc, outside the GIL, so reader threads scale). zarr's own
-    read costs about 0.8 ms of per-chunk pipeline work per tile, 5x the decompression
-    (docs/benchmarks.md, "Features"). Any other array (numpy, another layout) is
-    read by indexing.
+    `out` (numcodecs' blosc, outside the GIL, so reader threads scale; the chunks'
+    headers are checked for the whole shard at once, so little Python runs per
+    tile). zarr's own read costs about 0.8 ms of per-chunk pipeline work per tile,
+    5x the decompression (docs/benchmarks.md, "Features"). Any other array (numpy,
+    another layout) is read by indexing.
     """
     positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     shape = (len(positions), *tiles.shape[1:])
@@ -210,32 +214,40 @@ def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray
         data = memoryview(os.pread(file.fileno(), end - first, first))
     if len(data) != end - first:
         raise InputError(f"{path}: damaged tile shard (shorter than its index says)")
-    for row, (offset, length), present in zip(rows.tolist(), index.tolist(), stored.tolist()):
-        if not present:
-            out[row] = fill_value
-            continue
-        chunk = data[offset - first:offset - first + length]
-        try:
-            _check_blosc_header(chunk, out[row].nbytes)
-            _TILE_COMPRESSOR.decode(chunk, out=out[row])
-        except (RuntimeError, ValueError) as error:
-            raise InputError(f"{path}: damaged tile shard (a tile does not decompress: "
-                             f"{error})") from error
+    starts = np.where(stored, index[:, 0] - first, 0).astype(np.int64)
+    try:
+        _check_blosc_headers(data, starts[stored], index[stored, 1].astype(np.int64),
+                             out[0].nbytes)
+        for row, start, length, present in zip(rows.tolist(), starts.tolist(),
+                                               index[:, 1].tolist(), stored.tolist()):
+            if present:
+                blosc.decompress(data[start:start + length], out[row])
+            else:
+                out[row] = fill_value
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"{path}: damaged tile shard (a tile does not decompress: "
+                         f"{error})") from error
 
 
-def _check_blosc_header(chunk: memoryview, tile_bytes: int) -> None:
-    """ValueError unless the chunk's blosc header states its own length and one tile's bytes.
+def _check_blosc_headers(data: memoryview, starts: np.ndarray, lengths: np.ndarray,
+                         tile_bytes: int) -> None:
+    """ValueError unless each chunk's blosc header (at `starts` in `data`) states the chunk's
+    own length (`lengths`) and one tile's bytes.
 
     c-blosc trusts the header's compressed size: a damaged one made it read past
     the chunk and crash the process, and a short decoded size would leave part of
     the tile unwritten.
     """
-    if len(chunk) < _BLOSC_HEADER:
-        raise ValueError(f"{len(chunk)} bytes, shorter than a blosc header")
-    decoded, stored = (int.from_bytes(chunk[at:at + 4], "little") for at in (4, 12))
-    if stored != len(chunk) or decoded != tile_bytes:
+    short = lengths < _BLOSC_HEADER
+    if short.any():
+        raise ValueError(f"{lengths[short][0]} bytes, shorter than a blosc header")
+    headers = np.frombuffer(data, np.uint8)[starts[:, None] + np.arange(_BLOSC_HEADER)]
+    fields = headers.view("<u4")  # version bytes, decoded size, block size, stored size
+    bad = np.flatnonzero((fields[:, 3] != lengths) | (fields[:, 1] != tile_bytes))
+    if len(bad):
+        decoded, stored, length = fields[bad[0], 1], fields[bad[0], 3], lengths[bad[0]]
         raise ValueError(f"the blosc header says {stored} bytes stored and {decoded} decoded, "
-                         f"not {len(chunk)} and {tile_bytes}")
+                         f"not {length} and {tile_bytes}")
 
 
 def open_feature_store(path: str | os.PathLike) -> FeatureStore:
