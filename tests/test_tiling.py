@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import openslide
 import pytest
@@ -176,6 +177,59 @@ def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, mess
     shard.write_bytes(damage(shard.read_bytes()))
     with pytest.raises(InputError, match=f"{shard}: damaged tile shard .*{message}"):
         read_tiles(array, range(64))
+
+
+def _damaged_shard(tmp_path, damage):
+    """A one-shard store of 64 random 8-px tiles, its shard file passed through
+    `damage(body, index)` -> (body, index) and its index's checksum recomputed, so
+    only what the index says is wrong."""
+    tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    array = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
+                              np.zeros(64), {})
+    write_tile_shard(array, 0, tiles)
+    shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
+    data, index_bytes = shard.read_bytes(), 64 * 16 + 4
+    body, index = damage(data[:-index_bytes], np.frombuffer(
+        data[-index_bytes:-4], "<u8").reshape(64, 2).copy())
+    raw = index.astype("<u8").tobytes()
+    shard.write_bytes(body + raw + google_crc32c.value(raw).to_bytes(4, "little"))
+    return array, shard
+
+
+def _chunk_header(chunk, at, value):
+    def damage(body, index):
+        start = int(index[chunk, 0]) + at
+        return body[:start] + value.to_bytes(4, "little") + body[start + 4:], index
+    return damage
+
+
+def _index_entry(chunk, offset=None, length=None):
+    def damage(body, index):
+        index[chunk] = (index[chunk, 0] if offset is None else offset,
+                        index[chunk, 1] if length is None else length)
+        return body, index
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    # a chunk after the first: its header is checked too, whatever the selection
+    (_chunk_header(40, 12, 2**30 + 100), "1073741924 bytes stored"),
+    (_chunk_header(40, 4, 8 * 8 * 3 - 1), "191 decoded"),
+    # index entries whose checksum is right
+    (_index_entry(63, length=8), "8 bytes, shorter than a blosc header"),
+    (_index_entry(40, length=0), "shorter than a blosc header"),
+    (_index_entry(40, offset=2**63, length=208), "points outside the file"),
+    (_index_entry(40, length=2**40), "points outside the file"),
+    # offset + length wrapping past 2**64 to a small number: numpy's negative indexing
+    # had read the header from the end of the data, and blosc past it
+    (_index_entry(40, offset=2**64 - 2**20, length=2**20 + 5), "points outside the file"),
+    (_index_entry(40, offset=2**64 - 8, length=8 * 8 * 3), "points outside the file"),
+])
+def test_a_damaged_chunk_or_index_entry_is_an_error_in_any_selection(tmp_path, damage, message):
+    array, shard = _damaged_shard(tmp_path, damage)
+    for positions in ([63, 40, 2, 40, 0, 63], [40, 63], range(64)):
+        with pytest.raises(InputError, match=f"{shard}: damaged tile shard .*{message}"):
+            read_tiles(array, positions)
 
 
 def test_tiling_config_rejects_unknown_and_bad_values():

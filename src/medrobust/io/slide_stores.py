@@ -209,6 +209,11 @@ def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray
             raise InputError(f"{path}: damaged tile shard (its index fails its checksum)")
         index = np.frombuffer(raw, dtype="<u8", count=per_shard * 2).reshape(per_shard, 2)[within]
         stored = index[:, 0] != _NO_CHUNK
+        # inside the file's bytes before its index: so offset + length neither wraps past
+        # 2**64 nor reaches 2**63 (the chunks' starts below are int64)
+        offsets, lengths, limit = index[stored, 0], index[stored, 1], size - index_size
+        if (offsets > limit).any() or (lengths > limit - offsets).any():
+            raise InputError(f"{path}: damaged tile shard (its index points outside the file)")
         first = int(index[stored, 0].min()) if stored.any() else 0
         end = int((index[stored, 0] + index[stored, 1]).max()) if stored.any() else 0
         data = memoryview(os.pread(file.fileno(), end - first, first))
