@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 import medrobust.io.slides as slides
-import medrobust.io.tiff_tiles as tiff_tiles
+import medrobust.io.file_reads as file_reads
 from medrobust.errors import InputError
 from medrobust.io.slides import open_slide
 from medrobust.io.tiff_tiles import TiffTileLevel
@@ -335,8 +335,8 @@ def test_a_level_with_a_missing_tile_does_not_cover_it(tmp_path):
 def test_tiles_read_in_pieces_are_read_whole(tmp_path, monkeypatch):
     # one pread may return part of what it is asked on a network file system
     path = _noise_tiff(tmp_path)
-    pread = tiff_tiles.os.pread
-    monkeypatch.setattr(tiff_tiles.os, "pread",
+    pread = file_reads.os.pread
+    monkeypatch.setattr(file_reads.os, "pread",
                         lambda fd, count, offset: pread(fd, min(count, 1000), offset))
     with open_slide(path, BOXES_MPP) as slide:
         assert slide.reads_tiff_tiles(0)

@@ -20,6 +20,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, opening
 from skimage.transform import resize
 
+import medrobust.io.file_reads as file_reads
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import (TILE_CODEC, TILES_PER_SHARD, create_tile_store,
@@ -177,6 +178,19 @@ def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, mess
     shard.write_bytes(damage(shard.read_bytes()))
     with pytest.raises(InputError, match=f"{shard}: damaged tile shard .*{message}"):
         read_tiles(array, range(64))
+
+
+def test_tile_shards_read_in_pieces_are_read_whole(tmp_path, monkeypatch):
+    # one pread may return part of what it is asked on a network file system
+    tiles = np.random.default_rng(4).integers(0, 256, (70, 16, 16, 3), dtype=np.uint8)
+    array = create_tile_store(tmp_path / "tiles.zarr", 70, 16, np.zeros((70, 2)),
+                              np.zeros(70), {})
+    for start in (0, 64):
+        write_tile_shard(array, start, tiles[start:start + 64])
+    pread = file_reads.os.pread
+    monkeypatch.setattr(file_reads.os, "pread",
+                        lambda fd, count, offset: pread(fd, min(count, 100), offset))
+    np.testing.assert_array_equal(read_tiles(array, [69, 3, 64, 0]), tiles[[69, 3, 64, 0]])
 
 
 def _damaged_shard(tmp_path, damage):

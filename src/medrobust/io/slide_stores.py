@@ -25,6 +25,7 @@ from zarr.codecs import (BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec,
 from zarr.storage import LocalStore
 
 from medrobust.errors import InputError
+from medrobust.io.file_reads import read_at
 
 TILES_PER_SHARD = 64
 # LZ4 in blosc (a core zarr v3 codec): on H&E tiles 4 % larger than zstd level 1, 3-4x
@@ -203,7 +204,7 @@ def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray
     index_size = per_shard * 16 + 4
     with file:
         size = os.fstat(file.fileno()).st_size
-        raw = os.pread(file.fileno(), index_size, size - index_size) if size >= index_size else b""
+        raw = read_at(file.fileno(), index_size, size - index_size) if size >= index_size else b""
         if (len(raw) != index_size or google_crc32c.value(raw[:-4])
                 != int.from_bytes(raw[-4:], "little")):
             raise InputError(f"{path}: damaged tile shard (its index fails its checksum)")
@@ -214,15 +215,14 @@ def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray
         offsets, lengths, limit = index[stored, 0], index[stored, 1], size - index_size
         if (offsets > limit).any() or (lengths > limit - offsets).any():
             raise InputError(f"{path}: damaged tile shard (its index points outside the file)")
-        first = int(index[stored, 0].min()) if stored.any() else 0
-        end = int((index[stored, 0] + index[stored, 1]).max()) if stored.any() else 0
-        data = memoryview(os.pread(file.fileno(), end - first, first))
+        first = int(offsets.min()) if len(offsets) else 0
+        end = int((offsets + lengths).max()) if len(offsets) else 0
+        data = memoryview(read_at(file.fileno(), end - first, first))
     if len(data) != end - first:
         raise InputError(f"{path}: damaged tile shard (shorter than its index says)")
     starts = np.where(stored, index[:, 0] - first, 0).astype(np.int64)
     try:
-        _check_blosc_headers(data, starts[stored], index[stored, 1].astype(np.int64),
-                             out[0].nbytes)
+        _check_blosc_headers(data, starts[stored], lengths.astype(np.int64), out[0].nbytes)
         for row, start, length, present in zip(rows.tolist(), starts.tolist(),
                                                index[:, 1].tolist(), stored.tolist()):
             if present:

@@ -36,6 +36,7 @@ import simplejpeg
 import tifffile
 
 from medrobust.errors import InputError
+from medrobust.io.file_reads import read_at
 from medrobust.logs import get_logger
 
 log = get_logger(__name__)
@@ -59,8 +60,8 @@ _ADOBE = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"
 
 
 class TiffTileLevel:
-    """The tiles of one TIFF page, read (pread: no shared file position) and decoded by the
-    calling thread."""
+    """The tiles of one TIFF page, read (`read_at`: no shared file position) and decoded by
+    the calling thread."""
 
     def __init__(self, path: Path, page: tifffile.TiffPage):
         self.path = path
@@ -166,7 +167,7 @@ class TiffTileLevel:
         """Tile `index` decoded, `(tile_height, tile_width, 3)`, into `out` if given; an
         InputError naming the file if its data is short or corrupt."""
         count = int(self.byte_counts[index])
-        data = self._pread(count, int(self._offsets[index]))
+        data = read_at(self._fd, count, int(self._offsets[index]))
         try:
             if len(data) < count:
                 raise ValueError(f"the file ends {count - len(data)} bytes into the tile")
@@ -191,17 +192,6 @@ class TiffTileLevel:
                              f"{self.width} x {self.height} level ({error}); the slide file "
                              "is corrupt") from error
         return decoded
-
-    def _pread(self, count: int, offset: int) -> bytes:
-        """`count` bytes at `offset`, fewer only at the end of the file: one pread may return
-        part of them on a network file system."""
-        data = os.pread(self._fd, count, offset)
-        while 0 < len(data) < count:
-            more = os.pread(self._fd, count - len(data), offset + len(data))
-            if not more:
-                break
-            data += more
-        return data
 
     def _tile_indices(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         columns = np.arange(x // self.tile_width, (x + width - 1) // self.tile_width + 1)
