@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torchvision
+import zarr
 
 from medrobust.errors import ConfigError, InputError, MedrobustError
 from medrobust.features import groups
@@ -113,9 +114,9 @@ def test_unknown_backbone_weights_and_config_keys_are_config_errors():
 def _tile_store(path, tiles, attrs=SLIDE_ATTRS):
     coords = np.arange(2 * len(tiles)).reshape(-1, 2) * 32
     with atomic_path(path) as tmp:
-        array = create_tile_store(tmp, len(tiles), 32, coords, np.ones(len(tiles)), attrs)
+        create_tile_store(tmp, len(tiles), 32, coords, np.ones(len(tiles)), attrs)
         if len(tiles):
-            array[:] = tiles
+            zarr.open_array(tmp / "tiles", mode="r+")[:] = tiles
     return coords
 
 

@@ -49,9 +49,9 @@ def cohort(tmp_path_factory):
         pixels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         path = folder / f"{slide_id}.tiles.zarr"
         with atomic_path(path) as tmp:
-            array = create_tile_store(tmp, n, 32, np.zeros((n, 2), np.int64), np.ones(n),
-                                      {"slide_id": slide_id, "label": label, "split": split})
-            array[:] = pixels
+            create_tile_store(tmp, n, 32, np.zeros((n, 2), np.int64), np.ones(n),
+                              {"slide_id": slide_id, "label": label, "split": split})
+            zarr.open_array(tmp / "tiles", mode="r+")[:] = pixels
         tiles[slide_id] = path
         features[slide_id] = extract_slide_features(path, folder / f"{slide_id}.features.zarr",
                                                     FEATURES)

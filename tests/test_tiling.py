@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import threading
 import time
@@ -109,9 +110,10 @@ def test_whole_shards_written_directly_are_zarrs_bytes_and_read_back(tmp_path):
     rng = np.random.default_rng(0)
     for n_tiles in (70, 5):   # a full shard and a partial last one; fewer tiles than a shard
         tiles = rng.integers(0, 256, (n_tiles, 16, 16, 3), dtype=np.uint8)
-        ours, zarrs = (create_tile_store(tmp_path / f"{name}{n_tiles}.zarr", n_tiles, 16,
-                                         np.zeros((n_tiles, 2)), np.zeros(n_tiles), {})
-                       for name in ("ours", "zarr"))
+        ours, _ = (create_tile_store(tmp_path / f"{name}{n_tiles}.zarr", n_tiles, 16,
+                                     np.zeros((n_tiles, 2)), np.zeros(n_tiles), {})
+                   for name in ("ours", "zarr"))
+        zarrs = zarr.open_array(tmp_path / f"zarr{n_tiles}.zarr" / "tiles", mode="r+")
         for start in range(0, n_tiles, 64):
             write_tile_shard(ours, start, tiles[start:start + 64])
             zarrs[start:start + 64] = tiles[start:start + 64]
@@ -128,7 +130,42 @@ def test_whole_shards_written_directly_are_zarrs_bytes_and_read_back(tmp_path):
     write_tile_shard(ours, 0, tiles)
     np.testing.assert_array_equal(open_tile_store(tmp_path / "ours5.zarr").tiles[:], tiles)
     with pytest.raises(ValueError, match="not one whole shard"):
-        write_tile_shard(zarrs, 1, tiles[:4])
+        write_tile_shard(ours, 1, tiles[:4])
+
+
+@pytest.mark.parametrize("n_tiles", [70, 5, 0])
+def test_a_new_tile_store_has_the_files_zarr_itself_writes(tmp_path, n_tiles):
+    rng = np.random.default_rng(3)
+    coords, fractions = rng.integers(1, 10**6, (n_tiles, 2)), rng.random(n_tiles)
+    attrs = {"slide_id": "s", "slide_mpp": 0.2527, "level": 2,
+             "rejected": [{"sample_id": "s", "reason": "ünïcode"}]}
+    create_tile_store(tmp_path / "ours.zarr", n_tiles, 16, coords, fractions, attrs)
+    # the store as zarr's API makes it (create_tile_store's code before it wrote the files)
+    group = zarr.open_group(tmp_path / "zarr.zarr", mode="w",
+                            attributes={**attrs, "n_tiles": n_tiles})
+    group.create_array("coords", data=coords.astype(np.int64))
+    group.create_array("tissue_fraction", data=fractions.astype(np.float32))
+    group.create_array("tiles", shape=(n_tiles, 16, 16, 3), chunks=(1, 16, 16, 3), dtype="uint8",
+                       shards=(min(n_tiles, 64), 16, 16, 3) if n_tiles else None,
+                       compressors=TILE_CODEC)
+    files = {name: sorted(path.relative_to(tmp_path / name) for path in
+                          (tmp_path / name).rglob("*") if path.is_file())
+             for name in ("ours.zarr", "zarr.zarr")}
+    assert files["ours.zarr"] == files["zarr.zarr"]
+    assert len(files["ours.zarr"]) == 4 + 2 * bool(n_tiles)  # zarr.json x4, a chunk x2
+    for file in files["ours.zarr"]:
+        ours, theirs = ((tmp_path / name / file).read_bytes() for name in ("ours.zarr", "zarr.zarr"))
+        if file.name == "zarr.json":
+            assert json.loads(ours) == json.loads(theirs), file
+        else:
+            assert ours == theirs, file
+    store = open_tile_store(tmp_path / "ours.zarr")
+    np.testing.assert_array_equal(store.coords, coords)
+    np.testing.assert_array_equal(store.tissue_fraction, fractions.astype(np.float32))
+    assert store.attrs == {**attrs, "n_tiles": n_tiles}
+    assert len(store) == n_tiles and store.tiles.shape[1:] == (16, 16, 3)
+    with pytest.raises(FileExistsError):  # never mixed with an older store's files
+        create_tile_store(tmp_path / "ours.zarr", n_tiles, 16, coords, fractions, attrs)
 
 
 def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
@@ -136,8 +173,8 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
     tiles = rng.integers(0, 256, (150, 8, 8, 3), dtype=np.uint8)
     tiles[3] = 0      # zarr leaves an all-zero tile out of its shard
     tiles[64:128] = 0  # and this shard is never written: zarr reads the fill value
-    array = create_tile_store(tmp_path / "tiles.zarr", 150, 8, np.zeros((150, 2)),
-                              np.zeros(150), {})
+    create_tile_store(tmp_path / "tiles.zarr", 150, 8, np.zeros((150, 2)), np.zeros(150), {})
+    array = zarr.open_array(tmp_path / "tiles.zarr" / "tiles", mode="r+")
     array[:64] = tiles[:64]
     array[128:] = tiles[128:]   # written by zarr itself, the partial last shard too
     assert not list((tmp_path / "tiles.zarr" / "tiles").rglob("c/1/0/0/0"))
@@ -171,9 +208,10 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
 ])
 def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, message):
     tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
-    array = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
-                              np.zeros(64), {})
-    write_tile_shard(array, 0, tiles)
+    shards = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
+                               np.zeros(64), {})
+    write_tile_shard(shards, 0, tiles)
+    array = open_tile_store(tmp_path / "tiles.zarr").tiles
     shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
     shard.write_bytes(damage(shard.read_bytes()))
     with pytest.raises(InputError, match=f"{shard}: damaged tile shard .*{message}"):
@@ -183,10 +221,11 @@ def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, mess
 def test_tile_shards_read_in_pieces_are_read_whole(tmp_path, monkeypatch):
     # one pread may return part of what it is asked on a network file system
     tiles = np.random.default_rng(4).integers(0, 256, (70, 16, 16, 3), dtype=np.uint8)
-    array = create_tile_store(tmp_path / "tiles.zarr", 70, 16, np.zeros((70, 2)),
-                              np.zeros(70), {})
+    shards = create_tile_store(tmp_path / "tiles.zarr", 70, 16, np.zeros((70, 2)),
+                               np.zeros(70), {})
     for start in (0, 64):
-        write_tile_shard(array, start, tiles[start:start + 64])
+        write_tile_shard(shards, start, tiles[start:start + 64])
+    array = open_tile_store(tmp_path / "tiles.zarr").tiles
     pread = file_reads.os.pread
     monkeypatch.setattr(file_reads.os, "pread",
                         lambda fd, count, offset: pread(fd, min(count, 100), offset))
@@ -198,9 +237,10 @@ def _damaged_shard(tmp_path, damage):
     `damage(body, index)` -> (body, index) and its index's checksum recomputed, so
     only what the index says is wrong."""
     tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
-    array = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
-                              np.zeros(64), {})
-    write_tile_shard(array, 0, tiles)
+    shards = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
+                               np.zeros(64), {})
+    write_tile_shard(shards, 0, tiles)
+    array = open_tile_store(tmp_path / "tiles.zarr").tiles
     shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
     data, index_bytes = shard.read_bytes(), 64 * 16 + 4
     body, index = damage(data[:-index_bytes], np.frombuffer(

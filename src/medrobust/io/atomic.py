@@ -182,10 +182,11 @@ def set_default_mode(path: str | os.PathLike) -> None:
 
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=jsonable) + "\n")
 
 
-def _jsonable(value):
+def jsonable(value):
+    """`json.dumps`'s `default`: numpy and torch scalars and arrays, paths."""
     if hasattr(value, "item"):  # numpy and torch scalars
         return value.item()
     if hasattr(value, "tolist"):

@@ -5,12 +5,13 @@ Tiles: chunk = one tile (any tile reads alone), grouped into shards of
 writers never share one, and a shard costs one file write instead of one per
 tile (5x faster tiling, docs/benchmarks.md). `write_tile_shard` writes a shard
 file's bytes itself, in the layout zarr's sharding codec reads, without zarr's
-per-chunk work, and `read_tiles` reads them back the same way. Layouts are in
-docs/architecture.md.
+per-chunk work, and `read_tiles` reads them back the same way; `create_tile_store`
+writes the store's metadata files itself too. Layouts are in docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from typing import Any, Sequence
 import google_crc32c
 import numpy as np
 from numcodecs import blosc
+from numcodecs.zstd import Zstd
 import zarr
 from zarr.codecs import (BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec,
-                         ShardingCodecIndexLocation)
+                         ShardingCodecIndexLocation, ZstdCodec)
 from zarr.storage import LocalStore
 
 from medrobust.errors import InputError
+from medrobust.io.atomic import jsonable
 from medrobust.io.file_reads import read_at
 
 TILES_PER_SHARD = 64
@@ -39,6 +42,10 @@ TILE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
 _TILE_CNAME, _TILE_CLEVEL = TILE_CODEC.cname.value.encode(), TILE_CODEC.clevel
 _TILE_SHUFFLE = {"noshuffle": blosc.NOSHUFFLE, "shuffle": blosc.SHUFFLE,
                  "bitshuffle": blosc.BITSHUFFLE}[TILE_CODEC.shuffle.value]
+# zarr's default codecs for a numeric array (coords, tissue fractions), and the same zstd
+# settings as numcodecs' codec, which compresses the one chunk create_tile_store writes
+_SMALL_ARRAY_CODECS = (BytesCodec(), ZstdCodec(level=0, checksum=False))
+_SMALL_ARRAY_ZSTD = Zstd(level=0, checksum=False)
 _BLOSC_HEADER = 16  # version, versionlz, flags, typesize; uint32 nbytes, blocksize, cbytes
 _NO_CHUNK = 2**64 - 1   # a shard index entry's offset and length for a chunk not stored
 
@@ -53,6 +60,15 @@ class TileStore:
 
     def __len__(self) -> int:
         return int(self.tiles.shape[0])
+
+
+@dataclass(frozen=True)
+class TileShards:
+    """A new tile store's `tiles` array, as `create_tile_store` made it: the folder its shard
+    files go in, and how many tiles it and each shard hold."""
+    folder: Path
+    n_tiles: int
+    per_shard: int
 
 
 @dataclass(frozen=True)
@@ -82,34 +98,76 @@ def open_tile_store(path: str | os.PathLike) -> TileStore:
 
 
 def create_tile_store(path: Path, n_tiles: int, tile_size: int, coords: np.ndarray,
-                      tissue_fraction: np.ndarray, attrs: dict[str, Any]) -> zarr.Array:
-    """Create the store's arrays and return `tiles` for the caller to fill.
+                      tissue_fraction: np.ndarray, attrs: dict[str, Any]) -> TileShards:
+    """Write the store's metadata, coords and tissue fractions; return its `tiles` array for
+    `write_tile_shard` to fill, a whole shard per call, one writer per shard.
 
-    Fill it in whole shards (`tiles[i:i + TILES_PER_SHARD]`, i a multiple of
-    TILES_PER_SHARD), one writer per shard.
+    The files are the ones `zarr.open_group(path, mode="w", attributes=...)` and
+    `create_array` write (a test compares them): each node's zarr.json as zarr v3
+    defines it, with the codecs' JSON from zarr's own codec classes. Writing them
+    here takes about 1.5 ms; through zarr's event loop it took 10-17 ms, and 36 ms
+    in the tiler's writer thread while two readers had the two cores
+    (docs/benchmarks.md).
 
-    Call inside `medrobust.io.atomic.atomic_path` so a half-filled store never
-    appears at its final path.
+    Call inside `medrobust.io.atomic.atomic_path`, with a `path` that does not exist
+    yet, so a half-filled store never appears at its final path.
     """
-    # attrs given at creation: one metadata write, where attrs.update writes one per key
-    group = zarr.open_group(path, mode="w", attributes={**attrs, "n_tiles": int(n_tiles)})
-    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-    group.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32))
+    path = Path(path)
+    path.mkdir(parents=True)
+    _write_zarr_json(path, {"attributes": {**attrs, "n_tiles": int(n_tiles)},
+                            "zarr_format": 3, "node_type": "group"})
+    _write_small_array(path / "coords", np.asarray(coords, dtype="<i8").reshape(-1, 2))
+    _write_small_array(path / "tissue_fraction", np.asarray(tissue_fraction, dtype="<f4"))
     tile = (tile_size, tile_size, 3)
-    return group.create_array("tiles", shape=(n_tiles, *tile), chunks=(1, *tile), dtype="uint8",
-                              shards=(min(n_tiles, TILES_PER_SHARD), *tile) if n_tiles else None,
-                              compressors=TILE_CODEC)
+    per_shard = min(n_tiles, TILES_PER_SHARD)
+    # zarr cannot shard an empty array: an empty store's tiles are plain chunks
+    codecs = [BytesCodec(endian=None), TILE_CODEC]
+    if per_shard:
+        codecs = [ShardingCodec(chunk_shape=(1, *tile), codecs=codecs,
+                                index_codecs=[BytesCodec(), Crc32cCodec()],
+                                index_location=ShardingCodecIndexLocation.end)]
+    (path / "tiles").mkdir()
+    _write_zarr_json(path / "tiles", _array_metadata((n_tiles, *tile), np.dtype(np.uint8),
+                                                     (max(1, per_shard), *tile), codecs))
+    return TileShards(path / "tiles", n_tiles, per_shard)
 
 
-def write_tile_shard(tiles: zarr.Array, start: int, batch: np.ndarray) -> None:
+def _array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, ...],
+                    codecs: Sequence) -> dict[str, Any]:
+    """An array's zarr.json document (zarr v3): regular chunks, "c/"-prefixed keys."""
+    return {"shape": list(shape), "data_type": dtype.name,
+            "chunk_grid": {"name": "regular",
+                           "configuration": {"chunk_shape": list(chunk_shape)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": dtype.type(0).item(), "codecs": [codec.to_dict() for codec in codecs],
+            "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+
+
+def _write_small_array(folder: Path, data: np.ndarray) -> None:
+    """`data` (little-endian) as one chunk, compressed with zarr's default codecs for numbers."""
+    folder.mkdir()
+    _write_zarr_json(folder, _array_metadata(data.shape, data.dtype,
+                                             (max(1, len(data)), *data.shape[1:]),
+                                             _SMALL_ARRAY_CODECS))
+    if len(data):
+        chunk = folder.joinpath("c", *["0"] * data.ndim)
+        chunk.parent.mkdir(parents=True)
+        chunk.write_bytes(_SMALL_ARRAY_ZSTD.encode(np.ascontiguousarray(data)))
+
+
+def _write_zarr_json(folder: Path, document: dict[str, Any]) -> None:
+    (folder / "zarr.json").write_text(json.dumps(document, indent=2, default=jsonable))
+
+
+def write_tile_shard(tiles: TileShards, start: int, batch: np.ndarray) -> None:
     """Store `batch` as `tiles[start:start + len(batch)]`, one whole shard, as the shard file.
 
     The file is what zarr's sharding codec (index at the end) reads: each tile
     compressed alone, back to back, then the index of (offset, length) per chunk
     of the shard as little-endian uint64 and the index's crc32c. zarr's own
     `tiles[a:b] = batch` writes the same bytes, plus about 1 ms of per-chunk
-    pipeline work per tile (docs/benchmarks.md). `tiles` is an array from
-    `create_tile_store`, whose codecs this layout matches.
+    pipeline work per tile (docs/benchmarks.md). `tiles` is what `create_tile_store`
+    returns; its metadata names the codecs this layout matches.
     """
     write_compressed_shard(tiles, start, compress_tiles(batch))
 
@@ -120,22 +178,20 @@ def compress_tiles(batch: np.ndarray) -> list[bytes]:
             for tile in batch]
 
 
-def write_compressed_shard(tiles: zarr.Array, start: int, chunks: Sequence[bytes]) -> None:
+def write_compressed_shard(tiles: TileShards, start: int, chunks: Sequence[bytes]) -> None:
     """`write_tile_shard` of tiles already compressed by `compress_tiles` (a tiler compresses
     each part of a shard as soon as it is read)."""
-    per_shard = tiles.shards[0]
-    if start % per_shard or not 0 < len(chunks) <= min(per_shard, tiles.shape[0] - start):
+    per_shard = tiles.per_shard
+    if not per_shard or start % per_shard \
+            or not 0 < len(chunks) <= min(per_shard, tiles.n_tiles - start):
         raise ValueError(f"tiles {start}:{start + len(chunks)} are not one whole shard of "
-                         f"{per_shard} tiles in an array of {tiles.shape[0]}")
-    store = tiles.store_path.store
-    if not isinstance(store, LocalStore):
-        raise TypeError(f"write_tile_shard writes files; {store} is not a local store")
+                         f"{per_shard} tiles in an array of {tiles.n_tiles}")
     index = np.full((per_shard, 2), _NO_CHUNK, dtype="<u8")
     index[:len(chunks), 1] = [len(chunk) for chunk in chunks]
     index[:len(chunks), 0] = np.cumsum(index[:len(chunks), 1]) - index[:len(chunks), 1]
     index_bytes = index.tobytes()
-    key = tiles.metadata.encode_chunk_key((start // per_shard, 0, 0, 0))
-    path = Path(store.root) / tiles.store_path.path / key
+    # the default chunk key encoding of create_tile_store's metadata: c/{shard}/0/0/0
+    path = tiles.folder.joinpath("c", str(start // per_shard), "0", "0", "0")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as file:
         file.writelines(chunks)
