@@ -7,7 +7,9 @@ to an RGB numpy array: no tissue mask, no resampling, no Zarr writes. With
 OpenSlide handle, as medrobust does), so parallel runs are compared with
 parallel raw reads too. When the tile has to be resampled (the read level does
 not match the target mpp exactly) an extra row adds the same LANCZOS resize to
-the baseline, so the resampling share is visible.
+the baseline, so the resampling share is visible. The goal rows run `tile_slide`
+as the issue counts tiling (open, mask, grid, reads, resize, compression, Zarr
+writes); an "explain" row adds the QC picture a workflow job also draws and saves.
 
     .venv/bin/python bench/bench_tiling.py                     # the CMU test slide
     .venv/bin/python bench/bench_tiling.py --synthetic 8192x6144
@@ -43,6 +45,7 @@ and against hs2p in tiles per second (the two keep different tissue tiles).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -289,12 +292,15 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
                    zarr_writer(path, coords, grid.level, grid.read_size, tile_size,
                                work / "raw.zarr"), 1))
     for workers in args.workers:
-        def run_tiling(workers=workers, out=work / f"tiles_w{workers}.zarr") -> None:
+        def run_tiling(workers=workers, out=work / f"tiles_w{workers}.zarr", qc=None) -> None:
             tile_slide(path, out, config, slide_id="bench", label="bench", split="test",
-                       source_sha256="not-computed", workers=workers)
+                       source_sha256="not-computed", workers=workers, qc_path=qc)
             shutil.rmtree(out)
 
         setups.append((f"medrobust tile_slide, workers={workers}", run_tiling, workers))
+        # what a workflow job does: the QC picture too (drawn while tiles are read)
+        setups.append((f"explain: tile_slide + QC picture, workers={workers}",
+                       functools.partial(run_tiling, qc=work / f"qc_w{workers}.png"), workers))
     hs2p_counts = {}
     if HAVE_HS2P:
         for workers in args.workers:
