@@ -16,6 +16,10 @@ class InputError(MedrobustError, ValueError):
     """An input file is unreadable or its content is wrong; the message names it."""
 
 
+# what a stage does with an input that raises InputError: stop, or leave it out and go on
+ON_BAD_INPUT = ("fail", "skip")
+
+
 def check_choice(what: str, value, allowed) -> None:
     """Refuse a setting outside its fixed choices: `{what} must be one of a, b, not 'c'`."""
     if value not in allowed:

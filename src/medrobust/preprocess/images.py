@@ -25,7 +25,7 @@ from PIL import Image
 from skimage.color import rgb2gray
 
 from medrobust.data.manifest import Manifest, read_manifest
-from medrobust.errors import ConfigError, InputError, check_choice
+from medrobust.errors import ON_BAD_INPUT, ConfigError, InputError, check_choice
 from medrobust.io.atomic import SCRATCH, temporary_sibling
 from medrobust.io.checksums import sha256_file
 from medrobust.io.image_store import ImageStoreWriter
@@ -38,7 +38,6 @@ from medrobust.preprocess import positive_number
 from medrobust.preprocess.mammograms import screening_view
 
 log = get_logger(__name__)
-ON_BAD_INPUT = ("fail", "skip")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import dask
 import numpy as np
 from PIL import Image
 
-from medrobust.errors import ConfigError, InputError, check_choice
+from medrobust.errors import ON_BAD_INPUT, ConfigError, InputError, check_choice
 from medrobust.io.atomic import atomic_path
 from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import (TILES_PER_SHARD, compress_tiles, create_tile_store,
@@ -47,7 +47,6 @@ from medrobust.logs import get_logger
 from medrobust.progress import progress
 from medrobust.config import config_from_mapping
 from medrobust.preprocess import positive_number
-from medrobust.preprocess.images import ON_BAD_INPUT
 from medrobust.preprocess.qc import left_out_picture, qc_picture, save_png
 from medrobust.preprocess.tissue import tissue_mask
 
