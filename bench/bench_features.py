@@ -51,10 +51,10 @@ def repeated_store(source: Path, path: Path, n_tiles: int) -> None:
     tiles = np.asarray(store.tiles[:])
     index = np.arange(n_tiles) % len(tiles)
     with atomic_path(path) as tmp:
-        array = create_tile_store(tmp, n_tiles, tiles.shape[1], store.coords[index],
-                                  store.tissue_fraction[index], store.attrs)
+        shards = create_tile_store(tmp, n_tiles, tiles.shape[1], store.coords[index],
+                                   store.tissue_fraction[index], store.attrs)
         for start in range(0, n_tiles, TILES_PER_SHARD):
-            write_tile_shard(array, start, tiles[index[start:start + TILES_PER_SHARD]])
+            write_tile_shard(shards, start, tiles[index[start:start + TILES_PER_SHARD]])
 
 
 def main(argv: list[str] | None = None) -> None:

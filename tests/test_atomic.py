@@ -1,5 +1,6 @@
 """Atomic outputs, and the removal of the temporary siblings that killed jobs leave."""
 
+import json
 import logging
 import os
 import signal
@@ -9,7 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from medrobust.io.atomic import (
     LOCK_NAME, atomic_path, current_umask, remove_stale_siblings, set_default_mode,
@@ -109,3 +112,14 @@ def test_set_default_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_write_json_writes_numpy_torch_and_paths_as_json(tmp_path):
+    write_json(tmp_path / "values.json", {
+        "array": np.arange(3), "one": np.array([7]), "scalar": np.float32(0.5),
+        "zero_d": np.array(2), "tensor": torch.tensor([[1, 2]]), "path": Path("a/b")})
+    assert json.loads((tmp_path / "values.json").read_text()) == {
+        "array": [0, 1, 2], "one": [7], "scalar": 0.5, "zero_d": 2, "tensor": [[1, 2]],
+        "path": "a/b"}
+    with pytest.raises(TypeError, match="cannot write object to JSON"):
+        write_json(tmp_path / "bad.json", {"x": object()})

@@ -182,14 +182,12 @@ def set_default_mode(path: str | os.PathLike) -> None:
 
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=jsonable) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def jsonable(value):
-    """`json.dumps`'s `default`: numpy and torch scalars and arrays, paths."""
-    if hasattr(value, "item"):  # numpy and torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
+def json_default(value):
+    """`json.dumps`'s `default`: numpy and torch arrays and scalars, paths."""
+    if hasattr(value, "tolist"):  # 0-d arrays and numpy scalars give Python scalars
         return value.tolist()
     if isinstance(value, Path):
         return str(value)

@@ -170,7 +170,7 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
             draw = functools.partial(qc_picture, thumbnail, mask, coords / mask_downsample,
                                      grid.tile_size_level0 / mask_downsample)
             if len(coords) == 0:
-                picture = draw()
+                picture = draw() if qc_path is not None else None
                 raise InputError(f"{slide_path}: no tissue: no tile has tissue_fraction >= "
                                  f"{config.tissue_threshold:g} among {len(grid.coords)} grid "
                                  "tiles (lower tiling.tissue_threshold if the QC picture shows "
@@ -199,7 +199,7 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
                 from error
         _write_left_out(out_path, config, slide_path, slide_id, label, split, str(error))
         coords = ()
-        if picture is None:  # not even a thumbnail could be read
+        if qc_path is not None and picture is None:  # not even a thumbnail could be read
             picture = left_out_picture(str(error))
     else:
         log.info("%s: kept %d of %d tiles -> %s", slide_path, len(coords), len(grid.coords),
