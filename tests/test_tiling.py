@@ -28,7 +28,7 @@ from medrobust.io.slide_stores import (TILE_CODEC, TILES_PER_SHARD, create_tile_
                                        open_tile_store, read_tiles, write_tile_shard)
 from medrobust.io.slides import MAX_SLIDE_MPP, Slide, open_slide
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
-from medrobust.preprocess import groups
+from medrobust.preprocess import groups, tiling
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_map
 from medrobust.preprocess.tissue import (MAX_SATURATION, MIN_SATURATION, hsv_saturation,
                                          tissue_mask)
@@ -592,6 +592,26 @@ def test_tiling_writes_a_qc_picture_of_the_slide(tmp_path):
     assert len(drawn) == n_tiles and tinted.mean() > 0.8
     assert (drawn[tinted, 0] < under[tinted, 0]).all()
     assert (drawn[tinted, 2] >= under[tinted, 2]).all()
+
+
+def test_without_a_qc_path_no_picture_is_drawn_or_encoded(tmp_path, monkeypatch, write_tiff):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a QC picture that nobody asked for")
+
+    for name in ("qc_picture", "left_out_picture", "png_bytes"):
+        monkeypatch.setattr(tiling, name, refuse)
+    config = TilingConfig(target_mpp=CMU_MPP * 4, tile_size=32, tissue_threshold=0.5)
+    assert tile_slide(CMU, tmp_path / "cmu.zarr", config, "cmu", "tumor", "train",
+                      workers=2) > 0
+    white = write_tiff("white.tiff", np.full((256, 320, 3), 250, np.uint8), mpp=0.5)
+    config = TilingConfig(target_mpp=0.5, tile_size=32, tissue_threshold=0.5, fallback_mpp=0.5)
+    for slide in (white, not_a_slide(tmp_path)):  # no tissue; cannot be opened
+        assert tile_slide(slide, tmp_path / f"{slide.stem}.zarr", config, "s", "normal",
+                          "val", on_bad_input="skip") == 0
+        with pytest.raises(InputError):
+            tile_slide(slide, tmp_path / f"{slide.stem}.fail.zarr", config, "s", "normal",
+                       "val", qc_path=tmp_path / "unused.png")
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_a_corrupt_slide_fails_without_leaving_a_store(tmp_path, corrupt_tiff):

@@ -106,10 +106,9 @@ def create_tile_store(path: Path, n_tiles: int, tile_size: int, coords: np.ndarr
     `create_array` write (a test compares them): each node's zarr.json as zarr v3
     defines it, with the codecs' JSON from zarr's own codec classes. (From about
     16,000 tiles zarr would split `coords` into chunks; here it stays one chunk,
-    read at once.) Writing them
-    here takes about 1.5 ms; through zarr's event loop it took 10-17 ms, and 36 ms
-    in the tiler's writer thread while two readers had the two cores
-    (docs/benchmarks.md).
+    read at once.) Writing them here takes about 1.5 ms alone and 6-11 ms in the
+    tiler's writer thread beside two readers; through zarr's event loop it took
+    10-17 ms alone and 36 ms beside them (docs/benchmarks.md).
 
     Call inside `medrobust.io.atomic.atomic_path`, with a `path` that does not exist
     yet, so a half-filled store never appears at its final path.

@@ -98,10 +98,10 @@ def left_out_picture(reason: str) -> Image.Image:
 
 
 def png_bytes(picture: Image.Image) -> bytes:
-    """The picture as a PNG file's bytes, at zlib's fastest level: 6 ms instead of 22 (the
-    default, 6) for the CMU slide's picture, 20 % larger; on a small slide the default took
-    a third of the tiling job (docs/benchmarks.md). The tiler encodes it in its writer
-    thread, between the store's writes."""
+    """The picture as a PNG file's bytes, at zlib's fastest level: 6 ms instead of 22 (PIL's
+    default level, 6) for the CMU slide's picture, which took a third of the tiling job
+    (docs/benchmarks.md). The file is 20 % larger, and so is the report, which inlines
+    some. The tiler encodes it in its writer thread, between the store's writes."""
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
