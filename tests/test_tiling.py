@@ -195,6 +195,16 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
         read_tiles(array, [150])
 
 
+def _one_shard_store(tmp_path):
+    """A store of 64 random 8-px tiles in one shard: its tiles array and the shard's file."""
+    tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    shards = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
+                               np.zeros(64), {})
+    write_tile_shard(shards, 0, tiles)
+    shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
+    return open_tile_store(tmp_path / "tiles.zarr").tiles, shard
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "index fails its checksum"),
     (lambda data: data[:-600], "index fails its checksum"),
@@ -207,12 +217,7 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
     (lambda data: data[:4] + (8 * 8 * 3 - 1).to_bytes(4, "little") + data[8:], "191 decoded"),
 ])
 def test_a_damaged_tile_shard_is_an_error_naming_its_file(tmp_path, damage, message):
-    tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
-    shards = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
-                               np.zeros(64), {})
-    write_tile_shard(shards, 0, tiles)
-    array = open_tile_store(tmp_path / "tiles.zarr").tiles
-    shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
+    array, shard = _one_shard_store(tmp_path)
     shard.write_bytes(damage(shard.read_bytes()))
     with pytest.raises(InputError, match=f"{shard}: damaged tile shard .*{message}"):
         read_tiles(array, range(64))
@@ -236,12 +241,7 @@ def _damaged_shard(tmp_path, damage):
     """A one-shard store of 64 random 8-px tiles, its shard file passed through
     `damage(body, index)` -> (body, index) and its index's checksum recomputed, so
     only what the index says is wrong."""
-    tiles = np.random.default_rng(2).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
-    shards = create_tile_store(tmp_path / "tiles.zarr", 64, 8, np.zeros((64, 2)),
-                               np.zeros(64), {})
-    write_tile_shard(shards, 0, tiles)
-    array = open_tile_store(tmp_path / "tiles.zarr").tiles
-    shard = tmp_path / "tiles.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
+    array, shard = _one_shard_store(tmp_path)
     data, index_bytes = shard.read_bytes(), 64 * 16 + 4
     body, index = damage(data[:-index_bytes], np.frombuffer(
         data[-index_bytes:-4], "<u8").reshape(64, 2).copy())

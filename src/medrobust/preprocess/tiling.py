@@ -25,7 +25,6 @@ thumbnail the tissue mask came from, the mask's outline and the kept tiles.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,12 +166,15 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
             fractions = mask_fractions(mask, mask_downsample, grid)
             keep = fractions >= config.tissue_threshold
             coords, fractions = grid.coords[keep], fractions[keep]
-            draw_qc = functools.partial(qc_picture, thumbnail, mask, coords / mask_downsample,
-                                        grid.tile_size_level0 / mask_downsample)
+
+            def qc_png() -> bytes:
+                return png_bytes(qc_picture(thumbnail, mask, coords / mask_downsample,
+                                            grid.tile_size_level0 / mask_downsample))
+
             if len(coords) == 0:
                 # only `skip` keeps the picture: `fail` raises before anything is saved
                 if qc_path is not None and on_bad_input == "skip":
-                    png = png_bytes(draw_qc())
+                    png = qc_png()
                 raise InputError(f"{slide_path}: no tissue: no tile has tissue_fraction >= "
                                  f"{config.tissue_threshold:g} among {len(grid.coords)} grid "
                                  "tiles (lower tiling.tissue_threshold if the QC picture shows "
@@ -190,13 +192,12 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
                 # slide that would otherwise come before or after the reads
                 tiles = writer.submit(create_tile_store, tmp, len(coords), config.tile_size,
                                       coords, fractions, attrs)
-                qc_png = writer.submit(lambda: png_bytes(draw_qc())) if qc_path is not None \
-                    else None
+                encoded = writer.submit(qc_png) if qc_path is not None else None
                 try:
                     _read_tiles(slide, grid, coords, tiles, writer, config.tile_size, workers,
                                 slide_id)
                 finally:
-                    png = qc_png.result() if qc_png is not None else None
+                    png = encoded.result() if encoded is not None else None
     except InputError as error:
         if on_bad_input == "fail":
             raise InputError(f"{error} (set on_bad_input: skip to leave the slide out)") \
