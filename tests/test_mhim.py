@@ -91,6 +91,30 @@ def test_cosine_schedules_run_from_start_to_end():
     assert model.momentum(100, 100) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("arch", ["abmil", "transmil"])
+def test_the_student_starts_from_what_init_student_names(arch):
+    fresh = _student(arch).state_dict()
+    for start in ("none", "front", "all"):
+        model, teacher_state = _mhim(arch, init_student=start)
+        for key, value in model.student.state_dict().items():
+            from_teacher = start == "all" or (start == "front" and key.startswith("front."))
+            assert torch.equal(value, teacher_state[key] if from_teacher else fresh[key]), \
+                (start, key)
+    with pytest.raises(ConfigError, match="init_student must be one of"):
+        MHIMOptions(teacher="base", init_student="fc")
+
+
+def test_recycle_layers_start_as_the_reference_initialises_them():
+    """Xavier-normal weights and zero biases, as the reference's MHIM applies to every
+    submodule; PyTorch's default would give the output layer a nonzero bias."""
+    torch.manual_seed(0)
+    recycle = GlobalRecycle(512, k=1, merge_ratio=0.2, momentum=0.9999)
+    output = recycle.to_out[0]
+    assert torch.count_nonzero(output.bias) == 0
+    xavier_std = (2 / (output.in_features + output.out_features)) ** 0.5
+    assert float(output.weight.detach().std()) == pytest.approx(xavier_std, rel=0.05)
+
+
 def test_recycle_queries_follow_the_outputs_by_ema_without_gradient():
     torch.manual_seed(0)
     recycle = GlobalRecycle(16, k=3, merge_ratio=0.25, momentum=0.9, dropout=0.0).train()

@@ -14,7 +14,7 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.slide_classifier import evaluate_slide_classifier
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import write_feature_store
-from medrobust.models.mil import ABMIL, ABMILOptions
+from medrobust.models.mil import ABMIL, ABMILOptions, Pooled
 from medrobust.models.registry import build_model, load_model, save_model
 from medrobust.train.slide_classifier import train_slide_classifier
 
@@ -89,14 +89,30 @@ def test_front_and_predictor_are_the_references():
 
 
 def test_instance_probability_is_class_aware():
-    """p_i = max_c softmax_c(W (a_i h_i) + b), the reference's pseudo score."""
+    """p_i = max_c softmax_c(W (a_i h_i) + b[0]), the reference's pseudo score: b[0] is
+    added to every class, so the softmax cancels it."""
     model, bag = _model(), torch.randn(6, 8)
+    with torch.no_grad():
+        model.predictor.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
     embeddings = model.embed_instances(bag)
     pooled = model.aggregate(embeddings)
     contributions = pooled.attention[:, None] * embeddings
-    logits = contributions @ model.predictor.weight.T + model.predictor.bias
+    logits = contributions @ model.predictor.weight.T + model.predictor.bias[0]
     torch.testing.assert_close(model.instance_probability(embeddings, pooled),
                                torch.softmax(logits, dim=1).max(dim=1).values)
+
+
+def test_evidence_against_the_bias_favoured_class_outranks_no_evidence():
+    """A large bias towards class 0 must not rank an instance that points to class 1
+    below an instance that points nowhere (with the bias added it would: 0.88 < 0.95)."""
+    model = ABMIL(2, 2, ABMILOptions(hidden_dim=2, attention_dim=2)).eval()
+    with torch.no_grad():
+        model.predictor.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+        model.predictor.bias.copy_(torch.tensor([3.0, 0.0]))
+    embeddings = torch.tensor([[0.0, 2.0], [0.0, 0.0]])  # to class 1; nothing
+    pooled = Pooled(torch.zeros(2), torch.tensor([0.5, 0.5]))
+    towards_class_1, neutral = model.instance_probability(embeddings, pooled).tolist()
+    assert towards_class_1 > neutral
 
 
 @pytest.mark.parametrize("arch", ["abmil", "gated_abmil", "transmil"])

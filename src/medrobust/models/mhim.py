@@ -28,9 +28,13 @@ from torch import nn
 
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, check_choice
-from medrobust.models.mil import MILClassifier
+from medrobust.models.mil import MILClassifier, initialize_weights
 
 SCHEDULES = ("constant", "cosine")
+# what of the teacher's starting weights the student starts from: nothing (v2, which
+# forces it), the front layer (v1's `--init_stu_type=fc`, in all its README's commands),
+# or everything (v1's `all`)
+STUDENT_STARTS = ("none", "front", "all")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class MHIMOptions:
     teacher: str                      # the slide classifier whose weights start the teacher
     momentum: float = 0.9999          # teacher EMA (v1; v2's command line uses 0.9997)
     momentum_schedule: str = "constant"   # cosine: from `momentum` to 1 over training
+    init_student: str = "none"        # none (v2), front (v1's README) or all: see STUDENT_STARTS
     mask_ratio: float = 0.0           # random masking (v1's grid 0.5-0.7; v2 0)
     mask_ratio_h: float = 0.01        # high-score masking r_h (grid 0.01, 0.03, 0.05)
     mask_ratio_hr: float = 1.0        # r_hr: fraction of the top candidates masked
@@ -62,6 +67,7 @@ class MHIMOptions:
                                                       self.temperature_student) <= 0:
             raise ConfigError("mhim: merge_k must be >= 1, alpha >= 0, temperatures > 0")
         check_choice("mhim: momentum_schedule", self.momentum_schedule, SCHEDULES)
+        check_choice("mhim: init_student", self.init_student, STUDENT_STARTS)
         check_choice("mhim: mask_ratio_h_schedule", self.mask_ratio_h_schedule, SCHEDULES)
 
     @classmethod
@@ -122,6 +128,7 @@ class GlobalRecycle(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim), nn.Dropout(dropout))
         self.attention_dropout = nn.Dropout(dropout)
+        initialize_weights(self)  # the reference's MHIM initialises every submodule so
         # initialised as VPT's prompts, as the reference
         bound = math.sqrt(6.0 / (3 * 16 * 16 + dim))
         self.register_buffer("queries", torch.empty(k, dim).uniform_(-bound, bound))
@@ -149,6 +156,12 @@ class GlobalRecycle(nn.Module):
         return torch.cat([instances[kept.sort().values], merged])
 
 
+def _submodule_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a model's state under `prefix.`, without it."""
+    return {key[len(prefix) + 1:]: value for key, value in state.items()
+            if key.startswith(prefix + ".")}
+
+
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor,
                        temperature_student: float, temperature_teacher: float) -> torch.Tensor:
     """-sum softmax(teacher / T_t) * log_softmax(student / T_s), on bag features."""
@@ -169,6 +182,10 @@ class MHIM(nn.Module):
         self.teacher = copy.deepcopy(student)
         self.teacher.load_state_dict(teacher_state)
         self.teacher.requires_grad_(False)
+        if options.init_student == "front":
+            self.student.front.load_state_dict(_submodule_state(teacher_state, "front"))
+        elif options.init_student == "all":
+            self.student.load_state_dict(teacher_state)
         self.recycle = (GlobalRecycle(student.options.hidden_dim, options.merge_k, options.merge_ratio,
                                       options.merge_momentum) if options.recycle else None)
 

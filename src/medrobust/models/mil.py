@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medrobust.config import config_from_mapping
@@ -80,9 +81,14 @@ class MILClassifier(nn.Module):
 
     def instance_probability(self, embeddings: torch.Tensor, pooled: Pooled) -> torch.Tensor:
         """MHIM-MIL v2's class-aware instance probability `(n,)`: max_c softmax_c of the
-        predictor applied to each instance's contribution to the bag feature."""
+        predictor's weights applied to each instance's contribution to the bag feature.
+
+        Without the predictor's bias, as the reference computes it (it adds class 0's bias
+        to every class, which the softmax cancels): a contribution is about 1/n of the bag
+        feature, so a bag-level bias would outweigh it and rank an instance's evidence
+        against the favoured class below no evidence at all (docs/mil.md)."""
         contributions = self.instance_contributions(embeddings, pooled)
-        return torch.softmax(self.classify(contributions), dim=-1).amax(dim=-1)
+        return torch.softmax(F.linear(contributions, self.predictor.weight), dim=-1).amax(dim=-1)
 
     def instance_contributions(self, embeddings: torch.Tensor, pooled: Pooled) -> torch.Tensor:
         raise NotImplementedError
