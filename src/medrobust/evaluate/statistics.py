@@ -2,10 +2,12 @@
 
 Test sets in medical imaging are small, so a metric without its uncertainty
 invites reading noise as an effect. Counts (accuracy, sensitivity,
-specificity) get exact binomial (Clopper-Pearson) intervals; metrics that
-are not a single proportion (balanced accuracy, AUC, macro averages) get a
-percentile bootstrap that resamples within each true class, so every
-resample keeps the test set's class counts and AUC stays defined. Two models
+specificity) get exact binomial (Clopper-Pearson) intervals; a two-class (or
+one-vs-rest) AUC gets Newcombe's score interval, which, unlike a bootstrap,
+does not shrink to a point when the test set happens to be ranked perfectly;
+other metrics that are not a single proportion (balanced accuracy, macro
+averages) get a percentile bootstrap that resamples within each true class,
+so every resample keeps the test set's class counts. Two models
 scored on the same samples are compared pairwise: McNemar's exact test on
 the discordant pairs and a paired bootstrap of the difference.
 """
@@ -24,6 +26,7 @@ CONFIDENCE = 0.95
 N_RESAMPLES = 1000
 
 EXACT = "exact binomial (Clopper-Pearson)"
+NEWCOMBE = "Newcombe score interval (Mann-Whitney, method 5)"
 STRATIFIED = "stratified bootstrap (percentile)"
 PAIRED = "paired bootstrap (percentile)"
 
@@ -146,6 +149,38 @@ def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE)
     high = 1.0 if successes == trials else float(
         beta.ppf(1.0 - tail, successes + 1, trials - successes))
     return Interval(successes / trials, low, high, EXACT)
+
+
+def newcombe_auc(auc: float | None, n_positive: int, n_negative: int,
+                 confidence: float = CONFIDENCE) -> Interval:
+    """An AUC with Newcombe's score-type interval (Stat Med 2006;25:559-573, method 5).
+
+    The interval is every θ with (AUC - θ)² <= z² V(θ), where
+    V(θ) = θ(1-θ)[1 + N*(1-θ)/(2-θ) + N*θ/(1+θ)] / (m n), N* = (m + n)/2 - 1,
+    for m positives and n negatives. V is taken at θ, not at the estimate, so an
+    AUC of 1 on 8 against 8 samples gets [0.76, 1], where a bootstrap (every
+    resample ranked perfectly too) or DeLong's variance gives [1, 1].
+    """
+    _check_confidence(confidence)
+    if auc is None or n_positive < 1 or n_negative < 1:
+        return Interval(None, None, None, NEWCOMBE)
+    from scipy.optimize import brentq  # here, as in clopper_pearson
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    pairs, others = n_positive * n_negative, (n_positive + n_negative) / 2 - 1
+
+    def excess(theta: float) -> float:
+        """(AUC - θ)² - z² V(θ): <= 0 inside the interval."""
+        variance = theta * (1 - theta) * (1 + others * (1 - theta) / (2 - theta)
+                                          + others * theta / (1 + theta)) / pairs
+        return (auc - theta) ** 2 - z * z * variance
+
+    # excess is >= 0 at 0 and at 1 and < 0 just inside from an estimate at a bound
+    edge = 1e-12
+    low = 0.0 if auc <= edge else brentq(excess, 0.0, min(auc, 1 - edge), xtol=1e-10)
+    high = 1.0 if auc >= 1 - edge else brentq(excess, max(auc, edge), 1.0, xtol=1e-10)
+    return Interval(float(auc), float(low), float(high), NEWCOMBE)
 
 
 # ---------------------------------------------------------------- AUC
@@ -322,8 +357,9 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     """Accuracy, balanced accuracy, AUC, sensitivity and specificity with intervals.
 
     The prediction is the argmax class. Accuracy and binary sensitivity
-    (positive class = classes[1]) and specificity are exact binomial; balanced
-    accuracy, AUC and (k > 2) macro sensitivity and specificity come from one
+    (positive class = classes[1]) and specificity are exact binomial; the binary
+    and per-class (one-vs-rest) AUCs have Newcombe's score interval; balanced
+    accuracy and (k > 2) the macro AUC, sensitivity and specificity come from one
     shared stratified bootstrap. Macro averages run over the classes present in
     the labels; per-class statistics of a class with no samples are None.
     """
@@ -366,7 +402,8 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
             "support": int(support[c]),
             "sensitivity": clopper_pearson(int(confusion[c, c]), int(support[c]), confidence),
             "specificity": clopper_pearson(int(true_negatives), int(n - support[c]), confidence),
-            "auc": boot[f"auc/{c}"],
+            "auc": newcombe_auc(boot[f"auc/{c}"].estimate, int(support[c]),
+                                int(n - support[c]), confidence),
         }
     if k == 2:
         sensitivity = per_class[classes[1]]["sensitivity"]
@@ -377,7 +414,8 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
         "n": n,
         "accuracy": clopper_pearson(int(np.trace(confusion)), n, confidence),
         "balanced_accuracy": boot["balanced_accuracy"],
-        "auc": boot["auc"],
+        # two classes: the AUC of P(class 1), as the one-vs-rest AUC of class 1
+        "auc": per_class[classes[1]]["auc"] if k == 2 else boot["auc"],
         "sensitivity": sensitivity,
         "specificity": specificity,
         "per_class": per_class,

@@ -301,7 +301,9 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                     "sensitivity at the clean operating point (two classes)":
                         "exact binomial (Clopper-Pearson), the threshold (maximal Youden's J "
                         "on the model's clean predictions) taken as fixed",
-                    "balanced accuracy, AUC, macro sensitivity and specificity (more classes)":
+                    "AUC of two classes, per-class (one-vs-rest) AUC":
+                        "Newcombe's score interval (Mann-Whitney, method 5)",
+                    "balanced accuracy; macro AUC, sensitivity and specificity (more classes)":
                         "stratified bootstrap over test samples (percentile)",
                     "mean over perturbations": "stratified bootstrap (percentile)",
                     "differences between two models":
