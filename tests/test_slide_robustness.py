@@ -167,15 +167,22 @@ def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(coh
     run = _perturbation_run(cohort, "gaussian_noise", [0.1], [0.5, 1.0], "noise")
     settings = SlideRobustnessConfig.from_mapping({
         "fractions": [0.5, 1.0], "perturbations": {"gaussian_noise": {"severities": [0.1]}},
-        "adversarial": {"top_k": [2], "epsilons": [4], "steps": 1}})
+        "adversarial": {"top_k": [2], "epsilons": [2, 4], "steps": 1}})
     slide_robustness_run(folder / "abmil", list(features.values()), list(tiles.values()),
                          {"gaussian_noise": run}, folder / "report_run", settings, FEATURES,
-                         STATISTICS)
+                         {**STATISTICS, "confidence": 0.8})
     view, found = slide_robustness_view([folder / "report_run"])
     assert set(found) == {"slide_tile_fraction", "slide_adversarial_tiles"}
+    # the captions name the level the intervals were made at
+    assert all("80% intervals" in caption and "95%" not in caption
+               for _, caption in found.values())
     assert [row["condition"] for row in view["rows"]] == [
         "clean", "gaussian_noise 0.1, 50% of tiles", "gaussian_noise 0.1, 100% of tiles",
-        "PGD ε 4/255 on the top 2 tiles"]
+        "PGD ε 2/255 on the top 2 tiles", "PGD ε 4/255 on the top 2 tiles"]
+    # the page's one line on the attack covers every budget, not the last one run
+    assert view["models"][0]["attack"] == \
+        "PGD-L∞ on the k most-attended tiles, ε 2/255, ε 4/255; 1 steps, step 2/255, " \
+        "random start"
     assert view["fewest_slides"] == 4
     # each condition says which classes its slides were called: counts of every slide once
     for row in view["rows"]:

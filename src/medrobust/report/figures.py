@@ -10,7 +10,7 @@ every curve carries its interval as a band.
 from __future__ import annotations
 
 import io
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,12 @@ EPSILON_LABELS = {"linf": "ε (L∞ budget, 1/255 of the intensity range)",
 NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 ACCURACY_LABEL = "accuracy (fraction of test images)"
 LOWPASS_RADIUS = "low-pass radius (cycles per image)"
+
+
+def bands_caption(confidences: Collection[float]) -> str:
+    """A caption's words for the bands of intervals made at these confidence levels."""
+    levels = " and ".join(f"{confidence:.0%}" for confidence in sorted(confidences))
+    return f"bands are {levels} intervals"
 
 
 def png(figure: Figure) -> bytes:
@@ -88,7 +94,7 @@ def attack_curves(robustness: pd.DataFrame) -> Figure:
     """Accuracy against ε: one panel per attack and, with several attacks, one per norm for
     the worst case over them.
 
-    Solid lines are white-box, dashed transfer; bands are 95% intervals.
+    Solid lines are white-box, dashed transfer; bands are the intervals.
     """
     attacked = robustness[robustness["kind"].isin(["attack", "worst_case"])]
     attacks = attacked[attacked["kind"] == "attack"]
@@ -288,7 +294,7 @@ def _levels_axis(axes: Axes, levels: Sequence[float],
 def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame) -> Figure:
     """Lesion visibility against the low-pass radius beside each model's sensitivity.
 
-    Left: the fraction of lesions still detectable (95% exact bands); middle:
+    Left: the fraction of lesions still detectable (exact bands); middle:
     the median contrast-to-noise ratio; right: sensitivity on calcification-only
     (solid) and mass-only (dashed) positives, per model.
     """
@@ -335,7 +341,8 @@ SLIDE_METRICS = (("accuracy", "accuracy (fraction of test slides)"), ("auc", "AU
 
 def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
     """Slide accuracy and AUC against the fraction of tiles perturbed: one column per
-    perturbation and severity, one line per model, fraction 0 the clean bags; 95% bands."""
+    perturbation and severity, one line per model, fraction 0 the clean bags; bands are the
+    intervals."""
     sweeps = metrics[metrics["kind"] == "tile_fraction"]
     panels = sorted({(name, float(severity)) for name, severity
                      in zip(sweeps["perturbation"], sweeps["severity"])})
@@ -365,7 +372,7 @@ def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
 
 def adversarial_tile_curves(metrics: pd.DataFrame) -> Figure:
     """Slide accuracy and AUC against k, the most-attended tiles attacked: one line per model
-    and ε, k = 0 the clean bags; 95% bands."""
+    and ε, k = 0 the clean bags; bands are the intervals."""
     attacked = metrics[metrics["kind"] == "adversarial_tiles"]
     styles = model_styles(metrics["model"])
     epsilons = sorted(attacked["epsilon"].unique())

@@ -463,9 +463,10 @@ def lesion_crops_figure(crops: Mapping[str, np.ndarray], title: str) -> bytes:
     return figures.png(figures.image_panel_grid(rows, labels, title))
 
 
-def lesion_visibility_views(folders: Sequence[str | os.PathLike],
-                            k: float) -> tuple[list[dict[str, Any]], dict[str, tuple[bytes, str]]]:
-    """Per dataset: its visibility and sensitivity rows for the page, and its two figures."""
+def lesion_visibility_views(folders: Sequence[str | os.PathLike], k: float, confidence: float,
+                            ) -> tuple[list[dict[str, Any]], dict[str, tuple[bytes, str]]]:
+    """Per dataset: its visibility and sensitivity rows for the page, and its two figures
+    (`confidence`: the level of their intervals, for the caption)."""
     views, found = [], {}
     for folder in map(Path, folders):
         dataset = folder.name
@@ -476,7 +477,8 @@ def lesion_visibility_views(folders: Sequence[str | os.PathLike],
             f"{dataset}: lesions still detectable (peak above the surrounding ring's mean by "
             f"k = {k:g} standard deviations) and their median contrast-to-noise ratio against "
             "the low-pass radius, beside each model's sensitivity on malignant images with "
-            "calcifications only and with a mass only; bands are 95% exact intervals.")
+            f"calcifications only and with a mass only; "
+            f"{figures.bands_caption([confidence])} (exact).")
         with np.load(folder / lesion_visibility.FILES["crops"]) as crops:
             found[f"lesion_crops_{dataset}"] = (
                 lesion_crops_figure(dict(crops), f"{dataset}: lesions under low-pass filtering"),
@@ -633,18 +635,21 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     baselines = mil_baselines(config)
     trained = read_histories(models)
     figure_files: dict[str, tuple[bytes, str]] = {}
+    confidence = summary["settings"]["confidence"]
+    bands = figures.bands_caption([confidence])
     images = robustness[robustness["family"] == "image"]
     if (images["kind"] == "attack").any():
         figure_files["accuracy_vs_epsilon"] = (
-            figures.png(figures.attack_curves(images)), "Accuracy against ε per attack, and the worst case "
-            "over attacks; bands are 95% intervals; ε = 0 is the clean accuracy.")
+            figures.png(figures.attack_curves(images)),
+            f"Accuracy against ε per attack, and the worst case over attacks; {bands}; "
+            "ε = 0 is the clean accuracy.")
     if (images["kind"] == "perturbation").any():
         figure_files["accuracy_vs_severity"] = (
             figures.png(figures.perturbation_curves(images)), "Accuracy, AUC and sensitivity "
             "at the clean operating point against severity per perturbation, in its own units; "
             "the clean test set is at severity 0, or, for a perturbation that weakens as its "
             "severity grows (a low-pass radius, a JPEG quality), at the right end, marked "
-            "\"clean\"; bands are 95% intervals.")
+            f"\"clean\"; {bands}.")
     if heatmaps:
         figure_files["fourier_heatmap"] = (
             figures.png(figures.fourier_heatmaps({model: read_heatmap(path)
@@ -665,7 +670,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     figure_files.update(slide_qc_figures(slides))
     lesions_k = lesion_visibility.LesionVisibilityConfig.from_mapping(
         config.get("lesion_visibility", {})).k
-    lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k)
+    lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k, confidence)
     figure_files.update(lesion_figures)
     slide_robustness, slide_robustness_figures = slide_robustness_view(slide_robustness_folders)
     figure_files.update(slide_robustness_figures)

@@ -60,7 +60,7 @@ def attention_section(runs: Sequence[str | os.PathLike],
         figures.png(figures.top_k_curves(curves)),
         "Test-slide AUC and accuracy after removing each slide's k most-attended tiles (solid) "
         f"or k random tiles (dashed, mean probability over {settings['random_repeats']} "
-        "draws); k = 0 is the full bag; bands are "
-        f"{settings['confidence']:.0%} intervals. At least one tile stays.")
+        f"draws); k = 0 is the full bag; {figures.bands_caption([settings['confidence']])}. "
+        "At least one tile stays.")
     return found, {"models": models, "settings": settings,
                    "top_k": curves.to_dict("records")}

@@ -67,6 +67,7 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike]
         return None, {}
     tables, runs = zip(*(_read(Path(folder)) for folder in folders))
     metrics = pd.concat(tables, ignore_index=True)
+    bands = figures.bands_caption({run["statistics"]["confidence"] for run in runs})
     found = {}
     if (metrics["kind"] == "tile_fraction").any():
         found["slide_tile_fraction"] = (
@@ -74,13 +75,13 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike]
             "Slide accuracy and AUC against the fraction of each test slide's tiles perturbed "
             "(a seeded random set, the same for every perturbation and model, nested across "
             "fractions) and embedded again; the other tiles keep their features; fraction 0 is "
-            "the clean slide; bands are 95% intervals.")
+            f"the clean slide; {bands}.")
     if (metrics["kind"] == "adversarial_tiles").any():
         found["slide_adversarial_tiles"] = (
             figures.png(figures.adversarial_tile_curves(metrics)),
             "Slide accuracy and AUC against k, the number of most-attended tiles attacked by "
             "PGD-L∞ in pixel space through the backbone and the MIL head; k = 0 is the clean "
-            "slide; bands are 95% intervals.")
+            f"slide; {bands}.")
     models = [{"model": run["model"], "dataset": run["dataset"], "n": run["n_test_slides"],
                "class_counts": run["class_counts"], "attack": run["attack"]} for run in runs]
     units = {name: unit for run in runs for name, unit in run["severity_units"].items()}
