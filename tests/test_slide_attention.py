@@ -11,7 +11,7 @@ import medrobust.models  # noqa: F401 (registers the architectures)
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.slide_attention import (
     AttentionSettings, bag_scores, localisation_auc, random_kept, tile_tumour_fraction,
-    tiles_to_remove, top_k_kept, tumour_tiles)
+    tiles_to_remove, top_k_against_random, top_k_kept, tumour_tiles)
 from medrobust.io.tumour_masks import TumourAnnotations, TumourMask, rasterise_asap
 from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model
 from medrobust.evaluate.heatmaps import (
@@ -135,6 +135,28 @@ def test_settings_reject_bad_values():
         AttentionSettings.from_mapping({"top_k": [0]})
     with pytest.raises(ConfigError, match="tumour_threshold"):
         AttentionSettings.from_mapping({"tumour_threshold": 0})
+
+
+def test_top_k_removal_is_compared_with_random_removal_slide_by_slide():
+    """10 slides: random removal leaves all right, most-attended removal gets 8 wrong;
+    the rows come shuffled, so only pairing by slide id gives 8 discordant pairs."""
+    classes = ["normal", "tumor"]
+    rows = []
+    for index in range(10):
+        label = classes[index % 2]
+        right = 0.9 if label == "tumor" else 0.1
+        for removal, p_tumor in (("random", right), ("top", right if index >= 8 else 1 - right)):
+            rows.append({"slide_id": f"s{index}", "label": label, "k": 2, "removal": removal,
+                         "prob_normal": 1 - p_tumor, "prob_tumor": p_tumor})
+    rows.append({"slide_id": "s0", "label": "normal", "k": 0, "removal": "none",
+                 "prob_normal": 0.9, "prob_tumor": 0.1})
+    table = pd.DataFrame(rows).sample(frac=1, random_state=0)
+    (row,) = top_k_against_random(table, classes, 200, 0.95, 0, 0.05)
+    assert (row["k"], row["n"]) == (2, 10)
+    assert (row["only_random_correct"], row["only_top_correct"]) == (8, 0)
+    assert row["accuracy_difference"].estimate == pytest.approx(-0.8)
+    assert row["accuracy_difference"].high < 0
+    assert row["p_value"] == pytest.approx(2 * 0.5 ** 8) and row["verdict"] == "hurt"
 
 
 def test_top_k_curves_draw_removal_and_random_from_the_full_bag():

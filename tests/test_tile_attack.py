@@ -68,7 +68,9 @@ def test_the_attacked_tiles_are_the_most_attended():
     assert len(most_attended(torch.tensor([0.3, 0.7]), 5)) == 2
 
 
-def test_the_loss_of_the_true_label_increases():
+def test_the_loss_of_the_true_label_increases_beyond_what_random_noise_does():
+    """Above the loss of 20 random points of the same budget: an attack whose gradient
+    steps did nothing (its random start alone) would not be."""
     backbone, mil, tiles, features, label, result = attack_setup()
     target = torch.tensor([label])
     clean_loss = F.cross_entropy(result.clean_logits[None], target)
@@ -76,6 +78,13 @@ def test_the_loss_of_the_true_label_increases():
     assert adversarial_loss > clean_loss
     with torch.no_grad():
         np.testing.assert_allclose(result.adversarial_logits, mil(result.features)[0], atol=1e-6)
+        bag = TileBag(backbone, mil)
+        bag.hold(features, torch.as_tensor(result.positions))
+        generator = torch.Generator().manual_seed(3)
+        clean = result.clean_tiles
+        random_losses = [F.cross_entropy(bag((clean + EPS * (2 * torch.rand(
+            clean.shape, generator=generator) - 1)).clamp(0, 1)), target) for _ in range(20)]
+    assert adversarial_loss > max(random_losses)
 
 
 def test_a_zero_budget_changes_nothing():
@@ -86,6 +95,21 @@ def test_a_zero_budget_changes_nothing():
     result = TilePGD(backbone, mil, 0.0).attack_slide(features, lambda p: tiles[p], 0, 2)
     assert torch.equal(result.adversarial_tiles, result.clean_tiles)
     assert torch.equal(result.features, features)
+
+
+def test_the_attacked_tiles_are_embedded_at_the_stored_features_precision():
+    """Features stored under bf16 autocast: the attack embeds its tiles the same way, so a
+    zero budget gives back the stored rows exactly; in fp32 they would differ by bf16's
+    rounding, a change the attack did not make."""
+    backbone, mil = TinyBackbone().eval(), ABMIL(6, 2).eval()
+    tiles = slide()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stored = backbone(tiles).float()
+    same = TilePGD(backbone, mil, 0.0, autocast_dtype=torch.bfloat16).attack_slide(
+        stored, lambda p: tiles[p], 0, 3)
+    assert torch.equal(same.features, stored)
+    fp32 = TilePGD(backbone, mil, 0.0).attack_slide(stored, lambda p: tiles[p], 0, 3)
+    assert not torch.equal(fp32.features, stored)
 
 
 class MeanIntensity(nn.Module):

@@ -137,19 +137,27 @@ def test_slide_attention_covers_every_test_slide(workdir):
     assert sorted(path.stem for path in (run / "heatmaps").glob("*.png")) == test
     top_k = pd.read_csv(run / "top_k.csv")
     localisation = pd.read_csv(run / "localisation.csv").set_index("slide_id")
+    labels = manifest.set_index("sample_id")["label"]
+    checked = 0
     for slide, group in tiles.groupby("slide_id"):
         features = open_feature_store(workdir / f"results/features/slides/resnet18/{slide}.zarr")
         assert (group[["x", "y"]].to_numpy() == features.coords).all()
         assert group["attention"].sum() == pytest.approx(1, abs=1e-4)   # ABMIL's softmax
         assert group["tumour_fraction"].between(0, 1).all()   # synthetic slides have masks
-        tumour = group["tumour_fraction"] >= 0.5
+        # the masks line up with the slides: only a tumour slide's tiles touch its mask
+        assert (group["tumour_fraction"].max() > 0) == (labels[slide] == "tumor"), slide
+        tumour = group["tumour_fraction"] >= 0.5   # tumour_threshold's default
         if tumour.any() and not tumour.all():
             assert localisation.loc[slide, "auc"] == pytest.approx(
                 roc_auc_score(tumour, group["attention"]))
+            checked += 1
+        else:
+            assert pd.isna(localisation.loc[slide, "auc"])
         rows = top_k[top_k["slide_id"] == slide]
         assert sorted(zip(rows["k"], rows["removal"])) == [
             (0, "none"), (1, "random"), (1, "top"), (4, "random"), (4, "top")]
         assert (rows["n_removed"] == rows["k"].clip(upper=len(group) - 1)).all()
+    assert checked > 0  # at least one test slide's localisation AUC was checked
     html = (workdir / "results/report/index.html").read_text()
     assert "Slides: attention" in html and "mean localisation AUC" in html
     figures = {path.stem for path in (workdir / "results/report/figures").glob("*.png")}

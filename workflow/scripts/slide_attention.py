@@ -17,5 +17,6 @@ with script_logging(snakemake):
         n_resamples=statistics["bootstrap_resamples"],
         confidence=statistics["confidence"],
         seed=statistics["seed"],
+        alpha=statistics["alpha"],
         device=select_device(snakemake.params.device, threads=snakemake.threads),
     )

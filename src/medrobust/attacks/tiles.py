@@ -16,6 +16,7 @@ attacks; untouched tiles keep their stored features bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,13 +31,19 @@ class TileBag(nn.Module):
     """Pixels of some tiles `(k, 3, T, T)` in [0, 1] -> the slide's logits `(1, C)`.
 
     `hold(features, positions)` sets the slide: its stored features `(n, dim)`
-    and which rows the given tiles replace.
+    and which rows the given tiles replace. `autocast_dtype` is the precision the
+    stored features were embedded at (features.extract.autocast_dtype; None: fp32):
+    the tiles are embedded at the same, so the attacked rows differ from the stored
+    ones by the attack, not also by bf16's rounding (about as large as 1/255 of a
+    tile's pixels on a ResNet18).
     """
 
-    def __init__(self, backbone: nn.Module, mil: nn.Module):
+    def __init__(self, backbone: nn.Module, mil: nn.Module,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.backbone = backbone
         self.mil = mil
+        self.autocast_dtype = autocast_dtype
         self.features: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
 
@@ -45,7 +52,11 @@ class TileBag(nn.Module):
 
     def bag(self, tiles: torch.Tensor) -> torch.Tensor:
         """The slide's bag with the held rows replaced by the tiles' features."""
-        embedded = self.backbone(tiles).to(self.features.dtype)
+        autocast = (torch.autocast(tiles.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            embedded = self.backbone(tiles)
+        embedded = embedded.to(self.features.dtype)
         # out of place, so the gradient flows to the tiles and the stored rows stay untouched
         return self.features.index_put((self.positions,), embedded)
 
@@ -79,9 +90,11 @@ class TilePGD(PGD):
     title = "PGD-L∞ on the k most-attended tiles"
 
     def __init__(self, backbone: nn.Module, mil: nn.Module, epsilon: float, params=None, *,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None,
+                 autocast_dtype: torch.dtype | None = None):
         # eval mode throughout, for the clean and attacked bags too (no dropout)
-        super().__init__(TileBag(backbone, mil).eval(), epsilon, params, generator=generator)
+        super().__init__(TileBag(backbone, mil, autocast_dtype).eval(), epsilon, params,
+                         generator=generator)
 
     def attack_slide(self, features: torch.Tensor, read_tiles: Callable[[np.ndarray], torch.Tensor],
                      label: int, k: int) -> TileAttack:

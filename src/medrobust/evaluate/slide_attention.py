@@ -34,7 +34,7 @@ from medrobust.evaluate.attention_files import (
 from medrobust.evaluate.heatmaps import attention_heatmap
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
-    auc_score, bootstrap_mean, classification_statistics, jsonable)
+    auc_score, bootstrap_mean, classification_statistics, jsonable, paired_comparison)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
@@ -177,7 +177,7 @@ def analyse_slide_attention(model_dir: str | os.PathLike,
                             tile_paths: Sequence[str | os.PathLike],
                             dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
                             settings: AttentionSettings, n_resamples: int = 1000,
-                            confidence: float = 0.95, seed: int = 0,
+                            confidence: float = 0.95, seed: int = 0, alpha: float = 0.05,
                             device: str | torch.device = "cpu") -> dict[str, Any]:
     """Write the attention analysis of the model's test slides into `out_dir` (atomically):
     tiles.csv, localisation.csv, top_k.csv, summary.json and heatmaps/{slide}.png.
@@ -230,10 +230,12 @@ def analyse_slide_attention(model_dir: str | os.PathLike,
                          "random_repeats": settings.random_repeats,
                          "tumour_threshold": settings.tumour_threshold,
                          "bootstrap_resamples": n_resamples, "confidence": confidence,
-                         "seed": seed},
+                         "seed": seed, "alpha": alpha},
             "tumour_masks": annotations.available,
             "localisation": _localisation_summary(localisation, n_resamples, confidence, seed),
             "top_k": _top_k_summary(top_k, classes, n_resamples, confidence, seed),
+            "top_k_against_random": top_k_against_random(top_k, classes, n_resamples,
+                                                          confidence, seed, alpha),
         }
         pd.concat(tile_rows).to_csv(tmp / TILES_TABLE, index=False)
         localisation.to_csv(tmp / LOCALISATION_TABLE, index=False)
@@ -259,6 +261,39 @@ def _localisation_summary(localisation: pd.DataFrame, n_resamples: int, confiden
             if len(defined) else None)
     return {"n_slides_with_mask": len(localisation), "n_slides_with_auc": len(defined),
             "mean_auc": mean}
+
+
+def top_k_against_random(top_k: pd.DataFrame, classes: Sequence[str], n_resamples: int,
+                          confidence: float, seed: int, alpha: float) -> list[dict[str, Any]]:
+    """Per k, removing the k most-attended tiles against removing k random ones, on the same
+    slides: statistics.paired_comparison with the random removal as the reference (a) and
+    the top-k removal as b, so a negative difference is what the top tiles carry."""
+    rows = []
+    for k, group in top_k[top_k["k"] > 0].groupby("k", sort=True):
+        pair = {removal: members.sort_values("slide_id")
+                for removal, members in group.groupby("removal")}
+        random, top = pair["random"], pair["top"]
+        if list(random["slide_id"]) != list(top["slide_id"]):
+            raise InputError(f"top-k table: k = {k} has different slides for the random and "
+                             "the most-attended removal")
+        labels = top["label"].map(classes.index).to_numpy()
+        columns = [f"prob_{name}" for name in classes]
+        comparison = paired_comparison(labels, random[columns].to_numpy(),
+                                       top[columns].to_numpy(), n_resamples, seed, confidence,
+                                       alpha)
+        rows.append({"k": int(k), "n": comparison["n"],
+                     "accuracy_random": comparison["accuracy_a"],
+                     "accuracy_top": comparison["accuracy_b"],
+                     "accuracy_difference": comparison["accuracy_difference"],
+                     "auc_difference": comparison["auc_difference"],
+                     "only_random_correct": comparison["mcnemar"]["only_a_correct"],
+                     "only_top_correct": comparison["mcnemar"]["only_b_correct"],
+                     "p_value": comparison["mcnemar"]["p_value"],
+                     "verdict": comparison["verdict"],
+                     "auc_caveat": comparison["auc_caveat"],
+                     "smallest_detectable_difference":
+                         comparison["smallest_detectable_difference"]})
+    return rows
 
 
 def _top_k_summary(top_k: pd.DataFrame, classes: Sequence[str], n_resamples: int,

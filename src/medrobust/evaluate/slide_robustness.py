@@ -36,7 +36,7 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import prediction_table
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import classification_statistics
-from medrobust.features.extract import FeatureConfig, backbone_for
+from medrobust.features.extract import FeatureConfig, autocast_dtype, backbone_for
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store, read_tiles
 from medrobust.logs import get_logger
@@ -246,8 +246,10 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
         if missing:
             raise InputError(f"{model_dir.name}: no tile store given for test slide(s) "
                              f"{', '.join(missing)}")
+        precision = autocast_dtype(features.precision, device)  # as the stored features
         attacks = {epsilon: TilePGD(backbone.model, model, TilePGD.to_image_units(epsilon),
-                                    adversarial.pgd_params()) for epsilon in adversarial.epsilons}
+                                    adversarial.pgd_params(), autocast_dtype=precision)
+                   for epsilon in adversarial.epsilons}
         first = next(iter(attacks.values()))
         attack_description = (f"{first.title}, "
                               + ", ".join(attack.budget() for attack in attacks.values())

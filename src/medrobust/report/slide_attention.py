@@ -30,7 +30,7 @@ def attention_section(runs: Sequence[str | os.PathLike],
     None) without runs."""
     if not runs:
         return {}, None
-    found, models, curve_rows = {}, [], []
+    found, models, curve_rows, paired_rows = {}, [], [], []
     for run in map(Path, runs):
         summary = _summary(run)
         settings = summary["settings"]   # the same for every model: one config section
@@ -55,6 +55,7 @@ def attention_section(runs: Sequence[str | os.PathLike],
                        "mean_auc": mean, "tumour_masks": summary["tumour_masks"],
                        "slides": localisation.to_dict("records")})
         curve_rows += [{"model": model, **row} for row in summary["top_k"]]
+        paired_rows += [{"model": model, **row} for row in summary["top_k_against_random"]]
     curves = pd.DataFrame(curve_rows)
     found["attention_top_k"] = (
         figures.png(figures.top_k_curves(curves)),
@@ -63,4 +64,4 @@ def attention_section(runs: Sequence[str | os.PathLike],
         f"draws); k = 0 is the full bag; {figures.bands_caption([settings['confidence']])}. "
         "At least one tile stays.")
     return found, {"models": models, "settings": settings,
-                   "top_k": curves.to_dict("records")}
+                   "top_k": curves.to_dict("records"), "top_k_against_random": paired_rows}
