@@ -153,9 +153,10 @@ def test_top_k_removal_is_compared_with_random_removal_slide_by_slide():
     table = pd.DataFrame(rows).sample(frac=1, random_state=0)
     (row,) = top_k_against_random(table, classes, 200, 0.95, 0, 0.05)
     assert (row["k"], row["n"]) == (2, 10)
-    assert (row["only_random_correct"], row["only_top_correct"]) == (8, 0)
-    assert row["accuracy_difference"].estimate == pytest.approx(-0.8)
-    assert row["accuracy_difference"].high < 0
+    assert (row["only_reference_correct"], row["only_model_correct"]) == (8, 0)
+    assert (row["reference_accuracy"], row["accuracy"]) == (1.0, pytest.approx(0.2))
+    assert row["accuracy_difference"] == pytest.approx(-0.8)
+    assert row["accuracy_difference_high"] < 0
     assert row["p_value"] == pytest.approx(2 * 0.5 ** 8) and row["verdict"] == "hurt"
 
 

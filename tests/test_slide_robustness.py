@@ -203,3 +203,51 @@ def test_a_condition_that_calls_every_slide_one_class_says_so():
     classes = ["normal", "tumor"]
     assert _predicted(pd.Series([1, 1, 1]), classes) == "all 3 tumor"
     assert _predicted(pd.Series([1, 0, 1]), classes) == "1 normal, 2 tumor"
+
+
+def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condition():
+    """10 slides, two conditions. Under stain shift the base gets 8 slides wrong that the
+    MHIM model gets right; the tables come in different slide orders."""
+    from medrobust.report.slide_robustness import base_comparisons
+
+    def predictions(wrong: set[int], seed: int) -> pd.DataFrame:
+        rows = []
+        for kind, extra in (("clean", {}), ("tile_fraction", {"perturbation": "stain_shift",
+                                                               "severity": 0.2,
+                                                               "fraction": 0.5})):
+            for index in range(10):
+                label = index % 2
+                p_tumor = 0.9 if label == 1 else 0.1
+                if kind == "tile_fraction" and index in wrong:
+                    p_tumor = 1 - p_tumor
+                rows.append({"sample_id": f"s{index}", "label": label,
+                             "prob_normal": 1 - p_tumor, "prob_tumor": p_tumor, "kind": kind,
+                             "perturbation": None, "severity": None, "fraction": 0.0, "k": 0,
+                             "epsilon": 0.0, **extra})
+        return pd.DataFrame(rows).sample(frac=1, random_state=seed)
+
+    runs = [{"model": "mhim_abmil", "dataset": "slides"}, {"model": "abmil", "dataset": "slides"}]
+    rows = base_comparisons(runs, [predictions(set(), 0), predictions(set(range(8)), 1)],
+                            {"mhim_abmil": "abmil"},
+                            {"n_resamples": 200, "seed": 0, "confidence": 0.95, "alpha": 0.05})
+    by_label = {row["label"]: row for row in rows}
+    assert set(by_label) == {"clean", "stain_shift 0.2, 50% of tiles"}
+    assert by_label["clean"]["verdict"] == "no detectable difference"
+    shifted = by_label["stain_shift 0.2, 50% of tiles"]
+    assert (shifted["reference_model"], shifted["n"]) == ("abmil", 10)
+    assert (shifted["only_reference_correct"], shifted["only_model_correct"]) == (0, 8)
+    assert shifted["accuracy_difference"] == pytest.approx(0.8)
+    assert shifted["verdict"] == "helped"
+    # the page shows them in the comparisons table the clean comparison uses
+    from medrobust.report.page import _environment, comparison_row
+    view = {"models": [{"model": "abmil", "n": 10, "class_counts": {"normal": 5, "tumor": 5},
+                        "attack": None}], "rows": [], "severity_units": {}, "fewest_slides": 10,
+            "comparisons": [comparison_row(row, row["label"]) for row in rows]}
+    page = " ".join(_environment().get_template("slide_robustness.html.j2").render(
+        slide_robustness=view, figures={}, small_test_set=4).split())
+    assert "mhim_abmil against abmil under each condition" in page
+    assert "stain_shift 0.2, 50% of tiles" in page and "helped" in page
+    # a model without its base among the runs is not compared
+    assert base_comparisons(runs[:1], [predictions(set(), 0)], {"mhim_abmil": "abmil"},
+                            {"n_resamples": 200, "seed": 0, "confidence": 0.95,
+                             "alpha": 0.05}) == []

@@ -34,7 +34,8 @@ from medrobust.evaluate.attention_files import (
 from medrobust.evaluate.heatmaps import attention_heatmap
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
-    auc_score, bootstrap_mean, classification_statistics, jsonable, paired_comparison)
+    auc_score, bootstrap_mean, classification_statistics, comparison_columns, jsonable,
+    paired_comparison)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
@@ -266,8 +267,9 @@ def _localisation_summary(localisation: pd.DataFrame, n_resamples: int, confiden
 def top_k_against_random(top_k: pd.DataFrame, classes: Sequence[str], n_resamples: int,
                           confidence: float, seed: int, alpha: float) -> list[dict[str, Any]]:
     """Per k, removing the k most-attended tiles against removing k random ones, on the same
-    slides: statistics.paired_comparison with the random removal as the reference (a) and
-    the top-k removal as b, so a negative difference is what the top tiles carry."""
+    slides: statistics.paired_comparison with the random removal as the reference and the
+    top-k removal as the model, so a negative difference is what the top tiles carry; the
+    columns of a comparisons table (statistics.comparison_columns)."""
     rows = []
     for k, group in top_k[top_k["k"] > 0].groupby("k", sort=True):
         pair = {removal: members.sort_values("slide_id")
@@ -281,18 +283,7 @@ def top_k_against_random(top_k: pd.DataFrame, classes: Sequence[str], n_resample
         comparison = paired_comparison(labels, random[columns].to_numpy(),
                                        top[columns].to_numpy(), n_resamples, seed, confidence,
                                        alpha)
-        rows.append({"k": int(k), "n": comparison["n"],
-                     "accuracy_random": comparison["accuracy_a"],
-                     "accuracy_top": comparison["accuracy_b"],
-                     "accuracy_difference": comparison["accuracy_difference"],
-                     "auc_difference": comparison["auc_difference"],
-                     "only_random_correct": comparison["mcnemar"]["only_a_correct"],
-                     "only_top_correct": comparison["mcnemar"]["only_b_correct"],
-                     "p_value": comparison["mcnemar"]["p_value"],
-                     "verdict": comparison["verdict"],
-                     "auc_caveat": comparison["auc_caveat"],
-                     "smallest_detectable_difference":
-                         comparison["smallest_detectable_difference"]})
+        rows.append({"k": int(k), **comparison_columns(comparison)})
     return rows
 
 

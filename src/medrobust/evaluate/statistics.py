@@ -623,6 +623,30 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     }
 
 
+def interval_columns(name: str, interval: Interval | None) -> dict[str, float | None]:
+    """An interval as three table columns: `name`, `name_low`, `name_high` (None if absent)."""
+    interval = interval or Interval(None, None, None, "")
+    return {name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high}
+
+
+def comparison_columns(comparison: dict, with_auc: bool = True) -> dict[str, Any]:
+    """A `paired_comparison` result as the columns of a comparisons table (docs/report.md,
+    comparisons.csv): a is the reference, b the model. `with_auc` False leaves the AUC
+    difference out, where no single ranking exists (a worst case over attacks)."""
+    auc = comparison["auc_difference"] if with_auc else None
+    return {"n": comparison["n"],
+            "reference_accuracy": comparison["accuracy_a"].estimate,
+            "accuracy": comparison["accuracy_b"].estimate,
+            **interval_columns("accuracy_difference", comparison["accuracy_difference"]),
+            **interval_columns("auc_difference", auc),
+            "only_reference_correct": comparison["mcnemar"]["only_a_correct"],
+            "only_model_correct": comparison["mcnemar"]["only_b_correct"],
+            "p_value": comparison["mcnemar"]["p_value"],
+            "test": "McNemar exact", "verdict": comparison["verdict"],
+            "auc_caveat": None if auc is None else comparison["auc_caveat"],
+            "smallest_detectable_difference": comparison["smallest_detectable_difference"]}
+
+
 def across_folds(values: Any) -> dict:
     """Mean and spread of one metric over cross-validation folds: the sample standard
     deviation (ddof 1) of the fold values, which describes how much the folds' models

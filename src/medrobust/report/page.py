@@ -170,7 +170,9 @@ def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
     return {key: _value(row, key) for key in row.keys()}
 
 
-def comparison_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def comparison_row(row: Mapping[str, Any], label: str | None = None) -> dict[str, Any]:
+    """A comparisons-table row (statistics.comparison_columns) for `m.comparison_table`;
+    `label` names its condition where the row has no image condition (condition_label)."""
     row = _plain(row)
     verdict = row["verdict"]
     if verdict == "no detectable difference":
@@ -180,7 +182,8 @@ def comparison_row(row: Mapping[str, Any]) -> dict[str, Any]:
         auc = _interval(row, "auc_difference")
         caveat = (f"but {row['auc_caveat']}: {auc['estimate']:+.3f} "
                   f"[{auc['low']:+.3f}, {auc['high']:+.3f}]")
-    return {**row, "label": condition_label(row), "verdict_text": verdict, "caveat": caveat,
+    return {**row, "label": label or condition_label(row), "verdict_text": verdict,
+            "caveat": caveat,
             "difference": _interval(row, "accuracy_difference"),
             "auc_difference": _interval(row, "auc_difference")}
 
@@ -672,10 +675,18 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         config.get("lesion_visibility", {})).k
     lesions, lesion_figures = lesion_visibility_views(lesion_folders, lesions_k, confidence)
     figure_files.update(lesion_figures)
-    slide_robustness, slide_robustness_figures = slide_robustness_view(slide_robustness_folders)
+    slide_robustness, slide_robustness_figures = slide_robustness_view(
+        slide_robustness_folders, baselines, summary["settings"])
+    if slide_robustness:
+        slide_robustness["comparisons"] = [comparison_row(row, row["label"])
+                                           for row in slide_robustness["comparisons"]]
     figure_files.update(slide_robustness_figures)
     attention_figures, attention = attention_section(attention_runs)
     figure_files.update(attention_figures)
+    if attention:
+        attention["top_k_against_random"] = [
+            comparison_row(row, f"{row['model']}, k = {row['k']}")
+            for row in attention["top_k_against_random"]]
 
     glance_headers, glance = glance_rows(robustness, defenses)
     warnings = small_test_sets(robustness, int(settings["small_test_set"]),

@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
 from medrobust.errors import InputError
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS, METRICS, PREDICTIONS, RUN
+from medrobust.evaluate.statistics import comparison_columns, paired_comparison
 from medrobust.report import figures
 
 
-def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """A run's metrics, each condition with its `predicted` classes, and its run record."""
+def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """A run's metrics, each condition with its `predicted` classes, its run record and its
+    per-slide predictions."""
     try:
         metrics, predictions = pd.read_csv(folder / METRICS), pd.read_csv(folder / PREDICTIONS)
         run = json.loads((folder / RUN).read_text())
@@ -26,7 +28,7 @@ def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     predicted = (predictions.groupby(list(CONDITION_COLUMNS), dropna=False)["prediction"]
                  .agg(lambda column: _predicted(column, classes))
                  .rename("predicted").reset_index())
-    return metrics.merge(predicted, on=list(CONDITION_COLUMNS), how="left"), run
+    return metrics.merge(predicted, on=list(CONDITION_COLUMNS), how="left"), run, predictions
 
 
 def _classes(predictions: pd.DataFrame) -> list[str]:
@@ -60,12 +62,48 @@ def _condition(row: pd.Series) -> str:
     return f"PGD ε {row['epsilon']:g}/255 on the top {int(row['k'])} tiles"
 
 
-def slide_robustness_view(folders: Sequence[str | os.PathLike]
+def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd.DataFrame],
+                     baselines: Mapping[str, str], statistics: Mapping[str, Any],
+                     ) -> list[dict[str, Any]]:
+    """Each model against its base model (`baselines`: MHIM-MIL model -> base, config's
+    mil_baselines) under every condition both runs have, on the same test slides:
+    statistics.paired_comparison's columns (statistics.comparison_columns), labelled."""
+    by_model = {run["model"]: (run, table) for run, table in zip(runs, predictions)}
+    rows = []
+    for model, base in baselines.items():
+        if model not in by_model or base not in by_model \
+                or by_model[model][0]["dataset"] != by_model[base][0]["dataset"]:
+            continue
+        ours, theirs = (by_model[name][1] for name in (model, base))
+        columns = [f"prob_{name}" for name in _classes(ours)]
+        reference = {label: group.set_index("sample_id") for label, group in
+                     theirs.groupby(theirs.apply(_condition, axis=1), sort=False)}
+        for label, group in ours.groupby(ours.apply(_condition, axis=1), sort=False):
+            if label not in reference:
+                continue
+            aligned = reference[label].reindex(group["sample_id"])
+            if aligned[columns].isna().any().any():
+                raise InputError(f"slide robustness of {model} and {base}: {label} was scored "
+                                 "on different test slides")
+            comparison = paired_comparison(
+                group["label"].to_numpy(), aligned[columns].to_numpy(), group[columns].to_numpy(),
+                statistics["n_resamples"], statistics["seed"], statistics["confidence"],
+                statistics["alpha"])
+            rows.append({"model": model, "reference_model": base, "label": label,
+                         **comparison_columns(comparison)})
+    return rows
+
+
+def slide_robustness_view(folders: Sequence[str | os.PathLike],
+                          baselines: Mapping[str, str] | None = None,
+                          statistics: Mapping[str, Any] | None = None,
                           ) -> tuple[dict[str, Any] | None, dict[str, tuple[bytes, str]]]:
-    """What the page shows (None without runs) and the subsection's figures."""
+    """What the page shows (None without runs) and the subsection's figures. With
+    `baselines` and `statistics` (n_resamples, seed, confidence, alpha), also each MHIM-MIL
+    model against its base under every condition (`base_comparisons`)."""
     if not folders:
         return None, {}
-    tables, runs = zip(*(_read(Path(folder)) for folder in folders))
+    tables, runs, predictions = zip(*(_read(Path(folder)) for folder in folders))
     metrics = pd.concat(tables, ignore_index=True)
     bands = figures.bands_caption({run["statistics"]["confidence"] for run in runs})
     found = {}
@@ -89,5 +127,8 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike]
              "accuracy": _interval(row, "accuracy"), "auc": _interval(row, "auc"),
              "predicted": row["predicted"]}
             for _, row in metrics.iterrows()]
+    comparisons = (base_comparisons(runs, predictions, baselines, statistics)
+                   if baselines and statistics else [])
     return {"models": models, "rows": rows, "severity_units": units,
-            "fewest_slides": min(model["n"] for model in models)}, found
+            "fewest_slides": min(model["n"] for model in models),
+            "comparisons": comparisons}, found

@@ -37,9 +37,10 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import (
-    CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, classification_statistics, mcnemar_exact,
-    operating_threshold, paired_bootstrap_difference, paired_comparison,
-    sensitivity_at_threshold, smallest_detectable_difference)
+    CONFIDENCE, N_RESAMPLES, bootstrap_mean, classification_statistics,
+    comparison_columns, interval_columns, mcnemar_exact, operating_threshold,
+    paired_bootstrap_difference, paired_comparison, sensitivity_at_threshold,
+    smallest_detectable_difference)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
@@ -163,11 +164,6 @@ def threat_model(description: Mapping[str, Any]) -> str | None:
     return "white-box" if description["white_box"] else "transfer"
 
 
-def _interval_columns(name: str, interval: Interval | None) -> dict[str, float | None]:
-    interval = interval or Interval(None, None, None, "")
-    return {name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high}
-
-
 def _row(description: Mapping[str, Any], statistics: Mapping[str, Any],
          classes: Sequence[str]) -> dict[str, Any]:
     row = {**description, "threat_model": description.get("threat_model") or threat_model(description),
@@ -175,7 +171,7 @@ def _row(description: Mapping[str, Any], statistics: Mapping[str, Any],
            "positive_class": classes[1] if len(classes) == 2 else None,
            "clean_threshold": statistics.get("clean_threshold")}
     for metric in INTERVAL_METRICS:
-        row.update(_interval_columns(metric, statistics.get(metric)))
+        row.update(interval_columns(metric, statistics.get(metric)))
     return row
 
 
@@ -185,7 +181,7 @@ def _per_class_rows(description: Mapping[str, Any], statistics: Mapping[str, Any
         row = {key: description[key] for key in ("family", "model", "dataset", "condition")}
         row.update({"class": name, "support": numbers["support"]})
         for metric in ("sensitivity", "specificity", "auc"):
-            row.update(_interval_columns(metric, numbers.get(metric)))
+            row.update(interval_columns(metric, numbers.get(metric)))
         rows.append(row)
     return rows
 
@@ -290,7 +286,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
             else:
                 labels = model_evaluations[0].labels
                 rows.append({**description, "threat_model": None, "n": len(outcome),
-                             **_interval_columns("accuracy",
+                             **interval_columns("accuracy",
                                                  bootstrap_mean(outcome, labels, **sampling))})
             paired[key][_condition_key(description)] = (description, outcome)
     comparisons = _comparisons(paired, by_model, defenses, statistics, baselines or {})
@@ -431,20 +427,7 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: Stat
                     result = paired_comparison(outcome.labels, reference_outcome.probabilities,
                                                outcome.probabilities, alpha=statistics.alpha,
                                                **sampling)
-                    auc = None if key[0] == "worst_case" else result["auc_difference"]
-                    row.update({"n": result["n"],
-                                "reference_accuracy": result["accuracy_a"].estimate,
-                                "accuracy": result["accuracy_b"].estimate,
-                                **_interval_columns("accuracy_difference",
-                                                    result["accuracy_difference"]),
-                                **_interval_columns("auc_difference", auc),
-                                "only_reference_correct": result["mcnemar"]["only_a_correct"],
-                                "only_model_correct": result["mcnemar"]["only_b_correct"],
-                                "p_value": result["mcnemar"]["p_value"],
-                                "test": "McNemar exact", "verdict": result["verdict"],
-                                "auc_caveat": None if auc is None else result["auc_caveat"],
-                                "smallest_detectable_difference":
-                                    result["smallest_detectable_difference"]})
+                    row.update(comparison_columns(result, with_auc=key[0] != "worst_case"))
                 else:
                     difference = paired_bootstrap_difference(
                         labels, reference_outcome, outcome, _mean_statistic, **sampling)
@@ -455,8 +438,8 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: Stat
                     significant = sign["p_value"] < statistics.alpha
                     row.update({"n": len(outcome), "reference_accuracy": float(np.mean(
                         reference_outcome)), "accuracy": float(np.mean(outcome)),
-                        **_interval_columns("accuracy_difference", difference),
-                        **_interval_columns("auc_difference", None),
+                        **interval_columns("accuracy_difference", difference),
+                        **interval_columns("auc_difference", None),
                         "only_reference_correct": sign["only_a_correct"],
                         "only_model_correct": sign["only_b_correct"],
                         "p_value": sign["p_value"], "test": "exact sign test",
