@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would only add noise here
@@ -227,6 +228,15 @@ def hs2p_tiler(path: Path, target_mpp: float, tile_size: int, workers: int, out:
     return run, counts
 
 
+def set_affinity(cpus: list[int]) -> None:
+    """Every thread of this process on `cpus`."""
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
 def pinned(function, cores: int):
     """`function`, run with every thread of this process (and the threads and processes
     it starts) on the first `cores` of the CPUs it may use."""
@@ -235,19 +245,39 @@ def pinned(function, cores: int):
         raise SystemExit(f"--pin: a row of {cores} threads needs {cores} cores; this process "
                          f"may use {len(allowed)}")
 
-    def set_affinity(cpus: list[int]) -> None:
-        for thread in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setaffinity(int(thread), cpus)
-            except ProcessLookupError:  # the thread ended meanwhile
-                pass
-
     def run() -> None:
         set_affinity(allowed[:cores])
         try:
             function()
         finally:
             set_affinity(allowed)
+
+    return run
+
+
+def tile_in_this_process(path: Path, config: TilingConfig, out: Path,
+                         cpu: int | None) -> None:
+    """One worker process's part of `parallel_processes`: the whole slide, 1 worker."""
+    if cpu is not None:
+        set_affinity([cpu])
+    tile_slide(path, out, config, slide_id="bench", label="bench", split="test",
+               source_sha256="not-computed", workers=1)
+    shutil.rmtree(out)
+
+
+def parallel_processes(pool: ProcessPoolExecutor, processes: int, path: Path,
+                       config: TilingConfig, work: Path, pin: bool):
+    """`processes` processes tiling the whole slide at once, each with 1 worker: what
+    worker processes instead of threads could reach, free of the GIL. The pool's
+    processes start (and import) in the warm-up round, which is not timed; with --pin
+    each is on a core of its own."""
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def run() -> None:
+        jobs = [pool.submit(tile_in_this_process, path, config, work / f"process_{index}.zarr",
+                            cpus[index] if pin else None) for index in range(processes)]
+        for job in jobs:
+            job.result()
 
     return run
 
@@ -301,6 +331,12 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
         # what a workflow job does: the QC picture too (drawn while tiles are read)
         setups.append((f"explain: tile_slide + QC picture, workers={workers}",
                        functools.partial(run_tiling, qc=work / f"qc_w{workers}.png"), workers))
+    processes = [workers for workers in args.workers if workers > 1]
+    pool = ProcessPoolExecutor(max(processes), mp_context=multiprocessing.get_context("spawn")) \
+        if processes else None
+    for workers in processes:
+        setups.append((f"explain: {workers} processes at once, each tile_slide workers=1",
+                       parallel_processes(pool, workers, path, config, work, args.pin), workers))
     hs2p_counts = {}
     if HAVE_HS2P:
         for workers in args.workers:
@@ -309,12 +345,21 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
             setups.append((f"hs2p tile_slide + extract_tiles_to_tar, workers={workers}",
                            run, workers))
 
-    medians = interleaved_medians({name: pinned(function, max(1, threads)) if args.pin
-                                   else function for name, function, threads in setups},
-                                  args.repeats, clock=CLOCKS[args.clock])
-    rows = [(name, medians[name], threads, n) for name, _, threads in setups]
-    rows = [(name, seconds, threads, hs2p_counts[threads][-1] if name.startswith("hs2p") else count)
-            for name, seconds, threads, count in rows]
+    try:
+        medians = interleaved_medians({name: pinned(function, max(1, threads)) if args.pin
+                                       else function for name, function, threads in setups},
+                                      args.repeats, clock=CLOCKS[args.clock])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    def tiles(name: str, threads: int) -> int:
+        """Tiles a row keeps: hs2p its own, the processes row every process the slide's."""
+        if name.startswith("hs2p"):
+            return hs2p_counts[threads][-1]
+        return threads * n if " processes at once" in name else n
+
+    rows = [(name, medians[name], threads, tiles(name, threads)) for name, _, threads in setups]
     setup = next(seconds for name, seconds, *_ in rows if name.startswith("medrobust setup"))
     ours = {threads: seconds for name, seconds, threads, _ in rows
             if name.startswith("medrobust tile_slide")}
@@ -344,6 +389,13 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
             goal += f", {n / ours[w] / hs2p_rate:.2f}x hs2p's tiles/s (goal >= 1.5)"
         goals.append(goal)
     print(f"  GOALS {path.name} {tile_size} px: " + "; ".join(goals))
+    together = {threads: seconds for name, seconds, threads, _ in rows
+                if " processes at once" in name}
+    if 1 in args.workers and together:
+        print(f"  SCALING {path.name} {tile_size} px, tiles/s against 1 worker's: " + "; ".join(
+            f"{w} workers: raw loop {base[1] / base[w]:.2f}x, tile_slide threads "
+            f"{ours[1] / ours[w]:.2f}x, {w} processes {w * ours[1] / seconds:.2f}x"
+            for w, seconds in together.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
