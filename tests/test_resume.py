@@ -101,8 +101,10 @@ def test_image_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, c
     assert not (models / "killed" / "model.safetensors").exists()
     checkpoint = only_checkpoint(models / "killed")
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
-    # epoch 2 did worse than epoch 1, whose weights the checkpoint carries too
-    assert checkpoint["best_epoch"] == 1 and checkpoint["best_state"] is not None
+    # the kept epoch's weights are stored apart only when it is not the last one (which of
+    # the two wins depends on the CPU's floating point: epoch 1 on some machines, 2 on others)
+    assert checkpoint["best_epoch"] in (1, 2)
+    assert (checkpoint["best_state"] is None) == (checkpoint["best_epoch"] == 2)
 
     with caplog.at_level(logging.INFO, logger="medrobust"):
         history = train_image_classifier(store, models / "killed", IMAGE_MODEL, IMAGE_TRAINING,
