@@ -247,6 +247,19 @@ def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condi
         slide_robustness=view, figures={}, small_test_set=4).split())
     assert "mhim_abmil against abmil under each condition" in page
     assert "stain_shift 0.2, 50% of tiles" in page and "helped" in page
+    # fractions 0.5 and 0.504 both read "50% of tiles" but are two conditions
+    def with_close_fraction(table: pd.DataFrame) -> pd.DataFrame:
+        return pd.concat([table, table[table["kind"] == "tile_fraction"].assign(fraction=0.504)])
+
+    settings = {"n_resamples": 200, "seed": 0, "confidence": 0.95, "alpha": 0.05}
+    assert len(base_comparisons(runs, [with_close_fraction(predictions(set(), 0)),
+                                       with_close_fraction(predictions(set(range(8)), 1))],
+                                {"mhim_abmil": "abmil"}, settings)) == 3
+    # the two runs must have scored the same slides
+    fewer = predictions(set(), 0).query("sample_id != 's9'")
+    with pytest.raises(InputError, match="different test slides"):
+        base_comparisons(runs, [fewer, predictions(set(range(8)), 1)], {"mhim_abmil": "abmil"},
+                         {"n_resamples": 200, "seed": 0, "confidence": 0.95, "alpha": 0.05})
     # a model without its base among the runs is not compared
     assert base_comparisons(runs[:1], [predictions(set(), 0)], {"mhim_abmil": "abmil"},
                             {"n_resamples": 200, "seed": 0, "confidence": 0.95,

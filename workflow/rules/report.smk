@@ -1,4 +1,4 @@
-# Every evaluation in tables with 95% intervals and paired comparisons, then
+# Every evaluation in tables with intervals (report.confidence) and paired comparisons, then
 # one self-contained HTML page with the same numbers and figures.
 
 

@@ -34,8 +34,8 @@ from medrobust.evaluate.attention_files import (
 from medrobust.evaluate.heatmaps import attention_heatmap
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
-    auc_score, bootstrap_mean, classification_statistics, comparison_columns, jsonable,
-    paired_comparison)
+    auc_score, bootstrap_mean, classification_statistics, comparison_columns, interval_columns,
+    jsonable, paired_comparison)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
@@ -167,12 +167,6 @@ def _heatmap(slide: _Slide, attention: np.ndarray, annotations: TumourAnnotation
     return mask
 
 
-def _interval_columns(statistics: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"{metric}{suffix}": statistics[metric].as_dict()[key]
-            for metric in ("auc", "accuracy")
-            for suffix, key in (("", "estimate"), ("_low", "low"), ("_high", "high"))}
-
-
 def analyse_slide_attention(model_dir: str | os.PathLike,
                             feature_paths: Sequence[str | os.PathLike],
                             tile_paths: Sequence[str | os.PathLike],
@@ -298,5 +292,6 @@ def _top_k_summary(top_k: pd.DataFrame, classes: Sequence[str], n_resamples: int
                                                n_resamples, seed, confidence)
         rows.append({"k": int(k), "removal": removal, "n": int(statistics["n"]),
                      "mean_removed": float(group["n_removed"].mean()),
-                     **_interval_columns(statistics)})
+                     **interval_columns("auc", statistics["auc"]),
+                     **interval_columns("accuracy", statistics["accuracy"])})
     return rows

@@ -35,7 +35,7 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import prediction_table
 from medrobust.evaluate.slide_classifier import load_split_bags
-from medrobust.evaluate.statistics import classification_statistics
+from medrobust.evaluate.statistics import classification_statistics, interval_columns
 from medrobust.features.extract import FeatureConfig, autocast_dtype, backbone_for
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store, read_tiles
@@ -196,12 +196,8 @@ def _metrics_row(condition: Mapping[str, Any], labels: np.ndarray, probabilities
                                       n_resamples=statistics["bootstrap_resamples"],
                                       seed=statistics["seed"],
                                       confidence=statistics["confidence"])
-    row = {**condition, "n": stats["n"]}
-    for metric in ("accuracy", "auc"):
-        interval = stats[metric]
-        row.update({metric: interval.estimate, f"{metric}_low": interval.low,
-                    f"{metric}_high": interval.high})
-    return row
+    return {**condition, "n": stats["n"], **interval_columns("accuracy", stats["accuracy"]),
+            **interval_columns("auc", stats["auc"])}
 
 
 def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[str | os.PathLike],

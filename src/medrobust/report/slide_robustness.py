@@ -76,15 +76,19 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
             continue
         ours, theirs = (by_model[name][1] for name in (model, base))
         columns = [f"prob_{name}" for name in _classes(ours)]
-        reference = {label: group.set_index("sample_id") for label, group in
-                     theirs.groupby(theirs.apply(_condition, axis=1), sort=False)}
-        for label, group in ours.groupby(ours.apply(_condition, axis=1), sort=False):
-            if label not in reference:
+        reference = {key: group.set_index("sample_id")
+                     for key, group in theirs.groupby(_condition_keys(theirs), sort=False)}
+        for key, group in ours.groupby(_condition_keys(ours), sort=False):
+            if key not in reference:
                 continue
-            aligned = reference[label].reindex(group["sample_id"])
-            if aligned[columns].isna().any().any():
+            label = _condition(group.iloc[0])
+            if set(group["sample_id"]) != set(reference[key].index):
                 raise InputError(f"slide robustness of {model} and {base}: {label} was scored "
                                  "on different test slides")
+            aligned = reference[key].loc[group["sample_id"]]
+            if (aligned["label"].to_numpy() != group["label"].to_numpy()).any():
+                raise InputError(f"slide robustness of {model} and {base}: {label} gives the "
+                                 "same slides different labels")
             comparison = paired_comparison(
                 group["label"].to_numpy(), aligned[columns].to_numpy(), group[columns].to_numpy(),
                 statistics["n_resamples"], statistics["seed"], statistics["confidence"],
@@ -92,6 +96,12 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
             rows.append({"model": model, "reference_model": base, "label": label,
                          **comparison_columns(comparison)})
     return rows
+
+
+def _condition_keys(predictions: pd.DataFrame) -> pd.Series:
+    """One exact key per condition (its CONDITION_COLUMNS), where labels round numbers."""
+    columns = predictions[list(CONDITION_COLUMNS)]
+    return columns.apply(lambda column: column.map(repr)).agg("|".join, axis=1)
 
 
 def slide_robustness_view(folders: Sequence[str | os.PathLike],
