@@ -142,6 +142,7 @@ def test_extraction_embeds_every_tile_in_batches(tmp_path, workers, prefetch):
     assert store.attrs["weights"] == "random"
     assert store.attrs["weights_sha256"] == backbone.weights_sha256
     assert store.attrs["dim"] == 512
+    assert store.attrs["precision"] == "fp32"  # what precision "auto" means on a CPU
 
 
 def test_empty_tile_store_gives_empty_feature_store(tmp_path):

@@ -264,3 +264,23 @@ def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condi
     assert base_comparisons(runs[:1], [predictions(set(), 0)], {"mhim_abmil": "abmil"},
                             {"n_resamples": 200, "seed": 0, "confidence": 0.95,
                              "alpha": 0.05}) == []
+
+
+def test_perturbed_features_of_another_precision_are_refused(cohort):
+    """Features and tile perturbations record the precision they were embedded at (fp32
+    on a CPU); a run embedded at bf16 would move every perturbed tile by bf16's rounding
+    too, so it is refused by name rather than read as the perturbation's effect."""
+    folder, tiles, features, _ = cohort
+    assert {zarr.open_group(path, mode="r").attrs["precision"]
+            for path in features.values()} == {"fp32"}
+    run = _perturbation_run(cohort, "gaussian_noise", [0.1], [0.5], "noise_bf16")
+    group = zarr.open_group(run / "severity0.1.zarr", mode="r+")
+    assert group.attrs["precision"] == "fp32"
+    group.attrs["precision"] = "bf16"
+    settings = SlideRobustnessConfig.from_mapping({
+        "fractions": [0.5], "perturbations": {"gaussian_noise": {"severities": [0.1]}}})
+    with pytest.raises(InputError, match="embedded at bf16, the test features at fp32"):
+        slide_robustness_run(folder / "abmil", list(features.values()), list(tiles.values()),
+                             {"gaussian_noise": run}, folder / "refused", settings, FEATURES,
+                             STATISTICS)
+    assert not (folder / "refused").exists()

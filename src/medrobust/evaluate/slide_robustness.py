@@ -36,7 +36,8 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import prediction_table
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import classification_statistics, interval_columns
-from medrobust.features.extract import FeatureConfig, autocast_dtype, backbone_for
+from medrobust.features.extract import (
+    AUTOCAST_DTYPES, FeatureConfig, backbone_for, resolved_precision)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store, read_tiles
 from medrobust.logs import get_logger
@@ -134,7 +135,8 @@ def _probabilities(logits: Sequence[torch.Tensor]) -> np.ndarray:
                          dim=1).numpy()
 
 
-def _open_perturbed(run_dir: Path, severity: float, weights_sha256: str) -> zarr.Group:
+def _open_perturbed(run_dir: Path, severity: float, weights_sha256: str,
+                    precision: str) -> zarr.Group:
     path = run_dir / perturbation_store_name(severity)
     try:
         group = zarr.open_group(path, mode="r")
@@ -144,14 +146,32 @@ def _open_perturbed(run_dir: Path, severity: float, weights_sha256: str) -> zarr
         raise InputError(f"{path}: perturbed features come from backbone weights "
                          f"{str(group.attrs.get('weights_sha256'))[:12]}, the model's test "
                          f"features from {weights_sha256[:12]}; rerun the perturbation")
+    if group.attrs.get("precision", precision) != precision:  # runs before it was recorded pass
+        raise InputError(f"{path}: perturbed features embedded at {group.attrs['precision']}, "
+                         f"the test features at {precision}: a perturbed tile would differ by "
+                         "the precision too; run the perturbation and feature jobs on one kind "
+                         "of device (features.precision)")
     return group
 
 
+def stored_precision(feature_paths: Sequence[str | os.PathLike], features: FeatureConfig,
+                     device: torch.device) -> str:
+    """The precision the features were embedded at, as their stores record it; for stores
+    written before it was recorded, what `features.precision` means on this job's device."""
+    recorded = {zarr.open_group(path, mode="r").attrs.get("precision") for path in feature_paths}
+    recorded.discard(None)
+    if len(recorded) > 1:
+        raise InputError(f"the feature stores were embedded at different precisions "
+                         f"({', '.join(sorted(recorded))}); extract them again on one kind of "
+                         "device")
+    return recorded.pop() if recorded else resolved_precision(features.precision, device)
+
+
 def tile_fraction_logits(model: torch.nn.Module, bags, run_dir: Path, severity: float,
-                         fraction: float, weights_sha256: str,
+                         fraction: float, weights_sha256: str, precision: str,
                          device: torch.device) -> list[torch.Tensor]:
     """Each test bag's logits with its first ceil(f · n) ordered tiles perturbed."""
-    group = _open_perturbed(run_dir, severity, weights_sha256)
+    group = _open_perturbed(run_dir, severity, weights_sha256, precision)
     logits = []
     for bag in bags:
         if bag.slide_id not in group:
@@ -217,6 +237,7 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
     classes = list(config["classes"])
     labels = np.array([bag.label for bag in bags])
     weights_sha256 = config["backbone_weights_sha256"]
+    precision = stored_precision(feature_paths, features, device)
 
     conditions: list[tuple[dict[str, Any], list[torch.Tensor]]] = []
     with torch.inference_mode():
@@ -226,7 +247,8 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
         for severity in entry["severities"]:
             for fraction in sorted(settings.fractions):
                 logits = tile_fraction_logits(model, bags, Path(perturbation_runs[name]),
-                                              severity, fraction, weights_sha256, device)
+                                              severity, fraction, weights_sha256, precision,
+                                              device)
                 conditions.append((_condition("tile_fraction", name, severity, fraction), logits))
     adversarial = settings.adversarial_tiles()
     attack_description = None
@@ -242,9 +264,9 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
         if missing:
             raise InputError(f"{model_dir.name}: no tile store given for test slide(s) "
                              f"{', '.join(missing)}")
-        precision = autocast_dtype(features.precision, device)  # as the stored features
         attacks = {epsilon: TilePGD(backbone.model, model, TilePGD.to_image_units(epsilon),
-                                    adversarial.pgd_params(), autocast_dtype=precision)
+                                    adversarial.pgd_params(),
+                                    autocast_dtype=AUTOCAST_DTYPES[precision])  # as stored
                    for epsilon in adversarial.epsilons}
         first = next(iter(attacks.values()))
         attack_description = (f"{first.title}, "

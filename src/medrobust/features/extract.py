@@ -84,7 +84,8 @@ def extract_slide_features(tile_store_path: str | os.PathLike, out_path: str | o
                            precision=config.precision, workers=config.loader_workers,
                            prefetch=config.prefetch_batches)
     attrs.update(backbone=backbone.name, weights=backbone.weights,
-                 weights_sha256=backbone.weights_sha256)
+                 weights_sha256=backbone.weights_sha256,
+                 precision=resolved_precision(config.precision, device))
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         write_feature_store(tmp, features, store.coords, attrs)
@@ -110,6 +111,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return AUTOCAST_DTYPES[precision]
+
+
+def resolved_precision(precision: str, device: torch.device | str) -> str:
+    """What `features.precision` means on `device`, by name (fp32, bf16, fp16): stored with
+    the features, so a later job that embeds tiles again (tile perturbations, the tile
+    attack) can embed them alike or say that it cannot."""
+    dtype = autocast_dtype(precision, torch.device(device))
+    return next(name for name, value in AUTOCAST_DTYPES.items() if value is dtype)
 
 
 class TileBatches:

@@ -31,7 +31,7 @@ import zarr
 from medrobust.conditions import perturbation_store_name
 from medrobust.errors import InputError
 from medrobust.features.backbones import Backbone
-from medrobust.features.extract import FeatureConfig, backbone_for, embed_batch
+from medrobust.features.extract import FeatureConfig, backbone_for, embed_batch, resolved_precision
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import TileStore, open_tile_store, read_tiles
 from medrobust.logs import get_logger
@@ -110,7 +110,8 @@ def slide_perturbation_run(tile_store_paths: Sequence[str | os.PathLike],
             group.attrs.update(perturbation=name, severity=severity, perturbation_params=params,
                                severity_unit=perturbation.severity_unit, seed=seed,
                                max_fraction=largest, backbone=backbone.name,
-                               weights=backbone.weights, weights_sha256=backbone.weights_sha256)
+                               weights=backbone.weights, weights_sha256=backbone.weights_sha256,
+                               precision=resolved_precision(features.precision, device))
             for store in stores:
                 order, embedded = perturbed_slide_features(
                     store, backbone, perturbation, perturbed_count(largest, len(store)), seed,
