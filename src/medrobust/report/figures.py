@@ -340,33 +340,42 @@ SLIDE_METRICS = (("accuracy", "accuracy (fraction of test slides)"), ("auc", "AU
 
 
 def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
-    """Slide accuracy and AUC against the fraction of tiles perturbed: one column per
-    perturbation and severity, one line per model, fraction 0 the clean bags; bands are the
-    intervals."""
+    """Slide accuracy and AUC against the fraction of tiles perturbed: a row of panels per
+    perturbation and metric, a column per severity (a preset's 5 perturbations at 3
+    severities would be unreadable in one row), one line per model, fraction 0 the clean
+    bags; bands are the intervals."""
     sweeps = metrics[metrics["kind"] == "tile_fraction"]
-    panels = sorted({(name, float(severity)) for name, severity
-                     in zip(sweeps["perturbation"], sweeps["severity"])})
+    severities = {name: sorted({float(value) for value in group["severity"]})
+                  for name, group in sweeps.groupby("perturbation")}
+    columns = max(len(values) for values in severities.values())
+    per_block = len(SLIDE_METRICS)
     styles = model_styles(metrics["model"])
-    figure = _new_figure(3.4 * len(panels) + 2.4, 2.8 * len(SLIDE_METRICS))
-    axes = figure.subplots(len(SLIDE_METRICS), len(panels), squeeze=False, sharey=True)
-    for column, (name, severity) in enumerate(panels):
-        for model, rows in sweeps[(sweeps["perturbation"] == name)
-                                  & (sweeps["severity"] == severity)].groupby("model"):
-            clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
-            levels, rows = _from_clean(rows, "fraction", clean)
-            for row, (metric, _) in enumerate(SLIDE_METRICS):
-                _line(axes[row][column], levels, rows, metric, **styles[model], label=model)
-        for row, (metric, label) in enumerate(SLIDE_METRICS):
-            panel = axes[row][column]
-            panel.set(ylim=(-0.02, 1.02), xlim=(-0.03, 1.03))
-            panel.grid(alpha=0.3)
-            if row == 0:
-                panel.set_title(f"{name}, severity {severity:g}")
-            if row == len(SLIDE_METRICS) - 1:
-                panel.set_xlabel("fraction of each slide's tiles perturbed")
-            if column == 0:
-                panel.set_ylabel(label)
-    _legend_outside(figure, axes.ravel())
+    figure = _new_figure(3.4 * columns + 2.4, 2.8 * per_block * len(severities))
+    axes = figure.subplots(per_block * len(severities), columns, squeeze=False, sharey=True)
+    for block, (name, values) in enumerate(severities.items()):
+        for column in range(columns):
+            panels = [axes[block * per_block + row][column] for row in range(per_block)]
+            if column >= len(values):  # this perturbation has fewer severities
+                for panel in panels:
+                    panel.set_visible(False)
+                continue
+            severity = values[column]
+            for model, rows in sweeps[(sweeps["perturbation"] == name)
+                                      & (sweeps["severity"] == severity)].groupby("model"):
+                clean = metrics[(metrics["model"] == model) & (metrics["kind"] == "clean")]
+                levels, rows = _from_clean(rows, "fraction", clean)
+                for panel, (metric, _) in zip(panels, SLIDE_METRICS):
+                    _line(panel, levels, rows, metric, **styles[model], label=model)
+            for row, (panel, (metric, label)) in enumerate(zip(panels, SLIDE_METRICS)):
+                panel.set(ylim=(-0.02, 1.02), xlim=(-0.03, 1.03))
+                panel.grid(alpha=0.3)
+                if row == 0:
+                    panel.set_title(f"{name}, severity {severity:g}")
+                if row == per_block - 1:
+                    panel.set_xlabel("fraction of each slide's tiles perturbed")
+                if column == 0:
+                    panel.set_ylabel(label)
+    _legend_outside(figure, [panel for panel in axes.ravel() if panel.get_visible()])
     return figure
 
 
