@@ -284,3 +284,43 @@ def test_perturbed_features_of_another_precision_are_refused(cohort):
                              {"gaussian_noise": run}, folder / "refused", settings, FEATURES,
                              STATISTICS)
     assert not (folder / "refused").exists()
+
+
+def test_the_precision_is_the_feature_stores_and_must_be_one(cohort, tmp_path):
+    """Stores that record no precision (written before it was recorded) fall back to what
+    features.precision means here; a mix, recorded or not, is refused."""
+    from medrobust.evaluate.slide_robustness import stored_precision
+
+    _, _, features, _ = cohort
+    paths = []
+    for name, recorded in [("a", None), ("b", None), ("c", "bf16")]:
+        path = tmp_path / f"{name}.zarr"
+        group = zarr.open_group(path, mode="w")
+        if recorded:
+            group.attrs["precision"] = recorded
+        paths.append(path)
+    assert stored_precision(paths[:2], FEATURES, torch.device("cpu")) == "fp32"
+    assert stored_precision(paths[2:], FEATURES, torch.device("cpu")) == "bf16"
+    with pytest.raises(InputError, match="bf16, not recorded"):
+        stored_precision(paths, FEATURES, torch.device("cpu"))
+    assert stored_precision(list(features.values()), FEATURES, torch.device("cpu")) == "fp32"
+
+
+def test_the_tile_fraction_figure_has_a_row_per_perturbation_and_a_column_per_severity():
+    from medrobust.report.figures import tile_fraction_curves
+
+    rows = [{"model": "abmil", "kind": "clean", "perturbation": None, "severity": None,
+             "fraction": 0.0, "accuracy": 0.9, "accuracy_low": 0.8, "accuracy_high": 1.0,
+             "auc": 0.95, "auc_low": 0.9, "auc_high": 1.0}]
+    for name, severities in (("jpeg", [20, 50]), ("stain_shift", [0.2])):
+        for severity in severities:
+            for fraction in (0.5, 1.0):
+                rows.append({**rows[0], "kind": "tile_fraction", "perturbation": name,
+                             "severity": severity, "fraction": fraction, "accuracy": 0.7})
+    figure = tile_fraction_curves(pd.DataFrame(rows))
+    shown = [axes for axes in figure.axes if axes.get_visible()]
+    # jpeg: 2 severities x (accuracy, AUC); stain_shift: 1 x 2, its second column hidden
+    assert len(figure.axes) == 8 and len(shown) == 6
+    assert sorted(axes.get_title() for axes in shown if axes.get_title()) == [
+        "jpeg, severity 20", "jpeg, severity 50", "stain_shift, severity 0.2"]
+    assert all(axes.lines for axes in shown)

@@ -159,12 +159,13 @@ def stored_precision(feature_paths: Sequence[str | os.PathLike], features: Featu
     """The precision the features were embedded at, as their stores record it; for stores
     written before it was recorded, what `features.precision` means on this job's device."""
     recorded = {zarr.open_group(path, mode="r").attrs.get("precision") for path in feature_paths}
-    recorded.discard(None)
-    if len(recorded) > 1:
-        raise InputError(f"the feature stores were embedded at different precisions "
-                         f"({', '.join(sorted(recorded))}); extract them again on one kind of "
-                         "device")
-    return recorded.pop() if recorded else resolved_precision(features.precision, device)
+    if recorded == {None}:
+        return resolved_precision(features.precision, device)
+    if len(recorded) > 1:  # two precisions, or some stores recorded and some not
+        names = ", ".join(sorted(str(name or "not recorded") for name in recorded))
+        raise InputError(f"the feature stores were embedded at different precisions ({names});"
+                         " extract them again on one kind of device")
+    return recorded.pop()
 
 
 def tile_fraction_logits(model: torch.nn.Module, bags, run_dir: Path, severity: float,

@@ -345,7 +345,7 @@ def tile_fraction_curves(metrics: pd.DataFrame) -> Figure:
     severities would be unreadable in one row), one line per model, fraction 0 the clean
     bags; bands are the intervals."""
     sweeps = metrics[metrics["kind"] == "tile_fraction"]
-    severities = {name: sorted({float(value) for value in group["severity"]})
+    severities = {name: sorted({float(value) for value in group["severity"].dropna()})
                   for name, group in sweeps.groupby("perturbation")}
     columns = max(len(values) for values in severities.values())
     per_block = len(SLIDE_METRICS)
