@@ -255,14 +255,20 @@ def pinned(function, cores: int):
     return run
 
 
+def tile_and_discard(path: Path, config: TilingConfig, out: Path, workers: int = 1,
+                     qc: Path | None = None) -> None:
+    """`tile_slide` as a workflow job calls it (the checksum given), its store removed after."""
+    tile_slide(path, out, config, slide_id="bench", label="bench", split="test",
+               source_sha256="not-computed", workers=workers, qc_path=qc)
+    shutil.rmtree(out)
+
+
 def tile_in_this_process(path: Path, config: TilingConfig, out: Path,
                          cpu: int | None) -> None:
     """One worker process's part of `parallel_processes`: the whole slide, 1 worker."""
     if cpu is not None:
         set_affinity([cpu])
-    tile_slide(path, out, config, slide_id="bench", label="bench", split="test",
-               source_sha256="not-computed", workers=1)
-    shutil.rmtree(out)
+    tile_and_discard(path, config, out)
 
 
 def parallel_processes(pool: ProcessPoolExecutor, processes: int, path: Path,
@@ -322,11 +328,8 @@ def bench_slide(path: Path, tile_size: int, args, work: Path) -> None:
                    zarr_writer(path, coords, grid.level, grid.read_size, tile_size,
                                work / "raw.zarr"), 1))
     for workers in args.workers:
-        def run_tiling(workers=workers, out=work / f"tiles_w{workers}.zarr", qc=None) -> None:
-            tile_slide(path, out, config, slide_id="bench", label="bench", split="test",
-                       source_sha256="not-computed", workers=workers, qc_path=qc)
-            shutil.rmtree(out)
-
+        run_tiling = functools.partial(tile_and_discard, path, config,
+                                       work / f"tiles_w{workers}.zarr", workers)
         setups.append((f"medrobust tile_slide, workers={workers}", run_tiling, workers))
         # what a workflow job does: the QC picture too (drawn while tiles are read)
         setups.append((f"explain: tile_slide + QC picture, workers={workers}",

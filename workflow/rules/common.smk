@@ -112,6 +112,8 @@ INTERVAL_SETTINGS = {
     "confidence": config["report"]["confidence"],
     "seed": config["seed"],
 }
+# ...and of the paired comparisons' tests, for the jobs that compare (report.alpha)
+COMPARISON_SETTINGS = {**INTERVAL_SETTINGS, "alpha": config["report"]["alpha"]}
 
 
 def code_fingerprint(*subpackages):

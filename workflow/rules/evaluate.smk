@@ -183,7 +183,7 @@ rule slide_attention:
         directory(ATTENTION_RUN),
     params:
         settings={key: value for key, value in config["slide_attention"].items() if key != "models"},
-        statistics={**INTERVAL_SETTINGS, "alpha": config["report"]["alpha"]},
+        statistics=COMPARISON_SETTINGS,
         device=config["device"],
         code=code_fingerprint("evaluate", "io", "preprocess", "models"),
     threads: 1

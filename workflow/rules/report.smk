@@ -14,7 +14,7 @@ rule summarize:
         evaluations=evaluations(),
         defenses=defenses(),
         baselines=mil_baselines(config),  # MHIM-MIL models against their base model
-        statistics={**INTERVAL_SETTINGS, "alpha": config["report"]["alpha"]},
+        statistics=COMPARISON_SETTINGS,
         code=code_fingerprint("report"),
     log:
         "logs/summarize.log",

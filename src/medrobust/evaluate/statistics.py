@@ -310,16 +310,14 @@ class _Scorer:
         ids, n_values = self.value_ids[c]
         return _batched_auc(self.labels == c, ids, n_values, index)
 
-    def auc(self, index: np.ndarray, class_aucs: dict[int, np.ndarray] | None = None,
-            ) -> np.ndarray:
+    def auc(self, index: np.ndarray) -> np.ndarray:
         """Binary: AUC of P(class 1); more classes: macro one-vs-rest over classes present."""
-        class_aucs = class_aucs or {}
         if self.n_classes == 2:
-            return class_aucs[1] if 1 in class_aucs else self.class_auc(1, index)
+            return self.class_auc(1, index)
         if len(self.present) < 2:
             return np.full(index.shape[0], np.nan)
-        return _mean_over_classes([class_aucs[c] if c in class_aucs else self.class_auc(c, index)
-                              for c in self.present], index.shape[0])
+        return _mean_over_classes([self.class_auc(c, index) for c in self.present],
+                                  index.shape[0])
 
     def recalls(self, index: np.ndarray) -> list[np.ndarray]:
         """Per-class sensitivity of each resample, for the classes present."""
@@ -378,17 +376,16 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
 
     def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
         rows = index.shape[0]
-        class_aucs = {c: scorer.class_auc(c, index) for c in range(k)}
-        recalls = scorer.recalls(index)
-        values = {"balanced_accuracy": _mean_over_classes(recalls, rows),
-                  "auc": scorer.auc(index, class_aucs)}
-        if k > 2:
+        values = {"balanced_accuracy": _mean_over_classes(scorer.recalls(index), rows)}
+        if k > 2:  # a two-class or per-class AUC has Newcombe's interval, no resamples
+            values["auc"] = scorer.auc(index)
             values["sensitivity"] = values["balanced_accuracy"]
             values["specificity"] = _mean_over_classes(scorer.specificities(index), rows)
-        values.update({f"auc/{c}": class_aucs[c] for c in range(k)})
         return values
 
     boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED)
+    whole = np.arange(len(labels))[None, :]
+    class_aucs = [float(scorer.class_auc(c, whole)[0]) for c in range(k)]  # NaN: one class
 
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
@@ -402,8 +399,8 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
             "support": int(support[c]),
             "sensitivity": clopper_pearson(int(confusion[c, c]), int(support[c]), confidence),
             "specificity": clopper_pearson(int(true_negatives), int(n - support[c]), confidence),
-            "auc": newcombe_auc(boot[f"auc/{c}"].estimate, int(support[c]),
-                                int(n - support[c]), confidence),
+            "auc": newcombe_auc(None if np.isnan(class_aucs[c]) else class_aucs[c],
+                                int(support[c]), int(n - support[c]), confidence),
         }
     if k == 2:
         sensitivity = per_class[classes[1]]["sensitivity"]

@@ -156,12 +156,6 @@ class GlobalRecycle(nn.Module):
         return torch.cat([instances[kept.sort().values], merged])
 
 
-def _submodule_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of a model's state under `prefix.`, without it."""
-    return {key[len(prefix) + 1:]: value for key, value in state.items()
-            if key.startswith(prefix + ".")}
-
-
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor,
                        temperature_student: float, temperature_teacher: float) -> torch.Tensor:
     """-sum softmax(teacher / T_t) * log_softmax(student / T_s), on bag features."""
@@ -183,9 +177,9 @@ class MHIM(nn.Module):
         self.teacher.load_state_dict(teacher_state)
         self.teacher.requires_grad_(False)
         if options.init_student == "front":
-            self.student.front.load_state_dict(_submodule_state(teacher_state, "front"))
+            self.student.front.load_state_dict(self.teacher.front.state_dict())
         elif options.init_student == "all":
-            self.student.load_state_dict(teacher_state)
+            self.student.load_state_dict(self.teacher.state_dict())
         self.recycle = (GlobalRecycle(student.options.hidden_dim, options.merge_k, options.merge_ratio,
                                       options.merge_momentum) if options.recycle else None)
 
