@@ -3,17 +3,20 @@
 Test sets in medical imaging are small, so a metric without its uncertainty
 invites reading noise as an effect. Counts (accuracy, sensitivity,
 specificity) get exact binomial (Clopper-Pearson) intervals; a two-class (or
-one-vs-rest) AUC gets Newcombe's score interval, which, unlike a bootstrap,
-does not shrink to a point when the test set happens to be ranked perfectly;
-other metrics that are not a single proportion (balanced accuracy, macro
-averages) get a percentile bootstrap that resamples within each true class,
-so every resample keeps the test set's class counts. Two models
-scored on the same samples are compared pairwise: McNemar's exact test on
-the discordant pairs and a paired bootstrap of the difference.
+one-vs-rest) AUC gets Newcombe's score interval and balanced accuracy, a mean
+of independent per-class recalls, the MOVER of their Wilson score intervals:
+unlike a bootstrap, neither shrinks to a point when the test set happens to be
+classified perfectly. Macro averages over more classes, whose per-class terms
+share samples, get a percentile bootstrap that resamples within each true
+class, so every resample keeps the test set's class counts. Two models scored
+on the same samples are compared pairwise: McNemar's exact test on the
+discordant pairs, Newcombe's paired score interval of the accuracy difference
+and a paired bootstrap of the AUC difference.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,8 @@ N_RESAMPLES = 1000
 
 EXACT = "exact binomial (Clopper-Pearson)"
 NEWCOMBE = "Newcombe score interval (Mann-Whitney, method 5)"
+WILSON_MOVER = "MOVER of Wilson score intervals (Zou & Donner 2008)"
+NEWCOMBE_PAIRED = "Newcombe paired score interval (1998, method 10)"
 STRATIFIED = "stratified bootstrap (percentile)"
 PAIRED = "paired bootstrap (percentile)"
 
@@ -165,9 +170,8 @@ def newcombe_auc(auc: float | None, n_positive: int, n_negative: int,
     if auc is None or n_positive < 1 or n_negative < 1:
         return Interval(None, None, None, NEWCOMBE)
     from scipy.optimize import brentq  # here, as in clopper_pearson
-    from scipy.stats import norm
 
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = _z(confidence)
     pairs, others = n_positive * n_negative, (n_positive + n_negative) / 2 - 1
 
     def excess(theta: float) -> float:
@@ -181,6 +185,84 @@ def newcombe_auc(auc: float | None, n_positive: int, n_negative: int,
     low = 0.0 if auc <= edge else brentq(excess, 0.0, min(auc, 1 - edge), xtol=1e-10)
     high = 1.0 if auc >= 1 - edge else brentq(excess, max(auc, edge), 1.0, xtol=1e-10)
     return Interval(float(auc), float(low), float(high), NEWCOMBE)
+
+
+def _z(confidence: float) -> float:
+    from scipy.stats import norm  # here, as in clopper_pearson
+
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
+def _wilson(successes: int, trials: int, z: float) -> tuple[float, float, float]:
+    """The proportion and its Wilson score interval (trials >= 1)."""
+    p = successes / trials
+    shrink = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / shrink
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / shrink
+    # exact at the bounds, where rounding would leave 1 - 1e-16
+    return (p, 0.0 if successes == 0 else centre - half,
+            1.0 if successes == trials else centre + half)
+
+
+def mover_wilson(successes: list[int], trials: list[int], weights: list[float],
+                 confidence: float = CONFIDENCE) -> Interval:
+    """Σ wᵢ pᵢ of independent proportions pᵢ = successesᵢ / trialsᵢ with the MOVER interval
+    of their Wilson intervals (Zou & Donner, Stat Med 2008;27:1693-1702): each side is the
+    root sum of squares of the distances from each pᵢ to the Wilson limit on that side
+    (the upper one where wᵢ < 0). Weights 1 and -1 give Newcombe's interval of a difference
+    (Stat Med 1998;17:873-890, method 10); weights 1/K, balanced accuracy over K classes.
+    """
+    _check_confidence(confidence)
+    if not len(successes) == len(trials) == len(weights) or not len(trials):
+        raise InputError(f"need as many successes, trials and weights, at least one; got "
+                         f"{len(successes)}, {len(trials)} and {len(weights)}")
+    z = _z(confidence)
+    estimate, below, above = 0.0, 0.0, 0.0
+    for count, total, weight in zip(successes, trials, weights):
+        if int(total) != total or int(count) != count or not 0 <= count <= total or total < 1:
+            raise InputError(f"need integers 0 <= successes <= trials, trials >= 1; got "
+                             f"{count} of {total}")
+        p, low, high = _wilson(int(count), int(total), z)
+        down, up = (p - low, high - p) if weight >= 0 else (high - p, p - low)
+        estimate += weight * p
+        below += (weight * down) ** 2
+        above += (weight * up) ** 2
+    # the bounds of Σ wᵢ pᵢ over pᵢ in [0, 1]
+    lowest = sum(min(0.0, weight) for weight in weights)
+    highest = sum(max(0.0, weight) for weight in weights)
+    return Interval(estimate, max(lowest, estimate - math.sqrt(below)),
+                    min(highest, estimate + math.sqrt(above)), WILSON_MOVER)
+
+
+def newcombe_paired_difference(only_a: int, only_b: int, both: int, neither: int,
+                               confidence: float = CONFIDENCE) -> Interval:
+    """Accuracy of b minus accuracy of a on the same samples, with Newcombe's interval for
+    paired proportions (Stat Med 1998;17:2635-2650, method 10): the two accuracies' Wilson
+    intervals, combined as `mover_wilson` combines a difference, less their covariance
+    through φ, the correlation of the two models' correctness, whose numerator
+    both·neither - only_a·only_b is moved N/2 towards 0 when positive (Newcombe's
+    correction). Arguments count samples that only a, only b, both or neither get right.
+    """
+    _check_confidence(confidence)
+    counts = (only_a, only_b, both, neither)
+    if any(int(count) != count or count < 0 for count in counts) or sum(counts) < 1:
+        raise InputError(f"need counts >= 0 of at least one pair, got {counts}")
+    only_a, only_b, both, neither = (int(count) for count in counts)
+    n = only_a + only_b + both + neither
+    z = _z(confidence)
+    p_b, low_b, high_b = _wilson(both + only_b, n, z)
+    p_a, low_a, high_a = _wilson(both + only_a, n, z)
+    margins = (both + only_b) * (only_a + neither) * (both + only_a) * (only_b + neither)
+    cross = both * neither - only_a * only_b
+    if margins == 0 or 0 <= cross <= n / 2:
+        phi = 0.0
+    else:
+        phi = (cross - n / 2 if cross > 0 else cross) / math.sqrt(margins)
+    estimate = (only_b - only_a) / n
+    below = (p_b - low_b) ** 2 + (high_a - p_a) ** 2 - 2 * phi * (p_b - low_b) * (high_a - p_a)
+    above = (high_b - p_b) ** 2 + (p_a - low_a) ** 2 - 2 * phi * (high_b - p_b) * (p_a - low_a)
+    return Interval(estimate, max(-1.0, estimate - math.sqrt(max(0.0, below))),
+                    min(1.0, estimate + math.sqrt(max(0.0, above))), NEWCOMBE_PAIRED)
 
 
 # ---------------------------------------------------------------- AUC
@@ -319,22 +401,11 @@ class _Scorer:
         return _mean_over_classes([self.class_auc(c, index) for c in self.present],
                                   index.shape[0])
 
-    def recalls(self, index: np.ndarray) -> list[np.ndarray]:
-        """Per-class sensitivity of each resample, for the classes present."""
-        predictions = self.predictions[index]
-        return [(predictions[:, self.labels == c] == c).mean(axis=1) for c in self.present]
-
     def specificities(self, index: np.ndarray) -> list[np.ndarray]:
         """Per-class one-vs-rest specificity of each resample (classes present with negatives)."""
         predictions = self.predictions[index]
         return [(predictions[:, self.labels != c] != c).mean(axis=1)
                 for c in self.present if (self.labels != c).any()]
-
-    def correct(self, index: np.ndarray) -> np.ndarray:
-        """Accuracy of each resample (NaN without samples)."""
-        if len(self.labels) == 0:
-            return np.full(index.shape[0], np.nan)
-        return (self.predictions[index] == self.labels).mean(axis=1)
 
 
 # ---------------------------------------------------------------- one model
@@ -357,9 +428,11 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     The prediction is the argmax class. Accuracy and binary sensitivity
     (positive class = classes[1]) and specificity are exact binomial; the binary
     and per-class (one-vs-rest) AUCs have Newcombe's score interval; balanced
-    accuracy and (k > 2) the macro AUC, sensitivity and specificity come from one
-    shared stratified bootstrap. Macro averages run over the classes present in
-    the labels; per-class statistics of a class with no samples are None.
+    accuracy (and, k > 2, the macro sensitivity, the same number) has the MOVER
+    of the per-class recalls' Wilson intervals; with k > 2 the macro AUC and
+    specificity come from one shared stratified bootstrap. Macro averages run over
+    the classes present in the labels; per-class statistics of a class with no
+    samples are None.
     """
     labels = _integer_labels(labels)
     classes = list(classes)
@@ -375,15 +448,12 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     predictions = scorer.predictions
 
     def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
-        rows = index.shape[0]
-        values = {"balanced_accuracy": _mean_over_classes(scorer.recalls(index), rows)}
-        if k > 2:  # a two-class or per-class AUC has Newcombe's interval, no resamples
-            values["auc"] = scorer.auc(index)
-            values["sensitivity"] = values["balanced_accuracy"]
-            values["specificity"] = _mean_over_classes(scorer.specificities(index), rows)
-        return values
+        return {"auc": scorer.auc(index),
+                "specificity": _mean_over_classes(scorer.specificities(index), index.shape[0])}
 
-    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED)
+    # two classes need no resamples: every interval has a closed form
+    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED) \
+        if k > 2 else {}
     whole = np.arange(len(labels))[None, :]
     class_aucs = [float(scorer.class_auc(c, whole)[0]) for c in range(k)]  # NaN: one class
 
@@ -402,15 +472,20 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
             "auc": newcombe_auc(None if np.isnan(class_aucs[c]) else class_aucs[c],
                                 int(support[c]), int(n - support[c]), confidence),
         }
+    present = np.flatnonzero(support)
+    balanced_accuracy = mover_wilson(confusion[present, present].tolist(),
+                                     support[present].tolist(),
+                                     [1 / len(present)] * len(present), confidence) \
+        if len(present) else Interval(None, None, None, WILSON_MOVER)
     if k == 2:
         sensitivity = per_class[classes[1]]["sensitivity"]
         specificity = per_class[classes[1]]["specificity"]
     else:
-        sensitivity, specificity = boot["sensitivity"], boot["specificity"]
+        sensitivity, specificity = balanced_accuracy, boot["specificity"]
     return {
         "n": n,
         "accuracy": clopper_pearson(int(np.trace(confusion)), n, confidence),
-        "balanced_accuracy": boot["balanced_accuracy"],
+        "balanced_accuracy": balanced_accuracy,
         # two classes: the AUC of P(class 1), as the one-vs-rest AUC of class 1
         "auc": per_class[classes[1]]["auc"] if k == 2 else boot["auc"],
         "sensitivity": sensitivity,
@@ -577,9 +652,9 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
                       alpha: float = 0.05) -> dict:
     """Model b (e.g. a defense) against model a (e.g. the baseline) on the same samples.
 
-    Accuracies are exact binomial intervals; the accuracy and AUC differences
-    (b minus a) come from one shared paired, stratified bootstrap; the verdict
-    rests on McNemar's exact test at level alpha, and
+    Accuracies are exact binomial intervals; the accuracy difference (b minus a)
+    has Newcombe's paired score interval, the AUC difference a paired, stratified
+    bootstrap; the verdict rests on McNemar's exact test at level alpha, and
     `smallest_detectable_difference` says how large a difference this many
     samples could have shown at all.
     """
@@ -597,25 +672,25 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
 
     scorer_a, scorer_b = _Scorer(labels, probabilities_a), _Scorer(labels, probabilities_b)
 
-    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
-        return {"accuracy": scorer_b.correct(index) - scorer_a.correct(index),
-                "auc": scorer_b.auc(index) - scorer_a.auc(index)}
-
-    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, PAIRED)
+    auc_difference = _paired_interval(labels, scorer_a.auc, scorer_b.auc, n_resamples, seed,
+                                      confidence)
     correct_a = scorer_a.predictions == labels
     correct_b = scorer_b.predictions == labels
     mcnemar = mcnemar_exact(correct_a, correct_b)
     verdict = _verdict(mcnemar, alpha)
     n = len(labels)
+    both = int((correct_a & correct_b).sum())
     return {
         "n": n,
         "accuracy_a": clopper_pearson(int(correct_a.sum()), n, confidence),
         "accuracy_b": clopper_pearson(int(correct_b.sum()), n, confidence),
-        "accuracy_difference": boot["accuracy"],
-        "auc_difference": boot["auc"],
+        "accuracy_difference": newcombe_paired_difference(
+            mcnemar["only_a_correct"], mcnemar["only_b_correct"], both,
+            n - both - mcnemar["only_a_correct"] - mcnemar["only_b_correct"], confidence),
+        "auc_difference": auc_difference,
         "mcnemar": mcnemar,
         "verdict": verdict,
-        "auc_caveat": auc_caveat(verdict, boot["auc"]),
+        "auc_caveat": auc_caveat(verdict, auc_difference),
         "smallest_detectable_difference": smallest_detectable_difference(n, alpha),
     }
 
