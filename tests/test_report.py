@@ -195,7 +195,8 @@ def results(tmp_path_factory):
                  out / "defense_tables.csv", evaluations=evaluations, models=models, datasets=[str(dataset)],
                  settings={"n_examples": 2, "small_test_set": 200}, config=config,
                  repository=str(root), heatmaps={"baseline": str(heatmap)},
-                 lesion_folders=[lesion_folder(root / "lesions")])
+                 lesion_folders=[lesion_folder(root / "lesions")],
+                 slide_comparisons_csv=out / "slide_comparisons.csv")
     return {"root": root, "out": out, "evaluations": evaluations}
 
 
@@ -445,6 +446,11 @@ def test_page_and_csv_show_the_studys_tables_with_intervals(results):
             in transfer.split("denoising</td>")[1])
     csv = pd.read_csv(results["out"] / "defense_tables.csv")
     assert len(csv) == 2 * 6 + 2 * 3
+    # no slide study here: its comparisons table is a header alone
+    from medrobust.report.page import SLIDE_COMPARISON_COLUMNS
+    slide_comparisons = pd.read_csv(results["out"] / "slide_comparisons.csv")
+    assert list(slide_comparisons.columns) == list(SLIDE_COMPARISON_COLUMNS)
+    assert slide_comparisons.empty
     line = csv[(csv["model"] == "denoising") & (csv["column"] == "I-FGSM (L∞) ε=8/255")].iloc[0]
     assert (line["setting"], line["threat_model"], line["source_model"]) == (
         "λn 1", "transfer", "surrogate")

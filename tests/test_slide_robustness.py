@@ -238,6 +238,15 @@ def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condi
     assert (shifted["only_reference_correct"], shifted["only_model_correct"]) == (0, 8)
     assert shifted["accuracy_difference"] == pytest.approx(0.8)
     assert shifted["verdict"] == "helped"
+    # slide_comparisons.csv holds them, with the dataset and the page's condition labels
+    from medrobust.report.page import AGAINST_BASE, SLIDE_COMPARISON_COLUMNS, \
+        slide_comparison_frame
+    frame = slide_comparison_frame(rows, [])
+    assert list(frame.columns) == list(SLIDE_COMPARISON_COLUMNS)
+    assert set(frame["condition"]) == set(by_label) and (frame["dataset"] == "slides").all()
+    assert (frame["comparison"] == AGAINST_BASE).all()
+    assert frame.set_index("condition").loc["stain_shift 0.2, 50% of tiles",
+                                            "only_model_correct"] == 8
     # the page shows them in the comparisons table the clean comparison uses
     from medrobust.report.page import _environment, comparison_row
     view = {"models": [{"model": "abmil", "n": 10, "class_counts": {"normal": 5, "tumor": 5},

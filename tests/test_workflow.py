@@ -162,6 +162,14 @@ def test_slide_attention_covers_every_test_slide(workdir):
     assert "Slides: attention" in html and "mean localisation AUC" in html
     figures = {path.stem for path in (workdir / "results/report/figures").glob("*.png")}
     assert {"attention_top_k", *(f"attention_abmil_{slide}" for slide in test)} <= figures
+    # the top-k removals against random ones, per k, in the slide comparisons table too
+    comparisons = pd.read_csv(workdir / "results/report/slide_comparisons.csv")
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(comparisons["condition"]) == [
+        f"k = {row['k']}" for row in summary["top_k_against_random"]] == ["k = 1", "k = 4"]
+    assert (comparisons["model"] == "abmil").all() and (comparisons["n"] == len(test)).all()
+    assert list(comparisons["p_value"]) == pytest.approx(
+        [row["p_value"] for row in summary["top_k_against_random"]])
 
 
 def test_report_reads_right_in_a_browser(workdir, browser):

@@ -36,6 +36,7 @@ rule report:
     output:
         html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
         tables=report("results/report/defense_tables.csv", caption="../report/defense_tables.rst", category="Tables"),
+        slide_comparisons=report("results/report/slide_comparisons.csv", caption="../report/slide_comparisons.rst", category="Tables"),
         figures=report(
             directory("results/report/figures"),
             patterns=["{figure}.png"],

@@ -19,4 +19,5 @@ with script_logging(snakemake):
         lesion_folders=list(snakemake.input.lesion_visibility),
         slide_robustness_folders=list(snakemake.input.slide_robustness),
         attention_runs=list(snakemake.input.attention),
+        slide_comparisons_csv=snakemake.output.slide_comparisons,
     )

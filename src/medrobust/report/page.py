@@ -4,7 +4,8 @@
 intervals, the paired verdicts, figures, training recipes, data and
 provenance) into plain values and renders `templates/report.html.j2`;
 the template escapes every inserted value. The same PNGs the page inlines
-are written to a folder so `snakemake --report` can show them too.
+are written to a folder so `snakemake --report` can show them too, and the
+slide study's paired comparisons, which the page computes, to a CSV.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from medrobust.report.slide_robustness import slide_robustness_view
 from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
-    COMPARISON_COLUMNS, MASKING_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS)
+    COMPARISON_COLUMNS, MASKING_COLUMNS, PAIRED_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS,
+    rounded)
 from medrobust.slide_index import read_slide_index
 
 log = get_logger(__name__)
@@ -609,6 +611,25 @@ def slide_qc_figures(slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]]
     return found
 
 
+SLIDE_COMPARISON_COLUMNS = ("comparison", "dataset", "reference_model", "model", "condition",
+                            *PAIRED_COLUMNS)
+AGAINST_BASE = "against its base model"
+TOP_K_AGAINST_RANDOM = "k most-attended tiles removed against k random ones"
+
+
+def slide_comparison_frame(against_base: Sequence[Mapping[str, Any]],
+                           top_k_against_random: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The slide study's paired comparisons in one table (slide_comparisons.csv,
+    docs/report.md): each MHIM-MIL model against its base under each slide-robustness
+    condition, and per model and k the removal of its k most-attended tiles against the
+    removal of k random ones (reference_model is then the model itself)."""
+    rows = [{**row, "comparison": AGAINST_BASE, "condition": row["label"]}
+            for row in against_base]
+    rows += [{**row, "comparison": TOP_K_AGAINST_RANDOM, "reference_model": row["model"],
+              "condition": f"k = {row['k']}"} for row in top_k_against_random]
+    return pd.DataFrame(rows, columns=list(SLIDE_COMPARISON_COLUMNS))
+
+
 # ---------------------------------------------------------------------------
 
 def _data_uri(png: bytes) -> str:
@@ -625,13 +646,15 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                  lesion_folders: Sequence[str | os.PathLike] = (),
                  slide_robustness_folders: Sequence[str | os.PathLike] = (),
                  attention_runs: Sequence[str | os.PathLike] = (),
-                 cv_results: Sequence[str | os.PathLike] = ()) -> None:
+                 cv_results: Sequence[str | os.PathLike] = (),
+                 slide_comparisons_csv: str | os.PathLike | None = None) -> None:
     """Render the page and write it with its figures and the study tables as CSV; nothing is
     written on error. `tile_indexes`: each slide dataset's tile index, which lists its
     slides' tiling outputs; `heatmaps`: each model's Fourier heat-map table, by model;
     `slide_robustness_folders`: each slide model's robustness run; `attention_runs`: the
     slide_attention jobs' folders; `cv_results`: the slide models' cross-validation
-    summaries (`evaluate.cross_validation`)."""
+    summaries (`evaluate.cross_validation`); `slide_comparisons_csv`, if given, gets
+    `slide_comparison_frame` (a header alone without slide comparisons)."""
     summary = load_summary(summary_json)
     robustness, comparisons = summary["robustness"], summary["comparisons"]
     defenses = defense_labels(config)
@@ -677,11 +700,14 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     figure_files.update(lesion_figures)
     slide_robustness, slide_robustness_figures = slide_robustness_view(
         slide_robustness_folders, baselines, summary["settings"])
+    attention_figures, attention = attention_section(attention_runs)
+    slide_comparisons = slide_comparison_frame(
+        slide_robustness["comparisons"] if slide_robustness else [],
+        attention["top_k_against_random"] if attention else [])
     if slide_robustness:
         slide_robustness["comparisons"] = [comparison_row(row, row["label"])
                                            for row in slide_robustness["comparisons"]]
     figure_files.update(slide_robustness_figures)
-    attention_figures, attention = attention_section(attention_runs)
     figure_files.update(attention_figures)
     if attention:
         attention["top_k_against_random"] = [
@@ -750,6 +776,9 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         for name, (png, _) in figure_files.items():
             (tmp / f"{name}.png").write_bytes(png)
     write_defense_tables(tables, tables_csv)
+    if slide_comparisons_csv is not None:
+        with atomic_path(slide_comparisons_csv) as tmp:
+            rounded(slide_comparisons).to_csv(tmp, index=False)
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     log.info("report: %d figures, %d summary rows, %d comparisons", len(figure_files),

@@ -55,7 +55,8 @@ def attention_section(runs: Sequence[str | os.PathLike],
                        "mean_auc": mean, "tumour_masks": summary["tumour_masks"],
                        "slides": localisation.to_dict("records")})
         curve_rows += [{"model": model, **row} for row in summary["top_k"]]
-        paired_rows += [{"model": model, **row} for row in summary["top_k_against_random"]]
+        paired_rows += [{"model": model, "dataset": summary["dataset"], **row}
+                        for row in summary["top_k_against_random"]]
     curves = pd.DataFrame(curve_rows)
     found["attention_top_k"] = (
         figures.png(figures.top_k_curves(curves)),

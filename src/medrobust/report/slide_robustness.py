@@ -93,7 +93,8 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
                 group["label"].to_numpy(), aligned[columns].to_numpy(), group[columns].to_numpy(),
                 statistics["n_resamples"], statistics["seed"], statistics["confidence"],
                 statistics["alpha"])
-            rows.append({"model": model, "reference_model": base, "label": label,
+            rows.append({"dataset": by_model[model][0]["dataset"], "model": model,
+                         "reference_model": base, "label": label,
                          **comparison_columns(comparison)})
     return rows
 

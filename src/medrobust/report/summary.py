@@ -56,14 +56,15 @@ SUMMARY_COLUMNS = (*DESCRIPTION_KEYS, "threat_model", "n", "positive_class", "cl
 PER_CLASS_COLUMNS = ("family", "model", "dataset", "condition", "class", "support",
                      *(f"{metric}{suffix}" for metric in ("sensitivity", "specificity", "auc")
                        for suffix in ("", "_low", "_high")))
+# statistics.comparison_columns, in the order every comparisons table has them
+PAIRED_COLUMNS = ("n", "reference_accuracy", "accuracy", "accuracy_difference",
+                  "accuracy_difference_low", "accuracy_difference_high", "auc_difference",
+                  "auc_difference_low", "auc_difference_high", "only_reference_correct",
+                  "only_model_correct", "p_value", "test", "verdict", "auc_caveat",
+                  "smallest_detectable_difference")
 COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "condition", "kind",
                       "attack", "epsilon", "threat_model", "source_model", "perturbation",
-                      "severity", "n", "reference_accuracy", "accuracy",
-                      "accuracy_difference", "accuracy_difference_low",
-                      "accuracy_difference_high", "auc_difference", "auc_difference_low",
-                      "auc_difference_high", "only_reference_correct", "only_model_correct",
-                      "p_value", "test", "verdict", "auc_caveat",
-                      "smallest_detectable_difference")
+                      "severity", *PAIRED_COLUMNS)
 MASKING_COLUMNS = ("dataset", "model", "norm", "epsilon", "gradient_attacks",
                    "gradient_free_attacks", "n", "fooled_only_by_gradient_free",
                    "fooled_only_by_gradient", "p_value", "flagged")
@@ -516,6 +517,7 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
     return summary
 
 
-__all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
+__all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PAIRED_COLUMNS",
+           "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
            "StatisticsConfig", "Summary", "read_evaluation", "rounded", "summarize",
            "summarize_evaluations", "write_summary"]
