@@ -245,8 +245,10 @@ def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condi
     assert list(frame.columns) == list(SLIDE_COMPARISON_COLUMNS)
     assert set(frame["condition"]) == set(by_label) and (frame["dataset"] == "slides").all()
     assert (frame["comparison"] == AGAINST_BASE).all()
-    assert frame.set_index("condition").loc["stain_shift 0.2, 50% of tiles",
-                                            "only_model_correct"] == 8
+    shifted_row = frame.set_index("condition").loc["stain_shift 0.2, 50% of tiles"]
+    assert shifted_row["only_model_correct"] == 8
+    assert (shifted_row["kind"], shifted_row["perturbation"], shifted_row["severity"],
+            shifted_row["fraction"]) == ("tile_fraction", "stain_shift", 0.2, 0.5)
     # the page shows them in the comparisons table the clean comparison uses
     from medrobust.report.page import _environment, comparison_row
     view = {"models": [{"model": "abmil", "n": 10, "class_counts": {"normal": 5, "tumor": 5},

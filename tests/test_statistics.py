@@ -247,6 +247,44 @@ def test_newcombe_paired_difference_matches_published_values():
         newcombe_paired_difference(0, 0, 0, 0)
 
 
+def test_the_paired_interval_narrows_with_agreement_and_widens_with_disagreement():
+    """φ, the correlation of the two models' correctness, takes the covariance out: with φ
+    (after Newcombe's correction) 0 the paired interval is the unpaired one of the two
+    accuracies (mover_wilson, weights 1 and -1); positive φ narrows it, negative widens it."""
+    def unpaired(only_a, only_b, both, neither):
+        n = only_a + only_b + both + neither
+        return mover_wilson([both + only_b, both + only_a], [n, n], [1, -1])
+
+    for counts, relation in [((2, 8, 35, 15), "narrower"),   # φ > 0: they err together
+                             ((12, 20, 8, 0), "wider"),      # φ < 0: one errs where the other is right
+                             ((3, 5, 12, 2), "same")]:       # 0 <= 12·2 - 15 <= n/2: φ 0
+        paired, independent = newcombe_paired_difference(*counts), unpaired(*counts)
+        assert paired.estimate == pytest.approx(independent.estimate)
+        width, unpaired_width = paired.high - paired.low, independent.high - independent.low
+        if relation == "same":
+            assert (paired.low, paired.high) == pytest.approx((independent.low, independent.high))
+        else:
+            assert (width < unpaired_width - 0.01) == (relation == "narrower"), counts
+            assert (width > unpaired_width + 0.01) == (relation == "wider"), counts
+
+
+def test_intervals_follow_the_confidence_level():
+    """One proportion's MOVER is its Wilson interval (scipy's, at each level); at 90 % each
+    method's interval lies inside its 95 % one."""
+    for successes, trials in [(7, 10), (0, 5), (12, 12), (1, 40)]:
+        for level in (0.90, 0.95, 0.99):
+            wilson = binomtest(successes, trials).proportion_ci(level, method="wilson")
+            interval = mover_wilson([successes], [trials], [1.0], confidence=level)
+            assert (interval.low, interval.high) == pytest.approx((wilson.low, wilson.high),
+                                                                  abs=1e-12)
+    for make in (lambda level: mover_wilson([7, 3], [10, 12], [0.5, 0.5], level),
+                 lambda level: newcombe_paired_difference(4, 9, 20, 7, level)):
+        narrow, wide = make(0.90), make(0.95)
+        assert wide.low < narrow.low < narrow.estimate < narrow.high < wide.high
+    with pytest.raises(InputError, match="finite"):
+        mover_wilson([1, 2], [3, 4], [0.5, float("nan")])
+
+
 def test_newcombe_paired_difference_covers_the_true_difference():
     """40 pairs, P(only a right) 0.05, P(only b right) 0.15, both 0.6: the interval holds
     the true 0.10 in 95-97 % of 2,000 test sets (conservative, as Newcombe found)."""
@@ -334,9 +372,17 @@ def test_class_without_samples_is_left_out():
     absent = stats["per_class"]["c"]
     assert absent["support"] == 0
     assert absent["sensitivity"].estimate is None and absent["auc"].estimate is None
-    # the macro AUC averages the classes present
+    # the macro AUC averages the classes present, and so does balanced accuracy
     present = [stats["per_class"][name]["auc"].estimate for name in ("a", "b")]
     assert stats["auc"].estimate == pytest.approx(np.mean(present))
+    recalls = [stats["per_class"][name]["sensitivity"] for name in ("a", "b")]
+    assert stats["balanced_accuracy"] == mover_wilson(
+        [round(recall.estimate * stats["per_class"][name]["support"])
+         for recall, name in zip(recalls, "ab")],
+        [stats["per_class"][name]["support"] for name in "ab"], [0.5, 0.5])
+    predictions = probabilities.argmax(axis=1)
+    assert stats["balanced_accuracy"].estimate == pytest.approx(
+        np.mean([(predictions[labels == c] == c).mean() for c in (0, 1)]))
 
 
 def test_same_seed_same_interval_different_seed_different():

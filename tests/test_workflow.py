@@ -168,6 +168,7 @@ def test_slide_attention_covers_every_test_slide(workdir):
     assert list(comparisons["condition"]) == [
         f"k = {row['k']}" for row in summary["top_k_against_random"]] == ["k = 1", "k = 4"]
     assert (comparisons["model"] == "abmil").all() and (comparisons["n"] == len(test)).all()
+    assert (comparisons["kind"] == "top_k_removal").all() and list(comparisons["k"]) == [1, 4]
     assert list(comparisons["p_value"]) == pytest.approx(
         [row["p_value"] for row in summary["top_k_against_random"]])
 

@@ -3,8 +3,9 @@
 Each rule carries `params: code=code_fingerprint(...)` over the subpackages
 its job runs (e.g. `attacks`), so that editing them reruns that stage and,
 through its outputs, what follows it; Snakemake reruns a job whose params
-changed. Only `.py` files count (not caches or data), read as bytes: cheap
-enough to compute on every parse (under 20 ms for all rules together).
+changed. Only source files count (`SOURCE_SUFFIXES`: the modules and the
+report's templates, not caches or data), read as bytes: cheap enough to
+compute on every parse (under 20 ms for all rules together).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 
 PACKAGE = "medrobust"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds medrobust/
+# modules, and the page templates and style the report renders with
+SOURCE_SUFFIXES = (".py", ".j2", ".css")
 
 
 def code_fingerprint(*parts: str, root: str | os.PathLike = SOURCE_ROOT) -> str:
-    """sha256 (hex, 16 digits) over the `.py` files of `medrobust.<part>` for each part.
+    """sha256 (hex, 16 digits) over the source files of `medrobust.<part>` for each part.
 
     A part is a subpackage (`"attacks"`: every module under it) or a module
     (`"config"`: config.py). Paths relative to `root` enter the hash, so a
@@ -48,7 +51,8 @@ def _source_files(parts: tuple[str, ...], root: Path) -> list[Path]:
     for part in parts:
         base = root / PACKAGE / Path(*part.split(".")) if part else root / PACKAGE
         if base.is_dir():
-            files.update(path for path in base.rglob("*.py") if "__pycache__" not in path.parts)
+            files.update(path for path in base.rglob("*")
+                         if path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts)
         elif base.with_suffix(".py").is_file():
             files.add(base.with_suffix(".py"))
         else:

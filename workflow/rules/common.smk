@@ -119,7 +119,7 @@ COMPARISON_SETTINGS = {**INTERVAL_SETTINGS, "alpha": config["report"]["alpha"]}
 def code_fingerprint(*subpackages):
     """A rule's `params: code=`: editing these medrobust subpackages reruns the rule.
 
-    Hashes the .py files of this clone's src/medrobust/<subpackage>; Snakemake
+    Hashes the source files of this clone's src/medrobust/<subpackage>; Snakemake
     reruns a job whose params changed, and what follows it through its outputs.
     """
     return _package_fingerprint(*subpackages, root=SRC)

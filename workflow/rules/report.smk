@@ -15,7 +15,7 @@ rule summarize:
         defenses=defenses(),
         baselines=mil_baselines(config),  # MHIM-MIL models against their base model
         statistics=COMPARISON_SETTINGS,
-        code=code_fingerprint("report"),
+        code=code_fingerprint("report", "evaluate"),  # the intervals come from evaluate.statistics
     log:
         "logs/summarize.log",
     benchmark:
@@ -54,7 +54,7 @@ rule report:
         },
         config=config,
         repository=workflow.basedir,
-        code=code_fingerprint("report"),
+        code=code_fingerprint("report", "evaluate"),  # the intervals come from evaluate.statistics
     log:
         "logs/report.log",
     benchmark:

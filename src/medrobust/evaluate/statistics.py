@@ -216,6 +216,8 @@ def mover_wilson(successes: list[int], trials: list[int], weights: list[float],
     if not len(successes) == len(trials) == len(weights) or not len(trials):
         raise InputError(f"need as many successes, trials and weights, at least one; got "
                          f"{len(successes)}, {len(trials)} and {len(weights)}")
+    if not all(math.isfinite(weight) for weight in weights):
+        raise InputError(f"weights must be finite numbers, got {list(weights)}")
     z = _z(confidence)
     estimate, below, above = 0.0, 0.0, 0.0
     for count, total, weight in zip(successes, trials, weights):
@@ -227,11 +229,10 @@ def mover_wilson(successes: list[int], trials: list[int], weights: list[float],
         estimate += weight * p
         below += (weight * down) ** 2
         above += (weight * up) ** 2
-    # the bounds of Σ wᵢ pᵢ over pᵢ in [0, 1]
-    lowest = sum(min(0.0, weight) for weight in weights)
-    highest = sum(max(0.0, weight) for weight in weights)
-    return Interval(estimate, max(lowest, estimate - math.sqrt(below)),
-                    min(highest, estimate + math.sqrt(above)), WILSON_MOVER)
+    # inside the bounds of Σ wᵢ pᵢ over pᵢ in [0, 1] by construction: each side's root sum of
+    # squares is at most the plain sum of the distances to the limits
+    return Interval(float(estimate), float(estimate - math.sqrt(below)),
+                    float(estimate + math.sqrt(above)), WILSON_MOVER)
 
 
 def newcombe_paired_difference(only_a: int, only_b: int, both: int, neither: int,
@@ -253,16 +254,18 @@ def newcombe_paired_difference(only_a: int, only_b: int, both: int, neither: int
     p_b, low_b, high_b = _wilson(both + only_b, n, z)
     p_a, low_a, high_a = _wilson(both + only_a, n, z)
     margins = (both + only_b) * (only_a + neither) * (both + only_a) * (only_b + neither)
-    cross = both * neither - only_a * only_b
-    if margins == 0 or 0 <= cross <= n / 2:
+    cross = both * neither - only_a * only_b  # 0 wherever a margin is
+    if 0 <= cross <= n / 2:
         phi = 0.0
     else:
         phi = (cross - n / 2 if cross > 0 else cross) / math.sqrt(margins)
     estimate = (only_b - only_a) / n
     below = (p_b - low_b) ** 2 + (high_a - p_a) ** 2 - 2 * phi * (p_b - low_b) * (high_a - p_a)
     above = (high_b - p_b) ** 2 + (p_a - low_a) ** 2 - 2 * phi * (high_b - p_b) * (p_a - low_a)
-    return Interval(estimate, max(-1.0, estimate - math.sqrt(max(0.0, below))),
-                    min(1.0, estimate + math.sqrt(max(0.0, above))), NEWCOMBE_PAIRED)
+    # |φ| <= 1 keeps both sides >= 0 (rounding aside) and within l_b - u_a and u_b - l_a,
+    # so within [-1, 1]
+    return Interval(estimate, estimate - math.sqrt(max(0.0, below)),
+                    estimate + math.sqrt(max(0.0, above)), NEWCOMBE_PAIRED)
 
 
 # ---------------------------------------------------------------- AUC

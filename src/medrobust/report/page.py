@@ -26,6 +26,7 @@ from medrobust.config import defense_labels, mil_baselines
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import InputError
 from medrobust.evaluate.fourier_heatmap import read_heatmap
+from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS
 from medrobust.evaluate import lesion_visibility
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
@@ -612,7 +613,7 @@ def slide_qc_figures(slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]]
 
 
 SLIDE_COMPARISON_COLUMNS = ("comparison", "dataset", "reference_model", "model", "condition",
-                            *PAIRED_COLUMNS)
+                            *CONDITION_COLUMNS, *PAIRED_COLUMNS)
 AGAINST_BASE = "against its base model"
 TOP_K_AGAINST_RANDOM = "k most-attended tiles removed against k random ones"
 
@@ -621,12 +622,14 @@ def slide_comparison_frame(against_base: Sequence[Mapping[str, Any]],
                            top_k_against_random: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The slide study's paired comparisons in one table (slide_comparisons.csv,
     docs/report.md): each MHIM-MIL model against its base under each slide-robustness
-    condition, and per model and k the removal of its k most-attended tiles against the
-    removal of k random ones (reference_model is then the model itself)."""
+    condition (its label and its exact CONDITION_COLUMNS), and per model and k the removal
+    of its k most-attended tiles against the removal of k random ones (kind
+    `top_k_removal`; reference_model is the model itself)."""
     rows = [{**row, "comparison": AGAINST_BASE, "condition": row["label"]}
             for row in against_base]
     rows += [{**row, "comparison": TOP_K_AGAINST_RANDOM, "reference_model": row["model"],
-              "condition": f"k = {row['k']}"} for row in top_k_against_random]
+              "condition": f"k = {row['k']}", "kind": "top_k_removal"}
+             for row in top_k_against_random]
     return pd.DataFrame(rows, columns=list(SLIDE_COMPARISON_COLUMNS))
 
 

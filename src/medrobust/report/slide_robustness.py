@@ -93,8 +93,11 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
                 group["label"].to_numpy(), aligned[columns].to_numpy(), group[columns].to_numpy(),
                 statistics["n_resamples"], statistics["seed"], statistics["confidence"],
                 statistics["alpha"])
+            condition = group.iloc[0]
             rows.append({"dataset": by_model[model][0]["dataset"], "model": model,
                          "reference_model": base, "label": label,
+                         **{column: None if pd.isna(condition[column]) else condition[column]
+                            for column in CONDITION_COLUMNS},
                          **comparison_columns(comparison)})
     return rows
 

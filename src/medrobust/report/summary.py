@@ -300,11 +300,17 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                         "on the model's clean predictions) taken as fixed",
                     "AUC of two classes, per-class (one-vs-rest) AUC":
                         "Newcombe's score interval (Mann-Whitney, method 5)",
-                    "balanced accuracy; macro AUC, sensitivity and specificity (more classes)":
+                    "balanced accuracy (with more classes also the macro sensitivity)":
+                        "MOVER of the per-class recalls' Wilson score intervals",
+                    "macro AUC and specificity (more classes)":
                         "stratified bootstrap over test samples (percentile)",
                     "mean over perturbations": "stratified bootstrap (percentile)",
-                    "differences between two models":
-                        "paired stratified bootstrap (percentile); McNemar's exact test"}}
+                    "accuracy difference between two models":
+                        "Newcombe's paired score interval (method 10); McNemar's exact test",
+                    "AUC difference between two models": "paired stratified bootstrap "
+                        "(percentile)",
+                    "mean over perturbations, difference between two models":
+                        "paired stratified bootstrap (percentile); exact sign test"}}
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
