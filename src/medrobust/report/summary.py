@@ -16,8 +16,8 @@ probabilities). From the predictions this module computes, with
 - per-class numbers and confusion matrices (per_class.csv);
 - paired comparisons of every defended model against every undefended target
   of its dataset on the same test images (comparisons.csv): McNemar's exact
-  test, paired-bootstrap intervals of the accuracy and AUC differences, and
-  a verdict.
+  test, intervals of the accuracy and AUC differences
+  (statistics.paired_comparison), and a verdict.
 
 docs/report.md documents every column.
 """
@@ -307,8 +307,9 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                     "mean over perturbations": "stratified bootstrap (percentile)",
                     "accuracy difference between two models":
                         "Newcombe's paired score interval (method 10); McNemar's exact test",
-                    "AUC difference between two models": "paired stratified bootstrap "
-                        "(percentile)",
+                    "AUC difference between two models": "two classes: MOVER of Newcombe's "
+                        "AUC intervals with DeLong's correlation; more: paired stratified "
+                        "bootstrap (percentile)",
                     "mean over perturbations, difference between two models":
                         "paired stratified bootstrap (percentile); exact sign test"}}
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
