@@ -14,19 +14,34 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from medrobust.errors import InputError
 
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# what pydicom raises when an element it needs is missing or malformed (a window width of 0,
+# an unknown VOI LUT function, "abc" as a number, an empty PixelData, a short value)
+_MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
+              RuntimeError, NotImplementedError, EOFError, struct.error, BytesLengthException)
 
 
 def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
-    """The image as float32 `(H, W)` in [0, 1], tissue bright."""
+    """The image as float32 `(H, W)` in [0, 1], tissue bright; InputError naming the file
+    for anything that is not such an image."""
     path = Path(path)
     ds = _read_dataset(path)
+    try:
+        return _display_image(ds, path)
+    except InputError:  # a ValueError too, and already says what is wrong
+        raise
+    except _MALFORMED as error:
+        raise InputError(f"{path}: malformed DICOM image ({type(error).__name__}: {error})") \
+            from error
+
+
+def _display_image(ds: FileDataset, path: Path) -> np.ndarray:
     _check_single_grayscale_frame(ds, path)
     stored = _decode_pixels(ds, path)
     if _has_voi(ds):
@@ -34,7 +49,10 @@ def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
         low, high = _display_values(ds, _stored_extremes(ds))
     else:  # no window in the file: stretch the values the image has
         display = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        low, high = display.min(), display.max()
+        low, high = display.min(initial=np.inf), display.max(initial=-np.inf)
+    if not (np.isfinite(display).all() and np.isfinite(low) and np.isfinite(high)):
+        raise InputError(f"{path}: pixel values are not finite (NaN or infinity) after the "
+                         "rescale and window (float pixel data, or a NaN RescaleSlope)")
     scaled = (display - low) / (high - low) if high > low else np.zeros_like(display)
     scaled = np.clip(scaled, 0.0, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1":  # minimum value is white
@@ -74,9 +92,11 @@ def _check_single_grayscale_frame(ds: FileDataset, path: Path) -> None:
     if frames > 1:
         raise InputError(f"{path}: multi-frame DICOM ({frames} frames); expected one 2-D image")
     photometric = ds.get("PhotometricInterpretation")
-    if photometric not in _GRAYSCALE or int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise InputError(f"{path}: colour DICOM (PhotometricInterpretation {photometric}); "
-                         "expected a grayscale MONOCHROME1 or MONOCHROME2 image")
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if photometric not in _GRAYSCALE or samples != 1:
+        raise InputError(f"{path}: not a grayscale image (PhotometricInterpretation "
+                         f"{photometric!r}, SamplesPerPixel {samples}); expected one sample "
+                         "per pixel, MONOCHROME1 or MONOCHROME2")
 
 
 def _decode_pixels(ds: FileDataset, path: Path) -> np.ndarray:
