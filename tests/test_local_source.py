@@ -109,6 +109,30 @@ def test_duplicate_sample_id_names_both_lines(tmp_path):
         fetch_dataset(dataset(root, classes=("normal", "tumor")), tmp_path / "out2")
 
 
+def test_slides_in_subfolders_need_ids_of_their_own(tmp_path):
+    """The default id is the path less its extension; a slide's id names its tile and
+    feature stores, so `normal/a` would put them in subfolders that a group job's
+    completion removed (tiles lost without an error). Refused before any checksum."""
+    rows = [("normal/a.svs", "normal"), ("tumor/b.svs", "tumor")]
+    root = tmp_path / "slides"
+    for folder in ("normal", "tumor"):
+        (root / "images" / folder).mkdir(parents=True)
+    for name, _ in rows:
+        (root / "images" / name).write_bytes(name.encode())
+    (root / "labels.csv").write_text("filename,finding\n" + "".join(
+        f"{name},{label}\n" for name, label in rows))
+    config = {**dataset(root, classes=("normal", "tumor")), "kind": "slides"}
+    with pytest.raises(InputError, match=r"slide id 'normal/a' cannot name.*id_column") as error:
+        fetch_dataset(config, tmp_path / "out")
+    assert "normal/a.svs" in str(error.value)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+    # images keep such ids: they name no file
+    images = {**dataset(root, classes=("normal", "tumor")), "kind": "images"}
+    fetch_dataset(images, tmp_path / "images_out")
+    assert set(read_manifest(tmp_path / "images_out" / "manifest.csv").table["sample_id"]) \
+        == {"normal/a", "tumor/b"}
+
+
 def test_bad_split_value_names_the_row(tmp_path):
     root = make_folder(tmp_path / "x", [("a.png", "normal", "training")],
                        header="filename,finding,split")

@@ -95,6 +95,15 @@ def test_read_manifest_names_the_bad_row(tmp_path, text, expected):
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("sample_id", ["normal/a", "..", ".hidden", "a\\b"])
+def test_a_slide_manifest_refuses_ids_that_cannot_name_files(tmp_path, sample_id):
+    path = _write_csv(tmp_path, HEADER + GOOD + f"{sample_id},b.svs,benign,test,x\n")
+    read_manifest(path)  # images: any id
+    (tmp_path / "dataset.json").write_text(json.dumps({"classes": CLASSES, "kind": "slides"}))
+    with pytest.raises(InputError, match=r"manifest.csv: line 3: slide id .* cannot name"):
+        read_manifest(path)
+
+
 def test_sample_ids_that_look_like_missing_values_stay_strings(tmp_path):
     path = _write_csv(tmp_path, HEADER + "NA,a.dcm,benign,train,x\n")
     assert read_manifest(path).table["sample_id"].tolist() == ["NA"]

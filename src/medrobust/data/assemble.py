@@ -19,6 +19,7 @@ from medrobust.config import config_from_mapping
 from medrobust.data.manifest import (
     KINDS,
     SPLITS,
+    check_slide_id,
     check_split_fractions,
     stratified_split,
     write_dataset,
@@ -212,6 +213,9 @@ def write_samples(out_dir: Path, samples: Sequence[Sample], classes: Sequence[st
                   kind: str) -> Path:
     """Hash what needs it and write `manifest.csv` + `dataset.json` (paths made relative)."""
     rows = []
+    if kind == "slides":  # before hours of checksums, not when the manifest is read
+        for sample in samples:
+            check_slide_id(sample.sample_id, str(sample.path))
     for sample in progress(samples, desc="checksums", unit="file"):
         if sample.split not in SPLITS:
             raise ValueError(f"sample {sample.sample_id!r} has no split")

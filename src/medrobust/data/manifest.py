@@ -107,7 +107,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if missing:
         raise InputError(f"{path}: line 1 (header) lacks column(s) {', '.join(missing)}; "
                          f"expected {', '.join(MANIFEST_COLUMNS)}")
-    _validate_rows(path, table, classes)
+    _validate_rows(path, table, classes, kind)
     return Manifest(path=path, table=table, classes=classes, kind=kind)
 
 
@@ -128,7 +128,18 @@ def _read_dataset_json(path: Path) -> tuple[list[str], str]:
     return classes, kind
 
 
-def _validate_rows(path: Path, table: pd.DataFrame, classes: list[str]) -> None:
+def check_slide_id(sample_id: str, where: str) -> None:
+    """InputError at `where` when `sample_id` cannot name a slide: a slide's id is a file name
+    (results/tiles/{dataset}/{id}.zarr) and a Snakemake wildcard, so it cannot hold a path
+    separator or start with a dot (as `..` and the hidden partial outputs do)."""
+    if "/" in sample_id or "\\" in sample_id or sample_id.startswith("."):
+        raise InputError(f"{where}: slide id {sample_id!r} cannot name the slide's files (no "
+                         "path separator, no leading dot); give the slides ids of their own "
+                         "(source.labels.id_column, a column of unique names such as the file "
+                         "names) or move them out of subfolders")
+
+
+def _validate_rows(path: Path, table: pd.DataFrame, classes: list[str], kind: str) -> None:
     first_line: dict[str, int] = {}
     for index, row in enumerate(table.itertuples(index=False)):
         line = index + 2  # line 1 is the header
@@ -138,6 +149,8 @@ def _validate_rows(path: Path, table: pd.DataFrame, classes: list[str]) -> None:
 
         if not row.sample_id.strip():
             raise bad("empty sample_id")
+        if kind == "slides":
+            check_slide_id(row.sample_id, f"{path}: line {line}")
         if row.sample_id in first_line:
             raise bad(f"duplicate sample_id {row.sample_id!r} (first on line "
                       f"{first_line[row.sample_id]})")
