@@ -130,6 +130,15 @@ def test_bootstrap_with_fewer_than_1000_resamples_is_refused(config):
          "denoisers.R.detector.false_positive_rate"),
         (_with_denoisers(_set("denoisers.R.detector.temperature", [10])),
          "denoisers.R.detector: unknown key(s): 'temperature'"),
+        # NaN passes every `minimum`; infinity and huge seeds fail later, after outputs are gone
+        (_set("datasets.slides.tiling.target_mpp", float("nan")),
+         "datasets.slides.tiling.target_mpp: nan is not a finite number"),
+        (_set("image_training.learning_rate", float("inf")),
+         "image_training.learning_rate: inf is not a finite number"),
+        (_set("attacks.fgsm.epsilons", [2, float("nan")]),
+         "attacks.fgsm.epsilons.1: nan is not a finite number"),
+        (lambda c: c.update(seed=2**70), "seed: 1180591620717411303424 is larger than"),
+        (_set("image_classifiers.baseline.seed", 2**32), "image_classifiers.baseline.seed"),
     ],
 )
 def test_schema_errors_name_the_key(config, edit, key):

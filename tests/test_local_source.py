@@ -133,6 +133,20 @@ def test_slides_in_subfolders_need_ids_of_their_own(tmp_path):
         == {"normal/a", "tumor/b"}
 
 
+@pytest.mark.parametrize("table, message", [
+    ("filename,finding\na.png,NORMAL\nb.png,NORMAL,extra\n",
+     r"labels.csv: line 3 has 3 cells, the header 2"),
+    ("filename,finding\na.png,NORMAL\n.,NORMAL\n", r"line 3 \(filename '.'\): .* names no file"),
+    ("filename,finding\n\xe9.png,NORMAL\n".encode("latin-1"), "labels.csv: not UTF-8 text"),
+])
+def test_a_malformed_labels_table_names_the_table_and_line(tmp_path, table, message):
+    root = make_folder(tmp_path / "data", [("a.png", "NORMAL"), ("b.png", "NORMAL")])
+    (root / "labels.csv").write_bytes(table if isinstance(table, bytes) else table.encode())
+    config = dataset(root, label_map={"NORMAL": "normal"})
+    with pytest.raises(InputError, match=message):
+        fetch_dataset(config, tmp_path / "out")
+
+
 def test_bad_split_value_names_the_row(tmp_path):
     root = make_folder(tmp_path / "x", [("a.png", "normal", "training")],
                        header="filename,finding,split")

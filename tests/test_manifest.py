@@ -70,7 +70,7 @@ def test_begin_dataset_removes_the_completion_marker(tmp_path):
 def _write_csv(tmp_path, text, classes=CLASSES):
     (tmp_path / "dataset.json").write_text(json.dumps({"classes": classes, "kind": "images"}))
     path = tmp_path / "manifest.csv"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -87,6 +87,9 @@ GOOD = "a,a.dcm,benign,train,x\n"
     (HEADER + "b,,benign,val,x\n", r"line 2 \(sample_id 'b'\): empty path"),
     ("sample_id,path,label,sha256\na,a.dcm,benign,x\n",
      r"line 1 \(header\) lacks column\(s\) split"),
+    (HEADER + GOOD + "b,b.dcm,benign,train,x,extra\n", r"Expected 5 fields in line 3, saw 6"),
+    ((HEADER + "caf\xe9,b.dcm,benign,train,x\n").encode("latin-1"),  # an Excel export
+     "not a readable CSV manifest"),
 ])
 def test_read_manifest_names_the_bad_row(tmp_path, text, expected):
     path = _write_csv(tmp_path, text)

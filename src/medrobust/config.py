@@ -146,6 +146,27 @@ def _schema_errors(config: MutableMapping, schema: Mapping) -> list[str]:
     return [f"{_dotted(path)}: {message}" for path, message in sorted(problems)]
 
 
+# the largest seed every consumer takes (numpy's legacy seeding; torch takes up to 2^64 - 1,
+# and folds and draws add to a seed)
+MAX_SEED = 2**32 - 1
+
+
+def _value_errors(value: Any, path: list[str]) -> list[str]:
+    """What JSON Schema cannot say: NaN and infinity (every comparison with NaN is false, so
+    `minimum` lets it through), and seeds past MAX_SEED, anywhere in the config."""
+    if isinstance(value, Mapping):
+        return [problem for key, item in value.items()
+                for problem in _value_errors(item, [*path, str(key)])]
+    if isinstance(value, list):
+        return [problem for index, item in enumerate(value)
+                for problem in _value_errors(item, [*path, str(index)])]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{_dotted(path)}: {value} is not a finite number"]
+    if path and path[-1] == "seed" and isinstance(value, int) and value > MAX_SEED:
+        return [f"{_dotted(path)}: {value} is larger than the largest seed, {MAX_SEED}"]
+    return []
+
+
 def _dotted(path: list[str]) -> str:
     """`attacks.fgsm.epsilons.0`; a part that is no valid name is quoted: `attacks.'../x'`."""
     return ".".join(part if re.match(NAME_PATTERN, part) else repr(part)
@@ -160,7 +181,7 @@ def validate_config(config: MutableMapping, schema_path: str | os.PathLike,
     that passed the registry checks, see the module docstring.
     """
     schema = yaml.safe_load(Path(schema_path).read_text())
-    problems = _schema_errors(config, schema)
+    problems = _schema_errors(config, schema) + _value_errors(config, [])
     if not problems:
         resolve_seeds(config)
         problems = check_references(config) + check_registries_cached(config, cache_dir)

@@ -78,6 +78,8 @@ class LabelsTable:
         samples, first_line = [], {}
         for line, row in read_table(table, [column for column in columns if column]):
             where = f"{table}: line {line} ({self.path_column} {row[self.path_column]!r})"
+            if Path(row[self.path_column]).name in ("", ".."):
+                raise InputError(f"{where}: the {self.path_column} cell names no file")
             sample_id = (row[self.id_column] if self.id_column
                          else Path(row[self.path_column]).with_suffix("").as_posix())
             label = map_label(row[self.label_column], self.label_map, classes, where)
@@ -140,14 +142,24 @@ def read_table(path: Path, required: Iterable[str] = ()) -> list[tuple[int, dict
         raise InputError(f"table {path} does not exist")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        header = [name.strip() for name in reader.fieldnames or []]
-        line = reader.line_num + 1
-        for row in reader:
-            rows.append((line, {(key or "").strip(): (value or "").strip()
-                                for key, value in row.items()}))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            header = [name.strip() for name in reader.fieldnames or []]
             line = reader.line_num + 1
+            for row in reader:
+                if None in row:  # DictReader keeps the cells past the header under None
+                    raise InputError(f"{path}: line {line} has {len(header) + len(row[None])} "
+                                     f"cells, the header {len(header)} (an unquoted "
+                                     f"{delimiter!r} in a cell?)")
+                rows.append((line, {(key or "").strip(): (value or "").strip()
+                                    for key, value in row.items()}))
+                line = reader.line_num + 1
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error}); save the table as UTF-8 "
+                         "CSV") from error
+    except (OSError, csv.Error) as error:
+        raise InputError(f"{path}: unreadable table ({error})") from error
     if not header:
         raise InputError(f"{path}: empty table")
     missing = [column for column in required if column not in header]

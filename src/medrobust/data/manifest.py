@@ -100,8 +100,10 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     classes, kind = _read_dataset_json(path.parent / DATASET_NAME)
     try:
         # all strings, and empty cells stay "" so that they can be reported
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        # index_col False: a row with a cell too many is an error, not read shifted
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as error:
         raise InputError(f"{path}: not a readable CSV manifest ({error})") from error
     missing = [column for column in MANIFEST_COLUMNS if column not in table.columns]
     if missing:
