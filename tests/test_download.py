@@ -57,6 +57,24 @@ def test_partial_file_from_an_earlier_run_is_resumed(http_server, tmp_path):
     assert (tmp_path / "data.bin").read_bytes() == BODY
 
 
+def test_a_stale_partial_file_of_another_version_is_fetched_again_from_the_start(
+        http_server, tmp_path):
+    """A `.part` left by an older copy of the file (or another URL of the same name): the
+    resumed whole fails the checksum, so the file is fetched once more from byte 0."""
+    url = http_server.serve("/data.bin", BODY)
+    (tmp_path / "data.bin.part").write_bytes(bytes(1000))  # not BODY's first 1,000 bytes
+    got = download_file(url, tmp_path / "data.bin", SHA256, policy=FAST)
+    assert got.path.read_bytes() == BODY and got.verified == SHA256
+    first, second = http_server.files["/data.bin"].requests
+    assert first["Range"] == "bytes=1000-" and "Range" not in second
+    # a fresh download that fails the checksum is not fetched twice
+    wrong = Checksum("sha256", "0" * 64)
+    with pytest.raises(ChecksumMismatch):
+        download_file(http_server.serve("/other.bin", BODY), tmp_path / "other.bin", wrong,
+                      policy=FAST)
+    assert len(http_server.files["/other.bin"].requests) == 1
+
+
 def test_server_that_ignores_range_restarts_from_zero(http_server, tmp_path):
     url = http_server.serve("/data.bin", BODY, ignore_range=True, cut_first=1)
     got = download_file(url, tmp_path / "data.bin", SHA256, policy=FAST)

@@ -205,6 +205,23 @@ def test_skip_policy_leaves_bad_files_out_and_lists_them(tmp_path, dataset_with_
     assert "left out 3 unreadable image(s)" in caplog.text
 
 
+def test_a_file_that_cannot_be_read_is_that_samples_problem(tmp_path):
+    """An OSError while hashing (no permission; here a folder where a file should be, which
+    root cannot read either) names the file, so skip can leave the sample out."""
+    from medrobust.io.checksums import sha256_file
+
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(InputError, match=r"folder.png: cannot read file \(Is a directory\)"):
+        sha256_file(tmp_path / "folder.png")
+    manifest = write_dataset(tmp_path / "data", {"ok": _gray(20, 20, 0), "odd": _gray(20, 20, 1)})
+    (manifest.parent / "odd.png").unlink()
+    (manifest.parent / "odd.png").mkdir()
+    store = open_image_store(build_image_store(manifest, tmp_path / "data.zarr", SIZE,
+                                               on_bad_input="skip"))
+    assert list(store.sample_ids) == ["ok"]
+    assert store.attrs["rejected"][0]["reason"].endswith("odd.png: not a file")
+
+
 def test_a_dataset_with_no_readable_image_fails_even_when_skipping(tmp_path):
     manifest = write_dataset(tmp_path / "data", {"a": _gray(8, 8, 0)})
     (manifest.parent / "a.png").write_bytes(b"broken")

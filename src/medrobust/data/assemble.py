@@ -88,7 +88,11 @@ class LabelsTable:
             # a repeated id would make one sample's label (or split) silently win
             check_unique(sample_id, line, first_line, where)
             path = data_root / self.path_template.format(row[self.path_column])
-            if not path.is_file():
+            try:
+                found = path.is_file()
+            except OSError as error:  # a folder on the way that cannot be searched
+                raise InputError(f"{where}: cannot reach {path} ({error.strerror})") from error
+            if not found:
                 raise InputError(f"{where}: no file {path}")
             split = row[self.split_column] if self.split_column else None
             if split is not None and split not in SPLITS:

@@ -174,20 +174,17 @@ def download_file(url: str, dest: str | os.PathLike, checksum: Checksum | None, 
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     session = session or requests.Session()
-    for attempt in range(1, policy.attempts + 1):
-        if attempt > 1:
-            time.sleep(policy.wait_before(attempt))
-        try:
-            _transfer(session, url, partial, auth, policy, dest.name)
-            break
-        except _Retry as reason:
-            if attempt == policy.attempts:
-                raise DownloadError(f"could not download {shown}: {reason} "
-                                    f"(gave up after {policy.attempts} attempt"
-                                    f"{'s' if policy.attempts > 1 else ''})") from None
-            log.warning("%s: %s (attempt %d of %d); retrying in %.3g s", shown, reason,
-                        attempt, policy.attempts, policy.wait_before(attempt + 1))
+    resumed = partial.is_file() and partial.stat().st_size > 0
+    _fetch(session, url, partial, auth, policy, dest.name, shown)
     digests = _digests(partial, checksum)
+    if resumed and checksum is not None and digests[checksum.algorithm] != checksum.hexdigest:
+        # the partial file may be from another version of the file, or another URL with the
+        # same name: its bytes then spoil the whole, so fetch it once more from the start
+        log.warning("%s: the file resumed from %s does not match %s; downloading it from "
+                    "the start", shown, partial, checksum)
+        partial.unlink()
+        _fetch(session, url, partial, auth, policy, dest.name, shown)
+        digests = _digests(partial, checksum)
     if checksum is not None and digests[checksum.algorithm] != checksum.hexdigest:
         if "md5" not in digests:  # for advice on pinning the file that did arrive
             digests["md5"] = _digests(partial, Checksum("md5", "0" * 32))["md5"]
@@ -201,6 +198,24 @@ def download_file(url: str, dest: str | os.PathLike, checksum: Checksum | None, 
     log.info("%s: downloaded%s", dest, f", {checksum} verified" if checksum else
              f" without a checksum to verify (its sha256 is {digests['sha256']})")
     return Downloaded(dest, digests["sha256"], checksum)
+
+
+def _fetch(session: requests.Session, url: str, partial: Path, auth: tuple[str, str] | None,
+           policy: RetryPolicy, name: str, shown: str) -> None:
+    """`_transfer` with `policy`'s retries; DownloadError when they are spent."""
+    for attempt in range(1, policy.attempts + 1):
+        if attempt > 1:
+            time.sleep(policy.wait_before(attempt))
+        try:
+            _transfer(session, url, partial, auth, policy, name)
+            return
+        except _Retry as reason:
+            if attempt == policy.attempts:
+                raise DownloadError(f"could not download {shown}: {reason} "
+                                    f"(gave up after {policy.attempts} attempt"
+                                    f"{'s' if policy.attempts > 1 else ''})") from None
+            log.warning("%s: %s (attempt %d of %d); retrying in %.3g s", shown, reason,
+                        attempt, policy.attempts, policy.wait_before(attempt + 1))
 
 
 def _transfer(session: requests.Session, url: str, partial: Path,

@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 
+from medrobust.errors import InputError
+
 _BLOCK = 1 << 20
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The file's hex digest; InputError naming it where it cannot be read (no permission,
+    a folder, an I/O error), so that `on_bad_input: skip` can leave its sample out."""
     digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(_BLOCK), b""):
+                digest.update(block)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read file ({error.strerror or error})") from error
     return digest.hexdigest()
 
 

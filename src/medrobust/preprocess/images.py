@@ -173,7 +173,7 @@ def load_verified(manifest: Manifest, row: pd.Series) -> np.ndarray:
     """Read one row's image after checking that the file is the one the manifest lists."""
     path = manifest.absolute_path(row)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: {'not a file' if path.exists() else 'file not found'}")
     digest = sha256_file(path)
     if digest != row["sha256"].strip().lower():
         raise InputError(f"{path}: sha256 {digest} differs from the manifest's "
