@@ -342,6 +342,25 @@ def test_attack_defense_and_source_parameters_are_checked_by_their_classes(confi
     assert re.search(message, str(error.value)), str(error.value)
 
 
+def test_image_training_numbers_are_required_where_image_classifiers_train(config):
+    """The schema cannot require them (a slides-only config has no image_training); the
+    check of what each model trains with does, at parse time, not in its training job."""
+    del config["image_training"]
+    with pytest.raises(ConfigError) as error:
+        validate_config(copy.deepcopy(config), SCHEMA)
+    assert ("image_classifiers.baseline.training (image_training under it): missing key(s) "
+            "epochs, batch_size, learning_rate, weight_decay") in str(error.value)
+    # a model's own training may give them
+    for model in config["image_classifiers"].values():
+        model["training"] = {"epochs": 1, "batch_size": 8, "learning_rate": 0.01,
+                             "weight_decay": 0.0}
+    validate_config(config, SCHEMA)
+    for model in config["image_classifiers"].values():
+        model["training"]["learning_rate"] = -1
+    with pytest.raises(ConfigError, match="training.learning_rate: -1 is less than"):
+        validate_config(config, SCHEMA)
+
+
 def test_the_denoising_distance_defaults_to_the_papers_l2_only_for_that_defense(config):
     del config["image_classifiers"]["denoising"]["defense"]["distance"]
     config["image_classifiers"]["baseline"]["defense"] = {"name": "none"}

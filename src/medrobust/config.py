@@ -364,7 +364,10 @@ def registry_view(config: Mapping) -> dict[str, Any]:
     return {
         "datasets": {name: {"kind": dataset["kind"], "source": dataset["source"]}
                      for name, dataset in config["datasets"].items()},
-        "image_classifiers": {name: {"arch": model["arch"], "defense": model.get("defense")}
+        # the training each model runs with: image_training under the model's own
+        "image_classifiers": {name: {"arch": model["arch"], "defense": model.get("defense"),
+                                     "training": {**config.get("image_training", {}),
+                                                  **model.get("training", {})}}
                               for name, model in config.get("image_classifiers", {}).items()},
         "denoisers": config.get("denoisers", {}),
         "slide_classifiers": {name: {key: model.get(key) for key in ("arch", "arch_options", "mhim")}
@@ -408,10 +411,16 @@ def check_registries(view: Mapping) -> list[str]:
         if lookup(f"{path}.type", "source type", source["type"], sources.SOURCES) \
                 and source["type"] == "synthetic":
             problems += _check_synthetic(path, source, MODALITIES)
+    from medrobust.train.image_classifier import TrainingConfig
+
     for name, model in view["image_classifiers"].items():
         path = f"image_classifiers.{name}"
         lookup(f"{path}.arch", "image classifier architecture", model["arch"],
                registry.IMAGE_CLASSIFIERS)
+        # the schema leaves image_training's numbers optional: a config without image
+        # classifiers needs none; one with them fails here, not in its first training job
+        problems += _check_params(TrainingConfig, model["training"],
+                                  f"{path}.training (image_training under it)")
         defense = dict(model["defense"] or {})
         if defense and lookup(f"{path}.defense.name", "defense", defense["name"], registry.DEFENSES):
             cls = registry.DEFENSES[defense.pop("name")]
