@@ -70,6 +70,10 @@ def run(request, tmp_path_factory):
         "features": {"backbone": "resnet18", "weights": "random", "batch_size": 64},
         "slide_classifiers": {"abmil": {"dataset": "cohort", "arch": "abmil", "seed": 0,
                                         "epochs": 2}},
+        # the slide robustness study too: a bad slide must leave all of it complete
+        "slide_robustness": {"fractions": [1.0],
+                             "perturbations": {"stain_shift": {"severities": [0.2]}},
+                             "adversarial": {"top_k": [1], "epsilons": [8], "steps": 2}},
     }
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
@@ -115,6 +119,11 @@ def test_the_report_lists_the_left_out_slides_and_shows_the_qc_pictures(run):
     assert {path.name for path in figures.glob("slide_qc_*.png")} == {
         f"slide_qc_cohort_{slide}.png" for slide in [*REASONS, *run["good"]]}
     assert page.count("green: tissue outline") == 2 * len(run["good"])  # alt text, caption
+    # the slide robustness study ran on the slides that remain, each condition once
+    assert "Slides: robustness" in page
+    metrics = pd.read_csv(run["workdir"] / "results/slide_robustness/cohort/abmil/metrics.csv")
+    assert set(metrics["kind"]) == {"clean", "tile_fraction", "adversarial_tiles"}
+    assert (metrics["n"] == metrics["n"].iloc[0]).all() and metrics["n"].iloc[0] > 0
 
 
 def test_grouped_slides_run_in_one_job_per_group_and_no_job_per_slide(run):
@@ -129,11 +138,11 @@ def test_grouped_slides_run_in_one_job_per_group_and_no_job_per_slide(run):
         return
     for stage in ("tile_slide_group/cohort", "extract_features_group/cohort/resnet18"):
         assert len(list((workdir / "benchmarks" / stage).glob("*.tsv"))) == n_groups
-    # no job per slide: every log is a group's, a dataset's or a model's
+    # no job per slide: every log is a group's, a dataset's, a model's or a perturbation's
     assert {path.name for path in (workdir / "logs").iterdir()} == {
         "download", "tile_slide_group", "extract_features_group", "index_slide_tiles",
         "index_slide_features", "train_slide_classifier", "evaluate_slide_classifier",
-        "summarize.log", "report.log"}
+        "perturb_slide_tiles", "slide_robustness", "summarize.log", "report.log"}
     groups = sorted((workdir / "results/tiles/cohort/groups").iterdir())
     assert [len(list(group.glob("*.zarr"))) for group in groups] == \
         [k] * (n_slides // k) + ([n_slides % k] if n_slides % k else [])
@@ -203,6 +212,7 @@ def test_loader_settings_rerun_nothing_and_feature_settings_rerun_the_features(r
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout + result.stderr
 
+    # nor do the slide robustness jobs, which embed perturbed and attacked tiles
     assert job_counts(dry_run(loader_workers=0, prefetch_batches=5)) == {"report": 1, "all": 1}
     output = dry_run(batch_size=8)
     assert job_counts(output)[embed] == n_jobs

@@ -69,7 +69,7 @@ rule perturb_slide_tiles:
         severities=lambda wildcards: tile_perturbations()[wildcards.tile_perturbation]["severities"],
         settings=lambda wildcards: perturbation_settings(wildcards.tile_perturbation, tile_perturbations()),
         fractions=lambda wildcards: config["slide_robustness"]["fractions"],
-        features=lambda wildcards: {**config["features"], "backbone": wildcards.backbone},
+        features=lambda wildcards: {**FEATURE_PARAMS, "backbone": wildcards.backbone},
         seed=config["seed"],
         device=config["device"],
         code=code_fingerprint("perturbations", "features"),
@@ -78,6 +78,7 @@ rule perturb_slide_tiles:
     resources:
         gpu=1,
         mem_mb=4000,
+        **FEATURE_LOADER,
     log:
         "logs/perturb_slide_tiles/{dataset}/{backbone}/{tile_perturbation}.log",
     benchmark:

@@ -150,7 +150,7 @@ rule slide_robustness:
     params:
         settings=slide_robustness_settings,
         perturbed=slide_perturbation_runs,
-        features=lambda wildcards: config["features"],
+        features=FEATURE_PARAMS,
         statistics=INTERVAL_SETTINGS,
         device=config["device"],
         code=code_fingerprint("evaluate", "attacks", "perturbations", "features"),
@@ -158,6 +158,7 @@ rule slide_robustness:
     priority: SLIDE_STUDY_PRIORITY
     resources:
         gpu=1,
+        **FEATURE_LOADER,
     log:
         "logs/slide_robustness/{dataset}/{slide_model}.log",
     benchmark:
