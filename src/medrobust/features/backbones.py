@@ -8,7 +8,7 @@ Three kinds of name:
   their baseline;
 - `timm:<model name>`: any timm model (timm is imported only for such a name), its
   classifier removed (`num_classes=0`), e.g. a pathology foundation model's
-  architecture (docs/architecture.md, "Foundation models");
+  architecture (docs/features.md, "A pathology foundation model from a local file: UNI");
 - either, with `weights` the path of a local weights file (`.safetensors`, or
   a state dict saved with torch.save, read with `weights_only=True`).
 
