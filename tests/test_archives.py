@@ -288,6 +288,30 @@ def test_damaged_archive_is_an_input_error_not_a_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_a_compressed_tar_whose_checksum_fails_is_refused(tmp_path, mode):
+    """A damaged stored (uncompressed) deflate block decodes to wrong bytes without a zlib
+    error; only the stream's CRC, at its end, tells. tarfile stops after the last member,
+    so the extraction reads to the end itself."""
+    data = os.urandom(300_000)
+    archive = tmp_path / "data.tar"
+    options = {"compresslevel": 0} if mode == "w:gz" else {}
+    with tarfile.open(archive, mode, **options) as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    extract_archive(archive, tmp_path / "good")
+    assert (tmp_path / "good" / "data.bin").read_bytes() == data
+    if mode != "w:gz":
+        return  # their blocks carry their own checks; the clean run above is what matters
+    damaged = bytearray(archive.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside a stored block: the bytes change, nothing else
+    archive.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match="compressed archive is damaged .*CRC check failed"):
+        extract_archive(archive, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_encrypted_zip_member_is_refused(tmp_path):
     archive = make_zip(tmp_path / "locked.zip", {"secret.txt": "x"})
     data = bytearray(archive.read_bytes())

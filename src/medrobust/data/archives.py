@@ -117,6 +117,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
         with atomic_path(dest) as tmp:
             tmp.mkdir()
             _write(source, plan, tmp)
+            source.check_stream()
             if verify is not None:
                 verify(tmp)
     log.info("%s: extracted to %s", archive, dest)
@@ -137,6 +138,9 @@ class _Member:
 class _ZipReader:
     def __init__(self, archive: Path, zf: zipfile.ZipFile, allow_links: bool):
         self.archive, self.zf, self.allow_links = archive, zf, allow_links
+
+    def check_stream(self) -> None:
+        """Nothing to do: zipfile checks each member's CRC as it is read."""
 
     def members(self) -> Iterator[_Member]:
         for info in self.zf.infolist():
@@ -193,6 +197,17 @@ class _TarReader:
                 kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
                         tarfile.FIFOTYPE: stat.S_IFIFO}.get(info.type, -1)
                 raise _special(self.archive, info.name, kind)
+
+    def check_stream(self) -> None:
+        """Read the compressed stream to its end, where gzip, bz2 and xz check their CRC of
+        the whole: tarfile stops after the last member, and a damaged stored (uncompressed)
+        deflate block yields wrong bytes without any other error."""
+        try:
+            while self.tar.fileobj.read(_BLOCK):
+                pass
+        except _READ_ERRORS + (OSError,) as error:
+            raise InputError(f"{self.archive}: the compressed archive is damaged "
+                             f"({_words(error)}); nothing was kept") from None
 
     def open(self, member: _Member) -> IO[bytes]:
         handle = self.tar.extractfile(member.handle)
