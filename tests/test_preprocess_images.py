@@ -206,8 +206,9 @@ def test_skip_policy_leaves_bad_files_out_and_lists_them(tmp_path, dataset_with_
 
 
 def test_a_file_that_cannot_be_read_is_that_samples_problem(tmp_path):
-    """An OSError while hashing (no permission; here a folder where a file should be, which
-    root cannot read either) names the file, so skip can leave the sample out."""
+    """A file that cannot be read while hashing (no permission; here a folder, which root
+    cannot read either) is named; in a store, a folder where a file should be is said to be
+    one, and skip leaves the sample out."""
     from medrobust.io.checksums import sha256_file
 
     (tmp_path / "folder.png").mkdir()

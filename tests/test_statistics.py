@@ -477,6 +477,18 @@ def test_paired_comparison_verdict(only_a, only_b, verdict):
     assert result["smallest_detectable_difference"] == 6 / n
 
 
+def test_every_comparisons_table_has_every_comparison_column():
+    """comparisons.csv and slide_comparisons.csv list their columns (summary.PAIRED_COLUMNS);
+    a key comparison_columns gained and they lacked would be dropped without a word."""
+    from medrobust.report.summary import PAIRED_COLUMNS
+    from medrobust.evaluate.statistics import comparison_columns
+
+    labels, probabilities = noisy_classifier(40, seed=1)
+    comparison = paired_comparison(labels, probabilities, probabilities[::-1].copy(),
+                                   n_resamples=50)
+    assert tuple(comparison_columns(comparison)) == PAIRED_COLUMNS
+
+
 def test_identical_models_differ_by_zero():
     labels, probabilities = noisy_classifier(300, seed=9)
     result = paired_comparison(labels, probabilities, probabilities.copy(), n_resamples=200)

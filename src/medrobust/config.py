@@ -152,8 +152,9 @@ MAX_SEED = 2**32 - 1
 
 
 def _value_errors(value: Any, path: list[str]) -> list[str]:
-    """What JSON Schema cannot say: NaN and infinity (every comparison with NaN is false, so
-    `minimum` lets it through), and seeds past MAX_SEED, anywhere in the config."""
+    """What the schema does not say: NaN and infinity (every comparison with NaN is false, so
+    `minimum` lets it through), and seeds past MAX_SEED anywhere in the config, also in the
+    sections whose parameters the registries' classes check (an attack's seed)."""
     if isinstance(value, Mapping):
         return [problem for key, item in value.items()
                 for problem in _value_errors(item, [*path, str(key)])]

@@ -15,7 +15,7 @@ rule summarize:
         defenses=defenses(),
         baselines=mil_baselines(config),  # MHIM-MIL models against their base model
         statistics=COMPARISON_SETTINGS,
-        code=code_fingerprint("report", "evaluate"),  # the intervals come from evaluate.statistics
+        code=code_fingerprint("report.summary", "evaluate"),  # the intervals: evaluate.statistics
     log:
         "logs/summarize.log",
     benchmark:

@@ -11,7 +11,9 @@ share samples, get a percentile bootstrap that resamples within each true
 class, so every resample keeps the test set's class counts. Two models scored
 on the same samples are compared pairwise: McNemar's exact test on the
 discordant pairs, Newcombe's paired score interval of the accuracy difference
-and a paired bootstrap of the AUC difference.
+and, with two classes, the MOVER of the two AUCs' Newcombe intervals with
+DeLong's correlation for the AUC difference (a paired bootstrap of macro AUCs
+with more classes).
 """
 
 from __future__ import annotations
@@ -236,6 +238,23 @@ def mover_wilson(successes: list[int], trials: list[int], weights: list[float],
                     float(estimate + math.sqrt(above)), WILSON_MOVER)
 
 
+def _correlated_difference(b: tuple[float, float, float], a: tuple[float, float, float],
+                           correlation: float, method: str) -> Interval:
+    """b - a from each one's (estimate, low, high), by the MOVER for correlated estimates
+    (Zou & Donner 2008; Newcombe 1998's method 10 for proportions): each side is the root
+    of the sum of squares of the distances to the limits on that side, less twice their
+    product times the correlation. |correlation| <= 1 keeps both sides >= 0 (rounding
+    aside) and inside [low_b - high_a, high_b - low_a]."""
+    (p_b, low_b, high_b), (p_a, low_a, high_a) = b, a
+    below = (p_b - low_b) ** 2 + (high_a - p_a) ** 2 \
+        - 2 * correlation * (p_b - low_b) * (high_a - p_a)
+    above = (high_b - p_b) ** 2 + (p_a - low_a) ** 2 \
+        - 2 * correlation * (high_b - p_b) * (p_a - low_a)
+    estimate = p_b - p_a
+    return Interval(estimate, estimate - math.sqrt(max(0.0, below)),
+                    estimate + math.sqrt(max(0.0, above)), method)
+
+
 def newcombe_paired_difference(only_a: int, only_b: int, both: int, neither: int,
                                confidence: float = CONFIDENCE) -> Interval:
     """Accuracy of b minus accuracy of a on the same samples, with Newcombe's interval for
@@ -252,21 +271,14 @@ def newcombe_paired_difference(only_a: int, only_b: int, both: int, neither: int
     only_a, only_b, both, neither = (int(count) for count in counts)
     n = only_a + only_b + both + neither
     z = _z(confidence)
-    p_b, low_b, high_b = _wilson(both + only_b, n, z)
-    p_a, low_a, high_a = _wilson(both + only_a, n, z)
     margins = (both + only_b) * (only_a + neither) * (both + only_a) * (only_b + neither)
     cross = both * neither - only_a * only_b  # 0 wherever a margin is
     if 0 <= cross <= n / 2:
         phi = 0.0
     else:
         phi = (cross - n / 2 if cross > 0 else cross) / math.sqrt(margins)
-    estimate = (only_b - only_a) / n
-    below = (p_b - low_b) ** 2 + (high_a - p_a) ** 2 - 2 * phi * (p_b - low_b) * (high_a - p_a)
-    above = (high_b - p_b) ** 2 + (p_a - low_a) ** 2 - 2 * phi * (high_b - p_b) * (p_a - low_a)
-    # |φ| <= 1 keeps both sides >= 0 (rounding aside) and within l_b - u_a and u_b - l_a,
-    # so within [-1, 1]
-    return Interval(estimate, estimate - math.sqrt(max(0.0, below)),
-                    estimate + math.sqrt(max(0.0, above)), NEWCOMBE_PAIRED)
+    return _correlated_difference(_wilson(both + only_b, n, z), _wilson(both + only_a, n, z),
+                                  phi, NEWCOMBE_PAIRED)
 
 
 # ---------------------------------------------------------------- AUC
@@ -373,13 +385,8 @@ def paired_auc_difference(labels01: np.ndarray, scores_a: np.ndarray, scores_b: 
          if variance_a > 0 and variance_b > 0 else 0.0)
     interval_a, interval_b = newcombe_auc(auc_a, m, n, confidence), \
         newcombe_auc(auc_b, m, n, confidence)
-    down_b, up_b = auc_b - interval_b.low, interval_b.high - auc_b
-    down_a, up_a = auc_a - interval_a.low, interval_a.high - auc_a
-    estimate = auc_b - auc_a
-    below = down_b ** 2 + up_a ** 2 - 2 * r * down_b * up_a
-    above = up_b ** 2 + down_a ** 2 - 2 * r * up_b * down_a
-    return Interval(estimate, estimate - math.sqrt(max(0.0, below)),
-                    estimate + math.sqrt(max(0.0, above)), AUC_MOVER)
+    return _correlated_difference((auc_b, interval_b.low, interval_b.high),
+                                  (auc_a, interval_a.low, interval_a.high), r, AUC_MOVER)
 
 
 # ---------------------------------------------------------------- bootstrap machinery

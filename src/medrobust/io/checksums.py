@@ -11,14 +11,16 @@ _BLOCK = 1 << 20
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """The file's hex digest; InputError naming it where it cannot be read (no permission,
-    a folder, an I/O error), so that `on_bad_input: skip` can leave its sample out."""
+    """The file's hex digest; InputError naming it where the file itself cannot be read (no
+    permission, a folder, gone), so that `on_bad_input: skip` can leave its sample out. The
+    machine's problems (too many open files, an I/O error) are raised as they are."""
     digest = hashlib.new(algorithm)
     try:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(_BLOCK), b""):
                 digest.update(block)
-    except OSError as error:
+    except (PermissionError, IsADirectoryError, NotADirectoryError,
+            FileNotFoundError) as error:
         raise InputError(f"{path}: cannot read file ({error.strerror or error})") from error
     return digest.hexdigest()
 

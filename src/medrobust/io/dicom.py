@@ -24,7 +24,7 @@ _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # what pydicom raises when an element it needs is missing or malformed (a window width of 0,
 # an unknown VOI LUT function, "abc" as a number, an empty PixelData, a short value)
 _MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
-              RuntimeError, NotImplementedError, EOFError, struct.error, BytesLengthException)
+              EOFError, struct.error, BytesLengthException)
 
 
 def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
@@ -32,30 +32,29 @@ def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
     for anything that is not such an image."""
     path = Path(path)
     ds = _read_dataset(path)
+    # only reading the elements and pydicom's LUTs: an error in the arithmetic below is a
+    # bug to see, not a file to leave out
     try:
-        return _display_image(ds, path)
+        _check_single_grayscale_frame(ds, path)
+        stored = _decode_pixels(ds, path)
+        if _has_voi(ds):
+            display = _display_values(ds, stored)
+            low, high = _display_values(ds, _stored_extremes(ds))
+        else:  # no window in the file: stretch the values the image has
+            display = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+            low, high = display.min(initial=np.inf), display.max(initial=-np.inf)
+        inverted = ds.PhotometricInterpretation == "MONOCHROME1"  # minimum value is white
     except InputError:  # a ValueError too, and already says what is wrong
         raise
     except _MALFORMED as error:
         raise InputError(f"{path}: malformed DICOM image ({type(error).__name__}: {error})") \
             from error
-
-
-def _display_image(ds: FileDataset, path: Path) -> np.ndarray:
-    _check_single_grayscale_frame(ds, path)
-    stored = _decode_pixels(ds, path)
-    if _has_voi(ds):
-        display = _display_values(ds, stored)
-        low, high = _display_values(ds, _stored_extremes(ds))
-    else:  # no window in the file: stretch the values the image has
-        display = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        low, high = display.min(initial=np.inf), display.max(initial=-np.inf)
     if not (np.isfinite(display).all() and np.isfinite(low) and np.isfinite(high)):
         raise InputError(f"{path}: pixel values are not finite (NaN or infinity) after the "
                          "rescale and window (float pixel data, or a NaN RescaleSlope)")
     scaled = (display - low) / (high - low) if high > low else np.zeros_like(display)
     scaled = np.clip(scaled, 0.0, 1.0)
-    if ds.PhotometricInterpretation == "MONOCHROME1":  # minimum value is white
+    if inverted:
         scaled = 1.0 - scaled
     return scaled.astype(np.float32)
 

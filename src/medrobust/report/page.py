@@ -630,7 +630,8 @@ def slide_comparison_frame(against_base: Sequence[Mapping[str, Any]],
     rows += [{**row, "comparison": TOP_K_AGAINST_RANDOM, "reference_model": row["model"],
               "condition": f"k = {row['k']}", "kind": "top_k_removal"}
              for row in top_k_against_random]
-    return pd.DataFrame(rows, columns=list(SLIDE_COMPARISON_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(SLIDE_COMPARISON_COLUMNS))
+    return frame.astype({"k": "Int64"})  # whole numbers, empty where a condition has none
 
 
 # ---------------------------------------------------------------------------
