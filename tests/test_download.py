@@ -67,12 +67,18 @@ def test_a_stale_partial_file_of_another_version_is_fetched_again_from_the_start
     assert got.path.read_bytes() == BODY and got.verified == SHA256
     first, second = http_server.files["/data.bin"].requests
     assert first["Range"] == "bytes=1000-" and "Range" not in second
-    # a fresh download that fails the checksum is not fetched twice
+    # a fresh download that fails the checksum is not fetched twice, nor is one whose
+    # server ignored the resume request and so sent the whole file from byte 0
     wrong = Checksum("sha256", "0" * 64)
     with pytest.raises(ChecksumMismatch):
         download_file(http_server.serve("/other.bin", BODY), tmp_path / "other.bin", wrong,
                       policy=FAST)
     assert len(http_server.files["/other.bin"].requests) == 1
+    (tmp_path / "whole.bin.part").write_bytes(bytes(1000))
+    with pytest.raises(ChecksumMismatch):
+        download_file(http_server.serve("/whole.bin", BODY, ignore_range=True),
+                      tmp_path / "whole.bin", wrong, policy=FAST)
+    assert len(http_server.files["/whole.bin"].requests) == 1
 
 
 def test_server_that_ignores_range_restarts_from_zero(http_server, tmp_path):

@@ -174,8 +174,7 @@ def download_file(url: str, dest: str | os.PathLike, checksum: Checksum | None, 
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     session = session or requests.Session()
-    resumed = partial.is_file() and partial.stat().st_size > 0
-    _fetch(session, url, partial, auth, policy, dest.name, shown)
+    resumed = _fetch(session, url, partial, auth, policy, dest.name, shown)
     digests = _digests(partial, checksum)
     if resumed and checksum is not None and digests[checksum.algorithm] != checksum.hexdigest:
         # the partial file may be from another version of the file, or another URL with the
@@ -201,14 +200,18 @@ def download_file(url: str, dest: str | os.PathLike, checksum: Checksum | None, 
 
 
 def _fetch(session: requests.Session, url: str, partial: Path, auth: tuple[str, str] | None,
-           policy: RetryPolicy, name: str, shown: str) -> None:
-    """`_transfer` with `policy`'s retries; DownloadError when they are spent."""
+           policy: RetryPolicy, name: str, shown: str) -> bool:
+    """`_transfer` with `policy`'s retries; DownloadError when they are spent. Returns
+    whether the file still begins with bytes of a `.part` that was there before."""
+    kept = _size(partial)  # of those bytes, how many are still at the file's start
     for attempt in range(1, policy.attempts + 1):
         if attempt > 1:
             time.sleep(policy.wait_before(attempt))
+        kept = min(kept, _size(partial))  # a failed attempt may have dropped the partial
         try:
-            _transfer(session, url, partial, auth, policy, name)
-            return
+            if _transfer(session, url, partial, auth, policy, name):
+                kept = 0
+            return kept > 0
         except _Retry as reason:
             if attempt == policy.attempts:
                 raise DownloadError(f"could not download {shown}: {reason} "
@@ -218,10 +221,15 @@ def _fetch(session: requests.Session, url: str, partial: Path, auth: tuple[str, 
                         attempt, policy.attempts, policy.wait_before(attempt + 1))
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
 def _transfer(session: requests.Session, url: str, partial: Path,
-              auth: tuple[str, str] | None, policy: RetryPolicy, name: str) -> None:
-    """Bring `partial` up to the whole file, resuming what it holds; raise _Retry."""
-    offset = partial.stat().st_size if partial.exists() else 0
+              auth: tuple[str, str] | None, policy: RetryPolicy, name: str) -> bool:
+    """Bring `partial` up to the whole file, resuming what it holds; raise _Retry. Returns
+    whether it started over from byte 0 (the server ignored the resume request)."""
+    offset = _size(partial)
     # identity: byte ranges and Content-Length must count the file's own bytes
     headers = {"Accept-Encoding": "identity"}
     if offset:
@@ -232,7 +240,8 @@ def _transfer(session: requests.Session, url: str, partial: Path,
                          timeout=policy.timeout_s) as response:
             total = _start_writing(response, partial, offset)
             if total is None:
-                return  # the partial file was already complete
+                return False  # the partial file was already complete
+            restarted = partial.stat().st_size < offset
             offset = partial.stat().st_size
             meter = _RateMeter(policy.min_rate_bytes_s, policy.rate_window_s)
             with open(partial, "ab") as handle, progress(
@@ -258,6 +267,7 @@ def _transfer(session: requests.Session, url: str, partial: Path,
         if size > total:
             partial.unlink()
         raise _Retry(f"the transfer stopped after {size} of {total} bytes")
+    return restarted
 
 
 def _body(response: requests.Response) -> Iterator[bytes]:
