@@ -201,6 +201,34 @@ def test_an_edited_config_starts_afresh_and_removes_the_stale_checkpoint(tmp_pat
     assert not stale[0].exists() and not checkpoint_dir_for(model_dir).exists()
 
 
+def test_edited_training_code_or_other_features_start_afresh(tmp_path, monkeypatch, caplog):
+    """A checkpoint is keyed by the training code too: a bug fixed after a crash must not
+    keep the epochs the bug trained. A slide model's key holds its features themselves:
+    slides cut anew have the same tile counts."""
+    features = [str(path) for path in _synthetic_slides(tmp_path / "features")]
+    model_dir = tmp_path / "models" / "slides" / "abmil"
+    handle = crash_after(SLIDE_STEPS_PER_EPOCH + 3)  # in epoch 2
+    try:
+        with pytest.raises(Crash):
+            train_slide_classifier(features, model_dir, SLIDE_MODEL, "cpu")
+    finally:
+        handle.remove()
+    (stale,) = checkpoint_dir_for(model_dir).glob("*.pt")
+    key = TrainingCheckpoint(model_dir, "a key").key
+    monkeypatch.setattr(checkpoints, "code_fingerprint", lambda *parts: "edited code")
+    assert TrainingCheckpoint(model_dir, "a key").key != key
+    monkeypatch.undo()
+    # the same slides, tile counts and config, one feature changed
+    from medrobust.io.slide_stores import open_feature_store
+    import zarr
+    first = zarr.open_group(features[0], mode="r+")["features"]
+    first[0, 0] = float(first[0, 0]) + 1.0
+    assert len(open_feature_store(features[0]).features) == first.shape[0]
+    with caplog.at_level(logging.INFO, logger="medrobust"):
+        train_slide_classifier(features, model_dir, SLIDE_MODEL, "cpu")
+    assert "resuming" not in caplog.text and not stale.exists()
+
+
 def test_checkpoint_lives_beside_the_model_folder_not_in_it(tmp_path):
     model_dir = tmp_path / "results" / "models" / "ds" / "baseline"
     assert checkpoint_dir_for(model_dir) == \

@@ -23,9 +23,11 @@ removes before a job (its outputs) takes the checkpoint with it:
     results/models/{dataset}/.checkpoints/{model}/{key}.pt
 
 `key` is a hash of the resolved model and training config, the training data
-(store attrs, sample ids, labels, splits) and the device type: a run whose
-config or data changed starts afresh instead of resuming a stale run, and the
-stale checkpoint is removed. The checkpoint is removed once the model is
+(store attrs, sample ids, labels, splits; a slide model's features and MHIM
+teacher themselves), the device type and the training code
+(`TRAINING_CODE`): a run whose config, data or code changed starts afresh
+instead of resuming a stale run (a bug fixed after a crash must not keep the
+epochs the bug trained), and the stale checkpoint is removed. The checkpoint is removed once the model is
 saved. Checkpoints are written atomically (`medrobust.io.atomic`), so a kill
 while writing one leaves the previous epoch's.
 """
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from medrobust.fingerprint import code_fingerprint
 from medrobust.io.atomic import atomic_path
 from medrobust.logs import get_logger
 from medrobust.models.registry import save_model
@@ -54,6 +57,8 @@ log = get_logger(__name__)
 CHECKPOINTS_DIR = ".checkpoints"
 SUFFIX = ".pt"
 FORMAT = 2  # bump when the checkpoint's content changes, so old ones are not resumed
+# the code a training run runs (the train rules' fingerprints together): part of every key
+TRAINING_CODE = ("train", "models", "attacks")
 # seconds of training between checkpoints per second that writing one takes:
 # checkpoints cost at most 1/(1 + WORK_PER_WRITE) of the training time
 WORK_PER_WRITE = 4.0
@@ -86,7 +91,7 @@ class TrainingCheckpoint:
     def __init__(self, model_dir: str | os.PathLike, key: str,
                  checkpoint_dir: str | os.PathLike | None = None):
         self.folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(model_dir)
-        self.key = f"v{FORMAT}-{key}"
+        self.key = f"v{FORMAT}-{fingerprint(key, code_fingerprint(*TRAINING_CODE))}"
         self.path = self.folder / f"{self.key}{SUFFIX}"
         self._written_at: float | None = None
         self._write_s = 0.0

@@ -230,14 +230,19 @@ def train_slide_classifier(feature_paths: Sequence[str | os.PathLike],
         torch.manual_seed(spec.seed)
         model = build_model(config).to(device)
         config["arch_options"] = dataclasses.asdict(model.options)  # defaults filled in
-        trainee = model
+        trainee, teacher = model, []
         if mhim is not None:
             teacher_state = teacher_weights(teacher_dir, mhim.teacher, config)
+            teacher = [teacher_state[key] for key in sorted(teacher_state)]
             trainee = MHIM(model, teacher_state, mhim).to(device)
         bags_used = [(bag.slide_id, bag.label, part, len(bag.features))
                      for part, bags_of in (("train", train), ("val", val)) for bag in bags_of]
+        # the features and the teacher themselves: tiles cut anew give the same counts,
+        # and a retrained teacher the same config
         checkpoint = TrainingCheckpoint(
-            model_dir, fingerprint(config, bags_used, device.type), checkpoint_dir)
+            model_dir, fingerprint(config, bags_used, device.type,
+                                   *(bag.features for bag in [*train, *val]), *teacher),
+            checkpoint_dir)
         best_state, history = _fit(trainee, spec, device, name, train, val, checkpoint)
     trainee.load_state_dict(best_state)
     return save_kept_epoch(model, model.state_dict(), model_dir, config, history, checkpoint,
