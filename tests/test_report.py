@@ -335,6 +335,22 @@ def test_a_prediction_table_that_disagrees_with_its_metrics_is_refused(results, 
     assert not list(tmp_path.glob("a.*"))
 
 
+@pytest.mark.parametrize("column, value", [
+    ("prob_malignant", "5.0"), ("prob_malignant", "abc"), ("prob_benign", ""), ("label", "7")])
+def test_a_damaged_prediction_table_is_refused_naming_the_line(results, tmp_path, column,
+                                                               value):
+    """A probability of 5 would have entered the statistics as a number; a word or an
+    empty cell raised a bare ValueError that named no file."""
+    record = dict(results["evaluations"][0])
+    table = pd.read_csv(record["predictions"], dtype=str, keep_default_na=False)
+    table.loc[3, column] = value
+    table.to_csv(tmp_path / "damaged.csv", index=False)
+    record["predictions"] = str(tmp_path / "damaged.csv")
+    with pytest.raises(InputError, match=r"damaged\.csv: line 5: .*the table is damaged"):
+        summarize_evaluations([record], {}, STATISTICS, *(tmp_path / f"{name}" for name in
+                                                          ("a.csv", "a.json", "b.csv", "c.csv")))
+
+
 def test_too_few_bootstrap_resamples_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="bootstrap_resamples"):
         summarize_evaluations([], {}, {**STATISTICS, "bootstrap_resamples": 100},

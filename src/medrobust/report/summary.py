@@ -151,11 +151,26 @@ def read_evaluation(metrics_path: str | os.PathLike,
     if len(table) != record["n"]:
         raise InputError(f"{predictions_path}: {len(table)} rows, but {metrics_path} counts "
                          f"n = {record['n']}")
+    labels = pd.to_numeric(table["label"], errors="coerce").to_numpy(dtype=np.float64)
+    probabilities = table[probability_columns].apply(pd.to_numeric, errors="coerce") \
+        .to_numpy(dtype=np.float64)
+    # a damaged table must not reach the statistics as numbers: each class's probability
+    # in [0, 1], summing to 1 per row (the evaluation writes softmax outputs)
+    bad = ~(np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0)
+            & (labels < len(probability_columns))
+            & np.isfinite(probabilities).all(axis=1)
+            & ((probabilities >= 0) & (probabilities <= 1)).all(axis=1)
+            & (np.abs(probabilities.sum(axis=1) - 1) < 1e-3))
+    if bad.any():
+        line = int(np.flatnonzero(bad)[0]) + 2  # line 1 is the header
+        raise InputError(f"{predictions_path}: line {line}: the label must be a class index "
+                         f"below {len(probability_columns)} and the probabilities numbers in "
+                         "[0, 1] that sum to 1; the table is damaged (rerun its evaluation)")
     return Evaluation(
         description={key: record[key] for key in DESCRIPTION_KEYS},
         sample_ids=table["sample_id"].to_numpy(dtype=str),
-        labels=table["label"].to_numpy(dtype=np.int64),
-        probabilities=table[probability_columns].to_numpy(dtype=np.float64),
+        labels=labels.astype(np.int64),
+        probabilities=probabilities,
         classes=[column[len("prob_"):] for column in probability_columns])
 
 
