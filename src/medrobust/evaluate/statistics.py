@@ -775,6 +775,14 @@ def interval_columns(name: str, interval: Interval | None) -> dict[str, float | 
     return {name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high}
 
 
+# the keys of `comparison_columns`, in its order: every comparisons table's columns
+COMPARISON_KEYS = ("n", "reference_accuracy", "accuracy", "accuracy_difference",
+                   "accuracy_difference_low", "accuracy_difference_high", "auc_difference",
+                   "auc_difference_low", "auc_difference_high", "only_reference_correct",
+                   "only_model_correct", "p_value", "test", "verdict", "auc_caveat",
+                   "smallest_detectable_difference")
+
+
 def comparison_columns(comparison: dict, with_auc: bool = True) -> dict[str, Any]:
     """A `paired_comparison` result as the columns of a comparisons table (docs/report.md,
     comparisons.csv): a is the reference, b the model. `with_auc` False leaves the AUC

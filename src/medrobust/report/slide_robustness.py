@@ -81,7 +81,8 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
         for key, group in ours.groupby(_condition_keys(ours), sort=False):
             if key not in reference:
                 continue
-            label = _condition(group.iloc[0])
+            condition = group.iloc[0]
+            label = _condition(condition)
             if set(group["sample_id"]) != set(reference[key].index):
                 raise InputError(f"slide robustness of {model} and {base}: {label} was scored "
                                  "on different test slides")
@@ -93,7 +94,6 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
                 group["label"].to_numpy(), aligned[columns].to_numpy(), group[columns].to_numpy(),
                 statistics["n_resamples"], statistics["seed"], statistics["confidence"],
                 statistics["alpha"])
-            condition = group.iloc[0]
             rows.append({"dataset": by_model[model][0]["dataset"], "model": model,
                          "reference_model": base, "label": label,
                          **{column: None if pd.isna(condition[column]) else condition[column]

@@ -37,7 +37,7 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS
 from medrobust.evaluate.statistics import (
-    CONFIDENCE, N_RESAMPLES, bootstrap_mean, classification_statistics,
+    COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, bootstrap_mean, classification_statistics,
     comparison_columns, interval_columns, mcnemar_exact, operating_threshold,
     paired_bootstrap_difference, paired_comparison, sensitivity_at_threshold,
     smallest_detectable_difference)
@@ -56,12 +56,7 @@ SUMMARY_COLUMNS = (*DESCRIPTION_KEYS, "threat_model", "n", "positive_class", "cl
 PER_CLASS_COLUMNS = ("family", "model", "dataset", "condition", "class", "support",
                      *(f"{metric}{suffix}" for metric in ("sensitivity", "specificity", "auc")
                        for suffix in ("", "_low", "_high")))
-# statistics.comparison_columns, in the order every comparisons table has them
-PAIRED_COLUMNS = ("n", "reference_accuracy", "accuracy", "accuracy_difference",
-                  "accuracy_difference_low", "accuracy_difference_high", "auc_difference",
-                  "auc_difference_low", "auc_difference_high", "only_reference_correct",
-                  "only_model_correct", "p_value", "test", "verdict", "auc_caveat",
-                  "smallest_detectable_difference")
+PAIRED_COLUMNS = COMPARISON_KEYS  # statistics.comparison_columns' keys, in its order
 COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "condition", "kind",
                       "attack", "epsilon", "threat_model", "source_model", "perturbation",
                       "severity", *PAIRED_COLUMNS)
