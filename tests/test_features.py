@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 import torchvision
-import zarr
 
 from medrobust.errors import ConfigError, InputError, MedrobustError
 from medrobust.features import groups
@@ -22,7 +21,8 @@ from medrobust.features.extract import (FeatureConfig, TileBatches, autocast_dty
                                         embed_batch, extract_slide_features)
 from medrobust.features.groups import extract_group_features
 from medrobust.io.atomic import atomic_path
-from medrobust.io.slide_stores import create_tile_store, open_feature_store
+from medrobust.io.slide_stores import (TILES_PER_SHARD, create_tile_store, open_feature_store,
+                                       write_tile_shard)
 from medrobust.models.torchvision_nets import IMAGENET_URLS
 
 SLIDE_ATTRS = {"slide_id": "slide_a", "label": "tumor", "split": "val", "tile_size": 32}
@@ -114,9 +114,9 @@ def test_unknown_backbone_weights_and_config_keys_are_config_errors():
 def _tile_store(path, tiles, attrs=SLIDE_ATTRS):
     coords = np.arange(2 * len(tiles)).reshape(-1, 2) * 32
     with atomic_path(path) as tmp:
-        create_tile_store(tmp, len(tiles), 32, coords, np.ones(len(tiles)), attrs)
-        if len(tiles):
-            zarr.open_array(tmp / "tiles", mode="r+")[:] = tiles
+        shards = create_tile_store(tmp, len(tiles), 32, coords, np.ones(len(tiles)), attrs)
+        for start in range(0, len(tiles), TILES_PER_SHARD):
+            write_tile_shard(shards, start, tiles[start:start + TILES_PER_SHARD])
     return coords
 
 

@@ -27,6 +27,7 @@ from medrobust.io.checksums import sha256_file
 from medrobust.io.slide_stores import (TILE_CODEC, TILES_PER_SHARD, create_tile_store,
                                        open_tile_store, read_tiles, write_tile_shard)
 from medrobust.io.slides import MAX_SLIDE_MPP, Slide, open_slide
+from medrobust.io.zarr_chunks import create_array
 from medrobust.preprocess.qc import CONTOUR, QC_MAX_SIDE, QC_MIN_SIDE, qc_picture
 from medrobust.preprocess import groups, tiling
 from medrobust.preprocess.tiling import TilingConfig, plan_grid, tile_slide, tissue_map
@@ -140,14 +141,15 @@ def test_a_new_tile_store_has_the_files_zarr_itself_writes(tmp_path, n_tiles):
     attrs = {"slide_id": "s", "slide_mpp": 0.2527, "level": 2,
              "rejected": [{"sample_id": "s", "reason": "ünïcode"}]}
     create_tile_store(tmp_path / "ours.zarr", n_tiles, 16, coords, fractions, attrs)
-    # the store as zarr's API makes it (create_tile_store's code before it wrote the files)
+    # the store as zarr's API makes it (create_tile_store's code before it wrote the files),
+    # marked as every chunk written
     group = zarr.open_group(tmp_path / "zarr.zarr", mode="w",
                             attributes={**attrs, "n_tiles": n_tiles})
-    group.create_array("coords", data=coords.astype(np.int64))
-    group.create_array("tissue_fraction", data=fractions.astype(np.float32))
-    group.create_array("tiles", shape=(n_tiles, 16, 16, 3), chunks=(1, 16, 16, 3), dtype="uint8",
-                       shards=(min(n_tiles, 64), 16, 16, 3) if n_tiles else None,
-                       compressors=TILE_CODEC)
+    create_array(group, "coords", data=coords.astype(np.int64))
+    create_array(group, "tissue_fraction", data=fractions.astype(np.float32))
+    create_array(group, "tiles", shape=(n_tiles, 16, 16, 3), chunks=(1, 16, 16, 3), dtype="uint8",
+                 shards=(min(n_tiles, 64), 16, 16, 3) if n_tiles else None,
+                 compressors=TILE_CODEC)
     files = {name: sorted(path.relative_to(tmp_path / name) for path in
                           (tmp_path / name).rglob("*") if path.is_file())
              for name in ("ours.zarr", "zarr.zarr")}
@@ -173,11 +175,10 @@ def test_read_tiles_reads_what_zarr_reads_in_any_order(tmp_path):
     tiles = rng.integers(0, 256, (150, 8, 8, 3), dtype=np.uint8)
     tiles[3] = 0      # zarr leaves an all-zero tile out of its shard
     tiles[64:128] = 0  # and this shard is never written: zarr reads the fill value
-    create_tile_store(tmp_path / "tiles.zarr", 150, 8, np.zeros((150, 2)), np.zeros(150), {})
-    array = zarr.open_array(tmp_path / "tiles.zarr" / "tiles", mode="r+")
-    array[:64] = tiles[:64]
-    array[128:] = tiles[128:]   # written by zarr itself, the partial last shard too
-    assert not list((tmp_path / "tiles.zarr" / "tiles").rglob("c/1/0/0/0"))
+    # a tile store's layout, written by zarr itself (unmarked), the partial last shard too
+    array = zarr.create_array(tmp_path / "tiles.zarr", data=tiles, shards=(64, 8, 8, 3),
+                              chunks=(1, 8, 8, 3), compressors=TILE_CODEC)
+    assert not list((tmp_path / "tiles.zarr").rglob("c/1/0/0/0"))
     unsorted = [149, 3, 0, 70, 64, 128, 3, 5, 63]
     plain = zarr.create_array(tmp_path / "plain.zarr", data=tiles, chunks=(7, 8, 8, 3))
     # sharded like a tile store but a tile split across two chunks: zarr's read, not ours

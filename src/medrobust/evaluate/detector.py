@@ -128,7 +128,7 @@ def fit_detector(model: nn.Module, settings: DetectorSettings | Mapping, store: 
                          "which is empty")
     batches = []
     for start in range(0, index.size, batch_size):
-        images = store.images.get_orthogonal_selection((index[start:start + batch_size],))
+        images = store.read(index[start:start + batch_size])
         batches.append(detector_scores(model.denoiser, model.classifier, torch.as_tensor(
             images, dtype=torch.float32, device=device), settings)[0])
     scores = {name: torch.cat([batch[name] for batch in batches]).cpu().numpy()

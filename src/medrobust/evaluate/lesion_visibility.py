@@ -251,7 +251,7 @@ def lesion_visibility_run(dataset_dir: str | os.PathLike, store_path: str | os.P
     index = store.indices("test")
     sample_ids = [str(sample) for sample in store.sample_ids[index]]
     positions = {sample: position for position, sample in enumerate(sample_ids)}
-    images = _grey(np.asarray(store.images.get_orthogonal_selection((index,)), np.float32))
+    images = _grey(store.read(index))
     lesions = to_store_grid(read_lesion_masks(dataset_dir, sample_ids), positions,
                             store.attrs["geometry"], images.shape[-2:])
     if not lesions:

@@ -40,6 +40,7 @@ from medrobust.features.extract import (
     AUTOCAST_DTYPES, FeatureConfig, backbone_for, resolved_precision)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store, read_tiles
+from medrobust.io.zarr_chunks import read_array
 from medrobust.logs import get_logger
 from medrobust.perturbations import build_perturbation
 from medrobust.perturbations.slide_tiles import TEST, perturbed_count
@@ -183,13 +184,13 @@ def tile_fraction_logits(model: torch.nn.Module, bags, run_dir: Path, severity: 
             raise InputError(f"{run_dir}: slide {bag.slide_id} has {slide.attrs.get('n_tiles')} "
                              f"perturbed-run tiles, its feature store {n}")
         count = perturbed_count(fraction, n)
-        order = torch.as_tensor(np.asarray(slide["order"][:count]))
+        order = torch.as_tensor(read_array(slide["order"], slice(0, count)))
         if len(order) < count:
             raise InputError(f"{run_dir}: slide {bag.slide_id} has features for {len(order)} "
                              f"perturbed tiles, fraction {fraction:g} needs {count}; rerun the "
                              f"perturbation with the current fractions")
         features = bag.features.clone()
-        features[order] = torch.as_tensor(np.asarray(slide["features"][:count]))
+        features[order] = torch.as_tensor(read_array(slide["features"], slice(0, count)))
         with torch.inference_mode():
             logits.append(model(features.to(device))[0])
     return logits

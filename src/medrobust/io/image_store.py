@@ -16,6 +16,7 @@ import zarr
 
 from medrobust.errors import InputError
 from medrobust.io.atomic import atomic_path
+from medrobust.io.zarr_chunks import create_array, read_array
 
 SPLITS = ("train", "val", "test")
 
@@ -38,14 +39,16 @@ class ImageStore:
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
 
+    def read(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """The images at `index` (positions or a slice), float32, checked as `read_array`."""
+        return read_array(self.images, index)
+
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Images (float32) and labels of one split, or of all samples."""
         if split is None:
-            return np.asarray(self.images[:]), self.labels
+            return self.read(), self.labels
         index = self.indices(split)
-        if index.size == 0:
-            return np.zeros((0, *self.images.shape[1:]), np.float32), self.labels[index]
-        return np.asarray(self.images.get_orthogonal_selection((index,))), self.labels[index]
+        return self.read(index), self.labels[index]
 
 
 def open_image_store(path: str | os.PathLike) -> ImageStore:
@@ -55,9 +58,9 @@ def open_image_store(path: str | os.PathLike) -> ImageStore:
         return ImageStore(
             path=path,
             images=group["images"],
-            labels=np.asarray(group["labels"][:]),
-            splits=np.asarray(group["splits"][:].tolist(), dtype=str),
-            sample_ids=np.asarray(group["sample_ids"][:].tolist(), dtype=str),
+            labels=read_array(group["labels"]),
+            splits=np.asarray(read_array(group["splits"]).tolist(), dtype=str),
+            sample_ids=np.asarray(read_array(group["sample_ids"]).tolist(), dtype=str),
             attrs=dict(group.attrs),
         )
     except (FileNotFoundError, KeyError, ValueError) as error:
@@ -82,8 +85,8 @@ class ImageStoreWriter:
     def __enter__(self) -> "ImageStoreWriter":
         tmp = self._atomic.__enter__()
         self._group = zarr.open_group(tmp, mode="w")
-        self.images = self._group.create_array(
-            "images", shape=(self._n, *self._shape), chunks=(1, *self._shape), dtype="float32")
+        self.images = create_array(self._group, "images", shape=(self._n, *self._shape),
+                                   chunks=(1, *self._shape), dtype="float32")
         return self
 
     def finish(self, labels: Iterable[int], splits: Iterable[str], sample_ids: Iterable[str],
@@ -95,9 +98,9 @@ class ImageStoreWriter:
         for name, values in (("labels", labels), ("splits", splits), ("sample_ids", sample_ids)):
             if len(values) != self._n:
                 raise ValueError(f"{name} has {len(values)} entries for {self._n} images")
-        self._group.create_array("labels", data=labels)
-        self._group.create_array("splits", data=splits)
-        self._group.create_array("sample_ids", data=sample_ids)
+        create_array(self._group, "labels", data=labels)
+        create_array(self._group, "splits", data=splits)
+        create_array(self._group, "sample_ids", data=sample_ids)
         self._group.attrs.update({**self._attrs, **extra_attrs, "n_images": self._n})
         self._finished = True
 

@@ -7,6 +7,8 @@ tile (5x faster tiling, docs/benchmarks.md). `write_tile_shard` writes a shard
 file's bytes itself, in the layout zarr's sharding codec reads, without zarr's
 per-chunk work, and `read_tiles` reads them back the same way; `create_tile_store`
 writes the store's metadata files itself too. Layouts are in docs/architecture.md.
+Every chunk is written and each array marked so (`medrobust.io.zarr_chunks`): a
+missing tile or feature chunk is an error, not zeros.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from zarr.storage import LocalStore
 from medrobust.errors import InputError
 from medrobust.io.atomic import json_default
 from medrobust.io.file_reads import read_at
+from medrobust.io.zarr_chunks import DAMAGED, EVERY_CHUNK_WRITTEN, create_array, read_array
 
 TILES_PER_SHARD = 64
 # LZ4 in blosc (a core zarr v3 codec): on H&E tiles 4 % larger than zstd level 1, 3-4x
@@ -93,8 +96,8 @@ def _open_group(path: Path, arrays: tuple[str, ...]) -> zarr.Group:
 def open_tile_store(path: str | os.PathLike) -> TileStore:
     path = Path(path)
     group = _open_group(path, ("tiles", "coords", "tissue_fraction"))
-    return TileStore(path, group["tiles"], np.asarray(group["coords"][:]),
-                     np.asarray(group["tissue_fraction"][:]), dict(group.attrs))
+    return TileStore(path, group["tiles"], read_array(group["coords"]),
+                     read_array(group["tissue_fraction"]), dict(group.attrs))
 
 
 def create_tile_store(path: Path, n_tiles: int, tile_size: int, coords: np.ndarray,
@@ -135,13 +138,15 @@ def create_tile_store(path: Path, n_tiles: int, tile_size: int, coords: np.ndarr
 
 def _array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, ...],
                     codecs: Sequence) -> dict[str, Any]:
-    """An array's zarr.json document (zarr v3): regular chunks, "c/"-prefixed keys."""
+    """An array's zarr.json document (zarr v3): regular chunks, "c/"-prefixed keys, marked
+    as every chunk written (`medrobust.io.zarr_chunks`)."""
     return {"shape": list(shape), "data_type": dtype.name,
             "chunk_grid": {"name": "regular",
                            "configuration": {"chunk_shape": list(chunk_shape)}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "fill_value": dtype.type(0).item(), "codecs": [codec.to_dict() for codec in codecs],
-            "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+            "attributes": {EVERY_CHUNK_WRITTEN: True}, "zarr_format": 3, "node_type": "array",
+            "storage_transformers": []}
 
 
 def _write_small_array(folder: Path, data: np.ndarray) -> None:
@@ -243,19 +248,24 @@ def read_tiles(tiles: zarr.Array | np.ndarray, positions: Sequence[int] | np.nda
         return out
     per_shard = tiles.shards[0]
     shards = positions // per_shard
+    # an absent tile is zarr's fill value, unless every tile was written (create_tile_store)
+    fill_value = None if tiles.attrs.get(EVERY_CHUNK_WRITTEN) else tiles.fill_value
     for shard in np.unique(shards):
         rows = np.flatnonzero(shards == shard)
         path = folder / tiles.metadata.encode_chunk_key((int(shard), 0, 0, 0))
-        _read_shard(path, per_shard, positions[rows] % per_shard, rows, out, tiles.fill_value)
+        _read_shard(path, per_shard, positions[rows] % per_shard, rows, out, fill_value)
     return out
 
 
 def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray,
-                out: np.ndarray, fill_value) -> None:
-    """Decompress the shard file's tiles `within` into `out[rows]`."""
+                out: np.ndarray, fill_value: int | None) -> None:
+    """Decompress the shard file's tiles `within` into `out[rows]`; an absent shard or
+    tile is `fill_value`, or damage where that is None."""
     try:
         file = open(path, "rb")
     except FileNotFoundError:  # zarr's meaning of a shard never written: the fill value
+        if fill_value is None:
+            raise InputError(f"{path}: tile shard missing; {DAMAGED}") from None
         out[rows] = fill_value
         return
     index_size = per_shard * 16 + 4
@@ -267,6 +277,9 @@ def _read_shard(path: Path, per_shard: int, within: np.ndarray, rows: np.ndarray
             raise InputError(f"{path}: damaged tile shard (its index fails its checksum)")
         index = np.frombuffer(raw, dtype="<u8", count=per_shard * 2).reshape(per_shard, 2)[within]
         stored = index[:, 0] != _NO_CHUNK
+        if fill_value is None and not stored.all():
+            raise InputError(f"{path}: damaged tile shard (its tile "
+                             f"{int(within[np.argmin(stored)])} is not stored)")
         # inside the file's bytes before its index: so offset + length neither wraps past
         # 2**64 nor reaches 2**63 (the chunks' starts below are int64)
         offsets, lengths, limit = index[stored, 0], index[stored, 1], size - index_size
@@ -315,8 +328,8 @@ def _check_blosc_headers(data: memoryview, starts: np.ndarray, lengths: np.ndarr
 def open_feature_store(path: str | os.PathLike) -> FeatureStore:
     path = Path(path)
     group = _open_group(path, ("features", "coords"))
-    return FeatureStore(path, np.asarray(group["features"][:], dtype=np.float32),
-                        np.asarray(group["coords"][:]), dict(group.attrs))
+    return FeatureStore(path, read_array(group["features"]).astype(np.float32, copy=False),
+                        read_array(group["coords"]), dict(group.attrs))
 
 
 def write_feature_store(path: Path, features: np.ndarray, coords: np.ndarray,
@@ -325,6 +338,6 @@ def write_feature_store(path: Path, features: np.ndarray, coords: np.ndarray,
     group = zarr.open_group(path, mode="w")
     features = np.asarray(features, dtype=np.float32)
     rows = max(1, min(len(features), 4096))
-    group.create_array("features", data=features, chunks=(rows, features.shape[1]))
-    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+    create_array(group, "features", data=features, chunks=(rows, features.shape[1]))
+    create_array(group, "coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
     group.attrs.update({**attrs, "dim": int(features.shape[1]), "n_tiles": len(features)})

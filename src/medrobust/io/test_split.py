@@ -33,7 +33,7 @@ def iter_test_batches(store: ImageStore, batch_size: int,
     index = nonempty_test_index(store)
     for start in progress(range(0, index.size, batch_size), desc=desc, unit="batch"):
         chunk = index[start:start + batch_size]
-        yield np.asarray(store.images.get_orthogonal_selection((chunk,))), store.labels[chunk]
+        yield store.read(chunk), store.labels[chunk]
 
 
 def write_test_store(store: ImageStore, out_path: str | os.PathLike,

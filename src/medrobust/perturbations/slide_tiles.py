@@ -34,6 +34,7 @@ from medrobust.features.backbones import Backbone
 from medrobust.features.extract import FeatureConfig, backbone_for, embed_batch, resolved_precision
 from medrobust.io.atomic import atomic_path
 from medrobust.io.slide_stores import TileStore, open_tile_store, read_tiles
+from medrobust.io.zarr_chunks import create_array
 from medrobust.logs import get_logger
 from medrobust.perturbations import Perturbation, build_perturbation
 
@@ -117,8 +118,8 @@ def slide_perturbation_run(tile_store_paths: Sequence[str | os.PathLike],
                     store, backbone, perturbation, perturbed_count(largest, len(store)), seed,
                     features.batch_size, device, features.precision)
                 slide = group.create_group(str(store.attrs["slide_id"]))
-                slide.create_array("order", data=order.astype(np.int64))
-                slide.create_array("features", data=embedded)
+                create_array(slide, "order", data=order.astype(np.int64))
+                create_array(slide, "features", data=embedded)
                 slide.attrs["n_tiles"] = len(store)
             log.info("%s %g: %d test slides, up to %.0f%% of their tiles", name, severity,
                      len(stores), 100 * largest)

@@ -338,8 +338,7 @@ def _images(store: ImageStore, sample_ids: Sequence[str]) -> np.ndarray:
     missing = [sample for sample in sample_ids if sample not in position]
     if missing:
         raise InputError(f"{store.path}: lacks samples {missing}")
-    return np.asarray(store.images.get_orthogonal_selection(
-        (np.array([position[sample] for sample in sample_ids]),)))
+    return store.read(np.array([position[sample] for sample in sample_ids]))
 
 
 def example_figure(clean: ImageStore, attacked: ImageStore, label: str,
