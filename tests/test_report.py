@@ -690,7 +690,8 @@ def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test
     index = tmp_path / "cohort" / "index.csv"
     index.parent.mkdir()
     pd.DataFrame({"split": splits, "tiles": [str(store) for store, _ in pairs],
-                  "qc": [str(picture) for _, picture in pairs]}).to_csv(index, index=False)
+                  "qc": [str(picture) for _, picture in pairs],
+                  "n_slides": len(pairs)}).to_csv(index, index=False)
     shown = page.slide_qc_figures(page.read_slide_tiles([index]))
     # in the index's order within each group: left out, then test, then the rest
     assert list(shown) == ["slide_qc_cohort_s3", "slide_qc_cohort_s2", "slide_qc_cohort_s4"]

@@ -32,8 +32,8 @@ def test_index_lists_every_kind_in_manifest_order_and_filters_by_split(manifest,
     index = tmp_path / "index.csv"
     write_slide_index(manifest, index, tile_outputs())
     assert index.read_text().splitlines()[:2] == [
-        "slide_id,split,tiles,qc",
-        "slide_a,train,results/tiles/cohort/slide_a.zarr,results/tiles/cohort/slide_a.qc.png"]
+        "slide_id,split,tiles,qc,n_slides",
+        "slide_a,train,results/tiles/cohort/slide_a.zarr,results/tiles/cohort/slide_a.qc.png,4"]
     assert read_slide_index(index, "tiles") == tile_outputs()["tiles"]
     assert read_slide_index(index, "qc") == tile_outputs()["qc"]
     assert read_slide_index(index, "tiles", split="test") == [
@@ -87,3 +87,43 @@ def test_reading_a_file_that_is_not_such_an_index_names_it(manifest, tmp_path):
     write_slide_index(manifest, index, tile_outputs())
     with pytest.raises(InputError, match=r"index\.csv: not a slide index with a 'features' column"):
         read_slide_index(index, "features")
+
+
+def test_an_index_cut_anywhere_in_its_rows_is_refused_naming_the_line(manifest, tmp_path):
+    """A cut mid-line gave None or a shortened path for the last slide, naming no file;
+    a cut at a line boundary was read as fewer slides."""
+    index = tmp_path / "index.csv"
+    write_slide_index(manifest, index, tile_outputs())
+    text = index.read_text()
+    for end in range(text.index("\n") + 1, len(text) - 1):   # all but the last newline
+        index.write_text(text[:end])
+        with pytest.raises(InputError, match=r"index\.csv: line [2-5]: .* damaged or cut short"):
+            read_slide_index(index, "qc")
+    index.write_text(text[:-2])   # in the last row's count: "...slide_d.qc.png,"
+    with pytest.raises(InputError, match=r"line 5: n_slides is '', but there are 4 slide rows"):
+        read_slide_index(index, "tiles")
+    index.write_text(text[:-5])   # in its last path, "...slide_d.qc.p": 4 cells for 5
+    with pytest.raises(InputError, match=r"line 5: 4 cells for the header's 5"):
+        read_slide_index(index, "tiles")
+    index.write_text(text[:-1])   # only the last newline: every slide is there
+    assert read_slide_index(index, "qc") == tile_outputs()["qc"]
+
+
+@pytest.mark.parametrize("removed", [[4], [2], [1, 2, 3, 4]], ids=["last", "middle", "all"])
+def test_an_index_with_rows_removed_is_refused(manifest, tmp_path, removed):
+    index = tmp_path / "index.csv"
+    write_slide_index(manifest, index, tile_outputs())
+    lines = index.read_text().splitlines(keepends=True)
+    index.write_text("".join(line for number, line in enumerate(lines) if number not in removed))
+    left = len(lines) - 1 - len(removed)
+    with pytest.raises(InputError, match=(rf"index\.csv: line 2: n_slides is '4', but there are "
+                                          rf"{left} slide rows" if left else
+                                          r"index\.csv: line 2: 0 cells for the header's 5")):
+        read_slide_index(index, "tiles", split="test")
+
+
+def test_a_manifest_without_slides_is_not_indexed(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("sample_id,split\n")
+    with pytest.raises(InputError, match=r"manifest\.csv: no slides to index"):
+        write_slide_index(manifest, tmp_path / "index.csv", {"qc": []})

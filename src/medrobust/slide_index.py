@@ -13,8 +13,9 @@ With slides in groups (`medrobust.slide_groups`) the index lists each slide's st
 in its group's folder, and the index jobs take the group folders as input.
 
 Columns: `slide_id`, `split` (from the manifest), then one column of paths per kind
-of store (`tiles` and `qc`, or `features`), in manifest order. Only the standard
-library.
+of store (`tiles` and `qc`, or `features`), in manifest order, and last `n_slides`, the
+number of rows, on every row: an index cut short or missing a row is refused rather than
+read as fewer slides. Only the standard library.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from medrobust.io.atomic import atomic_path
 from medrobust.io.manifest_cache import manifest_rows
 
 FIXED_COLUMNS = ("slide_id", "split")
+COUNT_COLUMN = "n_slides"
 
 
 def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
@@ -40,8 +42,10 @@ def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
     (`{slide_id}.zarr`, `{slide_id}.qc.png`), so lists in another order are refused.
     """
     rows = manifest_rows(manifest)
+    if not rows:   # an index without rows could not state its count
+        raise InputError(f"{manifest}: no slides to index")
     for kind, paths in stores.items():
-        if kind in FIXED_COLUMNS:
+        if kind in (*FIXED_COLUMNS, COUNT_COLUMN):
             raise ValueError(f"a store kind may not be called {kind!r}")
         if len(paths) != len(rows):
             raise InputError(f"{manifest}: {len(rows)} slides, but {len(paths)} {kind} paths")
@@ -54,10 +58,10 @@ def write_slide_index(manifest: str | os.PathLike, out_path: str | os.PathLike,
                                  f"that writes it (snakemake --forcerun {Path(path).parent})")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([*FIXED_COLUMNS, *stores])
+    writer.writerow([*FIXED_COLUMNS, *stores, COUNT_COLUMN])
     for index, (slide_id, row) in enumerate(rows.items()):
         writer.writerow([slide_id, row["split"], *(os.fspath(paths[index])
-                                                   for paths in stores.values())])
+                                                   for paths in stores.values()), len(rows)])
     with atomic_path(out_path) as tmp:
         tmp.write_text(text.getvalue())
 
@@ -70,10 +74,25 @@ def read_slide_index(paths: str | os.PathLike | Sequence[str | os.PathLike], kin
         paths = [paths]
     found: list[str] = []
     for path in paths:
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            if kind not in (reader.fieldnames or ()) or "split" not in reader.fieldnames:
-                raise InputError(f"{path}: not a slide index with a {kind!r} column "
-                                 f"(columns: {', '.join(reader.fieldnames or ()) or 'none'})")
-            found.extend(row[kind] for row in reader if split is None or row["split"] == split)
+        try:
+            with open(path, newline="") as handle:
+                rows = list(csv.reader(handle))
+        except (UnicodeDecodeError, csv.Error) as error:   # e.g. cut inside a character
+            raise InputError(f"{path}: not a readable slide index ({error})") from error
+        header = rows.pop(0) if rows else []
+        if kind not in header or "split" not in header or header[-1] != COUNT_COLUMN:
+            raise InputError(f"{path}: not a slide index with a {kind!r} column and "
+                             f"{COUNT_COLUMN} last (columns: {', '.join(header) or 'none'})")
+        # a line cut short loses cells or digits of its count; a row cut or removed whole
+        # leaves every row's count too high, and no row at all leaves no count
+        for line, row in enumerate(rows or [[]], start=2):
+            problem = (f"{len(row)} cells for the header's {len(header)}"
+                       if len(row) != len(header) else
+                       f"{COUNT_COLUMN} is {row[-1]!r}, but there are {len(rows)} slide rows"
+                       if row[-1] != str(len(rows)) else None)
+            if problem:
+                raise InputError(f"{path}: line {line}: {problem}; the index is damaged or cut "
+                                 f"short (snakemake --forcerun {path} rewrites it)")
+        column, split_column = header.index(kind), header.index("split")
+        found.extend(row[column] for row in rows if split is None or row[split_column] == split)
     return found
