@@ -6,6 +6,7 @@ number the summary and the page state can be checked against a hand count.
 """
 
 import base64
+import io
 import json
 import re
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from medrobust import config as config_module
@@ -672,6 +674,12 @@ def test_models_that_share_a_point_both_show_there():
     assert all(style["markerfacecolor"] == "none" for style in styles.values())
 
 
+def png_bytes(shade: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4), shade).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test_slides(
         tmp_path, monkeypatch):
     monkeypatch.setattr(page, "MAX_QC_FIGURES", 3)
@@ -685,7 +693,7 @@ def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test
         with atomic_path(store) as tmp:
             create_tile_store(tmp, 0, 32, np.zeros((0, 2)), np.zeros(0), attrs)
         picture = tmp_path / f"s{i}.png"
-        picture.write_bytes(f"png of s{i}".encode())
+        picture.write_bytes(png_bytes(i))
         pairs.append((store, picture))
     index = tmp_path / "cohort" / "index.csv"
     index.parent.mkdir()
@@ -695,5 +703,20 @@ def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test
     shown = page.slide_qc_figures(page.read_slide_tiles([index]))
     # in the index's order within each group: left out, then test, then the rest
     assert list(shown) == ["slide_qc_cohort_s3", "slide_qc_cohort_s2", "slide_qc_cohort_s4"]
-    assert shown["slide_qc_cohort_s3"] == (b"png of s3", "cohort/s3 (tumor, train): left out, "
-                                                        "no tissue")
+    assert shown["slide_qc_cohort_s3"] == (png_bytes(3), "cohort/s3 (tumor, train): left out, "
+                                                          "no tissue")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda data: data[:len(data) // 2], ".+"),
+    (lambda data: data[:-2], "no whole end chunk at its end"),
+    (lambda data: b"png of s0", "no PNG header")], ids=["cut", "cut in its end", "not a PNG"])
+def test_a_damaged_qc_picture_is_refused_naming_it(tmp_path, damage, problem):
+    """Embedded as it was, it showed on the page as a broken image."""
+    picture = tmp_path / "s0.png"
+    picture.write_bytes(damage(png_bytes(0)))
+    attrs = {"slide_id": "s0", "label": "tumor", "split": "test",
+             "rejected": [{"slide": "s0", "reason": "no tissue"}]}
+    with pytest.raises(InputError, match=rf"s0\.png: damaged PNG QC picture \({problem}\); "
+                                         "rerun the job that wrote it"):
+        page.slide_qc_figures({"cohort": [(attrs, picture)]})

@@ -175,3 +175,19 @@ def test_top_k_curves_draw_removal_and_random_from_the_full_bag():
         assert all(list(line.get_xdata()) == [0, 1, 2] for line in lines)
         assert sorted(line.get_linestyle() for line in lines) == ["-", "-", "--", "--"]
     assert len(figure.legends[0].get_texts()) == 4
+
+
+def test_a_heatmap_cut_short_is_refused_naming_it(tmp_path):
+    """Embedded as it was, it showed on the page as a broken image."""
+    from medrobust.evaluate.attention_files import HEATMAPS, LOCALISATION_TABLE, SUMMARY
+    from medrobust.report.slide_attention import attention_section
+
+    (tmp_path / SUMMARY).write_text('{"model": "abmil", "settings": {}}')
+    (tmp_path / LOCALISATION_TABLE).write_text("slide_id,auc\n")
+    (tmp_path / HEATMAPS).mkdir()
+    heatmap = tmp_path / HEATMAPS / "s1.png"
+    attention_heatmap(np.zeros((8, 8, 3), np.uint8), np.array([[0, 0]]), 4,
+                      np.array([1.0])).save(heatmap)
+    heatmap.write_bytes(heatmap.read_bytes()[:-40])
+    with pytest.raises(InputError, match=r"s1\.png: damaged PNG attention heatmap"):
+        attention_section([tmp_path])

@@ -603,11 +603,8 @@ def slide_qc_figures(slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]]
             caption = (f"{where}: {attrs['n_tiles']} tiles of {attrs['tile_size']} px at "
                        f"{attrs['target_mpp']:g} µm/px; green: tissue outline, blue: tiles kept "
                        f"(tissue fraction ≥ {attrs['tissue_threshold']:g}).")
-        try:
-            png = Path(picture).read_bytes()
-        except OSError as error:
-            raise InputError(f"{picture}: unreadable QC picture ({error})") from error
-        found[f"slide_qc_{dataset}_{attrs['slide_id']}"] = (png, caption)
+        found[f"slide_qc_{dataset}_{attrs['slide_id']}"] = (
+            figures.read_png(picture, "QC picture"), caption)
     return found
 
 

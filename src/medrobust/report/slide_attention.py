@@ -45,7 +45,8 @@ def attention_section(runs: Sequence[str | os.PathLike],
             where = ("no tumour mask" if slide not in auc else "localisation AUC undefined"
                      if pd.isna(value) else f"localisation AUC {value:.3f}")
             names.append(f"attention_{model}_{slide}")
-            found[names[-1]] = (picture.read_bytes(), f"{model}: {slide} ({where})")
+            found[names[-1]] = (figures.read_png(picture, "attention heatmap"),
+                                f"{model}: {slide} ({where})")
         mean = summary["localisation"]["mean_auc"]
         models.append({"model": model, "dataset": summary["dataset"],
                        "n_slides": summary["n_slides"], "heatmaps": len(heatmaps),
