@@ -45,7 +45,7 @@ def png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the empty end chunk and its checksum
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the empty end chunk and its checksum
 
 
 def read_png(path: str | os.PathLike, what: str) -> bytes:
@@ -58,7 +58,7 @@ def read_png(path: str | os.PathLike, what: str) -> bytes:
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             image.verify()   # every chunk and its checksum, but not the end chunk's
-        problem = None if data.endswith(PNG_END) else "no whole end chunk at its end"
+        problem = None if data.endswith(_PNG_END) else "no whole end chunk at its end"
     except UnidentifiedImageError:
         problem = "no PNG header"
     except (OSError, SyntaxError) as error:   # PIL's errors for a chunk cut short or corrupt
