@@ -316,6 +316,19 @@ BAD_PARAMETERS = {
                          r"l2, mse, not 'L2'"),
     "synthetic source setting": (_set("datasets.mammograms.source.n_sample", 10),
                                  r"datasets\.mammograms\.source\.n_sample: unknown key"),
+    "local source's labels table setting": (
+        _set("datasets.mammograms.source", {"type": "local", "root": "/nowhere",
+                                             "labels": {"table": "l.csv", "path_colum": "f"}}),
+        r"datasets\.mammograms: source\.labels: unknown key\(s\) path_colum"),
+    "local source's split name": (
+        _set("datasets.mammograms.source", {"type": "local", "root": "/nowhere",
+                                             "labels": {"table": "l.csv"},
+                                             "splits": {"train": 0.8, "validation": 0.2}}),
+        r"datasets\.mammograms: splits: unknown split 'validation'"),
+    "recipe's download setting": (
+        _set("datasets.mammograms.source", {"type": "medmnist", "flag": "breastmnist",
+                                             "download": {"attempt": 3}}),
+        r"datasets\.mammograms: source\.download: unknown key\(s\) attempt"),
     "denoiser parameter of the other kind": (
         _with_denoisers(_set("denoisers.R.guide", "baseline")),
         r"denoisers\.R\.guide: unknown key; allowed: .*noise_std"),

@@ -20,16 +20,10 @@ import yaml
 from PIL import Image
 
 from fixtures_http import LocalServer, write_medmnist_npz
-from medrobust.config import config_from_mapping
 from medrobust.data.download import Checksum
-from medrobust.data.http import HttpSource, remote_files
-from medrobust.data.local import LabelsTable, LocalSource, source_section
+from medrobust.data.http import remote_files
 from medrobust.data.manifest import read_manifest
-from medrobust.data.recipes.camelyon16 import Camelyon16Source
-from medrobust.data.recipes.cbis_ddsm import CBISDDSMSource
-from medrobust.data.recipes.isic2018 import ISIC2018Source
-from medrobust.data.recipes.medmnist import MedMNISTSource
-from medrobust.data.recipes.rsna_pneumonia import RSNAPneumoniaSource
+from medrobust.data.sources import check_source_settings
 from medrobust.io.image_store import open_image_store
 from workflow_runner import ROOT, run_snakemake
 
@@ -196,29 +190,15 @@ def test_dry_run_shows_the_recipe_dag(recipe, tmp_path):
 
 
 def test_dry_run_configs_are_valid_for_their_sources():
-    """Each dry-run config's source passes its recipe's own checks (not only the schema)."""
-    def http(section):
-        options = config_from_mapping(HttpSource, section, "source (http)")
-        assert all(remote.checksum for remote in remote_files(options.files, "source.files"))
-        LabelsTable.from_mapping(options.labels)
-
-    def local(section):
-        LabelsTable.from_mapping(config_from_mapping(LocalSource, section, "source").labels)
-
-    parsers = {
-        "medmnist": MedMNISTSource.from_mapping,
-        "isic2018": ISIC2018Source.from_mapping,
-        "rsna_pneumonia": lambda s: config_from_mapping(RSNAPneumoniaSource, s, "source"),
-        "cbis_ddsm": CBISDDSMSource.from_mapping,
-        "camelyon16": Camelyon16Source.from_mapping,
-        "local": local,
-        "http": http,
-    }
+    """Each dry-run config's source passes its own checks, those the parse runs and, for
+    http, its file list's (each entry pinned by a checksum); recipe pins are well formed."""
     for recipe, (dataset, _) in RECIPES.items():
         config = yaml.safe_load((CONFIGS / "dry_run" / f"{recipe}.yaml").read_text())
-        section = source_section(config["datasets"][dataset])
-        parsers[recipe](section)
-        for name, entry in section.get("checksums", {}).items():   # pins are well formed
+        source = config["datasets"][dataset]["source"]
+        check_source_settings(source)
+        if recipe == "http":
+            assert all(remote.checksum for remote in remote_files(source["files"], "files"))
+        for name, entry in source.get("checksums", {}).items():
             assert Checksum.from_entry(entry, name) is not None
 
 
@@ -254,6 +234,34 @@ def test_slide_jobs_join_the_dag_once_the_download_checkpoint_ran(http_server, t
     for slide in slides:
         assert f"output: results/tiles/camelyon/{slide}.zarr" in output
         assert f"output: results/features/camelyon/resnet18/{slide}.zarr" in output
+
+
+def test_an_edited_labels_table_fetches_the_local_dataset_again(tmp_path):
+    config = yaml.safe_load((CONFIGS / "dry_run" / "local.yaml").read_text())
+    root = tmp_path / "xrays"
+    (root / "images").mkdir(parents=True)
+    rows = ["filename,finding"]
+    for index in range(10):
+        Image.new("L", (16, 16), 20 * index).save(root / "images" / f"{index}.png")
+        rows.append(f"{index}.png,{'NORMAL' if index % 2 else 'PNEUMONIA'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    config["datasets"]["xrays"]["source"]["root"] = str(root)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    fetched = run_snakemake(workdir, config_path, "--cores", "1", "--until", "download",
+                            timeout=120)
+    assert fetched.returncode == 0, failure_text(fetched)
+
+    def planned():
+        result = run_snakemake(workdir, config_path, "--dry-run", "--cores", "1", timeout=120)
+        assert result.returncode == 0, failure_text(result)
+        return job_stats(result.stdout + result.stderr)
+
+    assert "download" not in planned()
+    (root / "labels.csv").write_text("\n".join(rows).replace("0.png,PNEUMONIA", "0.png,NORMAL"))
+    assert planned()["download"] == 1
 
 
 # --- a broken download ---------------------------------------------------------

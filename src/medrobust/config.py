@@ -409,9 +409,14 @@ def check_registries(view: Mapping) -> list[str]:
     for name, dataset in view["datasets"].items():
         source = dataset["source"]
         path = f"datasets.{name}.source"
-        if lookup(f"{path}.type", "source type", source["type"], sources.SOURCES) \
-                and source["type"] == "synthetic":
+        if not lookup(f"{path}.type", "source type", source["type"], sources.SOURCES):
+            continue
+        if source["type"] == "synthetic":
             problems += _check_synthetic(path, source, MODALITIES)
+        try:
+            sources.check_source_settings(source)
+        except ConfigError as error:
+            problems.append(f"datasets.{name}: {error}")
     from medrobust.train.image_classifier import TrainingConfig
 
     for name, model in view["image_classifiers"].items():

@@ -131,6 +131,17 @@ def dataset_source(wildcards):
     return {"source": dataset["source"], "classes": dataset.get("classes"), "kind": dataset["kind"]}
 
 
+def source_files(wildcards):
+    """A local source's labels table, the download's input: editing it fetches the dataset
+    again (the files it names are checked against their sha256 when read). A table that
+    is not there is the download's to name."""
+    source = DATASETS[wildcards.dataset]["source"]
+    if source["type"] != "local":  # the settings passed check_source_settings at parse
+        return []
+    table = Path(source["root"]).expanduser() / source["labels"]["table"]
+    return [str(table)] if table.is_file() else []
+
+
 def manifest_rows(dataset):
     """The downloaded manifest by sample id; known once the download checkpoint ran."""
     folder = checkpoints.download.get(dataset=dataset).output[0]

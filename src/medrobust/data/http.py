@@ -113,7 +113,7 @@ class HttpSource:
     download: Mapping[str, Any] = field(default_factory=dict)  # see RetryPolicy
 
 
-@register_source("http")
+@register_source("http", HttpSource)
 def fetch_http(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = config_from_mapping(HttpSource, source_section(dataset_config), "source (http)")
     files = remote_files(options.files, "source.files")

@@ -37,7 +37,7 @@ class LocalSource:
     seed: int = 0
 
 
-@register_source("local")
+@register_source("local", LocalSource)
 def fetch_local(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = config_from_mapping(LocalSource, source_section(dataset_config), "source (local)")
     labels = LabelsTable.from_mapping(options.labels)

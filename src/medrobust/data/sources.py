@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from medrobust.data.manifest import SPLITS, read_manifest
+from medrobust.data.manifest import SPLITS, check_split_fractions, read_manifest
 from medrobust.errors import ConfigError, unknown_name
 from medrobust.logs import get_logger
 
@@ -19,14 +19,43 @@ log = get_logger(__name__)
 
 Fetcher = Callable[[Mapping[str, Any], Path], Path]
 SOURCES: dict[str, Fetcher] = {}
+# each source's settings class (a frozen dataclass, with `from_mapping` where it checks more),
+# so that `check_source_settings` can check a config before any job runs
+SOURCE_SETTINGS: dict[str, type] = {}
 
 
-def register_source(name: str) -> Callable[[Fetcher], Fetcher]:
+def register_source(name: str, settings: type | None = None) -> Callable[[Fetcher], Fetcher]:
     def add(fetcher: Fetcher) -> Fetcher:
         SOURCES[name] = fetcher
+        if settings is not None:
+            SOURCE_SETTINGS[name] = settings
         return fetcher
 
     return add
+
+
+def check_source_settings(source: Mapping[str, Any]) -> None:
+    """ConfigError for a wrong setting of a registered source, found without touching disk
+    or network: its settings class, and the sections several sources share (`labels`,
+    `splits`, `download`), as the fetcher will read them."""
+    # imported here: they import this module's registry through the sources they define
+    from medrobust.config import config_from_mapping
+    from medrobust.data.assemble import LabelsTable, source_section
+    from medrobust.data.download import RetryPolicy
+
+    _load_builtin_sources()
+    cls = SOURCE_SETTINGS.get(source["type"])
+    if cls is None:
+        return
+    section = source_section({"source": source})
+    settings = (cls.from_mapping(section) if hasattr(cls, "from_mapping")
+                else config_from_mapping(cls, section, f"source ({source['type']})"))
+    if isinstance(getattr(settings, "labels", None), Mapping):
+        LabelsTable.from_mapping(settings.labels)
+    if getattr(settings, "splits", None) is not None:
+        check_split_fractions(settings.splits)
+    if hasattr(settings, "download"):
+        RetryPolicy.from_mapping(settings.download)
 
 
 def fetch_dataset(dataset_config: Mapping[str, Any], out_dir: str | Path) -> Path:

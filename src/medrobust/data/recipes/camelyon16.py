@@ -84,7 +84,7 @@ class Slides:
     sha256: Mapping[str, str] = field(default_factory=dict)  # known from the download
 
 
-@register_source("camelyon16")
+@register_source("camelyon16", Camelyon16Source)
 def fetch_camelyon16(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = Camelyon16Source.from_mapping(source_section(dataset_config))
     classes = recipe_classes(dataset_config, CLASSES, "camelyon16", kind="slides")

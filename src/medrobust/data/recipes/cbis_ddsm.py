@@ -121,7 +121,7 @@ class Abnormality:
     where: str
 
 
-@register_source("cbis_ddsm")
+@register_source("cbis_ddsm", CBISDDSMSource)
 def fetch_cbis_ddsm(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = CBISDDSMSource.from_mapping(source_section(dataset_config))
     classes = recipe_classes(dataset_config, CLASSES, "cbis_ddsm")

@@ -91,7 +91,7 @@ class ISIC2018Source:
                 for name in (IMAGES, GROUND_TRUTH)]
 
 
-@register_source("isic2018")
+@register_source("isic2018", ISIC2018Source)
 def fetch_isic2018(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = ISIC2018Source.from_mapping(source_section(dataset_config))
     classes = recipe_classes(dataset_config, SELECTIONS[options.selection], "isic2018")

@@ -181,7 +181,7 @@ class MedMNISTSource:
         return list(FLAGS[self.flag].classes)
 
 
-@register_source("medmnist")
+@register_source("medmnist", MedMNISTSource)
 def fetch_medmnist(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = MedMNISTSource.from_mapping(source_section(dataset_config))
     classes = recipe_classes(dataset_config, options.classes, "medmnist")

@@ -60,7 +60,7 @@ class RSNAPneumoniaSource:
     download: Mapping[str, Any] = field(default_factory=dict)
 
 
-@register_source("rsna_pneumonia")
+@register_source("rsna_pneumonia", RSNAPneumoniaSource)
 def fetch_rsna_pneumonia(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     options = config_from_mapping(RSNAPneumoniaSource, source_section(dataset_config),
                              "source (rsna_pneumonia)")
