@@ -156,8 +156,33 @@ def test_bad_split_value_names_the_row(tmp_path):
 
 def test_missing_column_lists_the_header(tmp_path):
     root = make_folder(tmp_path / "xray", ROWS)
-    with pytest.raises(InputError, match="no column\\(s\\) diagnosis; it has: filename, finding"):
+    with pytest.raises(InputError, match="no column\\(s\\) diagnosis; it has: filename, finding$"):
         fetch_dataset(dataset(root, label_column="diagnosis"), tmp_path / "out")
+    # a spreadsheet's semicolons in a .csv: the header reads as one name
+    root = make_folder(tmp_path / "semicolons", ROWS, header="filename;finding", sep=";")
+    with pytest.raises(InputError, match="it has: filename;finding \\(it looks separated by ;: "
+                                         "a .csv table is read with commas"):
+        fetch_dataset(dataset(root), tmp_path / "out2")
+
+
+def test_a_path_outside_the_folder_or_a_folder_that_is_a_file_is_refused(tmp_path):
+    root = make_folder(tmp_path / "xray", ROWS[:4])
+    (tmp_path / "elsewhere.png").write_bytes(b"x")
+    for cell, template in (("../../elsewhere.png", "images/{}"),
+                           (str(tmp_path / "elsewhere.png"), "{}")):
+        (root / "labels.csv").write_text(f"filename,finding\n{cell},NORMAL\n")
+        with pytest.raises(InputError, match=f"line 2 .*: .*elsewhere.png is not inside "
+                                             f"{root}; name the files relative to that folder"):
+            fetch_dataset(dataset(root, label_map=LABEL_MAP, path_template=template),
+                          tmp_path / "out")
+    # inside the folder after all: the manifest's path is the file's
+    (root / "labels.csv").write_text("filename,finding\n../images/a.png,NORMAL\n"
+                                     "b.png,PNEUMONIA\n")
+    manifest = read_manifest(fetch_dataset(dataset(root, label_map=LABEL_MAP), tmp_path / "in"))
+    assert manifest.table["path"].tolist() == ["data/images/a.png", "data/images/b.png"]
+    assert (manifest.root / manifest.table["path"][0]).read_bytes() == b"image 0"
+    with pytest.raises(InputError, match="labels.csv is a file, not a folder"):
+        fetch_dataset(dataset(root / "labels.csv"), tmp_path / "out")
 
 
 def test_unknown_config_key_is_named(tmp_path):

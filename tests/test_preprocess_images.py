@@ -72,9 +72,11 @@ def test_read_photo_gray_colour_and_16_bit(tmp_path):
 
 def test_read_image_dispatches_dicom_by_suffix_and_by_content(tmp_path):
     shutil.copy(CT, tmp_path / "no_suffix")
+    shutil.copy(CT, tmp_path / "exported.jpg")   # some exports name DICOM files .jpg
     by_suffix = read_image(CT)
     assert by_suffix.shape == (128, 128) and 0 <= by_suffix.min() <= by_suffix.max() <= 1
     np.testing.assert_array_equal(read_image(tmp_path / "no_suffix"), by_suffix)
+    np.testing.assert_array_equal(read_image(tmp_path / "exported.jpg"), by_suffix)
 
 
 def test_bad_photos_raise_input_errors_naming_them(tmp_path):

@@ -456,18 +456,20 @@ def test_tiles_are_resized_when_no_level_matches(tmp_path):
     assert np.abs(store.tiles[len(store) // 2] - expected).mean() < 6
 
 
-@pytest.mark.parametrize("slide_path, tile_size", [
-    ("white", 32),                       # no tissue anywhere
-    (DATA / "small.svs", 64),            # smaller than one tile
+@pytest.mark.parametrize("slide_path, tile_size, why", [
+    ("white", 32, "no tile has tissue_fraction >= 0.5 among 80 grid tiles"),
+    (DATA / "small.svs", 64, r"the slide \(16 x 16 px at 0\.499 µm/px\) is smaller than one "
+                             r"64-px tile at 0\.499 µm/px \(64 px of it\)"),
 ])
-def test_a_slide_without_tissue_tiles_is_bad_input(tmp_path, write_tiff, slide_path, tile_size):
+def test_a_slide_without_tissue_tiles_is_bad_input(tmp_path, write_tiff, slide_path, tile_size,
+                                                   why):
     if slide_path == "white":
         slide_path = write_tiff("white.tiff", np.full((256, 320, 3), 250, np.uint8), mpp=0.5)
     with open_slide(slide_path) as slide:
         mpp = slide.mpp
     out, qc = tmp_path / "empty.zarr", tmp_path / "empty.qc.png"
     config = TilingConfig(target_mpp=mpp, tile_size=tile_size, tissue_threshold=0.5)
-    with pytest.raises(InputError, match="no tissue.*on_bad_input: skip") as caught:
+    with pytest.raises(InputError, match=f"no tissue: {why}.*on_bad_input: skip") as caught:
         tile_slide(slide_path, out, config, "s", "normal", "val", qc_path=qc)
     assert str(slide_path) in str(caught.value)
     assert not out.exists() and not qc.exists()

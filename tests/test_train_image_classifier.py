@@ -157,7 +157,7 @@ def test_sgd_with_a_schedule_as_the_paper_trained(store, tmp_path, schedule, rat
     ({**MODEL, "arch": "alexnet"}, TRAINING, "alexnet"),
     ({**MODEL, "pretrained": "radimagenet"}, TRAINING, "pretrained"),
     ({**MODEL, "pretrained": "/nowhere/resnet18.pth"}, TRAINING,
-     "pretrained: no weights file '/nowhere/resnet18.pth'"),
+     "pretrained: no weights file '/nowhere/resnet18.pth'; pretrained takes"),
 ])
 def test_bad_config_is_refused_before_training(store, tmp_path, model, training, key):
     with pytest.raises(ConfigError, match=key):

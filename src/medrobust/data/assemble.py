@@ -72,8 +72,10 @@ class LabelsTable:
         return replace(labels, label_map=label_map)
 
     def read(self, data_root: Path, classes: Sequence[str]) -> list[Sample]:
-        """The table's rows as samples, every file checked to exist."""
-        table = data_root / self.table
+        """The table's rows as samples, every file checked to exist. Messages name the files
+        where they are (a local source's folder, not its link under resources/)."""
+        folder = data_root.resolve()
+        table = folder / self.table
         columns = [self.path_column, self.label_column, self.id_column, self.split_column]
         samples, first_line = [], {}
         for line, row in read_table(table, [column for column in columns if column]):
@@ -87,13 +89,19 @@ class LabelsTable:
                 continue
             # a repeated id would make one sample's label (or split) silently win
             check_unique(sample_id, line, first_line, where)
-            path = data_root / self.path_template.format(row[self.path_column])
+            # the manifest's paths are relative to the dataset folder, through data_root
+            relative = os.path.normpath(self.path_template.format(row[self.path_column]))
+            if os.path.isabs(relative) or relative.split(os.sep)[0] == os.pardir:
+                raise InputError(f"{where}: {relative} is not inside {folder}; name the files "
+                                 f"relative to that folder (source.root), without '..'")
             try:
-                found = path.is_file()
+                found = (folder / relative).is_file()
             except OSError as error:  # a folder on the way that cannot be searched
-                raise InputError(f"{where}: cannot reach {path} ({error.strerror})") from error
+                raise InputError(f"{where}: cannot reach {folder / relative} "
+                                 f"({error.strerror})") from error
             if not found:
-                raise InputError(f"{where}: no file {path}")
+                raise InputError(f"{where}: no file {folder / relative}")
+            path = data_root / relative
             split = row[self.split_column] if self.split_column else None
             if split is not None and split not in SPLITS:
                 raise InputError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
@@ -168,8 +176,13 @@ def read_table(path: Path, required: Iterable[str] = ()) -> list[tuple[int, dict
         raise InputError(f"{path}: empty table")
     missing = [column for column in required if column not in header]
     if missing:
+        # a table separated by something else reads as one column of joined names
+        other = [name for name, sign in ((";", ";"), ("tab", "\t"), (",", ","))
+                 if sign != delimiter and sign in "".join(header)]
+        hint = (f" (it looks separated by {other[0]}: a .csv table is read with commas, "
+                f"a .tsv or .tab one with tabs)" if other else "")
         raise InputError(f"{path}: line 1 (header) has no column(s) {', '.join(missing)}; "
-                         f"it has: {', '.join(header)}")
+                         f"it has: {', '.join(header)}{hint}")
     if not rows:
         raise InputError(f"{path}: the table has a header but no rows")
     return rows
@@ -212,7 +225,8 @@ def link_folder(root: str | os.PathLike, link: Path) -> Path:
     """Make `link` a symlink to the existing folder `root`; return the link."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise InputError(f"local data folder {root} does not exist (source.root)")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise InputError(f"local data folder {root} {what} (source.root)")
     root = root.resolve()
     if link.is_symlink() and link.resolve() == root:
         return link

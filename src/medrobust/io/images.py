@@ -23,8 +23,11 @@ _GRAY_MODES = ("1", "L", "LA")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Dispatch on the suffix; DICOM files often have none, so sniff for them."""
+    """Dispatch on the suffix; DICOM files often have none, or a photo's (exports named
+    .jpg), so the DICOM magic bytes decide first."""
     path = Path(path)
+    if _has_dicom_magic(path):
+        return read_dicom_image(path)
     if path.suffix.lower() in PHOTO_SUFFIXES:
         return read_photo(path)
     if is_dicom(path):

@@ -175,6 +175,12 @@ def tile_slide(slide_path: str | os.PathLike, out_path: str | os.PathLike, confi
                 # only `skip` keeps the picture: `fail` raises before anything is saved
                 if qc_path is not None and on_bad_input == "skip":
                     png = qc_png()
+                if len(grid.coords) == 0:  # no threshold can help
+                    width, height = slide.dimensions
+                    raise InputError(
+                        f"{slide_path}: no tissue: the slide ({width} x {height} px at "
+                        f"{slide.mpp:g} µm/px) is smaller than one {config.tile_size}-px tile "
+                        f"at {config.target_mpp:g} µm/px ({grid.tile_size_level0} px of it)")
                 raise InputError(f"{slide_path}: no tissue: no tile has tissue_fraction >= "
                                  f"{config.tissue_threshold:g} among {len(grid.coords)} grid "
                                  "tiles (lower tiling.tissue_threshold if the QC picture shows "
