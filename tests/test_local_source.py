@@ -202,3 +202,19 @@ def test_missing_folder_and_missing_classes(tmp_path):
     del config["classes"]
     with pytest.raises(ConfigError, match="classes"):
         fetch_dataset(config, tmp_path / "out")
+
+
+def test_an_empty_split_and_a_file_in_two_splits_are_warned_of(tmp_path, caplog):
+    root = make_folder(tmp_path / "xray", ROWS[:4])
+    rows = ["filename,finding,split", "a.png,NORMAL,train", "b.png,NORMAL,test",
+            "c.png,PNEUMONIA,train", "d.png,PNEUMONIA,test"]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    (root / "images" / "b.png").write_bytes((root / "images" / "a.png").read_bytes())
+    with caplog.at_level("WARNING"):
+        fetch_dataset(dataset(root, label_map=LABEL_MAP, split_column="split"), tmp_path / "out")
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("no val samples: models are kept from their last epoch" in text
+               for text in warnings), warnings
+    assert any("1 file(s) are in more than one split under different sample ids (same sha256)"
+               ", which leaks them between splits: a (train), b (test)" in text
+               for text in warnings), warnings

@@ -260,7 +260,29 @@ def write_samples(out_dir: Path, samples: Sequence[Sample], classes: Sequence[st
     counts = {split: sum(row["split"] == split for row in rows) for split in SPLITS}
     log.info("%s: %d samples (%s)", manifest, len(rows),
              ", ".join(f"{split} {count}" for split, count in counts.items()))
+    _warn_of_splits(manifest, rows, counts)
     return manifest
+
+
+def _warn_of_splits(manifest: Path, rows: Sequence[Mapping[str, str]],
+                    counts: Mapping[str, int]) -> None:
+    """Log what makes the splits' numbers mean less: an empty split, and the same file
+    (by sha256) in two splits, which leaks test or val samples into training."""
+    for split in ("val", "test"):
+        if not counts[split]:
+            log.warning("%s: no %s samples%s", manifest, split,
+                        ": models are kept from their last epoch, not selected on val"
+                        if split == "val" else ": nothing will be scored")
+    splits_of: dict[str, dict[str, str]] = {}
+    for row in rows:
+        splits_of.setdefault(row["sha256"], {})[row["sample_id"]] = row["split"]
+    leaks = [samples for samples in splits_of.values() if len(set(samples.values())) > 1]
+    if leaks:
+        shown = "; ".join(", ".join(f"{sample} ({split})" for sample, split in samples.items())
+                          for samples in leaks[:5])
+        log.warning("%s: %d file(s) are in more than one split under different sample ids "
+                    "(same sha256), which leaks them between splits: %s%s", manifest,
+                    len(leaks), shown, " ..." if len(leaks) > 5 else "")
 
 
 def write_table(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
