@@ -707,6 +707,33 @@ def test_the_qc_pictures_on_the_page_are_the_left_out_slides_first_then_the_test
                                                           "no tissue")
 
 
+def test_the_data_table_counts_the_samples_kept_not_the_manifests(tmp_path):
+    """A truncated DICOM, or a slide with no tissue, left out under `on_bad_input: skip` is
+    not counted: the table once said 4 train where training used 3."""
+    def manifest(name, kind, splits):
+        rows = [{"sample_id": f"{name}{i}", "path": f"{name}{i}", "label": CLASSES[i % 2],
+                 "split": split, "sha256": "0" * 64} for i, split in enumerate(splits)]
+        write_dataset(tmp_path / name, rows, CLASSES, kind)
+        return tmp_path / name
+
+    images = manifest("mammo", "images", ["train"] * 4 + ["test"] * 2)
+    slides = manifest("cohort", "slides", ["train"] * 2 + ["test"] * 2)
+    store = str(tmp_path / "clean.zarr")
+    write_image_store(store, np.zeros((5, 1, 4, 4)), [0, 1, 1, 0, 1], ["train"] * 3 + ["test"] * 2,
+                      ["mammo0", "mammo1", "mammo3", "mammo4", "mammo5"],
+                      {"rejected": [{"sample_id": "mammo2", "path": "mammo2",
+                                     "reason": "mammo2: truncated DICOM"}]})
+    clean = {"family": "image", "condition": "clean", "dataset": "mammo", "store": store}
+    no_tissue = {"sample_id": "cohort3", "path": "cohort3", "reason": "no tissue"}
+    tiles = {"cohort": [({"rejected": [no_tissue] if i == 3 else []}, None) for i in range(4)]}
+    rows = {row["dataset"]: row for row in page.dataset_rows([images, slides], [clean], tiles)}
+    assert rows["mammo"]["splits"] == ["train", "test", "all"]
+    assert rows["mammo"]["counts"] == [("benign", [1, 1, 2]), ("malignant", [2, 1, 3])]
+    assert [item["sample_id"] for item in rows["mammo"]["left_out"]] == ["mammo2"]
+    assert rows["cohort"]["counts"] == [("benign", [1, 1, 2]), ("malignant", [1, 0, 1])]
+    assert rows["cohort"]["left_out"] == [no_tissue]
+
+
 @pytest.mark.parametrize("damage, problem", [
     (lambda data: data[:len(data) // 2], ".+"),
     (lambda data: data[:-2], "no whole end chunk at its end"),

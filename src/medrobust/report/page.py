@@ -551,9 +551,9 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
                  evaluations: Sequence[Mapping[str, Any]],
                  slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]] | None = None
                  ) -> list[dict[str, Any]]:
-    """Class counts per split, and the inputs preprocessing left out with the reason: from the
-    image store's `rejected` attr, or for slides from each tile store's (`slides`: each
-    slide dataset's (tile store attrs, QC picture) pairs, `read_slide_tiles`)."""
+    """Class counts per split of the samples kept, and the inputs preprocessing left out with
+    the reason: from the image store's `rejected` attr, or for slides from each tile store's
+    (`slides`: each slide dataset's (tile store attrs, QC picture) pairs, `read_slide_tiles`)."""
     clean_stores = {r["dataset"]: r["store"] for r in evaluations
                     if r["family"] == "image" and r["condition"] == "clean"}
     left_out_slides = {dataset: [record for attrs, _ in pairs
@@ -563,10 +563,13 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
     for folder in folders:
         folder = Path(folder)
         manifest = read_manifest(folder / MANIFEST_NAME)
-        counts = class_counts(manifest.table["label"], manifest.table["split"])
         left_out = list(left_out_slides.get(folder.name, []))
         if folder.name in clean_stores:
             left_out = list(open_image_store(clean_stores[folder.name]).attrs.get("rejected", []))
+        # the counts of what training and evaluation saw, not of the manifest
+        kept = manifest.table[~manifest.table["sample_id"].isin(
+            {str(record["sample_id"]) for record in left_out})]
+        counts = class_counts(kept["label"], kept["split"])
         rows.append({"dataset": folder.name, "kind": manifest.kind,
                      "splits": list(counts.columns),
                      "counts": [(name, [int(v) for v in values])
