@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -29,9 +30,10 @@ from medrobust.io.slide_stores import create_tile_store
 from medrobust.perturbations import GaussianNoise
 from medrobust.report import figures, page
 from medrobust.report.page import mil_headline, one_class_models, recipe_rows, write_report
-from medrobust.report.provenance import applicable_config
+from medrobust.report.provenance import EVERY_RUN, applicable_config, stages_run
 from medrobust.report.summary import (
     SUMMARY_COLUMNS, Evaluation, StatisticsConfig, summarize, summarize_evaluations)
+from workflow_runner import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["benign", "malignant"]
@@ -490,6 +492,35 @@ def test_config_shows_only_the_keys_that_acted():
     assert "features" not in shown and "slide_classifiers" not in shown
     assert "attacks" not in shown and "robustness" not in shown
     assert shown["image_training"] == {"epochs": 1} and shown["device"] == "cpu"
+
+
+SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
+SLIDE_SECTIONS = {"slide_classifiers", "features", "slide_attention", "slide_robustness"}
+IMAGE_SECTIONS = {"image_classifiers", "image_training", "attacks", "perturbations",
+                  "robustness", "fourier_heatmap", "lesion_visibility"}
+
+
+def test_every_config_section_acts_on_every_run_or_is_a_stages():
+    """A section the schema gains must say when it acts, or the page would show it always."""
+    sections = set(yaml.safe_load(SCHEMA.read_text())["properties"])
+    assert set(EVERY_RUN) | set(stages_run({})) == sections
+    assert not set(EVERY_RUN) & set(stages_run({}))
+
+
+def test_config_of_an_image_only_run_lacks_the_slide_sections_and_the_other_way_round():
+    """The page once showed an image-only run's `slide_attention: {models: []}` and
+    `lesion_visibility: {k: 3}`, though it claims settings of stages not run are left out."""
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    image_only = {**default, "slide_classifiers": {},
+                  "slide_attention": {**default["slide_attention"], "models": []},
+                  "slide_robustness": {**default["slide_robustness"], "models": []}}
+    slide_only = {**default, "image_classifiers": {},
+                  "robustness": {"targets": [], "transfer_sources": []}}
+    shown = {name: set(applicable_config(config_module.validate_config(config, SCHEMA)))
+             for name, config in [("image", image_only), ("slide", slide_only)]}
+    assert IMAGE_SECTIONS <= shown["image"] and not SLIDE_SECTIONS & shown["image"]
+    assert SLIDE_SECTIONS <= shown["slide"] and not IMAGE_SECTIONS & shown["slide"]
+    assert set(EVERY_RUN) <= shown["image"] & shown["slide"]
 
 
 class Quantised(nn.Module):

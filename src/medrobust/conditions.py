@@ -260,3 +260,14 @@ def plan_lesion_visibility(config: Mapping[str, Any],
             "evaluation_runs": sorted({record["evaluation_run"] for record in records}),
         }
     return plans
+
+
+def slide_robustness_models(config: Mapping[str, Any]) -> list[str]:
+    """The slide models `slide_robustness.models` names (left out: every slide model), sorted;
+    none without a `slide_robustness` section."""
+    section = config.get("slide_robustness")
+    if section is None:
+        return []
+    models = section.get("models")
+    return [name for name in sorted(config.get("slide_classifiers", {}))
+            if models is None or name in models]

@@ -232,13 +232,8 @@ def slide_perturbation_runs(wildcards):
 def slide_robustness_runs(wildcards=None):
     """The robustness run of each slide model `slide_robustness.models` names (left out: every
     slide model); none without a `slide_robustness` section."""
-    section = config.get("slide_robustness")
-    if section is None:
-        return []
-    models = section.get("models")
-    return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=settings["dataset"], model=name)
-            for name, settings in sorted(SLIDE_CLASSIFIERS.items())
-            if models is None or name in models]
+    return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=SLIDE_CLASSIFIERS[name]["dataset"], model=name)
+            for name in plan.slide_robustness_models(config)]
 
 
 def slide_robustness_settings(wildcards):

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from medrobust import __version__
+from medrobust import conditions as plan
 from medrobust.data.manifest import DATASET_NAME, MANIFEST_NAME, read_manifest
 from medrobust.io.checksums import sha256_file
 
@@ -92,12 +93,33 @@ def class_counts(labels: Iterable[str], splits: Iterable[str]) -> pd.DataFrame:
     return table
 
 
+# the config's sections that act on every run; every other one holds a stage's settings
+# (`stages_run`), and tests/test_report.py checks the two cover the schema's sections
+EVERY_RUN = ("device", "seed", "on_bad_input", "datasets", "report")
+
+
+def stages_run(config: Mapping[str, Any]) -> dict[str, bool]:
+    """Whether each stage a config section sets ran, by section: where the workflow plans the
+    stage's jobs with a `medrobust.conditions` function, from that function."""
+    image_models = dict(config.get("image_classifiers") or {})
+    slide_models = dict(config.get("slide_classifiers") or {})
+    attacked = bool((config.get("robustness") or {}).get("targets"))
+    return {"image_classifiers": bool(image_models), "image_training": bool(image_models),
+            "denoisers": any(model.get("denoiser") for model in image_models.values()),
+            "slide_classifiers": bool(slide_models), "features": bool(slide_models),
+            "slide_attention": bool((config.get("slide_attention") or {}).get("models")),
+            "slide_robustness": bool(plan.slide_robustness_models(config)),
+            "attacks": attacked, "perturbations": attacked, "robustness": attacked,
+            "fourier_heatmap": bool(plan.fourier_heatmap_tables(config)),
+            "lesion_visibility": bool(plan.plan_lesion_visibility(
+                config, plan.plan_evaluations(config)))}
+
+
 def applicable_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config without the parts that did not act on this run.
 
-    Datasets no model uses, slide settings without slide models, attack and
-    perturbation settings without attacked models, denoisers when no model
-    sits behind one, and a dataset's keys for the other kind of data are left out.
+    The settings of every stage that did not run (`stages_run`), datasets no
+    model uses and a dataset's keys for the other kind of data are left out.
     """
     image_models = dict(config.get("image_classifiers") or {})
     slide_models = dict(config.get("slide_classifiers") or {})
@@ -108,13 +130,9 @@ def applicable_config(config: Mapping[str, Any]) -> dict[str, Any]:
             continue
         other_kind = "tiling" if settings.get("kind") == "images" else "preprocess"
         datasets[name] = {key: value for key, value in settings.items() if key != other_kind}
-    attacked = bool((config.get("robustness") or {}).get("targets"))
-    acted = {"image_classifiers": image_models, "image_training": image_models,
-             "slide_classifiers": slide_models, "features": slide_models, "attacks": attacked,
-             "perturbations": attacked, "robustness": attacked,
-             "denoisers": any(model.get("denoiser") for model in image_models.values())}
+    ran = stages_run(config)
     return {key: datasets if key == "datasets" else value for key, value in config.items()
-            if acted.get(key, True)}
+            if key in EVERY_RUN or ran.get(key, True)}
 
 
 def provenance(repository: str | os.PathLike, dataset_folders: Iterable[str | os.PathLike],
