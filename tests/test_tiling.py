@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import threading
 import time
@@ -743,6 +744,30 @@ def test_a_failed_group_job_keeps_its_finished_slides_for_the_rerun(tmp_path, mo
         np.testing.assert_array_equal(store.tiles[:], reference)   # the same image
 
 
+def test_a_resumed_group_job_counts_the_tiles_of_the_slides_it_kept(tmp_path, monkeypatch,
+                                                                   caplog):
+    """Its log line once counted only the slides tiled in the rerun: c's tiles alone, and no
+    slide without tiles though the failed run had left b out."""
+    data, slides, group_dir = group_of_slides(tmp_path, good="ac", bad="b")
+    def killed_at_c(path, *args, **kwargs):
+        if path.name == "c.tiff":
+            raise MemoryError("killed")
+        return tile_slide(path, *args, **kwargs)
+
+    monkeypatch.setattr(groups, "tile_slide", killed_at_c)
+    with pytest.raises(MemoryError):   # a killed job: a tiled, b left out, c not done
+        groups.tile_slide_group(data, group_dir, slides, GROUP_CONFIG, code="abc",
+                                on_bad_input="skip")
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="medrobust.preprocess.groups"):
+        counts = groups.tile_slide_group(data, group_dir, slides, GROUP_CONFIG, code="abc",
+                                         on_bad_input="skip")
+    assert counts["a"] is None and counts["b"] is None and counts["c"] > 0
+    n_tiles = sum(open_tile_store(group_dir / f"{name}.zarr").attrs["n_tiles"] for name in "ac")
+    assert (f"3 slides (2 kept from a failed run), {n_tiles} tiles, 1 slides without tiles"
+            in caplog.text)
+
+
 def test_after_a_bad_slide_stops_its_group_skip_keeps_the_finished_slides(tmp_path, monkeypatch):
     """The failure's advice (set on_bad_input: skip) costs no finished slide; a slide the
     skip run left out is kept under skip, tiled again under fail."""
@@ -763,7 +788,9 @@ def test_after_a_bad_slide_stops_its_group_skip_keeps_the_finished_slides(tmp_pa
                                            ("skip", "a.qc.png", ["a.tiff"])):
         work = groups.GroupWork(group_dir, {"tiling": dataclasses.asdict(config), "code": "abc"})
         for slide, left_out in (("a", False), ("b", True)):
-            (work.folder / f"{slide}.zarr").mkdir(exist_ok=True)
+            store = work.folder / f"{slide}.zarr"
+            if not store.exists():   # a kept slide's store is read for the group's tile count
+                create_tile_store(store, 0, config.tile_size, np.zeros((0, 2)), np.zeros(0), {})
             (work.folder / f"{slide}.qc.png").touch()
             work.mark_done(slide, {"row": slides["ab".index(slide)], "left_out": left_out})
         if deleted:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.preprocess.tiling import TilingConfig, tile_slide
 from medrobust.progress import progress
@@ -47,10 +48,13 @@ def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.Path
             qc_path=work.folder / f"{slide_id}.qc.png", on_bad_input=on_bad_input)
         work.mark_done(slide_id, {"row": row, "left_out": counts[slide_id] == 0})
     work.complete({name for slide in slides for name in _outputs(slide["slide_id"])})
-    tiled = [count for count in counts.values() if count is not None]
+    # the group's totals, not this run's: a kept slide's store records its tiles
+    n_tiles = [count if count is not None
+               else open_tile_store(work.group_dir / f"{slide_id}.zarr").attrs["n_tiles"]
+               for slide_id, count in counts.items()]
     log.info("%s: %d slides (%d kept from a failed run), %d tiles, %d slides without tiles",
-             group_dir, len(counts), len(counts) - len(tiled), sum(tiled),
-             sum(count == 0 for count in tiled))
+             group_dir, len(counts), sum(count is None for count in counts.values()),
+             sum(n_tiles), n_tiles.count(0))
     return counts
 
 
