@@ -232,7 +232,8 @@ def slide_perturbation_runs(wildcards):
 def slide_robustness_runs(wildcards=None):
     """The robustness run of each slide model `slide_robustness.models` names (left out: every
     slide model); none without a `slide_robustness` section."""
-    return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=SLIDE_CLASSIFIERS[name]["dataset"], model=name)
+    return [plan.SLIDE_ROBUSTNESS_RUN.format(dataset=SLIDE_CLASSIFIERS[name]["dataset"],
+                                             model=name)
             for name in plan.slide_robustness_models(config)]
 
 
