@@ -77,7 +77,8 @@ def pretrained_problem(value: str, names: tuple[str, ...] = PRETRAINED,
     """
     if value in names or Path(value).is_file():
         return None
-    where = "" if Path(value).is_absolute() else f" (relative to the working directory {os.getcwd()})"
+    where = ("" if Path(value).is_absolute()
+             else f" (relative to the working directory {os.getcwd()})")
     return (f"no weights file {value!r}{where}; "
             f"{key} takes {', '.join(names)} or the path of a weights file")
 

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from medrobust.config import config_from_mapping
+from medrobust.data.assemble import LabelsTable, source_section
+from medrobust.data.download import RetryPolicy
 from medrobust.data.manifest import SPLITS, check_split_fractions, read_manifest
 from medrobust.errors import ConfigError, unknown_name
 from medrobust.logs import get_logger
@@ -38,11 +41,6 @@ def check_source_settings(source: Mapping[str, Any]) -> None:
     """ConfigError for a wrong setting of a registered source, found without touching disk
     or network: its settings class, and the sections several sources share (`labels`,
     `splits`, `download`), as the fetcher will read them."""
-    # imported here: they import this module's registry through the sources they define
-    from medrobust.config import config_from_mapping
-    from medrobust.data.assemble import LabelsTable, source_section
-    from medrobust.data.download import RetryPolicy
-
     _load_builtin_sources()
     cls = SOURCE_SETTINGS.get(source["type"])
     if cls is None:
