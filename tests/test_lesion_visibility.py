@@ -1,5 +1,7 @@
 """Lesion visibility under low-pass filtering, on images where the answer is known."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pydicom
@@ -12,6 +14,7 @@ from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.data.sources import fetch_dataset
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate import lesion_visibility as lv
+from medrobust.evaluate.metrics import METRIC_KEYS, prediction_table
 from medrobust.perturbations.fourier import LowPass
 from medrobust.preprocess.images import (ImagePreprocessConfig, Placement, build_image_store,
                                         prepare_image)
@@ -94,30 +97,46 @@ def test_visibility_table_counts_detectable_lesions_with_exact_intervals():
     assert table.loc["mass", "n_lesions"] == 1
 
 
+def _evaluation(folder, sample_ids, labels, predicted):
+    """An evaluation's metrics JSON and prediction table, as the evaluators write them."""
+    probabilities = np.where(np.eye(2, dtype=bool)[predicted], 0.9, 0.1)
+    table = prediction_table(sample_ids, np.array(labels), probabilities, ["benign", "malignant"])
+    table.to_csv(folder / "lowpass-severity4.csv", index=False)
+    record = {key: None for key in METRIC_KEYS} | {"n": len(sample_ids)}
+    (folder / "lowpass-severity4.json").write_text(json.dumps(record))
+    return {"model": "m", "level": "lowpass-4", "metrics": folder / "lowpass-severity4.json",
+            "predictions": folder / "lowpass-severity4.csv"}
+
+
 def test_sensitivity_per_lesion_group(tmp_path):
-    predictions = tmp_path / "lowpass-severity4.csv"
-    pd.DataFrame({"sample_id": ["c1", "c2", "c3", "m1", "m2", "b1", "both"],
-                  "label": [1, 1, 1, 1, 1, 0, 1],
-                  "prediction": [1, 0, 0, 1, 1, 1, 1]}).to_csv(predictions, index=False)
+    record = _evaluation(tmp_path, ["c1", "c2", "c3", "m1", "m2", "b1", "both"],
+                         [1, 1, 1, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1, 1])
     lesions = [lv.StoreLesion(i, sample, kind, np.ones((2, 2), bool)) for i, (sample, kind) in
                enumerate([("c1", "calcification"), ("c2", "calcification"), ("c3", "calcification"),
                           ("m1", "mass"), ("m2", "mass"), ("both", "mass"),
                           ("both", "calcification")])]
     groups = lv.lesion_groups(lesions)
     assert "both" not in groups
-    table = lv.sensitivity_table([{"model": "m", "level": "lowpass-4", "predictions": predictions}],
-                                 groups, positive=1, confidence=0.95).set_index("group")
+    table = lv.sensitivity_table([record], groups, positive=1,
+                                 confidence=0.95).set_index("group")
     assert table.loc["calcification only", "n_positives"] == 3
     assert table.loc["calcification only", "sensitivity"] == pytest.approx(1 / 3)
     assert table.loc["mass only", "sensitivity"] == 1.0
     assert table.loc["mass only", "sensitivity_low"] < 1.0
 
 
-def test_a_predictions_table_without_its_columns_is_named(tmp_path):
-    bad = tmp_path / "clean.csv"
-    pd.DataFrame({"sample_id": ["a"]}).to_csv(bad, index=False)
-    with pytest.raises(InputError, match="clean.csv: lacks column"):
-        lv.sensitivity_table([{"model": "m", "level": "clean", "predictions": bad}], {}, 1, 0.95)
+def test_a_damaged_prediction_table_is_refused_naming_it(tmp_path):
+    """The evaluations are read as the summary reads them: a word where the probabilities
+    are, or a row gone, would otherwise change a sensitivity without a word."""
+    record = _evaluation(tmp_path, ["c1", "c2", "m1"], [1, 1, 1], [1, 0, 1])
+    lines = record["predictions"].read_text().splitlines()
+    record["predictions"].write_text("\n".join([*lines[:2], *lines[3:]]) + "\n")
+    with pytest.raises(InputError, match=r"lowpass-severity4.csv: 2 rows, but .* counts n = 3"):
+        lv.sensitivity_table([record], {}, 1, 0.95)
+    lines[2] = lines[2].replace("0.1", "x", 1)
+    record["predictions"].write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"lowpass-severity4.csv: line 3: the label must be"):
+        lv.sensitivity_table([record], {}, 1, 0.95)
 
 
 def test_masks_reach_the_store_grid_where_the_preprocessing_puts_the_image():

@@ -22,17 +22,18 @@ from medrobust import config as config_module
 from medrobust.attacks import build_attack
 from medrobust.data.manifest import write_dataset
 from medrobust.errors import ConfigError, InputError
-from medrobust.evaluate.metrics import METRIC_KEYS
+from medrobust.evaluate.metrics import METRIC_KEYS, Evaluation
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import write_image_store
 from medrobust.io.slide_stores import create_tile_store
 from medrobust.perturbations import GaussianNoise
 from medrobust.report import figures, page
-from medrobust.report.page import mil_headline, one_class_models, recipe_rows, write_report
+from medrobust.report.page import (Predictions, mil_headline, one_class_models, recipe_rows,
+                                   write_report)
 from medrobust.report.provenance import EVERY_RUN, applicable_config, stages_run
 from medrobust.report.summary import (
-    SUMMARY_COLUMNS, Evaluation, StatisticsConfig, summarize, summarize_evaluations)
+    SUMMARY_COLUMNS, StatisticsConfig, summarize, summarize_evaluations)
 from workflow_runner import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -353,6 +354,19 @@ def test_a_damaged_prediction_table_is_refused_naming_the_line(results, tmp_path
     with pytest.raises(InputError, match=r"damaged\.csv: line 5: .*the table is damaged"):
         summarize_evaluations([record], {}, STATISTICS, *(tmp_path / f"{name}" for name in
                                                           ("a.csv", "a.json", "b.csv", "c.csv")))
+
+
+def test_the_example_figures_read_predictions_as_the_summary_does(results, tmp_path):
+    """The report reads each evaluation's table itself (after summarize, which Snakemake
+    does not rerun for a file edited inside its folder): a row gone is an error naming it."""
+    record = dict(results["evaluations"][0])
+    predictions = Predictions([record])
+    assert predictions.lookup(record["model"], record["condition"], IDS[0])[0] in CLASSES
+    lines = open(record["predictions"]).read().splitlines()
+    (tmp_path / "cut.csv").write_text("\n".join(lines[:-1]) + "\n")
+    record["predictions"] = str(tmp_path / "cut.csv")
+    with pytest.raises(InputError, match=r"cut\.csv: 39 rows, but .* counts n = 40"):
+        Predictions([record]).lookup(record["model"], record["condition"], IDS[0])
 
 
 def test_too_few_bootstrap_resamples_are_refused(tmp_path):

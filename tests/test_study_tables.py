@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from medrobust.attacks import ATTACKS
-from medrobust.evaluate.metrics import METRIC_KEYS
+from medrobust.evaluate.metrics import METRIC_KEYS, Evaluation
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.report.study_tables import (
     DEFENSE_TABLE_COLUMNS, defense_setting, defense_table_frame, defense_tables, setting_label)
-from medrobust.report.summary import Evaluation, StatisticsConfig, summarize
+from medrobust.report.summary import StatisticsConfig, summarize
 
 CLASSES = ["benign", "malignant"]
 N = 40

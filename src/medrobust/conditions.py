@@ -235,7 +235,7 @@ def plan_lesion_visibility(config: Mapping[str, Any],
     """Per image dataset with lesion annotations and a low-pass sweep: what its analysis reads.
 
     Each entry: `run` (the job's output folder), `radii` (the low-pass
-    severities), `evaluations` (`model, severity, predictions` of the clean
+    severities), `evaluations` (`model, severity, metrics, predictions` of the clean
     and low-pass conditions of every model evaluated under low-pass) and
     `evaluation_runs` (the job outputs holding them).
     """
@@ -255,7 +255,8 @@ def plan_lesion_visibility(config: Mapping[str, Any],
         plans[dataset] = {
             "run": LESION_VISIBILITY_RUN.format(dataset=dataset),
             "radii": list(config["perturbations"][LOWPASS]["severities"]),
-            "evaluations": [{key: record[key] for key in ("model", "severity", "predictions")}
+            "evaluations": [{key: record[key]
+                             for key in ("model", "severity", "metrics", "predictions")}
                             for record in records],
             "evaluation_runs": sorted({record["evaluation_run"] for record in records}),
         }

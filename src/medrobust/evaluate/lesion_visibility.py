@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +33,7 @@ from scipy import ndimage
 from medrobust.config import config_from_mapping
 from medrobust.data.lesions import LesionMask, read_lesion_masks
 from medrobust.errors import InputError
+from medrobust.evaluate.metrics import read_evaluation
 from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
@@ -175,27 +175,21 @@ def sensitivity_table(evaluations: Sequence[Mapping[str, Any]], groups: Mapping[
                       positive: int, confidence: float) -> pd.DataFrame:
     """Per (model, level, group): positives, those predicted positive, sensitivity and interval.
 
-    `evaluations`: records with `model`, `level` and `predictions` (the
-    evaluation's per-image CSV: `sample_id, label, prediction, ...`).
+    `evaluations`: records with `model`, `level`, and the evaluation's `metrics` and
+    `predictions` files (read and checked by `read_evaluation`).
     """
     rows = []
     for record in evaluations:
-        path = Path(record["predictions"])
-        try:
-            table = pd.read_csv(path, dtype={"sample_id": str})
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-            raise InputError(f"{path}: unreadable predictions ({error})") from error
-        missing = {"sample_id", "label", "prediction"} - set(table.columns)
-        if missing:
-            raise InputError(f"{path}: lacks column(s) {', '.join(sorted(missing))}")
-        table = table[table["label"] == positive]
-        table = table.assign(group=table["sample_id"].map(groups)).dropna(subset=["group"])
+        evaluation = read_evaluation(record["metrics"], record["predictions"])
+        positives = evaluation.labels == positive
+        group_of = np.array([groups.get(sample) for sample in evaluation.sample_ids[positives]])
+        found_positive = evaluation.probabilities[positives].argmax(axis=1) == positive
         for group in GROUPS.values():
-            members = table[table["group"] == group]
-            found = clopper_pearson(int((members["prediction"] == positive).sum()),
-                                    len(members), confidence)
+            members = group_of == group
+            found = clopper_pearson(int(found_positive[members].sum()), int(members.sum()),
+                                    confidence)
             rows.append({"model": record["model"], "level": record["level"], "group": group,
-                         "n_positives": len(members), "sensitivity": found.estimate,
+                         "n_positives": int(members.sum()), "sensitivity": found.estimate,
                          "sensitivity_low": found.low, "sensitivity_high": found.high})
     return pd.DataFrame(rows, columns=["model", "level", "group", "n_positives", "sensitivity",
                                        "sensitivity_low", "sensitivity_high"])
@@ -268,7 +262,7 @@ def lesion_visibility_run(dataset_dir: str | os.PathLike, store_path: str | os.P
     level_of = {radius: name for name, radius in levels}
     records = [{"model": r["model"], "level": level_of[None if r["severity"] is None
                                                          else float(r["severity"])],
-                "predictions": r["predictions"]} for r in evaluations]
+                "metrics": r["metrics"], "predictions": r["predictions"]} for r in evaluations]
     sensitivity = sensitivity_table(records, groups, positive=len(store.classes) - 1,
                                     confidence=confidence)
     sensitivity.insert(2, "radius", sensitivity["level"].map(dict(levels)))

@@ -28,6 +28,7 @@ from medrobust.errors import InputError
 from medrobust.evaluate.fourier_heatmap import read_heatmap
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS
 from medrobust.evaluate import lesion_visibility
+from medrobust.evaluate.metrics import Evaluation, read_evaluation
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
@@ -301,9 +302,9 @@ class Predictions:
     """Each evaluation's per-sample predictions, looked up by (model, condition)."""
 
     def __init__(self, evaluations: Sequence[Mapping[str, Any]]):
-        self._paths = {(record["model"], record["condition"]): record["predictions"]
-                       for record in evaluations}
-        self._tables: dict[tuple[str, str], pd.DataFrame] = {}
+        self._records = {(record["model"], record["condition"]): record
+                         for record in evaluations}
+        self._read: dict[tuple[str, str], tuple[Evaluation, dict[str, int]]] = {}
 
     def models_on(self, evaluations: Sequence[Mapping[str, Any]], store: str) -> list[tuple]:
         return [(record["model"], record["condition"]) for record in evaluations
@@ -312,13 +313,19 @@ class Predictions:
     def lookup(self, model: str, condition: str, sample_id: str) -> tuple[str, float, bool]:
         """(predicted class, its probability, correct) of one sample."""
         key = (model, condition)
-        if key not in self._tables:
-            table = pd.read_csv(self._paths[key], dtype={"sample_id": str})
-            self._tables[key] = table.set_index("sample_id")
-        row = self._tables[key].loc[sample_id]
-        probabilities = row[[c for c in row.index if c.startswith("prob_")]]
-        best = probabilities.astype(float).idxmax()
-        return best[len("prob_"):], float(probabilities[best]), bool(row["correct"])
+        if key not in self._read:  # checked as the summary reads it
+            evaluation = read_evaluation(self._records[key]["metrics"],
+                                         self._records[key]["predictions"])
+            self._read[key] = evaluation, {sample: row for row, sample
+                                           in enumerate(evaluation.sample_ids)}
+        evaluation, rows = self._read[key]
+        if sample_id not in rows:
+            raise InputError(f"{self._records[key]['predictions']}: no prediction for test "
+                             f"sample {sample_id!r}")
+        row = rows[sample_id]
+        best = int(evaluation.probabilities[row].argmax())
+        return (evaluation.classes[best], float(evaluation.probabilities[row, best]),
+                bool(best == evaluation.labels[row]))
 
 
 def example_samples(store: ImageStore, n: int) -> list[int]:

@@ -25,9 +25,7 @@ docs/report.md documents every column.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,7 +33,7 @@ import pandas as pd
 
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
-from medrobust.evaluate.metrics import METRIC_KEYS
+from medrobust.evaluate.metrics import DESCRIPTION_KEYS, Evaluation, read_evaluation
 from medrobust.evaluate.statistics import (
     COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, bootstrap_mean, classification_statistics,
     comparison_columns, interval_columns, mcnemar_exact, operating_threshold,
@@ -49,7 +47,6 @@ log = get_logger(__name__)
 # metrics with an interval, in column order; each gives <name>, <name>_low, <name>_high
 INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
                     "sensitivity_at_clean_threshold")
-DESCRIPTION_KEYS = tuple(key for key in METRIC_KEYS if key not in ("n", "accuracy", "auc"))
 SUMMARY_COLUMNS = (*DESCRIPTION_KEYS, "threat_model", "n", "positive_class", "clean_threshold",
                    *(f"{metric}{suffix}" for metric in INTERVAL_METRICS
                      for suffix in ("", "_low", "_high")))
@@ -92,81 +89,6 @@ class StatisticsConfig:
     def sampling(self) -> dict[str, Any]:
         return {"n_resamples": self.bootstrap_resamples, "seed": self.seed,
                 "confidence": self.confidence}
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """One model's predictions under one condition, as the evaluators wrote them."""
-
-    description: dict[str, Any]
-    sample_ids: np.ndarray
-    labels: np.ndarray
-    probabilities: np.ndarray
-    classes: list[str]
-
-    @property
-    def correct(self) -> np.ndarray:
-        return self.probabilities.argmax(axis=1) == self.labels
-
-    def aligned(self, sample_ids: np.ndarray) -> "Evaluation":
-        """The same evaluation in the order of `sample_ids` (which must be the same set)."""
-        if np.array_equal(sample_ids, self.sample_ids):
-            return self
-        position = {sample: index for index, sample in enumerate(self.sample_ids)}
-        if len(sample_ids) != len(position) or any(s not in position for s in sample_ids):
-            raise InputError(f"{self.description['model']} on {self.description['condition']}: "
-                             "its test samples differ from those of the condition it is "
-                             "paired with")
-        order = np.array([position[s] for s in sample_ids])
-        return dataclasses.replace(self, sample_ids=sample_ids, labels=self.labels[order],
-                                   probabilities=self.probabilities[order])
-
-
-def read_evaluation(metrics_path: str | os.PathLike,
-                    predictions_path: str | os.PathLike) -> Evaluation:
-    """A metrics JSON and its prediction table, checked against each other."""
-    metrics_path, predictions_path = Path(metrics_path), Path(predictions_path)
-    try:
-        record = json.loads(metrics_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{metrics_path}: unreadable metrics JSON ({error})") from error
-    if not isinstance(record, dict):
-        raise InputError(f"{metrics_path}: a metrics JSON must hold one object")
-    missing = [key for key in METRIC_KEYS if key not in record]
-    if missing:
-        raise InputError(f"{metrics_path}: metrics JSON lacks {', '.join(missing)}")
-    try:
-        table = pd.read_csv(predictions_path, dtype={"sample_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise InputError(f"{predictions_path}: unreadable prediction table ({error})") from error
-    probability_columns = [column for column in table.columns if column.startswith("prob_")]
-    if "label" not in table or "sample_id" not in table or len(probability_columns) < 2:
-        raise InputError(f"{predictions_path}: a prediction table needs sample_id, label and "
-                         "one prob_<class> column per class")
-    if len(table) != record["n"]:
-        raise InputError(f"{predictions_path}: {len(table)} rows, but {metrics_path} counts "
-                         f"n = {record['n']}")
-    labels = pd.to_numeric(table["label"], errors="coerce").to_numpy(dtype=np.float64)
-    probabilities = table[probability_columns].apply(pd.to_numeric, errors="coerce") \
-        .to_numpy(dtype=np.float64)
-    # a damaged table must not reach the statistics as numbers: each class's probability
-    # in [0, 1], summing to 1 per row (the evaluation writes softmax outputs)
-    bad = ~(np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0)
-            & (labels < len(probability_columns))
-            & np.isfinite(probabilities).all(axis=1)
-            & ((probabilities >= 0) & (probabilities <= 1)).all(axis=1)
-            & (np.abs(probabilities.sum(axis=1) - 1) < 1e-3))
-    if bad.any():
-        line = int(np.flatnonzero(bad)[0]) + 2  # line 1 is the header
-        raise InputError(f"{predictions_path}: line {line}: the label must be a class index "
-                         f"below {len(probability_columns)} and the probabilities numbers in "
-                         "[0, 1] that sum to 1; the table is damaged (rerun its evaluation)")
-    return Evaluation(
-        description={key: record[key] for key in DESCRIPTION_KEYS},
-        sample_ids=table["sample_id"].to_numpy(dtype=str),
-        labels=labels.astype(np.int64),
-        probabilities=probabilities,
-        classes=[column[len("prob_"):] for column in probability_columns])
 
 
 def threat_model(description: Mapping[str, Any]) -> str | None:
