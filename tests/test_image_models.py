@@ -90,6 +90,14 @@ def test_load_model_names_missing_and_mismatched_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(image_config(in_channels=3)))
     with pytest.raises(InputError, match="model.safetensors"):
         load_model(tmp_path)
+    # a config saved wrong or edited by hand names the file, whatever it lacks
+    for broken, problem in (({**config, "in_channels": "one"}, "invalid literal"),
+                            ({key: value for key, value in config.items()
+                              if key != "num_classes"}, "lacks 'num_classes'"),
+                            ([1, 2], "must hold one object")):
+        (tmp_path / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(InputError, match=f"config.json: .*{problem}"):
+            load_model(tmp_path)
 
 
 def test_weights_with_non_finite_values_are_refused_naming_the_file(tmp_path):

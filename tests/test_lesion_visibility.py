@@ -102,7 +102,8 @@ def _evaluation(folder, sample_ids, labels, predicted):
     probabilities = np.where(np.eye(2, dtype=bool)[predicted], 0.9, 0.1)
     table = prediction_table(sample_ids, np.array(labels), probabilities, ["benign", "malignant"])
     table.to_csv(folder / "lowpass-severity4.csv", index=False)
-    record = {key: None for key in METRIC_KEYS} | {"n": len(sample_ids)}
+    record = {key: None for key in METRIC_KEYS} | {"n": len(sample_ids), "kind": "perturbation",
+                                                   "severity": 4.0}
     (folder / "lowpass-severity4.json").write_text(json.dumps(record))
     return {"model": "m", "level": "lowpass-4", "metrics": folder / "lowpass-severity4.json",
             "predictions": folder / "lowpass-severity4.csv"}

@@ -340,6 +340,20 @@ def test_a_prediction_table_that_disagrees_with_its_metrics_is_refused(results, 
     assert not list(tmp_path.glob("a.*"))
 
 
+@pytest.mark.parametrize("edit", [{"epsilon": "four"}, {"kind": "perturbation"},
+                                  {"kind": "attacked"}])
+def test_a_metrics_json_that_describes_no_condition_is_refused(results, tmp_path, edit):
+    """A budget that is not a number raised a bare ValueError in the summary's pairing."""
+    record = dict(next(r for r in results["evaluations"] if r["condition"] != "clean"
+                       and "eps" in r["condition"]))
+    metrics = json.loads(open(record["metrics"]).read())
+    (tmp_path / "m.json").write_text(json.dumps({**metrics, **edit}))
+    record["metrics"] = str(tmp_path / "m.json")
+    with pytest.raises(InputError, match=r"m\.json: kind .* describes no condition"):
+        summarize_evaluations([record], {}, STATISTICS, *(tmp_path / f"{name}" for name in
+                                                          ("a.csv", "a.json", "b.csv", "c.csv")))
+
+
 @pytest.mark.parametrize("column, value", [
     ("prob_malignant", "5.0"), ("prob_malignant", "abc"), ("prob_benign", ""), ("label", "7")])
 def test_a_damaged_prediction_table_is_refused_naming_the_line(results, tmp_path, column,

@@ -1,6 +1,8 @@
 """A store's missing or damaged chunk is an error naming it, never zeros
 (medrobust.io.zarr_chunks, in the image, tile and feature stores)."""
 
+import json
+
 import google_crc32c
 import numpy as np
 import pytest
@@ -77,3 +79,26 @@ def test_a_tile_store_with_a_shard_deleted_or_a_tile_unlisted_is_refused(tmp_pat
     (tmp_path / "tiles.zarr" / "coords" / "c" / "0" / "0").unlink()
     with pytest.raises(InputError, match=r"coords/c/0/0: chunk \(0, 0\) of this array is missing"):
         open_tile_store(tmp_path / "tiles.zarr")
+
+
+def _edit_shape(array_folder, rows):
+    metadata = json.loads((array_folder / "zarr.json").read_text())
+    metadata["shape"][0] = rows
+    (array_folder / "zarr.json").write_text(json.dumps(metadata))
+
+
+def test_a_store_whose_arrays_disagree_on_their_rows_is_refused(tmp_path):
+    """An array's metadata edited to fewer rows read as a shorter array: a slide's tiles
+    dropped, or images scored against the wrong labels."""
+    with atomic_path(tmp_path / "features.zarr") as tmp:
+        write_feature_store(tmp, np.ones((5, 4)), np.zeros((5, 2)), {"slide_id": "s"})
+    _edit_shape(tmp_path / "features.zarr" / "features", 3)
+    with pytest.raises(InputError, match=r"features\.zarr: its arrays disagree on the number "
+                                         r"of rows \(features 3, coords 5, n_tiles 5\)"):
+        open_feature_store(tmp_path / "features.zarr")
+    write_image_store(tmp_path / "images.zarr", np.zeros((3, 1, 4, 4)), [0, 1, 0],
+                      ["test"] * 3, ["a", "b", "c"], {"classes": ["x", "y"]})
+    _edit_shape(tmp_path / "images.zarr" / "splits", 2)
+    with pytest.raises(InputError, match=r"images\.zarr: .*\(images 3, labels 3, splits 2, "
+                                         r"sample_ids 3, n_images 3\)"):
+        open_image_store(tmp_path / "images.zarr")

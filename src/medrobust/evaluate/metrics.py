@@ -120,6 +120,14 @@ def read_evaluation(metrics_path: str | os.PathLike,
     missing = [key for key in METRIC_KEYS if key not in record]
     if missing:
         raise InputError(f"{metrics_path}: metrics JSON lacks {', '.join(missing)}")
+    # the numbers that name a condition: an attack's budget, a perturbation's severity
+    budget = {"attack": "epsilon", "perturbation": "severity"}.get(record["kind"])
+    if record["kind"] not in ("clean", "attack", "perturbation") or budget and (
+            isinstance(record[budget], bool) or not isinstance(record[budget], (int, float))):
+        raise InputError(f"{metrics_path}: kind {record['kind']!r} with epsilon "
+                         f"{record['epsilon']!r} and severity {record['severity']!r} describes "
+                         "no condition (clean; attack with a number epsilon; perturbation with "
+                         "a number severity)")
     try:
         table = pd.read_csv(predictions_path, dtype={"sample_id": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:

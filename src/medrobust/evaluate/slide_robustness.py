@@ -40,7 +40,7 @@ from medrobust.features.extract import (
     AUTOCAST_DTYPES, FeatureConfig, backbone_for, resolved_precision)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_tile_store, read_tiles
-from medrobust.io.zarr_chunks import read_array
+from medrobust.io.zarr_chunks import check_lengths, read_array
 from medrobust.logs import get_logger
 from medrobust.perturbations import build_perturbation
 from medrobust.perturbations.slide_tiles import TEST, perturbed_count
@@ -189,6 +189,8 @@ def tile_fraction_logits(model: torch.nn.Module, bags, run_dir: Path, severity: 
             raise InputError(f"{run_dir}: slide {bag.slide_id} has features for {len(order)} "
                              f"perturbed tiles, fraction {fraction:g} needs {count}; rerun the "
                              f"perturbation with the current fractions")
+        check_lengths(run_dir / perturbation_store_name(severity) / bag.slide_id,
+                      {"order": slide["order"], "features": slide["features"]})
         features = bag.features.clone()
         features[order] = torch.as_tensor(read_array(slide["features"], slice(0, count)))
         with torch.inference_mode():

@@ -16,7 +16,7 @@ import zarr
 
 from medrobust.errors import InputError
 from medrobust.io.atomic import atomic_path
-from medrobust.io.zarr_chunks import create_array, read_array
+from medrobust.io.zarr_chunks import check_lengths, create_array, read_array
 
 SPLITS = ("train", "val", "test")
 
@@ -55,7 +55,7 @@ def open_image_store(path: str | os.PathLike) -> ImageStore:
     path = Path(path)
     try:
         group = zarr.open_group(path, mode="r")
-        return ImageStore(
+        store = ImageStore(
             path=path,
             images=group["images"],
             labels=read_array(group["labels"]),
@@ -65,6 +65,10 @@ def open_image_store(path: str | os.PathLike) -> ImageStore:
         )
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise InputError(f"{path}: not a readable image store ({error})") from error
+    check_lengths(path, {"images": store.images, "labels": store.labels,
+                         "splits": store.splits, "sample_ids": store.sample_ids},
+                  store.attrs.get("n_images"), "n_images")
+    return store
 
 
 class ImageStoreWriter:

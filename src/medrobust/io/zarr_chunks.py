@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import zarr
@@ -68,3 +68,17 @@ def read_array(array: zarr.Array, rows: slice | np.ndarray | list[int] = slice(N
     except (RuntimeError, ValueError, TypeError) as error:  # the codecs' own errors
         raise InputError(f"{array_folder(array)}: a chunk does not decode ({error}); "
                          f"{DAMAGED}") from error
+
+
+def check_lengths(path: str | os.PathLike, arrays: Mapping[str, zarr.Array | np.ndarray],
+                  stated: Any = None, stated_as: str = "") -> None:
+    """InputError unless `arrays` (a store's, by name) have as many rows as each other and as
+    the store's attrs state (`stated`, its attribute `stated_as`): an array's metadata
+    edited or damaged would otherwise drop or misalign rows without a word."""
+    lengths = {name: int(array.shape[0]) for name, array in arrays.items()}
+    if stated is not None:
+        lengths[stated_as] = stated
+    if len(set(lengths.values())) > 1:
+        found = ", ".join(f"{name} {length}" for name, length in lengths.items())
+        raise InputError(f"{path}: its arrays disagree on the number of rows ({found}); "
+                         f"{DAMAGED}")

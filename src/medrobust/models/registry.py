@@ -246,7 +246,12 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"{config_path}: not valid JSON ({error})") from error
-    model = build_model(config, load_pretrained=False)
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: a model config must hold one object")
+    try:
+        model = build_model(config, load_pretrained=False)
+    except (ConfigError, TypeError, ValueError) as error:  # a config saved wrong or edited
+        raise InputError(f"{config_path}: {error}; not a model this code can build") from error
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
