@@ -104,3 +104,30 @@ def test_a_heat_map_table_without_its_columns_is_refused(tmp_path):
     (tmp_path / "bad.csv").write_text("model,error_rate\nbaseline,0.5\n")
     with pytest.raises(InputError, match="bad.csv"):
         read_heatmap(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda lines: lines[:7] + lines[8:],
+     r"a Fourier heat map holds a square grid, each cell once; this one has 24 cells"),
+    (lambda lines: lines[:3] + [lines[3].rsplit(",", 1)[0] + ",nan"] + lines[4:],
+     r"line 4: error_rate must be a finite number, not empty or NaN"),
+    (lambda lines: lines[:5] + [lines[5].rsplit(",", 1)[0] + ",high"] + lines[6:],
+     r"line 6: error_rate must be a finite number, not 'high'"),
+])
+def test_a_damaged_heat_map_is_refused_naming_it(tmp_path, clean_store, model_dir, damage,
+                                                 match):
+    """A lost cell, or an error rate that is no number, was drawn as a hole (or a word gave
+    matplotlib's TypeError)."""
+    out = tmp_path / "heatmap.csv"
+    fourier_heatmap(model_dir, clean_store, out, {"grid_size": 5, "norm": 1.0}, seed=0)
+    out.write_text("\n".join(damage(out.read_text().splitlines())) + "\n")
+    with pytest.raises(InputError, match=rf"heatmap\.csv: {match}"):
+        read_heatmap(out)
+
+
+def test_a_heat_map_cut_short_is_refused_naming_it(tmp_path, clean_store, model_dir):
+    out = tmp_path / "heatmap.csv"
+    fourier_heatmap(model_dir, clean_store, out, {"grid_size": 5, "norm": 1.0}, seed=0)
+    out.write_bytes(out.read_bytes()[:300])
+    with pytest.raises(InputError, match=r"heatmap\.csv: the Fourier heat map is cut short"):
+        read_heatmap(out)

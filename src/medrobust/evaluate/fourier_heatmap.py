@@ -25,6 +25,7 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
+from medrobust.io.result_files import RERUN, read_result_table
 from medrobust.io.test_split import iter_test_batches
 from medrobust.logs import get_logger
 from medrobust.models.pipeline import load_pipeline
@@ -137,14 +138,15 @@ def fourier_heatmap(model_dir: str | os.PathLike, clean_store_path: str | os.Pat
 
 
 def read_heatmap(path: str | os.PathLike) -> pd.DataFrame:
-    """A heat-map table as `fourier_heatmap` wrote it, checked."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise InputError(f"{path}: unreadable Fourier heat map ({error})") from error
-    missing = [column for column in HEATMAP_COLUMNS if column not in table]
-    if missing or table.empty:
-        raise InputError(f"{path}: a Fourier heat map needs rows with "
-                         f"{', '.join(HEATMAP_COLUMNS)}; missing {', '.join(missing) or 'rows'}")
+    """A heat-map table as `fourier_heatmap` wrote it, checked: every cell of the grid once,
+    each with a finite error rate (a missing or empty cell would show as a hole)."""
+    table = read_result_table(path, "Fourier heat map", HEATMAP_COLUMNS,
+                              finite=HEATMAP_COLUMNS[2:])
+    rows, columns = (table[axis].unique() for axis in ("row_frequency", "column_frequency"))
+    # the writer's grid is square (grid_size frequencies on both axes), each cell once
+    if len(rows) != len(columns) or len(table) != len(rows) * len(columns) \
+            or table.duplicated(["row_frequency", "column_frequency"]).any():
+        raise InputError(f"{path}: a Fourier heat map holds a square grid, each cell once; "
+                         f"this one has {len(table)} cells over {len(rows)} row and "
+                         f"{len(columns)} column frequencies; {RERUN}")
     return table

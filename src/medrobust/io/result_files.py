@@ -1,0 +1,81 @@
+"""Reading the tables and records the workflow's own jobs wrote under results/.
+
+Such a file, once damaged (cut short, a row lost, a word or NaN where a number
+belongs), must stop its reader with a message naming it: read as it is, it
+would show as fewer rows or holes in the report. Each reader still checks its
+rows against what its writer guarantees; these check what every file shares.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from medrobust.errors import InputError
+
+RERUN = "rerun the job that wrote it"
+
+
+def read_result_table(path: str | os.PathLike, what: str, columns: Iterable[str],
+                      numbers: Iterable[str] = (), finite: Iterable[str] = (),
+                      dtype: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The CSV at `path` (`what` it is, for messages): rows with at least `columns`.
+
+    `numbers` are read as numbers where an empty cell (undefined) is allowed;
+    `finite` must hold a finite number in every row. InputError names the file,
+    and the line of a bad value.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        table = pd.read_csv(io.BytesIO(data), dtype=dtype)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as error:
+        raise InputError(f"{path}: unreadable {what} ({error}); {RERUN}") from error
+    # pandas ends every row with a line break: a file without one was cut short
+    if not data.endswith(b"\n"):
+        raise InputError(f"{path}: the {what} is cut short (its last line is incomplete); "
+                         f"{RERUN}")
+    missing = [column for column in columns if column not in table]
+    if missing:
+        raise InputError(f"{path}: the {what} lacks column(s) {', '.join(missing)}; {RERUN}")
+    if table.empty:
+        raise InputError(f"{path}: the {what} has no rows; {RERUN}")
+    finite = set(finite)
+    for column in dict.fromkeys([*numbers, *finite]):
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna().to_numpy() & table[column].notna().to_numpy()
+        if column in finite:
+            bad = bad | ~np.isfinite(values.to_numpy(dtype=float))
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            value = table[column].iloc[first]
+            kind = "a finite number" if column in finite else "a number or empty"
+            shown = "empty or NaN" if pd.isna(value) else repr(str(value))
+            raise InputError(f"{path}: line {first + 2}: {column} must be {kind}, not "
+                             f"{shown}; {RERUN}")  # line 1 is the header
+        table[column] = values
+    return table
+
+
+def read_result_record(path: str | os.PathLike, what: str,
+                       keys: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON object at `path` (`what` it is, for messages), with at least `keys`."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable {what} ({error}); {RERUN}") from error
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: the {what} must hold one JSON object, not "
+                         f"{type(record).__name__}; {RERUN}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise InputError(f"{path}: the {what} lacks {', '.join(missing)}; {RERUN}")
+    return record
