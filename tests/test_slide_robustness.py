@@ -197,6 +197,39 @@ def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(coh
     assert slide_robustness_view([]) == (None, {})
 
 
+def _lines(path, change):
+    path.write_text("\n".join(change(path.read_text().splitlines())) + "\n")
+
+
+@pytest.mark.parametrize("damage, match", [
+    # a condition lost from metrics.csv vanished from the page
+    (lambda run: _lines(run / "metrics.csv", lambda lines: lines[:2] + lines[3:]),
+     r"metrics\.csv: its conditions are not those of .*predictions\.csv"),
+    # n = 3 of the 4 slides the predictions hold
+    (lambda run: _lines(run / "metrics.csv", lambda lines: [lines[0], lines[1].replace(
+        ",4,", ",3,", 1), *lines[2:]]), r"metrics\.csv: n must be the 4 test slides"),
+    # the "predicted" cell counted 3 slides for n = 4
+    (lambda run: _lines(run / "predictions.csv", lambda lines: lines[:1] + lines[2:]),
+     r"predictions\.csv: 11 rows, not one per condition \(3\) and test slide \(4"),
+    (lambda run: _lines(run / "metrics.csv", lambda lines: [lines[0], re.sub(
+        r"^(clean,,,[^,]*,[^,]*,[^,]*,4,)[^,]*", r"\1high", lines[1]), *lines[2:]]),
+     r"metrics\.csv: line 2: accuracy must be a finite number, not 'high'"),
+])
+def test_a_damaged_run_is_refused_naming_the_file(cohort, tmp_path, damage, match):
+    from medrobust.report.slide_robustness import slide_robustness_view
+
+    folder, tiles, features, _ = cohort
+    perturbed = _perturbation_run(cohort, "gaussian_noise", [0.1], [0.5, 1.0], "damage_noise")
+    settings = SlideRobustnessConfig.from_mapping(
+        {"fractions": [0.5, 1.0], "perturbations": {"gaussian_noise": {"severities": [0.1]}}})
+    run = tmp_path / "run"
+    slide_robustness_run(folder / "abmil", list(features.values()), list(tiles.values()),
+                         {"gaussian_noise": perturbed}, run, settings, FEATURES, STATISTICS)
+    damage(run)
+    with pytest.raises(InputError, match=match):
+        slide_robustness_view([run])
+
+
 def test_a_condition_that_calls_every_slide_one_class_says_so():
     from medrobust.report.slide_robustness import _predicted
 

@@ -47,6 +47,13 @@ def read_result_table(path: str | os.PathLike, what: str, columns: Iterable[str]
         raise InputError(f"{path}: the {what} lacks column(s) {', '.join(missing)}; {RERUN}")
     if table.empty:
         raise InputError(f"{path}: the {what} has no rows; {RERUN}")
+    return check_numbers(table, path, numbers, finite)
+
+
+def check_numbers(table: pd.DataFrame, path: Path, numbers: Iterable[str] = (),
+                  finite: Iterable[str] = ()) -> pd.DataFrame:
+    """`table` (read from `path`) with `numbers` and `finite` as read_result_table reads
+    them; for columns known only once the table is read."""
     finite = set(finite)
     for column in dict.fromkeys([*numbers, *finite]):
         values = pd.to_numeric(table[column], errors="coerce")

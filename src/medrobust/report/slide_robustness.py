@@ -3,7 +3,6 @@ adversarial-tile runs (`evaluate.slide_robustness`) as tables and curves."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -13,22 +12,75 @@ import pandas as pd
 from medrobust.errors import InputError
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS, METRICS, PREDICTIONS, RUN
 from medrobust.evaluate.statistics import comparison_columns, paired_comparison
+from medrobust.io.result_files import (
+    RERUN, check_numbers, read_result_record, read_result_table)
 from medrobust.report import figures
+
+
+RUN_KEYS = ("model", "dataset", "n_test_slides", "class_counts", "fractions", "severity_units",
+            "adversarial", "attack", "statistics")
+INTERVALS = ("accuracy", "accuracy_low", "accuracy_high", "auc", "auc_low", "auc_high")
 
 
 def _read(folder: Path) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
     """A run's metrics, each condition with its `predicted` classes, its run record and its
-    per-slide predictions."""
-    try:
-        metrics, predictions = pd.read_csv(folder / METRICS), pd.read_csv(folder / PREDICTIONS)
-        run = json.loads((folder / RUN).read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(f"{folder}: unreadable slide robustness run ({error})") from error
+    per-slide predictions, checked against each other (`_check_conditions`)."""
+    conditions = ("fraction", "k", "epsilon")   # severity is empty where none applies
+    metrics = read_result_table(
+        folder / METRICS, "slide robustness metrics",
+        (*CONDITION_COLUMNS, "n", *INTERVALS, "model", "dataset"),
+        numbers=("severity", *INTERVALS[3:]),   # AUC is undefined on slides of one class
+        finite=(*conditions, "n", *INTERVALS[:3]), dtype={"perturbation": str})
+    predictions = read_result_table(
+        folder / PREDICTIONS, "slide robustness predictions",
+        ("sample_id", "label", "prediction", *CONDITION_COLUMNS), numbers=("severity",),
+        finite=(*conditions, "label", "prediction"),
+        dtype={"perturbation": str, "sample_id": str})
     classes = _classes(predictions)
+    predictions = check_numbers(predictions, folder / PREDICTIONS,
+                                finite=[f"prob_{name}" for name in classes])
+    run = read_result_record(folder / RUN, "slide robustness run record", RUN_KEYS)
+    _check_conditions(folder, metrics, predictions, run, classes)
     predicted = (predictions.groupby(list(CONDITION_COLUMNS), dropna=False)["prediction"]
                  .agg(lambda column: _predicted(column, classes))
                  .rename("predicted").reset_index())
     return metrics.merge(predicted, on=list(CONDITION_COLUMNS), how="left"), run, predictions
+
+
+def _check_conditions(folder: Path, metrics: pd.DataFrame, predictions: pd.DataFrame,
+                      run: Mapping[str, Any], classes: Sequence[str]) -> None:
+    """What `evaluate.slide_robustness` writes, so that a lost row cannot drop a condition or
+    change a count: in metrics.csv one row per condition of run.json's plan, each scored on
+    its n_test_slides; in predictions.csv one row per condition and slide, each a class."""
+    metrics_path, predictions_path, run_path = folder / METRICS, folder / PREDICTIONS, folder / RUN
+    if len(classes) < 2 or not predictions["prediction"].isin(range(len(classes))).all():
+        raise InputError(f"{predictions_path}: each prediction must be the index of a class of "
+                         f"its prob_<class> columns; {RERUN}")
+    slides, keys = run["n_test_slides"], _condition_keys(metrics)
+    if keys.duplicated().any() or set(keys) != set(_condition_keys(predictions)):
+        raise InputError(f"{metrics_path}: its conditions are not those of {predictions_path}, "
+                         f"each once; {RERUN}")
+    scored = predictions.groupby(_condition_keys(predictions))["sample_id"].nunique()
+    if len(predictions) != len(keys) * slides or (scored != slides).any():
+        raise InputError(f"{predictions_path}: {len(predictions)} rows, not one per condition "
+                         f"({len(keys)}) and test slide ({slides}, {run_path}); {RERUN}")
+    if (metrics["n"] != slides).any():
+        raise InputError(f"{metrics_path}: n must be the {slides} test slides of {run_path} "
+                         f"in every row; {RERUN}")
+    fractions = metrics[metrics["kind"] == "tile_fraction"]
+    attacked = metrics[metrics["kind"] == "adversarial_tiles"]
+    budgets = run["adversarial"] or {"top_k": [], "epsilons": []}
+    planned = ((metrics["kind"] == "clean").sum() == 1
+               and set(fractions["perturbation"]) == set(run["severity_units"])
+               and all(sorted(group) == sorted(run["fractions"]) for _, group
+                       in fractions.groupby(["perturbation", "severity"])["fraction"])
+               and sorted(zip(attacked["k"], attacked["epsilon"]))
+               == sorted((k, e) for k in budgets["top_k"] for e in budgets["epsilons"])
+               and len(metrics) == 1 + len(fractions) + len(attacked))
+    if not planned:
+        raise InputError(f"{metrics_path}: its conditions are not the clean one, every "
+                         f"perturbation at each fraction and every attack budget of {run_path}; "
+                         f"{RERUN}")
 
 
 def _classes(predictions: pd.DataFrame) -> list[str]:
