@@ -1,6 +1,8 @@
 """Attention analysis of slide classifiers: heatmaps, localisation AUC, top-k removal
 (evaluate/slide_attention.py; the whole rule runs in tests/test_workflow.py)."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -177,17 +179,70 @@ def test_top_k_curves_draw_removal_and_random_from_the_full_bag():
     assert len(figure.legends[0].get_texts()) == 4
 
 
-def test_a_heatmap_cut_short_is_refused_naming_it(tmp_path):
-    """Embedded as it was, it showed on the page as a broken image."""
+def _attention_run(folder):
+    """A slide_attention job's folder as analyse_slide_attention writes it: three test slides,
+    two with a tumour mask (one of them with tumour tiles only, so no AUC), top_k [1, 2]."""
     from medrobust.evaluate.attention_files import HEATMAPS, LOCALISATION_TABLE, SUMMARY
+
+    (folder / HEATMAPS).mkdir(parents=True)
+    for slide in ("s1", "s2", "s3"):
+        attention_heatmap(np.zeros((8, 8, 3), np.uint8), np.array([[0, 0]]), 4,
+                          np.array([1.0])).save(folder / HEATMAPS / f"{slide}.png")
+    pd.DataFrame({"slide_id": ["s1", "s2"], "label": ["tumor", "tumor"], "n_tiles": [9, 4],
+                  "n_tumour_tiles": [3, 4], "auc": [0.75, None]}
+                 ).to_csv(folder / LOCALISATION_TABLE, index=False)
+    interval = {"auc": 0.5, "auc_low": 0.1, "auc_high": 0.9, "accuracy": 0.6,
+                "accuracy_low": 0.2, "accuracy_high": 0.9}
+    top_k = [{"k": k, "removal": removal, "n": 3, "mean_removed": k, **interval}
+             for k, removal in ((0, "none"), (1, "random"), (1, "top"), (2, "random"),
+                                (2, "top"))]
+    (folder / SUMMARY).write_text(json.dumps({
+        "model": "abmil", "dataset": "slides", "arch": "abmil", "classes": ["normal", "tumor"],
+        "n_slides": 3, "settings": {"top_k": [1, 2], "random_repeats": 5, "confidence": 0.95},
+        "tumour_masks": True,
+        "localisation": {"n_slides_with_mask": 2, "n_slides_with_auc": 1, "mean_auc": None},
+        "top_k": top_k, "top_k_against_random": []}))
+    return folder
+
+
+def test_an_attention_run_as_written_is_shown_whole(tmp_path):
     from medrobust.report.slide_attention import attention_section
 
-    (tmp_path / SUMMARY).write_text('{"model": "abmil", "settings": {}}')
-    (tmp_path / LOCALISATION_TABLE).write_text("slide_id,auc\n")
-    (tmp_path / HEATMAPS).mkdir()
-    heatmap = tmp_path / HEATMAPS / "s1.png"
-    attention_heatmap(np.zeros((8, 8, 3), np.uint8), np.array([[0, 0]]), 4,
-                      np.array([1.0])).save(heatmap)
+    found, section = attention_section([_attention_run(tmp_path)])
+    (model,) = section["models"]
+    assert (model["heatmaps"], model["with_mask"], len(model["slides"])) == (3, 2, 2)
+    assert "attention_abmil_s3" in found and len(section["top_k"]) == 5
+
+
+@pytest.mark.parametrize("damage, match", [
+    # a lost row read as one slide fewer than the summary counts
+    (lambda run: (run / "localisation.csv").write_text(
+        "".join((run / "localisation.csv").read_text().splitlines(True)[:2])),
+     r"localisation\.csv: 1 slides, .*summary\.json counts 2 with a tumour mask"),
+    (lambda run: (run / "localisation.csv").write_bytes(
+        (run / "localisation.csv").read_bytes()[:70]),
+     r"localisation\.csv: the localisation table is cut short"),
+    # 2 of 3 heatmaps shown, silently
+    (lambda run: (run / "heatmaps" / "s3.png").unlink(),
+     r"heatmaps: 2 heatmaps, not one per test slide of .*summary\.json \(3\)"),
+    (lambda run: (run / "summary.json").write_text((run / "summary.json").read_text().replace(
+        '"auc": 0.5', '"auc": NaN', 1)), r"summary\.json: top_k must hold"),
+    (lambda run: (run / "summary.json").write_text("[]"),
+     r"summary\.json: the attention summary must hold one JSON object"),
+])
+def test_a_damaged_attention_run_is_refused_naming_the_file(tmp_path, damage, match):
+    from medrobust.report.slide_attention import attention_section
+
+    damage(_attention_run(tmp_path))
+    with pytest.raises(InputError, match=match):
+        attention_section([tmp_path])
+
+
+def test_a_heatmap_cut_short_is_refused_naming_it(tmp_path):
+    """Embedded as it was, it showed on the page as a broken image."""
+    from medrobust.report.slide_attention import attention_section
+
+    heatmap = _attention_run(tmp_path) / "heatmaps" / "s1.png"
     heatmap.write_bytes(heatmap.read_bytes()[:-40])
     with pytest.raises(InputError, match=r"s1\.png: damaged PNG attention heatmap"):
         attention_section([tmp_path])

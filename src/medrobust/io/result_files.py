@@ -24,8 +24,10 @@ RERUN = "rerun the job that wrote it"
 
 def read_result_table(path: str | os.PathLike, what: str, columns: Iterable[str],
                       numbers: Iterable[str] = (), finite: Iterable[str] = (),
-                      dtype: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """The CSV at `path` (`what` it is, for messages): rows with at least `columns`.
+                      dtype: Mapping[str, Any] | None = None,
+                      may_be_empty: bool = False) -> pd.DataFrame:
+    """The CSV at `path` (`what` it is, for messages): rows with at least `columns`
+    (`may_be_empty`: or none, where its writer may find nothing to write).
 
     `numbers` are read as numbers where an empty cell (undefined) is allowed;
     `finite` must hold a finite number in every row. InputError names the file,
@@ -45,7 +47,7 @@ def read_result_table(path: str | os.PathLike, what: str, columns: Iterable[str]
     missing = [column for column in columns if column not in table]
     if missing:
         raise InputError(f"{path}: the {what} lacks column(s) {', '.join(missing)}; {RERUN}")
-    if table.empty:
+    if table.empty and not may_be_empty:
         raise InputError(f"{path}: the {what} has no rows; {RERUN}")
     return check_numbers(table, path, numbers, finite)
 
@@ -73,7 +75,8 @@ def check_numbers(table: pd.DataFrame, path: Path, numbers: Iterable[str] = (),
 
 def read_result_record(path: str | os.PathLike, what: str,
                        keys: Iterable[str] = ()) -> dict[str, Any]:
-    """The JSON object at `path` (`what` it is, for messages), with at least `keys`."""
+    """The JSON object at `path` (`what` it is, for messages), with at least `keys`; a key
+    "a.b" is b in the object at a."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
@@ -82,7 +85,10 @@ def read_result_record(path: str | os.PathLike, what: str,
     if not isinstance(record, dict):
         raise InputError(f"{path}: the {what} must hold one JSON object, not "
                          f"{type(record).__name__}; {RERUN}")
-    missing = [key for key in keys if key not in record]
-    if missing:
-        raise InputError(f"{path}: the {what} lacks {', '.join(missing)}; {RERUN}")
+    for key in keys:
+        value = record
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise InputError(f"{path}: the {what} lacks {key}; {RERUN}")
+            value = value[part]
     return record

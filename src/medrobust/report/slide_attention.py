@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,16 +12,54 @@ import pandas as pd
 
 from medrobust.errors import InputError
 from medrobust.evaluate.attention_files import HEATMAPS, LOCALISATION_TABLE, SUMMARY
+from medrobust.io.result_files import RERUN, read_result_record, read_result_table
 from medrobust.report import figures
 
 MAX_HEATMAPS = 24   # per model: the page inlines each one
 
 
-def _summary(run: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run / SUMMARY).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{run / SUMMARY}: unreadable attention summary ({error})") from error
+SUMMARY_KEYS = ("model", "dataset", "n_slides", "settings.top_k", "settings.random_repeats",
+                "settings.confidence", "tumour_masks", "localisation.n_slides_with_mask",
+                "localisation.n_slides_with_auc", "localisation.mean_auc", "top_k",
+                "top_k_against_random")
+
+
+def _read(run: Path) -> tuple[dict[str, Any], pd.DataFrame, list[Path]]:
+    """A run's summary, localisation table and heatmaps, checked against each other as
+    `evaluate.slide_attention` writes them: a heatmap per test slide, a localisation row per
+    slide with a tumour mask, a top-k row per k and removal; a lost row or picture would
+    otherwise show as fewer slides than the summary counts."""
+    summary = read_result_record(run / SUMMARY, "attention summary", SUMMARY_KEYS)
+    path = run / LOCALISATION_TABLE
+    localisation = read_result_table(   # no rows where no slide has a tumour mask
+        path, "localisation table", ("slide_id", "label", "n_tiles", "n_tumour_tiles", "auc"),
+        numbers=("auc",), finite=("n_tiles", "n_tumour_tiles"), dtype={"slide_id": str},
+        may_be_empty=True)
+    heatmaps = sorted((run / HEATMAPS).glob("*.png"))
+    counts, top_k, ks = summary["localisation"], summary["top_k"], summary["settings"]["top_k"]
+    with_mask, with_auc = counts["n_slides_with_mask"], counts["n_slides_with_auc"]
+    if len(localisation) != with_mask or localisation["auc"].notna().sum() != with_auc \
+            or localisation["slide_id"].duplicated().any():
+        raise InputError(f"{path}: {len(localisation)} slides, {run / SUMMARY} counts "
+                         f"{with_mask} with a tumour mask, {with_auc} of them with an AUC; "
+                         f"{RERUN}")
+    if len(heatmaps) != summary["n_slides"] \
+            or not set(localisation["slide_id"]) <= {picture.stem for picture in heatmaps}:
+        raise InputError(f"{run / HEATMAPS}: {len(heatmaps)} heatmaps, not one per test slide "
+                         f"of {run / SUMMARY} ({summary['n_slides']}); {RERUN}")
+    if not isinstance(top_k, list) or len(top_k) != 1 + 2 * len(ks) or not all(
+            isinstance(row, dict) and all(_number(value) for key, value in row.items()
+                                          if key != "removal") for row in top_k):
+        raise InputError(f"{run / SUMMARY}: top_k must hold the full bag and the top and "
+                         f"random removal of each k of its settings, each number finite or "
+                         f"null; {RERUN}")
+    return summary, localisation, heatmaps
+
+
+def _number(value: Any) -> bool:
+    """A finite number, or None (undefined: an AUC on slides of one class)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value))
 
 
 def attention_section(runs: Sequence[str | os.PathLike],
@@ -32,12 +70,10 @@ def attention_section(runs: Sequence[str | os.PathLike],
         return {}, None
     found, models, curve_rows, paired_rows = {}, [], [], []
     for run in map(Path, runs):
-        summary = _summary(run)
+        summary, localisation, heatmaps = _read(run)
         settings = summary["settings"]   # the same for every model: one config section
         model = summary["model"]
-        localisation = pd.read_csv(run / LOCALISATION_TABLE, dtype={"slide_id": str})
         auc = dict(zip(localisation["slide_id"], localisation["auc"]))
-        heatmaps = sorted((run / HEATMAPS).glob("*.png"))
         names = []
         for picture in heatmaps[:MAX_HEATMAPS]:
             slide = picture.stem
