@@ -261,6 +261,48 @@ def test_the_run_writes_every_table_and_the_crops(synthetic, tmp_path):
     assert pd.read_csv(out / lv.FILES["lesions"])["level"].nunique() == 3
 
 
+def _lines(path, change):
+    path.write_text("\n".join(change(path.read_text().splitlines())) + "\n")
+
+
+@pytest.mark.parametrize("damage, match", [
+    # a lost row or a cut file drew the curves from fewer points
+    (lambda out: _lines(out / "visibility.csv", lambda lines: lines[:2] + lines[3:]),
+     r"visibility\.csv: its rows are not one per level, lesion_type \(3 levels"),
+    (lambda out: _lines(out / "sensitivity.csv", lambda lines: lines[:3]),
+     r"sensitivity\.csv: its rows are not one per level, model, group \(3 levels in "
+     r".*visibility\.csv\)"),
+    (lambda out: (out / "sensitivity.csv").write_bytes(
+        (out / "sensitivity.csv").read_bytes()[:200]),
+     r"sensitivity\.csv: the lesion sensitivity table is cut short"),
+    # shown as "–"
+    (lambda out: _lines(out / "visibility.csv", lambda lines: [
+        *lines[:2], ",".join(lines[2].split(",")[:6] + ["nan"] + lines[2].split(",")[7:]),
+        *lines[3:]]), r"visibility\.csv: line 3: detectable must be a finite number"),
+    (lambda out: (out / "crops.npz").write_bytes((out / "crops.npz").read_bytes()[:1000]),
+     r"crops\.npz: unreadable lesion crops"),
+])
+def test_the_report_refuses_a_damaged_run_naming_the_file(synthetic, tmp_path, damage, match):
+    from medrobust.io.image_store import open_image_store
+    from medrobust.report.page import lesion_visibility_views
+
+    _, raw, store = synthetic
+    images = open_image_store(store)
+    test = images.indices("test")
+    predictions = tmp_path / "predictions.csv"   # a model right on every image
+    pd.DataFrame({"sample_id": images.sample_ids[test], "label": images.labels[test],
+                  "prediction": images.labels[test]}).to_csv(predictions, index=False)
+    out = tmp_path / "mammograms"
+    lv.lesion_visibility_run(raw, store, out, [8, 2],
+                             [{"model": "m", "severity": severity, "predictions": predictions}
+                              for severity in (None, 8, 2)],
+                             {"k": 3.0, "ring_width": 3}, 0.95)
+    assert lesion_visibility_views([out], 3.0, 0.95)[0][0]["dataset"] == "mammograms"
+    damage(out)
+    with pytest.raises(InputError, match=match):
+        lesion_visibility_views([out], 3.0, 0.95)
+
+
 def test_lesions_land_on_their_specks_in_a_cropped_flipped_non_square_store(synthetic, tmp_path):
     # screening-style preprocessing moves every image differently; the masks must follow
     root, raw, _ = synthetic

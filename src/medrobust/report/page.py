@@ -13,6 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import zipfile
+import zlib
+from itertools import product
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +35,7 @@ from medrobust.evaluate.metrics import Evaluation, read_evaluation
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
+from medrobust.io.result_files import RERUN, read_result_table
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
@@ -448,12 +452,56 @@ def image_figures(robustness: pd.DataFrame, evaluations: Sequence[Mapping[str, A
 # ---------------------------------------------------------------------------
 # the mammography study: microcalcification visibility under low-pass filtering
 
-def _read_lesion_table(folder: Path, name: str) -> pd.DataFrame:
-    path = folder / lesion_visibility.FILES[name]
+def _read_lesion_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A lesion visibility run's visibility and sensitivity tables, checked to be as whole as
+    `lesion_visibility_run` writes them: every lesion type at every level, and every model's
+    sensitivity in each group at those levels, each once; a lost row would otherwise drop a
+    point from the curves."""
+    paths = {name: folder / lesion_visibility.FILES[name]
+             for name in ("visibility", "sensitivity")}
+    visibility = read_result_table(
+        paths["visibility"], "lesion visibility table",
+        ("level", "radius", "lesion_type", "n_lesions", "cnr_mean", "cnr_median", "detectable",
+         "detectable_low", "detectable_high"),
+        numbers=("radius", "cnr_mean", "cnr_median"),   # CNR is undefined on a flat ring
+        finite=("n_lesions", "detectable", "detectable_low", "detectable_high"))
+    intervals = ("sensitivity", "sensitivity_low", "sensitivity_high")
+    sensitivity = read_result_table(
+        paths["sensitivity"], "lesion sensitivity table",
+        ("model", "level", "radius", "group", "n_positives", *intervals),
+        numbers=("radius", *intervals), finite=("n_positives",))
+    levels = set(visibility["level"])
+    groups = set(lesion_visibility.GROUPS.values())
+    for path, table, keys in (
+            (paths["visibility"], visibility, {"lesion_type": set(visibility["lesion_type"])}),
+            (paths["sensitivity"], sensitivity, {"model": set(sensitivity["model"]),
+                                                 "group": groups})):
+        rows = list(table[["level", *keys]].itertuples(index=False, name=None))
+        if len(rows) != len(set(rows)) or set(rows) != set(product(levels, *keys.values())):
+            raise InputError(f"{path}: its rows are not one per {', '.join(['level', *keys])}"
+                             f" ({len(levels)} levels in {paths['visibility']}), each once; "
+                             f"{RERUN}")
+    # a sensitivity is undefined only without a positive image to count
+    undefined = np.flatnonzero(sensitivity["sensitivity"].isna()
+                               & (sensitivity["n_positives"] > 0))
+    if len(undefined):
+        raise InputError(f"{paths['sensitivity']}: line {undefined[0] + 2}: sensitivity is "
+                         f"empty though n_positives is not 0; {RERUN}")
+    return visibility, sensitivity
+
+
+def _read_lesion_crops(path: Path) -> dict[str, np.ndarray]:
+    """crops.npz as `lesion_visibility_run` writes it (np.load raises zipfile's errors on a
+    file cut short), with the radii and image shape the figure needs."""
     try:
-        return pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise InputError(f"{path}: unreadable lesion visibility table ({error})") from error
+        with np.load(path) as archive:
+            crops = dict(archive)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise InputError(f"{path}: unreadable lesion crops ({error}); {RERUN}") from error
+    missing = [key for key in ("radii", "image_shape") if key not in crops]
+    if missing:
+        raise InputError(f"{path}: the lesion crops lack {', '.join(missing)}; {RERUN}")
+    return crops
 
 
 def lesion_crops_figure(crops: Mapping[str, np.ndarray], title: str) -> bytes:
@@ -482,8 +530,7 @@ def lesion_visibility_views(folders: Sequence[str | os.PathLike], k: float, conf
     views, found = [], {}
     for folder in map(Path, folders):
         dataset = folder.name
-        visibility = _read_lesion_table(folder, "visibility")
-        sensitivity = _read_lesion_table(folder, "sensitivity")
+        visibility, sensitivity = _read_lesion_tables(folder)
         found[f"lesion_visibility_{dataset}"] = (
             figures.png(figures.lesion_visibility_curves(visibility, sensitivity)),
             f"{dataset}: lesions still detectable (peak above the surrounding ring's mean by "
@@ -491,11 +538,11 @@ def lesion_visibility_views(folders: Sequence[str | os.PathLike], k: float, conf
             "the low-pass radius, beside each model's sensitivity on malignant images with "
             f"calcifications only and with a mass only; "
             f"{figures.bands_caption([confidence])} (exact).")
-        with np.load(folder / lesion_visibility.FILES["crops"]) as crops:
-            found[f"lesion_crops_{dataset}"] = (
-                lesion_crops_figure(dict(crops), f"{dataset}: lesions under low-pass filtering"),
-                f"{dataset}: a calcification cluster and a mass from the test images, cropped, "
-                "at every low-pass radius, with the Gaussian spectrum mask of each radius.")
+        crops = _read_lesion_crops(folder / lesion_visibility.FILES["crops"])
+        found[f"lesion_crops_{dataset}"] = (
+            lesion_crops_figure(crops, f"{dataset}: lesions under low-pass filtering"),
+            f"{dataset}: a calcification cluster and a mass from the test images, cropped, "
+            "at every low-pass radius, with the Gaussian spectrum mask of each radius.")
         views.append({"dataset": dataset,
                       "visibility": [_plain(row) for _, row in visibility.iterrows()],
                       "sensitivity": [_plain(row) for _, row in sensitivity.iterrows()]})
