@@ -426,6 +426,21 @@ def test_slide_training_curves_plot_validation_auc_and_loss_per_epoch():
     assert "validation AUC" not in titles
 
 
+@pytest.mark.parametrize("damage, match", [
+    (lambda summary: summary["robustness"][1].update(accuracy="high"),
+     r"robustness\.json: robustness row 2: accuracy must be a number"),
+    (lambda summary: summary.pop("gradient_masking"),
+     r"robustness\.json: the robustness summary lacks gradient_masking"),
+])
+def test_a_damaged_summary_is_refused_naming_it(results, tmp_path, damage, match):
+    """A word for a number gave a raw ValueError, a lost table a KeyError."""
+    summary = json.loads((results["out"] / "robustness.json").read_text())
+    damage(summary)
+    (tmp_path / "robustness.json").write_text(json.dumps(summary))
+    with pytest.raises(InputError, match=match):
+        page.load_summary(tmp_path / "robustness.json")
+
+
 def test_lesion_visibility_section_shows_visibility_beside_sensitivity(results):
     page = (results["out"] / "index.html").read_text()
     section = page[page.index('id="lesions"'):]

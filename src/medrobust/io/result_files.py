@@ -12,7 +12,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -53,9 +53,12 @@ def read_result_table(path: str | os.PathLike, what: str, columns: Iterable[str]
 
 
 def check_numbers(table: pd.DataFrame, path: Path, numbers: Iterable[str] = (),
-                  finite: Iterable[str] = ()) -> pd.DataFrame:
+                  finite: Iterable[str] = (),
+                  where: Callable[[int], str] = lambda row: f"line {row + 2}",
+                  ) -> pd.DataFrame:
     """`table` (read from `path`) with `numbers` and `finite` as read_result_table reads
-    them; for columns known only once the table is read."""
+    them, for columns known only once the table is read or a table not read from a CSV
+    (`where` names a row by its position; in a CSV, line 1 is the header)."""
     finite = set(finite)
     for column in dict.fromkeys([*numbers, *finite]):
         values = pd.to_numeric(table[column], errors="coerce")
@@ -67,8 +70,8 @@ def check_numbers(table: pd.DataFrame, path: Path, numbers: Iterable[str] = (),
             value = table[column].iloc[first]
             kind = "a finite number" if column in finite else "a number or empty"
             shown = "empty or NaN" if pd.isna(value) else repr(str(value))
-            raise InputError(f"{path}: line {first + 2}: {column} must be {kind}, not "
-                             f"{shown}; {RERUN}")  # line 1 is the header
+            raise InputError(f"{path}: {where(first)}: {column} must be {kind}, not "
+                             f"{shown}; {RERUN}")
         table[column] = values
     return table
 

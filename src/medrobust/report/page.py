@@ -35,7 +35,8 @@ from medrobust.evaluate.metrics import Evaluation, read_evaluation
 from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
-from medrobust.io.result_files import RERUN, read_result_table
+from medrobust.io.result_files import (
+    RERUN, check_numbers, read_result_record, read_result_table)
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
@@ -84,22 +85,32 @@ def format_p_value(value: Any) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
+# robustness.json's columns that hold text, flags or null; every other one a number or null
+# (epsilon and severity as exact strings of numbers)
+_TEXT_COLUMNS = frozenset({
+    "family", "model", "dataset", "condition", "kind", "attack", "perturbation", "norm",
+    "source_model", "white_box", "threat_model", "positive_class", "class", "reference_model",
+    "defense", "test", "verdict", "auc_caveat", "gradient_attacks", "gradient_free_attacks",
+    "flagged"})
+
+
 def load_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """robustness.json as tables (epsilon and severity back to numbers)."""
+    """robustness.json as tables (epsilon and severity back to numbers), every number checked:
+    a word in its place would stop the page with a traceback naming no file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: unreadable summary ({error})") from error
-    tables = {}
-    for name, columns in (("robustness", SUMMARY_COLUMNS), ("per_class", PER_CLASS_COLUMNS),
-                          ("comparisons", COMPARISON_COLUMNS),
-                          ("gradient_masking", MASKING_COLUMNS)):
-        table = pd.DataFrame(data[name], columns=list(columns))
-        for column in ("epsilon", "severity"):
-            if column in table:
-                table[column] = pd.to_numeric(table[column])
-        tables[name] = table
+    tables = {"robustness": SUMMARY_COLUMNS, "per_class": PER_CLASS_COLUMNS,
+              "comparisons": COMPARISON_COLUMNS, "gradient_masking": MASKING_COLUMNS}
+    data = read_result_record(path, "robustness summary",
+                              (*tables, "settings", "confusion_matrices"))
+    for name, columns in tables.items():
+        try:
+            table = pd.DataFrame(data[name], columns=list(columns))
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{path}: {name} must be a list of rows ({error}); "
+                             f"{RERUN}") from error
+        tables[name] = check_numbers(
+            table, path, numbers=[column for column in columns if column not in _TEXT_COLUMNS],
+            where=lambda row, name=name: f"{name} row {row + 1}")
     return {**tables, "settings": data["settings"],
             "confusion_matrices": data["confusion_matrices"]}
 
