@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -424,6 +425,17 @@ def test_slide_training_curves_plot_validation_auc_and_loss_per_epoch():
                                           "val_accuracy": 0.5}]}
     titles = [panel.get_title() for panel in figures.training_curves({"baseline": image}).axes]
     assert "validation AUC" not in titles
+
+
+def test_a_training_history_without_its_epochs_is_refused_naming_it(results, tmp_path):
+    """The training curves met it as a KeyError naming no file."""
+    folder = shutil.copytree(results["root"] / "models" / "baseline", tmp_path / "baseline")
+    history = json.loads((folder / "history.json").read_text())
+    del history["epochs"]
+    (folder / "history.json").write_text(json.dumps(history))
+    with pytest.raises(InputError, match=r"baseline/history\.json: the training history lacks "
+                                         r"epochs"):
+        page.read_histories({"baseline": str(folder)})
 
 
 @pytest.mark.parametrize("damage, match", [

@@ -564,15 +564,18 @@ def lesion_visibility_views(folders: Sequence[str | os.PathLike], k: float, conf
 # training and data
 
 def read_histories(models: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Each model's saved config and history, by name."""
+    """Each model's saved config and history, by name; the history with the epochs and the
+    epoch kept that the training curves draw."""
     found = {}
     for name, folder in models.items():
         folder = Path(folder)
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-            history = json.loads((folder / HISTORY_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise InputError(f"{folder}: unreadable model config or history ({error})") from error
+        config = read_result_record(folder / CONFIG_FILE, "model config")
+        history = read_result_record(folder / HISTORY_FILE, "training history",
+                                     ("epochs", "best_epoch"))
+        if not isinstance(history["epochs"], list) or not all(
+                isinstance(record, dict) and "epoch" in record for record in history["epochs"]):
+            raise InputError(f"{folder / HISTORY_FILE}: epochs must be a list of records, each "
+                             f"with its epoch; {RERUN}")
         found[name] = {"config": config, "history": history}
     return found
 
