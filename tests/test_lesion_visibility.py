@@ -289,12 +289,13 @@ def test_the_report_refuses_a_damaged_run_naming_the_file(synthetic, tmp_path, d
     _, raw, store = synthetic
     images = open_image_store(store)
     test = images.indices("test")
-    predictions = tmp_path / "predictions.csv"   # a model right on every image
-    pd.DataFrame({"sample_id": images.sample_ids[test], "label": images.labels[test],
-                  "prediction": images.labels[test]}).to_csv(predictions, index=False)
+    # a model right on every image
+    files = _evaluation(tmp_path, images.sample_ids[test], images.labels[test],
+                        images.labels[test])
     out = tmp_path / "mammograms"
     lv.lesion_visibility_run(raw, store, out, [8, 2],
-                             [{"model": "m", "severity": severity, "predictions": predictions}
+                             [{"model": "m", "severity": severity, "metrics": files["metrics"],
+                               "predictions": files["predictions"]}
                               for severity in (None, 8, 2)],
                              {"k": 3.0, "ring_width": 3}, 0.95)
     assert lesion_visibility_views([out], 3.0, 0.95)[0][0]["dataset"] == "mammograms"
