@@ -431,6 +431,10 @@ def test_a_training_history_without_its_epochs_is_refused_naming_it(results, tmp
     """The training curves met it as a KeyError naming no file."""
     folder = shutil.copytree(results["root"] / "models" / "baseline", tmp_path / "baseline")
     history = json.loads((folder / "history.json").read_text())
+    (folder / "history.json").write_text(json.dumps({**history, "best_epoch": 99}))
+    with pytest.raises(InputError, match=r"baseline/history\.json: the epoch kept, 99, is not "
+                                         r"among its epochs"):
+        page.read_histories({"baseline": str(folder)})
     del history["epochs"]
     (folder / "history.json").write_text(json.dumps(history))
     with pytest.raises(InputError, match=r"baseline/history\.json: the training history lacks "

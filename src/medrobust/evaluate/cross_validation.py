@@ -20,7 +20,7 @@ from medrobust.evaluate.slide_classifier import predict_split
 from medrobust.evaluate.statistics import across_folds
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
-from medrobust.models.registry import CONFIG_FILE
+from medrobust.models.registry import CONFIG_FILE, read_history
 
 log = get_logger(__name__)
 FOLD_METRICS = ("val_auc", "test_accuracy", "test_auc")
@@ -34,7 +34,7 @@ def fold_row(model_dir: Path, feature_paths: Sequence[str | os.PathLike],
     cv = config.get("training", {}).get("cv")
     if cv is None:
         raise InputError(f"{model_dir / CONFIG_FILE}: not a cross-validation fold's model")
-    history = json.loads((model_dir / "history.json").read_text())
+    history = read_history(model_dir)
     [kept] = [record for record in history["epochs"] if record["epoch"] == history["best_epoch"]]
     metrics = classification_metrics([bag.label for bag in bags], probabilities)
     return {"fold": cv["fold"], "n_val": len(cv["val_slides"]), "n_test": metrics["n"],

@@ -38,6 +38,7 @@ from torch import nn
 
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError, MedrobustError, unknown_name
+from medrobust.io.result_files import RERUN, read_result_record
 from medrobust.io.atomic import atomic_path, set_default_mode, write_json
 
 IMAGE_CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {}
@@ -220,6 +221,22 @@ def save_model(model: nn.Module, model_dir: str | os.PathLike, config: Mapping[s
         set_default_mode(tmp)  # safetensors creates the file owner-only (0600)
     write_json(model_dir / HISTORY_FILE, history)
     write_json(model_dir / CONFIG_FILE, dict(config))
+
+
+def read_history(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """A saved model's training history (`save_model`): its epochs, each a record with its
+    epoch, and the epoch kept, one of them; InputError naming the file otherwise."""
+    path = Path(model_dir) / HISTORY_FILE
+    history = read_result_record(path, "training history", ("epochs", "best_epoch"))
+    epochs = history["epochs"]
+    if not isinstance(epochs, list) or not all(
+            isinstance(record, dict) and "epoch" in record for record in epochs):
+        raise InputError(f"{path}: epochs must be a list of records, each with its epoch; "
+                         f"{RERUN}")
+    if history["best_epoch"] not in [record["epoch"] for record in epochs]:
+        raise InputError(f"{path}: the epoch kept, {history['best_epoch']!r}, is not among its "
+                         f"epochs; {RERUN}")
+    return history
 
 
 def check_model_classes(model_dir: str | os.PathLike, classes: list[str], where: Any) -> None:

@@ -39,7 +39,7 @@ from medrobust.io.result_files import (
     RERUN, check_numbers, read_result_record, read_result_table)
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
-from medrobust.models.registry import CONFIG_FILE, HISTORY_FILE
+from medrobust.models.registry import CONFIG_FILE, read_history
 from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
@@ -569,14 +569,8 @@ def read_histories(models: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     found = {}
     for name, folder in models.items():
         folder = Path(folder)
-        config = read_result_record(folder / CONFIG_FILE, "model config")
-        history = read_result_record(folder / HISTORY_FILE, "training history",
-                                     ("epochs", "best_epoch"))
-        if not isinstance(history["epochs"], list) or not all(
-                isinstance(record, dict) and "epoch" in record for record in history["epochs"]):
-            raise InputError(f"{folder / HISTORY_FILE}: epochs must be a list of records, each "
-                             f"with its epoch; {RERUN}")
-        found[name] = {"config": config, "history": history}
+        found[name] = {"config": read_result_record(folder / CONFIG_FILE, "model config"),
+                       "history": read_history(folder)}
     return found
 
 
