@@ -164,6 +164,25 @@ def job_stats(output: str) -> dict[str, int]:
     return {job: int(count) for job, count in counts.items()}
 
 
+def downloaded(tmp_path: Path, config: dict):
+    """`config` run up to its downloads in tmp_path/work: that folder, and a dry run there
+    (a function returning its output)."""
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    fetched = run_snakemake(workdir, config_path, "--cores", "1", "--until", "download",
+                            timeout=120)
+    assert fetched.returncode == 0, failure_text(fetched)
+
+    def dry_run() -> str:
+        result = run_snakemake(workdir, config_path, "--dry-run", "--cores", "1", timeout=120)
+        assert result.returncode == 0, failure_text(result)
+        return result.stdout + result.stderr
+
+    return workdir, dry_run
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_dry_run_shows_the_recipe_dag(recipe, tmp_path):
     dataset, expected = RECIPES[recipe]
@@ -216,19 +235,10 @@ def test_slide_jobs_join_the_dag_once_the_download_checkpoint_ran(http_server, t
         http_server.serve(f"/CAMELYON16/{name}", data)
     source.update(mirror=http_server.base_url + "/CAMELYON16",
                   download={"attempts": 2, "backoff_s": 0})
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-
-    fetched = run_snakemake(workdir, config_path, "--cores", "1", "--until", "download",
-                            timeout=120)
-    assert fetched.returncode == 0, failure_text(fetched)
+    workdir, dry_run = downloaded(tmp_path, config)
     assert sorted(read_manifest(workdir / "resources/camelyon/manifest.csv").table["sample_id"]) \
         == sorted(slides)
-    result = run_snakemake(workdir, config_path, "--dry-run", "--cores", "1", timeout=120)
-    assert result.returncode == 0, failure_text(result)
-    output = result.stdout + result.stderr
+    output = dry_run()
     assert job_stats(output) == {"tile_slide": 3, "extract_features": 3,
                                  **{job: n for job, n in SLIDE_JOBS.items() if job != "download"}}
     for slide in slides:
@@ -246,22 +256,10 @@ def test_an_edited_labels_table_fetches_the_local_dataset_again(tmp_path):
         rows.append(f"{index}.png,{'NORMAL' if index % 2 else 'PNEUMONIA'}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     config["datasets"]["xrays"]["source"]["root"] = str(root)
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    fetched = run_snakemake(workdir, config_path, "--cores", "1", "--until", "download",
-                            timeout=120)
-    assert fetched.returncode == 0, failure_text(fetched)
-
-    def planned():
-        result = run_snakemake(workdir, config_path, "--dry-run", "--cores", "1", timeout=120)
-        assert result.returncode == 0, failure_text(result)
-        return job_stats(result.stdout + result.stderr)
-
-    assert "download" not in planned()
+    _, dry_run = downloaded(tmp_path, config)
+    assert "download" not in job_stats(dry_run())
     (root / "labels.csv").write_text("\n".join(rows).replace("0.png,PNEUMONIA", "0.png,NORMAL"))
-    assert planned()["download"] == 1
+    assert job_stats(dry_run())["download"] == 1
 
 
 # --- a broken download ---------------------------------------------------------
