@@ -167,7 +167,9 @@ def results(tmp_path_factory):
         (folder / "history.json").write_text(json.dumps({
             "epochs": [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e,
                         "val_accuracy": 0.5 + e / 10} for e in (1, 2, 3)],
-            "best_epoch": 2, "selected_by": "val_accuracy", "device": "cpu",
+            # the denoising model's validation never beat its first epoch
+            "best_epoch": 1 if model == "denoising" else 2, "selected_by": "val_accuracy",
+            "device": "cpu",
             "recipe": {"optimizer": "AdamW", "learning_rate": 0.001, "weight_decay": 0.0001,
                        "schedule": "constant", "batch_size": 16, "epochs": 3,
                        "augmentation": "random horizontal and vertical flips",
@@ -461,7 +463,7 @@ def test_lesion_visibility_section_shows_visibility_beside_sensitivity(results):
     page = (results["out"] / "index.html").read_text()
     section = page[page.index('id="lesions"'):]
     assert "Mammography: microcalcification visibility" in section
-    assert "k = 2.500" in section                       # the configured k, not a default
+    assert "k = 2.5 of" in section                      # the configured k, not a default
     assert "calcification only" in section and "[0.350, 0.930]" in section
     files = {path.stem for path in (results["out"] / "figures").glob("*.png")}
     assert {"lesion_visibility_mammograms", "lesion_crops_mammograms"} <= files
@@ -501,9 +503,25 @@ def test_page_states_intervals_verdicts_warnings_and_provenance(results):
     assert "no detectable difference at n = 40" in glance
     assert "true \\ predicted" in page and "m999.dcm: truncated DICOM" in page
     assert "AdamW, lr 0.001" in page and "2 (val_accuracy)" in page
+    assert re.search(r"<b>Kept its first epoch: denoising</b> \(mammograms\)\s+trained 3 "
+                     r"epochs, and its val accuracy never\s+beat the first one's", glance)
+    assert "Kept its first epoch: baseline" not in glance
+    assert "Stand-ins" not in glance  # its one dataset in use is a local folder
+    assert "p = &lt;" not in page and "p = <" not in page  # "p < 0.001" in a sentence
     for field in ("git commit", "torch", "CUDA (torch build)", "manifest.csv sha256"):
         assert field in page
     assert "not a git checkout" in page  # the fixture's repository folder is none
+
+
+def test_a_run_on_stand_ins_says_so_at_the_top():
+    """The default run's synthetic data and random slide features, named where a reader
+    starts, not only in the configuration at the bottom."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config_module.validate_config(config, ROOT / "workflow/schemas/config.schema.yaml")
+    notes = page.stand_in_notes(config)
+    assert notes == ["mammograms: synthetic mammography data", "slides: synthetic slides data",
+                     "slide features from a randomly initialised resnet18 (features.weights: "
+                     "random), not a trained extractor"]
 
 
 def test_page_and_csv_show_the_studys_tables_with_intervals(results):
@@ -837,3 +855,13 @@ def test_a_damaged_qc_picture_is_refused_naming_it(tmp_path, damage, problem):
     with pytest.raises(InputError, match=rf"s0\.png: damaged PNG QC picture \({problem}\); "
                                          "rerun the job that wrote it"):
         page.slide_qc_figures({"cohort": [(attrs, picture)]})
+
+
+def test_the_text_under_a_picture_stays_clear_of_the_row_below():
+    """Three models' predictions under each picture ran into the next row's titles."""
+    image = np.zeros((1, 16, 16), np.float32)
+    text = "\n".join(f"model_{i}: benign 0.99 ✓" for i in range(3))
+    figure = figures.image_panel_grid([[(image, "clean", text)] * 4] * 2, ["one", "two"], "t")
+    figure.draw_without_rendering()
+    upper, lower = figure.axes[0], figure.axes[4]
+    assert upper.xaxis.label.get_window_extent().y0 > lower.title.get_window_extent().y1

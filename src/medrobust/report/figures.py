@@ -290,7 +290,10 @@ def image_panel_grid(rows: Sequence[Sequence[tuple[np.ndarray, str, str]]],
     image at every severity).
     """
     n_rows, n_columns = len(rows), max(len(row) for row in rows)
-    figure = _new_figure(2.3 * n_columns + 0.6, 2.75 * n_rows + 0.4)
+    # room under each picture for its text (a line per model), so that it cannot run into
+    # the titles of the row below
+    lines = max(text.count("\n") + 1 for row in rows for _, _, text in row)
+    figure = _new_figure(2.3 * n_columns + 0.6, (2.45 + 0.2 * lines) * n_rows + 0.4)
     axes = figure.subplots(n_rows, n_columns, squeeze=False)
     for row_axes, cells, row_label in zip(axes, rows, row_labels):
         for panel, (image, cell_title, text) in zip(row_axes, cells):

@@ -65,11 +65,29 @@ def _environment() -> jinja2.Environment:
     environment.filters["num"] = format_number
     environment.filters["signed"] = lambda value: format_number(value, signed=True)
     environment.filters["pvalue"] = format_p_value
+    # in a sentence: "p < 0.001", "p = 0.017"
+    environment.filters["p_clause"] = lambda value: (
+        f"p {format_p_value(value)}" if format_p_value(value).startswith("<")
+        else f"p = {format_p_value(value)}")
     return environment
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def stand_in_notes(config: Mapping[str, Any]) -> list[str]:
+    """What in this run stands in for real data or a trained model, for the top of the page:
+    synthetic datasets, and slide features from a randomly initialised backbone."""
+    used = applicable_config(config)
+    notes = [f"{name}: synthetic {settings['source'].get('modality', '')} data"
+             for name, settings in used.get("datasets", {}).items()
+             if settings["source"]["type"] == "synthetic"]
+    features = used.get("features") or {}
+    if features.get("weights") == "random":
+        notes.append(f"slide features from a randomly initialised {features['backbone']} "
+                     "(features.weights: random), not a trained extractor")
+    return notes
 
 
 def format_number(value: Any, signed: bool = False) -> str:
@@ -605,6 +623,9 @@ def recipe_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
                      "recipe": recipe, "epochs_run": len(history.get("epochs", [])),
                      "best_epoch": history.get("best_epoch"),
                      "selected_by": history.get("selected_by"),
+                     # validation never beat the first epoch: the model may not have learnt
+                     "kept_first": len(history.get("epochs", [])) > 1
+                     and history.get("best_epoch") == history["epochs"][0]["epoch"],
                      "device": history.get("device", "not recorded")})
     return rows
 
@@ -793,6 +814,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "version": __version__,
         "settings": summary["settings"],
         "warnings": warnings,
+        "stand_ins": stand_in_notes(config),
         "glance_headers": glance_headers, "glance": glance,
         # MHIM-MIL against its base model goes with the slide study, not the defenses
         "verdicts": [pair for pair in verdicts(comparisons) if pair["model"] not in baselines],

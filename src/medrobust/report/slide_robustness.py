@@ -111,7 +111,8 @@ def _condition(row: pd.Series) -> str:
         return "clean"
     if row["kind"] == "tile_fraction":
         return f"{row['perturbation']} {row['severity']:g}, {row['fraction']:.0%} of tiles"
-    return f"PGD ε {row['epsilon']:g}/255 on the top {int(row['k'])} tiles"
+    k = int(row["k"])
+    return f"PGD ε {row['epsilon']:g}/255 on the top {k} tile{'s' if k != 1 else ''}"
 
 
 def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd.DataFrame],
