@@ -824,6 +824,8 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "defense_tables": [defense_table_view(table, warnings) for table in tables],
         "perturbation_table": study_table(images, ["perturbation", "mean_perturbation"]),
         "has_attacks": bool((images["kind"] == "attack").any()),
+        "slide_models": sorted(robustness.loc[robustness["family"] == "slide", "model"].unique()),
+        "attack_norms": sorted(set(images.loc[images["kind"] == "attack", "norm"].dropna())),
         "has_perturbations": bool((images["kind"] == "perturbation").any()) or bool(heatmaps),
         "severity_units": {name: figures.severity_unit(name)
                            for name in sorted(images.loc[images["kind"] == "perturbation",
