@@ -458,6 +458,7 @@ def test_denoisers_combine_with_any_defense_as_config_lines(config):
     validate_config(config, SCHEMA)
     labels = config_module.defense_labels(config)
     assert labels["baseline"] == "none" and labels["denoising"] == "denoising"
+    assert labels["lowpass_augmented"] == "low-pass augmentation"
     assert labels["baseline_r"] == "R (reformer)" and labels["baseline_h"] == "H (hgd)"
     assert labels["H_Ln_La"] == "H (hgd) + denoising"
 

@@ -333,9 +333,10 @@ def _check_denoiser_references(config: Mapping) -> list[str]:
 
 
 def defense_labels(config: Mapping) -> dict[str, str]:
-    """What each image model is defended with, for the report: its pixel denoiser and its
-    training defense, joined with " + " (`reformer + denoising`); "none" without either.
-    Slide models trained by MHIM-MIL: "MHIM-MIL"."""
+    """What each image model is defended with, for the report: its pixel denoiser, its
+    training defense and low-pass augmentation (the intervention of the mammography study),
+    joined with " + " (`reformer + denoising`); "none" without any. Slide models trained by
+    MHIM-MIL: "MHIM-MIL"."""
     denoisers = config.get("denoisers", {})
     labels = {}
     for name, model in config.get("image_classifiers", {}).items():
@@ -347,6 +348,8 @@ def defense_labels(config: Mapping) -> dict[str, str]:
         defense = (model.get("defense") or {}).get("name", "none")
         if defense != "none":
             parts.append(defense)
+        if (model.get("training") or {}).get("lowpass_augment"):
+            parts.append("low-pass augmentation")
         labels[name] = " + ".join(parts) or "none"
     labels.update({name: "MHIM-MIL" for name in mil_baselines(config)})
     return labels
