@@ -325,6 +325,14 @@ BAD_PARAMETERS = {
                                              "labels": {"table": "l.csv"},
                                              "splits": {"train": 0.8, "validation": 0.2}}),
         r"datasets\.mammograms: splits: unknown split 'validation'"),
+    "local source's labels as a string": (
+        _set("datasets.mammograms.source", {"type": "local", "root": "/nowhere",
+                                             "labels": "labels.csv"}),
+        r"datasets\.mammograms: source\.labels: expected a mapping, got str"),
+    "local source's root as a number": (
+        _set("datasets.mammograms.source", {"type": "local", "root": 5,
+                                             "labels": {"table": "l.csv"}}),
+        r"datasets\.mammograms: source \(local\): root must be the path of a folder, not 5"),
     "recipe's download setting": (
         _set("datasets.mammograms.source", {"type": "medmnist", "flag": "breastmnist",
                                              "download": {"attempt": 3}}),
@@ -459,6 +467,9 @@ def test_denoisers_combine_with_any_defense_as_config_lines(config):
     labels = config_module.defense_labels(config)
     assert labels["baseline"] == "none" and labels["denoising"] == "denoising"
     assert labels["lowpass_augmented"] == "low-pass augmentation"
+    # augmentation for every model, as the models train with it
+    config["image_training"]["lowpass_augment"] = {"probability": 0.5, "radius": [2, 16]}
+    assert config_module.defense_labels(config)["baseline"] == "low-pass augmentation"
     assert labels["baseline_r"] == "R (reformer)" and labels["baseline_h"] == "H (hgd)"
     assert labels["H_Ln_La"] == "H (hgd) + denoising"
 

@@ -175,11 +175,14 @@ def test_a_path_outside_the_folder_or_a_folder_that_is_a_file_is_refused(tmp_pat
                                              f"{root}; name the files relative to that folder"):
             fetch_dataset(dataset(root, label_map=LABEL_MAP, path_template=template),
                           tmp_path / "out")
-    # inside the folder after all: the manifest's path is the file's
-    (root / "labels.csv").write_text("filename,finding\n../images/a.png,NORMAL\n"
-                                     "b.png,PNEUMONIA\n")
-    manifest = read_manifest(fetch_dataset(dataset(root, label_map=LABEL_MAP), tmp_path / "in"))
-    assert manifest.table["path"].tolist() == ["data/images/a.png", "data/images/b.png"]
+    # inside the folder after all, through '..' or in full: the manifest's path is the file's
+    (root / "labels.csv").write_text(f"filename,finding\nimages/../images/a.png,NORMAL\n"
+                                     f"images/b.png,PNEUMONIA\n"
+                                     f"{root / 'images' / 'c.png'},NORMAL\n")
+    manifest = read_manifest(fetch_dataset(dataset(root, label_map=LABEL_MAP, path_template="{}"),
+                                           tmp_path / "in"))
+    assert manifest.table["path"].tolist() == ["data/images/a.png", "data/images/b.png",
+                                               "data/images/c.png"]
     assert (manifest.root / manifest.table["path"][0]).read_bytes() == b"image 0"
     with pytest.raises(InputError, match="labels.csv is a file, not a folder"):
         fetch_dataset(dataset(root / "labels.csv"), tmp_path / "out")

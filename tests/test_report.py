@@ -577,7 +577,7 @@ IMAGE_SECTIONS = {"image_classifiers", "image_training", "attacks", "perturbatio
                   "robustness", "fourier_heatmap", "lesion_visibility"}
 
 
-def test_every_config_section_acts_on_every_run_or_is_a_stages():
+def test_every_config_section_acts_on_every_run_or_belongs_to_a_stage():
     """A section the schema gains must say when it acts, or the page would show it always."""
     sections = set(yaml.safe_load(SCHEMA.read_text())["properties"])
     assert set(EVERY_RUN) | set(stages_run({})) == sections

@@ -197,6 +197,8 @@ def test_report_reads_right_in_a_browser(workdir, browser):
     assert len(warnings) == 2 and all(is_visible(warning) for warning in warnings)
     assert "mammograms has only 20 test images" in warnings[0].text
     assert "slides has only 2 test slides" in warnings[1].text
+    assert "Stand-ins, not real data: mammograms: synthetic mammography data" in text
+    assert "This run did not test the slide models' robustness" in text
     # at a glance: every model, each number with its interval beneath it
     glance = table_rows(browser.find_element(By.CSS_SELECTOR, "table.glance"))
     assert glance[0][:5] == ["dataset", "model", "defense", "test n", "clean"]

@@ -332,6 +332,12 @@ def _check_denoiser_references(config: Mapping) -> list[str]:
     return problems
 
 
+def image_training(config: Mapping, model: Mapping) -> dict[str, Any]:
+    """The training an image classifier runs with: `image_training` under its own
+    `training` overrides."""
+    return {**config.get("image_training", {}), **(model.get("training") or {})}
+
+
 def defense_labels(config: Mapping) -> dict[str, str]:
     """What each image model is defended with, for the report: its pixel denoiser, its
     training defense and low-pass augmentation (the intervention of the mammography study),
@@ -348,7 +354,7 @@ def defense_labels(config: Mapping) -> dict[str, str]:
         defense = (model.get("defense") or {}).get("name", "none")
         if defense != "none":
             parts.append(defense)
-        if (model.get("training") or {}).get("lowpass_augment"):
+        if image_training(config, model).get("lowpass_augment"):
             parts.append("low-pass augmentation")
         labels[name] = " + ".join(parts) or "none"
     labels.update({name: "MHIM-MIL" for name in mil_baselines(config)})
@@ -370,10 +376,8 @@ def registry_view(config: Mapping) -> dict[str, Any]:
     return {
         "datasets": {name: {"kind": dataset["kind"], "source": dataset["source"]}
                      for name, dataset in config["datasets"].items()},
-        # the training each model runs with: image_training under the model's own
         "image_classifiers": {name: {"arch": model["arch"], "defense": model.get("defense"),
-                                     "training": {**config.get("image_training", {}),
-                                                  **model.get("training", {})}}
+                                     "training": image_training(config, model)}
                               for name, model in config.get("image_classifiers", {}).items()},
         "denoisers": config.get("denoisers", {}),
         "slide_classifiers": {name: {key: model.get(key) for key in ("arch", "arch_options", "mhim")}

@@ -36,7 +36,7 @@ def slide_job_command(arguments):
 
 from medrobust import conditions as plan
 from medrobust.config import (DENOISER_MODEL_KEYS, FEATURE_LOADER_KEYS, FEATURE_WEIGHTS, PRETRAINED,
-                              defense_labels, mil_baselines, validate_config)
+                              defense_labels, image_training, mil_baselines, validate_config)
 from medrobust.errors import ConfigError
 from medrobust.fingerprint import code_fingerprint as _package_fingerprint
 from medrobust.io.manifest_cache import manifest_rows as read_manifest_rows
@@ -288,7 +288,7 @@ def image_model_config(wildcards):
     (adding one retrains nothing), with `image_training` under its own overrides."""
     model = {key: value for key, value in IMAGE_CLASSIFIERS[wildcards.image_model].items()
              if key != "denoiser"}
-    return {**model, "training": {**config["image_training"], **model.get("training", {})}}
+    return {**model, "training": image_training(config, model)}
 
 
 def pretrained_weights_file(wildcards):

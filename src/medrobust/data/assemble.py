@@ -61,6 +61,9 @@ class LabelsTable:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "LabelsTable":
         labels = config_from_mapping(cls, mapping, "source.labels")
+        if not isinstance(labels.table, str) or not labels.table:
+            raise ConfigError(f"source.labels.table must be a table's path, not "
+                              f"{labels.table!r}")
         if "{}" not in labels.path_template:
             raise ConfigError(f"source.labels.path_template must contain '{{}}' where the "
                               f"path cell goes, not {labels.path_template!r}")
@@ -91,6 +94,11 @@ class LabelsTable:
             check_unique(sample_id, line, first_line, where)
             # the manifest's paths are relative to the dataset folder, through data_root
             relative = os.path.normpath(self.path_template.format(row[self.path_column]))
+            if os.path.isabs(relative):  # a path into the folder, written out in full
+                real = os.path.join(os.path.realpath(os.path.dirname(relative)),
+                                    os.path.basename(relative))
+                if os.path.commonpath([real, folder]) == str(folder):
+                    relative = os.path.relpath(real, folder)
             if os.path.isabs(relative) or relative.split(os.sep)[0] == os.pardir:
                 raise InputError(f"{where}: {relative} is not inside {folder}; name the files "
                                  f"relative to that folder (source.root), without '..'")

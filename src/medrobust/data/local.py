@@ -27,6 +27,7 @@ from medrobust.data.assemble import (
 )
 from medrobust.data.manifest import begin_dataset
 from medrobust.data.sources import register_source
+from medrobust.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class LocalSource:
     labels: Mapping[str, Any]
     splits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLITS))
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.root, str) or not self.root:
+            raise ConfigError(f"source (local): root must be the path of a folder, not "
+                              f"{self.root!r}")
 
 
 @register_source("local", LocalSource)

@@ -48,7 +48,7 @@ def check_source_settings(source: Mapping[str, Any]) -> None:
     section = source_section({"source": source})
     settings = (cls.from_mapping(section) if hasattr(cls, "from_mapping")
                 else config_from_mapping(cls, section, f"source ({source['type']})"))
-    if isinstance(getattr(settings, "labels", None), Mapping):
+    if hasattr(settings, "labels"):
         LabelsTable.from_mapping(settings.labels)
     if getattr(settings, "splits", None) is not None:
         check_split_fractions(settings.splits)

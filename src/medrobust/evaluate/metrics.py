@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pandas as pd
 
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import model_auc
+from medrobust.io.result_files import read_result_record, read_result_table
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -111,31 +111,23 @@ def read_evaluation(metrics_path: str | os.PathLike,
                     predictions_path: str | os.PathLike) -> Evaluation:
     """A metrics JSON and its prediction table, checked against each other."""
     metrics_path, predictions_path = Path(metrics_path), Path(predictions_path)
-    try:
-        record = json.loads(metrics_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{metrics_path}: unreadable metrics JSON ({error})") from error
-    if not isinstance(record, dict):
-        raise InputError(f"{metrics_path}: a metrics JSON must hold one object")
-    missing = [key for key in METRIC_KEYS if key not in record]
-    if missing:
-        raise InputError(f"{metrics_path}: metrics JSON lacks {', '.join(missing)}")
+    record = read_result_record(metrics_path, "metrics JSON", METRIC_KEYS)
     # the numbers that name a condition: an attack's budget, a perturbation's severity
-    budget = {"attack": "epsilon", "perturbation": "severity"}.get(record["kind"])
-    if record["kind"] not in ("clean", "attack", "perturbation") or budget and (
+    kind = record["kind"]
+    budget = {"attack": "epsilon", "perturbation": "severity"}.get(kind) \
+        if isinstance(kind, str) else None
+    if kind not in ("clean", "attack", "perturbation") or budget and (
             isinstance(record[budget], bool) or not isinstance(record[budget], (int, float))):
         raise InputError(f"{metrics_path}: kind {record['kind']!r} with epsilon "
                          f"{record['epsilon']!r} and severity {record['severity']!r} describes "
                          "no condition (clean; attack with a number epsilon; perturbation with "
                          "a number severity)")
-    try:
-        table = pd.read_csv(predictions_path, dtype={"sample_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise InputError(f"{predictions_path}: unreadable prediction table ({error})") from error
+    table = read_result_table(predictions_path, "prediction table", ("sample_id", "label"),
+                              dtype={"sample_id": str})
     probability_columns = [column for column in table.columns if column.startswith("prob_")]
-    if "label" not in table or "sample_id" not in table or len(probability_columns) < 2:
-        raise InputError(f"{predictions_path}: a prediction table needs sample_id, label and "
-                         "one prob_<class> column per class")
+    if len(probability_columns) < 2:
+        raise InputError(f"{predictions_path}: a prediction table needs one prob_<class> "
+                         "column per class")
     if len(table) != record["n"]:
         raise InputError(f"{predictions_path}: {len(table)} rows, but {metrics_path} counts "
                          f"n = {record['n']}")

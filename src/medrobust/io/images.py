@@ -30,7 +30,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         return read_dicom_image(path)
     if path.suffix.lower() in PHOTO_SUFFIXES:
         return read_photo(path)
-    if is_dicom(path):
+    if path.suffix.lower() in DICOM_SUFFIXES:  # a DICOM file without the magic bytes
         return read_dicom_image(path)
     suffix = path.suffix.lower()
     raise InputError(f"{path}: unsupported image format {suffix or '(no suffix)'!r}; "

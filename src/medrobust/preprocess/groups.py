@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from medrobust.io.slide_stores import open_tile_store
+import zarr
+
 from medrobust.logs import get_logger
 from medrobust.preprocess.tiling import TilingConfig, tile_slide
 from medrobust.progress import progress
@@ -50,7 +51,7 @@ def tile_slide_group(dataset_folder: str | os.PathLike, group_dir: str | os.Path
     work.complete({name for slide in slides for name in _outputs(slide["slide_id"])})
     # the group's totals, not this run's: a kept slide's store records its tiles
     n_tiles = [count if count is not None
-               else open_tile_store(work.group_dir / f"{slide_id}.zarr").attrs["n_tiles"]
+               else zarr.open_group(work.group_dir / f"{slide_id}.zarr", mode="r").attrs["n_tiles"]
                for slide_id, count in counts.items()]
     log.info("%s: %d slides (%d kept from a failed run), %d tiles, %d slides without tiles",
              group_dir, len(counts), sum(count is None for count in counts.values()),
