@@ -6,12 +6,14 @@ import json
 import google_crc32c
 import numpy as np
 import pytest
+import zarr
 
 from medrobust.errors import InputError
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store, write_image_store
 from medrobust.io.slide_stores import (create_tile_store, open_feature_store, open_tile_store,
                                        read_tiles, write_feature_store, write_tile_shard)
+from medrobust.io.zarr_chunks import read_array
 
 
 def _cut(path):
@@ -102,3 +104,12 @@ def test_a_store_whose_arrays_disagree_on_their_rows_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"images\.zarr: .*\(images 3, labels 3, splits 2, "
                                          r"sample_ids 3, n_images 3\)"):
         open_image_store(tmp_path / "images.zarr")
+
+
+def test_an_array_written_by_zarr_itself_keeps_zarrs_reading(tmp_path):
+    """Without the mark (zarr's own stores, or medrobust's before it), an absent chunk may be
+    one zarr chose not to write, so it reads as the fill value, as zarr reads it."""
+    array = zarr.create_array(tmp_path / "plain.zarr", data=np.arange(6.0).reshape(3, 2),
+                              chunks=(1, 2))
+    (tmp_path / "plain.zarr" / "c" / "1" / "0").unlink()
+    np.testing.assert_array_equal(read_array(array, [1, 2]), [[0, 0], [4, 5]])
