@@ -865,3 +865,17 @@ def test_the_text_under_a_picture_stays_clear_of_the_row_below():
     figure.draw_without_rendering()
     upper, lower = figure.axes[0], figure.axes[4]
     assert upper.xaxis.label.get_window_extent().y0 > lower.title.get_window_extent().y1
+
+
+def test_a_perturbations_severities_run_from_the_mildest_to_the_harshest():
+    """A low-pass filter is harsher as its radius shrinks: its columns once ran 2 to 16 in one
+    table and 16 to 2 in the next."""
+    rows = [{"kind": "clean", "perturbation": None, "severity": None}]
+    rows += [{"kind": "perturbation", "perturbation": name, "severity": severity}
+             for name in ("lowpass", "gaussian_noise") for severity in (2.0, 16.0, 4.0)]
+    robustness = pd.DataFrame([{**dict.fromkeys(METRIC_KEYS), "model": "m", "dataset": "d",
+                                "family": "image", "threat_model": None, **row}
+                               for row in rows])
+    headers = page.study_table(robustness, ["perturbation"])["headers"]
+    assert headers == ["clean", *(f"gaussian_noise severity {s}" for s in (2, 4, 16)),
+                       *(f"lowpass severity {s}" for s in (16, 4, 2))], headers

@@ -6,6 +6,8 @@ perturbation classes; `build_perturbation` makes one at a given severity.
 
 from __future__ import annotations
 
+import math
+
 from medrobust.errors import ConfigError, unknown_name
 from medrobust.perturbations.base import Perturbation
 from medrobust.perturbations.blur import GaussianBlur
@@ -40,3 +42,11 @@ def build_perturbation(name: str, severity: float, **params) -> Perturbation:
 
 __all__ = ["PERTURBATIONS", "Perturbation", "GaussianNoise", "LowPass", "HighPass",
            "FourierBasisNoise", "GaussianBlur", "JPEG", "StainShift", "build_perturbation"]
+
+
+def harshness(name: str, severity: float) -> float:
+    """A key that orders a perturbation's severities from the mildest to the harshest: the
+    severity itself, or its negative where the perturbation weakens as it grows (a low-pass
+    radius, a JPEG quality: those whose clean severity is infinite)."""
+    weakens = not math.isfinite(getattr(PERTURBATIONS.get(name), "clean_severity", 0.0))
+    return -float(severity) if weakens else float(severity)

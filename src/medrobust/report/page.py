@@ -40,6 +40,7 @@ from medrobust.io.result_files import (
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, read_history
+from medrobust.perturbations import harshness
 from medrobust.perturbations.fourier import gaussian_lowpass_mask
 from medrobust.report import figures
 from medrobust.report.provenance import applicable_config, class_counts, provenance
@@ -284,8 +285,11 @@ def study_table(robustness: pd.DataFrame, kinds: Sequence[str]) -> dict[str, Any
     """Rows = models, columns = conditions of `kinds` (clean first); accuracy and AUC cells."""
     rows = robustness[robustness["kind"].isin(["clean", *kinds])]
     order = {kind: index for index, kind in enumerate(["clean", *kinds])}
-    conditions = rows.assign(_order=rows["kind"].map(order)).sort_values(
-        ["_order", "attack", "perturbation", "norm", "epsilon", "severity", "threat_model",
+    # a perturbation's severities from the mildest to the harshest
+    harsh = [harshness(row["perturbation"], row["severity"])
+             if row["kind"] == "perturbation" else None for _, row in rows.iterrows()]
+    conditions = rows.assign(_order=rows["kind"].map(order), _harshness=harsh).sort_values(
+        ["_order", "attack", "perturbation", "norm", "epsilon", "_harshness", "threat_model",
          "source_model"], na_position="first")
     conditions = conditions[~conditions.apply(column_key, axis=1).duplicated()]
     headers = [condition_label(row) for _, row in conditions.iterrows()]
@@ -470,7 +474,7 @@ def image_figures(robustness: pd.DataFrame, evaluations: Sequence[Mapping[str, A
                 perturbed.setdefault(entry["row"]["perturbation"], []).append(
                     (float(entry["row"]["severity"]), open_image_store(path), entry["models"]))
         for name, members in sorted(perturbed.items()):
-            members.sort(key=lambda member: member[0])
+            members.sort(key=lambda member: harshness(name, member[0]))  # mildest first
             found[f"perturbation_strip_{dataset}_{name}"] = (
                 perturbation_strip(clean, members, name, clean_models, predictions,
                                    min(n_examples, 2)),
