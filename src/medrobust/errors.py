@@ -18,6 +18,8 @@ class InputError(MedrobustError, ValueError):
 
 # what a stage does with an input that raises InputError: stop, or leave it out and go on
 ON_BAD_INPUT = ("fail", "skip")
+# the end of a message about a damaged file one of the workflow's own jobs wrote
+RERUN = "rerun the job that wrote it"
 
 
 def check_choice(what: str, value, allowed) -> None:

@@ -86,13 +86,14 @@ def read_slide_index(paths: str | os.PathLike | Sequence[str | os.PathLike], kin
         # a line cut short loses cells or digits of its count; a row cut or removed whole
         # leaves every row's count too high, and no row at all leaves no count
         for line, row in enumerate(rows or [[]], start=2):
-            problem = (f"{len(row)} cells for the header's {len(header)}"
-                       if len(row) != len(header) else
-                       f"{COUNT_COLUMN} is {row[-1]!r}, but there are {len(rows)} slide rows"
-                       if row[-1] != str(len(rows)) else None)
-            if problem:
-                raise InputError(f"{path}: line {line}: {problem}; the index is damaged or cut "
-                                 f"short (snakemake --forcerun {path} rewrites it)")
+            if len(row) != len(header):
+                problem = f"{len(row)} cells for the header's {len(header)}"
+            elif row[-1] != str(len(rows)):
+                problem = f"{COUNT_COLUMN} is {row[-1]!r}, but there are {len(rows)} slide rows"
+            else:
+                continue
+            raise InputError(f"{path}: line {line}: {problem}; the index is damaged or cut "
+                             f"short (snakemake --forcerun {path} rewrites it)")
         column, split_column = header.index(kind), header.index("split")
         found.extend(row[column] for row in rows if split is None or row[split_column] == split)
     return found

@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 
 from medrobust.config import config_from_mapping
-from medrobust.errors import ConfigError, InputError
+from medrobust.errors import RERUN, ConfigError, InputError
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
-from medrobust.io.result_files import RERUN, read_result_table
+from medrobust.io.result_files import read_result_table
 from medrobust.io.test_split import iter_test_batches
 from medrobust.logs import get_logger
 from medrobust.models.pipeline import load_pipeline

@@ -1,4 +1,4 @@
-"""Reading the tables and records the workflow's own jobs wrote under results/.
+"""Reading the tables, records and pictures the workflow's own jobs wrote under results/.
 
 Such a file, once damaged (cut short, a row lost, a word or NaN where a number
 belongs), must stop its reader with a message naming it: read as it is, it
@@ -17,9 +17,11 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from medrobust.errors import InputError
+from PIL import Image, UnidentifiedImageError
 
-RERUN = "rerun the job that wrote it"
+from medrobust.errors import RERUN, InputError
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the empty end chunk and its checksum
 
 
 def read_result_table(path: str | os.PathLike, what: str, columns: Iterable[str],
@@ -95,3 +97,23 @@ def read_result_record(path: str | os.PathLike, what: str,
                 raise InputError(f"{path}: the {what} lacks {key}; {RERUN}")
             value = value[part]
     return record
+
+
+def read_result_png(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of a PNG file that a job wrote (`what`: "QC picture"), checked whole:
+    one cut short would show on the page as a broken image."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: unreadable {what} ({error})") from error
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            image.verify()   # every chunk and its checksum, but not the end chunk's
+        problem = None if data.endswith(_PNG_END) else "no whole end chunk at its end"
+    except UnidentifiedImageError:
+        problem = "no PNG header"
+    except (OSError, SyntaxError) as error:   # PIL's errors for a chunk cut short or corrupt
+        problem = str(error)
+    if problem:
+        raise InputError(f"{path}: damaged PNG {what} ({problem}); {RERUN}")
+    return data

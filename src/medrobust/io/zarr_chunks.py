@@ -21,10 +21,10 @@ from typing import Any, Mapping
 import numpy as np
 import zarr
 
-from medrobust.errors import InputError
+from medrobust.errors import RERUN, InputError
 
 EVERY_CHUNK_WRITTEN = "every_chunk_written"
-DAMAGED = "the store is damaged; rerun the job that wrote it"
+DAMAGED = f"the store is damaged; {RERUN}"
 
 
 def create_array(group: zarr.Group, name: str, **kwargs: Any) -> zarr.Array:

@@ -37,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medrobust.config import config_from_mapping
-from medrobust.errors import ConfigError, InputError, MedrobustError, unknown_name
-from medrobust.io.result_files import RERUN, read_result_record
+from medrobust.errors import RERUN, ConfigError, InputError, MedrobustError, unknown_name
+from medrobust.io.result_files import read_result_record
 from medrobust.io.atomic import atomic_path, set_default_mode, write_json
 
 IMAGE_CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {}

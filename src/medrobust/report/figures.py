@@ -1,27 +1,22 @@
 """Report figures, rendered off-screen (Agg).
 
 Each function returns a `matplotlib.figure.Figure` (tests inspect its
-layout); `png` renders it, and `read_png` reads a picture that another job drew.
-Figures are built on `Figure` directly, not pyplot, so no global state or display
-backend is involved. Every figure uses constrained layout with its legend outside
-the axes, so a legend never covers data, and every curve carries its interval as a
-band.
+layout); `png` renders it. Figures are built on `Figure` directly, not pyplot, so no
+global state or display backend is involved. Every figure uses constrained
+layout with its legend outside the axes, so a legend never covers data, and
+every curve carries its interval as a band.
 """
 
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
 
-from medrobust.errors import InputError
 from medrobust.perturbations import PERTURBATIONS
 
 _DPI = 100
@@ -43,29 +38,6 @@ def png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI)
     return buffer.getvalue()
-
-
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the empty end chunk and its checksum
-
-
-def read_png(path: str | os.PathLike, what: str) -> bytes:
-    """The bytes of a PNG file that a job wrote (`what`: "QC picture"), checked whole:
-    one cut short would show on the page as a broken image."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise InputError(f"{path}: unreadable {what} ({error})") from error
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            image.verify()   # every chunk and its checksum, but not the end chunk's
-        problem = None if data.endswith(_PNG_END) else "no whole end chunk at its end"
-    except UnidentifiedImageError:
-        problem = "no PNG header"
-    except (OSError, SyntaxError) as error:   # PIL's errors for a chunk cut short or corrupt
-        problem = str(error)
-    if problem:
-        raise InputError(f"{path}: damaged PNG {what} ({problem}); rerun the job that wrote it")
-    return data
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -27,7 +27,7 @@ import yaml
 from medrobust import __version__
 from medrobust.config import defense_labels, mil_baselines
 from medrobust.data.manifest import MANIFEST_NAME, read_manifest
-from medrobust.errors import InputError
+from medrobust.errors import RERUN, InputError
 from medrobust.evaluate.fourier_heatmap import read_heatmap
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS
 from medrobust.evaluate import lesion_visibility
@@ -36,7 +36,7 @@ from medrobust.evaluate.statistics import smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.io.result_files import (
-    RERUN, check_numbers, read_result_record, read_result_table)
+    check_numbers, read_result_png, read_result_record, read_result_table)
 from medrobust.io.slide_stores import open_tile_store
 from medrobust.logs import get_logger
 from medrobust.models.registry import CONFIG_FILE, read_history
@@ -66,10 +66,7 @@ def _environment() -> jinja2.Environment:
     environment.filters["num"] = format_number
     environment.filters["signed"] = lambda value: format_number(value, signed=True)
     environment.filters["pvalue"] = format_p_value
-    # in a sentence: "p < 0.001", "p = 0.017"
-    environment.filters["p_clause"] = lambda value: (
-        f"p {format_p_value(value)}" if format_p_value(value).startswith("<")
-        else f"p = {format_p_value(value)}")
+    environment.filters["p_clause"] = format_p_value_clause
     return environment
 
 
@@ -102,6 +99,12 @@ def format_p_value(value: Any) -> str:
     if _missing(value):
         return "–"
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def format_p_value_clause(value: Any) -> str:
+    """In a sentence: "p < 0.001", "p = 0.017"."""
+    shown = format_p_value(value)
+    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
 
 
 # robustness.json's columns that hold text, flags or null; every other one a number or null
@@ -694,7 +697,7 @@ def slide_qc_figures(slides: Mapping[str, Sequence[tuple[dict[str, Any], str]]]
                        f"{attrs['target_mpp']:g} µm/px; green: tissue outline, blue: tiles kept "
                        f"(tissue fraction ≥ {attrs['tissue_threshold']:g}).")
         found[f"slide_qc_{dataset}_{attrs['slide_id']}"] = (
-            figures.read_png(picture, "QC picture"), caption)
+            read_result_png(picture, "QC picture"), caption)
     return found
 
 

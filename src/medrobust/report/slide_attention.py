@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from medrobust.errors import InputError
+from medrobust.errors import RERUN, InputError
 from medrobust.evaluate.attention_files import HEATMAPS, LOCALISATION_TABLE, SUMMARY
-from medrobust.io.result_files import RERUN, read_result_record, read_result_table
+from medrobust.io.result_files import read_result_png, read_result_record, read_result_table
 from medrobust.report import figures
 
 MAX_HEATMAPS = 24   # per model: the page inlines each one
@@ -81,7 +81,7 @@ def attention_section(runs: Sequence[str | os.PathLike],
             where = ("no tumour mask" if slide not in auc else "localisation AUC undefined"
                      if pd.isna(value) else f"localisation AUC {value:.3f}")
             names.append(f"attention_{model}_{slide}")
-            found[names[-1]] = (figures.read_png(picture, "attention heatmap"),
+            found[names[-1]] = (read_result_png(picture, "attention heatmap"),
                                 f"{model}: {slide} ({where})")
         mean = summary["localisation"]["mean_auc"]
         models.append({"model": model, "dataset": summary["dataset"],

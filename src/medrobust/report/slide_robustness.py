@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from medrobust.errors import InputError
+from medrobust.errors import RERUN, InputError
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS, METRICS, PREDICTIONS, RUN
 from medrobust.evaluate.statistics import comparison_columns, paired_comparison
 from medrobust.io.result_files import (
-    RERUN, check_numbers, read_result_record, read_result_table)
+    check_numbers, read_result_record, read_result_table)
 from medrobust.report import figures
 
 
