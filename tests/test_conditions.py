@@ -72,6 +72,7 @@ def test_evaluation_records_carry_the_condition_fields_and_files():
         "store": "results/attacks/mammo/from_surrogate/fgsm-eps2.5.zarr",
         "store_run": "results/attacks/mammo/from_surrogate",
         "evaluation_run": "results/evaluate/mammo/baseline",
+        "operating_point": "results/evaluate/mammo/baseline/operating_point.json",
         "metrics": "results/evaluate/mammo/baseline/fgsm-eps2.5-from-surrogate.json",
         "predictions": "results/evaluate/mammo/baseline/fgsm-eps2.5-from-surrogate.csv"}
     slide = by_key[("abmil", "clean")]

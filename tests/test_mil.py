@@ -239,6 +239,8 @@ def test_evaluation_matches_a_hand_computation(tmp_path):
         ("s4", "normal", "test", [[0, 1], [0, 1]]),   # sigmoid(1), wrong
         ("s5", "tumor", "train", [[0, 9]]),           # other split: not evaluated
         ("s6", "tumor", "test", np.zeros((0, 2))),    # no tiles: left out
+        ("v1", "normal", "val", [[0, 2]]),            # val: sigmoid(2), the operating point's
+        ("v2", "tumor", "val", [[0, 4]]),             # sigmoid(4)
     ]
     paths = [_feature_store(tmp_path / f"{slide}.zarr", slide, label, split, features)
              for slide, label, split, features in slides]
@@ -263,6 +265,11 @@ def test_evaluation_matches_a_hand_computation(tmp_path):
                 "accuracy": 0.5, "auc": 0.625}
     assert json.loads((tmp_path / "out/clean.json").read_text()) == expected
     assert metrics == expected
+    # chosen on the val slides, midway between their scores; the test slides' own best
+    # threshold would lie between sigmoid(-1) and sigmoid(1)
+    point = json.loads((tmp_path / "out/operating_point.json").read_text())
+    assert point["threshold"] == pytest.approx((sigmoid(2) + sigmoid(4)) / 2, rel=1e-6)
+    assert (point["chosen_on"], point["n"], point["n_positive"]) == ("val", 2, 1)
 
 
 def test_evaluation_refuses_features_from_other_weights(tmp_path):

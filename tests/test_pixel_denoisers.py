@@ -333,9 +333,8 @@ def test_evaluation_records_detection_and_clean_false_positive_rates(detector_st
                               ["test"] * len(noisy), perturbation="gaussian_noise",
                               severity=0.3)
     records = evaluate_image_classifier(
-        classifier, {"clean": store, "noise": noisy_store}, tmp_path / "run",
-        denoiser_dir=reformer_dir, detector={**DETECTOR, "false_positive_rate": 0.1},
-        validation_store=store)
+        classifier, {"clean": store, "noise": noisy_store}, store, tmp_path / "run",
+        denoiser_dir=reformer_dir, detector={**DETECTOR, "false_positive_rate": 0.1})
     # on clean test images, the false positives: about the 10 % allowed on validation images
     assert 0.03 <= records["clean"]["detection_rate"] <= 0.2
     assert records["noise"]["detection_rate"] > 0.9  # heavy noise: the reformer cannot rebuild it
@@ -349,7 +348,7 @@ def test_evaluation_records_detection_and_clean_false_positive_rates(detector_st
 def test_the_detector_needs_a_reformer(store, tmp_path):
     with pytest.raises(InputError, match="reformer"):
         evaluate_image_classifier(save_classifier(tmp_path / "target"), {"clean": store},
-                                  tmp_path / "run", detector=DETECTOR, validation_store=store)
+                                  store, tmp_path / "run", detector=DETECTOR)
     assert not (tmp_path / "run").exists()
 
 

@@ -35,6 +35,8 @@ PERTURBATION_RUN = "results/perturbations/{dataset}/{perturbation}"
 PERTURBATION_STORE = "severity{severity}.zarr"  # in PERTURBATION_RUN, one per severity
 EVALUATION_RUN = "results/evaluate/{dataset}/{model}"
 DETECTOR_FILE = "detector.json"  # in EVALUATION_RUN, for a model with MagNet's detector
+# in EVALUATION_RUN, every model's: the threshold chosen on its clean val predictions
+OPERATING_POINT_FILE = "operating_point.json"
 FOURIER_HEATMAP = "results/fourier_heatmap/{dataset}/{model}.csv"
 LESION_VISIBILITY_RUN = "results/lesion_visibility/{dataset}"
 LOWPASS = "lowpass"  # the perturbation the lesion visibility analysis sweeps
@@ -169,9 +171,10 @@ def evaluation_tables(condition: str) -> dict[str, str]:
 
 
 def evaluation_files(dataset: str, model: str, condition: str) -> dict[str, str]:
-    """The evaluation run (the job output) of `model` and its tables for `condition`."""
+    """The evaluation run (the job output) of `model`, its tables for `condition` and the
+    model's operating point."""
     run = EVALUATION_RUN.format(dataset=dataset, model=model)
-    return {"evaluation_run": run,
+    return {"evaluation_run": run, "operating_point": f"{run}/{OPERATING_POINT_FILE}",
             **{kind: f"{run}/{name}" for kind, name in evaluation_tables(condition).items()}}
 
 
@@ -181,8 +184,9 @@ def plan_evaluations(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     A record holds `family, model, dataset`, the condition's fields (`condition`
     (its name), `kind, attack, epsilon, source, perturbation, severity`), the
     image `store` it reads (None for slide models) and its `metrics` and
-    `predictions` files, and the job outputs that hold them: `store_run` (see
-    `Condition.run`; None for slide models) and `evaluation_run`. Two
+    `predictions` files, the model's `operating_point` file, and the job outputs
+    that hold them: `store_run` (see `Condition.run`; None for slide models) and
+    `evaluation_run`. Two
     conditions that would share a name are refused (`all_conditions`).
     """
     all_conditions(config)

@@ -2,8 +2,9 @@
 # under (clean, each attack at each budget, each perturbation at each
 # severity), in one job: the model loads once, and a condition costs a few
 # forward passes where a job of its own would cost seconds of start-up. A
-# model with a pixel denoiser is evaluated behind it; MagNet's detector sets
-# its thresholds on the clean store's validation split.
+# model with a pixel denoiser is evaluated behind it. On the clean store's
+# validation split the job chooses the model's operating point, and MagNet's
+# detector sets its thresholds.
 
 
 rule evaluate_image_classifier:

@@ -8,9 +8,9 @@ with script_logging(snakemake):
     evaluate_image_classifier(
         Path(snakemake.input.model).parent,
         snakemake.params.conditions,
+        snakemake.input.clean,
         snakemake.output[0],
         device=select_device(snakemake.params.device, threads=snakemake.threads),
         denoiser_dir=snakemake.params.denoiser,
         detector=snakemake.params.detector,
-        validation_store=snakemake.input.clean,
     )

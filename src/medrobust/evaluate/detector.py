@@ -28,6 +28,7 @@ from torch import nn
 
 from medrobust.errors import InputError
 from medrobust.io.image_store import ImageStore
+from medrobust.io.test_split import iter_index_batches
 from medrobust.logs import get_logger
 from medrobust.models.pipeline import DenoisedClassifier
 from medrobust.models.pixel_denoisers import DetectorSettings, Reformer
@@ -126,11 +127,10 @@ def fit_detector(model: nn.Module, settings: DetectorSettings | Mapping, store: 
     if index.size == 0:
         raise InputError(f"{store.path}: the detector sets its thresholds on the val split, "
                          "which is empty")
-    batches = []
-    for start in range(0, index.size, batch_size):
-        images = store.read(index[start:start + batch_size])
-        batches.append(detector_scores(model.denoiser, model.classifier, torch.as_tensor(
-            images, dtype=torch.float32, device=device), settings)[0])
+    batches = [detector_scores(model.denoiser, model.classifier, torch.as_tensor(
+                   images, dtype=torch.float32, device=device), settings)[0]
+               for images, _ in iter_index_batches(store, index, batch_size,
+                                                   desc="detector thresholds")]
     scores = {name: torch.cat([batch[name] for batch in batches]).cpu().numpy()
               for name in batches[0]}
     thresholds = fit_thresholds(scores, settings.false_positive_rate, settings.scope)

@@ -30,7 +30,13 @@ def nonempty_test_index(store: ImageStore) -> np.ndarray:
 def iter_test_batches(store: ImageStore, batch_size: int,
                       desc: str = "test batches") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, labels) of the test split in store order, one batch in memory at a time."""
-    index = nonempty_test_index(store)
+    return iter_index_batches(store, nonempty_test_index(store), batch_size, desc)
+
+
+def iter_index_batches(store: ImageStore, index: np.ndarray, batch_size: int,
+                       desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) of the samples at `index` (positions, e.g. of one split), in
+    batches."""
     for start in progress(range(0, index.size, batch_size), desc=desc, unit="batch"):
         chunk = index[start:start + batch_size]
         yield store.read(chunk), store.labels[chunk]

@@ -8,8 +8,8 @@ probabilities). From the predictions this module computes, with
 - one row per (model, condition) with intervals for accuracy, balanced
   accuracy, AUC, sensitivity and specificity (robustness.csv), and for
   two-class models the sensitivity at the clean operating point: the
-  threshold chosen on the model's clean predictions
-  (`statistics.operating_threshold`), kept fixed under every condition;
+  threshold its evaluation chose on the clean val split
+  (`evaluate.operating_point`), kept fixed under every condition;
 - derived rows per attacked model: the *worst case* at each epsilon and
   threat model (an image counts as robust only if it survives every attack run
   there, as RobustBench counts) and the *mean over perturbations*;
@@ -34,9 +34,10 @@ import pandas as pd
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import DESCRIPTION_KEYS, Evaluation, read_evaluation
+from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
     COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, bootstrap_mean, classification_statistics,
-    comparison_columns, interval_columns, mcnemar_exact, operating_threshold,
+    comparison_columns, interval_columns, mcnemar_exact,
     paired_bootstrap_difference, paired_comparison, sensitivity_at_threshold,
     smallest_detectable_difference)
 from medrobust.io.atomic import atomic_path, write_json
@@ -119,15 +120,6 @@ def _per_class_rows(description: Mapping[str, Any], statistics: Mapping[str, Any
     return rows
 
 
-def clean_threshold(evaluations: Sequence[Evaluation]) -> float | None:
-    """A two-class model's operating point, chosen on its clean predictions (the score is
-    P(classes[1])); None for more classes or without a clean evaluation."""
-    for evaluation in evaluations:
-        if evaluation.description["kind"] == "clean" and len(evaluation.classes) == 2:
-            return operating_threshold(evaluation.labels, evaluation.probabilities[:, 1])
-    return None
-
-
 def worst_case(evaluations: Sequence[Evaluation]) -> Evaluation:
     """Per image, the attack's outcome that is worst for the model.
 
@@ -175,10 +167,12 @@ class Summary:
 
 def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
               statistics: StatisticsConfig = StatisticsConfig(),
-              baselines: Mapping[str, str] | None = None) -> Summary:
+              baselines: Mapping[str, str] | None = None,
+              thresholds: Mapping[str, float | None] | None = None) -> Summary:
     """All tables from the evaluations; `defenses` maps each model to its defense or "none";
     `baselines` maps a model to the one model it is compared against instead (an MHIM-MIL
-    slide model to its base model, `config.mil_baselines`)."""
+    slide model to its base model, `config.mil_baselines`); `thresholds` a two-class
+    model to its operating point on P(classes[1]) (None or absent: none)."""
     by_model: dict[tuple[str, str], list[Evaluation]] = {}
     for evaluation in evaluations:
         key = (evaluation.description["dataset"], evaluation.description["model"])
@@ -187,7 +181,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     rows, per_class, matrices = [], [], []
     paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | np.ndarray]]] = {}
     for key, model_evaluations in by_model.items():
-        threshold = clean_threshold(model_evaluations)
+        threshold = (thresholds or {}).get(key[1])
 
         def with_operating_point(stats: dict, outcome: Evaluation) -> dict:
             if threshold is not None:
@@ -229,7 +223,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                         "exact binomial (Clopper-Pearson)",
                     "sensitivity at the clean operating point (two classes)":
                         "exact binomial (Clopper-Pearson), the threshold (maximal Youden's J "
-                        "on the model's clean predictions) taken as fixed",
+                        "on the model's clean validation predictions) taken as fixed",
                     "AUC of two classes, per-class (one-vs-rest) AUC":
                         "Newcombe's score interval (Mann-Whitney, method 5)",
                     "balanced accuracy (with more classes also the macro sensitivity)":
@@ -445,11 +439,14 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
                           out_json: str | os.PathLike, per_class_csv: str | os.PathLike,
                           comparisons_csv: str | os.PathLike,
                           baselines: Mapping[str, str] | None = None) -> Summary:
-    """Read every evaluation record ({metrics, predictions} paths) and write the tables."""
+    """Read every evaluation record ({metrics, predictions, operating_point} paths) and write
+    the tables."""
     settings = StatisticsConfig.from_mapping(statistics)
     evaluations = [read_evaluation(record["metrics"], record["predictions"])
                    for record in records]
-    summary = summarize(evaluations, defenses, settings, baselines)
+    points = {record["model"]: record["operating_point"] for record in records}
+    thresholds = {model: read_operating_point(path)["threshold"] for model, path in points.items()}
+    summary = summarize(evaluations, defenses, settings, baselines, thresholds)
     write_summary(summary, out_csv, out_json, per_class_csv, comparisons_csv)
     log.info("summarised %d evaluations into %d rows and %d paired comparisons",
              len(evaluations), len(summary.robustness), len(summary.comparisons))
