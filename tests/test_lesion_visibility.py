@@ -14,6 +14,7 @@ from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.data.sources import fetch_dataset
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate import lesion_visibility as lv
+from medrobust.evaluate.statistics import clopper_pearson
 from medrobust.evaluate.metrics import METRIC_KEYS, prediction_table
 from medrobust.perturbations.fourier import LowPass
 from medrobust.preprocess.images import (ImagePreprocessConfig, Placement, build_image_store,
@@ -85,8 +86,9 @@ def test_a_small_radius_erases_a_speck_and_leaves_a_large_mass():
     assert filtered["cnr"][0] < clean["cnr"][0]
 
 
-def test_visibility_table_counts_detectable_lesions_with_exact_intervals():
-    measures = pd.DataFrame({"level": ["clean"] * 4, "lesion_type": ["calcification"] * 3 + ["mass"],
+def test_visibility_table_counts_detectable_lesions_with_intervals_over_images():
+    measures = pd.DataFrame({"sample_id": ["a", "b", "c", "a"], "level": ["clean"] * 4,
+                             "lesion_type": ["calcification"] * 3 + ["mass"],
                              "cnr": [1.0, 2.0, 6.0, 4.0], "detectable": [True, False, True, True]})
     table = lv.visibility_table(measures, 0.95).set_index("lesion_type")
     assert table.loc["calcification", "detectable"] == pytest.approx(2 / 3)
@@ -94,7 +96,17 @@ def test_visibility_table_counts_detectable_lesions_with_exact_intervals():
     assert table.loc["calcification", "cnr_median"] == pytest.approx(2.0)
     assert 0 < table.loc["calcification", "detectable_low"] < 2 / 3 < table.loc[
         "calcification", "detectable_high"] < 1
-    assert table.loc["mass", "n_lesions"] == 1
+    assert table.loc["mass", "n_lesions"] == 1 and table.loc["calcification", "n_images"] == 3
+
+
+def test_lesions_of_one_image_count_once_in_the_visibility_interval():
+    """Four images of ten specks each, all of an image detectable or none: four draws."""
+    measures = pd.DataFrame({"sample_id": np.repeat(list("abcd"), 10), "level": "clean",
+                             "lesion_type": "calcification", "cnr": 1.0,
+                             "detectable": np.repeat([True, True, True, False], 10)})
+    row = lv.visibility_table(measures, 0.95).iloc[0]
+    assert (row["n_lesions"], row["n_images"], row["detectable"]) == (40, 4, 0.75)
+    assert row["detectable_low"] < clopper_pearson(3, 4).low
 
 
 def _evaluation(folder, sample_ids, labels, predicted):
@@ -277,7 +289,7 @@ def _lines(path, change):
      r"sensitivity\.csv: the lesion sensitivity table is cut short"),
     # shown as "–"
     (lambda out: _lines(out / "visibility.csv", lambda lines: [
-        *lines[:2], ",".join(lines[2].split(",")[:6] + ["nan"] + lines[2].split(",")[7:]),
+        *lines[:2], ",".join(lines[2].split(",")[:7] + ["nan"] + lines[2].split(",")[8:]),
         *lines[3:]]), r"visibility\.csv: line 3: detectable must be a finite number"),
     (lambda out: (out / "crops.npz").write_bytes((out / "crops.npz").read_bytes()[:1000]),
      r"crops\.npz: unreadable lesion crops"),

@@ -98,7 +98,7 @@ def lesion_folder(root):
     folder.mkdir(parents=True)
     levels = [("clean", None), ("lowpass-8", 8.0), ("lowpass-2", 2.0)]
     pd.DataFrame([{"level": level, "radius": radius, "lesion_type": kind, "n_lesions": 10,
-                   "cnr_mean": 3.0, "cnr_median": 2.9, "detectable": 0.7,
+                   "n_images": 4, "cnr_mean": 3.0, "cnr_median": 2.9, "detectable": 0.7,
                    "detectable_low": 0.35, "detectable_high": 0.93}
                   for level, radius in levels for kind in ("mass", "calcification")]
                  ).to_csv(folder / "visibility.csv", index=False)

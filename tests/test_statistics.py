@@ -13,7 +13,8 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
     AUC_MOVER, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, WILSON_MOVER, Interval,
-    auc_score, bootstrap_mean, classification_statistics, clopper_pearson, jsonable,
+    KORN_GRAUBARD, auc_score, bootstrap_mean, classification_statistics, clopper_pearson,
+    clustered_proportion, jsonable,
     mcnemar_exact, model_auc, mover_wilson, newcombe_auc, newcombe_paired_difference,
     operating_threshold, paired_auc_difference, paired_bootstrap_difference, paired_comparison,
     sensitivity_at_threshold, smallest_detectable_difference)
@@ -67,6 +68,53 @@ def test_clopper_pearson_of_no_trials_is_undefined():
 def test_clopper_pearson_rejects_bad_counts(successes, trials, message):
     with pytest.raises(InputError, match=message):
         clopper_pearson(successes, trials)
+
+
+def test_a_clustered_proportion_of_whole_clusters_is_as_wide_as_its_clusters_count():
+    """Ten images whose eight lesions are all detectable or all not hold ten draws, not 80."""
+    successes = np.repeat([True] * 5 + [False] * 5, 8)
+    interval = clustered_proportion(successes, np.repeat(np.arange(10), 8))
+    assert interval.estimate == 0.5 and interval.method == KORN_GRAUBARD
+    per_image, per_lesion = clopper_pearson(5, 10), clopper_pearson(40, 80)
+    assert interval.low <= per_image.low and interval.high >= per_image.high
+    assert interval.high - interval.low > 2 * (per_lesion.high - per_lesion.low)
+
+
+def test_a_clustered_proportion_of_one_unit_per_cluster_is_the_exact_interval_at_n_minus_1():
+    """With every cluster a single unit the linearised variance is p(1-p)/(n-1), as R's
+    svyciprop(method = "beta") finds for a simple random sample."""
+    from scipy.stats import beta
+
+    successes = np.array([True] * 13 + [False] * 7)
+    interval = clustered_proportion(successes, np.arange(20))
+    x = 0.65 * 19
+    assert (interval.low, interval.high) == pytest.approx(
+        (beta.ppf(0.025, x, 19 - x + 1), beta.ppf(0.975, x + 1, 19 - x)), rel=1e-9)
+    exact = clopper_pearson(13, 20)
+    assert interval.low == pytest.approx(exact.low, abs=0.02)
+    assert interval.high == pytest.approx(exact.high, abs=0.02)
+
+
+def test_a_clustered_proportion_at_one_is_wider_for_few_clusters():
+    """Every lesion detectable: no variance to estimate, but 11 images' degrees of freedom
+    still widen the interval beyond the 83 lesions' exact one."""
+    clusters = np.arange(83) % 11
+    interval = clustered_proportion(np.ones(83, bool), clusters)
+    assert interval.estimate == 1.0 and interval.high == 1.0
+    assert interval.low < clopper_pearson(83, 83).low - 0.005
+
+
+def test_two_clusters_that_disagree_say_almost_nothing():
+    interval = clustered_proportion(np.repeat([True, False], 10), np.repeat([0, 1], 10))
+    assert interval.low < 0.05 and interval.high > 0.95
+
+
+def test_a_clustered_proportion_of_one_cluster_or_no_units():
+    assert clustered_proportion(np.array([True, False, True]), np.zeros(3)) == Interval(
+        2 / 3, 0.0, 1.0, KORN_GRAUBARD)
+    assert clustered_proportion(np.array([], bool), np.array([])).estimate is None
+    with pytest.raises(InputError, match="one cluster per unit"):
+        clustered_proportion(np.array([True, False]), np.zeros(3))
 
 
 def test_interval_as_dict_and_jsonable():

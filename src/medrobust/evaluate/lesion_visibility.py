@@ -34,7 +34,7 @@ from medrobust.config import config_from_mapping
 from medrobust.data.lesions import LesionMask, read_lesion_masks
 from medrobust.errors import InputError
 from medrobust.evaluate.metrics import read_evaluation
-from medrobust.evaluate.statistics import clopper_pearson
+from medrobust.evaluate.statistics import clopper_pearson, clustered_proportion
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
@@ -146,13 +146,17 @@ def measure_lesions(images: np.ndarray, lesions: Sequence[StoreLesion], level: s
 
 
 def visibility_table(measures: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """Per (level, lesion type): lesions, mean and median CNR, detectable fraction with its
-    exact interval."""
+    """Per (level, lesion type): lesions and the images they lie in, mean and median CNR,
+    detectable fraction with its interval; lesions of one image are not independent
+    (one image's contrast and noise are every speck's), so the interval counts images
+    (`statistics.clustered_proportion`)."""
     rows = []
     for (level, lesion_type), group in measures.groupby(["level", "lesion_type"], sort=False):
-        detected = clopper_pearson(int(group["detectable"].sum()), len(group), confidence)
+        detected = clustered_proportion(group["detectable"].to_numpy(dtype=bool),
+                                        group["sample_id"].to_numpy(), confidence)
         finite = group["cnr"][np.isfinite(group["cnr"])]
         rows.append({"level": level, "lesion_type": lesion_type, "n_lesions": len(group),
+                     "n_images": group["sample_id"].nunique(),
                      "cnr_mean": finite.mean(), "cnr_median": finite.median(),
                      "detectable": detected.estimate, "detectable_low": detected.low,
                      "detectable_high": detected.high})

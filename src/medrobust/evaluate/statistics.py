@@ -6,7 +6,9 @@ specificity) get exact binomial (Clopper-Pearson) intervals; a two-class (or
 one-vs-rest) AUC gets Newcombe's score interval and balanced accuracy, a mean
 of independent per-class recalls, the MOVER of their Wilson score intervals:
 unlike a bootstrap, neither shrinks to a point when the test set happens to be
-classified perfectly. Macro averages over more classes, whose per-class terms
+classified perfectly. A proportion of units that come in clusters (lesions
+in images) gets Korn and Graubard's exact interval at the clustered
+effective size. Macro averages over more classes, whose per-class terms
 share samples, get a percentile bootstrap that resamples within each true
 class, so every resample keeps the test set's class counts. Two models scored
 on the same samples are compared pairwise: McNemar's exact test on the
@@ -35,6 +37,7 @@ NEWCOMBE = "Newcombe score interval (Mann-Whitney, method 5)"
 WILSON_MOVER = "MOVER of Wilson score intervals (Zou & Donner 2008)"
 NEWCOMBE_PAIRED = "Newcombe paired score interval (1998, method 10)"
 AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
+KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
 PAIRED = "paired bootstrap (percentile)"
 
@@ -157,6 +160,48 @@ def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE)
     high = 1.0 if successes == trials else float(
         beta.ppf(1.0 - tail, successes + 1, trials - successes))
     return Interval(successes / trials, low, high, EXACT)
+
+
+def clustered_proportion(successes: np.ndarray, clusters: np.ndarray,
+                         confidence: float = CONFIDENCE) -> Interval:
+    """The proportion of successes among units that come in clusters (lesions in images),
+    with Korn and Graubard's interval (Survey Methodology 1998;24:193-201).
+
+    Units of one cluster are not independent: eleven images of about eight
+    calcifications each are not 83 draws. The ratio estimate p = Σy/Σm gets
+    its between-cluster (linearised) variance v = k/(k-1) Σ(y_j - p m_j)²/(Σm)²
+    over k clusters; the exact binomial interval is then taken at the
+    effective size n* = p(1-p)/v (at most n: a design effect below 1 is not
+    credited; n where v is 0, as at p = 0 or 1), shrunk by (t_{n-1}/t_{k-1})²
+    for the k - 1 degrees of freedom, as R's `survey::svyciprop(method =
+    "beta")` does. One cluster says nothing of the variation between
+    clusters: its interval is [0, 1].
+    """
+    _check_confidence(confidence)
+    successes = _boolean_vector(successes, "successes")
+    clusters = np.asarray(clusters)
+    if clusters.shape != successes.shape:
+        raise InputError(f"need one cluster per unit, got {clusters.shape} for "
+                         f"{successes.shape}")
+    n = len(successes)
+    if n == 0:
+        return Interval(None, None, None, KORN_GRAUBARD)
+    _, member_of = np.unique(clusters, return_inverse=True)
+    sizes = np.bincount(member_of)
+    hits = np.bincount(member_of, weights=successes)
+    k, p = len(sizes), float(successes.mean())
+    if k < 2:
+        return Interval(p, 0.0, 1.0, KORN_GRAUBARD)
+    variance = k / (k - 1) * float(((hits - p * sizes) ** 2).sum()) / n ** 2
+    effective = n if variance == 0 else min(float(n), p * (1 - p) / variance)
+    tail = (1.0 - confidence) / 2.0
+    from scipy.stats import beta, t  # as in clopper_pearson
+
+    effective *= (t.ppf(tail, n - 1) / t.ppf(tail, k - 1)) ** 2
+    x = p * effective
+    low = 0.0 if p == 0 else float(beta.ppf(tail, x, effective - x + 1))
+    high = 1.0 if p == 1 else float(beta.ppf(1.0 - tail, x + 1, effective - x))
+    return Interval(p, low, high, KORN_GRAUBARD)
 
 
 def newcombe_auc(auc: float | None, n_positive: int, n_negative: int,

@@ -297,7 +297,7 @@ def _levels_axis(axes: Axes, levels: Sequence[float],
 def lesion_visibility_curves(visibility: pd.DataFrame, sensitivity: pd.DataFrame) -> Figure:
     """Lesion visibility against the low-pass radius beside each model's sensitivity.
 
-    Left: the fraction of lesions still detectable (exact bands); middle:
+    Left: the fraction of lesions still detectable (bands clustered by image); middle:
     the median contrast-to-noise ratio; right: sensitivity on calcification-only
     (solid) and mass-only (dashed) positives, per model.
     """

@@ -497,10 +497,10 @@ def _read_lesion_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
              for name in ("visibility", "sensitivity")}
     visibility = read_result_table(
         paths["visibility"], "lesion visibility table",
-        ("level", "radius", "lesion_type", "n_lesions", "cnr_mean", "cnr_median", "detectable",
-         "detectable_low", "detectable_high"),
+        ("level", "radius", "lesion_type", "n_lesions", "n_images", "cnr_mean", "cnr_median",
+         "detectable", "detectable_low", "detectable_high"),
         numbers=("radius", "cnr_mean", "cnr_median"),   # CNR is undefined on a flat ring
-        finite=("n_lesions", "detectable", "detectable_low", "detectable_high"))
+        finite=("n_lesions", "n_images", "detectable", "detectable_low", "detectable_high"))
     intervals = ("sensitivity", "sensitivity_low", "sensitivity_high")
     sensitivity = read_result_table(
         paths["sensitivity"], "lesion sensitivity table",
@@ -573,7 +573,8 @@ def lesion_visibility_views(folders: Sequence[str | os.PathLike], k: float, conf
             f"k = {k:g} standard deviations) and their median contrast-to-noise ratio against "
             "the low-pass radius, beside each model's sensitivity on malignant images with "
             f"calcifications only and with a mass only; "
-            f"{figures.bands_caption([confidence])} (exact).")
+            f"{figures.bands_caption([confidence])} (sensitivity: exact; visibility: exact at "
+            "the effective size of lesions clustered in images, Korn and Graubard).")
         crops = _read_lesion_crops(folder / lesion_visibility.FILES["crops"])
         found[f"lesion_crops_{dataset}"] = (
             lesion_crops_figure(crops, f"{dataset}: lesions under low-pass filtering"),
