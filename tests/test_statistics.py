@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
-    AUC_MOVER, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, WILSON_MOVER, Interval,
+    AUC_MOVER, BOOTSTRAP, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, WILSON_MOVER, Interval,
     KORN_GRAUBARD, auc_score, bootstrap_mean, classification_statistics, clopper_pearson,
     clustered_proportion, jsonable,
     mcnemar_exact, model_auc, mover_wilson, newcombe_auc, newcombe_paired_difference,
@@ -457,14 +457,22 @@ def test_bootstrap_is_fast_enough_for_a_test_set_of_thousands():
 
 def test_bootstrap_mean():
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 500)
     values = rng.random(500)
-    interval = bootstrap_mean(values, labels, n_resamples=300)
+    interval = bootstrap_mean(values, n_resamples=300)
     assert interval.estimate == pytest.approx(values.mean())
     assert interval.low < interval.estimate < interval.high
-    assert interval.method == STRATIFIED
-    assert bootstrap_mean(np.full(10, 0.25), np.arange(10) % 2) == Interval(
-        0.25, 0.25, 0.25, STRATIFIED)
+    assert interval.method == BOOTSTRAP
+    assert bootstrap_mean(np.full(10, 0.25)) == Interval(0.25, 0.25, 0.25, BOOTSTRAP)
+
+
+def test_bootstrap_mean_of_values_set_by_class_is_as_wide_as_an_accuracy():
+    """Benign images survive every perturbation, malignant ones none: the mean is the share
+    of benign images, as uncertain as an accuracy of 0.5 on 40 images, not a fixed number
+    (a bootstrap within each class gave [0.5, 0.5])."""
+    values = np.array([1.0, 0.0] * 20)
+    interval = bootstrap_mean(values, n_resamples=2000)
+    exact = clopper_pearson(20, 40)
+    assert interval.high - interval.low == pytest.approx(exact.high - exact.low, abs=0.06)
 
 
 # ---------------------------------------------------------------- paired comparison
@@ -688,8 +696,8 @@ def test_bad_bootstrap_settings_and_paired_shapes_are_rejected():
         paired_comparison(labels, probabilities, np.full((10, 3), 1 / 3))
     with pytest.raises(InputError, match="same shape"):
         paired_bootstrap_difference(labels, np.ones(10), np.ones(9), lambda y, s: s.mean())
-    with pytest.raises(InputError, match="one value per label"):
-        bootstrap_mean(np.ones(9), labels)
+    with pytest.raises(InputError, match="1-D"):
+        bootstrap_mean(np.ones((3, 3)))
     with pytest.raises(InputError, match="alpha"):
         smallest_detectable_difference(10, alpha=0)
 

@@ -252,8 +252,7 @@ def _localisation_summary(localisation: pd.DataFrame, n_resamples: int, confiden
                           seed: int) -> dict[str, Any]:
     """Mean localisation AUC over the slides where it is defined (tumour and other tiles)."""
     defined = localisation["auc"].dropna().to_numpy(dtype=float)
-    mean = (bootstrap_mean(defined, np.zeros(len(defined), int), n_resamples, seed, confidence)
-            if len(defined) else None)
+    mean = bootstrap_mean(defined, n_resamples, seed, confidence) if len(defined) else None
     return {"n_slides_with_mask": len(localisation), "n_slides_with_auc": len(defined),
             "mean_auc": mean}
 

@@ -39,6 +39,7 @@ NEWCOMBE_PAIRED = "Newcombe paired score interval (1998, method 10)"
 AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
 KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
+BOOTSTRAP = "bootstrap (percentile)"
 PAIRED = "paired bootstrap (percentile)"
 
 # resample index matrices are built this many entries at a time, bounding memory for large n
@@ -648,18 +649,20 @@ def sensitivity_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: 
                            confidence)
 
 
-def bootstrap_mean(values: np.ndarray, labels: np.ndarray, n_resamples: int = N_RESAMPLES,
-                   seed: int = 0, confidence: float = CONFIDENCE) -> Interval:
-    """Mean of per-sample values with a bootstrap interval stratified by label.
+def bootstrap_mean(values: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                   confidence: float = CONFIDENCE) -> Interval:
+    """Mean of per-sample values with a percentile bootstrap interval over the samples.
 
     For per-image quantities such as the fraction of perturbations an image
-    survives, whose mean is not a single binomial proportion.
+    survives, whose mean is not a single binomial proportion. The resamples
+    are not stratified by class: like the exact interval of an accuracy, the
+    interval then includes how the test set's mix of classes could have
+    fallen, which dominates when one class survives far more perturbations
+    than the other.
     """
-    labels = _integer_labels(labels)
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or len(values) != len(labels):
-        raise InputError(f"values must be 1-D with one value per label; got shape "
-                         f"{values.shape} for {len(labels)} labels")
+    if values.ndim != 1:
+        raise InputError(f"values must be 1-D; got shape {values.shape}")
     if not np.all(np.isfinite(values)):
         raise InputError("values contain NaN or infinite values")
     _check_resamples(n_resamples)
@@ -669,7 +672,8 @@ def bootstrap_mean(values: np.ndarray, labels: np.ndarray, n_resamples: int = N_
         means = values[index].mean(axis=1) if len(values) else np.full(index.shape[0], np.nan)
         return {"mean": means}
 
-    return _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED)["mean"]
+    return _bootstrap(statistics, np.zeros(len(values), dtype=np.int64), n_resamples, seed,
+                      confidence, BOOTSTRAP)["mean"]
 
 
 # ---------------------------------------------------------------- two models
@@ -720,13 +724,15 @@ def _check_paired_scores(labels: np.ndarray, scores_a: Any, scores_b: Any,
 def paired_bootstrap_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
                                 statistic: Callable[[np.ndarray, np.ndarray], np.ndarray | float],
                                 n_resamples: int = N_RESAMPLES, seed: int = 0,
-                                confidence: float = CONFIDENCE) -> Interval:
+                                confidence: float = CONFIDENCE,
+                                stratified: bool = True) -> Interval:
     """`statistic(labels, scores_b) - statistic(labels, scores_a)` with a paired bootstrap interval.
 
-    Each resample (stratified by label) draws the same samples for both
-    models, so the difference's interval reflects only how the models differ
-    on the samples, not the sampling of the test set twice. `statistic` may
-    return None (or NaN) where undefined; the estimate is then None.
+    Each resample (`stratified`: within each label, keeping the class counts)
+    draws the same samples for both models, so the difference's interval
+    reflects only how the models differ on the samples, not the sampling of
+    the test set twice. `statistic` may return None (or NaN) where undefined;
+    the estimate is then None.
     """
     labels = _integer_labels(labels)
     a, b = _check_paired_scores(labels, scores_a, scores_b)
@@ -739,7 +745,8 @@ def paired_bootstrap_difference(labels: np.ndarray, scores_a: np.ndarray, scores
             return np.array([np.nan if value is None else float(value) for value in values])
         return evaluate
 
-    return _paired_interval(labels, per_row(a), per_row(b), n_resamples, seed, confidence)
+    strata = labels if stratified else np.zeros_like(labels)
+    return _paired_interval(strata, per_row(a), per_row(b), n_resamples, seed, confidence)
 
 
 def smallest_detectable_difference(n: int, alpha: float = 0.05) -> float | None:

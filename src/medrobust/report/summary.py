@@ -211,10 +211,8 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                 stats["auc"] = None  # images of different attacks: no one ranking to score
                 rows.append(_row(description, stats, outcome.classes))
             else:
-                labels = model_evaluations[0].labels
                 rows.append({**description, "threat_model": None, "n": len(outcome),
-                             **interval_columns("accuracy",
-                                                 bootstrap_mean(outcome, labels, **sampling))})
+                             **interval_columns("accuracy", bootstrap_mean(outcome, **sampling))})
             paired[key][_condition_key(description)] = (description, outcome)
     comparisons = _comparisons(paired, by_model, defenses, statistics, baselines or {})
     settings = {**sampling, "alpha": statistics.alpha,
@@ -230,14 +228,14 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                         "MOVER of the per-class recalls' Wilson score intervals",
                     "macro AUC and specificity (more classes)":
                         "stratified bootstrap over test samples (percentile)",
-                    "mean over perturbations": "stratified bootstrap (percentile)",
+                    "mean over perturbations": "bootstrap over test samples (percentile)",
                     "accuracy difference between two models":
                         "Newcombe's paired score interval (method 10); McNemar's exact test",
                     "AUC difference between two models": "two classes: MOVER of Newcombe's "
                         "AUC intervals with DeLong's correlation; more: paired stratified "
                         "bootstrap (percentile)",
                     "mean over perturbations, difference between two models":
-                        "paired stratified bootstrap (percentile); exact sign test"}}
+                        "paired bootstrap (percentile); exact sign test"}}
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
@@ -363,8 +361,10 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: Stat
                                                **sampling)
                     row.update(comparison_columns(result, with_auc=key[0] != "worst_case"))
                 else:
+                    # not stratified, as bootstrap_mean: the accuracy's intervals are not
                     difference = paired_bootstrap_difference(
-                        labels, reference_outcome, outcome, _mean_statistic, **sampling)
+                        labels, reference_outcome, outcome, _mean_statistic, **sampling,
+                        stratified=False)
                     # the sign test: McNemar's exact test is its binary case, and like it
                     # keeps its level at small n (a percentile interval does not)
                     gain = np.asarray(outcome) - np.asarray(reference_outcome)
