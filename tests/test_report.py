@@ -6,6 +6,7 @@ number the summary and the page state can be checked against a hand count.
 """
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -317,11 +318,13 @@ def test_defense_is_judged_by_a_paired_test_on_the_same_images(results):
     assert clean["verdict"] == "no detectable difference"
     assert clean["accuracy_difference_low"] < 0 <= clean["accuracy_difference_high"]
     assert clean["smallest_detectable_difference"] == pytest.approx(6 / N_TEST)
-    # the mean over perturbations: an exact sign test on per-image fractions (image 20 only)
+    # the mean over perturbations: the exact sign-flip test on per-image counts (image 20 only)
     mean = row(comparisons, "denoising", "mean-perturbation")
-    assert mean["test"] == "exact sign test" and mean["p_value"] == 1.0
+    assert mean["test"] == "exact sign-flip test" and mean["p_value"] == 1.0
     assert (mean["only_model_correct"], mean["only_reference_correct"]) == (1, 0)
     assert mean["verdict"] == "no detectable difference"
+    # 6 images one perturbation (of 2) apart, not 6 images
+    assert mean["smallest_detectable_difference"] == pytest.approx(6 / N_TEST / 2)
     white_box = row(comparisons, "denoising", "fgsm-eps8-from-denoising")
     assert white_box["threat_model"] == "white-box"  # paired with the baseline's own white-box
 
@@ -667,6 +670,58 @@ def test_a_cell_of_a_model_behind_a_detector_shows_what_it_rejected():
     assert "detector" not in str(macros.accuracy_cell(plain))
     assert "detector" not in str(macros.accuracy_cell(_accuracy_cell(
         row.replace({0.125: float("nan")}))))
+
+
+def perturbation_evaluations(model, survived, n_conditions=7):
+    """A model's evaluations under `n_conditions` noise levels, image i right under the first
+    `survived[i]` of them."""
+    survived = np.asarray(survived)
+    labels = np.arange(len(survived)) % 2
+    ids = np.array([f"m{i:03d}" for i in range(len(survived))])
+    evaluations = []
+    for level in range(n_conditions):
+        correct = survived > level
+        true_probability = np.where(correct, 0.8, 0.3)
+        probabilities = np.stack([np.where(labels == 0, true_probability, 1 - true_probability),
+                                  np.where(labels == 1, true_probability, 1 - true_probability)],
+                                 1)
+        description = describe(model, f"gaussian_noise-severity0.{level + 1}")
+        evaluations.append(Evaluation(description, ids, labels, probabilities, CLASSES))
+    return evaluations
+
+
+@pytest.mark.parametrize("gains, losses, verdict", [
+    # twelve images survive one more perturbation of 7, two lose all 7: the sign test
+    # called this significant and the mean (-0.007) made it "hurt"
+    (12, 2, "no detectable difference"),
+    (16, 0, "helped")])
+def test_the_mean_over_perturbations_is_judged_by_how_much_each_image_moved(gains, losses,
+                                                                           verdict):
+    reference = np.array([3] * gains + [7] * losses + [4] * 10)
+    model = reference + np.array([1] * gains + [-7] * losses + [0] * 10)
+    summary = summarize([*perturbation_evaluations("baseline", reference),
+                         *perturbation_evaluations("denoising", model)],
+                        {"baseline": "none", "denoising": "denoising"},
+                        StatisticsConfig(**STATISTICS))
+    comparison = summary.comparisons.set_index("condition").loc["mean-perturbation"]
+    assert comparison["verdict"] == verdict
+    assert comparison["accuracy_difference"] == pytest.approx((gains - 7 * losses) / 7 /
+                                                              len(model))
+    if losses:   # the sign-flip test: sums at least |12 - 14| = 2 units from 0
+        assert comparison["p_value"] > 0.5
+    else:        # every one of 16 images better: 2 / 2^16
+        assert comparison["p_value"] == pytest.approx(2 * 0.5 ** 16)
+
+
+def test_means_over_perturbations_are_paired_by_image_not_by_position():
+    reference = perturbation_evaluations("baseline", [0, 7, 0, 7])
+    model = [dataclasses.replace(e, sample_ids=e.sample_ids[::-1], labels=e.labels[::-1],
+                                 probabilities=e.probabilities[::-1])
+             for e in perturbation_evaluations("denoising", [0, 7, 0, 7])]
+    summary = summarize([*reference, *model], {"baseline": "none", "denoising": "denoising"},
+                        StatisticsConfig(**STATISTICS))
+    comparison = summary.comparisons.set_index("condition").loc["mean-perturbation"]
+    assert comparison["accuracy_difference"] == 0.0 and comparison["p_value"] == 1.0
 
 
 def slide_evaluation(model, *right):

@@ -95,16 +95,24 @@ class Evaluation:
 
     def aligned(self, sample_ids: np.ndarray) -> "Evaluation":
         """The same evaluation in the order of `sample_ids` (which must be the same set)."""
-        if np.array_equal(sample_ids, self.sample_ids):
+        order = pairing_order(self.sample_ids, sample_ids,
+                              f"{self.description['model']} on {self.description['condition']}")
+        if order is None:
             return self
-        position = {sample: index for index, sample in enumerate(self.sample_ids)}
-        if len(sample_ids) != len(position) or any(s not in position for s in sample_ids):
-            raise InputError(f"{self.description['model']} on {self.description['condition']}: "
-                             "its test samples differ from those of the condition it is "
-                             "paired with")
-        order = np.array([position[s] for s in sample_ids])
         return dataclasses.replace(self, sample_ids=sample_ids, labels=self.labels[order],
                                    probabilities=self.probabilities[order])
+
+
+def pairing_order(own: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray | None:
+    """Positions in `own` of the sample ids `wanted` (None: already in that order); `what`
+    names the results for the message when the two are not the same set of samples."""
+    if np.array_equal(own, wanted):
+        return None
+    position = {sample: index for index, sample in enumerate(own)}
+    if len(wanted) != len(position) or any(sample not in position for sample in wanted):
+        raise InputError(f"{what}: its test samples differ from those of the condition it is "
+                         "paired with")
+    return np.array([position[sample] for sample in wanted])
 
 
 def read_evaluation(metrics_path: str | os.PathLike,

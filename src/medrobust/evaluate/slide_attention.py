@@ -34,8 +34,8 @@ from medrobust.evaluate.attention_files import (
 from medrobust.evaluate.heatmaps import attention_heatmap
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
-    auc_score, bootstrap_mean, classification_statistics, comparison_columns, interval_columns,
-    jsonable, paired_comparison)
+    auc_score, classification_statistics, comparison_columns, interval_columns,
+    jsonable, paired_comparison, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
@@ -227,7 +227,7 @@ def analyse_slide_attention(model_dir: str | os.PathLike,
                          "bootstrap_resamples": n_resamples, "confidence": confidence,
                          "seed": seed, "alpha": alpha},
             "tumour_masks": annotations.available,
-            "localisation": _localisation_summary(localisation, n_resamples, confidence, seed),
+            "localisation": _localisation_summary(localisation, confidence),
             "top_k": _top_k_summary(top_k, classes, n_resamples, confidence, seed),
             "top_k_against_random": top_k_against_random(top_k, classes, n_resamples,
                                                           confidence, seed, alpha),
@@ -248,11 +248,10 @@ def _row(slide: _Slide, k: int, removal: str, removed: int, probabilities: np.nd
             **{f"prob_{name}": float(p) for name, p in zip(classes, probabilities)}}
 
 
-def _localisation_summary(localisation: pd.DataFrame, n_resamples: int, confidence: float,
-                          seed: int) -> dict[str, Any]:
+def _localisation_summary(localisation: pd.DataFrame, confidence: float) -> dict[str, Any]:
     """Mean localisation AUC over the slides where it is defined (tumour and other tiles)."""
     defined = localisation["auc"].dropna().to_numpy(dtype=float)
-    mean = bootstrap_mean(defined, n_resamples, seed, confidence) if len(defined) else None
+    mean = t_mean(defined, confidence) if len(defined) else None
     return {"n_slides_with_mask": len(localisation), "n_slides_with_auc": len(defined),
             "mean_auc": mean}
 

@@ -39,7 +39,7 @@ NEWCOMBE_PAIRED = "Newcombe paired score interval (1998, method 10)"
 AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
 KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
-BOOTSTRAP = "bootstrap (percentile)"
+STUDENT_T = "Student t"
 PAIRED = "paired bootstrap (percentile)"
 
 # resample index matrices are built this many entries at a time, bounding memory for large n
@@ -649,31 +649,36 @@ def sensitivity_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: 
                            confidence)
 
 
-def bootstrap_mean(values: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0,
-                   confidence: float = CONFIDENCE) -> Interval:
-    """Mean of per-sample values with a percentile bootstrap interval over the samples.
+def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
+           bounds: tuple[float, float] = (0.0, 1.0)) -> Interval:
+    """Mean of per-unit values with Student's t interval, mean ± t(n-1) s/√n, cut to the
+    values' possible `bounds`.
 
     For per-image quantities such as the fraction of perturbations an image
-    survives, whose mean is not a single binomial proportion. The resamples
-    are not stratified by class: like the exact interval of an accuracy, the
-    interval then includes how the test set's mix of classes could have
-    fallen, which dominates when one class survives far more perturbations
-    than the other.
+    survives, or a mean of per-slide AUCs, whose mean is not a single
+    binomial proportion. Student's t rather than a percentile bootstrap:
+    over few units (8 slides) the bootstrap's interval held the true mean in
+    89 % of simulated sets, t in 95 %. Units are resampled as a whole, not
+    within each class: like the exact interval of an accuracy, the interval
+    includes how the mix of classes could have fallen. One value has no
+    interval (None); identical values give a point.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1:
         raise InputError(f"values must be 1-D; got shape {values.shape}")
     if not np.all(np.isfinite(values)):
         raise InputError("values contain NaN or infinite values")
-    _check_resamples(n_resamples)
     _check_confidence(confidence)
+    if len(values) == 0:
+        return Interval(None, None, None, STUDENT_T)
+    mean = float(values.mean())
+    if len(values) == 1:
+        return Interval(mean, None, None, STUDENT_T)
+    from scipy.stats import t  # as in clopper_pearson
 
-    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
-        means = values[index].mean(axis=1) if len(values) else np.full(index.shape[0], np.nan)
-        return {"mean": means}
-
-    return _bootstrap(statistics, np.zeros(len(values), dtype=np.int64), n_resamples, seed,
-                      confidence, BOOTSTRAP)["mean"]
+    half = float(t.ppf(0.5 + confidence / 2.0, len(values) - 1)
+                 * values.std(ddof=1) / math.sqrt(len(values)))
+    return Interval(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), STUDENT_T)
 
 
 # ---------------------------------------------------------------- two models
@@ -699,6 +704,44 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
             "p_value": min(1.0, p_value)}
 
 
+def sign_flip_test(differences: np.ndarray) -> dict:
+    """The exact two-sided permutation test of paired integer differences (Fisher-Pitman).
+
+    Under "no difference" each pair's difference is as likely to have either
+    sign, so the p-value is the share of the 2^m sign assignments of the m
+    non-zero differences whose sum is at least as far from 0 as the observed
+    one. Unlike the sign test it weighs each pair by how much it moved, the
+    quantity a mean difference and its interval show. Exact: differences of
+    equal size are grouped, each group's sum is a scaled binomial, and the
+    groups' distributions are convolved (sizes up to a few hundred units per
+    pair, as in counts of perturbations survived). McNemar's exact test is
+    the case of differences in {-1, 0, 1}.
+    """
+    values = np.asarray(differences)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise InputError(f"differences must be a 1-D array of integers, got {values.dtype} "
+                         f"of shape {values.shape}")
+    nonzero = values[values != 0]
+    observed = int(nonzero.sum())
+    result = {"n": len(values), "better": int((nonzero > 0).sum()),
+              "worse": int((nonzero < 0).sum()), "sum": observed}
+    if len(nonzero) == 0:
+        return {**result, "p_value": 1.0}
+    from scipy.signal import convolve
+    from scipy.stats import binom  # as in clopper_pearson
+
+    total = int(np.abs(nonzero).sum())
+    distribution = np.ones(1)   # of the sum, over -total..total as groups are added
+    for size, count in zip(*np.unique(np.abs(nonzero), return_counts=True)):
+        size, count = int(size), int(count)
+        group = np.zeros(2 * size * count + 1)   # the group's sum: size * (2 * positives - count)
+        group[::2 * size] = binom.pmf(np.arange(count + 1), count, 0.5)
+        distribution = convolve(distribution, group)
+    sums = np.arange(-total, total + 1)
+    p_value = float(np.clip(distribution, 0, None)[np.abs(sums) >= abs(observed)].sum())
+    return {**result, "p_value": min(1.0, p_value)}
+
+
 def _paired_interval(strata: np.ndarray, statistic_a: Callable[[np.ndarray], np.ndarray],
                      statistic_b: Callable[[np.ndarray], np.ndarray], n_resamples: int,
                      seed: int, confidence: float) -> Interval:
@@ -719,34 +762,6 @@ def _check_paired_scores(labels: np.ndarray, scores_a: Any, scores_b: Any,
         raise InputError(f"scores must be 1-D or 2-D with one row per label; got shape "
                          f"{a.shape} for {len(labels)} labels")
     return a, b
-
-
-def paired_bootstrap_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
-                                statistic: Callable[[np.ndarray, np.ndarray], np.ndarray | float],
-                                n_resamples: int = N_RESAMPLES, seed: int = 0,
-                                confidence: float = CONFIDENCE,
-                                stratified: bool = True) -> Interval:
-    """`statistic(labels, scores_b) - statistic(labels, scores_a)` with a paired bootstrap interval.
-
-    Each resample (`stratified`: within each label, keeping the class counts)
-    draws the same samples for both models, so the difference's interval
-    reflects only how the models differ on the samples, not the sampling of
-    the test set twice. `statistic` may return None (or NaN) where undefined;
-    the estimate is then None.
-    """
-    labels = _integer_labels(labels)
-    a, b = _check_paired_scores(labels, scores_a, scores_b)
-    _check_resamples(n_resamples)
-    _check_confidence(confidence)
-
-    def per_row(scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        def evaluate(index: np.ndarray) -> np.ndarray:
-            values = (statistic(labels[row], scores[row]) for row in index)
-            return np.array([np.nan if value is None else float(value) for value in values])
-        return evaluate
-
-    strata = labels if stratified else np.zeros_like(labels)
-    return _paired_interval(strata, per_row(a), per_row(b), n_resamples, seed, confidence)
 
 
 def smallest_detectable_difference(n: int, alpha: float = 0.05) -> float | None:

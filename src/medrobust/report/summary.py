@@ -25,6 +25,7 @@ docs/report.md documents every column.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,13 +34,13 @@ import pandas as pd
 
 from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError, InputError
-from medrobust.evaluate.metrics import DESCRIPTION_KEYS, Evaluation, read_evaluation
+from medrobust.evaluate.metrics import (
+    DESCRIPTION_KEYS, Evaluation, pairing_order, read_evaluation)
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
-    COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, bootstrap_mean, classification_statistics,
-    comparison_columns, interval_columns, mcnemar_exact,
-    paired_bootstrap_difference, paired_comparison, sensitivity_at_threshold,
-    smallest_detectable_difference)
+    COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, classification_statistics, comparison_columns,
+    interval_columns, mcnemar_exact, paired_comparison, sensitivity_at_threshold,
+    sign_flip_test, smallest_detectable_difference, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
@@ -118,6 +119,27 @@ def _per_class_rows(description: Mapping[str, Any], statistics: Mapping[str, Any
             row.update(interval_columns(metric, numbers.get(metric)))
         rows.append(row)
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Survival:
+    """Per test image, how many of a model's perturbation conditions left it correct."""
+
+    model: str
+    sample_ids: np.ndarray
+    survived: np.ndarray     # integer counts, in the order of sample_ids
+    conditions: int
+
+    @property
+    def fraction(self) -> np.ndarray:
+        return self.survived / self.conditions
+
+    def aligned(self, sample_ids: np.ndarray) -> "Survival":
+        """The same counts in the order of `sample_ids` (which must be the same set)."""
+        order = pairing_order(self.sample_ids, sample_ids,
+                              f"{self.model}'s mean over perturbations")
+        return self if order is None else dataclasses.replace(
+            self, sample_ids=sample_ids, survived=self.survived[order])
 
 
 def worst_case(evaluations: Sequence[Evaluation]) -> Evaluation:
@@ -211,10 +233,11 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                 stats["auc"] = None  # images of different attacks: no one ranking to score
                 rows.append(_row(description, stats, outcome.classes))
             else:
-                rows.append({**description, "threat_model": None, "n": len(outcome),
-                             **interval_columns("accuracy", bootstrap_mean(outcome, **sampling))})
+                rows.append({**description, "threat_model": None, "n": len(outcome.sample_ids),
+                             **interval_columns("accuracy", t_mean(outcome.fraction,
+                                                                   statistics.confidence))})
             paired[key][_condition_key(description)] = (description, outcome)
-    comparisons = _comparisons(paired, by_model, defenses, statistics, baselines or {})
+    comparisons = _comparisons(paired, defenses, statistics, baselines or {})
     settings = {**sampling, "alpha": statistics.alpha,
                 "interval_methods": {
                     "accuracy, sensitivity and specificity (two classes)":
@@ -228,14 +251,14 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                         "MOVER of the per-class recalls' Wilson score intervals",
                     "macro AUC and specificity (more classes)":
                         "stratified bootstrap over test samples (percentile)",
-                    "mean over perturbations": "bootstrap over test samples (percentile)",
+                    "mean over perturbations": "Student t over the test images",
                     "accuracy difference between two models":
                         "Newcombe's paired score interval (method 10); McNemar's exact test",
                     "AUC difference between two models": "two classes: MOVER of Newcombe's "
                         "AUC intervals with DeLong's correlation; more: paired stratified "
                         "bootstrap (percentile)",
                     "mean over perturbations, difference between two models":
-                        "paired bootstrap (percentile); exact sign test"}}
+                        "paired Student t; exact sign-flip (permutation) test"}}
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
@@ -261,10 +284,12 @@ def _derived(evaluations: Sequence[Evaluation]) -> list[tuple[dict, Evaluation |
     perturbed = [e for e in evaluations if e.description["kind"] == "perturbation"]
     if perturbed:
         reference = perturbed[0].sample_ids
-        survived = np.mean([e.aligned(reference).correct for e in perturbed], axis=0)
+        survived = np.sum([e.aligned(reference).correct for e in perturbed], axis=0)
         derived.append(({**base, "condition": "mean-perturbation", "kind": "mean_perturbation",
                          "perturbation": "+".join(sorted({e.description["perturbation"]
-                                                          for e in perturbed}))}, survived))
+                                                          for e in perturbed}))},
+                        Survival(first["model"], reference, survived.astype(np.int64),
+                                 len(perturbed))))
     return derived
 
 
@@ -324,7 +349,7 @@ def gradient_masking_checks(by_model: Mapping[tuple[str, str], Sequence[Evaluati
     return checks
 
 
-def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: StatisticsConfig,
+def _comparisons(paired, defenses: Mapping[str, str], statistics: StatisticsConfig,
                  baselines: Mapping[str, str]) -> list[dict[str, Any]]:
     """Each defended model against each undefended model of its dataset that was put under
     attack or perturbation, and each model with a baseline against it alone, condition by
@@ -348,7 +373,6 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: Stat
                 if key not in reference_conditions:
                     continue
                 reference_outcome = reference_conditions[key][1]
-                labels = by_model[(dataset, model)][0].labels
                 row = {"dataset": dataset, "reference_model": reference, "model": model,
                        "defense": defenses[model],
                        **{column: description.get(column) for column in
@@ -361,33 +385,42 @@ def _comparisons(paired, by_model, defenses: Mapping[str, str], statistics: Stat
                                                **sampling)
                     row.update(comparison_columns(result, with_auc=key[0] != "worst_case"))
                 else:
-                    # not stratified, as bootstrap_mean: the accuracy's intervals are not
-                    difference = paired_bootstrap_difference(
-                        labels, reference_outcome, outcome, _mean_statistic, **sampling,
-                        stratified=False)
-                    # the sign test: McNemar's exact test is its binary case, and like it
-                    # keeps its level at small n (a percentile interval does not)
-                    gain = np.asarray(outcome) - np.asarray(reference_outcome)
-                    sign = mcnemar_exact(gain < 0, gain > 0)
-                    significant = sign["p_value"] < statistics.alpha
-                    row.update({"n": len(outcome), "reference_accuracy": float(np.mean(
-                        reference_outcome)), "accuracy": float(np.mean(outcome)),
-                        **interval_columns("accuracy_difference", difference),
-                        **interval_columns("auc_difference", None),
-                        "only_reference_correct": sign["only_a_correct"],
-                        "only_model_correct": sign["only_b_correct"],
-                        "p_value": sign["p_value"], "test": "exact sign test",
-                        "verdict": ("no detectable difference" if not significant
-                                    else "helped" if difference.estimate > 0 else "hurt"),
-                        "auc_caveat": None,
-                        "smallest_detectable_difference":
-                            smallest_detectable_difference(len(outcome), statistics.alpha)})
+                    row.update(_mean_comparison(reference_outcome.aligned(outcome.sample_ids),
+                                                outcome, statistics))
                 rows.append(row)
     return rows
 
 
-def _mean_statistic(labels: np.ndarray, values: np.ndarray) -> float:
-    return float(np.mean(values))
+def _mean_comparison(reference: Survival, model: Survival,
+                     statistics: StatisticsConfig) -> dict[str, Any]:
+    """The comparison columns of two models' means over perturbations on the same images.
+
+    Per image the difference in perturbations survived, in units of one
+    condition of either model; the exact sign-flip test of their sum (which
+    weighs an image by how much it moved, as the mean does; the sign test
+    counted only which way), the verdict's direction from the same sum, a
+    paired t interval of the mean difference, and the smallest difference
+    the test could call: `smallest_detectable_difference` images each one
+    unit apart.
+    """
+    units = math.lcm(reference.conditions, model.conditions)
+    differences = (model.survived * (units // model.conditions)
+                   - reference.survived * (units // reference.conditions))
+    test = sign_flip_test(differences)
+    significant = test["p_value"] < statistics.alpha
+    n = len(differences)
+    floor = smallest_detectable_difference(n, statistics.alpha)
+    return {"n": n, "reference_accuracy": float(reference.fraction.mean()),
+            "accuracy": float(model.fraction.mean()),
+            **interval_columns("accuracy_difference", t_mean(
+                differences / units, statistics.confidence, bounds=(-1.0, 1.0))),
+            **interval_columns("auc_difference", None),
+            "only_reference_correct": test["worse"], "only_model_correct": test["better"],
+            "p_value": test["p_value"], "test": "exact sign-flip test",
+            "verdict": ("no detectable difference" if not significant
+                        else "helped" if test["sum"] > 0 else "hurt"),
+            "auc_caveat": None,
+            "smallest_detectable_difference": None if floor is None else floor / units}
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
