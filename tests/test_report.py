@@ -26,7 +26,7 @@ from medrobust.data.manifest import write_dataset
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import METRIC_KEYS, Evaluation
 from medrobust.evaluate.operating_point import choose_operating_point
-from medrobust.evaluate.statistics import clopper_pearson, operating_threshold
+from medrobust.evaluate.statistics import clopper_pearson, holm_adjusted, operating_threshold
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.image_store import write_image_store
 from medrobust.io.slide_stores import create_tile_store
@@ -327,6 +327,25 @@ def test_defense_is_judged_by_a_paired_test_on_the_same_images(results):
     assert mean["smallest_detectable_difference"] == pytest.approx(6 / N_TEST / 2)
     white_box = row(comparisons, "denoising", "fgsm-eps8-from-denoising")
     assert white_box["threat_model"] == "white-box"  # paired with the baseline's own white-box
+
+
+def test_a_pairs_headline_verdicts_are_judged_as_one_family(results):
+    comparisons = table(results, "comparisons")
+    pair = comparisons[comparisons["model"] == "denoising"]
+    headline = pair[pair["kind"].isin(["clean", "worst_case", "mean_perturbation"])]
+    assert len(headline) > 2
+    np.testing.assert_allclose(headline["family_p_value"],
+                               holm_adjusted(headline["p_value"].to_numpy()), atol=1e-6)
+    assert (headline["family_p_value"] >= headline["p_value"] - 1e-9).all()
+    significant = headline["family_p_value"] < STATISTICS["alpha"]
+    assert (headline["family_verdict"][significant] == headline["verdict"][significant]).all()
+    assert (headline["family_verdict"][~significant] == "no detectable difference").all()
+    rest = pair[~pair.index.isin(headline.index)]
+    assert len(rest) and rest["family_p_value"].isna().all()
+    assert rest["family_verdict"].isna().all()
+    # the page's list of verdicts shows the adjusted verdict and both p-values
+    html = (results["out"] / "index.html").read_text()
+    assert "Holm-adjusted p" in html and "alone p" in html
 
 
 def test_per_class_numbers_and_confusion_matrices(results):
@@ -801,7 +820,7 @@ def test_a_model_that_predicts_one_class_for_every_clean_input_is_flagged():
 
 
 @pytest.mark.parametrize("verdict, words", [("helped", "beats"), ("hurt", "does worse than"),
-                                            ("no detectable difference", "does not beat")])
+                                            ("no detectable difference", "shows no detectable difference from")])
 def test_the_mhim_section_says_in_words_whether_mhim_beats_its_base(verdict, words):
     pair = {"model": "mhim_abmil", "reference": "abmil",
             "rows": [{"kind": "worst_case", "verdict": "helped"},

@@ -17,7 +17,7 @@ from medrobust.evaluate.statistics import (
     KORN_GRAUBARD, auc_score, classification_statistics, clopper_pearson,
     clustered_proportion, jsonable,
     mcnemar_exact, model_auc, mover_wilson, newcombe_auc, newcombe_paired_difference,
-    operating_threshold, paired_auc_difference, paired_comparison, sensitivity_at_threshold,
+    holm_adjusted, operating_threshold, paired_auc_difference, paired_comparison, sensitivity_at_threshold,
     sign_flip_test, smallest_detectable_difference, t_mean)
 from medrobust.evaluate.statistics import _stratified_resamples
 
@@ -512,6 +512,16 @@ def test_the_sign_flip_test_of_yes_no_differences_is_mcnemars():
     assert test["p_value"] == pytest.approx(mcnemar_exact(a, b)["p_value"])
     assert (test["better"], test["worse"]) == (int((b & ~a).sum()), int((a & ~b).sum()))
     assert sign_flip_test(np.zeros(5, int))["p_value"] == 1.0
+
+
+def test_holm_adjusted_p_values():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04 -> monotone
+    np.testing.assert_allclose(holm_adjusted([0.01, 0.04, 0.03, 0.005]),
+                               [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm_adjusted([0.5, 0.9]), [1.0, 1.0])
+    np.testing.assert_allclose(holm_adjusted([0.02]), [0.02])
+    with pytest.raises(InputError, match="p-values"):
+        holm_adjusted([0.5, 1.5])
 
 
 def test_the_sign_flip_test_scales_to_large_test_sets():

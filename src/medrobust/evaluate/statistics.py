@@ -764,6 +764,20 @@ def _check_paired_scores(labels: np.ndarray, scores_a: Any, scores_b: Any,
     return a, b
 
 
+def holm_adjusted(p_values: Any) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Scand J Stat 1979;6:65-70): rejecting where an
+    adjusted p is below alpha keeps the chance of any false rejection in the family at
+    alpha. The k-th smallest p is multiplied by (m - k + 1), then made non-decreasing."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
+        raise InputError(f"p-values must be a 1-D array in [0, 1], got {p!r}")
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, p[order] * (len(p) - np.arange(len(p))))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
+
+
 def smallest_detectable_difference(n: int, alpha: float = 0.05) -> float | None:
     """The smallest accuracy difference McNemar's exact test could call significant with n pairs.
 

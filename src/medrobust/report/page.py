@@ -49,8 +49,8 @@ from medrobust.report.slide_robustness import slide_robustness_view
 from medrobust.report.study_tables import (
     DefenseTable, budget_label, defense_tables, write_defense_tables)
 from medrobust.report.summary import (
-    COMPARISON_COLUMNS, MASKING_COLUMNS, PAIRED_COLUMNS, PER_CLASS_COLUMNS, SUMMARY_COLUMNS,
-    rounded)
+    COMPARISON_COLUMNS, HEADLINE_KINDS, MASKING_COLUMNS, PAIRED_COLUMNS, PER_CLASS_COLUMNS,
+    SUMMARY_COLUMNS, rounded)
 from medrobust.slide_index import read_slide_index
 
 log = get_logger(__name__)
@@ -112,8 +112,8 @@ def format_p_value_clause(value: Any) -> str:
 _TEXT_COLUMNS = frozenset({
     "family", "model", "dataset", "condition", "kind", "attack", "perturbation", "norm",
     "source_model", "white_box", "threat_model", "positive_class", "class", "reference_model",
-    "defense", "test", "verdict", "auc_caveat", "gradient_attacks", "gradient_free_attacks",
-    "flagged"})
+    "defense", "test", "verdict", "family_verdict", "auc_caveat", "gradient_attacks",
+    "gradient_free_attacks", "flagged"})
 
 
 def load_summary(path: str | os.PathLike) -> dict[str, Any]:
@@ -195,14 +195,18 @@ def glance_rows(robustness: pd.DataFrame, defenses: Mapping[str, str]) -> tuple[
 
 
 def verdicts(comparisons: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per (defended, reference) pair: the headline rows (clean, worst cases, perturbations)."""
+    """Per (defended, reference) pair: the headline rows (clean, worst cases, perturbations),
+    judged as one family (their Holm-adjusted p-values and verdicts)."""
     pairs = []
-    headline = comparisons[comparisons["kind"].isin(["clean", "worst_case", "mean_perturbation"])]
+    headline = comparisons[comparisons["kind"].isin(HEADLINE_KINDS)]
     for (dataset, reference, model), group in headline.groupby(
             ["dataset", "reference_model", "model"], sort=False):
+        rows = [comparison_row(row.drop(["verdict", "p_value"]).rename(
+                    {"family_verdict": "verdict", "family_p_value": "p_value"}))
+                | {"unadjusted_p_value": _value(row, "p_value")}
+                for _, row in group.iterrows()]
         pairs.append({"dataset": dataset, "reference": reference, "model": model,
-                      "defense": group["defense"].iloc[0],
-                      "rows": [comparison_row(row) for _, row in group.iterrows()]})
+                      "defense": group["defense"].iloc[0], "rows": rows})
     return pairs
 
 
@@ -250,8 +254,8 @@ def mil_headline(pair: Mapping[str, Any]) -> str | None:
     clean = next((row for row in pair["rows"] if row["kind"] == "clean"), None)
     if clean is None:
         return None
-    verb = {"helped": "beats", "hurt": "does worse than"}.get(clean["verdict"],
-                                                             "does not beat")
+    verb = {"helped": "beats", "hurt": "does worse than"}.get(
+        clean["verdict"], "shows no detectable difference from")
     return f"{pair['model']} {verb} {pair['reference']} on the clean test slides"
 
 

@@ -17,7 +17,9 @@ probabilities). From the predictions this module computes, with
 - paired comparisons of every defended model against every undefended target
   of its dataset on the same test images (comparisons.csv): McNemar's exact
   test, intervals of the accuracy and AUC differences
-  (statistics.paired_comparison), and a verdict.
+  (statistics.paired_comparison), and a verdict; each pair's headline
+  comparisons (clean, worst cases, the mean over perturbations) also with
+  Holm-adjusted p-values and verdicts, as one family.
 
 docs/report.md documents every column.
 """
@@ -39,7 +41,7 @@ from medrobust.evaluate.metrics import (
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
     COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, classification_statistics, comparison_columns,
-    interval_columns, mcnemar_exact, paired_comparison, sensitivity_at_threshold,
+    holm_adjusted, interval_columns, mcnemar_exact, paired_comparison, sensitivity_at_threshold,
     sign_flip_test, smallest_detectable_difference, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
@@ -58,7 +60,9 @@ PER_CLASS_COLUMNS = ("family", "model", "dataset", "condition", "class", "suppor
 PAIRED_COLUMNS = COMPARISON_KEYS  # statistics.comparison_columns' keys, in its order
 COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "condition", "kind",
                       "attack", "epsilon", "threat_model", "source_model", "perturbation",
-                      "severity", *PAIRED_COLUMNS)
+                      "severity", *PAIRED_COLUMNS, "family_p_value", "family_verdict")
+# the comparisons a pair of models is judged by on the page; the rest are per condition
+HEADLINE_KINDS = ("clean", "worst_case", "mean_perturbation")
 MASKING_COLUMNS = ("dataset", "model", "norm", "epsilon", "gradient_attacks",
                    "gradient_free_attacks", "n", "fooled_only_by_gradient_free",
                    "fooled_only_by_gradient", "p_value", "flagged")
@@ -388,6 +392,25 @@ def _comparisons(paired, defenses: Mapping[str, str], statistics: StatisticsConf
                     row.update(_mean_comparison(reference_outcome.aligned(outcome.sample_ids),
                                                 outcome, statistics))
                 rows.append(row)
+    return _judged_as_families(rows, statistics.alpha)
+
+
+def _judged_as_families(rows: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+    """Each pair of models' headline comparisons (clean, each worst case, the mean over
+    perturbations) as one family: Holm-adjusted p-values and the verdicts they give, so
+    that "helped" or "hurt" somewhere among a pair's six or so headlines is not a 26 %
+    chance when nothing differs. Other rows (each attack and severity) stay per condition."""
+    families: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        row.update(family_p_value=None, family_verdict=None)
+        if row["kind"] in HEADLINE_KINDS:
+            key = (row["dataset"], row["reference_model"], row["model"])
+            families.setdefault(key, []).append(row)
+    for family in families.values():
+        for row, p_value in zip(family, holm_adjusted([row["p_value"] for row in family])):
+            row["family_p_value"] = float(p_value)
+            row["family_verdict"] = (row["verdict"] if p_value < alpha
+                                     else "no detectable difference")
     return rows
 
 
@@ -486,7 +509,7 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
     return summary
 
 
-__all__ = ["COMPARISON_COLUMNS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PAIRED_COLUMNS",
+__all__ = ["COMPARISON_COLUMNS", "HEADLINE_KINDS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PAIRED_COLUMNS",
            "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
            "StatisticsConfig", "Summary", "read_evaluation", "rounded", "summarize",
            "summarize_evaluations", "write_summary"]
