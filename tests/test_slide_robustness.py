@@ -286,10 +286,11 @@ def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condi
     from medrobust.report.page import _environment, comparison_row
     view = {"models": [{"model": "abmil", "n": 10, "class_counts": {"normal": 5, "tumor": 5},
                         "attack": None}], "rows": [], "severity_units": {}, "fewest_slides": 10,
-            "comparisons": [comparison_row(row, row["label"]) for row in rows]}
+            "comparisons": [comparison_row(row, row["label"]) for row in rows], "alpha": 0.05}
     page = " ".join(_environment().get_template("slide_robustness.html.j2").render(
         slide_robustness=view, figures={}, small_test_set=4).split())
     assert "mhim_abmil against abmil under each condition" in page
+    assert "not adjusted for the table's many rows: at α = 0.05" in page
     assert "stain_shift 0.2, 50% of tiles" in page and "helped" in page
     # fractions 0.5 and 0.504 both read "50% of tiles" but are two conditions
     def with_close_fraction(table: pd.DataFrame) -> pd.DataFrame:

@@ -198,4 +198,5 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike],
                    if baselines and statistics else [])
     return {"models": models, "rows": rows, "severity_units": units,
             "fewest_slides": min(model["n"] for model in models),
-            "comparisons": comparisons}, found
+            "comparisons": comparisons,
+            "alpha": statistics["alpha"] if statistics else None}, found
