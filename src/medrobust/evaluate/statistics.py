@@ -658,10 +658,10 @@ def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
     survives, or a mean of per-slide AUCs, whose mean is not a single
     binomial proportion. Student's t rather than a percentile bootstrap:
     over few units (8 slides) the bootstrap's interval held the true mean in
-    89 % of simulated sets, t in 95 %. Units are resampled as a whole, not
-    within each class: like the exact interval of an accuracy, the interval
-    includes how the mix of classes could have fallen. One value has no
-    interval (None); identical values give a point.
+    89 % of simulated sets, t in 95 %. The units are one sample, not one per
+    class: like the exact interval of an accuracy, the interval includes how
+    the mix of classes could have fallen. One value has no interval (None);
+    identical values give a point.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1:

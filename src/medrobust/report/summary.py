@@ -205,7 +205,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
         by_model.setdefault(key, []).append(evaluation)
     sampling = statistics.sampling()
     rows, per_class, matrices = [], [], []
-    paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | np.ndarray]]] = {}
+    paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | Survival]]] = {}
     for key, model_evaluations in by_model.items():
         threshold = (thresholds or {}).get(key[1])
 
@@ -271,7 +271,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                    confusion_matrices=matrices, settings=settings)
 
 
-def _derived(evaluations: Sequence[Evaluation]) -> list[tuple[dict, Evaluation | np.ndarray]]:
+def _derived(evaluations: Sequence[Evaluation]) -> list[tuple[dict, Evaluation | Survival]]:
     """Worst case per (norm, epsilon, threat model), and the per-image mean over perturbations."""
     first = evaluations[0].description
     base = {key: None for key in DESCRIPTION_KEYS}
