@@ -127,6 +127,13 @@ def test_read_manifest_checks_dataset_json(tmp_path, meta, expected):
     assert "dataset.json" in str(error.value)
 
 
+def test_group_column_follows_the_manifest_columns(tmp_path):
+    rows = [{**row, "group": f"HAM_{index:07d}"} for index, row in enumerate(_rows())]
+    manifest = read_manifest(write_dataset(tmp_path, rows, CLASSES, "images", ("group",)))
+    assert list(manifest.table.columns) == [*MANIFEST_COLUMNS, "group"]
+    assert manifest.table["group"].tolist() == ["HAM_0000000", "HAM_0000001", "HAM_0000002"]
+
+
 def test_stratified_split_divides_every_class():
     labels = ["benign"] * 80 + ["malignant"] * 80
     splits = stratified_split(labels, {"train": 0.6, "val": 0.15, "test": 0.25}, seed=0)
@@ -148,6 +155,44 @@ def test_stratified_split_is_seeded():
     fractions = {"train": 0.5, "val": 0.25, "test": 0.25}
     assert stratified_split(labels, fractions, 7) == stratified_split(labels, fractions, 7)
     assert stratified_split(labels, fractions, 7) != stratified_split(labels, fractions, 8)
+
+
+def test_stratified_split_keeps_each_group_in_one_split():
+    # 60 groups of one to four samples per class, as the images of skin lesions
+    rng = np.random.default_rng(0)
+    labels, groups = [], []
+    for label in ("benign", "malignant"):
+        for group in range(60):
+            size = int(rng.integers(1, 5))
+            labels += [label] * size
+            groups += [f"{label}-{group}"] * size
+    fractions = {"train": 0.6, "val": 0.15, "test": 0.25}
+    splits = stratified_split(labels, fractions, 3, groups)
+    split_of = {}
+    for group, split in zip(groups, splits):
+        assert split_of.setdefault(group, split) == split
+    for label in ("benign", "malignant"):
+        counts = Counter(s for s, l in zip(splits, labels) if l == label)
+        size = labels.count(label)
+        # each split misses its share by at most half a group (two samples)
+        assert all(abs(counts[name] - share * size) <= 2.5
+                   for name, share in fractions.items())
+    assert splits == stratified_split(labels, fractions, 3, groups)
+    assert splits != stratified_split(labels, fractions, 4, groups)
+
+
+def test_stratified_split_with_groups_of_one_is_the_plain_split():
+    labels = [i % 3 for i in range(50)]
+    fractions = {"train": 0.7, "val": 0.1, "test": 0.2}
+    plain = stratified_split(labels, fractions, 5)
+    assert stratified_split(labels, fractions, 5, [f"g{i}" for i in range(50)]) == plain
+    assert stratified_split(labels, fractions, 5, [None] * 50) == plain
+
+
+def test_stratified_split_refuses_a_group_of_two_labels():
+    with pytest.raises(ValueError, match="group 'L1' mixes labels 'a' \\(sample 0\\) and "
+                                         "'b' \\(sample 2\\)"):
+        stratified_split(["a", "a", "b"], {"train": 0.5, "test": 0.5}, 0, ["L1", "L2", "L1"])
 
 
 @pytest.mark.parametrize("fractions, expected", [

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from medrobust.config import config_from_mapping
 from medrobust.data.manifest import (
+    GROUP_COLUMN,
     KINDS,
     SPLITS,
     check_slide_id,
@@ -44,6 +45,7 @@ class Sample:
     label: str
     split: str | None = None          # None: assigned by a stratified split later
     sha256: str | None = None         # None: computed when the manifest is written
+    group: str | None = None          # samples of one group (lesion) share a split
 
 
 @dataclass(frozen=True)
@@ -217,12 +219,22 @@ def map_label(value: str, label_map: Mapping[str, str | None], classes: Sequence
 
 def assign_splits(samples: list[Sample], fractions: Mapping[str, float],
                   seed: int) -> list[Sample]:
-    """Samples without a split get one from a stratified split of their own labels."""
+    """Samples without a split get one from a stratified split of their own labels.
+
+    Samples that share a `group` get the same split (`stratified_split`); a
+    group must not mix samples with and without a split.
+    """
     open_ = [index for index, sample in enumerate(samples) if sample.split is None]
     if not open_:
         return samples
     check_split_fractions(fractions)
-    splits = stratified_split([samples[index].label for index in open_], fractions, seed)
+    fixed = {sample.group for sample in samples if sample.split is not None} - {None}
+    straddling = sorted(fixed & {samples[index].group for index in open_})
+    if straddling:
+        raise ValueError(f"group(s) {', '.join(straddling[:3])} have samples with and "
+                         f"without a split")
+    splits = stratified_split([samples[index].label for index in open_], fractions, seed,
+                              [samples[index].group for index in open_])
     out = list(samples)
     for index, split in zip(open_, splits, strict=True):
         out[index] = replace(samples[index], split=split)
@@ -249,22 +261,30 @@ def link_folder(root: str | os.PathLike, link: Path) -> Path:
 
 def write_samples(out_dir: Path, samples: Sequence[Sample], classes: Sequence[str],
                   kind: str) -> Path:
-    """Hash what needs it and write `manifest.csv` + `dataset.json` (paths made relative)."""
+    """Hash what needs it and write `manifest.csv` + `dataset.json` (paths made relative).
+
+    The manifest gets a `group` column when any sample has a group.
+    """
     rows = []
+    grouped = any(sample.group is not None for sample in samples)
     if kind == "slides":  # before hours of checksums, not when the manifest is read
         for sample in samples:
             check_slide_id(sample.sample_id, str(sample.path))
     for sample in progress(samples, desc="checksums", unit="file"):
         if sample.split not in SPLITS:
             raise ValueError(f"sample {sample.sample_id!r} has no split")
-        rows.append({
+        row = {
             "sample_id": sample.sample_id,
             "path": os.path.relpath(sample.path, out_dir),
             "label": sample.label,
             "split": sample.split,
             "sha256": sample.sha256 or sha256_file(sample.path),
-        })
-    manifest = write_dataset(out_dir, rows, classes, kind)
+        }
+        if grouped:
+            row[GROUP_COLUMN] = sample.group or ""
+        rows.append(row)
+    manifest = write_dataset(out_dir, rows, classes, kind,
+                             (GROUP_COLUMN,) if grouped else ())
     counts = {split: sum(row["split"] == split for row in rows) for split in SPLITS}
     log.info("%s: %d samples (%s)", manifest, len(rows),
              ", ".join(f"{split} {count}" for split, count in counts.items()))

@@ -1,9 +1,9 @@
 """The raw-dataset contract: `manifest.csv` plus `dataset.json` in one folder.
 
 `manifest.csv` lists one sample per row (`MANIFEST_COLUMNS`, `path` relative
-to the folder); `dataset.json` holds the class names (their order fixes the
-integer labels downstream) and the dataset kind. `dataset.json` is written
-last, so a folder that has it is complete.
+to the folder, optionally `GROUP_COLUMN`); `dataset.json` holds the class
+names (their order fixes the integer labels downstream) and the dataset kind.
+`dataset.json` is written last, so a folder that has it is complete.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from medrobust.errors import ConfigError, InputError
 from medrobust.io.atomic import atomic_path, write_json
 
 MANIFEST_COLUMNS = ("sample_id", "path", "label", "split", "sha256")
+# optional: samples that are not independent (ISIC 2018: the lesion id); splits keep a
+# group whole, and a later stage can resample or cluster by it
+GROUP_COLUMN = "group"
 SPLITS = ("train", "val", "test")
 KINDS = ("images", "slides")
 MANIFEST_NAME = "manifest.csv"
@@ -73,17 +76,20 @@ def begin_dataset(out_dir: str | os.PathLike) -> Path:
 
 
 def write_dataset(out_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
-                  classes: Sequence[str], kind: str) -> Path:
+                  classes: Sequence[str], kind: str, extra_columns: Sequence[str] = ()
+                  ) -> Path:
     """Write `manifest.csv`, then `dataset.json`; return the manifest path.
 
-    Each row maps every name in `MANIFEST_COLUMNS` to its value.
+    Each row maps every name in `MANIFEST_COLUMNS` to its value, and may map
+    the `extra_columns` (such as `GROUP_COLUMN`), which follow them.
     """
     if kind not in KINDS:
         raise ValueError(f"dataset kind must be one of {KINDS}, not {kind!r}")
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST_NAME
     with atomic_path(manifest_path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, extrasaction="raise")
+        writer = csv.DictWriter(handle, fieldnames=[*MANIFEST_COLUMNS, *extra_columns],
+                                extrasaction="raise")
         writer.writeheader()
         for row in rows:
             missing = [column for column in MANIFEST_COLUMNS if column not in row]
@@ -182,26 +188,61 @@ def check_split_fractions(fractions: Mapping[str, Any]) -> dict[str, float]:
     return checked
 
 
-def stratified_split(labels: Sequence[Any], fractions: Mapping[str, float],
-                     seed: int) -> list[str]:
+def stratified_split(labels: Sequence[Any], fractions: Mapping[str, float], seed: int,
+                     groups: Sequence[Hashable | None] | None = None) -> list[str]:
     """Assign each sample a split so that every class is divided by `fractions`.
 
     Within a class the counts follow the largest-remainder rule (they sum to
     the class size and differ from the exact share by less than one); which
     samples go where is a seeded shuffle, so the result depends only on
-    `labels`, `fractions` and `seed`.
+    `labels`, `fractions`, `seed` and `groups`.
+
+    `groups` (one key per sample; None: a group of its own) keeps samples that
+    are not independent, such as the images of one lesion, in one split: the
+    groups of a class are shuffled instead of its samples, laid end to end,
+    and each goes to the split that holds its middle sample. A split then
+    misses its count by at most half of the group that straddles its edge.
+    Without groups (or with groups of one) this is the plain split, sample
+    for sample. ValueError when a group's samples have different labels.
     """
     fractions = check_split_fractions(fractions)
     names = [name for name in SPLITS if name in fractions]  # fixed order, not dict order
     labels = np.asarray(labels)
+    units = _group_members(labels, groups)
     rng = np.random.default_rng(seed)
     assigned = [""] * len(labels)
     for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        counts = _largest_remainder([fractions[name] * len(members) for name in names])
-        for member, name in zip(members, np.repeat(names, counts).tolist()):
-            assigned[member] = name
+        members = [unit for unit in units if labels[unit[0]] == label]
+        size = sum(len(unit) for unit in members)
+        ends = np.cumsum(_largest_remainder([fractions[name] * size for name in names]))
+        start = 0
+        for position in rng.permutation(len(members)):
+            unit = members[position]
+            # the first split that ends past the group's middle (singletons: their own place)
+            name = names[int(np.searchsorted(ends, start + len(unit) / 2, side="right"))]
+            for member in unit:
+                assigned[member] = name
+            start += len(unit)
     return assigned
+
+
+def _group_members(labels: np.ndarray, groups: Sequence[Hashable | None] | None
+                   ) -> list[list[int]]:
+    """The sample indices of each group, groups in order of their first sample."""
+    if groups is None:
+        return [[index] for index in range(len(labels))]
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+    units: dict[Hashable, list[int]] = {}
+    for index, group in enumerate(groups):
+        key = ("alone", index) if group is None else ("group", group)
+        units.setdefault(key, []).append(index)
+        first = units[key][0]
+        if labels[index] != labels[first]:
+            raise ValueError(f"group {group!r} mixes labels {labels[first].item()!r} (sample "
+                             f"{first}) and {labels[index].item()!r} (sample {index}); a group "
+                             f"is split as one, so it needs one label")
+    return list(units.values())
 
 
 def _largest_remainder(shares: list[float]) -> list[int]:
