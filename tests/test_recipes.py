@@ -176,12 +176,17 @@ def test_recipe_classes_must_match_the_config(tmp_path):
 # --- ISIC 2018 Task 3 ---------------------------------------------------------------------
 
 ISIC_TABLE = FIXTURES / "isic2018" / "ISIC2018_Task3_Training_GroundTruth.csv"
+ISIC_GROUPINGS = "ISIC2018_Task3_Training_LesionGroupings.csv"
 
 
-def isic_copy(root: Path, table: Path = ISIC_TABLE):
-    """The layout of the two unpacked challenge archives, with tiny JPEGs."""
+def isic_copy(root: Path, table: Path = ISIC_TABLE, groupings: Path | None = None):
+    """The layout of the two unpacked challenge archives, with tiny JPEGs, and the lesion
+    groupings CSV beside them (`groupings`, default: the one beside `table`, if any)."""
     (root / "ISIC2018_Task3_Training_GroundTruth").mkdir(parents=True)
     shutil.copy(table, root / "ISIC2018_Task3_Training_GroundTruth")
+    groupings = groupings or table.with_name(ISIC_GROUPINGS)
+    if groupings.is_file():
+        shutil.copy(groupings, root / ISIC_GROUPINGS)
     images = root / "ISIC2018_Task3_Training_Input"
     images.mkdir()
     with open(table) as handle:
@@ -190,15 +195,24 @@ def isic_copy(root: Path, table: Path = ISIC_TABLE):
     return root
 
 
-def big_isic_table(path: Path, counts: dict) -> Path:
+def big_isic_table(path: Path, counts: dict, lesion_sizes=(1,)) -> Path:
+    """A ground truth with `counts` images per class, and its lesion groupings beside it:
+    each class's images in lesions of `lesion_sizes` images, in turn."""
     classes = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     lines, number = ["image," + ",".join(classes)], 24306
+    groupings, lesion = ["image,lesion_id,diagnosis_confirm_type"], 0
     for label, count in counts.items():
-        for _ in range(count):
-            lines.append(f"ISIC_{number:07d}," + ",".join("1.0" if c == label else "0.0"
-                                                           for c in classes))
-            number += 1
+        left, turn = count, 0
+        while left:
+            size = min(lesion_sizes[turn % len(lesion_sizes)], left)
+            for _ in range(size):
+                lines.append(f"ISIC_{number:07d}," + ",".join("1.0" if c == label else "0.0"
+                                                               for c in classes))
+                groupings.append(f"ISIC_{number:07d},HAM_{lesion:07d},histo")
+                number += 1
+            left, turn, lesion = left - size, turn + 1, lesion + 1
     path.write_text("\n".join(lines) + "\n")
+    path.with_name(ISIC_GROUPINGS).write_text("\n".join(groupings) + "\n")
     return path
 
 
@@ -246,12 +260,137 @@ def test_isic_row_not_one_hot_is_named(tmp_path):
         fetch_dataset({"source": {"type": "isic2018", "root": str(root)}}, tmp_path / "out")
 
 
+SKIN_COUNTS = {"MEL": 30, "NV": 90, "BCC": 24, "AKIEC": 5, "BKL": 18, "DF": 3, "VASC": 3}
+
+
+def isic_skin4(tmp_path, out, lesion_sizes=(1, 2, 3), **source):
+    """The skin4 manifest of a 173-image table whose lesions have one to three images."""
+    table = tmp_path / "gt" / "ISIC2018_Task3_Training_GroundTruth.csv"
+    if not table.exists():
+        table.parent.mkdir()
+        big_isic_table(table, SKIN_COUNTS, lesion_sizes)
+        isic_copy(tmp_path / "isic", table)
+    config = {"source": {"type": "isic2018", "root": str(tmp_path / "isic"),
+                         "selection": "skin4", "nv_cap": 36, "seed": 0, **source}}
+    return read_manifest(fetch_dataset(config, tmp_path / out)).table
+
+
+def test_isic_images_of_one_lesion_never_straddle_the_splits(tmp_path):
+    table = isic_skin4(tmp_path, "a")
+    lesions = dict(line.split(",")[:2] for line in
+                   (tmp_path / "gt" / ISIC_GROUPINGS).read_text().splitlines()[1:])
+    # the manifest carries each image's lesion, and a lesion has one split
+    assert table["group"].tolist() == [lesions[image] for image in table["sample_id"]]
+    assert table.groupby("group")["split"].nunique().max() == 1
+    assert (table.groupby("group").size() > 1).sum() >= 20     # lesions that could straddle
+    # stratified: each class about 5:1, within half a lesion (1.5 images) of its share
+    for label, rows in table.groupby("label"):
+        assert abs((rows["split"] == "test").sum() - len(rows) / 6) <= 1.5, label
+    # reproducible with the seed, another seed another split
+    assert table.equals(isic_skin4(tmp_path, "b"))
+    assert not table["split"].equals(isic_skin4(tmp_path, "c", seed=1)["split"])
+
+
+def test_isic_nv_cap_keeps_whole_lesions(tmp_path):
+    table = isic_skin4(tmp_path, "a")
+    nv = table[table["label"] == "NV"]
+    # the cap (36) reached or passed by the last lesion drawn, which has at most 3 images
+    assert 36 <= len(nv) < 36 + 3
+    # no NV lesion cut: each kept lesion has all its images
+    lesions = [line.split(",")[1] for line in
+               (tmp_path / "gt" / ISIC_GROUPINGS).read_text().splitlines()[1:]]
+    assert nv.groupby("group").size().to_dict() == {lesion: lesions.count(lesion)
+                                                    for lesion in set(nv["group"])}
+    assert set(nv["group"]) != set(isic_skin4(tmp_path, "b", seed=1).query("label == 'NV'")
+                                   ["group"])
+
+
+def test_isic_split_by_image_is_the_old_split(tmp_path):
+    table = isic_skin4(tmp_path, "a", split_by="image")
+    assert "group" not in table.columns
+    # what the recipe gave before it split by lesion, on this table with this seed
+    test = [306, 321, 327, 331, 332, 338, 343, 351, 376, 382, 399, 427, 435, 440, 441, 467,
+            468, 470]
+    assert sorted(int(image[-3:]) for image in table.query("split == 'test'")["sample_id"]) \
+        == test
+    assert len(table.query("label == 'NV'")) == 36
+    # it needs no groupings file
+    (tmp_path / "isic" / ISIC_GROUPINGS).unlink()
+    assert table.equals(isic_skin4(tmp_path, "b", split_by="image"))
+
+
+def isic_with_groupings(tmp_path, text: str | bytes) -> dict:
+    """The 21-image local copy with `text` as its lesion groupings."""
+    groupings = tmp_path / ISIC_GROUPINGS
+    if isinstance(text, bytes):
+        groupings.write_bytes(text)
+    else:
+        groupings.write_text(text)
+    root = isic_copy(tmp_path / "isic", groupings=groupings)
+    return {"source": {"type": "isic2018", "root": str(root)}}
+
+
+def test_isic_lesion_with_two_diagnoses_is_named(tmp_path):
+    text = (ISIC_TABLE.with_name(ISIC_GROUPINGS).read_text()
+            .replace("ISIC_0024307,HAM_0004000", "ISIC_0024307,HAM_0002730"))
+    with pytest.raises(InputError, match="lesion HAM_0002730 has images of two diagnoses in "
+                                         ".*GroundTruth.csv: ISIC_0024307 NV \\(line 3\\) "
+                                         "and ISIC_0024308 MEL \\(line 4\\)") as error:
+        fetch_dataset(isic_with_groupings(tmp_path, text), tmp_path / "out")
+    assert str(error.value).startswith(str(tmp_path / "isic" / ISIC_GROUPINGS))
+
+
+def test_isic_local_copy_without_groupings_says_where_to_get_them(tmp_path):
+    root = isic_copy(tmp_path / "isic")
+    (root / ISIC_GROUPINGS).unlink()
+    with pytest.raises(InputError) as error:
+        fetch_dataset({"source": {"type": "isic2018", "root": str(root)}}, tmp_path / "out")
+    message = str(error.value)
+    assert f"expected one {ISIC_GROUPINGS}, found no file" in message
+    assert f"https://isic-challenge-data.s3.amazonaws.com/2018/{ISIC_GROUPINGS}" in message
+    assert "`split_by: image`" in message
+
+
+GROUPINGS_LINES = ISIC_TABLE.with_name(ISIC_GROUPINGS).read_text().splitlines()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("image,lesion\nISIC_0024306,HAM_0000118\n", "line 1 \\(header\\) has no column\\(s\\) "
+                                                "lesion_id"),
+    ("image,lesion_id,diagnosis_confirm_type\n", "the table has a header but no rows"),
+    (b"\xff\xd8\xff\xe0 a JPEG, not the table", "not UTF-8 text"),
+    ("\n".join(GROUPINGS_LINES[:5] + ["ISIC_0024310,,consensus"] + GROUPINGS_LINES[6:]),
+     "line 6 \\(image 'ISIC_0024310'\\): empty image or lesion_id cell"),
+    ("\n".join(GROUPINGS_LINES + [GROUPINGS_LINES[4]]),
+     "line 23 \\(image 'ISIC_0024309'\\): sample id 'ISIC_0024309' is also on line 5"),
+    # a download cut short: the images past line 11 have no lesion
+    ("\n".join(GROUPINGS_LINES[:11]), "no lesion for 11 image\\(s\\) of .*GroundTruth.csv "
+                                      "\\(first: ISIC_0024316, line 12\\)"),
+])
+def test_isic_damaged_groupings_are_named(tmp_path, text, fragment):
+    with pytest.raises(InputError, match=fragment) as error:
+        fetch_dataset(isic_with_groupings(tmp_path, text), tmp_path / "out")
+    assert ISIC_GROUPINGS in str(error.value)
+
+
+def test_isic_image_only_in_the_groupings_is_left_out_and_said(tmp_path, caplog):
+    text = "\n".join(GROUPINGS_LINES + ["ISIC_0099999,HAM_0009999,histo"])
+    with caplog.at_level(logging.WARNING):
+        manifest = read_manifest(fetch_dataset(isic_with_groupings(tmp_path, text),
+                                               tmp_path / "out"))
+    assert len(manifest.table) == 21 and "ISIC_0099999" not in set(manifest.table["sample_id"])
+    assert (f"{ISIC_GROUPINGS}: 1 image(s) are not in " in caplog.text
+            and "(first: ISIC_0099999); they are left out" in caplog.text)
+
+
 def isic_archives(tmp_path):
+    """The challenge's three files as served: two zips and the plain groupings CSV."""
     root = isic_copy(tmp_path / "copy")
     archives = {}
     for folder in ("ISIC2018_Task3_Training_Input", "ISIC2018_Task3_Training_GroundTruth"):
         archives[f"{folder}.zip"] = zip_bytes({
             f"{folder}/{path.name}": path.read_bytes() for path in (root / folder).iterdir()})
+    archives[ISIC_GROUPINGS] = (root / ISIC_GROUPINGS).read_bytes()
     return archives
 
 
@@ -277,6 +416,29 @@ def test_isic_download_needs_pinned_checksums_or_consent(http_server, tmp_path, 
     record = (tmp_path / "again" / "downloads.json").read_text()
     assert all(sha256(data) in record for data in archives.values())
     assert "unverified" in caplog.text
+
+
+def test_isic_download_fetches_the_lesion_groupings_verified(http_server, tmp_path):
+    archives = isic_archives(tmp_path)
+    for name, data in archives.items():
+        http_server.serve(f"/2018/{name}", data)
+    pinned = {name: {"sha256": sha256(data)} for name, data in archives.items()}
+    source = {"type": "isic2018", "base_url": http_server.base_url + "/2018", "download": FAST}
+    # pinning the two zips is not enough: the groupings are checked like them
+    with pytest.raises(ConfigError, match=f"no checksum is published for {ISIC_GROUPINGS}"):
+        fetch_dataset({"source": {**source, "checksums": {
+            name: pin for name, pin in pinned.items() if name != ISIC_GROUPINGS}}},
+            tmp_path / "out")
+    manifest = read_manifest(fetch_dataset({"source": {**source, "checksums": pinned}},
+                                           tmp_path / "out"))
+    assert manifest.table.groupby("group")["split"].nunique().max() == 1
+    assert len(set(manifest.table["group"])) == 15             # 21 images of 15 lesions
+    assert sha256(archives[ISIC_GROUPINGS]) in (tmp_path / "out" / "downloads.json").read_text()
+    # split by image, the groupings are neither needed nor fetched
+    http_server.log.clear()
+    fetch_dataset({"source": {**source, "checksums": pinned, "split_by": "image"}},
+                  tmp_path / "by_image")
+    assert not any(ISIC_GROUPINGS in path for path in http_server.log)
 
 
 # --- RSNA Pneumonia ---------------------------------------------------------------------
