@@ -23,8 +23,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from medrobust.logs import get_logger
-
 from medrobust.data.http import (
     RemoteFile,
     checksum_for,
@@ -47,6 +45,7 @@ from medrobust.data.manifest import begin_dataset
 from medrobust.config import config_from_mapping
 from medrobust.data.sources import register_source
 from medrobust.errors import ConfigError, InputError, check_choice
+from medrobust.logs import get_logger
 
 log = get_logger(__name__)
 
