@@ -612,6 +612,9 @@ def test_cbis_labels_splits_and_masks_from_an_nbia_copy(tmp_path):
     # the two views of one patient stay together
     assert table.loc["Mass-Training_P_00001_LEFT_CC", "split"] \
         == table.loc["Mass-Training_P_00001_LEFT_MLO", "split"]
+    # and the manifest says whose they are, for the report's warning on clustered images
+    assert table.loc["Mass-Training_P_00001_LEFT_MLO", "group"] == "P_00001"
+    assert table.loc["Calc-Test_P_00041_RIGHT_MLO", "group"] == "P_00041"
     with open(manifest.root / "rois.csv") as handle:
         rois = list(csv.DictReader(handle))
     assert len(rois) == 13

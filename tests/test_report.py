@@ -123,11 +123,13 @@ def results(tmp_path_factory):
     # the raw dataset: 20 train, 40 test
     dataset = root / "resources" / "mammograms"
     dataset.mkdir(parents=True)
+    # two test images per patient (the manifest's group column)
     rows = [{"sample_id": sample, "path": f"{sample}.dcm", "label": CLASSES[label],
-             "split": "test", "sha256": "0" * 64} for sample, label in zip(IDS, LABELS)]
+             "split": "test", "sha256": "0" * 64, "group": f"p{index // 2}"}
+            for index, (sample, label) in enumerate(zip(IDS, LABELS))]
     rows += [{"sample_id": f"t{i}", "path": f"t{i}.dcm", "label": CLASSES[i % 2],
-              "split": "train", "sha256": "0" * 64} for i in range(20)]
-    write_dataset(dataset, rows, CLASSES, "images")
+              "split": "train", "sha256": "0" * 64, "group": f"q{i}"} for i in range(20)]
+    write_dataset(dataset, rows, CLASSES, "images", ("group",))
     clean = rng.uniform(0, 1, (N_TEST, 1, 8, 8)).astype(np.float32)
     attrs = {"dataset": "mammograms", "classes": CLASSES,
              "rejected": [{"sample_id": "m999", "path": "m999.dcm",
@@ -534,6 +536,9 @@ def test_page_states_intervals_verdicts_warnings_and_provenance(results):
                      r"epochs, and its val accuracy never\s+beat the first one's", glance)
     assert "Kept its first epoch: baseline" not in glance
     assert "Stand-ins" not in glance  # its one dataset in use is a local folder
+    # the fixture's test images come two per patient
+    assert re.search(r"Test images that are not independent:</b>\s+mammograms's 40 test "
+                     r"images come from\s+20 patients or lesions", glance)
     assert "p = &lt;" not in page and "p = <" not in page  # "p < 0.001" in a sentence
     for field in ("git commit", "torch", "CUDA (torch build)", "manifest.csv sha256"):
         assert field in page
@@ -919,6 +924,24 @@ def test_the_data_table_counts_the_samples_kept_not_the_manifests(tmp_path):
     assert [item["sample_id"] for item in rows["mammo"]["left_out"]] == ["mammo2"]
     assert rows["cohort"]["counts"] == [("benign", [1, 1, 2]), ("malignant", [1, 0, 1])]
     assert rows["cohort"]["left_out"] == [no_tissue]
+
+
+def test_a_test_set_of_images_that_share_patients_is_flagged(tmp_path):
+    """CBIS-DDSM's two views of a breast, ISIC's images of one lesion: the intervals treat
+    them as independent, so the page says they are too narrow there."""
+    def manifest(name, groups):
+        rows = [{"sample_id": f"{name}{i}", "path": f"{name}{i}", "label": CLASSES[i % 2],
+                 "split": "test", "sha256": "0" * 64, "group": group}
+                for i, group in enumerate(groups)]
+        write_dataset(tmp_path / name, rows, CLASSES, "images", ("group",))
+        return tmp_path / name
+
+    views = manifest("ddsm", ["P1", "P1", "P2", "P2", "P3", ""])
+    single = manifest("rsna", ["a", "b", "c", ""])
+    rows = page.dataset_rows([views, single], [])
+    # a sample without a group is a group of its own
+    assert [(row["test_samples"], row["test_groups"]) for row in rows] == [(6, 4), (4, 4)]
+    assert [row["dataset"] for row in page.clustered_test_sets(rows)] == ["ddsm"]
 
 
 @pytest.mark.parametrize("damage, problem", [

@@ -26,7 +26,7 @@ import yaml
 
 from medrobust import __version__
 from medrobust.config import defense_labels, mil_baselines
-from medrobust.data.manifest import MANIFEST_NAME, read_manifest
+from medrobust.data.manifest import GROUP_COLUMN, MANIFEST_NAME, read_manifest
 from medrobust.errors import RERUN, InputError
 from medrobust.evaluate.fourier_heatmap import read_heatmap
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS
@@ -665,12 +665,26 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
         kept = manifest.table[~manifest.table["sample_id"].isin(
             {str(record["sample_id"]) for record in left_out})]
         counts = class_counts(kept["label"], kept["split"])
+        test = kept[kept["split"] == "test"]
+        # a sample without a group (an empty cell) is a group of its own
+        grouped = (test[GROUP_COLUMN].fillna("").astype(str) if GROUP_COLUMN in test
+                   else pd.Series([], dtype=str))
+        groups = grouped[grouped != ""].nunique() + int((grouped == "").sum())
         rows.append({"dataset": folder.name, "kind": manifest.kind,
                      "splits": list(counts.columns),
                      "counts": [(name, [int(v) for v in values])
                                 for name, values in counts.iterrows()],
-                     "left_out": left_out})
+                     "left_out": left_out,
+                     # test samples that share a patient or lesion are not independent
+                     "test_samples": len(test), "test_groups": int(groups)})
     return rows
+
+
+def clustered_test_sets(datasets: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The datasets (`dataset_rows`) whose test samples come in fewer groups (patients,
+    lesions: the manifest's `group` column) than samples: every interval and test treats
+    the samples as independent, so on these they are too narrow."""
+    return [row for row in datasets if 0 < row["test_groups"] < row["test_samples"]]
 
 
 def read_slide_tiles(tile_indexes: Sequence[str | os.PathLike]
@@ -822,8 +836,11 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
                                      for name, model in trained.items()})
     labels = {(row["model"], row["condition"]): condition_label(row)
               for _, row in robustness.iterrows()}
+    data_rows = dataset_rows(datasets, evaluations, slides)
     context = {
         "version": __version__,
+        "datasets": data_rows,
+        "clustered": clustered_test_sets(data_rows),
         "settings": summary["settings"],
         "warnings": warnings,
         "stand_ins": stand_in_notes(config),
@@ -861,7 +878,6 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
         "figures": {name: {"src": _data_uri(png), "caption": caption}
                     for name, (png, caption) in figure_files.items()},
         "recipes": recipe_rows(trained),
-        "datasets": dataset_rows(datasets, evaluations, slides),
         "attention": attention,
         "slide_qc": {"total": sum(map(len, slides.values())),
                      "shown": sum(name.startswith("slide_qc_") for name in figure_files)},

@@ -138,8 +138,7 @@ def fetch_cbis_ddsm(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
         rows = _download_series(rows, options, out_dir)
     locator = DicomLocator(data)
     samples, rois = images_and_rois(rows, locator, out_dir)
-    patients = {row.sample_id: row.patient for row in rows}
-    samples = hold_out_val(samples, patients, options.val_fraction, options.seed)
+    samples = hold_out_val(samples, options.val_fraction, options.seed)
     write_table(out_dir / "rois.csv", ROI_COLUMNS, rois)
     return write_samples(out_dir, samples, classes, "images")
 
@@ -223,7 +222,8 @@ def images_and_rois(rows: Iterable[Abnormality], locator: DicomLocator, out_dir:
                              f"found {len(images)}")
         size = locator.size(images[0])
         label = "malignant" if any(row.pathology == "malignant" for row in group) else "benign"
-        samples.append(Sample(sample_id, images[0], label, first.split))
+        # the patient: her views are not independent samples (manifest column `group`)
+        samples.append(Sample(sample_id, images[0], label, first.split, group=first.patient))
         for row in group:
             mask = _mask(row, locator, size)
             unmatched += mask is None
@@ -242,27 +242,25 @@ def _mask(row: Abnormality, locator: DicomLocator, size: tuple[int, int]) -> Pat
     return next((path for path in candidates if locator.size(path) == size), None)
 
 
-def hold_out_val(samples: list[Sample], patients: Mapping[str, str], fraction: float,
-                 seed: int) -> list[Sample]:
+def hold_out_val(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
     """Move a stratified `fraction` of the official training patients to `val`.
 
-    By patient (`patients`: sample id -> patient id), so the views of one woman
-    never straddle train and val; a patient counts as malignant when any of
-    her images is.
+    By patient (each sample's `group`), so the views of one woman never
+    straddle train and val; a patient counts as malignant when any of her
+    images is.
     """
     if fraction == 0:
         return samples
     label_of: dict[str, str] = {}
     for sample in samples:
         if sample.split == "train":
-            patient = patients[sample.sample_id]
-            if sample.label == "malignant" or patient not in label_of:
-                label_of[patient] = sample.label
+            if sample.label == "malignant" or sample.group not in label_of:
+                label_of[sample.group] = sample.label
     names = sorted(label_of)
     splits = stratified_split([label_of[name] for name in names],
                               {"train": 1 - fraction, "val": fraction}, seed)
     val = {name for name, split in zip(names, splits, strict=True) if split == "val"}
-    return [replace(s, split="val") if s.split == "train" and patients[s.sample_id] in val
+    return [replace(s, split="val") if s.split == "train" and s.group in val
             else s for s in samples]
 
 
