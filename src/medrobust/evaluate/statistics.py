@@ -15,7 +15,9 @@ on the same samples are compared pairwise: McNemar's exact test on the
 discordant pairs, Newcombe's paired score interval of the accuracy difference
 and, with two classes, the MOVER of the two AUCs' Newcombe intervals with
 DeLong's correlation for the AUC difference (a paired bootstrap of macro AUCs
-with more classes).
+with more classes). Two models each right on a unit in a count of trials (the
+perturbations an image survives) get the exact sign-flip test of the per-unit
+differences and a paired t interval of their mean.
 """
 
 from __future__ import annotations
@@ -880,6 +882,41 @@ def comparison_columns(comparison: dict, with_auc: bool = True) -> dict[str, Any
             "test": "McNemar exact", "verdict": comparison["verdict"],
             "auc_caveat": None if auc is None else comparison["auc_caveat"],
             "smallest_detectable_difference": comparison["smallest_detectable_difference"]}
+
+
+def count_comparison(reference_counts: np.ndarray, reference_trials: int,
+                     model_counts: np.ndarray, model_trials: int,
+                     confidence: float = CONFIDENCE, alpha: float = 0.05) -> dict[str, Any]:
+    """Two models on the same units, each unit right in a count of its model's trials (the
+    perturbations an image survives, the random removals that leave a slide correct): the
+    columns of a comparisons table (`comparison_columns`' keys), the reference first.
+
+    Per unit the difference in trials right, in units of one trial of either model (the
+    least common multiple of the trial counts); the exact sign-flip test of their sum
+    (which weighs a unit by how much it moved, as the mean does; the sign test counts only
+    which way), the verdict's direction from the same sum, a paired t interval of the mean
+    difference, and the smallest difference the test could call:
+    `smallest_detectable_difference` units each one trial apart. No AUC difference: counts
+    rank nothing.
+    """
+    units = math.lcm(reference_trials, model_trials)
+    differences = (np.asarray(model_counts) * (units // model_trials)
+                   - np.asarray(reference_counts) * (units // reference_trials))
+    test = sign_flip_test(differences)
+    significant = test["p_value"] < alpha
+    n = len(differences)
+    floor = smallest_detectable_difference(n, alpha)
+    return {"n": n, "reference_accuracy": float(np.mean(reference_counts) / reference_trials),
+            "accuracy": float(np.mean(model_counts) / model_trials),
+            **interval_columns("accuracy_difference", t_mean(
+                differences / units, confidence, bounds=(-1.0, 1.0))),
+            **interval_columns("auc_difference", None),
+            "only_reference_correct": test["worse"], "only_model_correct": test["better"],
+            "p_value": test["p_value"], "test": "exact sign-flip test",
+            "verdict": ("no detectable difference" if not significant
+                        else "helped" if test["sum"] > 0 else "hurt"),
+            "auc_caveat": None,
+            "smallest_detectable_difference": None if floor is None else floor / units}
 
 
 def across_folds(values: Any) -> dict:

@@ -27,7 +27,6 @@ docs/report.md documents every column.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,8 +40,8 @@ from medrobust.evaluate.metrics import (
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
     COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, classification_statistics, comparison_columns,
-    holm_adjusted, interval_columns, mcnemar_exact, paired_comparison, sensitivity_at_threshold,
-    sign_flip_test, smallest_detectable_difference, t_mean)
+    count_comparison, holm_adjusted, interval_columns, mcnemar_exact, paired_comparison,
+    sensitivity_at_threshold, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
@@ -389,8 +388,11 @@ def _comparisons(paired, defenses: Mapping[str, str], statistics: StatisticsConf
                                                **sampling)
                     row.update(comparison_columns(result, with_auc=key[0] != "worst_case"))
                 else:
-                    row.update(_mean_comparison(reference_outcome.aligned(outcome.sample_ids),
-                                                outcome, statistics))
+                    reference_outcome = reference_outcome.aligned(outcome.sample_ids)
+                    row.update(count_comparison(
+                        reference_outcome.survived, reference_outcome.conditions,
+                        outcome.survived, outcome.conditions, statistics.confidence,
+                        statistics.alpha))
                 rows.append(row)
     return _judged_as_families(rows, statistics.alpha)
 
@@ -412,38 +414,6 @@ def _judged_as_families(rows: list[dict[str, Any]], alpha: float) -> list[dict[s
             row["family_verdict"] = (row["verdict"] if p_value < alpha
                                      else "no detectable difference")
     return rows
-
-
-def _mean_comparison(reference: Survival, model: Survival,
-                     statistics: StatisticsConfig) -> dict[str, Any]:
-    """The comparison columns of two models' means over perturbations on the same images.
-
-    Per image the difference in perturbations survived, in units of one
-    condition of either model; the exact sign-flip test of their sum (which
-    weighs an image by how much it moved, as the mean does; the sign test
-    counted only which way), the verdict's direction from the same sum, a
-    paired t interval of the mean difference, and the smallest difference
-    the test could call: `smallest_detectable_difference` images each one
-    unit apart.
-    """
-    units = math.lcm(reference.conditions, model.conditions)
-    differences = (model.survived * (units // model.conditions)
-                   - reference.survived * (units // reference.conditions))
-    test = sign_flip_test(differences)
-    significant = test["p_value"] < statistics.alpha
-    n = len(differences)
-    floor = smallest_detectable_difference(n, statistics.alpha)
-    return {"n": n, "reference_accuracy": float(reference.fraction.mean()),
-            "accuracy": float(model.fraction.mean()),
-            **interval_columns("accuracy_difference", t_mean(
-                differences / units, statistics.confidence, bounds=(-1.0, 1.0))),
-            **interval_columns("auc_difference", None),
-            "only_reference_correct": test["worse"], "only_model_correct": test["better"],
-            "p_value": test["p_value"], "test": "exact sign-flip test",
-            "verdict": ("no detectable difference" if not significant
-                        else "helped" if test["sum"] > 0 else "hurt"),
-            "auc_caveat": None,
-            "smallest_detectable_difference": None if floor is None else floor / units}
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
