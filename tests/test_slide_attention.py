@@ -11,10 +11,14 @@ from sklearn.metrics import roc_auc_score
 
 import medrobust.models  # noqa: F401 (registers the architectures)
 from medrobust.errors import ConfigError, InputError
+from medrobust.evaluate import slide_attention
 from medrobust.evaluate.slide_attention import (
-    AttentionSettings, bag_scores, localisation_auc, random_kept, tile_tumour_fraction,
-    tiles_to_remove, top_k_against_random, top_k_kept, tumour_tiles)
+    AttentionSettings, analyse_slide_attention, bag_scores, localisation_auc, random_kept,
+    tile_tumour_fraction, tiles_to_remove, top_k_against_random, top_k_kept, tumour_tiles)
+from medrobust.evaluate.statistics import (
+    model_auc, paired_comparison, sign_flip_test, t_mean)
 from medrobust.io.tumour_masks import TumourAnnotations, TumourMask, rasterise_asap
+from medrobust.models.mil import ABMIL
 from medrobust.models.registry import SLIDE_CLASSIFIERS, build_model
 from medrobust.evaluate.heatmaps import (
     HEATMAP_ALPHA, TUMOUR_CONTOUR, attention_heatmap, heatmap_colours)
@@ -139,27 +143,122 @@ def test_settings_reject_bad_values():
         AttentionSettings.from_mapping({"tumour_threshold": 0})
 
 
+CLASSES = ["normal", "tumor"]
+
+
+def _probabilities(labels, p_true):
+    """(normal, tumor) probabilities of slides whose true class gets `p_true`."""
+    p_tumor = np.where(labels == 1, p_true, 1 - p_true)
+    return np.stack([1 - p_tumor, p_tumor], axis=1)
+
+
+def _top_k_rows(k, labels, top, draws):
+    """One k's rows of a top-k table: per slide (label index `labels[i]`) the top-k removal
+    with probability `top[i]` of the true class, and random draw d with `draws[d][i]`."""
+    rows = []
+    for removal, draw, p_true in [("top", -1, top),
+                                  *(("random", d, p) for d, p in enumerate(draws))]:
+        for index, (label, (p_normal, p_tumor)) in enumerate(
+                zip(labels, _probabilities(labels, p_true))):
+            rows.append({"slide_id": f"s{index}", "label": CLASSES[label], "k": k,
+                         "removal": removal, "draw": draw, "n_tiles": 10, "n_removed": k,
+                         "prob_normal": p_normal, "prob_tumor": p_tumor})
+    return rows
+
+
 def test_top_k_removal_is_compared_with_random_removal_slide_by_slide():
     """10 slides: random removal leaves all right, most-attended removal gets 8 wrong;
-    the rows come shuffled, so only pairing by slide id gives 8 discordant pairs."""
-    classes = ["normal", "tumor"]
-    rows = []
-    for index in range(10):
-        label = classes[index % 2]
-        right = 0.9 if label == "tumor" else 0.1
-        for removal, p_tumor in (("random", right), ("top", right if index >= 8 else 1 - right)):
-            rows.append({"slide_id": f"s{index}", "label": label, "k": 2, "removal": removal,
-                         "prob_normal": 1 - p_tumor, "prob_tumor": p_tumor})
-    rows.append({"slide_id": "s0", "label": "normal", "k": 0, "removal": "none",
+    the rows come shuffled, so only pairing by slide id gives 8 slides that differ."""
+    top = np.where(np.arange(10) >= 8, 0.9, 0.1)
+    rows = _top_k_rows(2, np.arange(10) % 2, top, [np.full(10, 0.9)])
+    rows.append({"slide_id": "s0", "label": "normal", "k": 0, "removal": "none", "draw": -1,
                  "prob_normal": 0.9, "prob_tumor": 0.1})
     table = pd.DataFrame(rows).sample(frac=1, random_state=0)
-    (row,) = top_k_against_random(table, classes, 200, 0.95, 0, 0.05)
+    (row,) = top_k_against_random(table, CLASSES, 0.95, 0.05)
     assert (row["k"], row["n"]) == (2, 10)
     assert (row["only_reference_correct"], row["only_model_correct"]) == (8, 0)
     assert (row["reference_accuracy"], row["accuracy"]) == (1.0, pytest.approx(0.2))
     assert row["accuracy_difference"] == pytest.approx(-0.8)
     assert row["accuracy_difference_high"] < 0
     assert row["p_value"] == pytest.approx(2 * 0.5 ** 8) and row["verdict"] == "hurt"
+
+
+def test_the_random_control_scores_each_draw_not_their_mean():
+    """16 slides, two random draws each: the first leaves every slide right (0.9 for the
+    true class), the second none (0.4). One random removal is right half the time, but the
+    draws' mean probability (0.65) is right on every slide: as the reference, that ensemble
+    made the top-k removal, right on 8 slides, read as "hurt" (p = 2/2^8). Scored draw by
+    draw, the top-k removal is as good as a random one."""
+    labels = np.arange(16) % 2
+    top = np.where(np.arange(16) < 8, 0.6, 0.4)
+    draws = [np.full(16, 0.9), np.full(16, 0.4)]
+    table = pd.DataFrame(_top_k_rows(2, labels, top, draws)).sample(frac=1, random_state=1)
+    averaged = paired_comparison(labels, _probabilities(labels, np.mean(draws, axis=0)),
+                                 _probabilities(labels, top))
+    assert averaged["accuracy_a"].estimate == 1.0 and averaged["verdict"] == "hurt"
+
+    (row,) = top_k_against_random(table, CLASSES, 0.95, 0.05)
+    assert (row["n"], row["reference_accuracy"], row["accuracy"]) == (16, 0.5, 0.5)
+    assert row["accuracy_difference"] == 0.0 and row["p_value"] == pytest.approx(1.0)
+    assert (row["verdict"], row["test"]) == ("no detectable difference", "exact sign-flip test")
+    # the draws' AUCs are 1 and 0, the top-k removal's 0.5; their mean's would be 1
+    assert row["auc_difference"] == 0.0 and row["auc_difference_low"] is None
+    summary = slide_attention._top_k_summary(table, CLASSES, 200, 0.95, 0)
+    control = next(item for item in summary if item["removal"] == "random")
+    assert (control["n"], control["accuracy"], control["auc"]) == (16, 0.5, 0.5)
+    assert control["auc_low"] is None and control["auc_high"] is None
+
+
+def test_the_top_k_p_value_is_the_sign_flip_test_of_the_per_slide_differences():
+    """Per slide R * (top-k removal correct) - (random draws correct), from shuffled rows;
+    the accuracy difference is their paired t interval over R."""
+    rng = np.random.default_rng(4)
+    labels, repeats = np.arange(14) % 2, 3
+    top = rng.uniform(0, 1, 14)
+    draws = [rng.uniform(0.2, 1, 14) for _ in range(repeats)]
+    table = pd.DataFrame(_top_k_rows(4, labels, top, draws)).sample(frac=1, random_state=2)
+    differences = repeats * (top > 0.5) - (np.array(draws) > 0.5).sum(axis=0)
+    assert len(set(differences)) > 2   # not McNemar's yes/no in disguise
+
+    (row,) = top_k_against_random(table, CLASSES, 0.95, 0.05)
+    assert row["p_value"] == pytest.approx(sign_flip_test(differences)["p_value"])
+    expected = t_mean(differences / repeats, 0.95, bounds=(-1, 1))
+    assert (row["accuracy_difference"], row["accuracy_difference_low"],
+            row["accuracy_difference_high"]) == pytest.approx(
+        (expected.estimate, expected.low, expected.high))
+    assert row["reference_accuracy"] == pytest.approx(np.mean(np.array(draws) > 0.5))
+    assert (row["only_reference_correct"], row["only_model_correct"]) == (
+        (differences < 0).sum(), (differences > 0).sum())
+    draw_aucs = [model_auc(labels, _probabilities(labels, draw)) for draw in draws]
+    assert row["auc_difference"] == pytest.approx(
+        model_auc(labels, _probabilities(labels, top)) - np.mean(draw_aucs))
+    with pytest.raises(InputError, match="not one random row per slide and draw"):
+        top_k_against_random(table.drop(table.index[(table["removal"] == "random")][:1]),
+                             CLASSES, 0.95, 0.05)
+
+
+def test_top_k_table_has_a_row_per_random_draw_and_the_summary_compares_them(
+        tmp_path, monkeypatch):
+    """A real ABMIL on six slides of 2 to 8 tiles, top_k [1, 3], three draws: top_k.csv
+    holds each draw, and the summary's comparison is the one its rows give."""
+    torch.manual_seed(0)
+    model = ABMIL(6, 2).eval()
+    slides = [slide_attention._Slide(f"s{index}", index % 2, torch.randn(n, 6) * 3,
+                                     np.zeros((n, 2)), {})
+              for index, n in enumerate([5, 7, 2, 6, 4, 8])]
+    config = {"classes": CLASSES, "dataset": "slides", "arch": "abmil"}
+    monkeypatch.setattr(slide_attention, "_test_slides", lambda *args: (model, config, slides))
+    monkeypatch.setattr(slide_attention, "_heatmap", lambda *args: None)   # no slide files
+    summary = analyse_slide_attention(tmp_path / "abmil", [], [], tmp_path, tmp_path / "run",
+                                      AttentionSettings(top_k=(1, 3), random_repeats=3),
+                                      n_resamples=200)
+    table = pd.read_csv(tmp_path / "run" / "top_k.csv", dtype={"slide_id": str})
+    random = table[table["removal"] == "random"]
+    assert len(random) == 6 * 2 * 3
+    assert all(sorted(group) == [0, 1, 2] for _, group in random.groupby(["slide_id", "k"])["draw"])
+    assert (table.loc[table["removal"] != "random", "draw"] == -1).all()
+    assert len(table) == 6 * (1 + 2 * (1 + 3))
+    assert summary["top_k_against_random"] == top_k_against_random(table, CLASSES, 0.95, 0.05)
 
 
 def test_top_k_curves_draw_removal_and_random_from_the_full_bag():

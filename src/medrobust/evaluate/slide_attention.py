@@ -11,9 +11,11 @@ For one saved slide classifier and its test slides (docs/mil.md, "Attention"):
   for telling tumour tiles (at least `tumour_threshold` of the tile in the
   mask) from the others, and its mean over slides with a bootstrap interval;
 - top-k removal: each slide re-scored from its stored features without its k
-  most-attended tiles, and, as the control, without k tiles drawn at random;
-  AUC and accuracy with intervals against k. At least one tile always stays:
-  a slide of n <= k tiles loses its n - 1 most-attended (or random) tiles.
+  most-attended tiles, and, as the control, without k tiles drawn at random,
+  each of `random_repeats` draws scored on its own; AUC and accuracy with
+  intervals against k, and per k the two removals compared slide by slide.
+  At least one tile always stays: a slide of n <= k tiles loses its n - 1
+  most-attended (or random) tiles.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from medrobust.evaluate.attention_files import (
 from medrobust.evaluate.heatmaps import attention_heatmap
 from medrobust.evaluate.slide_classifier import load_split_bags
 from medrobust.evaluate.statistics import (
-    auc_score, classification_statistics, comparison_columns, interval_columns,
-    jsonable, paired_comparison, t_mean)
+    Interval, auc_score, classification_statistics, count_comparison, interval_columns,
+    jsonable, model_auc, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.io.slide_stores import open_feature_store, open_tile_store
 from medrobust.io.slides import open_slide
@@ -46,6 +48,7 @@ from medrobust.preprocess.tiling import TileGrid, mask_fractions
 log = get_logger(__name__)
 
 HEATMAP_PIXELS_PER_TILE = 8  # thumbnail pixels per tile side
+NO_DRAW = -1   # top_k.csv's `draw` for the full bag and the top-k removal, which draw nothing
 
 
 
@@ -54,7 +57,7 @@ class AttentionSettings:
     """What the attention analysis of a slide classifier does (`slide_attention:` in config)."""
 
     top_k: tuple[int, ...] = (1, 2, 4, 8)
-    random_repeats: int = 5         # random draws per slide and k, their probabilities averaged
+    random_repeats: int = 5         # random draws per slide and k, each scored on its own
     tumour_threshold: float = 0.5   # a tile is tumour when at least this fraction is in the mask
 
     def __post_init__(self):
@@ -203,17 +206,18 @@ def analyse_slide_attention(model_dir: str | os.PathLike,
                     "slide_id": slide.slide_id, "label": classes[slide.label],
                     "n_tiles": len(attention), "n_tumour_tiles": int(tumour.sum()),
                     "auc": localisation_auc(attention, fraction, settings.tumour_threshold)})
-            top_k_rows.append(_row(slide, 0, "none", 0, probabilities, classes))
+            top_k_rows.append(_row(slide, 0, "none", NO_DRAW, 0, probabilities, classes))
             for k in settings.top_k:
                 removed = tiles_to_remove(len(attention), k)
                 kept = top_k_kept(attention, k)
-                top_k_rows.append(_row(slide, k, "top", removed,
+                top_k_rows.append(_row(slide, k, "top", NO_DRAW, removed,
                                        bag_scores(model, slide.features[kept], device)[0],
                                        classes))
-                draws = [bag_scores(model, slide.features[random_kept(len(attention), k, rng)],
-                                    device)[0] for _ in range(settings.random_repeats)]
-                top_k_rows.append(_row(slide, k, "random", removed, np.mean(draws, axis=0),
-                                       classes))
+                for draw in range(settings.random_repeats):
+                    kept = random_kept(len(attention), k, rng)
+                    top_k_rows.append(_row(slide, k, "random", draw, removed,
+                                           bag_scores(model, slide.features[kept], device)[0],
+                                           classes))
         top_k = pd.DataFrame(top_k_rows)
         localisation = pd.DataFrame(localisation_rows,
                                     columns=["slide_id", "label", "n_tiles", "n_tumour_tiles",
@@ -229,8 +233,7 @@ def analyse_slide_attention(model_dir: str | os.PathLike,
             "tumour_masks": annotations.available,
             "localisation": _localisation_summary(localisation, confidence),
             "top_k": _top_k_summary(top_k, classes, n_resamples, confidence, seed),
-            "top_k_against_random": top_k_against_random(top_k, classes, n_resamples,
-                                                          confidence, seed, alpha),
+            "top_k_against_random": top_k_against_random(top_k, classes, confidence, alpha),
         }
         pd.concat(tile_rows).to_csv(tmp / TILES_TABLE, index=False)
         localisation.to_csv(tmp / LOCALISATION_TABLE, index=False)
@@ -241,10 +244,10 @@ def analyse_slide_attention(model_dir: str | os.PathLike,
     return summary
 
 
-def _row(slide: _Slide, k: int, removal: str, removed: int, probabilities: np.ndarray,
-         classes: Sequence[str]) -> dict[str, Any]:
+def _row(slide: _Slide, k: int, removal: str, draw: int, removed: int,
+         probabilities: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     return {"slide_id": slide.slide_id, "label": classes[slide.label], "k": k,
-            "removal": removal, "n_tiles": len(slide.coords), "n_removed": removed,
+            "removal": removal, "draw": draw, "n_tiles": len(slide.coords), "n_removed": removed,
             **{f"prob_{name}": float(p) for name, p in zip(classes, probabilities)}}
 
 
@@ -256,40 +259,103 @@ def _localisation_summary(localisation: pd.DataFrame, confidence: float) -> dict
             "mean_auc": mean}
 
 
-def top_k_against_random(top_k: pd.DataFrame, classes: Sequence[str], n_resamples: int,
-                          confidence: float, seed: int, alpha: float) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _RandomDraws:
+    """One k's random removals: per slide (in slide_id order) its label and each draw's
+    class probabilities, `(draws, slides, classes)`."""
+
+    slide_ids: list[str]
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+    @property
+    def n_draws(self) -> int:
+        return self.probabilities.shape[0]
+
+    @property
+    def correct(self) -> np.ndarray:
+        """Per slide, how many of its draws leave it correct (the argmax class)."""
+        return (self.probabilities.argmax(axis=-1) == self.labels).sum(axis=0)
+
+    def mean_auc(self) -> float | None:
+        """The mean of the draws' AUCs; None where a draw has none (slides of one class)."""
+        aucs = [model_auc(self.labels, draw) for draw in self.probabilities]
+        return None if None in aucs else float(np.mean(aucs))
+
+
+def _scores(rows: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as class indices and class probabilities of top-k table rows."""
+    return (rows["label"].map(list(classes).index).to_numpy(),
+            rows[[f"prob_{name}" for name in classes]].to_numpy())
+
+
+def _random_draws(rows: pd.DataFrame, classes: Sequence[str]) -> _RandomDraws:
+    """One k's random rows of the top-k table as its draws; every slide must have every draw,
+    once, or a slide's share of draws would be over a different number of them."""
+    slides, draws = rows["slide_id"].nunique(), rows["draw"].nunique()
+    if rows.duplicated(["draw", "slide_id"]).any() or len(rows) != slides * draws:
+        raise InputError(f"top-k table: k = {rows['k'].iloc[0]} has not one random row per "
+                         f"slide and draw ({len(rows)} rows, {slides} slides, {draws} draws)")
+    ordered = rows.sort_values(["draw", "slide_id"])
+    labels, probabilities = _scores(ordered, classes)
+    return _RandomDraws(list(ordered["slide_id"].iloc[:slides]), labels[:slides],
+                        probabilities.reshape(draws, slides, len(classes)))
+
+
+def top_k_against_random(top_k: pd.DataFrame, classes: Sequence[str], confidence: float,
+                         alpha: float) -> list[dict[str, Any]]:
     """Per k, removing the k most-attended tiles against removing k random ones, on the same
-    slides: statistics.paired_comparison with the random removal as the reference and the
-    top-k removal as the model, so a negative difference is what the top tiles carry; the
-    columns of a comparisons table (statistics.comparison_columns)."""
+    slides; the columns of a comparisons table (statistics.comparison_columns' keys).
+
+    Per slide, whether the top-k removal leaves it correct against how many of the random
+    draws do, by `statistics.count_comparison` with the random removal as the reference: a
+    negative difference is what the top tiles carry. Each draw is one removal, as the
+    top-k removal is; their averaged probabilities would be an ensemble, steadier and
+    often more accurate than any one removal. The AUC difference is the top-k removal's AUC
+    less the mean of the draws' AUCs, without an interval (docs/mil.md says why).
+    """
     rows = []
     for k, group in top_k[top_k["k"] > 0].groupby("k", sort=True):
-        pair = {removal: members.sort_values("slide_id")
-                for removal, members in group.groupby("removal")}
-        random, top = pair["random"], pair["top"]
-        if list(random["slide_id"]) != list(top["slide_id"]):
+        top = group[group["removal"] == "top"].sort_values("slide_id")
+        random = _random_draws(group[group["removal"] == "random"], classes)
+        if list(top["slide_id"]) != random.slide_ids:
             raise InputError(f"top-k table: k = {k} has different slides for the random and "
                              "the most-attended removal")
-        labels = top["label"].map(classes.index).to_numpy()
-        columns = [f"prob_{name}" for name in classes]
-        comparison = paired_comparison(labels, random[columns].to_numpy(),
-                                       top[columns].to_numpy(), n_resamples, seed, confidence,
-                                       alpha)
-        rows.append({"k": int(k), **comparison_columns(comparison)})
+        labels, probabilities = _scores(top, classes)
+        top_correct = (probabilities.argmax(axis=1) == labels).astype(int)
+        comparison = count_comparison(random.correct, random.n_draws, top_correct, 1,
+                                      confidence, alpha)
+        top_auc, random_auc = model_auc(labels, probabilities), random.mean_auc()
+        comparison["auc_difference"] = (None if top_auc is None or random_auc is None
+                                        else top_auc - random_auc)
+        rows.append({"k": int(k), **comparison})
     return rows
 
 
 def _top_k_summary(top_k: pd.DataFrame, classes: Sequence[str], n_resamples: int,
                    confidence: float, seed: int) -> list[dict[str, Any]]:
-    """AUC and accuracy with intervals per (k, removal); k = 0 is the full bag."""
+    """AUC and accuracy with intervals per (k, removal); k = 0 is the full bag. The random
+    removal's are `_random_control`'s, over its draws."""
     rows = []
     for (k, removal), group in top_k.groupby(["k", "removal"], sort=True):
-        labels = group["label"].map(classes.index).to_numpy()
-        probabilities = group[[f"prob_{name}" for name in classes]].to_numpy()
-        statistics = classification_statistics(labels, probabilities, list(classes),
-                                               n_resamples, seed, confidence)
+        if removal == "random":
+            statistics = _random_control(_random_draws(group, classes), confidence)
+        else:
+            labels, probabilities = _scores(group, classes)
+            statistics = classification_statistics(labels, probabilities, list(classes),
+                                                   n_resamples, seed, confidence)
         rows.append({"k": int(k), "removal": removal, "n": int(statistics["n"]),
                      "mean_removed": float(group["n_removed"].mean()),
                      **interval_columns("auc", statistics["auc"]),
                      **interval_columns("accuracy", statistics["accuracy"])})
     return rows
+
+
+def _random_control(random: _RandomDraws, confidence: float) -> dict[str, Any]:
+    """The accuracy of one random removal: the mean over slides of the share of draws that
+    leave the slide correct, with Student's t interval over the slides; its AUC: the mean
+    of the draws' AUCs, with no interval (the spread of the draws' AUCs is the draws'
+    randomness, not the slides': docs/mil.md)."""
+    return {"n": len(random.slide_ids),
+            "accuracy": t_mean(random.correct / random.n_draws, confidence),
+            "auc": Interval(random.mean_auc(), None, None, "mean over random draws")}
