@@ -292,7 +292,8 @@ def _attention_run(folder):
                  ).to_csv(folder / LOCALISATION_TABLE, index=False)
     interval = {"auc": 0.5, "auc_low": 0.1, "auc_high": 0.9, "accuracy": 0.6,
                 "accuracy_low": 0.2, "accuracy_high": 0.9}
-    top_k = [{"k": k, "removal": removal, "n": 3, "mean_removed": k, **interval}
+    top_k = [{"k": k, "removal": removal, "n": 3, "mean_removed": k, **interval,
+              **({"auc_low": None, "auc_high": None} if removal == "random" else {})}
              for k, removal in ((0, "none"), (1, "random"), (1, "top"), (2, "random"),
                                 (2, "top"))]
     (folder / SUMMARY).write_text(json.dumps({
@@ -311,6 +312,9 @@ def test_an_attention_run_as_written_is_shown_whole(tmp_path):
     (model,) = section["models"]
     assert (model["heatmaps"], model["with_mask"], len(model["slides"])) == (3, 2, 2)
     assert "attention_abmil_s3" in found and len(section["top_k"]) == 5
+    # the random removal's AUC has no interval: none shown, not a NaN one ("[–, –]")
+    random = [row for row in section["top_k"] if row["removal"] == "random"]
+    assert all(row["auc_low"] is None and row["auc_high"] is None for row in random)
 
 
 @pytest.mark.parametrize("damage, match", [

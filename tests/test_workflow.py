@@ -154,8 +154,9 @@ def test_slide_attention_covers_every_test_slide(workdir):
         else:
             assert pd.isna(localisation.loc[slide, "auc"])
         rows = top_k[top_k["slide_id"] == slide]
-        assert sorted(zip(rows["k"], rows["removal"])) == [
-            (0, "none"), (1, "random"), (1, "top"), (4, "random"), (4, "top")]
+        assert sorted(zip(rows["k"], rows["removal"], rows["draw"])) == [   # random_repeats 2
+            (0, "none", -1), (1, "random", 0), (1, "random", 1), (1, "top", -1),
+            (4, "random", 0), (4, "random", 1), (4, "top", -1)]
         assert (rows["n_removed"] == rows["k"].clip(upper=len(group) - 1)).all()
     assert checked > 0  # at least one test slide's localisation AUC was checked
     html = (workdir / "results/report/index.html").read_text()

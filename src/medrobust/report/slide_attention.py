@@ -98,8 +98,10 @@ def attention_section(runs: Sequence[str | os.PathLike],
     found["attention_top_k"] = (
         figures.png(figures.top_k_curves(curves)),
         "Test-slide AUC and accuracy after removing each slide's k most-attended tiles (solid) "
-        f"or k random tiles (dashed, mean probability over {settings['random_repeats']} "
-        f"draws); k = 0 is the full bag; {figures.bands_caption([settings['confidence']])}. "
-        "At least one tile stays.")
+        f"or k random tiles (dashed: {settings['random_repeats']} draws per slide, each "
+        "scored on its own; the accuracy is the mean share of draws that leave a slide right, "
+        "the AUC the mean of the draws' AUCs, without a band); k = 0 is the full bag; "
+        f"{figures.bands_caption([settings['confidence']])}. At least one tile stays.")
     return found, {"models": models, "settings": settings,
-                   "top_k": curves.to_dict("records"), "top_k_against_random": paired_rows}
+                   # the summary's rows, whose missing bounds (the random AUC's) stay None
+                   "top_k": curve_rows, "top_k_against_random": paired_rows}
