@@ -9,7 +9,7 @@ For one saved slide classifier and its test slides (docs/mil.md, "Attention"):
   its attention (evaluate/heatmaps.py);
 - localisation AUC per slide with a tumour mask: the AUC of tile attention
   for telling tumour tiles (at least `tumour_threshold` of the tile in the
-  mask) from the others, and its mean over slides with a bootstrap interval;
+  mask) from the others, and its mean over slides with Student's t interval;
 - top-k removal: each slide re-scored from its stored features without its k
   most-attended tiles, and, as the control, without k tiles drawn at random,
   each of `random_repeats` draws scored on its own; AUC and accuracy with
