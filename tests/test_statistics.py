@@ -12,9 +12,9 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
-    AUC_MOVER, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
+    AUC_MOVER, CLUSTERED_SIGN_FLIP, CLUSTERED_T, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
     Interval,
-    KORN_GRAUBARD, auc_score, classification_statistics, clopper_pearson,
+    KORN_GRAUBARD, auc_score, classification_statistics, clopper_pearson, count_comparison,
     clustered_proportion, jsonable,
     mcnemar_exact, model_auc, mover_wilson, newcombe_auc, newcombe_paired_difference,
     holm_adjusted, operating_threshold, paired_auc_difference, paired_comparison, sensitivity_at_threshold,
@@ -813,3 +813,99 @@ def test_sensitivity_at_a_fixed_threshold_counts_positives_at_or_above_it():
     interval = sensitivity_at_threshold(labels, scores, 0.5)
     exact = clopper_pearson(2, 4)
     assert (interval.estimate, interval.low, interval.high) == (0.5, exact.low, exact.high)
+
+
+# ---------------------------------------------------------------- clustered samples
+
+def test_one_sample_per_cluster_changes_no_number():
+    labels, probabilities_a = noisy_classifier(80, seed=3)
+    _, probabilities_b = noisy_classifier(80, signal=1.5, seed=4)
+    singletons = np.arange(80)
+    assert (paired_comparison(labels, probabilities_a, probabilities_b, clusters=singletons)
+            == paired_comparison(labels, probabilities_a, probabilities_b))
+    assert (classification_statistics(labels, probabilities_a, ["a", "b"], clusters=singletons)
+            == classification_statistics(labels, probabilities_a, ["a", "b"]))
+    counts_a, counts_b = np.arange(80) % 5, (np.arange(80) * 7) % 6
+    assert (count_comparison(counts_a, 4, counts_b, 5, clusters=singletons)
+            == count_comparison(counts_a, 4, counts_b, 5))
+    values = np.linspace(0, 1, 80) ** 2
+    assert t_mean(values, clusters=singletons) == t_mean(values)
+
+
+def test_the_clustered_sign_flip_of_one_pair_per_cluster_is_mcnemars():
+    rng = np.random.default_rng(5)
+    a, b = rng.random(50) < 0.6, rng.random(50) < 0.8
+    clustered = sign_flip_test(b.astype(int) - a.astype(int), clusters=np.arange(50))
+    assert clustered["p_value"] == pytest.approx(mcnemar_exact(a, b)["p_value"], rel=1e-12)
+
+
+def test_the_clustered_sign_flip_flips_whole_clusters():
+    # seven of eight images better, six of them one patient's: per image that is
+    # P(at most one of eight signs differs) = 18/256; per patient the sums are 6, 1 and -1,
+    # and 6 of the 8 sign assignments of (6, 1, -1) reach |sum| >= 6
+    differences = np.array([1, 1, 1, 1, 1, 1, 1, -1])
+    patients = np.array(["p"] * 6 + ["q", "r"])
+    assert sign_flip_test(differences)["p_value"] == pytest.approx(18 / 256)
+    test = sign_flip_test(differences, clusters=patients)
+    assert test["p_value"] == pytest.approx(6 / 8)
+    assert (test["better"], test["worse"], test["sum"]) == (7, 1, 6)
+    correct_a, correct_b = differences < 0, differences > 0
+    assert mcnemar_exact(correct_a, correct_b, clusters=patients)["p_value"] == pytest.approx(
+        6 / 8)
+
+
+def test_images_copied_within_their_group_give_the_original_intervals_and_tests():
+    """Each image three times, the copies one group: the clustered numbers are (about) those
+    of the original images, not those of three times as many independent images."""
+    labels, probabilities_a = noisy_classifier(90, seed=6)
+    _, probabilities_b = noisy_classifier(90, signal=1.6, seed=7)
+    original = paired_comparison(labels, probabilities_a, probabilities_b)
+
+    def copied(values):
+        return np.repeat(values, 3, axis=0)
+
+    groups = copied(np.arange(90))
+    clustered = paired_comparison(copied(labels), copied(probabilities_a),
+                                  copied(probabilities_b), clusters=groups)
+    naive = paired_comparison(copied(labels), copied(probabilities_a), copied(probabilities_b))
+
+    def width(interval):
+        return interval.high - interval.low
+
+    for key in ("accuracy_b", "accuracy_difference"):
+        assert width(clustered[key]) == pytest.approx(width(original[key]), rel=0.1)
+        assert width(naive[key]) < 0.7 * width(original[key])
+    assert clustered["mcnemar"]["p_value"] == pytest.approx(original["mcnemar"]["p_value"])
+    assert naive["mcnemar"]["p_value"] < original["mcnemar"]["p_value"]
+    assert clustered["verdict"] == original["verdict"]
+    assert clustered["test"] == CLUSTERED_SIGN_FLIP and clustered["mcnemar"]["groups"] == 90
+    accuracy = classification_statistics(copied(labels), copied(probabilities_b), ["a", "b"],
+                                         clusters=groups)["accuracy"]
+    assert accuracy.method == KORN_GRAUBARD
+    assert width(accuracy) == pytest.approx(width(original["accuracy_b"]), rel=0.1)
+
+    # a mean over perturbations: the t interval of copies in one group is the original's
+    counts_a, counts_b = np.arange(90) % 4, (np.arange(90) * 5) % 5
+    once = count_comparison(counts_a, 4, counts_b, 4)
+    thrice = count_comparison(copied(counts_a), 4, copied(counts_b), 4, clusters=groups)
+    for key in ("accuracy_difference_low", "accuracy_difference_high", "p_value"):
+        assert thrice[key] == pytest.approx(once[key])
+    assert thrice["test"] == CLUSTERED_SIGN_FLIP
+    assert t_mean(copied(counts_b / 4), clusters=groups).method == CLUSTERED_T
+
+
+def test_the_clustered_mean_is_the_ratio_estimator_with_k_minus_1_degrees_of_freedom():
+    from scipy.stats import t
+
+    values = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.5])
+    clusters = np.array([0, 0, 1, 2, 2, 3])
+    mean, sums, sizes = 3.5 / 6, np.array([1.0, 1.0, 1.0, 0.5]), np.array([2, 1, 2, 1])
+    standard_error = np.sqrt(4 / 3 * ((sums - mean * sizes) ** 2).sum()) / 6
+    interval = t_mean(values, clusters=clusters)
+    assert interval.estimate == pytest.approx(mean)
+    assert interval.high - mean == pytest.approx(t.ppf(0.975, 3) * standard_error)
+
+
+def test_the_smallest_detectable_difference_needs_as_many_groups_as_pairs():
+    assert smallest_detectable_difference(40, groups=10) == 6 / 40
+    assert smallest_detectable_difference(40, groups=5) is None

@@ -18,6 +18,16 @@ DeLong's correlation for the AUC difference (a paired bootstrap of macro AUCs
 with more classes). Two models each right on a unit in a count of trials (the
 perturbations an image survives) get the exact sign-flip test of the per-unit
 differences and a paired t interval of their mean.
+
+Samples that are not independent (images of one patient or lesion) are passed
+as `clusters`, one key per sample. Where some cluster holds more than one
+sample, accuracy gets Korn and Graubard's interval, a mean (and a paired
+difference) the ratio estimator's Student t interval over the k clusters, and
+the paired tests the exact sign-flip test of the per-cluster sums of the
+per-sample differences: the cluster-level permutation test, which with one
+sample per cluster is McNemar's (or the per-sample sign-flip) test again.
+Clusters of one sample each change nothing. AUCs and the other intervals stay
+per sample.
 """
 
 from __future__ import annotations
@@ -42,6 +52,10 @@ AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
 KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
 STUDENT_T = "Student t"
+CLUSTERED_T = "Student t over clusters (ratio estimator, linearised variance, k - 1 df)"
+MCNEMAR = "McNemar exact"
+SIGN_FLIP = "exact sign-flip test"
+CLUSTERED_SIGN_FLIP = "exact sign-flip test of per-group sums"
 PAIRED = "paired bootstrap (percentile)"
 
 # resample index matrices are built this many entries at a time, bounding memory for large n
@@ -137,6 +151,26 @@ def _boolean_vector(values: Any, name: str) -> np.ndarray:
     if array.dtype != bool and not ((array == 0) | (array == 1)).all():
         raise InputError(f"{name} must hold only True/False (or 0/1)")
     return array.astype(bool)
+
+
+def _clusters_of(clusters: Any, n: int) -> np.ndarray:
+    """`clusters` as an array with one key per sample."""
+    clusters = np.asarray(clusters)
+    if clusters.shape != (n,):
+        raise InputError(f"need one cluster per sample, got shape {clusters.shape} for {n} "
+                         "samples")
+    return clusters
+
+
+def cluster_index(clusters: Any, n: int) -> tuple[np.ndarray, int] | None:
+    """Each of the n samples' cluster number (0..k-1) and the number of clusters k, or None
+    where there is nothing to account for: no `clusters`, or every sample a cluster of its
+    own (the per-sample methods are then the right ones, and stay exactly as they were)."""
+    if clusters is None:
+        return None
+    _, member_of = np.unique(_clusters_of(clusters, n), return_inverse=True)
+    k = int(member_of.max()) + 1 if n else 0
+    return None if k == n else (member_of.reshape(-1), k)
 
 
 # ---------------------------------------------------------------- exact binomial
@@ -539,7 +573,7 @@ def model_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
 
 def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
                               n_resamples: int = N_RESAMPLES, seed: int = 0,
-                              confidence: float = CONFIDENCE) -> dict:
+                              confidence: float = CONFIDENCE, clusters: Any = None) -> dict:
     """Accuracy, balanced accuracy, AUC, sensitivity and specificity with intervals.
 
     The prediction is the argmax class. Accuracy and binary sensitivity
@@ -549,7 +583,9 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     of the per-class recalls' Wilson intervals; with k > 2 the macro AUC and
     specificity come from one shared stratified bootstrap. Macro averages run over
     the classes present in the labels; per-class statistics of a class with no
-    samples are None.
+    samples are None. With `clusters` (the samples' patients or lesions) accuracy
+    gets Korn and Graubard's interval over them (`accuracy_interval`); every other
+    interval stays per sample.
     """
     labels = _integer_labels(labels)
     classes = list(classes)
@@ -601,7 +637,7 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
         sensitivity, specificity = balanced_accuracy, boot["specificity"]
     return {
         "n": n,
-        "accuracy": clopper_pearson(int(np.trace(confusion)), n, confidence),
+        "accuracy": accuracy_interval(predictions == labels, confidence, clusters),
         "balanced_accuracy": balanced_accuracy,
         # two classes: the AUC of P(class 1), as the one-vs-rest AUC of class 1
         "auc": per_class[classes[1]]["auc"] if k == 2 else boot["auc"],
@@ -652,7 +688,7 @@ def sensitivity_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: 
 
 
 def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
-           bounds: tuple[float, float] = (0.0, 1.0)) -> Interval:
+           bounds: tuple[float, float] = (0.0, 1.0), clusters: Any = None) -> Interval:
     """Mean of per-unit values with Student's t interval, mean ± t(n-1) s/√n, cut to the
     values' possible `bounds`.
 
@@ -664,6 +700,13 @@ def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
     class: like the exact interval of an accuracy, the interval includes how
     the mix of classes could have fallen. One value has no interval (None);
     identical values give a point.
+
+    With `clusters` (`cluster_index`; images of one patient) the units are the
+    k clusters: the ratio estimate Σv/n with its linearised variance
+    k/(k-1) Σ_g (v_g - mean m_g)² / n² over the clusters' sums v_g and sizes
+    m_g, and t with k - 1 degrees of freedom; with one unit per cluster that is
+    the interval above. A Wald-type interval: with few clusters (under about
+    20) its variance is itself uncertain and its coverage below the nominal.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1:
@@ -674,23 +717,37 @@ def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
     if len(values) == 0:
         return Interval(None, None, None, STUDENT_T)
     mean = float(values.mean())
-    if len(values) == 1:
-        return Interval(mean, None, None, STUDENT_T)
+    clustering = cluster_index(clusters, len(values))
+    method = STUDENT_T if clustering is None else CLUSTERED_T
+    units = len(values) if clustering is None else clustering[1]
+    if units == 1:
+        return Interval(mean, None, None, method)
+    if clustering is None:
+        standard_error = values.std(ddof=1) / math.sqrt(len(values))
+    else:
+        member_of, k = clustering
+        residuals = (np.bincount(member_of, weights=values, minlength=k)
+                     - mean * np.bincount(member_of, minlength=k))
+        standard_error = math.sqrt(k / (k - 1) * float((residuals ** 2).sum())) / len(values)
     from scipy.stats import t  # as in clopper_pearson
 
-    half = float(t.ppf(0.5 + confidence / 2.0, len(values) - 1)
-                 * values.std(ddof=1) / math.sqrt(len(values)))
-    return Interval(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), STUDENT_T)
+    half = float(t.ppf(0.5 + confidence / 2.0, units - 1) * standard_error)
+    return Interval(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), method)
 
 
 # ---------------------------------------------------------------- two models
 
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray, clusters: Any = None) -> dict:
     """McNemar's exact test of two models' per-sample correctness on the same samples.
 
     Only discordant pairs carry information about which model is better; under
     the null each is equally likely to favour either, so the p-value is the
     exact two-sided binomial test of the split (1.0 when there are none).
+
+    With `clusters` (`cluster_index`) the p-value is the sign-flip test of each
+    cluster's only-b minus only-a count instead: a patient's images flip
+    together under the null. The counts stay per sample; `groups` says how many
+    clusters there were.
     """
     a = _boolean_vector(correct_a, "correct_a")
     b = _boolean_vector(correct_b, "correct_b")
@@ -701,12 +758,17 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     discordant = only_a + only_b
     from scipy.stats import binomtest  # as in clopper_pearson
 
+    clustering = cluster_index(clusters, len(a))
+    if clustering is not None:
+        test = sign_flip_test(b.astype(np.int64) - a.astype(np.int64), clusters)
+        return {"n": len(a), "only_a_correct": only_a, "only_b_correct": only_b,
+                "p_value": test["p_value"], "groups": clustering[1]}
     p_value = 1.0 if discordant == 0 else float(binomtest(only_b, discordant, 0.5).pvalue)
     return {"n": len(a), "only_a_correct": only_a, "only_b_correct": only_b,
             "p_value": min(1.0, p_value)}
 
 
-def sign_flip_test(differences: np.ndarray) -> dict:
+def sign_flip_test(differences: np.ndarray, clusters: Any = None) -> dict:
     """The exact two-sided permutation test of paired integer differences (Fisher-Pitman).
 
     Under "no difference" each pair's difference is as likely to have either
@@ -718,15 +780,24 @@ def sign_flip_test(differences: np.ndarray) -> dict:
     groups' distributions are convolved (sizes up to a few hundred units per
     pair, as in counts of perturbations survived). McNemar's exact test is
     the case of differences in {-1, 0, 1}.
+
+    With `clusters` (one key per pair: the patient) the signs are flipped per
+    cluster, on the clusters' sums of differences: the cluster-level
+    permutation test, exact as above, since a cluster's pairs are not
+    independent. `better`, `worse` and `sum` still count pairs.
     """
     values = np.asarray(differences)
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
         raise InputError(f"differences must be a 1-D array of integers, got {values.dtype} "
                          f"of shape {values.shape}")
+    result = {"n": len(values), "better": int((values > 0).sum()),
+              "worse": int((values < 0).sum()), "sum": int(values.sum())}
+    if clusters is not None:
+        _, member_of = np.unique(_clusters_of(clusters, len(values)), return_inverse=True)
+        values = np.zeros(member_of.max() + 1 if len(values) else 0, dtype=np.int64)
+        np.add.at(values, member_of.reshape(-1), np.asarray(differences, dtype=np.int64))
     nonzero = values[values != 0]
-    observed = int(nonzero.sum())
-    result = {"n": len(values), "better": int((nonzero > 0).sum()),
-              "worse": int((nonzero < 0).sum()), "sum": observed}
+    observed = result["sum"]
     if len(nonzero) == 0:
         return {**result, "p_value": 1.0}
     from scipy.signal import convolve
@@ -780,13 +851,16 @@ def holm_adjusted(p_values: Any) -> np.ndarray:
     return adjusted
 
 
-def smallest_detectable_difference(n: int, alpha: float = 0.05) -> float | None:
+def smallest_detectable_difference(n: int, alpha: float = 0.05,
+                                   groups: int | None = None) -> float | None:
     """The smallest accuracy difference McNemar's exact test could call significant with n pairs.
 
     Even when all k discordant pairs favour one model the two-sided p-value is
     2 * 0.5**k, so fewer than the smallest k with 2 * 0.5**k < alpha can never
     be significant; as a fraction of n that bounds what a test set can resolve.
-    None when k exceeds n.
+    None when k exceeds n. With the n pairs in `groups` clusters, the sign-flip
+    test of the clusters' sums needs k clusters that moved, at least one pair
+    each: still k / n, but None when k exceeds the number of clusters.
     """
     if not 0.0 < alpha < 1.0:
         raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
@@ -795,13 +869,13 @@ def smallest_detectable_difference(n: int, alpha: float = 0.05) -> float | None:
     k = 1
     while 2.0 * 0.5 ** k >= alpha:
         k += 1
-    return None if k > n else k / int(n)
+    return None if k > (n if groups is None else min(n, groups)) else k / int(n)
 
 
 def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
                       probabilities_b: np.ndarray, n_resamples: int = N_RESAMPLES,
                       seed: int = 0, confidence: float = CONFIDENCE,
-                      alpha: float = 0.05) -> dict:
+                      alpha: float = 0.05, clusters: Any = None) -> dict:
     """Model b (e.g. a defense) against model a (e.g. the baseline) on the same samples.
 
     Accuracies are exact binomial intervals; the accuracy difference (b minus a)
@@ -810,6 +884,12 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     bootstrap; the verdict rests on McNemar's exact test at level alpha, and
     `smallest_detectable_difference` says how large a difference this many
     samples could have shown at all.
+
+    With `clusters` (`cluster_index`: the samples' patients or lesions) the
+    accuracies get Korn and Graubard's interval, the accuracy difference the
+    clustered t interval of the per-sample differences (`t_mean`), and the
+    verdict and the smallest detectable difference the sign-flip test of the
+    per-cluster sums (`mcnemar_exact`). The AUC difference stays per sample.
     """
     labels = _integer_labels(labels)
     probabilities_a = _check_probabilities(probabilities_a, len(labels), name="probabilities_a")
@@ -833,23 +913,40 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
                                           seed, confidence)
     correct_a = scorer_a.predictions == labels
     correct_b = scorer_b.predictions == labels
-    mcnemar = mcnemar_exact(correct_a, correct_b)
-    verdict = _verdict(mcnemar, alpha)
     n = len(labels)
-    both = int((correct_a & correct_b).sum())
+    clustering = cluster_index(clusters, n)
+    mcnemar = mcnemar_exact(correct_a, correct_b, clusters)
+    verdict = _verdict(mcnemar, alpha)
+    if clustering is None:
+        both = int((correct_a & correct_b).sum())
+        accuracy_difference = newcombe_paired_difference(
+            mcnemar["only_a_correct"], mcnemar["only_b_correct"], both,
+            n - both - mcnemar["only_a_correct"] - mcnemar["only_b_correct"], confidence)
+    else:
+        accuracy_difference = t_mean(correct_b.astype(float) - correct_a.astype(float),
+                                     confidence, bounds=(-1.0, 1.0), clusters=clusters)
     return {
         "n": n,
-        "accuracy_a": clopper_pearson(int(correct_a.sum()), n, confidence),
-        "accuracy_b": clopper_pearson(int(correct_b.sum()), n, confidence),
-        "accuracy_difference": newcombe_paired_difference(
-            mcnemar["only_a_correct"], mcnemar["only_b_correct"], both,
-            n - both - mcnemar["only_a_correct"] - mcnemar["only_b_correct"], confidence),
+        "accuracy_a": accuracy_interval(correct_a, confidence, clusters),
+        "accuracy_b": accuracy_interval(correct_b, confidence, clusters),
+        "accuracy_difference": accuracy_difference,
         "auc_difference": auc_difference,
         "mcnemar": mcnemar,
+        "test": MCNEMAR if clustering is None else CLUSTERED_SIGN_FLIP,
         "verdict": verdict,
         "auc_caveat": auc_caveat(verdict, auc_difference),
-        "smallest_detectable_difference": smallest_detectable_difference(n, alpha),
+        "smallest_detectable_difference": smallest_detectable_difference(
+            n, alpha, None if clustering is None else clustering[1]),
     }
+
+
+def accuracy_interval(correct: np.ndarray, confidence: float = CONFIDENCE,
+                      clusters: Any = None) -> Interval:
+    """The share of samples classified right: exact binomial, or with `clusters` (more than
+    one sample in some cluster) Korn and Graubard's interval over them."""
+    if cluster_index(clusters, len(correct)) is None:
+        return clopper_pearson(int(np.sum(correct)), len(correct), confidence)
+    return clustered_proportion(correct, clusters, confidence)
 
 
 def interval_columns(name: str, interval: Interval | None) -> dict[str, float | None]:
@@ -879,14 +976,15 @@ def comparison_columns(comparison: dict, with_auc: bool = True) -> dict[str, Any
             "only_reference_correct": comparison["mcnemar"]["only_a_correct"],
             "only_model_correct": comparison["mcnemar"]["only_b_correct"],
             "p_value": comparison["mcnemar"]["p_value"],
-            "test": "McNemar exact", "verdict": comparison["verdict"],
+            "test": comparison.get("test", MCNEMAR), "verdict": comparison["verdict"],
             "auc_caveat": None if auc is None else comparison["auc_caveat"],
             "smallest_detectable_difference": comparison["smallest_detectable_difference"]}
 
 
 def count_comparison(reference_counts: np.ndarray, reference_trials: int,
                      model_counts: np.ndarray, model_trials: int,
-                     confidence: float = CONFIDENCE, alpha: float = 0.05) -> dict[str, Any]:
+                     confidence: float = CONFIDENCE, alpha: float = 0.05,
+                     clusters: Any = None) -> dict[str, Any]:
     """Two models on the same units, each unit right in a count of its model's trials (the
     perturbations an image survives, the random removals that leave a slide correct): the
     columns of a comparisons table (`comparison_columns`' keys), the reference first.
@@ -897,22 +995,27 @@ def count_comparison(reference_counts: np.ndarray, reference_trials: int,
     which way), the verdict's direction from the same sum, a paired t interval of the mean
     difference, and the smallest difference the test could call:
     `smallest_detectable_difference` units each one trial apart. No AUC difference: counts
-    rank nothing.
+    rank nothing. With `clusters` (the units' patients) the test is on the clusters' sums
+    and the interval the clustered t (`sign_flip_test`, `t_mean`); the counts of units
+    better and worse stay per unit.
     """
     units = math.lcm(reference_trials, model_trials)
     differences = (np.asarray(model_counts) * (units // model_trials)
                    - np.asarray(reference_counts) * (units // reference_trials))
-    test = sign_flip_test(differences)
-    significant = test["p_value"] < alpha
     n = len(differences)
-    floor = smallest_detectable_difference(n, alpha)
+    clustering = cluster_index(clusters, n)
+    test = sign_flip_test(differences, None if clustering is None else clusters)
+    significant = test["p_value"] < alpha
+    floor = smallest_detectable_difference(n, alpha,
+                                           None if clustering is None else clustering[1])
     return {"n": n, "reference_accuracy": float(np.mean(reference_counts) / reference_trials),
             "accuracy": float(np.mean(model_counts) / model_trials),
             **interval_columns("accuracy_difference", t_mean(
-                differences / units, confidence, bounds=(-1.0, 1.0))),
+                differences / units, confidence, bounds=(-1.0, 1.0), clusters=clusters)),
             **interval_columns("auc_difference", None),
             "only_reference_correct": test["worse"], "only_model_correct": test["better"],
-            "p_value": test["p_value"], "test": "exact sign-flip test",
+            "p_value": test["p_value"],
+            "test": SIGN_FLIP if clustering is None else CLUSTERED_SIGN_FLIP,
             "verdict": ("no detectable difference" if not significant
                         else "helped" if test["sum"] > 0 else "hurt"),
             "auc_caveat": None,
