@@ -981,3 +981,74 @@ def test_a_perturbations_severities_run_from_the_mildest_to_the_harshest():
     headers = page.study_table(robustness, ["perturbation"])["headers"]
     assert headers == ["clean", *(f"gaussian_noise severity {s}" for s in (2, 4, 16)),
                        *(f"lowpass severity {s}" for s in (16, 4, 2))], headers
+
+
+# ---------------------------------------------------------------- test images in groups
+
+def outcome_evaluations():
+    """OUTCOMES' evaluations in memory: right ones at 0.8 on the true class, wrong at 0.3."""
+    evaluations = []
+    for (model, condition), correct in OUTCOMES.items():
+        true_probability = np.where(correct, 0.8, 0.3)
+        probabilities = np.zeros((N_TEST, 2))
+        probabilities[np.arange(N_TEST), LABELS] = true_probability
+        probabilities[np.arange(N_TEST), 1 - LABELS] = 1 - true_probability
+        evaluations.append(Evaluation(describe(model, condition), np.array(IDS), LABELS,
+                                      probabilities, CLASSES))
+    return evaluations
+
+
+DEFENSES = {"baseline": "none", "denoising": "denoising", "surrogate": "none"}
+
+
+def test_groups_of_one_image_each_leave_the_summary_as_it_was():
+    def summary_with(groups):
+        return summarize(outcome_evaluations(), DEFENSES, StatisticsConfig(**STATISTICS),
+                         groups=groups)
+
+    today = summary_with(None)
+    for groups in ({"mammograms": {sample: f"patient {sample}" for sample in IDS}},
+                   {"mammograms": dict.fromkeys(IDS)},   # empty cells: groups of their own
+                   {"other": {"x": "p"}}):
+        summary = summary_with(groups)
+        for name in ("robustness", "per_class", "comparisons"):
+            pd.testing.assert_frame_equal(getattr(summary, name), getattr(today, name))
+        assert summary.settings == today.settings
+
+
+def test_images_of_one_patient_are_counted_as_one_patient():
+    # images 0-19 of ten patients, two each; the other 20 each their own
+    groups = {"mammograms": {sample: f"p{i // 2}" if i < 20 else None
+                             for i, sample in enumerate(IDS)}}
+    today = summarize(outcome_evaluations(), DEFENSES, StatisticsConfig(**STATISTICS))
+    grouped = summarize(outcome_evaluations(), DEFENSES, StatisticsConfig(**STATISTICS),
+                        groups=groups)
+    clean, clean_today = (row(summary.robustness, "baseline", "clean")
+                          for summary in (grouped, today))
+    assert clean["accuracy"] == clean_today["accuracy"]
+    assert clean["accuracy_low"] != clean_today["accuracy_low"]      # Korn-Graubard
+    assert clean["auc_low"] == clean_today["auc_low"]                # per image
+    comparisons = grouped.comparisons.set_index(["model", "condition"])
+    for condition in ("clean", "fgsm-eps8-from-surrogate", "mean-perturbation"):
+        assert comparisons.loc[("denoising", condition), "test"] == \
+            "exact sign-flip test of per-group sums"
+    # under ifgsm images 0-9 (patients p0-p4) and 30-36 (their own) are right only for the
+    # model: 17 images, but 12 groups whose signs flip, all of them one way
+    ifgsm = comparisons.loc[("denoising", "ifgsm-eps8-from-surrogate")]
+    assert ifgsm["only_model_correct"] == 17 and ifgsm["only_reference_correct"] == 0
+    assert ifgsm["p_value"] == pytest.approx(2 * 0.5 ** 12)
+    today_ifgsm = today.comparisons.set_index(["model", "condition"]).loc[
+        ("denoising", "ifgsm-eps8-from-surrogate")]
+    assert today_ifgsm["p_value"] == pytest.approx(2 * 0.5 ** 17)
+    methods = grouped.settings["interval_methods"]
+    assert any(key.startswith("with the manifest's groups (mammograms)") for key in methods)
+    assert not any("groups" in key for key in today.settings["interval_methods"])
+
+
+def test_the_summary_reads_the_groups_from_the_dataset_manifests(results, tmp_path):
+    dataset = results["root"] / "resources" / "mammograms"   # two test images per patient
+    outputs = [tmp_path / name for name in ("r.csv", "r.json", "p.csv", "c.csv")]
+    summary = summarize_evaluations(results["evaluations"], DEFENSES, STATISTICS, *outputs,
+                                    dataset_folders=[str(dataset)])
+    assert set(summary.comparisons["test"]) == {"exact sign-flip test of per-group sums"}
+    assert (pd.read_csv(outputs[3])["test"] == "exact sign-flip test of per-group sums").all()

@@ -5,6 +5,8 @@
 rule summarize:
     input:
         evaluation_runs,
+        # their manifests' `group` column: which test images share a patient or lesion
+        datasets=image_dataset_folders(),
     output:
         csv=report("results/report/robustness.csv", caption="../report/robustness.rst", category="Tables"),
         per_class=report("results/report/per_class.csv", caption="../report/per_class.rst", category="Tables"),
@@ -15,7 +17,7 @@ rule summarize:
         defenses=defenses(),
         baselines=mil_baselines(config),  # MHIM-MIL models against their base model
         statistics=COMPARISON_SETTINGS,
-        code=code_fingerprint("report.summary", "evaluate"),  # the intervals: evaluate.statistics
+        code=code_fingerprint("report.summary", "evaluate", "data.manifest"),  # intervals: evaluate.statistics; groups: Manifest.groups
     log:
         "logs/summarize.log",
     benchmark:

@@ -11,4 +11,5 @@ with script_logging(snakemake):
         per_class_csv=snakemake.output.per_class,
         comparisons_csv=snakemake.output.comparisons,
         baselines=snakemake.params.baselines,
+        dataset_folders=snakemake.input.datasets,
     )

@@ -59,6 +59,15 @@ class Manifest:
         return np.array([self.classes.index(label) for label in self.table["label"]],
                         dtype=np.int64)
 
+    @property
+    def groups(self) -> dict[str, str | None] | None:
+        """Each sample's group (`GROUP_COLUMN`: its patient or lesion; None for an empty
+        cell, a group of its own), or None where the manifest has no such column."""
+        if GROUP_COLUMN not in self.table.columns:
+            return None
+        return {sample: group or None for sample, group
+                in zip(self.table["sample_id"], self.table[GROUP_COLUMN])}
+
     def absolute_path(self, row: Mapping[str, Any]) -> Path:
         """The file of one table row (a row Series or a mapping with `path`)."""
         return self.root / row["path"]

@@ -21,6 +21,10 @@ probabilities). From the predictions this module computes, with
   comparisons (clean, worst cases, the mean over perturbations) also with
   Holm-adjusted p-values and verdicts, as one family.
 
+Where a dataset's manifest puts test images in groups (`group`: the patient,
+the lesion), accuracy, the mean over perturbations, the accuracy differences
+and the paired tests count the groups, not the images (`statistics`' clusters).
+
 docs/report.md documents every column.
 """
 
@@ -28,20 +32,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from medrobust.config import config_from_mapping
+from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import ConfigError, InputError
 from medrobust.evaluate.metrics import (
     DESCRIPTION_KEYS, Evaluation, pairing_order, read_evaluation)
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
     COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, classification_statistics, comparison_columns,
-    count_comparison, holm_adjusted, interval_columns, mcnemar_exact, paired_comparison,
-    sensitivity_at_threshold, t_mean)
+    cluster_index, count_comparison, holm_adjusted, interval_columns, mcnemar_exact,
+    paired_comparison, sensitivity_at_threshold, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
@@ -178,6 +184,37 @@ def _condition_key(description: Mapping[str, Any]) -> tuple:
     return (kind,)
 
 
+def sample_clusters(groups: Mapping[str, Mapping[str, str | None]] | None, dataset: str,
+                  sample_ids: np.ndarray) -> np.ndarray | None:
+    """Each test image's group for the clustered statistics, in the order of `sample_ids`;
+    None where the dataset's manifest has no groups. An image without one (None) is a group
+    of its own."""
+    group_of = (groups or {}).get(dataset)
+    if group_of is None:
+        return None
+    missing = [str(sample) for sample in sample_ids if str(sample) not in group_of]
+    if missing:
+        raise InputError(f"{dataset}'s {MANIFEST_NAME} has no sample(s) {', '.join(missing[:5])} "
+                         "that its evaluations scored")
+    # prefixed, so that a group named like an image's id stays a different group
+    return np.array([f"group:{group_of[str(sample)]}" if group_of[str(sample)] is not None
+                     else f"sample:{sample}" for sample in sample_ids], dtype=object)
+
+
+def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
+    """The summary's `interval_methods` entries for datasets whose test images come in groups."""
+    if not datasets:
+        return {}
+    return {f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy":
+                "Korn-Graubard over the groups (exact binomial at the clustered effective "
+                "size); the row's other intervals stay per image",
+            f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy difference "
+            "and the mean over perturbations and its difference":
+                "Student t over the groups (ratio estimator, linearised variance, k - 1 "
+                "degrees of freedom; Wald-type); exact sign-flip test of the per-group sums "
+                "for the difference; the AUC difference stays per image"}
+
+
 @dataclasses.dataclass
 class Summary:
     """The tables summarize() writes."""
@@ -193,11 +230,14 @@ class Summary:
 def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
               statistics: StatisticsConfig = StatisticsConfig(),
               baselines: Mapping[str, str] | None = None,
-              thresholds: Mapping[str, float | None] | None = None) -> Summary:
+              thresholds: Mapping[str, float | None] | None = None,
+              groups: Mapping[str, Mapping[str, str | None]] | None = None) -> Summary:
     """All tables from the evaluations; `defenses` maps each model to its defense or "none";
     `baselines` maps a model to the one model it is compared against instead (an MHIM-MIL
     slide model to its base model, `config.mil_baselines`); `thresholds` a two-class
-    model to its operating point on P(classes[1]) (None or absent: none)."""
+    model to its operating point on P(classes[1]) (None or absent: none); `groups` a
+    dataset to each sample's group (`Manifest.groups`; None or absent: every sample
+    independent)."""
     by_model: dict[tuple[str, str], list[Evaluation]] = {}
     for evaluation in evaluations:
         key = (evaluation.description["dataset"], evaluation.description["model"])
@@ -205,6 +245,14 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     sampling = statistics.sampling()
     rows, per_class, matrices = [], [], []
     paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | Survival]]] = {}
+    clustered: set[str] = set()
+
+    def clusters_of(dataset: str, sample_ids: np.ndarray) -> np.ndarray | None:
+        clusters = sample_clusters(groups, dataset, sample_ids)
+        if cluster_index(clusters, len(sample_ids)) is not None:
+            clustered.add(dataset)
+        return clusters
+
     for key, model_evaluations in by_model.items():
         threshold = (thresholds or {}).get(key[1])
 
@@ -218,8 +266,8 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
 
         for evaluation in model_evaluations:
             stats = with_operating_point(classification_statistics(
-                evaluation.labels, evaluation.probabilities, evaluation.classes, **sampling),
-                evaluation)
+                evaluation.labels, evaluation.probabilities, evaluation.classes, **sampling,
+                clusters=clusters_of(key[0], evaluation.sample_ids)), evaluation)
             rows.append(_row(evaluation.description, stats, evaluation.classes))
             per_class += _per_class_rows(evaluation.description, stats)
             matrices.append({**{k: evaluation.description[k] for k in
@@ -232,15 +280,17 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
         for description, outcome in _derived(model_evaluations):
             if isinstance(outcome, Evaluation):
                 stats = with_operating_point(classification_statistics(
-                    outcome.labels, outcome.probabilities, outcome.classes, **sampling), outcome)
+                    outcome.labels, outcome.probabilities, outcome.classes, **sampling,
+                    clusters=clusters_of(key[0], outcome.sample_ids)), outcome)
                 stats["auc"] = None  # images of different attacks: no one ranking to score
                 rows.append(_row(description, stats, outcome.classes))
             else:
                 rows.append({**description, "threat_model": None, "n": len(outcome.sample_ids),
-                             **interval_columns("accuracy", t_mean(outcome.fraction,
-                                                                   statistics.confidence))})
+                             **interval_columns("accuracy", t_mean(
+                                 outcome.fraction, statistics.confidence,
+                                 clusters=clusters_of(key[0], outcome.sample_ids)))})
             paired[key][_condition_key(description)] = (description, outcome)
-    comparisons = _comparisons(paired, defenses, statistics, baselines or {})
+    comparisons = _comparisons(paired, defenses, statistics, baselines or {}, groups)
     settings = {**sampling, "alpha": statistics.alpha,
                 "interval_methods": {
                     "accuracy, sensitivity and specificity (two classes)":
@@ -261,7 +311,8 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                         "AUC intervals with DeLong's correlation; more: paired stratified "
                         "bootstrap (percentile)",
                     "mean over perturbations, difference between two models":
-                        "paired Student t; exact sign-flip (permutation) test"}}
+                        "paired Student t; exact sign-flip (permutation) test",
+                    **clustering_methods(sorted(clustered))}}
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
@@ -353,7 +404,9 @@ def gradient_masking_checks(by_model: Mapping[tuple[str, str], Sequence[Evaluati
 
 
 def _comparisons(paired, defenses: Mapping[str, str], statistics: StatisticsConfig,
-                 baselines: Mapping[str, str]) -> list[dict[str, Any]]:
+                 baselines: Mapping[str, str],
+                 groups: Mapping[str, Mapping[str, str | None]] | None = None,
+                 ) -> list[dict[str, Any]]:
     """Each defended model against each undefended model of its dataset that was put under
     attack or perturbation, and each model with a baseline against it alone, condition by
     condition."""
@@ -376,6 +429,7 @@ def _comparisons(paired, defenses: Mapping[str, str], statistics: StatisticsConf
                 if key not in reference_conditions:
                     continue
                 reference_outcome = reference_conditions[key][1]
+                clusters = sample_clusters(groups, dataset, outcome.sample_ids)
                 row = {"dataset": dataset, "reference_model": reference, "model": model,
                        "defense": defenses[model],
                        **{column: description.get(column) for column in
@@ -385,14 +439,14 @@ def _comparisons(paired, defenses: Mapping[str, str], statistics: StatisticsConf
                     reference_outcome = reference_outcome.aligned(outcome.sample_ids)
                     result = paired_comparison(outcome.labels, reference_outcome.probabilities,
                                                outcome.probabilities, alpha=statistics.alpha,
-                                               **sampling)
+                                               clusters=clusters, **sampling)
                     row.update(comparison_columns(result, with_auc=key[0] != "worst_case"))
                 else:
                     reference_outcome = reference_outcome.aligned(outcome.sample_ids)
                     row.update(count_comparison(
                         reference_outcome.survived, reference_outcome.conditions,
                         outcome.survived, outcome.conditions, statistics.confidence,
-                        statistics.alpha))
+                        statistics.alpha, clusters))
                 rows.append(row)
     return _judged_as_families(rows, statistics.alpha)
 
@@ -464,15 +518,19 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
                           statistics: Mapping[str, Any], out_csv: str | os.PathLike,
                           out_json: str | os.PathLike, per_class_csv: str | os.PathLike,
                           comparisons_csv: str | os.PathLike,
-                          baselines: Mapping[str, str] | None = None) -> Summary:
+                          baselines: Mapping[str, str] | None = None,
+                          dataset_folders: Sequence[str | os.PathLike] = ()) -> Summary:
     """Read every evaluation record ({metrics, predictions, operating_point} paths) and write
-    the tables."""
+    the tables; the manifests in `dataset_folders` (resources/{dataset}) say which test
+    images share a patient or lesion."""
     settings = StatisticsConfig.from_mapping(statistics)
     evaluations = [read_evaluation(record["metrics"], record["predictions"])
                    for record in records]
     points = {record["model"]: record["operating_point"] for record in records}
     thresholds = {model: read_operating_point(path)["threshold"] for model, path in points.items()}
-    summary = summarize(evaluations, defenses, settings, baselines, thresholds)
+    groups = {Path(folder).name: read_manifest(Path(folder) / MANIFEST_NAME).groups
+              for folder in dataset_folders}
+    summary = summarize(evaluations, defenses, settings, baselines, thresholds, groups)
     write_summary(summary, out_csv, out_json, per_class_csv, comparisons_csv)
     log.info("summarised %d evaluations into %d rows and %d paired comparisons",
              len(evaluations), len(summary.robustness), len(summary.comparisons))
