@@ -715,3 +715,16 @@ def test_decimal_budgets_and_severities_run_through_a_dry_run(config, tmp_path):
                  "results/perturbations/mammograms/gaussian_noise",
                  "results/evaluate/mammograms/denoising"):
         assert f"output: {path}" in output, path
+
+
+def test_the_summary_reads_the_manifests_of_the_image_datasets(tmp_path):
+    """Their `group` column (CBIS-DDSM: the patient) is what the clustered intervals and
+    tests count; the summary gets the folder the download checkpoint writes."""
+    result = run_snakemake(tmp_path, ROOT / "tests/configs/dry_run/cbis_ddsm.yaml",
+                           "--dry-run", "--cores", "1", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    [block] = [block for block in re.split(r"^rule ", output, flags=re.MULTILINE)
+               if block.startswith("summarize:")]
+    inputs = re.search(r"^    input: (.*)$", block, flags=re.MULTILINE)[1].split(", ")
+    assert "resources/ddsm" in inputs

@@ -942,6 +942,11 @@ def test_a_test_set_of_images_that_share_patients_is_flagged(tmp_path):
     # a sample without a group is a group of its own
     assert [(row["test_samples"], row["test_groups"]) for row in rows] == [(6, 4), (4, 4)]
     assert [row["dataset"] for row in page.clustered_test_sets(rows)] == ["ddsm"]
+    # the summary counted ddsm's groups where it could: the page says which numbers it did
+    [flagged] = page.clustered_test_sets(rows)
+    assert not flagged["grouped"]
+    [flagged] = page.clustered_test_sets(rows, {"grouped_datasets": ["ddsm"]})
+    assert flagged["grouped"]
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -1043,6 +1048,8 @@ def test_images_of_one_patient_are_counted_as_one_patient():
     methods = grouped.settings["interval_methods"]
     assert any(key.startswith("with the manifest's groups (mammograms)") for key in methods)
     assert not any("groups" in key for key in today.settings["interval_methods"])
+    assert grouped.settings["grouped_datasets"] == ["mammograms"]
+    assert "grouped_datasets" not in today.settings
 
 
 def test_the_summary_reads_the_groups_from_the_dataset_manifests(results, tmp_path):

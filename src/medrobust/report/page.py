@@ -680,11 +680,16 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
     return rows
 
 
-def clustered_test_sets(datasets: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def clustered_test_sets(datasets: Sequence[Mapping[str, Any]],
+                        settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The datasets (`dataset_rows`) whose test samples come in fewer groups (patients,
-    lesions: the manifest's `group` column) than samples: every interval and test treats
-    the samples as independent, so on these they are too narrow."""
-    return [row for row in datasets if 0 < row["test_groups"] < row["test_samples"]]
+    lesions: the manifest's `group` column) than samples, each with `grouped`: whether the
+    summary (its `settings`' `grouped_datasets`) counted groups for accuracy, its differences
+    and the paired tests. Where it did not (slides), every interval and test treats the
+    samples as independent; where it did, the rest still does."""
+    grouped = set((settings or {}).get("grouped_datasets", []))
+    return [{**row, "grouped": row["dataset"] in grouped}
+            for row in datasets if 0 < row["test_groups"] < row["test_samples"]]
 
 
 def read_slide_tiles(tile_indexes: Sequence[str | os.PathLike]
@@ -840,7 +845,7 @@ def write_report(summary_json: str | os.PathLike, out_html: str | os.PathLike,
     context = {
         "version": __version__,
         "datasets": data_rows,
-        "clustered": clustered_test_sets(data_rows),
+        "clustered": clustered_test_sets(data_rows, summary["settings"]),
         "settings": summary["settings"],
         "warnings": warnings,
         "stand_ins": stand_in_notes(config),

@@ -313,6 +313,8 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                     "mean over perturbations, difference between two models":
                         "paired Student t; exact sign-flip (permutation) test",
                     **clustering_methods(sorted(clustered))}}
+    if clustered:   # absent without groups: the settings stay as they were
+        settings["grouped_datasets"] = sorted(clustered)
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
