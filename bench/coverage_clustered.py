@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 
 from medrobust.evaluate.statistics import (
-    accuracy_interval, clopper_pearson, mcnemar_exact, t_mean)
+    clopper_pearson, mcnemar_exact, proportion_interval, t_mean)
 
 SIZES = (1, 2, 2, 4)   # images per patient
 ACCURACY = 0.8         # of a patient of average difficulty
@@ -49,7 +49,7 @@ def measure(k: int, spread: float, sims: int, seed: int) -> dict[str, float]:
     counts = dict.fromkeys(("kg", "cp", "t", "clustered", "per_image"), 0)
     for _ in range(sims):
         right_a, right_b, patient = simulate(k, spread, rng)
-        kg = accuracy_interval(right_a, clusters=patient)
+        kg = proportion_interval(right_a, clusters=patient)
         cp = clopper_pearson(int(right_a.sum()), len(right_a))
         difference = t_mean(right_b.astype(float) - right_a.astype(float), bounds=(-1, 1),
                             clusters=patient)

@@ -879,10 +879,18 @@ def test_images_copied_within_their_group_give_the_original_intervals_and_tests(
     assert naive["mcnemar"]["p_value"] < original["mcnemar"]["p_value"]
     assert clustered["verdict"] == original["verdict"]
     assert clustered["test"] == CLUSTERED_SIGN_FLIP and clustered["mcnemar"]["groups"] == 90
-    accuracy = classification_statistics(copied(labels), copied(probabilities_b), ["a", "b"],
-                                         clusters=groups)["accuracy"]
-    assert accuracy.method == KORN_GRAUBARD
-    assert width(accuracy) == pytest.approx(width(original["accuracy_b"]), rel=0.1)
+    stats = classification_statistics(copied(labels), copied(probabilities_b), ["a", "b"],
+                                      clusters=groups)
+    plain = classification_statistics(labels, probabilities_b, ["a", "b"])
+    for key in ("accuracy", "sensitivity", "specificity"):
+        assert stats[key].method == KORN_GRAUBARD, key
+        assert width(stats[key]) == pytest.approx(width(plain[key]), rel=0.15), key
+    assert stats["per_class"]["a"]["sensitivity"].method == KORN_GRAUBARD
+    assert stats["balanced_accuracy"].method == WILSON_MOVER   # per image, as the docs say
+    caught = sensitivity_at_threshold(copied(labels), copied(probabilities_b)[:, 1], 0.5,
+                                      clusters=groups)
+    assert caught.method == KORN_GRAUBARD and width(caught) == pytest.approx(
+        width(sensitivity_at_threshold(labels, probabilities_b[:, 1], 0.5)), rel=0.15)
 
     # a mean over perturbations: the t interval of copies in one group is the original's
     counts_a, counts_b = np.arange(90) % 4, (np.arange(90) * 5) % 5

@@ -584,8 +584,10 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     specificity come from one shared stratified bootstrap. Macro averages run over
     the classes present in the labels; per-class statistics of a class with no
     samples are None. With `clusters` (the samples' patients or lesions) accuracy
-    gets Korn and Graubard's interval over them (`accuracy_interval`); every other
-    interval stays per sample.
+    and the per-class sensitivities and specificities get Korn and Graubard's
+    interval over them (`proportion_interval`); balanced accuracy (its MOVER
+    takes the classes' recalls as independent, which a patient with images of
+    two classes breaks) and the AUCs stay per sample.
     """
     labels = _integer_labels(labels)
     classes = list(classes)
@@ -615,13 +617,18 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     support = confusion.sum(axis=1)
     predicted = confusion.sum(axis=0)
     n = len(labels)
+    clusters = None if clusters is None else _clusters_of(clusters, n)
     per_class = {}
     for c, name in enumerate(classes):
-        true_negatives = n - support[c] - predicted[c] + confusion[c, c]
+        members, others = labels == c, labels != c
         per_class[name] = {
             "support": int(support[c]),
-            "sensitivity": clopper_pearson(int(confusion[c, c]), int(support[c]), confidence),
-            "specificity": clopper_pearson(int(true_negatives), int(n - support[c]), confidence),
+            "sensitivity": proportion_interval(
+                predictions[members] == c, confidence,
+                None if clusters is None else clusters[members]),
+            "specificity": proportion_interval(
+                predictions[others] != c, confidence,
+                None if clusters is None else clusters[others]),
             "auc": newcombe_auc(None if np.isnan(class_aucs[c]) else class_aucs[c],
                                 int(support[c]), int(n - support[c]), confidence),
         }
@@ -637,7 +644,7 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
         sensitivity, specificity = balanced_accuracy, boot["specificity"]
     return {
         "n": n,
-        "accuracy": accuracy_interval(predictions == labels, confidence, clusters),
+        "accuracy": proportion_interval(predictions == labels, confidence, clusters),
         "balanced_accuracy": balanced_accuracy,
         # two classes: the AUC of P(class 1), as the one-vs-rest AUC of class 1
         "auc": per_class[classes[1]]["auc"] if k == 2 else boot["auc"],
@@ -677,14 +684,16 @@ def operating_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def sensitivity_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
-                             confidence: float = CONFIDENCE) -> Interval:
+                             confidence: float = CONFIDENCE, clusters: Any = None) -> Interval:
     """The fraction of positives (label 1) whose score is >= `threshold`, with its exact
-    interval; the threshold is taken as fixed (chosen on other data, e.g. clean images)."""
+    interval (with `clusters`, Korn and Graubard's over them); the threshold is taken as
+    fixed (chosen on other data: the val split)."""
     labels = _integer_labels(labels)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     positive = labels == 1
-    return clopper_pearson(int((scores[positive] >= threshold).sum()), int(positive.sum()),
-                           confidence)
+    return proportion_interval(
+        scores[positive] >= threshold, confidence,
+        None if clusters is None else _clusters_of(clusters, len(labels))[positive])
 
 
 def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
@@ -928,8 +937,8 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
                                      confidence, bounds=(-1.0, 1.0), clusters=clusters)
     return {
         "n": n,
-        "accuracy_a": accuracy_interval(correct_a, confidence, clusters),
-        "accuracy_b": accuracy_interval(correct_b, confidence, clusters),
+        "accuracy_a": proportion_interval(correct_a, confidence, clusters),
+        "accuracy_b": proportion_interval(correct_b, confidence, clusters),
         "accuracy_difference": accuracy_difference,
         "auc_difference": auc_difference,
         "mcnemar": mcnemar,
@@ -941,10 +950,11 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     }
 
 
-def accuracy_interval(correct: np.ndarray, confidence: float = CONFIDENCE,
-                      clusters: Any = None) -> Interval:
-    """The share of samples classified right: exact binomial, or with `clusters` (more than
-    one sample in some cluster) Korn and Graubard's interval over them."""
+def proportion_interval(correct: np.ndarray, confidence: float = CONFIDENCE,
+                        clusters: Any = None) -> Interval:
+    """The share of samples that are a success (classified right, caught): exact binomial,
+    or with `clusters` (more than one sample in some cluster) Korn and Graubard's interval
+    over them."""
     if cluster_index(clusters, len(correct)) is None:
         return clopper_pearson(int(np.sum(correct)), len(correct), confidence)
     return clustered_proportion(correct, clusters, confidence)

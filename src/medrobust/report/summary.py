@@ -205,9 +205,10 @@ def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
     """The summary's `interval_methods` entries for datasets whose test images come in groups."""
     if not datasets:
         return {}
-    return {f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy":
+    return {f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy, "
+            "sensitivity, specificity (also per class and at the clean operating point)":
                 "Korn-Graubard over the groups (exact binomial at the clustered effective "
-                "size); the row's other intervals stay per image",
+                "size); balanced accuracy and the AUCs stay per image",
             f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy difference "
             "and the mean over perturbations and its difference":
                 "Student t over the groups (ratio estimator, linearised variance, k - 1 "
@@ -261,7 +262,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                 stats["clean_threshold"] = threshold
                 stats["sensitivity_at_clean_threshold"] = sensitivity_at_threshold(
                     outcome.labels, outcome.probabilities[:, 1], threshold,
-                    statistics.confidence)
+                    statistics.confidence, clusters_of(key[0], outcome.sample_ids))
             return stats
 
         for evaluation in model_evaluations:
