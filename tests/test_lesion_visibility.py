@@ -97,6 +97,10 @@ def test_visibility_table_counts_detectable_lesions_with_intervals_over_images()
     assert 0 < table.loc["calcification", "detectable_low"] < 2 / 3 < table.loc[
         "calcification", "detectable_high"] < 1
     assert table.loc["mass", "n_lesions"] == 1 and table.loc["calcification", "n_images"] == 3
+    # one lesion per image: nothing is clustered, the exact interval as before
+    exact = clopper_pearson(2, 3)
+    assert (table.loc["calcification", "detectable_low"],
+            table.loc["calcification", "detectable_high"]) == pytest.approx((exact.low, exact.high))
 
 
 def test_lesions_of_one_image_count_once_in_the_visibility_interval():

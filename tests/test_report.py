@@ -331,6 +331,24 @@ def test_defense_is_judged_by_a_paired_test_on_the_same_images(results):
     assert white_box["threat_model"] == "white-box"  # paired with the baseline's own white-box
 
 
+def test_an_adjusted_verdict_gets_the_auc_caveat_against_it():
+    """Holm turned "helped" into "no detectable difference"; the AUC interval above 0 then
+    disagrees with the verdict shown, and the caveat must say so (it was computed against the
+    unadjusted verdict and left out)."""
+    from medrobust.report.summary import _judged_as_families
+
+    def headline(kind, p_value, verdict):
+        return {"dataset": "d", "reference_model": "r", "model": "m", "kind": kind,
+                "p_value": p_value, "verdict": verdict, "auc_difference": 0.04,
+                "auc_difference_low": 0.01, "auc_difference_high": 0.07}
+
+    rows = _judged_as_families([headline("clean", 0.03, "helped"),
+                                headline("worst_case", 0.2, "no detectable difference"),
+                                headline("worst_case", 0.03, "helped")], 0.05)
+    assert [row["family_verdict"] for row in rows] == ["no detectable difference"] * 3
+    assert [row["family_auc_caveat"] for row in rows] == ["AUC higher"] * 3
+
+
 def test_a_pairs_headline_verdicts_are_judged_as_one_family(results):
     comparisons = table(results, "comparisons")
     pair = comparisons[comparisons["model"] == "denoising"]

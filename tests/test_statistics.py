@@ -14,7 +14,8 @@ from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
     AUC_MOVER, CLUSTERED_SIGN_FLIP, CLUSTERED_T, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
     Interval,
-    KORN_GRAUBARD, auc_score, classification_statistics, clopper_pearson, count_comparison,
+    KORN_GRAUBARD, auc_score, classification_statistics, clopper_pearson, cluster_index,
+    proportion_interval, count_comparison,
     clustered_proportion, jsonable,
     mcnemar_exact, model_auc, mover_wilson, newcombe_auc, newcombe_paired_difference,
     holm_adjusted, operating_threshold, paired_auc_difference, paired_comparison, sensitivity_at_threshold,
@@ -115,7 +116,7 @@ def test_a_clustered_proportion_of_one_cluster_or_no_units():
     assert clustered_proportion(np.array([True, False, True]), np.zeros(3)) == Interval(
         2 / 3, 0.0, 1.0, KORN_GRAUBARD)
     assert clustered_proportion(np.array([], bool), np.array([])).estimate is None
-    with pytest.raises(InputError, match="one cluster per unit"):
+    with pytest.raises(InputError, match="one cluster per sample"):
         clustered_proportion(np.array([True, False]), np.zeros(3))
 
 
@@ -522,6 +523,20 @@ def test_holm_adjusted_p_values():
     np.testing.assert_allclose(holm_adjusted([0.02]), [0.02])
     with pytest.raises(InputError, match="p-values"):
         holm_adjusted([0.5, 1.5])
+
+
+def test_the_sign_flip_test_is_exact_to_the_last_digit():
+    """Six images all one way: 2/64, exactly, so a dyadic alpha such as 1/32 is not crossed
+    by rounding (scipy's binomial pmf and FFT convolution gave 0.031250000000000125)."""
+    assert sign_flip_test(np.ones(6, dtype=int))["p_value"] == 2 / 64
+
+
+def test_a_missing_group_is_a_group_of_its_own():
+    correct = np.array([True, False, True, True])
+    groups = np.array(["a", None, "b", "a"], dtype=object)
+    assert cluster_index(groups, 4)[1] == 3
+    assert proportion_interval(correct, clusters=groups) == clustered_proportion(
+        correct, np.array(["a", "x", "b", "a"]))
 
 
 def test_the_sign_flip_test_scales_to_large_test_sets():

@@ -34,7 +34,7 @@ from medrobust.config import config_from_mapping
 from medrobust.data.lesions import LesionMask, read_lesion_masks
 from medrobust.errors import InputError
 from medrobust.evaluate.metrics import read_evaluation
-from medrobust.evaluate.statistics import clopper_pearson, clustered_proportion
+from medrobust.evaluate.statistics import clopper_pearson, proportion_interval
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import open_image_store
 from medrobust.logs import get_logger
@@ -149,11 +149,12 @@ def visibility_table(measures: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Per (level, lesion type): lesions and the images they lie in, mean and median CNR,
     detectable fraction with its interval; lesions of one image are not independent
     (one image's contrast and noise are every speck's), so the interval counts images
-    (`statistics.clustered_proportion`)."""
+    (`statistics.proportion_interval`: Korn and Graubard's where an image holds several,
+    exact binomial where each holds one)."""
     rows = []
     for (level, lesion_type), group in measures.groupby(["level", "lesion_type"], sort=False):
-        detected = clustered_proportion(group["detectable"].to_numpy(dtype=bool),
-                                        group["sample_id"].to_numpy(), confidence)
+        detected = proportion_interval(group["detectable"].to_numpy(dtype=bool), confidence,
+                                       group["sample_id"].to_numpy())
         finite = group["cnr"][np.isfinite(group["cnr"])]
         rows.append({"level": level, "lesion_type": lesion_type, "n_lesions": len(group),
                      "n_images": group["sample_id"].nunique(),

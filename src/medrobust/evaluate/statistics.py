@@ -154,11 +154,15 @@ def _boolean_vector(values: Any, name: str) -> np.ndarray:
 
 
 def _clusters_of(clusters: Any, n: int) -> np.ndarray:
-    """`clusters` as an array with one key per sample."""
+    """`clusters` as an array with one key per sample; a None key is a cluster of its own
+    (as an empty cell of the manifest's group column)."""
     clusters = np.asarray(clusters)
     if clusters.shape != (n,):
         raise InputError(f"need one cluster per sample, got shape {clusters.shape} for {n} "
                          "samples")
+    if clusters.dtype == object:   # prefixed: a group named like a position stays apart
+        clusters = np.array([f"alone:{index}" if key is None else f"group:{key}"
+                             for index, key in enumerate(clusters)], dtype=object)
     return clusters
 
 
@@ -216,10 +220,7 @@ def clustered_proportion(successes: np.ndarray, clusters: np.ndarray,
     """
     _check_confidence(confidence)
     successes = _boolean_vector(successes, "successes")
-    clusters = np.asarray(clusters)
-    if clusters.shape != successes.shape:
-        raise InputError(f"need one cluster per unit, got {clusters.shape} for "
-                         f"{successes.shape}")
+    clusters = _clusters_of(clusters, len(successes))
     n = len(successes)
     if n == 0:
         return Interval(None, None, None, KORN_GRAUBARD)
@@ -810,16 +811,18 @@ def sign_flip_test(differences: np.ndarray, clusters: Any = None) -> dict:
     observed = result["sum"]
     if len(nonzero) == 0:
         return {**result, "p_value": 1.0}
-    from scipy.signal import convolve
-    from scipy.stats import binom  # as in clopper_pearson
+    from scipy.signal import convolve  # as scipy.stats in clopper_pearson
 
     total = int(np.abs(nonzero).sum())
     distribution = np.ones(1)   # of the sum, over -total..total as groups are added
     for size, count in zip(*np.unique(np.abs(nonzero), return_counts=True)):
         size, count = int(size), int(count)
         group = np.zeros(2 * size * count + 1)   # the group's sum: size * (2 * positives - count)
-        group[::2 * size] = binom.pmf(np.arange(count + 1), count, 0.5)
-        distribution = convolve(distribution, group)
+        group[::2 * size] = _half_binomial(count)
+        # direct sums where they are cheap: FFT's rounding (1e-16) would move an exact
+        # p-value such as 2/64 off the dyadic alpha a user may set
+        distribution = convolve(distribution, group, method="direct"
+                                if distribution.size * group.size < 10 ** 7 else "fft")
     sums = np.arange(-total, total + 1)
     p_value = float(np.clip(distribution, 0, None)[np.abs(sums) >= abs(observed)].sum())
     return {**result, "p_value": min(1.0, p_value)}
@@ -845,6 +848,18 @@ def _check_paired_scores(labels: np.ndarray, scores_a: Any, scores_b: Any,
         raise InputError(f"scores must be 1-D or 2-D with one row per label; got shape "
                          f"{a.shape} for {len(labels)} labels")
     return a, b
+
+
+def _half_binomial(count: int) -> list[float]:
+    """P(k of `count` fair coins land heads) for k = 0..count, each the exact integer
+    C(count, k) over 2^count rounded once (scipy's pmf is off in the last digits, enough
+    to move an exact p-value such as 2/64 off a dyadic alpha)."""
+    coefficients, coefficient = [], 1
+    for heads in range(count + 1):
+        coefficients.append(coefficient)
+        coefficient = coefficient * (count - heads) // (heads + 1)
+    scale = 2 ** count
+    return [value / scale for value in coefficients]
 
 
 def holm_adjusted(p_values: Any) -> np.ndarray:

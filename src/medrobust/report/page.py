@@ -112,7 +112,8 @@ def format_p_value_clause(value: Any) -> str:
 _TEXT_COLUMNS = frozenset({
     "family", "model", "dataset", "condition", "kind", "attack", "perturbation", "norm",
     "source_model", "white_box", "threat_model", "positive_class", "class", "reference_model",
-    "defense", "test", "verdict", "family_verdict", "auc_caveat", "gradient_attacks",
+    "defense", "test", "verdict", "family_verdict", "auc_caveat", "family_auc_caveat",
+    "gradient_attacks",
     "gradient_free_attacks", "flagged"})
 
 
@@ -201,8 +202,9 @@ def verdicts(comparisons: pd.DataFrame) -> list[dict[str, Any]]:
     headline = comparisons[comparisons["kind"].isin(HEADLINE_KINDS)]
     for (dataset, reference, model), group in headline.groupby(
             ["dataset", "reference_model", "model"], sort=False):
-        rows = [comparison_row(row.drop(["verdict", "p_value"]).rename(
-                    {"family_verdict": "verdict", "family_p_value": "p_value"}))
+        rows = [comparison_row(row.drop(["verdict", "p_value", "auc_caveat"]).rename(
+                    {"family_verdict": "verdict", "family_p_value": "p_value",
+                     "family_auc_caveat": "auc_caveat"}))
                 | {"unadjusted_p_value": _value(row, "p_value")}
                 for _, row in group.iterrows()]
         pairs.append({"dataset": dataset, "reference": reference, "model": model,

@@ -45,7 +45,8 @@ from medrobust.evaluate.metrics import (
     DESCRIPTION_KEYS, Evaluation, pairing_order, read_evaluation)
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
-    COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, classification_statistics, comparison_columns,
+    COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, Interval, auc_caveat, classification_statistics,
+    comparison_columns,
     cluster_index, count_comparison, holm_adjusted, interval_columns, mcnemar_exact,
     paired_comparison, sensitivity_at_threshold, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
@@ -65,7 +66,8 @@ PER_CLASS_COLUMNS = ("family", "model", "dataset", "condition", "class", "suppor
 PAIRED_COLUMNS = COMPARISON_KEYS  # statistics.comparison_columns' keys, in its order
 COMPARISON_COLUMNS = ("dataset", "reference_model", "model", "defense", "condition", "kind",
                       "attack", "epsilon", "threat_model", "source_model", "perturbation",
-                      "severity", *PAIRED_COLUMNS, "family_p_value", "family_verdict")
+                      "severity", *PAIRED_COLUMNS, "family_p_value", "family_verdict",
+                      "family_auc_caveat")
 # the comparisons a pair of models is judged by on the page; the rest are per condition
 HEADLINE_KINDS = ("clean", "worst_case", "mean_perturbation")
 MASKING_COLUMNS = ("dataset", "model", "norm", "epsilon", "gradient_attacks",
@@ -461,7 +463,7 @@ def _judged_as_families(rows: list[dict[str, Any]], alpha: float) -> list[dict[s
     chance when nothing differs. Other rows (each attack and severity) stay per condition."""
     families: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        row.update(family_p_value=None, family_verdict=None)
+        row.update(family_p_value=None, family_verdict=None, family_auc_caveat=None)
         if row["kind"] in HEADLINE_KINDS:
             key = (row["dataset"], row["reference_model"], row["model"])
             families.setdefault(key, []).append(row)
@@ -470,6 +472,10 @@ def _judged_as_families(rows: list[dict[str, Any]], alpha: float) -> list[dict[s
             row["family_p_value"] = float(p_value)
             row["family_verdict"] = (row["verdict"] if p_value < alpha
                                      else "no detectable difference")
+            # the caveat is against the verdict shown: an adjusted verdict may need one
+            row["family_auc_caveat"] = auc_caveat(row["family_verdict"], Interval(
+                row["auc_difference"], row["auc_difference_low"], row["auc_difference_high"],
+                ""))
     return rows
 
 
