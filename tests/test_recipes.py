@@ -16,6 +16,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fixtures_http import write_medmnist_npz
+from medrobust.data.assemble import Sample
 from medrobust.data.download import ChecksumMismatch, DownloadError
 from medrobust.data.manifest import read_manifest
 from medrobust.data.recipes import RECIPES, camelyon16, cbis_ddsm, medmnist
@@ -622,6 +623,19 @@ def test_cbis_labels_splits_and_masks_from_an_nbia_copy(tmp_path):
     for roi in rois:                                 # each mask has the mammogram's size
         header = pydicom.dcmread(manifest.root / roi["mask_path"], stop_before_pixels=True)
         assert (header.Rows, header.Columns) == FULL
+
+
+def test_cbis_patients_in_both_test_and_training_are_named(caplog):
+    def sample(name, patient, split):
+        return Sample(name, Path(f"{name}.dcm"), "benign", split, group=patient)
+
+    samples = [sample("a", "P_00001", "train"), sample("b", "P_00001", "test"),
+               sample("c", "P_00002", "test"), sample("d", "P_00003", "val")]
+    with caplog.at_level("WARNING"):
+        assert cbis_ddsm.warn_of_shared_patients(samples) == ["P_00001"]
+    assert "1 patient(s) have images in the test split and in train or val (first: " \
+           "P_00001)" in caplog.text
+    assert cbis_ddsm.warn_of_shared_patients(samples[1:]) == []
 
 
 def test_cbis_unknown_pathology_is_named(tmp_path):
