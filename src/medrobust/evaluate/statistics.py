@@ -166,15 +166,20 @@ def _clusters_of(clusters: Any, n: int) -> np.ndarray:
     return clusters
 
 
+def cluster_numbers(clusters: Any, n: int) -> tuple[np.ndarray, int]:
+    """Each of the n samples' cluster number (0..k-1) and the number of clusters k."""
+    _, member_of = np.unique(_clusters_of(clusters, n), return_inverse=True)
+    return member_of.reshape(-1), (int(member_of.max()) + 1 if n else 0)
+
+
 def cluster_index(clusters: Any, n: int) -> tuple[np.ndarray, int] | None:
-    """Each of the n samples' cluster number (0..k-1) and the number of clusters k, or None
-    where there is nothing to account for: no `clusters`, or every sample a cluster of its
-    own (the per-sample methods are then the right ones, and stay exactly as they were)."""
+    """`cluster_numbers`, or None where there is nothing to account for: no `clusters`, or
+    every sample a cluster of its own (the per-sample methods are then the right ones, and
+    stay exactly as they were)."""
     if clusters is None:
         return None
-    _, member_of = np.unique(_clusters_of(clusters, n), return_inverse=True)
-    k = int(member_of.max()) + 1 if n else 0
-    return None if k == n else (member_of.reshape(-1), k)
+    member_of, k = cluster_numbers(clusters, n)
+    return None if k == n else (member_of, k)
 
 
 # ---------------------------------------------------------------- exact binomial
@@ -220,14 +225,13 @@ def clustered_proportion(successes: np.ndarray, clusters: np.ndarray,
     """
     _check_confidence(confidence)
     successes = _boolean_vector(successes, "successes")
-    clusters = _clusters_of(clusters, len(successes))
     n = len(successes)
+    member_of, k = cluster_numbers(clusters, n)
     if n == 0:
         return Interval(None, None, None, KORN_GRAUBARD)
-    _, member_of = np.unique(clusters, return_inverse=True)
     sizes = np.bincount(member_of)
     hits = np.bincount(member_of, weights=successes)
-    k, p = len(sizes), float(successes.mean())
+    p = float(successes.mean())
     if k < 2:
         return Interval(p, 0.0, 1.0, KORN_GRAUBARD)
     variance = k / (k - 1) * float(((hits - p * sizes) ** 2).sum()) / n ** 2
@@ -803,10 +807,9 @@ def sign_flip_test(differences: np.ndarray, clusters: Any = None) -> dict:
                          f"of shape {values.shape}")
     result = {"n": len(values), "better": int((values > 0).sum()),
               "worse": int((values < 0).sum()), "sum": int(values.sum())}
-    if clusters is not None:
-        _, member_of = np.unique(_clusters_of(clusters, len(values)), return_inverse=True)
-        values = np.zeros(member_of.max() + 1 if len(values) else 0, dtype=np.int64)
-        np.add.at(values, member_of.reshape(-1), np.asarray(differences, dtype=np.int64))
+    if clusters is not None:   # each cluster's sum
+        member_of, k = cluster_numbers(clusters, len(values))
+        values = np.bincount(member_of, weights=values, minlength=k).round().astype(np.int64)
     nonzero = values[values != 0]
     observed = result["sum"]
     if len(nonzero) == 0:

@@ -26,13 +26,13 @@ import yaml
 
 from medrobust import __version__
 from medrobust.config import defense_labels, mil_baselines
-from medrobust.data.manifest import GROUP_COLUMN, MANIFEST_NAME, read_manifest
+from medrobust.data.manifest import MANIFEST_NAME, read_manifest
 from medrobust.errors import RERUN, InputError
 from medrobust.evaluate.fourier_heatmap import read_heatmap
 from medrobust.evaluate.slide_robustness import CONDITION_COLUMNS
 from medrobust.evaluate import lesion_visibility
 from medrobust.evaluate.metrics import Evaluation, read_evaluation
-from medrobust.evaluate.statistics import smallest_detectable_difference
+from medrobust.evaluate.statistics import cluster_numbers, smallest_detectable_difference
 from medrobust.io.atomic import atomic_path
 from medrobust.io.image_store import ImageStore, open_image_store
 from medrobust.io.result_files import (
@@ -113,8 +113,7 @@ _TEXT_COLUMNS = frozenset({
     "family", "model", "dataset", "condition", "kind", "attack", "perturbation", "norm",
     "source_model", "white_box", "threat_model", "positive_class", "class", "reference_model",
     "defense", "test", "verdict", "family_verdict", "auc_caveat", "family_auc_caveat",
-    "gradient_attacks",
-    "gradient_free_attacks", "flagged"})
+    "gradient_attacks", "gradient_free_attacks", "flagged"})
 
 
 def load_summary(path: str | os.PathLike) -> dict[str, Any]:
@@ -668,10 +667,10 @@ def dataset_rows(folders: Sequence[str | os.PathLike],
             {str(record["sample_id"]) for record in left_out})]
         counts = class_counts(kept["label"], kept["split"])
         test = kept[kept["split"] == "test"]
-        # a sample without a group (an empty cell) is a group of its own
-        grouped = (test[GROUP_COLUMN].fillna("").astype(str) if GROUP_COLUMN in test
-                   else pd.Series([], dtype=str))
-        groups = grouped[grouped != ""].nunique() + int((grouped == "").sum())
+        group_of = manifest.groups   # None: no group column, each sample its own
+        groups = len(test) if group_of is None else cluster_numbers(
+            np.array([group_of[sample] for sample in test["sample_id"]], dtype=object),
+            len(test))[1]
         rows.append({"dataset": folder.name, "kind": manifest.kind,
                      "splits": list(counts.columns),
                      "counts": [(name, [int(v) for v in values])

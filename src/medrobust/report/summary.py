@@ -46,9 +46,8 @@ from medrobust.evaluate.metrics import (
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
     COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, Interval, auc_caveat, classification_statistics,
-    comparison_columns,
-    cluster_index, count_comparison, holm_adjusted, interval_columns, mcnemar_exact,
-    paired_comparison, sensitivity_at_threshold, t_mean)
+    cluster_index, comparison_columns, count_comparison, holm_adjusted, interval_columns,
+    mcnemar_exact, paired_comparison, sensitivity_at_threshold, t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
@@ -187,10 +186,10 @@ def _condition_key(description: Mapping[str, Any]) -> tuple:
 
 
 def sample_clusters(groups: Mapping[str, Mapping[str, str | None]] | None, dataset: str,
-                  sample_ids: np.ndarray) -> np.ndarray | None:
+                    sample_ids: np.ndarray) -> np.ndarray | None:
     """Each test image's group for the clustered statistics, in the order of `sample_ids`;
     None where the dataset's manifest has no groups. An image without one (None) is a group
-    of its own."""
+    of its own, as `statistics` reads a None key."""
     group_of = (groups or {}).get(dataset)
     if group_of is None:
         return None
@@ -198,9 +197,7 @@ def sample_clusters(groups: Mapping[str, Mapping[str, str | None]] | None, datas
     if missing:
         raise InputError(f"{dataset}'s {MANIFEST_NAME} has no sample(s) {', '.join(missing[:5])} "
                          "that its evaluations scored")
-    # prefixed, so that a group named like an image's id stays a different group
-    return np.array([f"group:{group_of[str(sample)]}" if group_of[str(sample)] is not None
-                     else f"sample:{sample}" for sample in sample_ids], dtype=object)
+    return np.array([group_of[str(sample)] for sample in sample_ids], dtype=object)
 
 
 def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
@@ -546,7 +543,8 @@ def summarize_evaluations(records: Sequence[Mapping[str, Any]], defenses: Mappin
     return summary
 
 
-__all__ = ["COMPARISON_COLUMNS", "HEADLINE_KINDS", "INTERVAL_METRICS", "MASKING_COLUMNS", "PAIRED_COLUMNS",
+__all__ = ["COMPARISON_COLUMNS", "HEADLINE_KINDS", "INTERVAL_METRICS", "MASKING_COLUMNS",
+           "PAIRED_COLUMNS",
            "PER_CLASS_COLUMNS", "SUMMARY_COLUMNS",
            "StatisticsConfig", "Summary", "read_evaluation", "rounded", "summarize",
            "summarize_evaluations", "write_summary"]
