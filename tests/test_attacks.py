@@ -230,6 +230,14 @@ def test_bad_budgets_are_config_errors(name, epsilon):
         resolve_attack(name, epsilon)
 
 
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd_ce", "square"])
+def test_an_linf_budget_written_as_a_fraction_is_refused_with_its_1_255_value(name):
+    with pytest.raises(ConfigError, match=r"epsilon 0\.03 means 0\.03/255.* write 7\.65"):
+        resolve_attack(name, 0.03)
+    assert resolve_attack(name, 0.5).epsilon_image == pytest.approx(0.5 / 255)
+    assert resolve_attack("pgd_l2", 0.03).epsilon_image == 0.03  # L2 radii are image units
+
+
 @pytest.mark.parametrize("name, settings, key", [
     ("ifgsm", {"step_size": True}, "step_size"),
     ("ifgsm", {"steps": 2.0}, "steps"),

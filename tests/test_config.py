@@ -276,6 +276,8 @@ BAD_PARAMETERS = {
                                r"attacks\.ifgsm: .*steps"),
     "attack budget": (_set("attacks.fgsm.epsilons", [300]),
                       r"attacks\.fgsm(\.epsilons\.0)?: .*300"),
+    "attack budget as a fraction": (_set("attacks.pgd.epsilons", [8, 0.03]),
+                                    r"attacks\.pgd\.epsilons\.1: epsilon 0\.03 means 0\.03/255"),
     "defense parameter": (_set("image_classifiers.denoising.defense.lambda_x", 1.0),
                           r"image_classifiers\.denoising\.defense\.lambda_x: unknown key; "
                           r"allowed: .*lambda_n"),

@@ -36,6 +36,9 @@ from medrobust.config import config_from_mapping
 from medrobust.errors import ConfigError
 
 NORMS = ("linf", "l2")
+# the smallest L-infinity budget taken (1/255 units): a quarter of one 8-bit grey level;
+# anything smaller is a fraction of the range written in the wrong unit, not a budget
+SMALLEST_LINF_BUDGET = 0.25
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -174,6 +177,13 @@ class Attack(ABC):
             bound = "in [0, 255] (1/255 units)" if upper == 255.0 else \
                 "a finite number >= 0 (L2 radius, image units)"
             raise ConfigError(f"{section}: epsilon must be {bound}, got {epsilon!r}")
+        if upper == 255.0 and 0.0 < epsilon < SMALLEST_LINF_BUDGET:
+            # a fraction of the intensity range (0.03, as many papers write it) would
+            # otherwise run silently as 0.03/255, an attack that changes nothing
+            raise ConfigError(
+                f"{section}: epsilon {epsilon!r} means {epsilon!r}/255, under a quarter of one "
+                f"grey level; budgets are in 1/255 units: for {epsilon!r} of the intensity "
+                f"range write {_format(round(epsilon * 255.0, 4))}")
         return cls.to_image_units(epsilon)
 
     def budget(self) -> str:
