@@ -189,10 +189,22 @@ def test_stratified_split_with_groups_of_one_is_the_plain_split():
     assert stratified_split(labels, fractions, 5, [None] * 50) == plain
 
 
-def test_stratified_split_refuses_a_group_of_two_labels():
-    with pytest.raises(ValueError, match="group 'L1' mixes labels 'a' \\(sample 0\\) and "
-                                         "'b' \\(sample 2\\)"):
-        stratified_split(["a", "a", "b"], {"train": 0.5, "test": 0.5}, 0, ["L1", "L2", "L1"])
+def test_stratified_split_divides_a_group_of_two_labels_with_its_rarer_class():
+    # 40 patients of two normal images, 10 of whom also have one abnormal image
+    labels, groups = [], []
+    for patient in range(40):
+        labels += ["normal", "normal"] + (["abnormal"] if patient < 10 else [])
+        groups += [f"P{patient}"] * (3 if patient < 10 else 2)
+    fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
+    for seed in range(5):
+        splits = stratified_split(labels, fractions, seed, groups)
+        by_patient = {}
+        for group, split in zip(groups, splits):
+            by_patient.setdefault(group, set()).add(split)
+        assert all(len(found) == 1 for found in by_patient.values())  # never divided
+        abnormal = [split for label, split in zip(labels, splits) if label == "abnormal"]
+        # the 10 abnormal patients are spread by the fractions as a class of their own
+        assert [abnormal.count(name) for name in ("train", "val", "test")] == [6, 2, 2]
 
 
 @pytest.mark.parametrize("fractions, expected", [

@@ -207,21 +207,27 @@ def stratified_split(labels: Sequence[Any], fractions: Mapping[str, float], seed
     `labels`, `fractions`, `seed` and `groups`.
 
     `groups` (one key per sample; None: a group of its own) keeps samples that
-    are not independent, such as the images of one lesion, in one split: the
-    groups of a class are shuffled instead of its samples, laid end to end,
-    and each goes to the split that holds its middle sample. A split then
-    misses its count by at most half of the group that straddles its edge.
-    Without groups (or with groups of one) this is the plain split, sample
-    for sample. ValueError when a group's samples have different labels.
+    are not independent, such as the images of one lesion or patient, in one
+    split: the groups of a class are shuffled instead of its samples, laid end
+    to end, and each goes to the split that holds its middle sample. A split
+    then misses its count by at most half of the group that straddles its
+    edge. A group of several labels (a patient with a normal and an abnormal
+    image) is divided with the class of its rarest label, so the rare class's
+    groups are spread by the fractions first. Without groups (or with groups
+    of one) this is the plain split, sample for sample.
     """
     fractions = check_split_fractions(fractions)
     names = [name for name in SPLITS if name in fractions]  # fixed order, not dict order
     labels = np.asarray(labels)
     units = _group_members(labels, groups)
+    values, counts = np.unique(labels, return_counts=True)
+    rarity = {value: (count, index) for index, (value, count) in enumerate(zip(values, counts))}
+    stratum = [min((labels[member] for member in unit), key=lambda value: rarity[value])
+               for unit in units]
     rng = np.random.default_rng(seed)
     assigned = [""] * len(labels)
-    for label in np.unique(labels):
-        members = [unit for unit in units if labels[unit[0]] == label]
+    for label in values:
+        members = [unit for unit, of in zip(units, stratum) if of == label]
         size = sum(len(unit) for unit in members)
         ends = np.cumsum(_largest_remainder([fractions[name] * size for name in names]))
         start = 0
@@ -244,13 +250,8 @@ def _group_members(labels: np.ndarray, groups: Sequence[Hashable | None] | None
         raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
     units: dict[Hashable, list[int]] = {}
     for index, group in enumerate(groups):
-        key = ("alone", index) if group is None else ("group", group)
-        units.setdefault(key, []).append(index)
-        first = units[key][0]
-        if labels[index] != labels[first]:
-            raise ValueError(f"group {group!r} mixes labels {labels[first].item()!r} (sample "
-                             f"{first}) and {labels[index].item()!r} (sample {index}); a group "
-                             f"is split as one, so it needs one label")
+        units.setdefault(("alone", index) if group is None else ("group", group),
+                         []).append(index)
     return list(units.values())
 
 
