@@ -70,6 +70,33 @@ def test_split_column_and_id_column_and_tsv(tmp_path):
         ["p1", "normal", "train"], ["p2", "pneumonia", "val"], ["p3", "pneumonia", "test"]]
 
 
+def test_group_column_keeps_a_patient_in_one_split_and_reaches_the_manifest(tmp_path):
+    # 12 patients of 3 images; 4 have a pneumonia image beside their normal ones
+    rows = [(f"p{patient}_{view}.png", "PNEUMONIA" if patient < 4 and view == 0 else "NORMAL",
+             f"P{patient}" if patient else "")  # patient 0's cells are empty: each alone
+            for patient in range(12) for view in range(3)]
+    root = make_folder(tmp_path / "xray", rows, header="filename,finding,patient")
+    config = dataset(root, label_map=LABEL_MAP, group_column="patient")
+    manifest = read_manifest(fetch_dataset(config, tmp_path / "out"))
+    table = manifest.table
+    assert (table.groupby("group")["split"].nunique() == 1).all()   # never divided
+    assert table["group"].tolist() == [""] * 3 + [f"P{p}" for p in range(1, 12) for _ in "abc"]
+    assert manifest.groups["p0_0"] is None and manifest.groups["p5_2"] == "P5"
+    assert table[table["label"] == "pneumonia"]["split"].value_counts().to_dict() \
+        == {"train": 2, "test": 2}
+
+
+def test_patients_in_test_and_training_by_the_split_column_are_named(tmp_path, caplog):
+    rows = [("a.png", "NORMAL", "train", "P1"), ("b.png", "NORMAL", "test", "P1"),
+            ("c.png", "PNEUMONIA", "test", "P2"), ("d.png", "PNEUMONIA", "val", "P3")]
+    root = make_folder(tmp_path / "xray", rows, header="filename,finding,split,patient")
+    config = dataset(root, label_map=LABEL_MAP, split_column="split", group_column="patient")
+    with caplog.at_level("WARNING"):
+        fetch_dataset(config, tmp_path / "out")
+    assert "1 group(s) ('group' column: patients or lesions) have samples in the test split " \
+           "and in train or val (first: P1)" in caplog.text
+
+
 def test_unknown_label_names_the_row(tmp_path):
     root = make_folder(tmp_path / "xray", ROWS)
     with pytest.raises(InputError) as error:

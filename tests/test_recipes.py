@@ -625,19 +625,6 @@ def test_cbis_labels_splits_and_masks_from_an_nbia_copy(tmp_path):
         assert (header.Rows, header.Columns) == FULL
 
 
-def test_cbis_patients_in_both_test_and_training_are_named(caplog):
-    def sample(name, patient, split):
-        return Sample(name, Path(f"{name}.dcm"), "benign", split, group=patient)
-
-    samples = [sample("a", "P_00001", "train"), sample("b", "P_00001", "test"),
-               sample("c", "P_00002", "test"), sample("d", "P_00003", "val")]
-    with caplog.at_level("WARNING"):
-        assert cbis_ddsm.warn_of_shared_patients(samples) == ["P_00001"]
-    assert "1 patient(s) have images in the test split and in train or val (first: " \
-           "P_00001)" in caplog.text
-    assert cbis_ddsm.warn_of_shared_patients(samples[1:]) == []
-
-
 def test_cbis_unknown_pathology_is_named(tmp_path):
     table = tmp_path / "mass_case_description_train_set.csv"
     text = (FIXTURES / "cbis_ddsm" / table.name).read_text()

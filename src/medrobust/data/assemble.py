@@ -57,6 +57,7 @@ class LabelsTable:
     label_column: str = "label"
     id_column: str | None = None      # default: the path without its extension
     split_column: str | None = None   # values train/val/test; default: stratified split
+    group_column: str | None = None   # patient (lesion) of a sample: one split, counted once
     path_template: str = "{}"         # file of a row, from its path cell: "images/{}.jpg"
     label_map: Mapping[str, str | None] = field(default_factory=dict)  # None drops the row
 
@@ -81,7 +82,8 @@ class LabelsTable:
         where they are (a local source's folder, not its link under resources/)."""
         folder = data_root.resolve()
         table = folder / self.table
-        columns = [self.path_column, self.label_column, self.id_column, self.split_column]
+        columns = [self.path_column, self.label_column, self.id_column, self.split_column,
+                   self.group_column]
         samples, first_line = [], {}
         for line, row in read_table(table, [column for column in columns if column]):
             where = f"{table}: line {line} ({self.path_column} {row[self.path_column]!r})"
@@ -115,7 +117,8 @@ class LabelsTable:
             split = row[self.split_column] if self.split_column else None
             if split is not None and split not in SPLITS:
                 raise InputError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
-            samples.append(Sample(sample_id, path, label, split))
+            group = (row[self.group_column] or None) if self.group_column else None
+            samples.append(Sample(sample_id, path, label, split, group=group))
         if not samples:
             raise InputError(f"{table}: no rows left after label_map")
         return samples
@@ -294,8 +297,10 @@ def write_samples(out_dir: Path, samples: Sequence[Sample], classes: Sequence[st
 
 def _warn_of_splits(manifest: Path, rows: Sequence[Mapping[str, str]],
                     counts: Mapping[str, int]) -> None:
-    """Log what makes the splits' numbers mean less: an empty split, and the same file
-    (by sha256) in two splits, which leaks test or val samples into training."""
+    """Log what makes the splits' numbers mean less: an empty split, the same file (by
+    sha256) in two splits, which leaks test or val samples into training, and a group
+    (patient, lesion) with samples in test and in train or val (a split given per row,
+    as CBIS-DDSM's official one is per abnormality table, can do that)."""
     for split in ("val", "test"):
         if not counts[split]:
             log.warning("%s: no %s samples%s", manifest, split,
@@ -311,6 +316,21 @@ def _warn_of_splits(manifest: Path, rows: Sequence[Mapping[str, str]],
         log.warning("%s: %d file(s) are in more than one split under different sample ids "
                     "(same sha256), which leaks them between splits: %s%s", manifest,
                     len(leaks), shown, " ..." if len(leaks) > 5 else "")
+    shared = groups_in_test_and_training(rows)
+    if shared:
+        log.warning("%s: %d group(s) (%r column: patients or lesions) have samples in "
+                    "the test split and in train or val (first: %s); their test samples are "
+                    "not from unseen groups", manifest, len(shared), GROUP_COLUMN, shared[0])
+
+
+def groups_in_test_and_training(rows: Iterable[Mapping[str, str]]) -> list[str]:
+    """The groups (manifest rows' `GROUP_COLUMN`, empty: none) with rows in the test split
+    and in train or val, sorted."""
+    tested, trained = set(), set()
+    for row in rows:
+        if row.get(GROUP_COLUMN):
+            (tested if row["split"] == "test" else trained).add(row[GROUP_COLUMN])
+    return sorted(tested & trained)
 
 
 def write_table(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:

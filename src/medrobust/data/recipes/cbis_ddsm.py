@@ -139,7 +139,6 @@ def fetch_cbis_ddsm(dataset_config: Mapping[str, Any], out_dir: Path) -> Path:
     locator = DicomLocator(data)
     samples, rois = images_and_rois(rows, locator, out_dir)
     samples = hold_out_val(samples, options.val_fraction, options.seed)
-    warn_of_shared_patients(samples)
     write_table(out_dir / "rois.csv", ROI_COLUMNS, rois)
     return write_samples(out_dir, samples, classes, "images")
 
@@ -263,19 +262,6 @@ def hold_out_val(samples: list[Sample], fraction: float, seed: int) -> list[Samp
     val = {name for name, split in zip(names, splits, strict=True) if split == "val"}
     return [replace(s, split="val") if s.split == "train" and s.group in val
             else s for s in samples]
-
-
-def warn_of_shared_patients(samples: list[Sample]) -> list[str]:
-    """Patients with images in the test split and in train or val (the official splits are
-    drawn per abnormality table, mass and calcification apart): their test images are not
-    from unseen patients. Logged as a warning; returns them."""
-    tested = {sample.group for sample in samples if sample.split == "test"}
-    shared = sorted(tested & {sample.group for sample in samples if sample.split != "test"})
-    if shared:
-        log.warning("%d patient(s) have images in the test split and in train or val "
-                    "(first: %s); their test images are not from unseen patients",
-                    len(shared), shared[0])
-    return shared
 
 
 def _download_tables(options: CBISDDSMSource, out_dir: Path) -> dict[tuple[str, str], Path]:
