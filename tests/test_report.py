@@ -1050,8 +1050,13 @@ def test_images_of_one_patient_are_counted_as_one_patient():
                           for summary in (grouped, today))
     assert clean["accuracy"] == clean_today["accuracy"]
     assert clean["accuracy_low"] != clean_today["accuracy_low"]      # Korn-Graubard
-    assert clean["auc_low"] == clean_today["auc_low"]                # per image
+    assert clean["auc"] == clean_today["auc"]
+    assert clean["auc_low"] < clean_today["auc_low"]                 # Obuchowski's deff
     comparisons = grouped.comparisons.set_index(["model", "condition"])
+    clean_difference = today.comparisons.set_index(["model", "condition"]).loc[
+        ("denoising", "clean")]
+    assert comparisons.loc[("denoising", "clean"), "auc_difference_low"] < \
+        clean_difference["auc_difference_low"]                         # Obuchowski's r
     for condition in ("clean", "fgsm-eps8-from-surrogate", "mean-perturbation"):
         assert comparisons.loc[("denoising", condition), "test"] == \
             "exact sign-flip test of per-group sums"

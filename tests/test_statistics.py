@@ -12,15 +12,18 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
-    AUC_MOVER, CLUSTERED_SIGN_FLIP, CLUSTERED_T, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
+    AUC_MOVER, CLUSTERED_AUC_MOVER, CLUSTERED_NEWCOMBE, CLUSTERED_SIGN_FLIP, CLUSTERED_T, EXACT,
+    NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
     Interval,
-    KORN_GRAUBARD, auc_score, classification_statistics, clopper_pearson, cluster_index,
+    KORN_GRAUBARD, auc_interval, auc_score, classification_statistics, clopper_pearson,
+    cluster_index, cluster_numbers,
     proportion_interval, count_comparison,
     clustered_proportion, jsonable,
     mcnemar_exact, model_auc, mover_wilson, newcombe_auc, newcombe_paired_difference,
     holm_adjusted, operating_threshold, paired_auc_difference, paired_comparison, sensitivity_at_threshold,
     sign_flip_test, smallest_detectable_difference, t_mean)
-from medrobust.evaluate.statistics import _stratified_resamples
+from medrobust.evaluate.statistics import (
+    _cluster_sums, _delong_covariance, _obuchowski_covariance, _placements, _stratified_resamples)
 
 
 def noisy_classifier(n: int, n_classes: int = 2, signal: float = 1.0, seed: int = 0,
@@ -932,3 +935,146 @@ def test_the_clustered_mean_is_the_ratio_estimator_with_k_minus_1_degrees_of_fre
 def test_the_smallest_detectable_difference_needs_as_many_groups_as_pairs():
     assert smallest_detectable_difference(40, groups=10) == 6 / 40
     assert smallest_detectable_difference(40, groups=5) is None
+
+
+# ---------------------------------------------------------------- AUCs of samples in groups
+
+def obuchowski(labels, first, second, clusters):
+    """`_obuchowski_covariance` of two models' scores on labelled samples in clusters."""
+    positive = labels == 1
+    clustering = cluster_numbers(clusters, len(labels))
+    sizes = _cluster_sums((np.ones(positive.sum()), np.ones((~positive).sum())), positive,
+                          clustering)
+    sums = [_cluster_sums(_placements(scores[positive], scores[~positive]), positive, clustering)
+            for scores in (first, second)]
+    return _obuchowski_covariance(*sums, sizes)
+
+
+def test_auc_intervals_of_one_sample_per_cluster_are_todays():
+    rng = np.random.default_rng(11)
+    labels = np.array([1] * 13 + [0] * 19)
+    scores_a = np.round(labels + rng.normal(size=32), 1)   # rounded: ties
+    scores_b = np.round(1.5 * labels + rng.normal(size=32), 1)
+    for singletons in (np.arange(32), np.array([None] * 32, dtype=object)):
+        assert auc_interval(labels, scores_a, clusters=singletons) == newcombe_auc(
+            auc_score(labels, scores_a), 13, 19)
+        assert (paired_auc_difference(labels, scores_a, scores_b, clusters=singletons)
+                == paired_auc_difference(labels, scores_a, scores_b))
+    labels, probabilities = noisy_classifier(60, n_classes=3, seed=12)
+    grouped = classification_statistics(labels, probabilities, ["a", "b", "c"],
+                                        n_resamples=50, clusters=np.arange(60))
+    plain = classification_statistics(labels, probabilities, ["a", "b", "c"], n_resamples=50)
+    assert grouped == plain and plain["per_class"]["a"]["auc"].method == NEWCOMBE
+
+
+def test_obuchowskis_variance_of_one_sample_per_cluster_is_delongs():
+    rng = np.random.default_rng(13)
+    labels = np.array([1] * 12 + [0] * 17)
+    scores_a = np.round(labels + rng.normal(size=29), 1)
+    scores_b = np.round(1.6 * labels + rng.normal(size=29), 1)
+    positive = labels == 1
+    placements = [_placements(s[positive], s[~positive]) for s in (scores_a, scores_b)]
+    for (i, first), (j, second) in ((a, b) for a in enumerate((scores_a, scores_b))
+                                    for b in enumerate((scores_a, scores_b))):
+        assert obuchowski(labels, first, second, np.arange(29)) == pytest.approx(
+            _delong_covariance(placements[i], placements[j]), rel=1e-12)
+
+
+def test_obuchowskis_variance_by_hand():
+    """Four patients: A a positive (0.9) and a negative (0.3), B two positives (0.6, 0.4),
+    C two negatives (0.5, 0.2), D a positive (0.7) and a negative (0.8)."""
+    labels = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    scores = np.array([0.9, 0.3, 0.6, 0.4, 0.5, 0.2, 0.7, 0.8])
+    patients = np.array(list("AABBCCDD"))
+    # placements: positives 4/4, 3/4, 2/4, 3/4 (AUC 3/4); negatives 4/4, 3/4, 4/4, 1/4
+    # V10 by patient 1, 1.25, 0, 0.75 less m_i θ = 0.75, 1.5, 0, 0.75: d = .25, -.25, 0, 0
+    # V01 by patient 1, 0, 1.75, 0.25 less n_i θ = 0.75, 0, 1.5, 0.75: e = .25, 0, .25, -.5
+    s10 = 3 / (2 * 4) * (0.25 ** 2 + 0.25 ** 2)                  # I10 = 3 (A, B, D), M = 4
+    s01 = 3 / (2 * 4) * (0.25 ** 2 + 0.25 ** 2 + 0.5 ** 2)       # I01 = 3 (A, C, D), N = 4
+    s11 = 4 / 3 * (0.25 * 0.25)                                  # I = 4; only A has both
+    variance = s10 / 4 + s01 / 4 + 2 * s11 / (4 * 4)
+    assert variance == pytest.approx(0.0572916667)
+    assert obuchowski(labels, scores, scores, patients) == pytest.approx(variance, rel=1e-12)
+    # DeLong's per image: (.125 / 3) / 4 + (.375 / 3) / 4; Newcombe's at 4 / deff a side,
+    # shrunk for 3 degrees of freedom against the 7 of 8 images
+    from scipy.stats import t
+
+    design_effect = variance / (0.125 / 12 + 0.375 / 12)
+    size = 4 / design_effect * (t.ppf(0.025, 7) / t.ppf(0.025, 3)) ** 2
+    interval = auc_interval(labels, scores, clusters=patients)
+    expected = newcombe_auc(0.75, size, size)
+    assert design_effect == pytest.approx(1.375)
+    assert (interval.estimate, interval.low, interval.high, interval.method) == (
+        0.75, pytest.approx(expected.low, rel=1e-9), pytest.approx(expected.high, rel=1e-9),
+        CLUSTERED_NEWCOMBE)
+    # a second model, B's two swapped and D's positive up: AUC 0.8125,
+    # d' = .1875, -.375, 0, .1875 and e' = .1875, 0, .125, -.3125; the covariance takes the
+    # products across, S11 both ways round (here they cancel: d·e' = .046875 = -d'·e)
+    other = np.array([0.9, 0.3, 0.4, 0.6, 0.5, 0.2, 0.85, 0.8])
+    s10 = 3 / 8 * (0.25 * 0.1875 + 0.25 * 0.375)
+    s01 = 3 / 8 * (0.25 * 0.1875 + 0.25 * 0.125 + 0.5 * 0.3125)
+    s11_12, s11_21 = 4 / 3 * 0.25 * 0.1875, -4 / 3 * 0.1875 * 0.5 + 4 / 3 * 0.1875 * 0.25
+    covariance = s10 / 4 + s01 / 4 + (s11_12 + s11_21) / 16
+    assert covariance == pytest.approx(0.03515625)
+    for pair in ((scores, other), (other, scores)):
+        assert obuchowski(labels, *pair, patients) == pytest.approx(covariance, rel=1e-12)
+
+
+def test_images_copied_within_their_group_keep_the_original_auc_intervals():
+    """Each image three times, the copies one group: the AUC's interval and the AUC
+    difference's are about the original images', where per image they narrow by √3."""
+    labels, probabilities_a = noisy_classifier(90, seed=6)
+    _, probabilities_b = noisy_classifier(90, signal=1.6, seed=7)
+    groups = np.repeat(np.arange(90), 3)
+
+    def copied(values):
+        return np.repeat(values, 3, axis=0)
+
+    def width(interval):
+        return interval.high - interval.low
+
+    original = auc_interval(labels, probabilities_b[:, 1])
+    clustered = auc_interval(copied(labels), copied(probabilities_b)[:, 1], clusters=groups)
+    naive = auc_interval(copied(labels), copied(probabilities_b)[:, 1])
+    assert width(clustered) == pytest.approx(width(original), rel=0.1)
+    assert width(naive) < 0.7 * width(original)
+    assert clustered.method == CLUSTERED_NEWCOMBE and clustered.estimate == original.estimate
+    once = paired_comparison(labels, probabilities_a, probabilities_b)
+    thrice = paired_comparison(copied(labels), copied(probabilities_a), copied(probabilities_b),
+                               clusters=groups)
+    naive = paired_comparison(copied(labels), copied(probabilities_a), copied(probabilities_b))
+    assert width(thrice["auc_difference"]) == pytest.approx(width(once["auc_difference"]),
+                                                            rel=0.1)
+    assert width(naive["auc_difference"]) < 0.7 * width(once["auc_difference"])
+    assert thrice["auc_difference"].method == CLUSTERED_AUC_MOVER
+    stats = classification_statistics(copied(labels), copied(probabilities_b), ["a", "b"],
+                                      clusters=groups)
+    assert stats["auc"] == stats["per_class"]["b"]["auc"] == clustered
+    assert stats["per_class"]["a"]["auc"].method == CLUSTERED_NEWCOMBE
+
+
+def test_a_perfect_ranking_of_groups_counts_each_group_once():
+    """Six patients of two positive images against six of two negatives, ranked perfectly:
+    no variance to take a design effect from, so 6 against 6 (shrunk for 11 degrees of
+    freedom), not the 12 against 12 of the images."""
+    from scipy.stats import t
+
+    labels = np.repeat([1] * 6 + [0] * 6, 2)
+    scores = np.r_[np.linspace(0.6, 1, 12), np.linspace(0, 0.4, 12)]
+    patients = np.repeat(np.arange(12), 2)
+    interval = auc_interval(labels, scores, clusters=patients)
+    size = 6 * (t.ppf(0.025, 23) / t.ppf(0.025, 11)) ** 2
+    expected = newcombe_auc(1.0, size, size)
+    assert (interval.estimate, interval.low, interval.high) == (1.0, expected.low, 1.0)
+    assert interval.low < newcombe_auc(1.0, 6, 6).low < newcombe_auc(1.0, 12, 12).low
+    # two perfect rankers: r taken as 0, each side the clustered interval's width
+    both = paired_auc_difference(labels, scores, scores ** 2, clusters=patients)
+    assert both.estimate == 0 and both.method == CLUSTERED_AUC_MOVER
+    assert both.high == pytest.approx(1 - expected.low) and both.low == pytest.approx(-both.high)
+    # all positives in one patient: their variation is unknown, so they count as one
+    alone = auc_interval(labels, scores, clusters=np.r_[np.zeros(12), np.arange(1, 13)])
+    size = (t.ppf(0.025, 23) / t.ppf(0.025, 12)) ** 2
+    assert alone.low == pytest.approx(newcombe_auc(1.0, size, 12 * size).low)
+    # one patient says nothing of the variation between patients
+    assert auc_interval(labels, scores, clusters=np.zeros(24)) == Interval(
+        1.0, 0.0, 1.0, CLUSTERED_NEWCOMBE)

@@ -26,8 +26,16 @@ difference) the ratio estimator's Student t interval over the k clusters, and
 the paired tests the exact sign-flip test of the per-cluster sums of the
 per-sample differences: the cluster-level permutation test, which with one
 sample per cluster is McNemar's (or the per-sample sign-flip) test again.
-Clusters of one sample each change nothing. AUCs and the other intervals stay
-per sample.
+A two-class (or one-vs-rest) AUC gets Newcombe's interval at the effective
+numbers of positives and negatives, m/deff and n/deff, where deff is Obuchowski's
+clustered variance of the AUC (Biometrics 1997;53:567-578) over DeLong's per-sample one
+(at most m and n; each cluster holding positives, or negatives, counted once where a
+ranking leaves no variance to compare), shrunk for the k - 1 degrees of freedom as
+Korn and Graubard's interval is; the AUC difference of two models the MOVER of two
+such intervals with Obuchowski's correlation. Clusters of one sample each change
+nothing. Balanced accuracy, the macro averages over more than two classes (their
+bootstrap resamples samples, not clusters) and the macro AUC difference stay per
+sample.
 """
 
 from __future__ import annotations
@@ -46,9 +54,12 @@ N_RESAMPLES = 1000
 
 EXACT = "exact binomial (Clopper-Pearson)"
 NEWCOMBE = "Newcombe score interval (Mann-Whitney, method 5)"
+CLUSTERED_NEWCOMBE = ("Newcombe score interval at the clustered effective sizes (Obuchowski "
+                      "design effect, df-adjusted)")
 WILSON_MOVER = "MOVER of Wilson score intervals (Zou & Donner 2008)"
 NEWCOMBE_PAIRED = "Newcombe paired score interval (1998, method 10)"
 AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
+CLUSTERED_AUC_MOVER = "MOVER of clustered Newcombe AUC intervals, Obuchowski correlation"
 KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
 STUDENT_T = "Student t"
@@ -254,10 +265,11 @@ def newcombe_auc(auc: float | None, n_positive: int, n_negative: int,
     V(θ) = θ(1-θ)[1 + N*(1-θ)/(2-θ) + N*θ/(1+θ)] / (m n), N* = (m + n)/2 - 1,
     for m positives and n negatives. V is taken at θ, not at the estimate, so an
     AUC of 1 on 8 against 8 samples gets [0.76, 1], where a bootstrap (every
-    resample ranked perfectly too) or DeLong's variance gives [1, 1].
+    resample ranked perfectly too) or DeLong's variance gives [1, 1]. The sizes may
+    be fractional: the effective sizes of samples in clusters (`_clustered_newcombe`).
     """
     _check_confidence(confidence)
-    if auc is None or n_positive < 1 or n_negative < 1:
+    if auc is None or n_positive <= 0 or n_negative <= 0:
         return Interval(None, None, None, NEWCOMBE)
     from scipy.optimize import brentq  # here, as in clopper_pearson
 
@@ -445,8 +457,104 @@ def _delong_covariance(first: tuple[np.ndarray, np.ndarray],
     return covariance
 
 
+def _cluster_sums(values: tuple[np.ndarray, np.ndarray], positive: np.ndarray,
+                  clustering: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster (`cluster_index`), the sum of `values` over its positives and over its
+    negatives; `values` holds one number per positive and one per negative in the samples'
+    order, as `_placements` does. Of the placements: Obuchowski's V10_i and V01_i; of ones:
+    the clusters' numbers of positives and negatives, m_i and n_i."""
+    member_of, k = clustering
+    return (np.bincount(member_of[positive], weights=values[0], minlength=k),
+            np.bincount(member_of[~positive], weights=values[1], minlength=k))
+
+
+def _obuchowski_covariance(first: tuple[np.ndarray, np.ndarray],
+                           second: tuple[np.ndarray, np.ndarray],
+                           sizes: tuple[np.ndarray, np.ndarray]) -> float | None:
+    """Obuchowski's covariance of two AUCs on the same samples in clusters (Biometrics
+    1997;53:567-578), from their `_cluster_sums` of `_placements` and the clusters' numbers
+    of positives and negatives (`sizes`, m_i and n_i, M and N in all).
+
+    With d_i = V10_i - m_i θ and e_i = V01_i - n_i θ (θ the AUC), the variance is
+    S10/M + S01/N + 2 S11/(M N), S10 = I10/((I10 - 1) M) Σ d_i² over the I10 clusters that
+    hold positives, S01 = I01/((I01 - 1) N) Σ e_i² over the I01 that hold negatives,
+    S11 = I/(I - 1) Σ d_i e_i over all I; the covariance takes each product across the
+    two models (S11 both ways round). With one sample per cluster S11 = 0 and this is
+    DeLong's (`_delong_covariance`). None where fewer than two clusters hold positives,
+    or negatives: the variation between them is then unknown.
+    """
+    holding = [int((size > 0).sum()) for size in sizes]
+    if min(holding) < 2:
+        return None
+
+    def residuals(sums: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+        return [total - size * (total.sum() / size.sum()) for total, size in zip(sums, sizes)]
+
+    (d_1, e_1), (d_2, e_2) = residuals(first), residuals(second)
+    total_m, total_n, k = float(sizes[0].sum()), float(sizes[1].sum()), len(sizes[0])
+    return float(holding[0] / (holding[0] - 1) * (d_1 @ d_2) / total_m ** 2
+                 + holding[1] / (holding[1] - 1) * (e_1 @ e_2) / total_n ** 2
+                 + k / (k - 1) * (d_1 @ e_2 + d_2 @ e_1) / (total_m * total_n))
+
+
+def _clustered_newcombe(auc: float, placements: tuple[np.ndarray, np.ndarray],
+                        variance: float | None, sizes: tuple[np.ndarray, np.ndarray],
+                        confidence: float) -> Interval:
+    """Newcombe's interval (`newcombe_auc`) of an AUC of samples in k clusters, at the
+    effective numbers of positives and negatives m/deff and n/deff, as Korn and Graubard
+    take the exact binomial at a clustered effective size (`clustered_proportion`).
+
+    deff is Obuchowski's clustered `variance` over DeLong's per-sample one (from the
+    `placements`); the sizes are at most m and n (a design effect below 1 is not
+    credited) and both are multiplied by (t_{m+n-1} / t_{k-1})² for the k - 1 degrees of
+    freedom, as in `clustered_proportion`. Where there is no design effect to take
+    (DeLong's variance 0: a perfect ranking, or all scores tied; or fewer than two
+    clusters holding positives, or negatives) each cluster holding positives, and each
+    holding negatives, counts once, min(m, I10) and min(n, I01): the sizes of the
+    clusters' images were they copies of one, the least they can hold. One cluster:
+    [0, 1], as `clustered_proportion` gives.
+    """
+    m, n, k = len(placements[0]), len(placements[1]), len(sizes[0])
+    if k < 2:
+        return Interval(auc, 0.0, 1.0, CLUSTERED_NEWCOMBE)
+    per_sample = _delong_covariance(placements, placements)
+    if variance is None or per_sample <= 0:
+        effective = [min(total, int((size > 0).sum())) for total, size in zip((m, n), sizes)]
+    else:
+        design_effect = max(variance, 0.0) / per_sample
+        effective = [total / max(design_effect, 1.0) for total in (m, n)]
+    tail = (1.0 - confidence) / 2.0
+    from scipy.stats import t  # as in clopper_pearson
+
+    shrink = (t.ppf(tail, m + n - 1) / t.ppf(tail, k - 1)) ** 2
+    interval = newcombe_auc(auc, effective[0] * shrink, effective[1] * shrink, confidence)
+    return Interval(interval.estimate, interval.low, interval.high, CLUSTERED_NEWCOMBE)
+
+
+def auc_interval(labels01: np.ndarray, scores: np.ndarray, confidence: float = CONFIDENCE,
+                 clusters: Any = None) -> Interval:
+    """The AUC of `scores` for labels 0/1 (`auc_score`) with Newcombe's interval
+    (`newcombe_auc`); with `clusters` (`cluster_index`: more than one sample in some
+    cluster) at the clustered effective sizes (`_clustered_newcombe`). None where a class
+    is missing."""
+    auc = auc_score(labels01, scores)  # checks labels and scores
+    positive = _integer_labels(labels01, "labels01") == 1
+    clustering = cluster_index(clusters, len(positive))
+    if clustering is None:
+        return newcombe_auc(auc, int(positive.sum()), int((~positive).sum()), confidence)
+    if auc is None:
+        return Interval(None, None, None, CLUSTERED_NEWCOMBE)
+    scores = np.asarray(scores, dtype=np.float64)
+    placements = _placements(scores[positive], scores[~positive])
+    sizes = _cluster_sums((np.ones(len(placements[0])), np.ones(len(placements[1]))),
+                          positive, clustering)
+    sums = _cluster_sums(placements, positive, clustering)
+    return _clustered_newcombe(auc, placements, _obuchowski_covariance(sums, sums, sizes),
+                               sizes, confidence)
+
+
 def paired_auc_difference(labels01: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
-                          confidence: float = CONFIDENCE) -> Interval:
+                          confidence: float = CONFIDENCE, clusters: Any = None) -> Interval:
     """AUC of b minus AUC of a on the same samples: the MOVER (Zou & Donner 2008) of the two
     AUCs' Newcombe intervals (`newcombe_auc`), less their covariance through r, the
     correlation of the two AUC estimates by DeLong's method (Biometrics 1988;44:837-845),
@@ -454,6 +562,11 @@ def paired_auc_difference(labels01: np.ndarray, scores_a: np.ndarray, scores_b: 
     (a perfect ranking), so two perfect rankers of 8 against 8 samples read 0 ± 0.24, where
     every paired resample, and DeLong's own variance, says 0 exactly. None where a class
     is missing.
+
+    With `clusters` (`cluster_index`) each AUC's interval is the clustered one
+    (`_clustered_newcombe`) and r comes from Obuchowski's covariance and variances
+    (`_obuchowski_covariance`; 0 where either is 0 or unknown, and cut to [-1, 1]: its
+    terms' weights differ, so it is not bound to it as DeLong's is).
     """
     _check_confidence(confidence)
     labels = _integer_labels(labels01, "labels01")
@@ -461,19 +574,37 @@ def paired_auc_difference(labels01: np.ndarray, scores_a: np.ndarray, scores_b: 
     if a.ndim != 1:
         raise InputError(f"scores must be 1-D, one per label; got shape {a.shape}")
     auc_a, auc_b = auc_score(labels, a), auc_score(labels, b)  # checks labels and values
+    clustering = cluster_index(clusters, len(labels))
+    method = AUC_MOVER if clustering is None else CLUSTERED_AUC_MOVER
     if auc_a is None:
-        return Interval(None, None, None, AUC_MOVER)
+        return Interval(None, None, None, method)
     positive = labels == 1
     m, n = int(positive.sum()), int((~positive).sum())
-    first = _placements(a[positive], a[~positive])
-    second = _placements(b[positive], b[~positive])
-    variance_a, variance_b = _delong_covariance(first, first), _delong_covariance(second, second)
-    r = (_delong_covariance(first, second) / math.sqrt(variance_a * variance_b)
-         if variance_a > 0 and variance_b > 0 else 0.0)
-    interval_a, interval_b = newcombe_auc(auc_a, m, n, confidence), \
-        newcombe_auc(auc_b, m, n, confidence)
+    placements = [_placements(scores[positive], scores[~positive]) for scores in (a, b)]
+    if clustering is None:
+        def covariance(i: int, j: int) -> float | None:
+            return _delong_covariance(placements[i], placements[j])
+
+        def interval(i: int, auc: float) -> Interval:
+            return newcombe_auc(auc, m, n, confidence)
+    else:
+        sizes = _cluster_sums((np.ones(m), np.ones(n)), positive, clustering)
+        sums = [_cluster_sums(values, positive, clustering) for values in placements]
+
+        def covariance(i: int, j: int) -> float | None:
+            return _obuchowski_covariance(sums[i], sums[j], sizes)
+
+        def interval(i: int, auc: float) -> Interval:
+            return _clustered_newcombe(auc, placements[i], covariance(i, i), sizes, confidence)
+    variance_a, variance_b = covariance(0, 0), covariance(1, 1)
+    r = (covariance(0, 1) / math.sqrt(variance_a * variance_b)
+         if variance_a is not None and variance_b is not None
+         and variance_a > 0 and variance_b > 0 else 0.0)
+    if clustering is not None:
+        r = min(1.0, max(-1.0, r))
+    interval_a, interval_b = interval(0, auc_a), interval(1, auc_b)
     return _correlated_difference((auc_b, interval_b.low, interval_b.high),
-                                  (auc_a, interval_a.low, interval_a.high), r, AUC_MOVER)
+                                  (auc_a, interval_a.low, interval_a.high), r, method)
 
 
 # ---------------------------------------------------------------- bootstrap machinery
@@ -590,9 +721,12 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     the classes present in the labels; per-class statistics of a class with no
     samples are None. With `clusters` (the samples' patients or lesions) accuracy
     and the per-class sensitivities and specificities get Korn and Graubard's
-    interval over them (`proportion_interval`); balanced accuracy (its MOVER
-    takes the classes' recalls as independent, which a patient with images of
-    two classes breaks) and the AUCs stay per sample.
+    interval over them (`proportion_interval`), the binary and per-class AUCs
+    Newcombe's at the clustered effective sizes (`auc_interval`); balanced
+    accuracy (its MOVER takes the classes' recalls as independent, which a patient
+    with images of two classes breaks) and, with k > 2, the macro AUC and
+    specificity stay per sample: their bootstrap resamples within each class,
+    keeping its count, which whole clusters of different sizes and classes cannot.
     """
     labels = _integer_labels(labels)
     classes = list(classes)
@@ -614,8 +748,6 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     # two classes need no resamples: every interval has a closed form
     boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED) \
         if k > 2 else {}
-    whole = np.arange(len(labels))[None, :]
-    class_aucs = [float(scorer.class_auc(c, whole)[0]) for c in range(k)]  # NaN: one class
 
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
@@ -634,8 +766,8 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
             "specificity": proportion_interval(
                 predictions[others] != c, confidence,
                 None if clusters is None else clusters[others]),
-            "auc": newcombe_auc(None if np.isnan(class_aucs[c]) else class_aucs[c],
-                                int(support[c]), int(n - support[c]), confidence),
+            "auc": auc_interval(members.astype(np.int64), probabilities[:, c], confidence,
+                                clusters),
         }
     present = np.flatnonzero(support)
     balanced_accuracy = mover_wilson(confusion[present, present].tolist(),
@@ -917,7 +1049,8 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     accuracies get Korn and Graubard's interval, the accuracy difference the
     clustered t interval of the per-sample differences (`t_mean`), and the
     verdict and the smallest detectable difference the sign-flip test of the
-    per-cluster sums (`mcnemar_exact`). The AUC difference stays per sample.
+    per-cluster sums (`mcnemar_exact`), and the AUC difference with two classes
+    `paired_auc_difference` over them; the macro AUCs' bootstrap stays per sample.
     """
     labels = _integer_labels(labels)
     probabilities_a = _check_probabilities(probabilities_a, len(labels), name="probabilities_a")
@@ -935,7 +1068,7 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
 
     if probabilities_a.shape[1] == 2:  # P(class 1), as the binary AUC is everywhere
         auc_difference = paired_auc_difference(labels, probabilities_a[:, 1],
-                                               probabilities_b[:, 1], confidence)
+                                               probabilities_b[:, 1], confidence, clusters)
     else:
         auc_difference = _paired_interval(labels, scorer_a.auc, scorer_b.auc, n_resamples,
                                           seed, confidence)
