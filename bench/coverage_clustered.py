@@ -33,10 +33,10 @@ SHIFT = 2.5            # of a positive image's score, against the latent effects
 SAME_LABEL = 0.8       # the chance that an image has its patient's label
 
 
-def simulate(k: int, spread: float, rng: np.random.Generator
+def simulate(k: int, spread: float, rng: np.random.Generator, sizes: tuple[int, ...] = SIZES
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image: model a right, model b right, and the patient."""
-    patient = np.repeat(np.arange(k), rng.choice(SIZES, k))
+    patient = np.repeat(np.arange(k), rng.choice(sizes, k))
     difficulty = rng.normal(0, spread, k)[patient]
     preference = rng.normal(0, spread, k)[patient]   # + favours b, - favours a
     logit = np.log(ACCURACY / (1 - ACCURACY)) + difficulty
@@ -49,13 +49,13 @@ def simulate(k: int, spread: float, rng: np.random.Generator
     return right_a, right_b, patient
 
 
-def simulate_scores(k: int, spread: float, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def simulate_scores(k: int, spread: float, rng: np.random.Generator,
+                    sizes: tuple[int, ...] = SIZES) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per image: the label, model a's and model b's score, and the patient. A patient's
     images mostly share its label and a latent effect on both models' scores (how its
     images look); b also has a per-patient preference that moves its positives and
     negatives apart or together; the two models' per-image noise is correlated."""
-    patient = np.repeat(np.arange(k), rng.choice(SIZES, k))
+    patient = np.repeat(np.arange(k), rng.choice(sizes, k))
     images = len(patient)
     label = np.where(rng.random(images) < SAME_LABEL, rng.integers(0, 2, k)[patient],
                      rng.integers(0, 2, images))
@@ -66,18 +66,19 @@ def simulate_scores(k: int, spread: float, rng: np.random.Generator
             SHIFT * label + look + preference + noise[:, 1], patient)
 
 
-def measure_auc(k: int, spread: float, sims: int, seed: int) -> dict[str, float]:
+def measure_auc(k: int, spread: float, sims: int, seed: int, sizes: tuple[int, ...] = SIZES
+                ) -> dict[str, float]:
     """Shares of sets whose AUC and AUC difference intervals hold the population's, over
     the sets with both classes (`defined`: their share of all)."""
     label, score_a, score_b, _ = simulate_scores(200_000, spread,
-                                                 np.random.default_rng(seed + 1))
+                                                 np.random.default_rng(seed + 1), sizes)
     truth_a = auc_score(label, score_a)
     truth_difference = auc_score(label, score_b) - truth_a
     rng = np.random.default_rng(seed)
     counts = dict.fromkeys(("clustered", "per_image", "clustered_difference",
                             "per_image_difference", "defined"), 0)
     for _ in range(sims):
-        label, score_a, score_b, patient = simulate_scores(k, spread, rng)
+        label, score_a, score_b, patient = simulate_scores(k, spread, rng, sizes)
         if label.min() == label.max():
             continue
         counts["defined"] += 1
@@ -91,14 +92,16 @@ def measure_auc(k: int, spread: float, sims: int, seed: int) -> dict[str, float]
             if name != "defined"} | {"defined": counts["defined"] / sims}
 
 
-def measure(k: int, spread: float, sims: int, seed: int) -> dict[str, float]:
-    population_a, population_b, _ = simulate(200_000, spread, np.random.default_rng(seed + 1))
+def measure(k: int, spread: float, sims: int, seed: int, sizes: tuple[int, ...] = SIZES
+            ) -> dict[str, float]:
+    population_a, population_b, _ = simulate(200_000, spread, np.random.default_rng(seed + 1),
+                                             sizes)
     true_accuracy = population_a.mean()
     true_difference = population_b.mean() - population_a.mean()
     rng = np.random.default_rng(seed)
     counts = dict.fromkeys(("kg", "cp", "t", "clustered", "per_image"), 0)
     for _ in range(sims):
-        right_a, right_b, patient = simulate(k, spread, rng)
+        right_a, right_b, patient = simulate(k, spread, rng, sizes)
         kg = proportion_interval(right_a, clusters=patient)
         cp = clopper_pearson(int(right_a.sum()), len(right_a))
         difference = t_mean(right_b.astype(float) - right_a.astype(float), bounds=(-1, 1),
@@ -119,7 +122,7 @@ def print_table(header: str, measure_row, columns: list[list[tuple[str, int]]],
     print(header)
     for spread in args.spreads:
         for k in args.patients:
-            result = measure_row(k, spread, args.sims, args.seed)
+            result = measure_row(k, spread, args.sims, args.seed, tuple(args.sizes))
             print(f"{k:8d}  {spread:6.1f} | " + " | ".join(
                 "  ".join(f"{result[key]:{width}.3f}" for key, width in group)
                 for group in columns))
@@ -131,6 +134,8 @@ def main() -> None:
     parser.add_argument("--spreads", type=float, nargs="+", default=[1.0, 2.0],
                         help="standard deviation of the latent effects (on the logit scale "
                              "for accuracy, on the scores' for the AUC)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="images per patient, each patient drawing one of these")
     parser.add_argument("--sims", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
