@@ -22,8 +22,9 @@ probabilities). From the predictions this module computes, with
   Holm-adjusted p-values and verdicts, as one family.
 
 Where a dataset's manifest puts test images in groups (`group`: the patient,
-the lesion), accuracy, the mean over perturbations, the accuracy differences
-and the paired tests count the groups, not the images (`statistics`' clusters).
+the lesion), accuracy, the two-class and per-class AUCs, the mean over
+perturbations, the accuracy and two-class AUC differences and the paired tests
+count the groups, not the images (`statistics`' clusters).
 
 docs/report.md documents every column.
 """
@@ -204,15 +205,22 @@ def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
     """The summary's `interval_methods` entries for datasets whose test images come in groups."""
     if not datasets:
         return {}
-    return {f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy, "
+    names = ', '.join(sorted(datasets))
+    return {f"with the manifest's groups ({names}): accuracy, "
             "sensitivity, specificity (also per class and at the clean operating point)":
                 "Korn-Graubard over the groups (exact binomial at the clustered effective "
-                "size); balanced accuracy and the AUCs stay per image",
-            f"with the manifest's groups ({', '.join(sorted(datasets))}): accuracy difference "
+                "size); balanced accuracy stays per image",
+            f"with the manifest's groups ({names}): AUC of two classes, per-class "
+            "(one-vs-rest) AUC, and the AUC difference between two models of two classes":
+                "Newcombe's score interval at the clustered effective sizes (Obuchowski's "
+                "clustered variance over DeLong's, k - 1 degrees of freedom); the difference "
+                "the MOVER of those with Obuchowski's correlation; the macro AUC of more "
+                "classes and its difference stay per image (bootstrap over images)",
+            f"with the manifest's groups ({names}): accuracy difference "
             "and the mean over perturbations and its difference":
                 "Student t over the groups (ratio estimator, linearised variance, k - 1 "
                 "degrees of freedom; Wald-type); exact sign-flip test of the per-group sums "
-                "for the difference; the AUC difference stays per image"}
+                "for the difference"}
 
 
 @dataclasses.dataclass
