@@ -700,6 +700,24 @@ def test_a_gradient_free_attack_stronger_than_pgd_flags_gradient_masking(round_i
         assert check["fooled_only_by_gradient_free"] > 10 and check["fooled_only_by_gradient"] == 0
 
 
+@pytest.mark.parametrize("kind, unit, unclustered", [
+    ("images", "image", "gradient-masking check"),
+    ("slides", "slide", "slide robustness and attention tables")])
+def test_the_warning_of_samples_in_groups_names_them_and_what_still_counts_them_alone(
+        kind, unit, unclustered):
+    from medrobust.report.page import _environment
+
+    macros = _environment().get_template("macros.html.j2").module
+    item = {"dataset": "cohort", "kind": kind, "test_samples": 30, "test_groups": 12}
+    grouped = " ".join(str(macros.not_independent({**item, "grouped": True})).split())
+    assert f"Test {unit}s that are not independent:</b> cohort's 30 test {unit}s come from " \
+           "12 patients or lesions" in grouped
+    assert f"count these groups, not the {unit}s" in grouped
+    assert f"{unclustered} still treat each {unit} as independent" in grouped
+    alone = " ".join(str(macros.not_independent({**item, "grouped": False})).split())
+    assert f"Every interval and test on this page treats each {unit} as independent" in alone
+
+
 def test_a_cell_of_a_model_behind_a_detector_shows_what_it_rejected():
     from medrobust.report.page import _accuracy_cell, _environment
 

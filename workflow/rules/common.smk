@@ -378,18 +378,11 @@ def model_histories(wildcards=None):
     return [f"{folder}/history.json" for folder in trained_models().values()]
 
 
-def dataset_folders(wildcards=None, classifiers=None):
-    """Raw dataset folders (manifest and source, for provenance) of every dataset a model
-    (of `classifiers`, default all) uses."""
-    classifiers = {**IMAGE_CLASSIFIERS, **SLIDE_CLASSIFIERS} if classifiers is None else classifiers
-    used = {settings["dataset"] for settings in classifiers.values()}
+def dataset_folders(wildcards=None):
+    """Raw dataset folders (manifest and source: provenance, and the groups the summary's
+    clustered statistics read) of every dataset a model uses."""
+    used = {settings["dataset"] for settings in {**IMAGE_CLASSIFIERS, **SLIDE_CLASSIFIERS}.values()}
     return [f"resources/{dataset}" for dataset in sorted(used)]
-
-
-def image_dataset_folders(wildcards=None):
-    """The raw folders of the datasets image models use: the summary's clustered statistics
-    read their manifests' groups."""
-    return dataset_folders(classifiers=IMAGE_CLASSIFIERS)
 
 
 def defenses():

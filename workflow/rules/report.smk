@@ -5,8 +5,8 @@
 rule summarize:
     input:
         evaluation_runs,
-        # their manifests' `group` column: which test images share a patient or lesion
-        datasets=image_dataset_folders(),
+        # their manifests' `group` column: which test images (slides) share a patient or lesion
+        datasets=dataset_folders(),
     output:
         csv=report("results/report/robustness.csv", caption="../report/robustness.rst", category="Tables"),
         per_class=report("results/report/per_class.csv", caption="../report/per_class.rst", category="Tables"),

@@ -209,13 +209,13 @@ def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
     return {f"with the manifest's groups ({names}): accuracy, "
             "sensitivity, specificity (also per class and at the clean operating point)":
                 "Korn-Graubard over the groups (exact binomial at the clustered effective "
-                "size); balanced accuracy stays per image",
+                "size); balanced accuracy stays per sample",
             f"with the manifest's groups ({names}): AUC of two classes, per-class "
             "(one-vs-rest) AUC, and the AUC difference between two models of two classes":
                 "Newcombe's score interval at the clustered effective sizes (Obuchowski's "
                 "clustered variance over DeLong's, k - 1 degrees of freedom); the difference "
                 "the MOVER of those with Obuchowski's correlation; the macro AUC of more "
-                "classes and its difference stay per image (bootstrap over images)",
+                "classes and its difference stay per sample (bootstrap over samples)",
             f"with the manifest's groups ({names}): accuracy difference "
             "and the mean over perturbations and its difference":
                 "Student t over the groups (ratio estimator, linearised variance, k - 1 "
