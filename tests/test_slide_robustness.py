@@ -369,3 +369,25 @@ def test_the_tile_fraction_figure_has_a_row_per_perturbation_and_a_column_per_se
     assert sorted(axes.get_title() for axes in shown if axes.get_title()) == [
         "jpeg, severity 20", "jpeg, severity 50", "stain_shift, severity 0.2"]
     assert all(axes.lines for axes in shown)
+
+
+def test_the_attacked_tiles_are_read_and_embedded_as_the_feature_store_was(cohort):
+    """The seam between the feature job and the tile attack: tiles read from the tile store
+    by `adversarial_tile_logits` (uint8 NHWC -> float NCHW in [0, 1]) and embedded by the
+    configured backbone give the stored features back, so at a zero budget the attacked
+    slides' logits are the clean ones. A wrong scale, channel order or backbone would not."""
+    from medrobust.attacks.tiles import TilePGD
+    from medrobust.evaluate.slide_classifier import load_split_bags
+    from medrobust.evaluate.slide_robustness import adversarial_tile_logits
+
+    folder, tiles, features, backbone = cohort
+    model, _, bags = load_split_bags(folder / "abmil", list(features.values()), "test",
+                                     torch.device("cpu"))
+    stores = {slide_id: open_tile_store(path) for slide_id, path in tiles.items()}
+    attack = TilePGD(backbone.model, model, 0.0)
+    for k in (1, 7):  # one tile; every tile of every slide
+        logits = adversarial_tile_logits(attack, bags, stores, k, torch.device("cpu"))
+        for bag, attacked in zip(bags, logits):
+            with torch.no_grad():
+                clean = model(bag.features)[0]
+            np.testing.assert_allclose(attacked, clean, rtol=1e-5, atol=1e-5)
