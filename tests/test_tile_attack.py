@@ -7,7 +7,7 @@ from torch import nn
 
 from medrobust.attacks.pgd import PGDParams
 from medrobust.attacks.tiles import TileBag, TilePGD, most_attended
-from medrobust.models.mil import ABMIL
+from medrobust.models.mil import ABMIL, ABMILOptions
 
 EPS = 8 / 255
 
@@ -143,3 +143,28 @@ def test_on_a_constructed_model_the_attack_flips_a_slide_that_random_noise_does_
     bag = TileBag(backbone, mil)
     bag.hold(features, torch.as_tensor(result.positions))
     assert int(bag(noisy[result.positions]).argmax()) == 1
+
+
+def test_the_whole_slide_is_attacked_in_eval_mode_and_the_models_are_left_as_found():
+    """Tile choice, clean and attacked bags without dropout even if the MIL head was left in
+    train mode; its mode, parameters and requires_grad as they were afterwards."""
+    backbone = TinyBackbone().eval()
+    torch.manual_seed(1)
+    mil = ABMIL(6, 2, ABMILOptions(dropout=0.5)).eval()
+    tiles = slide()
+    with torch.no_grad():
+        features = backbone(tiles)
+        expected, _ = mil(features)
+    before = {name: value.clone() for name, value in mil.state_dict().items()}
+    attack = TilePGD(backbone, mil, EPS, PGDParams(steps=3, seed=0))
+    mil.train()
+    result = attack.attack_slide(features, lambda positions: tiles[positions], 0, 3)
+    assert torch.equal(result.clean_logits, expected.reshape(-1))
+    with torch.no_grad():
+        mil.eval()
+        np.testing.assert_allclose(result.adversarial_logits, mil(result.features)[0].reshape(-1),
+                                   atol=1e-6)
+    mil.train()
+    attack.attack_slide(features, lambda positions: tiles[positions], 0, 3)
+    assert mil.training and all(parameter.requires_grad for parameter in mil.parameters())
+    assert all(torch.equal(value, before[name]) for name, value in mil.state_dict().items())

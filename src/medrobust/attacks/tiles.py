@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medrobust.attacks.base import _frozen
 from medrobust.attacks.pgd import PGD
 
 
@@ -104,16 +105,19 @@ class TilePGD(PGD):
         on the features' device.
         """
         bag_model: TileBag = self.model
-        with torch.no_grad():
-            clean_logits, attention = bag_model.mil(features)
-        positions = most_attended(attention, k)
-        tiles = read_tiles(positions)
-        index = torch.as_tensor(positions, device=features.device)
-        bag_model.hold(features, index)
-        labels = torch.tensor([label], device=features.device)
-        adversarial = self(tiles, labels)
-        with torch.no_grad():
-            attacked = bag_model.bag(adversarial)
-            adversarial_logits, _ = bag_model.mil(attacked)
+        # eval mode for the tile choice and both bags too, not only the PGD steps: a model
+        # left in train mode would pick tiles and score slides with dropout on
+        with _frozen(bag_model):
+            with torch.no_grad():
+                clean_logits, attention = bag_model.mil(features)
+            positions = most_attended(attention, k)
+            tiles = read_tiles(positions)
+            index = torch.as_tensor(positions, device=features.device)
+            bag_model.hold(features, index)
+            labels = torch.tensor([label], device=features.device)
+            adversarial = self(tiles, labels)
+            with torch.no_grad():
+                attacked = bag_model.bag(adversarial)
+                adversarial_logits, _ = bag_model.mil(attacked)
         return TileAttack(positions, tiles, adversarial, attacked, clean_logits.reshape(-1),
                           adversarial_logits.reshape(-1))
