@@ -391,3 +391,21 @@ def test_the_attacked_tiles_are_read_and_embedded_as_the_feature_store_was(cohor
             with torch.no_grad():
                 clean = model(bag.features)[0]
             np.testing.assert_allclose(attacked, clean, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tile_store_that_is_not_the_features_tiling_is_refused(cohort, tmp_path):
+    """The attack reads tile i for feature row i: a tile store of another tiling (one tile
+    more) would have the wrong tiles attacked, silently."""
+    folder, tiles, features, _ = cohort
+    n = 8  # t2's features have 7 rows
+    other = tmp_path / "t2.tiles.zarr"
+    with atomic_path(other) as tmp:
+        create_tile_store(tmp, n, 32, np.zeros((n, 2), np.int64), np.ones(n),
+                          {"slide_id": "t2", "label": "tumor", "split": "test"})
+    settings = SlideRobustnessConfig.from_mapping(
+        {"fractions": [1.0], "adversarial": {"top_k": [1], "epsilons": [8], "steps": 1}})
+    with pytest.raises(InputError, match=r"t2\.tiles\.zarr: 8 tiles, the feature store of "
+                                         r"slide t2 7"):
+        slide_robustness_run(folder / "abmil", list(features.values()),
+                             [*(path for slide, path in tiles.items() if slide != "t2"), other],
+                             {}, tmp_path / "out", settings, FEATURES, STATISTICS)

@@ -268,6 +268,12 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
         if missing:
             raise InputError(f"{model_dir.name}: no tile store given for test slide(s) "
                              f"{', '.join(missing)}")
+        for bag in bags:  # row i of the features is tile i of the store, or the attack is off
+            if len(stores[bag.slide_id]) != len(bag.features):
+                raise InputError(f"{stores[bag.slide_id].path}: {len(stores[bag.slide_id])} "
+                                 f"tiles, the feature store of slide {bag.slide_id} "
+                                 f"{len(bag.features)}; they must come from one tiling "
+                                 f"(rerun the feature extraction)")
         attacks = {epsilon: TilePGD(backbone.model, model, TilePGD.to_image_units(epsilon),
                                     adversarial.pgd_params(),
                                     autocast_dtype=AUTOCAST_DTYPES[precision])  # as stored
