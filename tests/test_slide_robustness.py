@@ -409,3 +409,47 @@ def test_a_tile_store_that_is_not_the_features_tiling_is_refused(cohort, tmp_pat
         slide_robustness_run(folder / "abmil", list(features.values()),
                              [*(path for slide, path in tiles.items() if slide != "t2"), other],
                              {}, tmp_path / "out", settings, FEATURES, STATISTICS)
+
+
+def test_each_budget_is_scored_under_the_strongest_attack_run_within_it(cohort, monkeypatch):
+    """The threat models nest (top 1 tile among the top 3; 2/255 inside 16/255), so an attack
+    that fooled a slide at (k 1, ε 2) fools it at (k 3, ε 16) too: accuracy cannot rise with
+    k or ε. A PGD run that missed there is replaced by the stronger, and run.json says so."""
+    import medrobust.evaluate.slide_robustness as module
+
+    folder, tiles, features, _ = cohort
+    fooled = {(2.0, 1): {"t1", "t2"}, (2.0, 3): {"t1"}, (16.0, 1): {"t2"}, (16.0, 3): set()}
+
+    def fake_attack(attack, bags, stores, k, device):
+        epsilon = round(attack.epsilon * 255, 6)
+        return [torch.tensor([4.0, -4.0]) if (bag.slide_id in fooled[(epsilon, k)])
+                != (bag.label == 0) else torch.tensor([-4.0, 4.0]) for bag in bags]
+
+    monkeypatch.setattr(module, "adversarial_tile_logits", fake_attack)
+    settings = SlideRobustnessConfig.from_mapping(
+        {"fractions": [1.0], "adversarial": {"top_k": [1, 3], "epsilons": [2, 16]}})
+    metrics = slide_robustness_run(folder / "abmil", list(features.values()),
+                                   list(tiles.values()), {}, folder / "nested", settings,
+                                   FEATURES, STATISTICS)
+    accuracy = metrics[metrics["kind"] == "adversarial_tiles"].set_index(
+        ["epsilon", "k"])["accuracy"]
+    # t1, t2 wrong wherever a smaller budget fooled them; t3, t4 never fooled
+    assert accuracy.to_dict() == {(2.0, 1): 0.5, (2.0, 3): 0.5, (16.0, 1): 0.5, (16.0, 3): 0.5}
+    weaker = json.loads((folder / "nested" / RUN).read_text())["weaker_attacks"]
+    assert sorted((entry["epsilon"], entry["k"], entry["slide_id"], entry["from_epsilon"],
+                   entry["from_k"]) for entry in weaker) == [
+        (2, 3, "t2", 2, 1), (16, 1, "t1", 2, 1), (16, 3, "t1", 2, 1), (16, 3, "t2", 2, 1)]
+    assert all(entry["changed_correctness"] for entry in weaker)
+    predictions = pd.read_csv(folder / "nested" / PREDICTIONS)
+    row = predictions[(predictions["kind"] == "adversarial_tiles") & (predictions["k"] == 3)
+                      & (predictions["epsilon"] == 16) & (predictions["sample_id"] == "t2")]
+    assert not row["correct"].item()
+    # the page says it, per model
+    from medrobust.report.page import _environment
+    from medrobust.report.slide_robustness import slide_robustness_view
+
+    view, found = slide_robustness_view([folder / "nested"])
+    assert view["models"][0]["weaker_attacks"] == 4
+    page = " ".join(_environment().get_template("slide_robustness.html.j2").render(
+        slide_robustness=view, figures={}, small_test_set=4).split())
+    assert "The tile attack falls short for abmil.</b> At 4 (budget, slide) pairs" in page
