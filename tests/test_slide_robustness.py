@@ -181,8 +181,8 @@ def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(coh
         "PGD ε 2/255 on the top 2 tiles", "PGD ε 4/255 on the top 2 tiles"]
     # the page's one line on the attack covers every budget, not the last one run
     assert view["models"][0]["attack"] == \
-        "PGD-L∞ on the k most-attended tiles, ε 2/255, ε 4/255; 1 steps, step 2/255, " \
-        "random start"
+        "PGD-L∞ on the k most-attended tiles, ε 2/255, ε 4/255; 1 steps, step 5/255 at " \
+        "ε 2/255, 10/255 at ε 4/255, random start"
     assert view["fewest_slides"] == 4
     # each condition says which classes its slides were called: counts of every slide once
     for row in view["rows"]:
@@ -453,3 +453,48 @@ def test_each_budget_is_scored_under_the_strongest_attack_run_within_it(cohort, 
     page = " ".join(_environment().get_template("slide_robustness.html.j2").render(
         slide_robustness=view, figures={}, small_test_set=4).split())
     assert "The tile attack falls short for abmil.</b> At 4 (budget, slide) pairs" in page
+
+
+class _MeanIntensity(torch.nn.Module):
+    def forward(self, tiles):
+        return tiles.mean(dim=(1, 2, 3))[:, None]
+
+
+class _Window(torch.nn.Module):
+    """Uniform attention over mean tile intensity m; 'normal' only while |m - target| < width."""
+
+    def __init__(self, target, width):
+        super().__init__()
+        self.target, self.width = target, width
+
+    def forward(self, bag):
+        attention = torch.full((len(bag),), 1.0 / len(bag))
+        m = (attention[:, None] * bag).sum()
+        return torch.stack([torch.zeros(()), 2000.0 * ((m - self.target).abs() - self.width)]), \
+            attention
+
+
+def test_the_default_step_is_a_quarter_of_each_budget_over_ten_steps_and_finds_what_2_255_misses():
+    """A slide called normal only if its tiles' mean intensity lands within 0.25/255 of
+    0.5 + 0.6/255. At ε 1/255 a 2/255 step (2 ε) jumps from one corner of the ball to the other
+    and never lands there; 2.5 ε / steps = 0.25/255 walks in."""
+    from medrobust.attacks.tiles import TilePGD
+    from medrobust.evaluate.slide_robustness import AdversarialTilesConfig
+
+    default = AdversarialTilesConfig(epsilons=[1, 8])
+    assert default.pgd_params(8).step_size == 2.0    # torchattacks' at 8/255
+    assert default.pgd_params(1).step_size == 0.25
+    assert AdversarialTilesConfig(epsilons=[1], steps=5).pgd_params(1).step_size == 0.5
+    assert AdversarialTilesConfig(epsilons=[1], step_size=2).pgd_params(1).step_size == 2.0
+    tiles = torch.full((4, 3, 8, 8), 0.5)
+    backbone, mil = _MeanIntensity(), _Window(0.5 + 0.6 / 255, 0.25 / 255)
+    features = backbone(tiles)
+
+    def called(config):
+        attack = TilePGD(backbone, mil, 1 / 255, config.pgd_params(1))
+        result = attack.attack_slide(features, lambda positions: tiles[positions], 1, 4)
+        assert int(result.clean_logits.argmax()) == 1
+        return int(result.adversarial_logits.argmax())
+
+    assert called(AdversarialTilesConfig(epsilons=[1], step_size=2)) == 1  # missed
+    assert called(default) == 0

@@ -67,10 +67,11 @@ class AdversarialTilesConfig:
 
     top_k: Sequence[int] = (1, 4)
     epsilons: Sequence[float] = (2, 8)   # 1/255, as the image attacks
-    # torchattacks' PGD: 10 steps of 2/255, enough at 8/255 to cross the ball from a random
-    # start at one side to the other (2 epsilon); 1/255 steps could not
     steps: int = 10
-    step_size: float = 2.0               # 1/255
+    # 1/255; None: 2.5 epsilon / steps at each budget (Madry et al.'s rule), torchattacks'
+    # 2/255 at its 8/255 and 10 steps. A fixed 2/255 is a step of 2 epsilon at 1/255, each
+    # one jumping from corner to corner of the ball: weaker there (docs/mil.md)
+    step_size: float | None = None
     random_start: bool = True
     seed: int = 0
 
@@ -83,10 +84,19 @@ class AdversarialTilesConfig:
             raise ConfigError(f"{section}.epsilons: must be a list of budgets in 1/255")
         for index, epsilon in enumerate(self.epsilons):
             TilePGD.budget_to_image_units(epsilon, section=f"{section}.epsilons.{index}")
-        self.pgd_params()
+            self.pgd_params(epsilon)
 
-    def pgd_params(self) -> PGDParams:
-        return PGDParams.from_mapping({"steps": self.steps, "step_size": self.step_size,
+    def step_size_at(self, epsilon: float) -> float:
+        """The PGD step at budget `epsilon`, both in 1/255."""
+        if self.step_size is not None:
+            return self.step_size
+        if isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1:
+            return 2.5 * epsilon / self.steps
+        return 1.0  # PGDParams names the bad steps
+
+    def pgd_params(self, epsilon: float) -> PGDParams:
+        return PGDParams.from_mapping({"steps": self.steps,
+                                       "step_size": self.step_size_at(epsilon),
                                        "random_start": self.random_start, "seed": self.seed},
                                       section="slide_robustness.adversarial")
 
@@ -315,13 +325,19 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
                                  f"{len(bag.features)}; they must come from one tiling "
                                  f"(rerun the feature extraction)")
         attacks = {epsilon: TilePGD(backbone.model, model, TilePGD.to_image_units(epsilon),
-                                    adversarial.pgd_params(),
+                                    adversarial.pgd_params(epsilon),
                                     autocast_dtype=AUTOCAST_DTYPES[precision])  # as stored
                    for epsilon in adversarial.epsilons}
         first = next(iter(attacks.values()))
+        sizes = [attack.params.step_size for attack in attacks.values()]
+        step = (f"step {sizes[0]:g}/255" if len(set(sizes)) == 1 else "step " + ", ".join(
+            f"{size:.3g}/255 at {attack.budget()}"
+            for size, attack in zip(sizes, attacks.values())))
         attack_description = (f"{first.title}, "
                               + ", ".join(attack.budget() for attack in attacks.values())
-                              + f"; {first.details()}")
+                              + f"; {first.params.steps} steps, {step}, "
+                              + ("random start" if first.params.random_start
+                                 else "no random start"))
         runs = {(epsilon, k): adversarial_tile_logits(attack, bags, stores, k, device)
                 for epsilon, attack in attacks.items() for k in adversarial.top_k}
         strongest, weaker_attacks = strongest_within_budget(
