@@ -279,8 +279,8 @@ def test_defaults_and_descriptions():
     assert described == {
         "fgsm": "FGSM (L∞), ε 6.5/255",
         "ifgsm": "I-FGSM (L∞), ε 6.5/255, 10 steps, step 0.65/255",
-        "pgd": "PGD-L∞, ε 6.5/255, 10 steps, step 2/255, random start",
-        "pgd_l2": "PGD-L2, ε 0.3, 10 steps, step 0.2, random start",
+        "pgd": "PGD-L∞, ε 6.5/255, 10 steps, step 1.625/255, random start",  # 2.5 ε / steps
+        "pgd_l2": "PGD-L2, ε 0.3, 10 steps, step 0.075, random start",
         "cw_l2": "C&W-L2, ε 0.3, 5 binary-search steps x 1000 iterations, c0 0.001, "
                  "kappa 0, lr 0.01, early abort",
         "apgd_ce": "APGD-CE (L∞), ε 6.5/255, 100 steps, 1 restart, rho 0.75",
@@ -307,8 +307,9 @@ def test_seeded_attacks_are_reproducible(name):
 def test_pgd_without_random_start_is_deterministic_and_starts_at_the_image():
     model = mlp_model()
     images, labels = interior_batch(model, n=8)
-    one = build_attack("pgd", model, 8, {"random_start": False, "steps": 1, "seed": 1})(images, labels)
-    two = build_attack("pgd", model, 8, {"random_start": False, "steps": 1, "seed": 2})(images, labels)
+    settings = {"random_start": False, "steps": 1, "step_size": 2}
+    one = build_attack("pgd", model, 8, {**settings, "seed": 1})(images, labels)
+    two = build_attack("pgd", model, 8, {**settings, "seed": 2})(images, labels)
     assert torch.equal(one, two)
     # one step of 2/255 from the clean image
     torch.testing.assert_close((one - images).abs(), torch.full_like(images, 2 / 255),
@@ -536,10 +537,11 @@ def test_an_attack_run_attacks_the_test_split_with_every_attack_at_every_budget(
     assert list(store.labels) == [1, 1, 0] and set(store.splits) == {"test"}
     assert store.attrs["attack"] == "pgd" and store.attrs["epsilon"] == 8
     assert store.attrs["norm"] == "linf" and store.attrs["budget_unit"] == "1/255"
-    assert store.attrs["attack_params"] == {"steps": 2, "step_size": 2.0, "random_start": True,
+    # the step taken without a step_size: 2.5 ε / steps
+    assert store.attrs["attack_params"] == {"steps": 2, "step_size": 10.0, "random_start": True,
                                             "seed": 0}
     assert store.attrs["attack_description"] == \
-        "PGD-L∞, ε 8/255, 2 steps, step 2/255, random start"
+        "PGD-L∞, ε 8/255, 2 steps, step 10/255, random start"
     assert store.attrs["source_model"] == "surrogate"
     assert store.attrs["dataset"] == "mammograms" and store.classes == ["benign", "malignant"]
     adversarial, _ = store.load("test")

@@ -182,7 +182,7 @@ def test_the_report_subsection_shows_every_condition_and_says_how_few_slides(coh
     # the page's one line on the attack covers every budget, not the last one run
     assert view["models"][0]["attack"] == \
         "PGD-L∞ on the k most-attended tiles, ε 2/255, ε 4/255; 1 steps, step 5/255 at " \
-        "ε 2/255, 10/255 at ε 4/255, random start"
+        "ε 2/255, step 10/255 at ε 4/255, random start"
     assert view["fewest_slides"] == 4
     # each condition says which classes its slides were called: counts of every slide once
     for row in view["rows"]:
@@ -481,17 +481,21 @@ def test_the_default_step_is_a_quarter_of_each_budget_over_ten_steps_and_finds_w
     from medrobust.attacks.tiles import TilePGD
     from medrobust.evaluate.slide_robustness import AdversarialTilesConfig
 
-    default = AdversarialTilesConfig(epsilons=[1, 8])
-    assert default.pgd_params(8).step_size == 2.0    # torchattacks' at 8/255
-    assert default.pgd_params(1).step_size == 0.25
-    assert AdversarialTilesConfig(epsilons=[1], steps=5).pgd_params(1).step_size == 0.5
-    assert AdversarialTilesConfig(epsilons=[1], step_size=2).pgd_params(1).step_size == 2.0
     tiles = torch.full((4, 3, 8, 8), 0.5)
     backbone, mil = _MeanIntensity(), _Window(0.5 + 0.6 / 255, 0.25 / 255)
     features = backbone(tiles)
 
+    def step(config, epsilon):  # in 1/255
+        return TilePGD(backbone, mil, epsilon / 255, config.pgd_params()).step_size() * 255
+
+    default = AdversarialTilesConfig(epsilons=[1, 8])
+    assert step(default, 8) == pytest.approx(2.0)    # torchattacks' at 8/255
+    assert step(default, 1) == pytest.approx(0.25)
+    assert step(AdversarialTilesConfig(epsilons=[1], steps=5), 1) == pytest.approx(0.5)
+    assert step(AdversarialTilesConfig(epsilons=[1], step_size=2), 1) == pytest.approx(2.0)
+
     def called(config):
-        attack = TilePGD(backbone, mil, 1 / 255, config.pgd_params(1))
+        attack = TilePGD(backbone, mil, 1 / 255, config.pgd_params())
         result = attack.attack_slide(features, lambda positions: tiles[positions], 1, 4)
         assert int(result.clean_logits.argmax()) == 1
         return int(result.adversarial_logits.argmax())

@@ -140,6 +140,8 @@ class Attack(ABC):
     title: ClassVar[str] = "attack"
     # uses no gradients: the report's check for gradient masking compares these with the rest
     gradient_free: ClassVar[bool] = False
+    # attacks with a `step_size` setting: the step without one, in multiples of epsilon / steps
+    relative_step: ClassVar[float | None] = None
 
     def __init__(self, model: nn.Module, epsilon: float, params: AttackParams | None = None, *,
                  generator: torch.Generator | None = None):
@@ -201,8 +203,26 @@ class Attack(ABC):
         """The settings part of `describe`; attacks with settings override it."""
         return ""
 
+    def step_size(self) -> float:
+        """The step in image units: the configured `step_size` (in `budget_unit`), or
+        `relative_step` * epsilon / steps without one."""
+        if self.params.step_size is None:
+            return self.relative_step * self.epsilon / self.params.steps
+        return self.to_image_units(self.params.step_size)
+
+    def step(self) -> str:
+        """The step as config gives it: 'step 2/255' or 'step 0.125' (an L2 length)."""
+        if self.budget_unit == "1/255":
+            return f"step {_format(round(self.step_size() * 255.0, 6))}/255"
+        return f"step {_format(round(self.step_size(), 6))}"
+
     def resolved_params(self) -> dict[str, Any]:
-        return self.params.to_dict()
+        """The settings with their defaults, and the step taken where none was given."""
+        params = self.params.to_dict()
+        if self.relative_step is not None and params["step_size"] is None:
+            scale = 255.0 if self.budget_unit == "1/255" else 1.0
+            params["step_size"] = round(self.step_size() * scale, 6)
+        return params
 
     # running
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

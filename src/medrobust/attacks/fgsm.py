@@ -42,14 +42,10 @@ class IFGSM(Attack):
     norm = "linf"
     budget_unit = "1/255"
     title = "I-FGSM (L∞)"
-
-    def step_size(self) -> float:
-        if self.params.step_size is None:
-            return self.epsilon / self.params.steps
-        return self.to_image_units(self.params.step_size)
+    relative_step = 1.0  # Kurakin et al.: epsilon / steps
 
     def details(self) -> str:
-        return f"{self.params.steps} steps, step {self.step_size() * 255:g}/255"
+        return f"{self.params.steps} steps, {self.step()}"
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         step_size = self.step_size()

@@ -1,7 +1,11 @@
 """Projected gradient descent (Madry et al., 2018), L-infinity and L2, as in torchattacks.
 
 Both start from a random point in the budget (`random_start`, seeded), take
-`steps` steps of an explicit `step_size` and return the last iterate.
+`steps` steps of `step_size` and return the last iterate. Without a
+`step_size` the step is 2.5 epsilon / steps (Madry et al.'s rule), which is
+torchattacks' default step (2/255) at its default budget and steps (8/255,
+10); a fixed 2/255 at every budget would be a step of 2 epsilon at 1/255,
+each one jumping from corner to corner of the ball (docs/attacks.md).
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from medrobust.attacks.base import Attack, AttackParams, l2_norms, per_image
 @dataclass(frozen=True)
 class PGDParams(AttackParams):
     steps: int = 10
-    step_size: float = 2.0  # 1/255 units
+    step_size: float | None = None  # the budget's units; None: 2.5 epsilon / steps
     random_start: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         self._check_int("steps")
-        self._check_number("step_size")
+        self._check_number("step_size", optional=True)
         self._check_bool("random_start")
         self._check_int("seed", minimum=0)
 
@@ -34,10 +38,11 @@ class PGD(Attack):
     norm = "linf"
     budget_unit = "1/255"
     title = "PGD-L∞"
+    relative_step = 2.5
 
     def details(self) -> str:
         start = "random start" if self.params.random_start else "no random start"
-        return f"{self.params.steps} steps, step {self.params.step_size:g}/255, {start}"
+        return f"{self.params.steps} steps, {self.step()}, {start}"
 
     def project(self, adversarial: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         # the same arithmetic as torchattacks' PGD (clip the perturbation, then the
@@ -46,7 +51,7 @@ class PGD(Attack):
         return torch.clamp(clean + delta, min=0.0, max=1.0)
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        step_size = self.to_image_units(self.params.step_size)
+        step_size = self.step_size()
         adversarial = images
         if self.params.random_start:
             noise = self.random_uniform(images.shape, -self.epsilon, self.epsilon, images)
@@ -57,25 +62,21 @@ class PGD(Attack):
         return adversarial
 
 
-@dataclass(frozen=True)
-class PGDL2Params(PGDParams):
-    step_size: float = 0.2  # image units (an L2 length)
-
-
 class PGDL2(Attack):
     """PGD-L2: start at a random point of the ball; step `step_size` along g / ||g||_2."""
 
-    Params = PGDL2Params
+    Params = PGDParams  # step_size an L2 length in image units
     norm = "l2"
     budget_unit = "image"
     title = "PGD-L2"
+    relative_step = 2.5
 
     def details(self) -> str:
         start = "random start" if self.params.random_start else "no random start"
-        return f"{self.params.steps} steps, step {self.params.step_size:g}, {start}"
+        return f"{self.params.steps} steps, {self.step()}, {start}"
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        step_size = self.params.step_size
+        step_size = self.step_size()
         adversarial = images
         if self.params.random_start:
             # a Gaussian direction, scaled to a radius drawn from U(0, eps)

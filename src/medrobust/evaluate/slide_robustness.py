@@ -68,10 +68,7 @@ class AdversarialTilesConfig:
     top_k: Sequence[int] = (1, 4)
     epsilons: Sequence[float] = (2, 8)   # 1/255, as the image attacks
     steps: int = 10
-    # 1/255; None: 2.5 epsilon / steps at each budget (Madry et al.'s rule), torchattacks'
-    # 2/255 at its 8/255 and 10 steps. A fixed 2/255 is a step of 2 epsilon at 1/255, each
-    # one jumping from corner to corner of the ball: weaker there (docs/mil.md)
-    step_size: float | None = None
+    step_size: float | None = None       # 1/255; None: PGD's 2.5 epsilon / steps per budget
     random_start: bool = True
     seed: int = 0
 
@@ -84,19 +81,10 @@ class AdversarialTilesConfig:
             raise ConfigError(f"{section}.epsilons: must be a list of budgets in 1/255")
         for index, epsilon in enumerate(self.epsilons):
             TilePGD.budget_to_image_units(epsilon, section=f"{section}.epsilons.{index}")
-            self.pgd_params(epsilon)
+        self.pgd_params()
 
-    def step_size_at(self, epsilon: float) -> float:
-        """The PGD step at budget `epsilon`, both in 1/255."""
-        if self.step_size is not None:
-            return self.step_size
-        if isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1:
-            return 2.5 * epsilon / self.steps
-        return 1.0  # PGDParams names the bad steps
-
-    def pgd_params(self, epsilon: float) -> PGDParams:
-        return PGDParams.from_mapping({"steps": self.steps,
-                                       "step_size": self.step_size_at(epsilon),
+    def pgd_params(self) -> PGDParams:
+        return PGDParams.from_mapping({"steps": self.steps, "step_size": self.step_size,
                                        "random_start": self.random_start, "seed": self.seed},
                                       section="slide_robustness.adversarial")
 
@@ -325,19 +313,17 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
                                  f"{len(bag.features)}; they must come from one tiling "
                                  f"(rerun the feature extraction)")
         attacks = {epsilon: TilePGD(backbone.model, model, TilePGD.to_image_units(epsilon),
-                                    adversarial.pgd_params(epsilon),
+                                    adversarial.pgd_params(),
                                     autocast_dtype=AUTOCAST_DTYPES[precision])  # as stored
                    for epsilon in adversarial.epsilons}
         first = next(iter(attacks.values()))
-        sizes = [attack.params.step_size for attack in attacks.values()]
-        step = (f"step {sizes[0]:g}/255" if len(set(sizes)) == 1 else "step " + ", ".join(
-            f"{size:.3g}/255 at {attack.budget()}"
-            for size, attack in zip(sizes, attacks.values())))
-        attack_description = (f"{first.title}, "
-                              + ", ".join(attack.budget() for attack in attacks.values())
-                              + f"; {first.params.steps} steps, {step}, "
-                              + ("random start" if first.params.random_start
-                                 else "no random start"))
+        steps = {attack.step() for attack in attacks.values()}  # without step_size: ε's share
+        step = first.step() if len(steps) == 1 else ", ".join(
+            f"{attack.step()} at {attack.budget()}" for attack in attacks.values())
+        attack_description = (
+            f"{first.title}, " + ", ".join(attack.budget() for attack in attacks.values())
+            + f"; {first.params.steps} steps, {step}, "
+            + ("random start" if first.params.random_start else "no random start"))
         runs = {(epsilon, k): adversarial_tile_logits(attack, bags, stores, k, device)
                 for epsilon, attack in attacks.items() for k in adversarial.top_k}
         strongest, weaker_attacks = strongest_within_budget(
