@@ -1074,7 +1074,7 @@ def test_images_of_one_patient_are_counted_as_one_patient():
     clean_difference = today.comparisons.set_index(["model", "condition"]).loc[
         ("denoising", "clean")]
     assert comparisons.loc[("denoising", "clean"), "auc_difference_low"] < \
-        clean_difference["auc_difference_low"]                         # Obuchowski's r
+        clean_difference["auc_difference_low"]          # the clustered AUC intervals
     for condition in ("clean", "fgsm-eps8-from-surrogate", "mean-perturbation"):
         assert comparisons.loc[("denoising", condition), "test"] == \
             "exact sign-flip test of per-group sums"

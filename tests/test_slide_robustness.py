@@ -433,14 +433,21 @@ def test_each_budget_is_scored_under_the_strongest_attack_run_within_it(cohort, 
                                    FEATURES, STATISTICS)
     accuracy = metrics[metrics["kind"] == "adversarial_tiles"].set_index(
         ["epsilon", "k"])["accuracy"]
-    # t1, t2 wrong wherever a smaller budget fooled them; t3, t4 never fooled
-    assert accuracy.to_dict() == {(2.0, 1): 0.5, (2.0, 3): 0.5, (16.0, 1): 0.5, (16.0, 3): 0.5}
-    weaker = json.loads((folder / "nested" / RUN).read_text())["weaker_attacks"]
-    assert sorted((entry["epsilon"], entry["k"], entry["slide_id"], entry["from_epsilon"],
-                   entry["from_k"]) for entry in weaker) == [
-        (2, 3, "t2", 2, 1), (16, 1, "t1", 2, 1), (16, 3, "t1", 2, 1), (16, 3, "t2", 2, 1)]
-    assert all(entry["changed_correctness"] for entry in weaker)
     predictions = pd.read_csv(folder / "nested" / PREDICTIONS)
+    clean = predictions[predictions["kind"] == "clean"].set_index("sample_id")["correct"]
+    # the fake attack leaves t3, t4 right; the clean model has one of them wrong, and the
+    # clean slide is within every budget
+    [clean_wrong] = [slide for slide in ("t3", "t4") if not clean[slide]]
+    # t1, t2 wrong wherever a smaller budget fooled them, and the clean-wrong slide everywhere
+    assert accuracy.to_dict() == {(2.0, 1): 0.25, (2.0, 3): 0.25, (16.0, 1): 0.25,
+                                  (16.0, 3): 0.25}
+    replaced = json.loads((folder / "nested" / RUN).read_text())["replaced_by_smaller_budget"]
+    # where a stronger candidate changed the slide's correctness (others only its loss)
+    assert sorted((entry["epsilon"], entry["k"], entry["slide_id"], entry["from_epsilon"],
+                   entry["from_k"]) for entry in replaced if entry["changed_correctness"]) \
+        == sorted([(2, 3, "t2", 2, 1), (16, 1, "t1", 2, 1), (16, 3, "t1", 2, 1),
+                   (16, 3, "t2", 2, 1)]
+                  + [(epsilon, k, clean_wrong, 0, 0) for epsilon in (2, 16) for k in (1, 3)])
     row = predictions[(predictions["kind"] == "adversarial_tiles") & (predictions["k"] == 3)
                       & (predictions["epsilon"] == 16) & (predictions["sample_id"] == "t2")]
     assert not row["correct"].item()
@@ -449,10 +456,26 @@ def test_each_budget_is_scored_under_the_strongest_attack_run_within_it(cohort, 
     from medrobust.report.slide_robustness import slide_robustness_view
 
     view, found = slide_robustness_view([folder / "nested"])
-    assert view["models"][0]["weaker_attacks"] == 4
+    assert view["models"][0]["fell_short"] == 8
     page = " ".join(_environment().get_template("slide_robustness.html.j2").render(
         slide_robustness=view, figures={}, small_test_set=4).split())
-    assert "The tile attack falls short for abmil.</b> At 4 (budget, slide) pairs" in page
+    assert "The tile attack falls short for abmil.</b> At 8 (budget, slide) pairs" in page
+
+
+def test_a_stronger_smaller_budget_that_changes_no_slide_is_recorded_but_not_a_warning():
+    from medrobust.evaluate.slide_robustness import strongest_within_budget
+
+    right, less_right, wrong = (torch.tensor(values) for values in
+                                ([-4.0, 4.0], [-1.0, 1.0], [4.0, -4.0]))
+    runs = {(2.0, 1): [less_right, wrong], (8.0, 1): [right, wrong]}
+    strongest, replaced = strongest_within_budget(runs, [right, right], [1, 1], ["a", "b"])
+    # at 8/255 slide a keeps 2/255's higher loss, still right: recorded, correctness unchanged
+    assert torch.equal(strongest[(8.0, 1)][0], less_right)
+    assert replaced == [{"k": 1, "epsilon": 8.0, "slide_id": "a", "from_k": 1,
+                         "from_epsilon": 2.0, "changed_correctness": False}]
+    # a wrong clean slide stays wrong under an attack run that happened to set it right
+    strongest, replaced = strongest_within_budget({(8.0, 1): [right]}, [wrong], [1], ["a"])
+    assert torch.equal(strongest[(8.0, 1)][0], wrong) and replaced[0]["changed_correctness"]
 
 
 class _MeanIntensity(torch.nn.Module):

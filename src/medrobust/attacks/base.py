@@ -108,7 +108,7 @@ class AttackParams:
 # --- the attack -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients while attacking; restore both after."""
     requires_grad = [parameter.requires_grad for parameter in model.parameters()]
     training = [module.training for module in model.modules()]
@@ -210,7 +210,7 @@ class Attack(ABC):
             return self.relative_step * self.epsilon / self.params.steps
         return self.to_image_units(self.params.step_size)
 
-    def step(self) -> str:
+    def step_text(self) -> str:
         """The step as config gives it: 'step 2/255' or 'step 0.125' (an L2 length)."""
         if self.budget_unit == "1/255":
             return f"step {_format(round(self.step_size() * 255.0, 6))}/255"
@@ -221,7 +221,8 @@ class Attack(ABC):
         params = self.params.to_dict()
         if self.relative_step is not None and params["step_size"] is None:
             scale = 255.0 if self.budget_unit == "1/255" else 1.0
-            params["step_size"] = round(self.step_size() * scale, 6)
+            # 12 significant digits: 2/255 back as 2.0, a tiny L2 step not rounded to 0
+            params["step_size"] = float(f"{self.step_size() * scale:.12g}")
         return params
 
     # running
@@ -231,7 +232,7 @@ class Attack(ABC):
         if self.epsilon == 0.0 or len(clean) == 0:
             return clean.clone()
         # gradients are needed even when the caller runs under torch.no_grad()
-        with _frozen(self.model), torch.enable_grad():
+        with frozen(self.model), torch.enable_grad():
             adversarial = self.perturb(clean, labels.detach())
         return adversarial.detach()
 

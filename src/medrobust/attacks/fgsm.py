@@ -45,7 +45,7 @@ class IFGSM(Attack):
     relative_step = 1.0  # Kurakin et al.: epsilon / steps
 
     def details(self) -> str:
-        return f"{self.params.steps} steps, {self.step()}"
+        return f"{self.params.steps} steps, {self.step_text()}"
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         step_size = self.step_size()

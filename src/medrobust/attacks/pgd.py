@@ -40,9 +40,11 @@ class PGD(Attack):
     title = "PGD-L∞"
     relative_step = 2.5
 
+    def start_text(self) -> str:
+        return "random start" if self.params.random_start else "no random start"
+
     def details(self) -> str:
-        start = "random start" if self.params.random_start else "no random start"
-        return f"{self.params.steps} steps, {self.step()}, {start}"
+        return f"{self.params.steps} steps, {self.step_text()}, {self.start_text()}"
 
     def project(self, adversarial: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         # the same arithmetic as torchattacks' PGD (clip the perturbation, then the
@@ -71,9 +73,10 @@ class PGDL2(Attack):
     title = "PGD-L2"
     relative_step = 2.5
 
+    start_text = PGD.start_text
+
     def details(self) -> str:
-        start = "random start" if self.params.random_start else "no random start"
-        return f"{self.params.steps} steps, {self.step()}, {start}"
+        return f"{self.params.steps} steps, {self.step_text()}, {self.start_text()}"
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         step_size = self.step_size()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medrobust.attacks.base import _frozen
+from medrobust.attacks.base import frozen
 from medrobust.attacks.pgd import PGD
 
 
@@ -107,7 +107,7 @@ class TilePGD(PGD):
         bag_model: TileBag = self.model
         # eval mode for the tile choice and both bags too, not only the PGD steps: a model
         # left in train mode would pick tiles and score slides with dropout on
-        with _frozen(bag_model):
+        with frozen(bag_model):
             with torch.no_grad():
                 clean_logits, attention = bag_model.mil(features)
             positions = most_attended(attention, k)

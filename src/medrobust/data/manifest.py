@@ -213,7 +213,8 @@ def stratified_split(labels: Sequence[Any], fractions: Mapping[str, float], seed
     then misses its count by at most half of the group that straddles its
     edge. A group of several labels (a patient with a normal and an abnormal
     image) is divided with the class of its rarest label, so the rare class's
-    groups are spread by the fractions first. Without groups (or with groups
+    groups are spread by the fractions first; its other labels' samples follow
+    it, and their classes' counts can miss by more. Without groups (or with groups
     of one) this is the plain split, sample for sample.
     """
     fractions = check_split_fractions(fractions)

@@ -215,41 +215,46 @@ def adversarial_tile_logits(attack: TilePGD, bags, tile_stores: Mapping[str, Any
 
 
 def strongest_within_budget(runs: Mapping[tuple[float, int], Sequence[torch.Tensor]],
-                            labels: Sequence[int], slide_ids: Sequence[str]
+                            clean: Sequence[torch.Tensor], labels: Sequence[int],
+                            slide_ids: Sequence[str]
                             ) -> tuple[dict[tuple[float, int], list[torch.Tensor]],
                                        list[dict[str, Any]]]:
     """Each (epsilon, k)'s logits under the strongest attack run within its budget.
 
     The threat models nest: the top k' tiles lie among the top k (one ranking, by the
     clean bag's attention) and an epsilon' ball inside an epsilon one, so an attack run
-    at k' <= k and epsilon' <= epsilon is also an attack at (k, epsilon). Per slide the
-    strongest of them is kept: the one that gets it wrong, then the one with the highest
-    loss of its label (among equals the budget's own run, then the first in `runs`).
-    A single PGD run is not monotone in k and epsilon; where a smaller budget's run was
-    stronger, the second value lists it (slide, budget, source budget, and whether it
-    changed the slide's correctness): a sign the attack falls short.
+    at k' <= k and epsilon' <= epsilon is also an attack at (k, epsilon), and so is the
+    clean slide (no perturbation, budget (0, 0)). Per slide the strongest of them is kept:
+    the one that gets it wrong, then the one with the highest loss of its label (among
+    equals the budget's own run, then the first in `runs`, then the clean slide). So
+    accuracy cannot rise with k or epsilon, nor above the clean one; with two classes the
+    AUC cannot either (the highest loss of a slide's label is its worst score), with more
+    it can. A single PGD run is not monotone in k and epsilon: the second value lists each
+    (budget, slide) where another candidate won (its budget, and whether that changed the
+    slide's correctness: then the run at the budget fell short).
     """
     def strength(logits: torch.Tensor, label: int) -> tuple[bool, float]:
         logits = logits.reshape(-1).float().cpu()
         return (int(logits.argmax()) != label,
                 float(-torch.log_softmax(logits, dim=0)[label]))
 
-    strongest, weaker = {}, []
+    candidates = {**runs, (0.0, 0): clean}
+    strongest, replaced = {}, []
     for (epsilon, k), own in runs.items():
-        inside = [budget for budget in runs if budget[0] <= epsilon and budget[1] <= k]
+        # own first: another candidate replaces it only if strictly stronger
+        inside = [(epsilon, k)] + [budget for budget in candidates if budget != (epsilon, k)
+                                   and budget[0] <= epsilon and budget[1] <= k]
         chosen = []
         for index, (label, slide_id) in enumerate(zip(labels, slide_ids)):
-            # own first: another budget replaces it only if strictly stronger
-            best = max([(epsilon, k)] + [b for b in inside if b != (epsilon, k)],
-                       key=lambda budget: strength(runs[budget][index], label))
-            chosen.append(runs[best][index])
+            best = max(inside, key=lambda budget: strength(candidates[budget][index], label))
+            chosen.append(candidates[best][index])
             if best != (epsilon, k):
-                weaker.append({"k": k, "epsilon": epsilon, "slide_id": slide_id,
-                               "from_k": best[1], "from_epsilon": best[0],
-                               "changed_correctness": strength(own[index], label)[0]
-                               != strength(runs[best][index], label)[0]})
+                replaced.append({"k": k, "epsilon": epsilon, "slide_id": slide_id,
+                                 "from_k": best[1], "from_epsilon": best[0],
+                                 "changed_correctness": strength(own[index], label)[0]
+                                 != strength(candidates[best][index], label)[0]})
         strongest[(epsilon, k)] = chosen
-    return strongest, weaker
+    return strongest, replaced
 
 
 def _metrics_row(condition: Mapping[str, Any], labels: np.ndarray, probabilities: np.ndarray,
@@ -293,7 +298,7 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
                                               device)
                 conditions.append((_condition("tile_fraction", name, severity, fraction), logits))
     adversarial = settings.adversarial_tiles()
-    attack_description, weaker_attacks = None, []
+    attack_description, attack_params, replaced = None, None, []
     if adversarial is not None:
         backbone = backbone_for(features)
         if backbone.weights_sha256 != weights_sha256:
@@ -317,33 +322,38 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
                                     autocast_dtype=AUTOCAST_DTYPES[precision])  # as stored
                    for epsilon in adversarial.epsilons}
         first = next(iter(attacks.values()))
-        steps = {attack.step() for attack in attacks.values()}  # without step_size: ε's share
-        step = first.step() if len(steps) == 1 else ", ".join(
-            f"{attack.step()} at {attack.budget()}" for attack in attacks.values())
+        steps = {attack.step_text() for attack in attacks.values()}  # default: ε's share
+        step = first.step_text() if len(steps) == 1 else ", ".join(
+            f"{attack.step_text()} at {attack.budget()}" for attack in attacks.values())
         attack_description = (
             f"{first.title}, " + ", ".join(attack.budget() for attack in attacks.values())
-            + f"; {first.params.steps} steps, {step}, "
-            + ("random start" if first.params.random_start else "no random start"))
+            + f"; {first.params.steps} steps, {step}, {first.start_text()}")
+        attack_params = {attack.budget(): attack.resolved_params()
+                         for attack in attacks.values()}
         runs = {(epsilon, k): adversarial_tile_logits(attack, bags, stores, k, device)
                 for epsilon, attack in attacks.items() for k in adversarial.top_k}
-        strongest, weaker_attacks = strongest_within_budget(
-            runs, labels.tolist(), [bag.slide_id for bag in bags])
+        strongest, replaced = strongest_within_budget(
+            runs, clean, labels.tolist(), [bag.slide_id for bag in bags])
         for (epsilon, k), logits in strongest.items():
             conditions.append((_condition("adversarial_tiles", k=k, epsilon=epsilon), logits))
-        if weaker_attacks:
-            changed = sum(entry["changed_correctness"] for entry in weaker_attacks)
-            log.warning("%s: at %d (budget, slide) pairs an attack at a smaller k or epsilon "
-                        "was stronger than the one run at the budget (%d changed the slide's "
-                        "correctness); each is scored under the stronger (run.json "
-                        "weaker_attacks): PGD falls short there, more steps would help",
-                        model_dir.name, len(weaker_attacks), changed)
+        changed = sum(entry["changed_correctness"] for entry in replaced)
+        if changed:
+            log.warning("%s: at %d (budget, slide) pairs the attack run at the budget left the "
+                        "slide right where one at a smaller k or epsilon (or the clean slide) "
+                        "had it wrong; each is scored under the stronger (run.json "
+                        "replaced_by_smaller_budget): PGD falls short there, more steps would "
+                        "help", model_dir.name, changed)
 
     predictions, metrics = [], []
     for condition, logits in conditions:
         probabilities = _probabilities(logits)
         table = prediction_table([bag.slide_id for bag in bags], labels, probabilities, classes)
         predictions.append(table.assign(**condition))
-        metrics.append(_metrics_row(condition, labels, probabilities, classes, statistics))
+        row = _metrics_row(condition, labels, probabilities, classes, statistics)
+        if condition["kind"] == "adversarial_tiles" and len(classes) > 2:
+            # slides of different runs: no bound on a macro AUC (strongest_within_budget)
+            row.update(auc=None, auc_low=None, auc_high=None)
+        metrics.append(row)
     metrics_table = pd.DataFrame(metrics).assign(model=model_dir.name, dataset=config["dataset"])
     units = {name: build_perturbation(name, entry["severities"][0],
                                       **{key: value for key, value in entry.items()
@@ -354,7 +364,8 @@ def slide_robustness_run(model_dir: str | os.PathLike, feature_paths: Sequence[s
                             for index, name in enumerate(classes)},
            "fractions": sorted(settings.fractions), "severity_units": units,
            "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
-           "attack": attack_description, "weaker_attacks": weaker_attacks,
+           "attack": attack_description, "attack_params": attack_params,
+           "replaced_by_smaller_budget": replaced,
            "statistics": dict(statistics)}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()

@@ -257,7 +257,7 @@ def clustered_proportion(successes: np.ndarray, clusters: np.ndarray,
     return Interval(p, low, high, KORN_GRAUBARD)
 
 
-def newcombe_auc(auc: float | None, n_positive: int, n_negative: int,
+def newcombe_auc(auc: float | None, n_positive: float, n_negative: float,
                  confidence: float = CONFIDENCE) -> Interval:
     """An AUC with Newcombe's score-type interval (Stat Med 2006;25:559-573, method 5).
 
@@ -521,7 +521,7 @@ def _clustered_newcombe(auc: float, placements: tuple[np.ndarray, np.ndarray],
     if variance is None or per_sample <= 0:
         effective = [min(total, int((size > 0).sum())) for total, size in zip((m, n), sizes)]
     else:
-        design_effect = max(variance, 0.0) / per_sample
+        design_effect = variance / per_sample
         effective = [total / max(design_effect, 1.0) for total in (m, n)]
     tail = (1.0 - confidence) / 2.0
     from scipy.stats import t  # as in clopper_pearson
@@ -565,8 +565,9 @@ def paired_auc_difference(labels01: np.ndarray, scores_a: np.ndarray, scores_b: 
 
     With `clusters` (`cluster_index`) each AUC's interval is the clustered one
     (`_clustered_newcombe`) and r comes from Obuchowski's covariance and variances
-    (`_obuchowski_covariance`; 0 where either is 0 or unknown, and cut to [-1, 1]: its
-    terms' weights differ, so it is not bound to it as DeLong's is).
+    (`_obuchowski_covariance`; 0 where either is 0 or unknown; each cluster's two-model
+    form is positive semidefinite, so |r| <= 1, and the cut to [-1, 1] only guards the
+    last bit).
     """
     _check_confidence(confidence)
     labels = _integer_labels(labels01, "labels01")

@@ -187,12 +187,12 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike],
             "Slide accuracy and AUC against k, the number of most-attended tiles attacked by "
             "PGD-L∞ in pixel space through the backbone and the MIL head; k = 0 is the clean "
             f"slide; {bands}.")
-    # runs written before the strongest-within-budget rule have no weaker_attacks
+    # slides the run at their budget left right where a smaller budget's run (or the clean
+    # slide) had them wrong: the attack fell short (runs before 2026-12-05 have no such key)
     models = [{"model": run["model"], "dataset": run["dataset"], "n": run["n_test_slides"],
                "class_counts": run["class_counts"], "attack": run["attack"],
-               "weaker_attacks": len(run.get("weaker_attacks") or []),
-               "weaker_changed": sum(bool(entry.get("changed_correctness"))
-                                     for entry in run.get("weaker_attacks") or [])}
+               "fell_short": sum(bool(entry["changed_correctness"])
+                                 for entry in run.get("replaced_by_smaller_budget") or [])}
               for run in runs]
     units = {name: unit for run in runs for name, unit in run["severity_units"].items()}
     rows = [{"model": row["model"], "condition": _condition(row), "n": int(row["n"]),
