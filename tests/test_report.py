@@ -698,11 +698,17 @@ def test_a_gradient_free_attack_stronger_than_pgd_flags_gradient_masking(round_i
     assert bool(check["flagged"]) is flagged
     if flagged:  # rounding hid every gradient: PGD moved nothing that Square could not
         assert check["fooled_only_by_gradient_free"] > 10 and check["fooled_only_by_gradient"] == 0
+        # the same images from 2 patients: two groups all one way are no evidence (p = 0.5)
+        groups = {"mammograms": {f"i{i}": f"P{i % 2}" for i in range(64)}}
+        clustered = summarize(white_box_evaluations(model, attacks), {},
+                              StatisticsConfig(**STATISTICS), groups=groups)
+        check = clustered.gradient_masking.iloc[0]
+        assert check["p_value"] == 0.5 and not check["flagged"]
 
 
 @pytest.mark.parametrize("kind, unit, unclustered", [
-    ("images", "image", "gradient-masking check"),
-    ("slides", "slide", "slide robustness and attention tables")])
+    ("images", "image", "Balanced accuracy and, with more than two classes"),
+    ("slides", "slide", "slide robustness and attention tables and, with more than two")])
 def test_the_warning_of_samples_in_groups_names_them_and_what_still_counts_them_alone(
         kind, unit, unclustered):
     from medrobust.report.page import _environment
@@ -713,7 +719,8 @@ def test_the_warning_of_samples_in_groups_names_them_and_what_still_counts_them_
     assert f"Test {unit}s that are not independent:</b> cohort's 30 test {unit}s come from " \
            "12 patients or lesions" in grouped
     assert f"count these groups, not the {unit}s" in grouped
-    assert f"{unclustered} still treat each {unit} as independent" in grouped
+    assert unclustered in grouped and f"still treat each {unit} as independent" in grouped
+    assert ("slide robustness" in grouped) is (kind == "slides")
     alone = " ".join(str(macros.not_independent({**item, "grouped": False})).split())
     assert f"Every interval and test on this page treats each {unit} as independent" in alone
 

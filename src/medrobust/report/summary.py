@@ -326,8 +326,9 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
-                   gradient_masking=pd.DataFrame(gradient_masking_checks(by_model, statistics),
-                                                 columns=list(MASKING_COLUMNS)),
+                   gradient_masking=pd.DataFrame(
+                       gradient_masking_checks(by_model, statistics, groups),
+                       columns=list(MASKING_COLUMNS)),
                    confusion_matrices=matrices, settings=settings)
 
 
@@ -376,11 +377,14 @@ def gradient_free_attacks() -> frozenset[str]:
 
 
 def gradient_masking_checks(by_model: Mapping[tuple[str, str], Sequence[Evaluation]],
-                            statistics: StatisticsConfig) -> list[dict[str, Any]]:
+                            statistics: StatisticsConfig,
+                            groups: Mapping[str, Mapping[str, str | None]] | None = None,
+                            ) -> list[dict[str, Any]]:
     """Does a gradient-free attack fool images the gradient attacks at the same budget did not?
 
     Per model and white-box budget with both kinds of attack: the worst case of
-    each kind per image, compared by McNemar's exact test. A model is flagged
+    each kind per image, compared by McNemar's exact test (with the dataset's
+    `groups`, the sign-flip test of the per-group sums). A model is flagged
     when the gradient-free attack is significantly stronger: its gradients
     mislead the gradient attacks (Athalye et al. 2018), so their numbers
     overstate its robustness.
@@ -398,7 +402,8 @@ def gradient_masking_checks(by_model: Mapping[tuple[str, str], Sequence[Evaluati
                 continue
             blind_case, guided_case = worst_case(blind), worst_case(guided)
             test = mcnemar_exact(guided_case.correct, blind_case.aligned(
-                guided_case.sample_ids).correct)
+                guided_case.sample_ids).correct,
+                sample_clusters(groups, dataset, guided_case.sample_ids))
             only_blind = test["only_a_correct"]  # survived the gradient attacks, not the other
             checks.append({
                 "dataset": dataset, "model": model, "norm": norm, "epsilon": epsilon,
