@@ -706,23 +706,26 @@ def test_a_gradient_free_attack_stronger_than_pgd_flags_gradient_masking(round_i
         assert check["p_value"] == 0.5 and not check["flagged"]
 
 
-@pytest.mark.parametrize("kind, unit, unclustered", [
-    ("images", "image", "Balanced accuracy and, with more than two classes"),
-    ("slides", "slide", "slide robustness and attention tables and, with more than two")])
+@pytest.mark.parametrize("kind, unit", [("images", "image"), ("slides", "slide")])
+@pytest.mark.parametrize("balanced", [True, False])
 def test_the_warning_of_samples_in_groups_names_them_and_what_still_counts_them_alone(
-        kind, unit, unclustered):
+        kind, unit, balanced):
     from medrobust.report.page import _environment
 
     macros = _environment().get_template("macros.html.j2").module
     item = {"dataset": "cohort", "kind": kind, "test_samples": 30, "test_groups": 12}
-    grouped = " ".join(str(macros.not_independent({**item, "grouped": True})).split())
+    grouped = " ".join(str(macros.not_independent(
+        {**item, "grouped": True, "balanced_grouped": balanced})).split())
     assert f"Test {unit}s that are not independent:</b> cohort's 30 test {unit}s come from " \
            "12 patients or lesions" in grouped
-    assert f"count these groups, not the {unit}s" in grouped
-    assert unclustered in grouped and f"still treat each {unit} as independent" in grouped
-    assert ("slide robustness" in grouped) is (kind == "slides")
-    alone = " ".join(str(macros.not_independent({**item, "grouped": False})).split())
-    assert f"Every interval and test on this page treats each {unit} as independent" in alone
+    counted, alone = grouped.split("Still per")
+    assert f"count these groups, not the {unit}s" in counted
+    assert ("balanced accuracy" in counted) is balanced
+    assert ("balanced accuracy" in alone) is not balanced
+    assert ("slide robustness" in alone) is (kind == "slides")
+    assert "the macro AUC" in alone
+    plain = " ".join(str(macros.not_independent({**item, "grouped": False})).split())
+    assert f"Every interval and test on this page treats each {unit} as independent" in plain
 
 
 def test_a_cell_of_a_model_behind_a_detector_shows_what_it_rejected():
@@ -1095,6 +1098,19 @@ def test_images_of_one_patient_are_counted_as_one_patient():
     assert today_ifgsm["p_value"] == pytest.approx(2 * 0.5 ** 17)
     methods = grouped.settings["interval_methods"]
     assert any(key.startswith("with the manifest's groups (mammograms)") for key in methods)
+    # balanced accuracy counts the patients only where none has images of two classes
+    labels = dict(zip(IDS, outcome_evaluations()[0].labels))
+    assert not any(labels[IDS[2 * p]] == labels[IDS[2 * p + 1]] for p in range(10))  # 2 classes
+    assert grouped.settings["grouped_balanced_accuracy"] == []
+    assert clean["balanced_accuracy_low"] == clean_today["balanced_accuracy_low"]
+    # images 0-19 in groups of four cut by class: two images of one class each
+    by_class = {"mammograms": {sample: f"q{i // 4}-{labels[sample]}" if i < 20 else None
+                               for i, sample in enumerate(IDS)}}
+    within = summarize(outcome_evaluations(), DEFENSES, StatisticsConfig(**STATISTICS),
+                       groups=by_class)
+    assert within.settings["grouped_balanced_accuracy"] == ["mammograms"]
+    assert row(within.robustness, "baseline", "clean")["balanced_accuracy_low"] \
+        != clean_today["balanced_accuracy_low"]
     assert not any("groups" in key for key in today.settings["interval_methods"])
     assert grouped.settings["grouped_datasets"] == ["mammograms"]
     assert "grouped_datasets" not in today.settings

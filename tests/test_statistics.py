@@ -12,8 +12,8 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
-    AUC_MOVER, CLUSTERED_AUC_MOVER, CLUSTERED_NEWCOMBE, CLUSTERED_SIGN_FLIP, CLUSTERED_T, EXACT,
-    NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
+    AUC_MOVER, CLUSTERED_AUC_MOVER, CLUSTERED_MOVER, CLUSTERED_NEWCOMBE, CLUSTERED_SIGN_FLIP,
+    CLUSTERED_T, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
     Interval,
     KORN_GRAUBARD, auc_interval, auc_score, classification_statistics, clopper_pearson,
     cluster_index, cluster_numbers,
@@ -904,7 +904,19 @@ def test_images_copied_within_their_group_give_the_original_intervals_and_tests(
         assert stats[key].method == KORN_GRAUBARD, key
         assert width(stats[key]) == pytest.approx(width(plain[key]), rel=0.15), key
     assert stats["per_class"]["a"]["sensitivity"].method == KORN_GRAUBARD
-    assert stats["balanced_accuracy"].method == WILSON_MOVER   # per image, as the docs say
+    # each group holds one class: the classes' recalls are independent, each clustered
+    assert stats["balanced_accuracy"].method == CLUSTERED_MOVER
+    assert stats["balanced_accuracy"].estimate == pytest.approx(
+        plain["balanced_accuracy"].estimate)
+    assert width(stats["balanced_accuracy"]) == pytest.approx(
+        width(plain["balanced_accuracy"]), rel=0.25)
+    naive = classification_statistics(copied(labels), copied(probabilities_b), ["a", "b"])
+    assert width(naive["balanced_accuracy"]) < 0.7 * width(plain["balanced_accuracy"])
+    # a group with both classes' images ties the recalls together: per image, as documented
+    mixed = np.array(groups, dtype=object)
+    mixed[np.flatnonzero(copied(labels) == 0)[0]] = groups[np.flatnonzero(copied(labels))[0]]
+    assert classification_statistics(copied(labels), copied(probabilities_b), ["a", "b"],
+                                     clusters=mixed)["balanced_accuracy"].method == WILSON_MOVER
     caught = sensitivity_at_threshold(copied(labels), copied(probabilities_b)[:, 1], 0.5,
                                       clusters=groups)
     assert caught.method == KORN_GRAUBARD and width(caught) == pytest.approx(

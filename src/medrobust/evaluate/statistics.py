@@ -32,10 +32,13 @@ clustered variance of the AUC (Biometrics 1997;53:567-578) over DeLong's per-sam
 (at most m and n; each cluster holding positives, or negatives, counted once where a
 ranking leaves no variance to compare), shrunk for the k - 1 degrees of freedom as
 Korn and Graubard's interval is; the AUC difference of two models the MOVER of two
-such intervals with Obuchowski's correlation. Clusters of one sample each change
-nothing. Balanced accuracy, the macro averages over more than two classes (their
-bootstrap resamples samples, not clusters) and the macro AUC difference stay per
-sample.
+such intervals with Obuchowski's correlation. Balanced accuracy, where no cluster
+holds two classes (a lesion of one diagnosis), is the MOVER of the classes'
+Korn-Graubard recalls, independent as they come from disjoint clusters. Clusters of
+one sample each change nothing. Balanced accuracy where a cluster holds two classes
+(a patient's normal and abnormal images tie the recalls together), the macro
+averages over more than two classes (their bootstrap resamples samples, not
+clusters) and the macro AUC difference stay per sample.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ NEWCOMBE = "Newcombe score interval (Mann-Whitney, method 5)"
 CLUSTERED_NEWCOMBE = ("Newcombe score interval at the clustered effective sizes (Obuchowski "
                       "design effect, df-adjusted)")
 WILSON_MOVER = "MOVER of Wilson score intervals (Zou & Donner 2008)"
+CLUSTERED_MOVER = "MOVER of the classes' Korn-Graubard intervals (Zou & Donner 2008)"
 NEWCOMBE_PAIRED = "Newcombe paired score interval (1998, method 10)"
 AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
 CLUSTERED_AUC_MOVER = "MOVER of clustered Newcombe AUC intervals, Obuchowski correlation"
@@ -181,6 +185,20 @@ def cluster_numbers(clusters: Any, n: int) -> tuple[np.ndarray, int]:
     """Each of the n samples' cluster number (0..k-1) and the number of clusters k."""
     _, member_of = np.unique(_clusters_of(clusters, n), return_inverse=True)
     return member_of.reshape(-1), (int(member_of.max()) + 1 if n else 0)
+
+
+def _clusters_within_classes(labels: np.ndarray, clusters: Any) -> bool:
+    """Whether `clusters` put some samples together (`cluster_index`) and no cluster holds
+    two classes' samples (a lesion of one diagnosis, not a patient with a normal and an
+    abnormal image): then the classes' recalls come from disjoint clusters."""
+    clustering = cluster_index(clusters, len(labels))
+    if clustering is None:
+        return False
+    member_of, k = clustering
+    lowest, highest = np.full(k, labels.max()), np.full(k, labels.min())
+    np.minimum.at(lowest, member_of, labels)
+    np.maximum.at(highest, member_of, labels)
+    return bool((lowest == highest).all())
 
 
 def cluster_index(clusters: Any, n: int) -> tuple[np.ndarray, int] | None:
@@ -321,12 +339,21 @@ def mover_wilson(successes: list[int], trials: list[int], weights: list[float],
     if not all(math.isfinite(weight) for weight in weights):
         raise InputError(f"weights must be finite numbers, got {list(weights)}")
     z = _z(confidence)
-    estimate, below, above = 0.0, 0.0, 0.0
-    for count, total, weight in zip(successes, trials, weights):
+    for count, total in zip(successes, trials):
         if int(total) != total or int(count) != count or not 0 <= count <= total or total < 1:
             raise InputError(f"need integers 0 <= successes <= trials, trials >= 1; got "
                              f"{count} of {total}")
-        p, low, high = _wilson(int(count), int(total), z)
+    return _mover([_wilson(int(count), int(total), z) for count, total in zip(successes, trials)],
+                  weights, WILSON_MOVER)
+
+
+def _mover(intervals: list[tuple[float, float, float]], weights: list[float],
+           method: str) -> Interval:
+    """Σ wᵢ pᵢ of independent estimates, each given as (pᵢ, low, high), with the MOVER
+    interval: each side the root sum of squares of the distances from each pᵢ to its limit
+    on that side (the other side's where wᵢ < 0)."""
+    estimate, below, above = 0.0, 0.0, 0.0
+    for (p, low, high), weight in zip(intervals, weights, strict=True):
         down, up = (p - low, high - p) if weight >= 0 else (high - p, p - low)
         estimate += weight * p
         below += (weight * down) ** 2
@@ -334,7 +361,7 @@ def mover_wilson(successes: list[int], trials: list[int], weights: list[float],
     # inside the bounds of Σ wᵢ pᵢ over pᵢ in [0, 1] by construction: each side's root sum of
     # squares is at most the plain sum of the distances to the limits
     return Interval(float(estimate), float(estimate - math.sqrt(below)),
-                    float(estimate + math.sqrt(above)), WILSON_MOVER)
+                    float(estimate + math.sqrt(above)), method)
 
 
 def _correlated_difference(b: tuple[float, float, float], a: tuple[float, float, float],
@@ -771,10 +798,17 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
                                 clusters),
         }
     present = np.flatnonzero(support)
-    balanced_accuracy = mover_wilson(confusion[present, present].tolist(),
-                                     support[present].tolist(),
-                                     [1 / len(present)] * len(present), confidence) \
-        if len(present) else Interval(None, None, None, WILSON_MOVER)
+    if not len(present):
+        balanced_accuracy = Interval(None, None, None, WILSON_MOVER)
+    elif _clusters_within_classes(labels, clusters):
+        # the classes' recalls are independent where no group holds two classes
+        recalls = [per_class[classes[c]]["sensitivity"] for c in present]
+        balanced_accuracy = _mover([(r.estimate, r.low, r.high) for r in recalls],
+                                   [1 / len(present)] * len(present), CLUSTERED_MOVER)
+    else:
+        balanced_accuracy = mover_wilson(confusion[present, present].tolist(),
+                                         support[present].tolist(),
+                                         [1 / len(present)] * len(present), confidence)
     if k == 2:
         sensitivity = per_class[classes[1]]["sensitivity"]
         specificity = per_class[classes[1]]["specificity"]

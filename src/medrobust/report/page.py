@@ -686,10 +686,14 @@ def clustered_test_sets(datasets: Sequence[Mapping[str, Any]],
     """The datasets (`dataset_rows`) whose test samples come in fewer groups (patients,
     lesions: the manifest's `group` column) than samples, each with `grouped`: whether the
     summary (its `settings`' `grouped_datasets`) counted groups for accuracy, the two-class
-    and per-class AUCs, their differences and the paired tests. Where it did not, every
-    interval and test treats the samples as independent; where it did, the rest still does."""
+    and per-class AUCs, their differences and the paired tests, and `balanced_grouped`:
+    whether also for balanced accuracy (`grouped_balanced_accuracy`: no group holds two
+    classes). Where it did not, every interval and test treats the samples as independent;
+    where it did, the rest still does."""
     grouped = set((settings or {}).get("grouped_datasets", []))
-    return [{**row, "grouped": row["dataset"] in grouped}
+    balanced = set((settings or {}).get("grouped_balanced_accuracy", []))
+    return [{**row, "grouped": row["dataset"] in grouped,
+             "balanced_grouped": row["dataset"] in balanced}
             for row in datasets if 0 < row["test_groups"] < row["test_samples"]]
 
 

@@ -46,9 +46,10 @@ from medrobust.evaluate.metrics import (
     DESCRIPTION_KEYS, Evaluation, pairing_order, read_evaluation)
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
-    COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, Interval, auc_caveat, classification_statistics,
-    cluster_index, comparison_columns, count_comparison, holm_adjusted, interval_columns,
-    mcnemar_exact, paired_comparison, sensitivity_at_threshold, t_mean)
+    CLUSTERED_MOVER, COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, Interval, auc_caveat,
+    classification_statistics, cluster_index, comparison_columns, count_comparison,
+    holm_adjusted, interval_columns, mcnemar_exact, paired_comparison, sensitivity_at_threshold,
+    t_mean)
 from medrobust.io.atomic import atomic_path, write_json
 from medrobust.logs import get_logger
 
@@ -209,7 +210,9 @@ def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
     return {f"with the manifest's groups ({names}): accuracy, "
             "sensitivity, specificity (also per class and at the clean operating point)":
                 "Korn-Graubard over the groups (exact binomial at the clustered effective "
-                "size); balanced accuracy stays per sample",
+                "size); balanced accuracy (with more classes the macro sensitivity) the MOVER "
+                "of the classes' Korn-Graubard recalls where no group holds two classes "
+                "(`grouped_balanced_accuracy`), else per sample",
             f"with the manifest's groups ({names}): AUC of two classes, per-class "
             "(one-vs-rest) AUC, and the AUC difference between two models of two classes":
                 "Newcombe's score interval at the clustered effective sizes (Obuchowski's "
@@ -254,6 +257,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     rows, per_class, matrices = [], [], []
     paired: dict[tuple[str, str], dict[tuple, tuple[str, Evaluation | Survival]]] = {}
     clustered: set[str] = set()
+    balanced: set[str] = set()   # datasets whose balanced accuracy counted groups
 
     def clusters_of(dataset: str, sample_ids: np.ndarray) -> np.ndarray | None:
         clusters = sample_clusters(groups, dataset, sample_ids)
@@ -276,6 +280,8 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
             stats = with_operating_point(classification_statistics(
                 evaluation.labels, evaluation.probabilities, evaluation.classes, **sampling,
                 clusters=clusters_of(key[0], evaluation.sample_ids)), evaluation)
+            if stats["balanced_accuracy"].method == CLUSTERED_MOVER:
+                balanced.add(key[0])
             rows.append(_row(evaluation.description, stats, evaluation.classes))
             per_class += _per_class_rows(evaluation.description, stats)
             matrices.append({**{k: evaluation.description[k] for k in
@@ -323,6 +329,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                     **clustering_methods(sorted(clustered))}}
     if clustered:   # absent without groups: the settings stay as they were
         settings["grouped_datasets"] = sorted(clustered)
+        settings["grouped_balanced_accuracy"] = sorted(balanced)
     return Summary(robustness=_ordered(pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))),
                    per_class=pd.DataFrame(per_class, columns=list(PER_CLASS_COLUMNS)),
                    comparisons=pd.DataFrame(comparisons, columns=list(COMPARISON_COLUMNS)),
