@@ -720,10 +720,16 @@ def test_the_warning_of_samples_in_groups_names_them_and_what_still_counts_them_
            "12 patients or lesions" in grouped
     counted, alone = grouped.split("Still per")
     assert f"count these groups, not the {unit}s" in counted
+    assert ("gradient-masking" in counted) is (kind == "images")
     assert ("balanced accuracy" in counted) is balanced
     assert ("balanced accuracy" in alone) is not balanced
     assert ("slide robustness" in alone) is (kind == "slides")
-    assert "the macro AUC" in alone
+    assert "the macro AUC" in alone        # no class counts: more than two classes may be
+    two = " ".join(str(macros.not_independent(
+        {**item, "grouped": True, "balanced_grouped": balanced,
+         "counts": [("benign", [1]), ("malignant", [1])]})).split())
+    assert "more than two classes" not in two
+    assert ("Still per" in two) is (kind == "slides" or not balanced)
     plain = " ".join(str(macros.not_independent({**item, "grouped": False})).split())
     assert f"Every interval and test on this page treats each {unit} as independent" in plain
 
@@ -1103,7 +1109,7 @@ def test_images_of_one_patient_are_counted_as_one_patient():
     assert not any(labels[IDS[2 * p]] == labels[IDS[2 * p + 1]] for p in range(10))  # 2 classes
     assert grouped.settings["grouped_balanced_accuracy"] == []
     assert clean["balanced_accuracy_low"] == clean_today["balanced_accuracy_low"]
-    # images 0-19 in groups of four cut by class: two images of one class each
+    # images 0-19 in groups of four cut by class: each group holds one class
     by_class = {"mammograms": {sample: f"q{i // 4}-{labels[sample]}" if i < 20 else None
                                for i, sample in enumerate(IDS)}}
     within = summarize(outcome_evaluations(), DEFENSES, StatisticsConfig(**STATISTICS),

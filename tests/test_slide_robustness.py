@@ -238,6 +238,31 @@ def test_a_condition_that_calls_every_slide_one_class_says_so():
     assert _predicted(pd.Series([1, 0, 1]), classes) == "1 normal, 2 tumor"
 
 
+def test_adversarial_rows_of_three_classes_compare_no_auc():
+    """Their slides come from different attack runs (strongest_within_budget): no macro AUC."""
+    from medrobust.report.slide_robustness import base_comparisons
+
+    def predictions(seed: int) -> pd.DataFrame:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for kind, k, epsilon in (("clean", 0, 0.0), ("adversarial_tiles", 1, 8.0)):
+            for index in range(12):
+                probabilities = rng.dirichlet([1, 1, 1])
+                rows.append({"sample_id": f"s{index}", "label": index % 3, "kind": kind,
+                             "perturbation": None, "severity": None, "fraction": 0.0, "k": k,
+                             "epsilon": epsilon, **{f"prob_{name}": value for name, value
+                                                    in zip(("a", "b", "c"), probabilities)}})
+        return pd.DataFrame(rows)
+
+    runs = [{"model": "mhim_abmil", "dataset": "slides"}, {"model": "abmil", "dataset": "slides"}]
+    rows = {row["kind"]: row for row in base_comparisons(
+        runs, [predictions(0), predictions(1)], {"mhim_abmil": "abmil"},
+        {"n_resamples": 50, "seed": 0, "confidence": 0.95, "alpha": 0.05})}
+    assert rows["clean"]["auc_difference"] is not None
+    assert rows["adversarial_tiles"]["auc_difference"] is None
+    assert rows["adversarial_tiles"]["accuracy_difference"] is not None
+
+
 def test_an_mhim_model_is_compared_with_its_base_slide_by_slide_under_each_condition():
     """10 slides, two conditions. Under stain shift the base gets 8 slides wrong that the
     MHIM model gets right; the tables come in different slide orders."""
@@ -462,7 +487,7 @@ def test_each_budget_is_scored_under_the_strongest_attack_run_within_it(cohort, 
     assert "The tile attack falls short for abmil.</b> At 8 (budget, slide) pairs" in page
 
 
-def test_a_stronger_smaller_budget_that_changes_no_slide_is_recorded_but_not_a_warning():
+def test_a_stronger_smaller_budget_that_changes_no_slide_is_recorded_as_unchanged():
     from medrobust.evaluate.slide_robustness import strongest_within_budget
 
     right, less_right, wrong = (torch.tensor(values) for values in

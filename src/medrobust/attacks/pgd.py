@@ -74,9 +74,7 @@ class PGDL2(Attack):
     relative_step = 2.5
 
     start_text = PGD.start_text
-
-    def details(self) -> str:
-        return f"{self.params.steps} steps, {self.step_text()}, {self.start_text()}"
+    details = PGD.details
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         step_size = self.step_size()

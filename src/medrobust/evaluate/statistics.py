@@ -750,10 +750,13 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     samples are None. With `clusters` (the samples' patients or lesions) accuracy
     and the per-class sensitivities and specificities get Korn and Graubard's
     interval over them (`proportion_interval`), the binary and per-class AUCs
-    Newcombe's at the clustered effective sizes (`auc_interval`); balanced
-    accuracy (its MOVER takes the classes' recalls as independent, which a patient
-    with images of two classes breaks) and, with k > 2, the macro AUC and
-    specificity stay per sample: their bootstrap resamples within each class,
+    Newcombe's at the clustered effective sizes (`auc_interval`), and balanced
+    accuracy (with k > 2 the macro sensitivity), where no cluster holds two
+    classes, the MOVER of the classes' recalls' intervals (`proportion_interval`:
+    Korn-Graubard, exact for a class whose samples are all apart). Balanced
+    accuracy where a cluster holds two classes (its recalls are then not
+    independent) stays per sample, with Wilson intervals, and, with k > 2, so do
+    the macro AUC and specificity: their bootstrap resamples within each class,
     keeping its count, which whole clusters of different sizes and classes cannot.
     """
     labels = _integer_labels(labels)

@@ -151,7 +151,9 @@ def base_comparisons(runs: Sequence[Mapping[str, Any]], predictions: Sequence[pd
                          "reference_model": base, "label": label,
                          **{column: None if pd.isna(condition[column]) else condition[column]
                             for column in CONDITION_COLUMNS},
-                         **comparison_columns(comparison)})
+                         # adversarial rows of more classes mix runs: no macro AUC to compare
+                         **comparison_columns(comparison, with_auc=not (
+                             condition["kind"] == "adversarial_tiles" and len(columns) > 2))})
     return rows
 
 
@@ -188,7 +190,7 @@ def slide_robustness_view(folders: Sequence[str | os.PathLike],
             "PGD-L∞ in pixel space through the backbone and the MIL head; k = 0 is the clean "
             f"slide; {bands}.")
     # slides the run at their budget left right where a smaller budget's run (or the clean
-    # slide) had them wrong: the attack fell short (runs before 2026-12-05 have no such key)
+    # slide) had them wrong: the attack fell short (older runs have no such key)
     models = [{"model": run["model"], "dataset": run["dataset"], "n": run["n_test_slides"],
                "class_counts": run["class_counts"], "attack": run["attack"],
                "fell_short": sum(bool(entry["changed_correctness"])
