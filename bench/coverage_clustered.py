@@ -14,7 +14,9 @@ patient's label and whose two models' scores share a latent patient effect; the 
 sets whose AUC interval holds the population AUC (Newcombe's at the clustered effective
 sizes against Newcombe's over the images), and whose AUC difference interval holds the
 population difference (the MOVER with Obuchowski's correlation against DeLong's over the
-images). docs/report.md, "Test images in groups", has the results.
+images). A third does it for balanced accuracy with patients of one class each (the
+MOVER of the classes' Korn-Graubard recalls against the Wilson MOVER over the images).
+docs/report.md, "Test images in groups", has the results.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import argparse
 import numpy as np
 
 from medrobust.evaluate.statistics import (
-    auc_interval, auc_score, clopper_pearson, mcnemar_exact, paired_auc_difference,
-    proportion_interval, t_mean)
+    auc_interval, auc_score, classification_statistics, clopper_pearson, mcnemar_exact,
+    paired_auc_difference, proportion_interval, t_mean)
 
 SIZES = (1, 2, 2, 4)   # images per patient
 ACCURACY = 0.8         # of a patient of average difficulty
 SHIFT = 2.5            # of a positive image's score, against the latent effects' spread
 SAME_LABEL = 0.8       # the chance that an image has its patient's label
+RECALLS = np.array([0.75, 0.85])   # per class, of a patient of average difficulty
 
 
 def simulate(k: int, spread: float, rng: np.random.Generator, sizes: tuple[int, ...] = SIZES
@@ -115,6 +118,41 @@ def measure(k: int, spread: float, sims: int, seed: int, sizes: tuple[int, ...] 
     return {name: count / sims for name, count in counts.items()}
 
 
+def simulate_classes(k: int, spread: float, rng: np.random.Generator,
+                     sizes: tuple[int, ...] = SIZES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: its class, the model right, and the patient (lesion), every image of a
+    patient of its one class; the recall is RECALLS[class] for a patient of average
+    difficulty."""
+    patient = np.repeat(np.arange(k), rng.choice(sizes, k))
+    label = rng.integers(0, 2, k)[patient]
+    logit = np.log(RECALLS / (1 - RECALLS))[label] + rng.normal(0, spread, k)[patient]
+    return label, rng.random(len(patient)) < 1 / (1 + np.exp(-logit)), patient
+
+
+def measure_balanced(k: int, spread: float, sims: int, seed: int,
+                     sizes: tuple[int, ...] = SIZES) -> dict[str, float]:
+    """Shares of sets (with both classes) whose balanced accuracy interval holds the
+    population's: the MOVER of the classes' Korn-Graubard recalls over the patients, and
+    the Wilson MOVER over the images."""
+    label, right, _ = simulate_classes(200_000, spread, np.random.default_rng(seed + 1), sizes)
+    truth = np.mean([right[label == c].mean() for c in (0, 1)])
+    rng = np.random.default_rng(seed)
+    counts = dict.fromkeys(("clustered", "per_image", "defined"), 0)
+    for _ in range(sims):
+        label, right, patient = simulate_classes(k, spread, rng, sizes)
+        if label.min() == label.max():
+            continue
+        counts["defined"] += 1
+        predicted = np.where(right, label, 1 - label)
+        probabilities = np.stack([1 - predicted, predicted], axis=1) * 0.8 + 0.1
+        for name, clusters in (("clustered", patient), ("per_image", None)):
+            interval = classification_statistics(label, probabilities, ["0", "1"],
+                                                 clusters=clusters)["balanced_accuracy"]
+            counts[name] += interval.low <= truth <= interval.high
+    return {name: count / max(counts["defined"], 1) for name, count in counts.items()
+            if name != "defined"}
+
+
 def print_table(header: str, measure_row, columns: list[list[tuple[str, int]]],
                 args: argparse.Namespace) -> None:
     """One row per (spread, number of patients): `measure_row`'s shares under `header`,
@@ -148,6 +186,10 @@ def main() -> None:
                 "clustered MOVER  per-image", measure_auc,
                 [[("clustered", 28), ("per_image", 9)],
                  [("clustered_difference", 32), ("per_image_difference", 9)]], args)
+    print()
+    print_table("patients  spread | balanced accuracy held (patients of one class): clustered "
+                "MOVER  Wilson MOVER per image", measure_balanced,
+                [[("clustered", 65), ("per_image", 26)]], args)
 
 
 if __name__ == "__main__":
