@@ -718,18 +718,22 @@ def test_the_warning_of_samples_in_groups_names_them_and_what_still_counts_them_
         {**item, "grouped": True, "balanced_grouped": balanced})).split())
     assert f"Test {unit}s that are not independent:</b> cohort's 30 test {unit}s come from " \
            "12 patients or lesions" in grouped
-    counted, alone = grouped.split("Still per")
+    counted, _, alone = grouped.partition("Still per")
+    assert bool(alone) is (kind == "slides" or not balanced)   # else nothing is left per image
     assert f"count these groups, not the {unit}s" in counted
     assert ("gradient-masking" in counted) is (kind == "images")
     assert ("balanced accuracy" in counted) is balanced
     assert ("balanced accuracy" in alone) is not balanced
     assert ("slide robustness" in alone) is (kind == "slides")
-    assert "the macro AUC" in alone        # no class counts: more than two classes may be
+    assert "macro AUC" in counted          # no class counts: more than two classes may be
     two = " ".join(str(macros.not_independent(
         {**item, "grouped": True, "balanced_grouped": balanced,
          "counts": [("benign", [1]), ("malignant", [1])]})).split())
     assert "more than two classes" not in two
     assert ("Still per" in two) is (kind == "slides" or not balanced)
+    one_left = " ".join(str(macros.not_independent(
+        {**item, "kind": "images", "grouped": True, "balanced_grouped": True})).split())
+    assert "Still per" not in one_left     # nothing is left per image
     plain = " ".join(str(macros.not_independent({**item, "grouped": False})).split())
     assert f"Every interval and test on this page treats each {unit} as independent" in plain
 

@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medrobust.errors import InputError
 from medrobust.evaluate.statistics import (
-    AUC_MOVER, CLUSTERED_AUC_MOVER, CLUSTERED_MOVER, CLUSTERED_NEWCOMBE, CLUSTERED_SIGN_FLIP,
+    AUC_MOVER, CLUSTER_BOOTSTRAP, CLUSTERED_AUC_MOVER, CLUSTERED_MOVER, CLUSTERED_NEWCOMBE, CLUSTERED_SIGN_FLIP,
     CLUSTERED_T, EXACT, NEWCOMBE, NEWCOMBE_PAIRED, PAIRED, STRATIFIED, STUDENT_T, WILSON_MOVER,
     Interval,
     KORN_GRAUBARD, auc_interval, auc_score, classification_statistics, clopper_pearson,
@@ -23,7 +23,8 @@ from medrobust.evaluate.statistics import (
     holm_adjusted, operating_threshold, paired_auc_difference, paired_comparison, sensitivity_at_threshold,
     sign_flip_test, smallest_detectable_difference, t_mean)
 from medrobust.evaluate.statistics import (
-    _cluster_sums, _delong_covariance, _obuchowski_covariance, _placements, _stratified_resamples)
+    _cluster_sums, _delong_covariance, _obuchowski_covariance, _placements, _resample_weights,
+    _stratified_resamples, cluster_index as _cluster_index)
 
 
 def noisy_classifier(n: int, n_classes: int = 2, signal: float = 1.0, seed: int = 0,
@@ -1090,3 +1091,58 @@ def test_a_perfect_ranking_of_groups_counts_each_group_once():
     # one patient says nothing of the variation between patients
     assert auc_interval(labels, scores, clusters=np.zeros(24)) == Interval(
         1.0, 0.0, 1.0, CLUSTERED_NEWCOMBE)
+
+
+def test_cluster_resamples_draw_whole_clusters_and_keep_each_class_s_number_of_them():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+    clusters = np.array(["a", "a", "b", "c", "c", "d", "d", "e", "e", "f"], dtype=object)
+    weights = np.concatenate(list(_resample_weights(labels, 200, 3,
+                                                    _cluster_index(clusters, len(labels)))))
+    assert weights.shape == (200, 10)
+    for key in "acde":   # a cluster's samples are drawn together
+        members = clusters == key
+        assert (weights[:, members] == weights[:, members][:, :1]).all()
+    # class 0 has clusters a, b, f; class 1 only c; class 2 d and e: per class the same count
+    drawn = {key: weights[:, np.flatnonzero(clusters == key)[0]] for key in "abcdef"}
+    assert ((drawn["a"] + drawn["b"] + drawn["f"]) == 3).all()
+    assert (drawn["c"] == 1).all() and ((drawn["d"] + drawn["e"]) == 2).all()
+    # without clusters: the stratified resamples' draws, as counts
+    index = next(_stratified_resamples(labels, 5, 1))
+    counted = next(_resample_weights(labels, 5, 1))
+    assert (counted == np.stack([np.bincount(row, minlength=10) for row in index])).all()
+
+
+def test_the_macro_auc_of_copies_in_one_cluster_each_keeps_its_width():
+    """Three classes: each image copied three times into its own cluster. Per image the
+    stratified bootstrap narrows the macro AUC's interval by about sqrt(3); the cluster
+    bootstrap keeps about the original width, for the paired difference too."""
+    labels, probabilities = noisy_classifier(150, n_classes=3, signal=1.0, seed=2)
+    _, other = noisy_classifier(150, n_classes=3, signal=1.5, seed=3)
+
+    def copied(values):
+        return np.repeat(values, 3, axis=0)
+
+    groups = copied(np.arange(150))
+    names = ["a", "b", "c"]
+    original = classification_statistics(labels, probabilities, names, n_resamples=400)
+    naive = classification_statistics(copied(labels), copied(probabilities), names,
+                                      n_resamples=400)
+    clustered = classification_statistics(copied(labels), copied(probabilities), names,
+                                          n_resamples=400, clusters=groups)
+
+    def width(interval):
+        return interval.high - interval.low
+
+    for key in ("auc", "specificity"):
+        assert clustered[key].method == CLUSTER_BOOTSTRAP
+        assert clustered[key].estimate == pytest.approx(original[key].estimate)
+        assert width(clustered[key]) == pytest.approx(width(original[key]), rel=0.25), key
+        assert width(naive[key]) < 0.75 * width(original[key]), key
+    pair = paired_comparison(labels, probabilities, other, n_resamples=400)
+    pair_naive = paired_comparison(copied(labels), copied(probabilities), copied(other),
+                                   n_resamples=400)
+    pair_clustered = paired_comparison(copied(labels), copied(probabilities), copied(other),
+                                       n_resamples=400, clusters=groups)
+    assert width(pair_clustered["auc_difference"]) == pytest.approx(
+        width(pair["auc_difference"]), rel=0.25)
+    assert width(pair_naive["auc_difference"]) < 0.75 * width(pair["auc_difference"])

@@ -35,10 +35,11 @@ Korn and Graubard's interval is; the AUC difference of two models the MOVER of t
 such intervals with Obuchowski's correlation. Balanced accuracy, where no cluster
 holds two classes (a lesion of one diagnosis), is the MOVER of the classes'
 Korn-Graubard recalls, independent as they come from disjoint clusters. Clusters of
-one sample each change nothing. Balanced accuracy where a cluster holds two classes
-(a patient's normal and abnormal images tie the recalls together), the macro
-averages over more than two classes (their bootstrap resamples samples, not
-clusters) and the macro AUC difference stay per sample.
+one sample each change nothing. The macro averages over more than two classes and
+the macro AUC difference get the cluster bootstrap: whole clusters drawn with
+replacement, as many per class as it has (a cluster of several classes counting in
+its rarest). Balanced accuracy where a cluster holds two classes (a patient's normal
+and abnormal images tie the recalls together) stays per sample.
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
 CLUSTERED_AUC_MOVER = "MOVER of clustered Newcombe AUC intervals, Obuchowski correlation"
 KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
+CLUSTER_BOOTSTRAP = "cluster bootstrap (percentile), clusters drawn within their class"
 STUDENT_T = "Student t"
 CLUSTERED_T = "Student t over clusters (ratio estimator, linearised variance, k - 1 df)"
 MCNEMAR = "McNemar exact"
 SIGN_FLIP = "exact sign-flip test"
 CLUSTERED_SIGN_FLIP = "exact sign-flip test of per-group sums"
 PAIRED = "paired bootstrap (percentile)"
+PAIRED_CLUSTERS = "paired cluster bootstrap (percentile), clusters drawn within their class"
 
 # resample index matrices are built this many entries at a time, bounding memory for large n
 _CHUNK_ENTRIES = 2_000_000
@@ -416,28 +419,26 @@ def _value_ids(scores: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _batched_auc(positive: np.ndarray, value_ids: np.ndarray, n_values: int,
-                 index: np.ndarray) -> np.ndarray:
-    """AUC of each resample (row of `index`), ties counted half.
+                 weights: np.ndarray) -> np.ndarray:
+    """AUC of each resample (row of `weights`: how many times it holds each sample), ties
+    counted half; NaN where a resample has no positives or no negatives.
 
-    Stratified resampling keeps positives at the positions of positives, so
-    `positive` (by position) holds for every row. Counting each resample's
-    positives and negatives per distinct score (one bincount, no sorting)
-    gives the Mann-Whitney statistic in O(n) per resample, exactly.
+    Counting each resample's positives and negatives per distinct score (one
+    weighted bincount, no sorting) gives the Mann-Whitney statistic in O(n)
+    per resample, exactly: the weights are whole numbers.
     """
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    rows = index.shape[0]
-    if n_pos == 0 or n_neg == 0:
-        return np.full(rows, np.nan)
+    rows = weights.shape[0]
+    n_pos, n_neg = weights[:, positive].sum(axis=1), weights[:, ~positive].sum(axis=1)
     # one key per (row, distinct score, positive?) so a single bincount counts everything
-    keys = (2 * value_ids + positive)[index]
-    keys += (np.arange(rows) * 2 * n_values)[:, None]
-    counts = np.bincount(keys.ravel(), minlength=rows * 2 * n_values).reshape(rows, n_values, 2)
+    keys = (2 * value_ids + positive)[None, :] + (np.arange(rows) * 2 * n_values)[:, None]
+    counts = np.bincount(keys.ravel(), weights=weights.ravel(),
+                         minlength=rows * 2 * n_values).reshape(rows, n_values, 2)
     negatives, positives = counts[..., 0], counts[..., 1]
     negatives_below = np.cumsum(negatives, axis=1) - negatives
-    # twice the wins (a tie is half a win) is an integer, so the ratio is exact
+    # twice the wins (a tie is half a win) is a whole number, so the ratio is exact
     twice_wins = (positives * (2 * negatives_below + negatives)).sum(axis=1)
-    return twice_wins / (2 * n_pos * n_neg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), twice_wins / (2 * n_pos * n_neg), np.nan)
 
 
 def auc_score(labels01: np.ndarray, scores: np.ndarray) -> float | None:
@@ -459,7 +460,7 @@ def auc_score(labels01: np.ndarray, scores: np.ndarray) -> float | None:
     if positive.all() or not positive.any():
         return None
     ids, n_values = _value_ids(scores)
-    return float(_batched_auc(positive, ids, n_values, np.arange(len(labels))[None, :])[0])
+    return float(_batched_auc(positive, ids, n_values, np.ones((1, len(labels))))[0])
 
 
 def _placements(positive_scores: np.ndarray, negative_scores: np.ndarray,
@@ -658,6 +659,39 @@ def _stratified_resamples(strata: np.ndarray, n_resamples: int, seed: int,
         yield index
 
 
+def _resample_weights(strata: np.ndarray, n_resamples: int, seed: int,
+                      clusters: tuple[np.ndarray, int] | None = None) -> Iterator[np.ndarray]:
+    """Blocks of resamples as weights `(rows, n)`: how many times each resample holds each
+    sample. Without `clusters`, `_stratified_resamples`' draws. With them (`cluster_index`)
+    the clusters are drawn with replacement, as many per stratum as it holds, a cluster
+    counting in the stratum of its rarest label (as `data.manifest.stratified_split`
+    divides groups) and its samples weighted by how often it was drawn: the cluster
+    bootstrap, whose resamples keep each stratum's number of clusters, not of samples."""
+    n = len(strata)
+    if clusters is None:
+        for index in _stratified_resamples(strata, n_resamples, seed):
+            rows = len(index)
+            flat = (index + (np.arange(rows) * n)[:, None]).ravel()
+            yield np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+        return
+    member_of, k = clusters
+    values, counts = np.unique(strata, return_counts=True)
+    rarity = np.empty(len(values), dtype=np.int64)
+    rarity[np.lexsort((np.arange(len(values)), counts))] = np.arange(len(values))
+    rank = np.full(k, len(values))
+    np.minimum.at(rank, member_of, rarity[np.searchsorted(values, strata)])
+    groups = [np.flatnonzero(rank == value) for value in np.unique(rank)]
+    rng = np.random.default_rng(seed)
+    block = max(1, _CHUNK_ENTRIES // max(n, k, 1))
+    for start in range(0, n_resamples, block):
+        rows = min(block, n_resamples - start)
+        drawn = np.zeros((rows, k))
+        for members in groups:
+            picks = members[rng.integers(0, len(members), size=(rows, len(members)))]
+            np.add.at(drawn, (np.arange(rows)[:, None], picks), 1.0)
+        yield drawn[:, member_of]
+
+
 def _percentile_interval(estimate: float, samples: np.ndarray, confidence: float,
                          method: str) -> Interval:
     """Percentile interval of the finite bootstrap samples around `estimate` (None if NaN)."""
@@ -671,14 +705,16 @@ def _percentile_interval(estimate: float, samples: np.ndarray, confidence: float
 
 def _bootstrap(statistics: Callable[[np.ndarray], dict[str, np.ndarray]], strata: np.ndarray,
                n_resamples: int, seed: int, confidence: float, method: str,
-               ) -> dict[str, Interval]:
+               clusters: tuple[np.ndarray, int] | None = None) -> dict[str, Interval]:
     """Intervals for several statistics computed on one shared set of resamples.
 
-    `statistics(index)` maps an `(r, n)` index block to per-row values by name;
-    the identity index gives the estimates.
+    `statistics(weights)` maps an `(r, n)` block of resample weights
+    (`_resample_weights`; stratified, or by `clusters`) to per-row values by
+    name; weights of one give the estimates.
     """
-    estimates = statistics(np.arange(len(strata))[None, :])
-    blocks = [statistics(index) for index in _stratified_resamples(strata, n_resamples, seed)]
+    estimates = statistics(np.ones((1, len(strata))))
+    blocks = [statistics(weights)
+              for weights in _resample_weights(strata, n_resamples, seed, clusters)]
     return {name: _percentile_interval(float(estimates[name][0]),
                                        np.concatenate([block[name] for block in blocks]),
                                        confidence, method)
@@ -693,7 +729,8 @@ def _mean_over_classes(columns: list[np.ndarray], rows: int) -> np.ndarray:
 
 
 class _Scorer:
-    """Per-resample metrics of one model's probabilities on fixed (stratified) labels."""
+    """Per-resample metrics of one model's probabilities, each resample a row of weights
+    (`_resample_weights`) over its samples."""
 
     def __init__(self, labels: np.ndarray, probabilities: np.ndarray):
         self.labels = labels
@@ -702,25 +739,32 @@ class _Scorer:
         self.present = [c for c in range(self.n_classes) if (labels == c).any()]
         self.value_ids = [_value_ids(probabilities[:, c]) for c in range(self.n_classes)]
 
-    def class_auc(self, c: int, index: np.ndarray) -> np.ndarray:
-        """One-vs-rest AUC of class c with score P(c)."""
+    def class_auc(self, c: int, weights: np.ndarray) -> np.ndarray:
+        """One-vs-rest AUC of class c with score P(c), per resample (row of `weights`)."""
         ids, n_values = self.value_ids[c]
-        return _batched_auc(self.labels == c, ids, n_values, index)
+        return _batched_auc(self.labels == c, ids, n_values, weights)
 
-    def auc(self, index: np.ndarray) -> np.ndarray:
+    def auc(self, weights: np.ndarray) -> np.ndarray:
         """Binary: AUC of P(class 1); more classes: macro one-vs-rest over classes present."""
         if self.n_classes == 2:
-            return self.class_auc(1, index)
+            return self.class_auc(1, weights)
         if len(self.present) < 2:
-            return np.full(index.shape[0], np.nan)
-        return _mean_over_classes([self.class_auc(c, index) for c in self.present],
-                                  index.shape[0])
+            return np.full(weights.shape[0], np.nan)
+        return _mean_over_classes([self.class_auc(c, weights) for c in self.present],
+                                  weights.shape[0])
 
-    def specificities(self, index: np.ndarray) -> list[np.ndarray]:
-        """Per-class one-vs-rest specificity of each resample (classes present with negatives)."""
-        predictions = self.predictions[index]
-        return [(predictions[:, self.labels != c] != c).mean(axis=1)
-                for c in self.present if (self.labels != c).any()]
+    def specificities(self, weights: np.ndarray) -> list[np.ndarray]:
+        """Per-class one-vs-rest specificity of each resample (classes present with negatives);
+        NaN in a resample that holds none of a class's negatives."""
+        rates = []
+        for c in self.present:
+            others = self.labels != c
+            if others.any():
+                held = weights[:, others]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rates.append((held * (self.predictions[others] != c)).sum(axis=1)
+                                 / held.sum(axis=1))
+        return rates
 
 
 # ---------------------------------------------------------------- one model
@@ -731,7 +775,7 @@ def model_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
     labels = _integer_labels(labels)
     probabilities = _check_probabilities(probabilities, len(labels))
     _check_label_range(labels, probabilities.shape[1])
-    value = _Scorer(labels, probabilities).auc(np.arange(len(labels))[None, :])[0]
+    value = _Scorer(labels, probabilities).auc(np.ones((1, len(labels))))[0]
     return None if np.isnan(value) else float(value)
 
 
@@ -755,9 +799,8 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     classes, the MOVER of the classes' recalls' intervals (`proportion_interval`:
     Korn-Graubard, exact for a class whose samples are all apart). Balanced
     accuracy where a cluster holds two classes (its recalls are then not
-    independent) stays per sample, with Wilson intervals, and, with k > 2, so do
-    the macro AUC and specificity: their bootstrap resamples within each class,
-    keeping its count, which whole clusters of different sizes and classes cannot.
+    independent) stays per sample, with Wilson intervals. With k > 2 the macro AUC
+    and specificity's bootstrap draws whole clusters (`_resample_weights`).
     """
     labels = _integer_labels(labels)
     classes = list(classes)
@@ -772,12 +815,15 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     scorer = _Scorer(labels, probabilities)
     predictions = scorer.predictions
 
-    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
-        return {"auc": scorer.auc(index),
-                "specificity": _mean_over_classes(scorer.specificities(index), index.shape[0])}
+    def statistics(weights: np.ndarray) -> dict[str, np.ndarray]:
+        return {"auc": scorer.auc(weights),
+                "specificity": _mean_over_classes(scorer.specificities(weights),
+                                                  weights.shape[0])}
 
     # two classes need no resamples: every interval has a closed form
-    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence, STRATIFIED) \
+    clustering = cluster_index(clusters, len(labels))
+    boot = _bootstrap(statistics, labels, n_resamples, seed, confidence,
+                      STRATIFIED if clustering is None else CLUSTER_BOOTSTRAP, clustering) \
         if k > 2 else {}
 
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -1003,12 +1049,15 @@ def sign_flip_test(differences: np.ndarray, clusters: Any = None) -> dict:
 
 def _paired_interval(strata: np.ndarray, statistic_a: Callable[[np.ndarray], np.ndarray],
                      statistic_b: Callable[[np.ndarray], np.ndarray], n_resamples: int,
-                     seed: int, confidence: float) -> Interval:
-    """Interval of statistic_b - statistic_a, both evaluated on the same resample rows."""
-    def statistics(index: np.ndarray) -> dict[str, np.ndarray]:
-        return {"difference": statistic_b(index) - statistic_a(index)}
+                     seed: int, confidence: float,
+                     clusters: tuple[np.ndarray, int] | None = None) -> Interval:
+    """Interval of statistic_b - statistic_a, both evaluated on the same resamples
+    (`_resample_weights`: stratified, or by `clusters`)."""
+    def statistics(weights: np.ndarray) -> dict[str, np.ndarray]:
+        return {"difference": statistic_b(weights) - statistic_a(weights)}
 
-    return _bootstrap(statistics, strata, n_resamples, seed, confidence, PAIRED)["difference"]
+    return _bootstrap(statistics, strata, n_resamples, seed, confidence,
+                      PAIRED if clusters is None else PAIRED_CLUSTERS, clusters)["difference"]
 
 
 def _check_paired_scores(labels: np.ndarray, scores_a: Any, scores_b: Any,
@@ -1088,7 +1137,8 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
     clustered t interval of the per-sample differences (`t_mean`), and the
     verdict and the smallest detectable difference the sign-flip test of the
     per-cluster sums (`mcnemar_exact`), and the AUC difference with two classes
-    `paired_auc_difference` over them; the macro AUCs' bootstrap stays per sample.
+    `paired_auc_difference` over them; with more classes the macro AUCs' paired
+    bootstrap draws whole clusters (`_resample_weights`).
     """
     labels = _integer_labels(labels)
     probabilities_a = _check_probabilities(probabilities_a, len(labels), name="probabilities_a")
@@ -1109,7 +1159,7 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
                                                probabilities_b[:, 1], confidence, clusters)
     else:
         auc_difference = _paired_interval(labels, scorer_a.auc, scorer_b.auc, n_resamples,
-                                          seed, confidence)
+                                          seed, confidence, cluster_index(clusters, len(labels)))
     correct_a = scorer_a.predictions == labels
     correct_b = scorer_b.predictions == labels
     n = len(labels)
