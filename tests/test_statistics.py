@@ -1106,6 +1106,13 @@ def test_cluster_resamples_draw_whole_clusters_and_keep_each_class_s_number_of_t
     drawn = {key: weights[:, np.flatnonzero(clusters == key)[0]] for key in "abcdef"}
     assert ((drawn["a"] + drawn["b"] + drawn["f"]) == 3).all()
     assert (drawn["c"] == 1).all() and ((drawn["d"] + drawn["e"]) == 2).all()
+    # a patient with images of two classes is a stratum of her own: class 1, only in her
+    # group g, is in every resample (drawn within the classes' strata it could vanish)
+    mixed = np.array([0] * 20 + [1, 1, 1, 2, 2])
+    groups = np.array([f"s{i}" for i in range(20)] + ["g", "g", "g", "g", "r"], dtype=object)
+    weights = np.concatenate(list(_resample_weights(mixed, 300, 0,
+                                                    _cluster_index(groups, len(mixed)))))
+    assert (weights[:, 20] == 1).all() and (weights[:, 24] == 1).all()
     # without clusters: the stratified resamples' draws, as counts
     index = next(_stratified_resamples(labels, 5, 1))
     counted = next(_resample_weights(labels, 5, 1))
@@ -1146,3 +1153,19 @@ def test_the_macro_auc_of_copies_in_one_cluster_each_keeps_its_width():
     assert width(pair_clustered["auc_difference"]) == pytest.approx(
         width(pair["auc_difference"]), rel=0.25)
     assert width(pair_naive["auc_difference"]) < 0.75 * width(pair["auc_difference"])
+
+
+def test_the_weighted_auc_is_the_auc_of_the_samples_repeated_by_their_weights():
+    from medrobust.evaluate.statistics import _batched_auc, _value_ids
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 40).astype(bool)
+    scores = np.round(rng.random(40), 1)          # ties
+    weights = rng.integers(0, 4, size=(25, 40)).astype(float)
+    ids, n_values = _value_ids(scores)
+    aucs = _batched_auc(labels, ids, n_values, weights)
+    for row, auc in zip(weights, aucs):
+        repeat = row.astype(int)
+        expected = roc_auc_score(np.repeat(labels, repeat), np.repeat(scores, repeat)) \
+            if len(set(np.repeat(labels, repeat))) == 2 else np.nan
+        assert auc == pytest.approx(expected, nan_ok=True)

@@ -35,10 +35,10 @@ Korn and Graubard's interval is; the AUC difference of two models the MOVER of t
 such intervals with Obuchowski's correlation. Balanced accuracy, where no cluster
 holds two classes (a lesion of one diagnosis), is the MOVER of the classes'
 Korn-Graubard recalls, independent as they come from disjoint clusters. Clusters of
-one sample each change nothing. The macro averages over more than two classes and
-the macro AUC difference get the cluster bootstrap: whole clusters drawn with
-replacement, as many per class as it has (a cluster of several classes counting in
-its rarest). Balanced accuracy where a cluster holds two classes (a patient's normal
+one sample each change nothing. The macro AUC and specificity of more than two
+classes and the macro AUC difference get the cluster bootstrap: whole clusters drawn
+with replacement, as many per class as it has (a cluster of several classes in a
+stratum of its own). Balanced accuracy where a cluster holds two classes (a patient's normal
 and abnormal images tie the recalls together) stays per sample.
 """
 
@@ -67,14 +67,14 @@ AUC_MOVER = "MOVER of Newcombe AUC intervals, DeLong correlation"
 CLUSTERED_AUC_MOVER = "MOVER of clustered Newcombe AUC intervals, Obuchowski correlation"
 KORN_GRAUBARD = "Korn-Graubard (exact binomial at the clustered effective size, df-adjusted)"
 STRATIFIED = "stratified bootstrap (percentile)"
-CLUSTER_BOOTSTRAP = "cluster bootstrap (percentile), clusters drawn within their class"
+CLUSTER_BOOTSTRAP = "cluster bootstrap (percentile), clusters drawn within their classes"
 STUDENT_T = "Student t"
 CLUSTERED_T = "Student t over clusters (ratio estimator, linearised variance, k - 1 df)"
 MCNEMAR = "McNemar exact"
 SIGN_FLIP = "exact sign-flip test"
 CLUSTERED_SIGN_FLIP = "exact sign-flip test of per-group sums"
 PAIRED = "paired bootstrap (percentile)"
-PAIRED_CLUSTERS = "paired cluster bootstrap (percentile), clusters drawn within their class"
+PAIRED_CLUSTERS = "paired cluster bootstrap (percentile), clusters drawn within their classes"
 
 # resample index matrices are built this many entries at a time, bounding memory for large n
 _CHUNK_ENTRIES = 2_000_000
@@ -428,7 +428,7 @@ def _batched_auc(positive: np.ndarray, value_ids: np.ndarray, n_values: int,
     per resample, exactly: the weights are whole numbers.
     """
     rows = weights.shape[0]
-    n_pos, n_neg = weights[:, positive].sum(axis=1), weights[:, ~positive].sum(axis=1)
+    n_pos, n_neg = weights @ positive, weights @ ~positive
     # one key per (row, distinct score, positive?) so a single bincount counts everything
     keys = (2 * value_ids + positive)[None, :] + (np.arange(rows) * 2 * n_values)[:, None]
     counts = np.bincount(keys.ravel(), weights=weights.ravel(),
@@ -663,10 +663,11 @@ def _resample_weights(strata: np.ndarray, n_resamples: int, seed: int,
                       clusters: tuple[np.ndarray, int] | None = None) -> Iterator[np.ndarray]:
     """Blocks of resamples as weights `(rows, n)`: how many times each resample holds each
     sample. Without `clusters`, `_stratified_resamples`' draws. With them (`cluster_index`)
-    the clusters are drawn with replacement, as many per stratum as it holds, a cluster
-    counting in the stratum of its rarest label (as `data.manifest.stratified_split`
-    divides groups) and its samples weighted by how often it was drawn: the cluster
-    bootstrap, whose resamples keep each stratum's number of clusters, not of samples."""
+    the clusters are drawn with replacement, as many per stratum as it holds, a cluster's
+    stratum being the set of its samples' strata (its class; a patient with images of
+    two classes, that pair), and its samples weighted by how often it was drawn: the
+    cluster bootstrap. Its resamples keep each stratum's number of clusters, not of
+    samples, and so hold every class the test set has."""
     n = len(strata)
     if clusters is None:
         for index in _stratified_resamples(strata, n_resamples, seed):
@@ -675,14 +676,15 @@ def _resample_weights(strata: np.ndarray, n_resamples: int, seed: int,
             yield np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
         return
     member_of, k = clusters
-    values, counts = np.unique(strata, return_counts=True)
-    rarity = np.empty(len(values), dtype=np.int64)
-    rarity[np.lexsort((np.arange(len(values)), counts))] = np.arange(len(values))
-    rank = np.full(k, len(values))
-    np.minimum.at(rank, member_of, rarity[np.searchsorted(values, strata)])
-    groups = [np.flatnonzero(rank == value) for value in np.unique(rank)]
+    held: list[set] = [set() for _ in range(k)]
+    for cluster, stratum in zip(member_of.tolist(), np.asarray(strata).tolist()):
+        held[cluster].add(stratum)
+    kinds: dict[tuple, list[int]] = {}
+    for cluster, found in enumerate(held):
+        kinds.setdefault(tuple(sorted(found)), []).append(cluster)
+    groups = [np.array(members) for _, members in sorted(kinds.items())]
     rng = np.random.default_rng(seed)
-    block = max(1, _CHUNK_ENTRIES // max(n, k, 1))
+    block = max(1, _CHUNK_ENTRIES // max(n, 1))
     for start in range(0, n_resamples, block):
         rows = min(block, n_resamples - start)
         drawn = np.zeros((rows, k))
@@ -760,10 +762,9 @@ class _Scorer:
         for c in self.present:
             others = self.labels != c
             if others.any():
-                held = weights[:, others]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    rates.append((held * (self.predictions[others] != c)).sum(axis=1)
-                                 / held.sum(axis=1))
+                    rates.append((weights @ (others & (self.predictions != c)))
+                                 / (weights @ others))
         return rates
 
 

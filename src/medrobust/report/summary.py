@@ -217,9 +217,11 @@ def clustering_methods(datasets: Sequence[str]) -> dict[str, str]:
             "(one-vs-rest) AUC, and the AUC difference between two models of two classes":
                 "Newcombe's score interval at the clustered effective sizes (Obuchowski's "
                 "clustered variance over DeLong's, k - 1 degrees of freedom); the difference "
-                "the MOVER of those with Obuchowski's correlation; the macro AUC and "
-                "specificity of more classes and the macro AUC difference: the cluster "
-                "bootstrap (whole groups drawn within their class)",
+                "the MOVER of those with Obuchowski's correlation",
+            f"with the manifest's groups ({names}): macro AUC and specificity of more "
+            "classes, and the macro AUC difference":
+                "cluster bootstrap, percentile (whole groups drawn within their classes; "
+                "no degrees-of-freedom correction)",
             f"with the manifest's groups ({names}): accuracy difference "
             "and the mean over perturbations and its difference":
                 "Student t over the groups (ratio estimator, linearised variance, k - 1 "
