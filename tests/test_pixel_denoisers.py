@@ -314,13 +314,16 @@ def test_too_few_validation_images_reject_none():
 def test_the_fitted_detector_holds_its_rate_on_validation_images(detector_store, reformer_dir,
                                                                  tmp_path):
     model = load_pipeline(save_classifier(tmp_path / "classifier"), reformer_dir)
-    detector = fit_detector(model, {**DETECTOR, "false_positive_rate": 0.1},
-                            open_image_store(detector_store), torch.device("cpu"), batch_size=64)
+    detector, logits = fit_detector(model, {**DETECTOR, "false_positive_rate": 0.1},
+                                    open_image_store(detector_store), torch.device("cpu"),
+                                    batch_size=64)
     assert set(detector.thresholds) == {"reconstruction_error_p1", "jsd_T10", "jsd_T40"}
     assert detector.n_validation == 300 and 0.09 <= detector.validation_rejection_rate <= 0.1
     val_images, _ = open_image_store(detector_store).load("val")
-    _, rejected = detector.predict(model, torch.from_numpy(val_images))
+    val_logits, rejected = detector.predict(model, torch.from_numpy(val_images))
     assert rejected.mean() == detector.validation_rejection_rate  # whole batch = batches
+    # the fitting pass's logits are the pipeline's own prediction, in store order
+    torch.testing.assert_close(logits, val_logits)
 
 
 def test_evaluation_records_detection_and_clean_false_positive_rates(detector_store,

@@ -115,9 +115,11 @@ class Detector:
 
 @torch.no_grad()
 def fit_detector(model: nn.Module, settings: DetectorSettings | Mapping, store: ImageStore,
-                 device: torch.device, batch_size: int = 64) -> Detector:
+                 device: torch.device, batch_size: int = 64) -> tuple[Detector, torch.Tensor]:
     """Fit thresholds on the validation split of the clean `store`, for `model`, a
-    classifier behind a reformer (`models.pipeline.load_pipeline`)."""
+    classifier behind a reformer (`models.pipeline.load_pipeline`). Also returns the
+    model's logits on those images, in store order, from the same pass: the evaluation's
+    operating point needs them, and the pipeline need not run over them again."""
     if isinstance(settings, Mapping):
         settings = DetectorSettings.from_mapping(settings)
     if not isinstance(model, DenoisedClassifier) or not isinstance(model.denoiser, Reformer):
@@ -128,11 +130,11 @@ def fit_detector(model: nn.Module, settings: DetectorSettings | Mapping, store: 
         raise InputError(f"{store.path}: the detector sets its thresholds on the val split, "
                          "which is empty")
     batches = [detector_scores(model.denoiser, model.classifier, torch.as_tensor(
-                   images, dtype=torch.float32, device=device), settings)[0]
+                   images, dtype=torch.float32, device=device), settings)
                for images, _ in iter_index_batches(store, index, batch_size,
                                                    desc="detector thresholds")]
-    scores = {name: torch.cat([batch[name] for batch in batches]).cpu().numpy()
-              for name in batches[0]}
+    scores = {name: torch.cat([batch[name] for batch, _ in batches]).cpu().numpy()
+              for name in batches[0][0]}
     thresholds = fit_thresholds(scores, settings.false_positive_rate, settings.scope)
     rate = float(rejections(scores, thresholds).mean())
     if settings.false_positive_rate * index.size < 1:
@@ -142,4 +144,5 @@ def fit_detector(model: nn.Module, settings: DetectorSettings | Mapping, store: 
     log.info("detector thresholds %s reject %.2f %% of %d validation images (allowed %g %%, %s)",
              {name: round(value, 6) for name, value in thresholds.items()}, 100 * rate,
              index.size, 100 * settings.false_positive_rate, settings.scope)
-    return Detector(settings, thresholds, int(index.size), rate)
+    return (Detector(settings, thresholds, int(index.size), rate),
+            torch.cat([logits for _, logits in batches]))

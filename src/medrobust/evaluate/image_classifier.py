@@ -52,8 +52,13 @@ def predict_probabilities(model: nn.Module, store: ImageStore, device: torch.dev
             else:
                 logits, flags = detector.predict(model, images)
                 rejected.append(flags)
-            probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            probabilities.append(softmax_probabilities(logits))
     return np.concatenate(probabilities), np.concatenate(rejected) if rejected else None
+
+
+def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
+    """Class probabilities `(n, n_classes)` of a batch's logits, as numpy."""
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
 def evaluate_on_store(model: nn.Module, model_name: str, store: ImageStore, condition: str,
@@ -103,15 +108,18 @@ def evaluate_image_classifier(model_dir: str | os.PathLike,
     for store in [*stores.values(), validation]:  # every store checked before any forward pass
         check_model_classes(model_dir, store.classes, store.path)
     model = load_pipeline(model_dir, denoiser_dir, device)
-    fitted = None if detector is None else fit_detector(model, detector, validation, device,
-                                                        batch_size)
+    if detector is None:
+        fitted = None
+        probabilities, _ = predict_probabilities(model, validation, device, batch_size,
+                                                 split="val")
+    else:  # the detector's pass over the val images gives the model's predictions too
+        fitted, logits = fit_detector(model, detector, validation, device, batch_size)
+        probabilities = softmax_probabilities(logits)
     records = {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         if fitted is not None:
             write_json(tmp / DETECTOR_FILE, fitted.record())
-        probabilities, _ = predict_probabilities(model, validation, device, batch_size,
-                                                 split="val")
         operating_point = choose_operating_point(
             model_dir.name, validation.labels[validation.indices("val")], probabilities,
             validation.classes)
