@@ -239,20 +239,23 @@ def strongest_within_budget(runs: Mapping[tuple[float, int], Sequence[torch.Tens
                 float(-torch.log_softmax(logits, dim=0)[label]))
 
     candidates = {**runs, (0.0, 0): clean}
+    # each candidate's strength on each slide, once: every larger budget compares it again
+    strengths = {budget: [strength(row, label) for row, label in zip(logits, labels)]
+                 for budget, logits in candidates.items()}
     strongest, replaced = {}, []
-    for (epsilon, k), own in runs.items():
+    for epsilon, k in runs:
         # own first: another candidate replaces it only if strictly stronger
         inside = [(epsilon, k)] + [budget for budget in candidates if budget != (epsilon, k)
                                    and budget[0] <= epsilon and budget[1] <= k]
         chosen = []
-        for index, (label, slide_id) in enumerate(zip(labels, slide_ids)):
-            best = max(inside, key=lambda budget: strength(candidates[budget][index], label))
+        for index, slide_id in enumerate(slide_ids):
+            best = max(inside, key=lambda budget: strengths[budget][index])
             chosen.append(candidates[best][index])
             if best != (epsilon, k):
                 replaced.append({"k": k, "epsilon": epsilon, "slide_id": slide_id,
                                  "from_k": best[1], "from_epsilon": best[0],
-                                 "changed_correctness": strength(own[index], label)[0]
-                                 != strength(candidates[best][index], label)[0]})
+                                 "changed_correctness": strengths[(epsilon, k)][index][0]
+                                 != strengths[best][index][0]})
         strongest[(epsilon, k)] = chosen
     return strongest, replaced
 
