@@ -543,6 +543,27 @@ def test_a_missing_group_is_a_group_of_its_own():
         correct, np.array(["a", "x", "b", "a"]))
 
 
+def test_numbered_clusters_are_passed_on_and_give_what_their_keys_give():
+    """A caller numbers its samples' clusters once (`cluster_index`) and passes the numbers
+    to every statistic: the same intervals and tests as the keys they came from."""
+    labels, probabilities = noisy_classifier(120, n_classes=3, seed=4)
+    other = noisy_classifier(120, n_classes=3, seed=5)[1]
+    keys = np.array([None if index % 9 == 0 else f"p{index // 3}" for index in range(120)],
+                    dtype=object)
+    clustering = cluster_index(keys, 120)
+    assert cluster_numbers(clustering, 120) is clustering
+    for statistic in (
+            lambda clusters: classification_statistics(labels, probabilities, list("abc"),
+                                                       clusters=clusters),
+            lambda clusters: paired_comparison(labels, probabilities, other, clusters=clusters),
+            lambda clusters: sensitivity_at_threshold(labels == 1, probabilities[:, 1], 0.4,
+                                                      clusters=clusters),
+            lambda clusters: count_comparison(labels, 2, labels[::-1], 3, clusters=clusters)):
+        assert repr(statistic(clustering)) == repr(statistic(keys))
+    with pytest.raises(InputError, match="one cluster per sample"):
+        cluster_numbers(clustering, 119)
+
+
 def test_the_sign_flip_test_scales_to_large_test_sets():
     differences = np.random.default_rng(0).integers(-7, 8, 20_000)
     start = time.perf_counter()

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -184,17 +184,38 @@ def _clusters_of(clusters: Any, n: int) -> np.ndarray:
     return clusters
 
 
-def cluster_numbers(clusters: Any, n: int) -> tuple[np.ndarray, int]:
-    """Each of the n samples' cluster number (0..k-1) and the number of clusters k."""
+class Clustering(NamedTuple):
+    """Each sample's cluster number (0..k-1) and the number of clusters k."""
+
+    member_of: np.ndarray
+    k: int
+
+
+def cluster_numbers(clusters: Any, n: int) -> Clustering:
+    """Each of the n samples' cluster number (0..k-1) and the number of clusters k. A
+    `Clustering` (`cluster_index`'s) is passed on as it is, so that a caller numbers its
+    samples' clusters once and hands the numbers to every statistic it computes."""
+    if isinstance(clusters, Clustering):
+        if len(clusters.member_of) != n:
+            raise InputError(f"need one cluster per sample, got {len(clusters.member_of)} "
+                             f"for {n} samples")
+        return clusters
     _, member_of = np.unique(_clusters_of(clusters, n), return_inverse=True)
-    return member_of.reshape(-1), (int(member_of.max()) + 1 if n else 0)
+    return Clustering(member_of.reshape(-1), int(member_of.max()) + 1 if n else 0)
 
 
-def _clusters_within_classes(labels: np.ndarray, clusters: Any) -> bool:
-    """Whether `clusters` put some samples together (`cluster_index`) and no cluster holds
+def _within(clustering: Clustering | None, selected: np.ndarray) -> Clustering | None:
+    """`cluster_index` of the samples `selected` (a mask), from all the samples' `clustering`:
+    their clusters numbered afresh, in the same order."""
+    if clustering is None:
+        return None
+    return cluster_index(clustering.member_of[selected], int(np.sum(selected)))
+
+
+def _clusters_within_classes(labels: np.ndarray, clustering: Clustering | None) -> bool:
+    """Whether a `clustering` (`cluster_index`) puts some samples together and no cluster holds
     two classes' samples (a lesion of one diagnosis, not a patient with a normal and an
     abnormal image): then the classes' recalls come from disjoint clusters."""
-    clustering = cluster_index(clusters, len(labels))
     if clustering is None:
         return False
     member_of, k = clustering
@@ -204,14 +225,14 @@ def _clusters_within_classes(labels: np.ndarray, clusters: Any) -> bool:
     return bool((lowest == highest).all())
 
 
-def cluster_index(clusters: Any, n: int) -> tuple[np.ndarray, int] | None:
+def cluster_index(clusters: Any, n: int) -> Clustering | None:
     """`cluster_numbers`, or None where there is nothing to account for: no `clusters`, or
     every sample a cluster of its own (the per-sample methods are then the right ones, and
     stay exactly as they were)."""
     if clusters is None:
         return None
-    member_of, k = cluster_numbers(clusters, n)
-    return None if k == n else (member_of, k)
+    clustering = cluster_numbers(clusters, n)
+    return None if clustering.k == n else clustering
 
 
 # ---------------------------------------------------------------- exact binomial
@@ -486,7 +507,7 @@ def _delong_covariance(first: tuple[np.ndarray, np.ndarray],
 
 
 def _cluster_sums(values: tuple[np.ndarray, np.ndarray], positive: np.ndarray,
-                  clustering: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+                  clustering: Clustering) -> tuple[np.ndarray, np.ndarray]:
     """Per cluster (`cluster_index`), the sum of `values` over its positives and over its
     negatives; `values` holds one number per positive and one per negative in the samples'
     order, as `_placements` does. Of the placements: Obuchowski's V10_i and V01_i; of ones:
@@ -660,7 +681,7 @@ def _stratified_resamples(strata: np.ndarray, n_resamples: int, seed: int,
 
 
 def _resample_weights(strata: np.ndarray, n_resamples: int, seed: int,
-                      clusters: tuple[np.ndarray, int] | None = None) -> Iterator[np.ndarray]:
+                      clusters: Clustering | None = None) -> Iterator[np.ndarray]:
     """Blocks of resamples as weights `(rows, n)`: how many times each resample holds each
     sample. Without `clusters`, `_stratified_resamples`' draws. With them (`cluster_index`)
     the clusters are drawn with replacement, as many per stratum as it holds, a cluster's
@@ -707,7 +728,7 @@ def _percentile_interval(estimate: float, samples: np.ndarray, confidence: float
 
 def _bootstrap(statistics: Callable[[np.ndarray], dict[str, np.ndarray]], strata: np.ndarray,
                n_resamples: int, seed: int, confidence: float, method: str,
-               clusters: tuple[np.ndarray, int] | None = None) -> dict[str, Interval]:
+               clusters: Clustering | None = None) -> dict[str, Interval]:
     """Intervals for several statistics computed on one shared set of resamples.
 
     `statistics(weights)` maps an `(r, n)` block of resample weights
@@ -832,25 +853,22 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
     support = confusion.sum(axis=1)
     predicted = confusion.sum(axis=0)
     n = len(labels)
-    clusters = None if clusters is None else _clusters_of(clusters, n)
     per_class = {}
     for c, name in enumerate(classes):
         members, others = labels == c, labels != c
         per_class[name] = {
             "support": int(support[c]),
-            "sensitivity": proportion_interval(
-                predictions[members] == c, confidence,
-                None if clusters is None else clusters[members]),
-            "specificity": proportion_interval(
-                predictions[others] != c, confidence,
-                None if clusters is None else clusters[others]),
+            "sensitivity": proportion_interval(predictions[members] == c, confidence,
+                                               _within(clustering, members)),
+            "specificity": proportion_interval(predictions[others] != c, confidence,
+                                               _within(clustering, others)),
             "auc": auc_interval(members.astype(np.int64), probabilities[:, c], confidence,
-                                clusters),
+                                clustering),
         }
     present = np.flatnonzero(support)
     if not len(present):
         balanced_accuracy = Interval(None, None, None, WILSON_MOVER)
-    elif _clusters_within_classes(labels, clusters):
+    elif _clusters_within_classes(labels, clustering):
         # the classes' recalls are independent where no group holds two classes
         recalls = [per_class[classes[c]]["sensitivity"] for c in present]
         balanced_accuracy = _mover([(r.estimate, r.low, r.high) for r in recalls],
@@ -866,7 +884,7 @@ def classification_statistics(labels: np.ndarray, probabilities: np.ndarray, cla
         sensitivity, specificity = balanced_accuracy, boot["specificity"]
     return {
         "n": n,
-        "accuracy": proportion_interval(predictions == labels, confidence, clusters),
+        "accuracy": proportion_interval(predictions == labels, confidence, clustering),
         "balanced_accuracy": balanced_accuracy,
         # two classes: the AUC of P(class 1), as the one-vs-rest AUC of class 1
         "auc": per_class[classes[1]]["auc"] if k == 2 else boot["auc"],
@@ -913,9 +931,8 @@ def sensitivity_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: 
     labels = _integer_labels(labels)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     positive = labels == 1
-    return proportion_interval(
-        scores[positive] >= threshold, confidence,
-        None if clusters is None else _clusters_of(clusters, len(labels))[positive])
+    return proportion_interval(scores[positive] >= threshold, confidence,
+                               _within(cluster_index(clusters, len(labels)), positive))
 
 
 def t_mean(values: np.ndarray, confidence: float = CONFIDENCE,
@@ -992,7 +1009,7 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray, clusters: Any = 
 
     clustering = cluster_index(clusters, len(a))
     if clustering is not None:
-        test = sign_flip_test(b.astype(np.int64) - a.astype(np.int64), clusters)
+        test = sign_flip_test(b.astype(np.int64) - a.astype(np.int64), clustering)
         return {"n": len(a), "only_a_correct": only_a, "only_b_correct": only_b,
                 "p_value": test["p_value"], "groups": clustering[1]}
     p_value = 1.0 if discordant == 0 else float(binomtest(only_b, discordant, 0.5).pvalue)
@@ -1051,7 +1068,7 @@ def sign_flip_test(differences: np.ndarray, clusters: Any = None) -> dict:
 def _paired_interval(strata: np.ndarray, statistic_a: Callable[[np.ndarray], np.ndarray],
                      statistic_b: Callable[[np.ndarray], np.ndarray], n_resamples: int,
                      seed: int, confidence: float,
-                     clusters: tuple[np.ndarray, int] | None = None) -> Interval:
+                     clusters: Clustering | None = None) -> Interval:
     """Interval of statistic_b - statistic_a, both evaluated on the same resamples
     (`_resample_weights`: stratified, or by `clusters`)."""
     def statistics(weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -1154,18 +1171,18 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
         raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
 
     scorer_a, scorer_b = _Scorer(labels, probabilities_a), _Scorer(labels, probabilities_b)
+    n = len(labels)
+    clustering = cluster_index(clusters, n)
 
     if probabilities_a.shape[1] == 2:  # P(class 1), as the binary AUC is everywhere
         auc_difference = paired_auc_difference(labels, probabilities_a[:, 1],
-                                               probabilities_b[:, 1], confidence, clusters)
+                                               probabilities_b[:, 1], confidence, clustering)
     else:
         auc_difference = _paired_interval(labels, scorer_a.auc, scorer_b.auc, n_resamples,
-                                          seed, confidence, cluster_index(clusters, len(labels)))
+                                          seed, confidence, clustering)
     correct_a = scorer_a.predictions == labels
     correct_b = scorer_b.predictions == labels
-    n = len(labels)
-    clustering = cluster_index(clusters, n)
-    mcnemar = mcnemar_exact(correct_a, correct_b, clusters)
+    mcnemar = mcnemar_exact(correct_a, correct_b, clustering)
     verdict = _verdict(mcnemar, alpha)
     if clustering is None:
         both = int((correct_a & correct_b).sum())
@@ -1174,11 +1191,11 @@ def paired_comparison(labels: np.ndarray, probabilities_a: np.ndarray,
             n - both - mcnemar["only_a_correct"] - mcnemar["only_b_correct"], confidence)
     else:
         accuracy_difference = t_mean(correct_b.astype(float) - correct_a.astype(float),
-                                     confidence, bounds=(-1.0, 1.0), clusters=clusters)
+                                     confidence, bounds=(-1.0, 1.0), clusters=clustering)
     return {
         "n": n,
-        "accuracy_a": proportion_interval(correct_a, confidence, clusters),
-        "accuracy_b": proportion_interval(correct_b, confidence, clusters),
+        "accuracy_a": proportion_interval(correct_a, confidence, clustering),
+        "accuracy_b": proportion_interval(correct_b, confidence, clustering),
         "accuracy_difference": accuracy_difference,
         "auc_difference": auc_difference,
         "mcnemar": mcnemar,
@@ -1195,9 +1212,10 @@ def proportion_interval(correct: np.ndarray, confidence: float = CONFIDENCE,
     """The share of samples that are a success (classified right, caught): exact binomial,
     or with `clusters` (more than one sample in some cluster) Korn and Graubard's interval
     over them."""
-    if cluster_index(clusters, len(correct)) is None:
+    clustering = cluster_index(clusters, len(correct))
+    if clustering is None:
         return clopper_pearson(int(np.sum(correct)), len(correct), confidence)
-    return clustered_proportion(correct, clusters, confidence)
+    return clustered_proportion(correct, clustering, confidence)
 
 
 def interval_columns(name: str, interval: Interval | None) -> dict[str, float | None]:
@@ -1255,14 +1273,14 @@ def count_comparison(reference_counts: np.ndarray, reference_trials: int,
                    - np.asarray(reference_counts) * (units // reference_trials))
     n = len(differences)
     clustering = cluster_index(clusters, n)
-    test = sign_flip_test(differences, None if clustering is None else clusters)
+    test = sign_flip_test(differences, clustering)
     significant = test["p_value"] < alpha
     floor = smallest_detectable_difference(n, alpha,
                                            None if clustering is None else clustering[1])
     return {"n": n, "reference_accuracy": float(np.mean(reference_counts) / reference_trials),
             "accuracy": float(np.mean(model_counts) / model_trials),
             **interval_columns("accuracy_difference", t_mean(
-                differences / units, confidence, bounds=(-1.0, 1.0), clusters=clusters)),
+                differences / units, confidence, bounds=(-1.0, 1.0), clusters=clustering)),
             **interval_columns("auc_difference", None),
             "only_reference_correct": test["worse"], "only_model_correct": test["better"],
             "p_value": test["p_value"],
