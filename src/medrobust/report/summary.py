@@ -46,7 +46,7 @@ from medrobust.evaluate.metrics import (
     DESCRIPTION_KEYS, Evaluation, pairing_order, read_evaluation)
 from medrobust.evaluate.operating_point import read_operating_point
 from medrobust.evaluate.statistics import (
-    CLUSTERED_MOVER, COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, Interval, auc_caveat,
+    CLUSTERED_MOVER, COMPARISON_KEYS, CONFIDENCE, N_RESAMPLES, Clustering, Interval, auc_caveat,
     classification_statistics, cluster_index, comparison_columns, count_comparison,
     holm_adjusted, interval_columns, mcnemar_exact, paired_comparison, sensitivity_at_threshold,
     t_mean)
@@ -262,27 +262,30 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
     clustered: set[str] = set()
     balanced: set[str] = set()   # datasets whose balanced accuracy counted groups
 
-    def clusters_of(dataset: str, sample_ids: np.ndarray) -> np.ndarray | None:
-        clusters = sample_clusters(groups, dataset, sample_ids)
-        if cluster_index(clusters, len(sample_ids)) is not None:
+    def clusters_of(dataset: str, sample_ids: np.ndarray) -> Clustering | None:
+        """The samples' groups, numbered once for every statistic of one evaluation."""
+        clustering = cluster_index(sample_clusters(groups, dataset, sample_ids),
+                                   len(sample_ids))
+        if clustering is not None:
             clustered.add(dataset)
-        return clusters
+        return clustering
 
     for key, model_evaluations in by_model.items():
         threshold = (thresholds or {}).get(key[1])
 
-        def with_operating_point(stats: dict, outcome: Evaluation) -> dict:
+        def statistics_of(outcome: Evaluation) -> dict:
+            clustering = clusters_of(key[0], outcome.sample_ids)
+            stats = classification_statistics(outcome.labels, outcome.probabilities,
+                                              outcome.classes, **sampling, clusters=clustering)
             if threshold is not None:
                 stats["clean_threshold"] = threshold
                 stats["sensitivity_at_clean_threshold"] = sensitivity_at_threshold(
                     outcome.labels, outcome.probabilities[:, 1], threshold,
-                    statistics.confidence, clusters_of(key[0], outcome.sample_ids))
+                    statistics.confidence, clustering)
             return stats
 
         for evaluation in model_evaluations:
-            stats = with_operating_point(classification_statistics(
-                evaluation.labels, evaluation.probabilities, evaluation.classes, **sampling,
-                clusters=clusters_of(key[0], evaluation.sample_ids)), evaluation)
+            stats = statistics_of(evaluation)
             if stats["balanced_accuracy"].method == CLUSTERED_MOVER:
                 balanced.add(key[0])
             rows.append(_row(evaluation.description, stats, evaluation.classes))
@@ -296,9 +299,7 @@ def summarize(evaluations: Iterable[Evaluation], defenses: Mapping[str, str],
                 evaluation)
         for description, outcome in _derived(model_evaluations):
             if isinstance(outcome, Evaluation):
-                stats = with_operating_point(classification_statistics(
-                    outcome.labels, outcome.probabilities, outcome.classes, **sampling,
-                    clusters=clusters_of(key[0], outcome.sample_ids)), outcome)
+                stats = statistics_of(outcome)
                 stats["auc"] = None  # images of different attacks: no one ranking to score
                 rows.append(_row(description, stats, outcome.classes))
             else:
