@@ -1245,7 +1245,7 @@ def comparison_columns(comparison: dict, with_auc: bool = True) -> dict[str, Any
             "only_reference_correct": comparison["mcnemar"]["only_a_correct"],
             "only_model_correct": comparison["mcnemar"]["only_b_correct"],
             "p_value": comparison["mcnemar"]["p_value"],
-            "test": comparison.get("test", MCNEMAR), "verdict": comparison["verdict"],
+            "test": comparison["test"], "verdict": comparison["verdict"],
             "auc_caveat": None if auc is None else comparison["auc_caveat"],
             "smallest_detectable_difference": comparison["smallest_detectable_difference"]}
 
